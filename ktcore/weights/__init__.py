@@ -1,0 +1,1 @@
+"""Weight sources (GGUF, safetensors, in-memory), quantized tensors and their dequantizers."""
