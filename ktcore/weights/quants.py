@@ -1,0 +1,69 @@
+"""The one table of GGML tensor types: block geometry and the torch dequantizer of each.
+
+Every other module (sources, writer, ops) reads block sizes and type sizes from here. The numeric ids
+are GGML's (``gguf.GGMLQuantizationType``); the names are the keys used in ``QuantizedTensor.ggml_type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import dequant as _dq
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    name: str
+    type_id: int
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
+    # blocks[n_blocks, type_size] (uint8) -> float32 [n_blocks, block_size]; None: no dequantizer
+    dequantize_blocks: Callable[[torch.Tensor], torch.Tensor] | None
+
+    def nbytes(self, n_elements: int) -> int:
+        return n_elements // self.block_size * self.type_size
+
+
+QK_K = 256
+
+# Block geometry comes from gguf-py (the format's reference); the dequantizers are ours.
+_DEQUANTIZERS = {
+    "F32": _dq.f32_blocks,
+    "F16": _dq.f16_blocks,
+    "BF16": _dq.bf16_blocks,
+    "Q4_0": _dq.q4_0_blocks,
+    "Q4_1": _dq.q4_1_blocks,
+    "Q5_0": _dq.q5_0_blocks,
+    "Q5_1": _dq.q5_1_blocks,
+    "Q8_0": _dq.q8_0_blocks,
+    "Q2_K": _dq.q2_k_blocks,
+    "Q3_K": _dq.q3_k_blocks,
+    "Q4_K": _dq.q4_k_blocks,
+    "Q5_K": _dq.q5_k_blocks,
+    "Q6_K": _dq.q6_k_blocks,
+    "IQ4_NL": _dq.iq4_nl_blocks,
+    "IQ4_XS": _dq.iq4_xs_blocks,
+}
+
+GGML_TYPES: dict[str, GGMLType] = {
+    t.name: GGMLType(t.name, int(t.value), *GGML_QUANT_SIZES[t], _DEQUANTIZERS.get(t.name))
+    for t in GGMLQuantizationType
+    if t in GGML_QUANT_SIZES
+}
+
+GGML_TYPES_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values()}
+
+DEQUANTIZABLE: frozenset[str] = frozenset(n for n, t in GGML_TYPES.items() if t.dequantize_blocks is not None)
+
+
+def ggml_type(name_or_id: str | int) -> GGMLType:
+    """The table entry for a GGML type name (``"Q4_K"``) or numeric id; ``KeyError`` names the known ones."""
+    table = GGML_TYPES_BY_ID if isinstance(name_or_id, int) else GGML_TYPES
+    try:
+        return table[name_or_id]
+    except KeyError:
+        raise KeyError(f"unknown GGML type {name_or_id!r}; known: {', '.join(GGML_TYPES)}") from None

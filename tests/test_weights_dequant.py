@@ -1,0 +1,82 @@
+"""The torch dequantizers against gguf-py's numpy reference, bit for bit, on random blocks."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+
+from ktcore.weights.dequant import dequantize
+from ktcore.weights.quants import DEQUANTIZABLE, GGML_TYPES
+from ktcore.weights.source import WeightError
+from ktcore.weights.tensor import QuantizedTensor
+
+# byte offsets of the f16 scale fields inside one block of each type
+F16_FIELDS = {
+    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "IQ4_NL": [0],
+    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0],
+}
+
+
+def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
+    """Random bytes whose f16 scale fields are finite (random scales in [-2, 2])."""
+    rng = np.random.default_rng(seed)
+    info = GGML_TYPES[type_name]
+    if type_name == "F32":
+        return rng.standard_normal(n_blocks).astype(np.float32).view(np.uint8)
+    if type_name == "F16":
+        return rng.standard_normal(n_blocks).astype(np.float16).view(np.uint8)
+    if type_name == "BF16":
+        bits = (rng.standard_normal(n_blocks).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8)
+    blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
+    for at in F16_FIELDS[type_name]:
+        scales = rng.uniform(-2, 2, size=n_blocks).astype(np.float16)
+        blocks[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(-1)
+
+
+@pytest.mark.parametrize("type_name", sorted(DEQUANTIZABLE))
+def test_bit_exact_with_gguf(type_name):
+    info = GGML_TYPES[type_name]
+    n_blocks = 96 if info.block_size > 1 else 96 * 32
+    raw = random_blocks(type_name, n_blocks, seed=info.type_id)
+    rows = 3
+    cols = n_blocks * info.block_size // rows
+    expected = gguf_dequantize(raw.reshape(rows, -1), GGMLQuantizationType[type_name])
+    qt = QuantizedTensor("w", type_name, (rows, cols), torch.from_numpy(raw.copy()))
+    got = dequantize(qt)
+    assert got.shape == (rows, cols)
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), expected.astype(np.float32).view(np.uint32))
+
+
+def test_every_supported_type_is_in_the_table():
+    wanted = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+    assert wanted <= DEQUANTIZABLE
+    for name, info in GGML_TYPES.items():
+        assert GGMLQuantizationType[name].value == info.type_id
+        from gguf.constants import GGML_QUANT_SIZES
+
+        assert GGML_QUANT_SIZES[GGMLQuantizationType[name]] == (info.block_size, info.type_size)
+
+
+def test_output_dtype_and_3d_shape():
+    raw = random_blocks("Q8_0", 4 * 2 * 2)
+    qt = QuantizedTensor("experts", "Q8_0", (4, 2, 64), torch.from_numpy(raw.copy()))
+    out = dequantize(qt, dtype=torch.bfloat16)
+    assert out.shape == (4, 2, 64) and out.dtype == torch.bfloat16
+    ref = gguf_dequantize(raw.reshape(8, -1), GGMLQuantizationType.Q8_0).reshape(4, 2, 64)
+    torch.testing.assert_close(out, torch.from_numpy(ref).to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_unsupported_type_names_tensor_type_and_file():
+    qt = QuantizedTensor("blk.0.ffn_up.weight", "IQ2_XXS", (1, 256), torch.zeros(66, dtype=torch.uint8), "model.gguf")
+    with pytest.raises(WeightError, match=r"blk\.0\.ffn_up\.weight.*model\.gguf.*IQ2_XXS"):
+        dequantize(qt)
+
+
+def test_wrong_byte_count_is_a_weight_error():
+    qt = QuantizedTensor("w", "Q4_0", (2, 32), torch.zeros(18, dtype=torch.uint8), "f.gguf")
+    with pytest.raises(WeightError, match="needs 36 bytes, got 18"):
+        dequantize(qt)
