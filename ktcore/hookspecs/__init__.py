@@ -16,8 +16,8 @@ PROJECT = "ktcore"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-from . import attention, experts, linear, rope, weights  # noqa: E402
+from . import attention, experts, linear, rope, rules, weights  # noqa: E402
 
-SPEC_MODULES = (linear, experts, attention, rope, weights)
+SPEC_MODULES = (linear, experts, attention, rope, weights, rules)
 
 __all__ = ["PROJECT", "hookspec", "hookimpl", "SPEC_MODULES"]

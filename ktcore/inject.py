@@ -1,0 +1,366 @@
+"""Build a Transformers model on the meta device, replace modules by rules, load weights through ops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .modules import KModule
+from .ops import Op
+from .registry import Registry, get_registry
+from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
+
+RULE_FILES_DIR = Path(__file__).parent / "rule_files"
+
+# GGML float types that are plain little-endian values: read them without the dequantizer table
+_PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class LoadError(ValueError):
+    """A model cannot be built or loaded; the message names the tensor, module or file."""
+
+
+# -- building --------------------------------------------------------------------------------------------
+
+
+def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The Transformers causal-LM class for ``config``, with every tensor on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+
+
+@dataclass
+class ReportRow:
+    module: str
+    rule: str  # "file:line"
+    wrapper: str
+    prefill_op: str = ""
+    generate_op: str = ""
+    device: str = ""
+
+
+@dataclass
+class InjectReport:
+    rows: list[ReportRow] = field(default_factory=list)
+    rule_files: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        header = ("module", "rule", "wrapper", "prefill op", "generate op", "device")
+        data = [(r.module, r.rule, r.wrapper, r.prefill_op, r.generate_op, r.device) for r in self.rows]
+        widths = [max(len(h), *(len(d[i]) for d in data)) if data else len(h) for i, h in enumerate(header)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        out = [line(header), line(["-" * w for w in widths])]
+        out += [line(d) for d in data]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _set_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+    if isinstance(parent, KModule):
+        parent.replace_child(name, module)
+    else:
+        setattr(parent, name, module)
+
+
+def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Registry | None = None) -> InjectReport:
+    """Replace ``model``'s modules as the rules say (first matching rule wins) and build the wrappers' ops.
+
+    A rule with ``recursive: false`` stops rules from applying inside the module it matched. A rule that
+    matched nothing is an error unless it is ``optional: true``.
+    """
+    rules = load_rules(rules, registry)
+    for rule in rules:
+        rule.matched = 0
+    report = InjectReport(rule_files=list(rules.files))
+    wrappers: list[tuple[KModule, Rule]] = []
+    placements: dict[str, torch.device] = {}
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            qualname = f"{prefix}{name}"
+            rule = rules.first_match(qualname, child)
+            if rule is not None:
+                rule.matched += 1
+                if rule.device is not None:
+                    placements[qualname] = rule.device
+                if rule.wrapper is not None:
+                    wrapper = rule.build(child, qualname)
+                    _set_child(parent, name, wrapper)
+                    wrappers.append((wrapper, rule))
+                    child = wrapper
+                    o = rule.options
+                    report.rows.append(ReportRow(qualname, rule.location, rule.wrapper_name, o["prefill_op"].name,
+                                                 o["generate_op"].name,
+                                                 _devices_label(o["prefill_device"], o["generate_device"])))
+                else:
+                    report.rows.append(ReportRow(qualname, rule.location, "default", "", "",
+                                                 str(rule.device) if rule.device else ""))
+                if not rule.recursive:
+                    continue
+            walk(child, qualname + ".")
+
+    walk(model, "")
+    unmatched = [r for r in rules if r.matched == 0 and not r.optional]
+    if unmatched:
+        raise RuleError([
+            RuleIssue(r.file, r.line, r.index, "match", "this rule matched no module of the model "
+                      f"({type(model).__name__}); fix match.name/match.class or mark it `optional: true`")
+            for r in unmatched
+        ])
+    for wrapper, rule in wrappers:
+        try:
+            wrapper.build_ops()
+        except (TypeError, ValueError) as exc:
+            raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
+    model._ktcore_placements = placements  # read by load_weights: where each matched module's weights go
+    return report
+
+
+def _devices_label(prefill: torch.device, generate: torch.device) -> str:
+    return str(prefill) if prefill == generate else f"{prefill} / {generate}"
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+
+
+def to_torch(qt, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A ``QuantizedTensor`` as a plain tensor (float types reinterpreted, others dequantized)."""
+    plain = _PLAIN_TYPES.get(qt.ggml_type)
+    if plain is not None:
+        return qt.data.view(plain).reshape(qt.shape).to(device=device, dtype=dtype)
+    return qt.dequantize(dtype, device)
+
+
+def _iter_modules(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Every module with its qualified name, not descending into ops (they load their own tensors)."""
+    yield prefix, module
+    for name, child in module._modules.items():
+        if child is None or isinstance(child, Op):
+            continue
+        yield from _iter_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+def _placement(qualname: str, placements: dict[str, torch.device], default: torch.device) -> torch.device:
+    parts = qualname.split(".") if qualname else []
+    for i in range(len(parts), 0, -1):
+        device = placements.get(".".join(parts[:i]))
+        if device is not None:
+            return device
+    return default
+
+
+def _tied_aliases(model: nn.Module, source) -> dict[str, str]:
+    """Output-embedding weight name -> input-embedding weight name, when the config ties them and the
+    source has no separate output weights."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+        return {}
+    aliases = {}
+    tied = getattr(model, "_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        aliases.update(tied)
+    if not aliases:
+        names = {id(m): n for n, m in model.named_modules()}
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and inp is not None:
+            aliases[f"{names[id(out)]}.weight"] = f"{names[id(inp)]}.weight"
+    have = set(source.names())
+    return {t: o for t, o in aliases.items() if t not in have}
+
+
+class _AliasSource:
+    """A source that answers aliased names (tied embeddings) with the tensor they alias."""
+
+    def __init__(self, source, aliases: dict[str, str]):
+        self.inner = source
+        self.aliases = aliases
+        self.path = getattr(source, "path", "")
+
+    def get(self, name: str):
+        try:
+            return self.inner.get(self.aliases.get(name, name))
+        except KeyError as exc:
+            from .weights.source import MissingTensorError
+
+            if isinstance(exc, MissingTensorError):
+                raise
+            raise MissingTensorError(f"tensor '{name}' is not in {self.path or 'the weight source'}") from exc
+
+    def names(self):
+        return self.inner.names()
+
+
+def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                 progress: bool = True) -> None:
+    """Fill an injected meta model from ``source``: wrappers through their ops, every other parameter and
+    persistent buffer dequantized to ``dtype`` on its placement device, non-persistent buffers recomputed
+    by Transformers' own ``_init_weights`` (rotary tables), then ``post_load()`` on every op."""
+    from tqdm.auto import tqdm
+
+    dtype = dtype or torch.float32
+    default_device = torch.device(device or "cpu")
+    placements = getattr(model, "_ktcore_placements", {})
+    src = _AliasSource(source, _tied_aliases(model, source))
+
+    plain: list[tuple[str, nn.Module, str, bool]] = []  # (qualname, owner, local name, is_parameter)
+    wrappers: list[tuple[str, KModule]] = []
+    for qualname, module in _iter_modules(model):
+        if isinstance(module, KModule):
+            wrappers.append((qualname, module))
+        for local, p in module._parameters.items():
+            if p is not None:
+                plain.append((qualname, module, local, True))
+        for local, b in module._buffers.items():
+            if b is not None and local not in module._non_persistent_buffers_set:
+                plain.append((qualname, module, local, False))
+
+    total = len(plain) + sum(len(w.weight_names()) for _, w in wrappers)
+    bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
+    loaded_bytes = 0
+    done: dict[int, torch.Tensor] = {}  # id(meta tensor) -> loaded tensor, so tied tensors stay tied
+    try:
+        for qualname, wrapper in wrappers:
+            weights = {}
+            for local in wrapper.weight_names():
+                full = f"{qualname}.{local}"
+                bar.set_postfix_str(full, refresh=False)
+                weights[local] = src.get(full)
+                loaded_bytes += weights[local].data.numel()
+                bar.update(1)
+            wrapper.load_weights(weights)
+        for qualname, module, local, is_param in plain:
+            full = f"{qualname}.{local}" if qualname else local
+            store = module._parameters if is_param else module._buffers
+            meta = store[local]
+            if id(meta) in done:
+                store[local] = done[id(meta)]
+                bar.update(1)
+                continue
+            if not meta.is_meta:
+                bar.update(1)
+                continue
+            bar.set_postfix_str(full, refresh=False)
+            target = _placement(qualname, placements, default_device)
+            try:
+                qt = src.get(full)
+            except KeyError:
+                if not is_param:
+                    continue  # persistent buffer absent: recomputed below like non-persistent ones
+                raise
+            if tuple(qt.shape) != tuple(meta.shape):
+                raise LoadError(f"tensor '{full}' in {src.path or 'the weight source'} has shape {tuple(qt.shape)}, "
+                                f"the model expects {tuple(meta.shape)}")
+            value = to_torch(qt, dtype if meta.is_floating_point() else meta.dtype, target)
+            loaded_bytes += qt.data.numel()
+            tensor = nn.Parameter(value, requires_grad=False) if is_param else value
+            store[local] = tensor
+            done[id(meta)] = tensor
+            bar.update(1)
+    finally:
+        bar.close()
+    _init_remaining_buffers(model, placements, default_device)
+    for _, wrapper in wrappers:
+        for op in wrapper.ops():
+            op.post_load()
+    model.ktcore_loaded_bytes = loaded_bytes
+
+
+def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.device) -> None:
+    """Buffers still on meta (rotary ``inv_freq``, Gemma's ``embed_scale``) are computed from the config by
+    the model class's own ``_init_weights``, on the module's placement device."""
+    pending = []
+    for qualname, module in _iter_modules(model):
+        if isinstance(module, Op):
+            continue
+        metas = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
+        if not metas:
+            continue
+        target = _placement(qualname, placements, default_device)
+        for local in metas:
+            module._buffers[local] = torch.empty_like(module._buffers[local], device=target)
+        pending.append((qualname, module, metas))
+    if not pending:
+        return
+    init_fn = getattr(model, "_init_weights", None)
+    if init_fn is None:
+        raise LoadError(f"buffers {[f'{q}.{n}' for q, _, ns in pending for n in ns]} have no values and "
+                        f"{type(model).__name__} has no _init_weights to compute them")
+    for qualname, module, metas in pending:
+        # protect everything already loaded in this module; only the new buffers are (re)computed
+        for tensor in list(module._parameters.values()) + [b for n, b in module._buffers.items() if n not in metas]:
+            if tensor is not None:
+                tensor._is_hf_initialized = True
+        for local in metas:
+            module._buffers[local]._is_hf_initialized = False
+        init_fn(module)
+
+
+def load_model(path_or_source: Any, rules: Any = None, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None, *, registry: Registry | None = None, progress: bool = True):
+    """Open weights, build the model on meta, inject the rules, load everything. Returns ``(model, report)``.
+
+    ``path_or_source``: a path ``ktcore.weights.open_source`` can open (GGUF file, split GGUF, directory) or a
+    ``WeightSource`` object. ``rules``: rule file path(s) or a ``RuleSet``; ``None`` picks the shipped rule
+    file for the model type and this machine (see ``select_rule_file``).
+    """
+    registry = registry if registry is not None else get_registry()
+    if isinstance(path_or_source, (str, Path)):
+        from .weights import open_source  # the weights package owns the file formats
+
+        source = open_source(str(path_or_source))
+    else:
+        source = path_or_source
+    config = source.config()
+    if rules is None:
+        rules = select_rule_file(config.model_type, registry)
+    ruleset = load_rules(rules, registry)  # validated before anything heavy happens
+    model = build_meta_model(config, dtype)
+    report = inject(model, ruleset, registry)
+    load_weights(model, source, dtype=dtype, device=device, progress=progress)
+    model.eval()
+    return model, report
+
+
+def rule_search_dirs(registry: Registry) -> list[Path]:
+    return [*registry.rule_dirs(), RULE_FILES_DIR]
+
+
+def select_rule_file(model_type: str, registry: Registry | None = None) -> Path:
+    """The first shipped rule file for ``model_type`` that can run here: layouts ``gpu-cpu`` (only with
+    CUDA) then ``cpu``; for each, plugin rule directories first, then ktcore's ``rule_files/``."""
+    registry = registry if registry is not None else get_registry()
+    layouts = (["gpu-cpu"] if torch.cuda.is_available() else []) + ["cpu"]
+    tried = []
+    for layout in layouts:
+        for directory in rule_search_dirs(registry):
+            path = Path(directory) / f"{model_type}-{layout}.yaml"
+            if not path.is_file():
+                continue
+            try:
+                load_rules(path, registry)
+            except RuleError as exc:
+                tried.append(f"{path}: {exc.issues[0]}")
+                continue
+            return path
+    searched = ", ".join(str(d) for d in rule_search_dirs(registry))
+    detail = ("\n  " + "\n  ".join(tried)) if tried else ""
+    raise LoadError(
+        f"no usable rule file for model type '{model_type}' (looked for "
+        f"{' then '.join(f'{model_type}-{lay}.yaml' for lay in layouts)} in {searched}){detail}\n"
+        "Pass rules=... (or --rules) with a rule file of your own."
+    )

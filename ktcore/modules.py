@@ -1,0 +1,240 @@
+"""Wrapper modules that take a Transformers module's place and run it through registered ops.
+
+A wrapper keeps the original module's qualified name and children (so ``...self_attn.q_proj.weight``
+stays valid and rules still match inside it), holds a prefill op and a generate op (one shared instance
+when both are the same class on the same device) and picks one per call: the generate op when a call
+carries at most ``prefill_threshold`` tokens per sequence (default 1: decode steps), else the prefill op.
+Inputs move to the chosen op's device; the output moves to ``out_device`` (default: where the input was).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .ops import Op
+
+# Options a rule's ``replace.kwargs`` may give a wrapper (the KTransformers spellings).
+WRAPPER_OPTIONS = (
+    "op",
+    "prefill_op",
+    "generate_op",
+    "prefill_device",
+    "generate_device",
+    "out_device",
+    "prefill_threshold",
+    "op_kwargs",
+)
+
+
+def module_role(module: nn.Module) -> str | None:
+    """The role a Transformers module plays (``linear``, ``experts``, ``attention``, ``rope``), if any."""
+    if isinstance(module, KModule):
+        return module.role
+    if isinstance(module, nn.Linear):
+        return "linear"
+    params = {name: p for name, p in module._parameters.items() if p is not None}
+    cls_name = type(module).__name__
+    if "down_proj" in params and params["down_proj"].dim() == 3:
+        return "experts"
+    if cls_name.endswith("Experts"):
+        return "experts"
+    if cls_name.endswith("RotaryEmbedding"):
+        return "rope"
+    if cls_name.endswith("Attention"):
+        return "attention"
+    return None
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    if isinstance(value, list):
+        return [_move(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+class KModule(nn.Module):
+    """Base of the wrappers. ``role`` says which ops it runs; subclasses define ``forward``."""
+
+    role: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        original: nn.Module,
+        *,
+        prefill_op: type[Op],
+        generate_op: type[Op] | None = None,
+        prefill_device: torch.device | str = "cpu",
+        generate_device: torch.device | str | None = None,
+        out_device: torch.device | str | None = None,
+        prefill_threshold: int = 1,
+        op_kwargs: Mapping[str, Any] | None = None,
+        name: str = "",
+        build: bool = True,
+    ):
+        super().__init__()
+        # the original stays reachable (ops read shapes/config from it) without being a child
+        self.__dict__["original"] = original
+        self.qualname = name
+        for child_name, child in original._modules.items():
+            self._modules[child_name] = child
+        self.prefill_op_cls = prefill_op
+        self.generate_op_cls = generate_op or prefill_op
+        self.prefill_device = torch.device(prefill_device)
+        self.generate_device = torch.device(generate_device) if generate_device is not None else self.prefill_device
+        self.out_device = torch.device(out_device) if out_device is not None else None
+        if int(prefill_threshold) < 1:
+            raise ValueError(f"{type(self).__name__} {name}: prefill_threshold must be >= 1, got {prefill_threshold}")
+        self.prefill_threshold = int(prefill_threshold)
+        self.op_kwargs = dict(op_kwargs or {})
+        if build:
+            self.build_ops()
+
+    # -- construction --------------------------------------------------------------------------------
+
+    def build_ops(self) -> None:
+        """Build the ops from the original module. Called after every rule was applied, so that an op that
+        reads the original's children (attention projections) sees their final replacements."""
+        prefill = self.prefill_op_cls(self.original, self.prefill_device, **self.op_kwargs)
+        if self.generate_op_cls is self.prefill_op_cls and self.generate_device == self.prefill_device:
+            generate = prefill
+        else:
+            generate = self.generate_op_cls(self.original, self.generate_device, **self.op_kwargs)
+        self.prefill_op = prefill
+        self.generate_op = generate
+
+    def replace_child(self, name: str, module: nn.Module) -> None:
+        """Swap an adopted child here and in the original (which the ops hold)."""
+        self._modules[name] = module
+        self.original._modules[name] = module
+
+    def ops(self) -> list[Op]:
+        """The distinct op instances (one when prefill and generate share it)."""
+        ops = [self.prefill_op]
+        if self.generate_op is not self.prefill_op:
+            ops.append(self.generate_op)
+        return ops
+
+    # -- weights -------------------------------------------------------------------------------------
+
+    def weight_names(self) -> list[str]:
+        """Local names of the tensors this wrapper's ops load (``prefix + "." + name`` in the source)."""
+        return []
+
+    def fetch(self, source, prefix: str) -> dict[str, Any]:
+        return {local: source.get(f"{prefix}.{local}" if prefix else local) for local in self.weight_names()}
+
+    def load_weights(self, weights: Mapping[str, Any]) -> None:
+        for op in self.ops():
+            op.load(weights)
+
+    def load_from(self, source, prefix: str) -> None:
+        self.load_weights(self.fetch(source, prefix))
+
+    # -- calls ---------------------------------------------------------------------------------------
+
+    def pick(self, tokens_per_sequence: int) -> Op:
+        return self.generate_op if tokens_per_sequence <= self.prefill_threshold else self.prefill_op
+
+    def _run(self, tokens: int, out_like: torch.Tensor, *args, **kwargs):
+        op = self.pick(tokens)
+        out = op(*_move(args, op.device), **_move(kwargs, op.device))
+        return _move(out, self.out_device if self.out_device is not None else out_like.device)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            # plain attributes (config, layer_idx, head_dim, ...) that Transformers code reads from the
+            # module it replaced; the original's meta tensors are never handed out
+            if original is not None and name not in original._parameters and name not in original._buffers:
+                if name in original.__dict__ or hasattr(type(original), name):
+                    return getattr(original, name)
+            raise
+
+    def extra_repr(self) -> str:
+        gen = self.generate_op_cls.name
+        pre = self.prefill_op_cls.name
+        ops = (
+            f"op={pre}@{self.prefill_device}"
+            if pre == gen and self.prefill_device == self.generate_device
+            else f"prefill_op={pre}@{self.prefill_device}, generate_op={gen}@{self.generate_device}"
+        )
+        out = f", out_device={self.out_device}" if self.out_device is not None else ""
+        return f"{ops}{out}, prefill_threshold={self.prefill_threshold}"
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return module_role(module) == cls.role
+
+
+class KLinear(KModule):
+    """Replaces an ``nn.Linear``: ``forward(x[..., in]) -> [..., out]``."""
+
+    role = "linear"
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear)
+
+    def weight_names(self) -> list[str]:
+        return ["weight"] + (["bias"] if self.original.bias is not None else [])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.shape[-2] if x.dim() >= 2 else 1
+        return self._run(tokens, x, x)
+
+
+class KExperts(KModule):
+    """Replaces a Transformers 5 fused experts module; called exactly like it:
+    ``forward(hidden_states[T, H], top_k_index[T, K], top_k_weights[T, K]) -> [T, H]``."""
+
+    role = "experts"
+
+    def weight_names(self) -> list[str]:
+        return ["gate_proj", "up_proj", "down_proj"]
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]
+        return self._run(tokens, hidden_states, hidden_states, top_k_index, top_k_weights)
+
+
+class KAttention(KModule):
+    """Replaces a layer's attention module; takes the same arguments (all forwarded) and returns
+    ``(attn_output, attn_weights_or_None)``. Its projections stay its children."""
+
+    role = "attention"
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return True  # attention modules share no base class; a rule names them explicitly
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        tokens = hidden_states.shape[-2] if hidden_states.dim() >= 2 else 1
+        return self._run(tokens, hidden_states, hidden_states, *args, **kwargs)
+
+
+class KRoPE(KModule):
+    """Replaces a rotary embedding module: ``forward(x, position_ids) -> (cos, sin)``."""
+
+    role = "rope"
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        tokens = position_ids.shape[-1] if position_ids.dim() >= 1 else 1
+        return self._run(tokens, x, x, position_ids, *args, **kwargs)
+
+
+WRAPPERS: dict[str, type[KModule]] = {"KLinear": KLinear, "KExperts": KExperts, "KAttention": KAttention, "KRoPE": KRoPE}
