@@ -254,7 +254,9 @@ class _RuleChecker:
         self.absent_devices: set[torch.device] = set()  # reported once; ops on them are checked by name only
 
     def add(self, field_name: str, message: str, line: int | None = None) -> None:
-        self.issues.append(RuleIssue(self.filename, line or self.line, self.index, field_name, message))
+        issue = RuleIssue(self.filename, line or self.line, self.index, field_name, message)
+        if issue not in self.issues:  # one op name checked as both prefill and generate op
+            self.issues.append(issue)
 
     def unknown_keys(self, mapping: dict, allowed: Sequence[str], prefix: str) -> None:
         for key in mapping:
