@@ -1,0 +1,198 @@
+"""A Transformers config from GGUF metadata (the keys llama.cpp's converter writes), no hub access.
+
+Transformers' ``GGUF_CONFIG_MAPPING`` covers the plain keys of several architectures; this adds what it
+lacks for the families ktcore runs: DeepSeek-2/3 (MLA dims, YaRN, expert counts, shared experts, routed
+scaling, sigmoid gating), MoE intermediate sizes, Mixtral (llama arch with experts), Gemma 3 text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from transformers import AutoConfig
+
+from .names import ARCH_TO_MODEL_TYPE
+from .source import WeightError
+
+# Key written by ktcore's GGUF writer for config fields that GGUF has no key for (rope variants, layer
+# types); llama.cpp ignores unknown keys.
+EXTRAS_KEY = "ktcore.config_extras"
+
+# "<arch>.<suffix>" -> config attribute, for every architecture
+_COMMON_KEYS = {
+    "context_length": "max_position_embeddings",
+    "block_count": "num_hidden_layers",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "vocab_size": "vocab_size",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+}
+_PER_MODEL_TYPE_KEYS = {
+    "llama": {"rope.dimension_count": "head_dim"},
+    "mixtral": {"expert_count": "num_local_experts", "rope.dimension_count": "head_dim"},
+    "qwen2": {},
+    "qwen3": {"attention.key_length": "head_dim"},
+    "qwen2_moe": {"expert_count": "num_experts", "expert_shared_feed_forward_length": "shared_expert_intermediate_size"},
+    "qwen3_moe": {"expert_count": "num_experts", "attention.key_length": "head_dim"},
+    "gemma3_text": {"attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+    "deepseek_v2": {
+        "expert_count": "n_routed_experts",
+        "expert_shared_count": "n_shared_experts",
+        "leading_dense_block_count": "first_k_dense_replace",
+        "expert_weights_scale": "routed_scaling_factor",
+        "expert_weights_norm": "norm_topk_prob",
+        "expert_group_count": "n_group",
+        "expert_group_used_count": "topk_group",
+        "attention.kv_lora_rank": "kv_lora_rank",
+        "attention.q_lora_rank": "q_lora_rank",
+        "attention.value_length": "v_head_dim",
+        "rope.dimension_count": "qk_rope_head_dim",
+    },
+}
+_PER_MODEL_TYPE_KEYS["deepseek_v3"] = _PER_MODEL_TYPE_KEYS["deepseek_v2"]
+
+# Transformers defaults llama.cpp assumes for these families
+_DEFAULTS = {
+    "qwen3_moe": {"norm_topk_prob": True},
+    "qwen2_moe": {"norm_topk_prob": False},
+}
+
+
+def read_metadata(reader) -> dict:
+    """Scalar and short-array metadata of a ``gguf.GGUFReader`` (token tables are left out: they are
+    read by the tokenizer builder)."""
+    out = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                                             "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id",
+                                                             "tokenizer.ggml.model", "tokenizer.ggml.pre"):
+            out[key + "#len"] = len(fld.data)
+            continue
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = fld.contents()
+        except Exception:  # noqa: BLE001 - exotic types stay unread
+            continue
+    return out
+
+
+def model_type_from_metadata(meta: dict, tensor_names, path: str) -> str:
+    arch = meta.get("general.architecture")
+    if arch not in ARCH_TO_MODEL_TYPE:
+        raise WeightError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCH_TO_MODEL_TYPE))}"
+        )
+    model_type = ARCH_TO_MODEL_TYPE[arch]
+    names = set(tensor_names)
+    if arch == "llama" and (meta.get("llama.expert_count") or any("_exps." in n for n in names)):
+        model_type = "mixtral"
+    if arch == "deepseek2" and (meta.get("deepseek2.expert_gating_func") == 2 or any(".exp_probs_b." in n for n in names)):
+        model_type = "deepseek_v3"
+    return model_type
+
+
+def config_dict_from_metadata(meta: dict, tensor_names, path: str) -> dict:
+    """The kwargs of the Transformers config class (plus ``model_type``)."""
+    model_type = model_type_from_metadata(meta, tensor_names, path)
+    arch = meta["general.architecture"]
+    keys = _COMMON_KEYS | _PER_MODEL_TYPE_KEYS.get(model_type, {})
+    cfg: dict = {"model_type": model_type, **_DEFAULTS.get(model_type, {})}
+    for suffix, attr in keys.items():
+        value = meta.get(f"{arch}.{suffix}")
+        if value is not None:
+            cfg[attr] = value
+    if "vocab_size" not in cfg and "tokenizer.ggml.tokens#len" in meta:
+        cfg["vocab_size"] = meta["tokenizer.ggml.tokens#len"]
+    for gguf_key, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{gguf_key}" in meta:
+            cfg[attr] = meta[f"tokenizer.ggml.{gguf_key}"]
+    cfg["tie_word_embeddings"] = "output.weight" not in set(tensor_names)
+
+    rope_theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        rope["rope_type"] = scaling
+        rope["factor"] = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+        if f"{arch}.rope.scaling.original_context_length" in meta:
+            rope["original_max_position_embeddings"] = int(meta[f"{arch}.rope.scaling.original_context_length"])
+    if scaling == "yarn" and f"{arch}.rope.scaling.yarn_log_multiplier" in meta:
+        # llama.cpp writes 0.1 * mscale_all_dim
+        mscale_all_dim = round(float(meta[f"{arch}.rope.scaling.yarn_log_multiplier"]) / 0.1, 6)
+        rope["mscale_all_dim"] = mscale_all_dim
+        rope["mscale"] = mscale_all_dim
+
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        _deepseek(cfg, meta, arch)
+    if model_type == "gemma3_text":
+        _gemma3(cfg, meta, arch, rope)
+    else:
+        cfg["rope_parameters"] = rope
+    if model_type == "qwen2_moe" and "shared_expert_intermediate_size" not in cfg:
+        cfg["shared_expert_intermediate_size"] = 0
+    if model_type in ("qwen2", "qwen2_moe"):
+        cfg.setdefault("qkv_bias", any(n.endswith("attn_q.bias") for n in tensor_names))
+
+    extras = meta.get(EXTRAS_KEY)
+    if extras:
+        cfg.update(json.loads(extras))
+    return cfg
+
+
+def _deepseek(cfg: dict, meta: dict, arch: str) -> None:
+    heads = cfg["num_attention_heads"]
+    cfg["num_key_value_heads"] = heads
+    rope_dim = cfg.get("qk_rope_head_dim", 64)
+    # files converted for MLA absorption state the per-head dims in *_mla keys
+    key_length = meta.get(f"{arch}.attention.key_length_mla", meta.get(f"{arch}.attention.key_length"))
+    if key_length is not None:
+        cfg["qk_nope_head_dim"] = int(key_length) - rope_dim
+    if f"{arch}.attention.value_length_mla" in meta:
+        cfg["v_head_dim"] = int(meta[f"{arch}.attention.value_length_mla"])
+    if not cfg.get("q_lora_rank"):
+        cfg["q_lora_rank"] = None
+    cfg["head_dim"] = rope_dim
+    gating = meta.get(f"{arch}.expert_gating_func")
+    if cfg["model_type"] == "deepseek_v2":
+        cfg["topk_method"] = "group_limited_greedy" if cfg.get("n_group", 1) > 1 else "greedy"
+    elif gating not in (None, 2):
+        raise WeightError(f"deepseek_v3 expects sigmoid expert gating (expert_gating_func 2), file says {gating}")
+    if cfg.get("n_group", 0) == 0:
+        cfg.pop("n_group", None)
+        cfg.pop("topk_group", None)
+
+
+def _gemma3(cfg: dict, meta: dict, arch: str, rope: dict) -> None:
+    head_dim = cfg.get("head_dim", 256)
+    cfg["query_pre_attn_scalar"] = head_dim
+    layers = cfg["num_hidden_layers"]
+    pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) == layers:
+        cfg["layer_types"] = ["sliding_attention" if swa else "full_attention" for swa in pattern]
+    else:  # llama.cpp's fixed Gemma 3 pattern: every sixth layer global
+        cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
+    local = {"rope_type": "default", "rope_theta": float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))}
+    cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+
+
+def config_from_metadata(meta: dict, tensor_names, path: str):
+    cfg = config_dict_from_metadata(meta, tensor_names, path)
+    model_type = cfg.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **cfg)
+    except Exception as e:  # noqa: BLE001
+        raise WeightError(f"{path}: cannot build a {model_type} config from the GGUF metadata: {e}") from e
+    if getattr(config, "head_dim", None) is None and model_type not in ("deepseek_v2", "deepseek_v3"):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    return config
+
+
+def gguf_float(x: float) -> float:
+    """A float as GGUF stores it (float32), for comparisons."""
+    return float(f"{x:.7g}") if math.isfinite(x) else x
