@@ -1,0 +1,110 @@
+// Python bindings. Tensors cross as (address, sizes): this module never links against torch.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "cpu_features.h"
+#include "engine.h"
+#include "pack.h"
+
+namespace py = pybind11;
+using namespace kt;
+
+template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+PYBIND11_MODULE(_kernels, m) {
+    m.doc() = "kt_cpu_amx CPU kernels: quantized linear and fused MoE experts";
+
+    m.def("cpu_features", [] {
+        const CpuFeatures& f = cpu_features();
+        py::dict d;
+        d["avx2"] = f.avx2; d["fma"] = f.fma; d["f16c"] = f.f16c;
+        d["avx512f"] = f.avx512f; d["avx512bw"] = f.avx512bw; d["avx512vl"] = f.avx512vl;
+        d["avx512vnni"] = f.avx512vnni; d["avx512bf16"] = f.avx512bf16;
+        d["amx_tile"] = f.amx_tile; d["amx_int8"] = f.amx_int8; d["amx_bf16"] = f.amx_bf16;
+        d["amx_permitted"] = f.amx_permitted;
+        return d;
+    });
+    m.def("isa_unavailable_reason", &isa_unavailable_reason, py::arg("isa"));
+    m.def("exact_bits_for", &exact_bits_for, py::arg("ggml_type"));
+#ifdef KT_HAVE_NUMA
+    m.attr("numa") = true;
+#else
+    m.attr("numa") = false;
+#endif
+
+    py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedMatrix")
+        .def_static("from_gguf", [](const std::string& type, uintptr_t raw, int n, int k) {
+            auto p = std::make_shared<PackedMatrix>();
+            py::gil_scoped_release nogil;
+            pack_gguf(*p, type, ptr<const uint8_t>(raw), n, k);
+            return p;
+        }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("n"), py::arg("k"))
+        .def_static("from_float", [](uintptr_t w, int n, int k, int bits) {
+            auto p = std::make_shared<PackedMatrix>();
+            py::gil_scoped_release nogil;
+            pack_float(*p, ptr<const float>(w), n, k, bits);
+            return p;
+        }, py::arg("w_ptr"), py::arg("n"), py::arg("k"), py::arg("bits"))
+        .def("unpack", [](const PackedMatrix& p, uintptr_t out) {
+            py::gil_scoped_release nogil;
+            unpack_to_float(p, ptr<float>(out));
+        }, py::arg("out_ptr"), "Expand to float32 [n, k] at out_ptr.")
+        .def_readonly("n", &PackedMatrix::n)
+        .def_readonly("k", &PackedMatrix::k)
+        .def_readonly("bits", &PackedMatrix::bits)
+        .def_readonly("group", &PackedMatrix::group)
+        .def_property_readonly("nbytes", &PackedMatrix::nbytes);
+
+    py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")
+        .def(py::init([](std::vector<std::shared_ptr<PackedMatrix>> gate, std::vector<std::shared_ptr<PackedMatrix>> up,
+                         std::vector<std::shared_ptr<PackedMatrix>> down, const std::string& act) {
+            if (gate.empty() || gate.size() != up.size() || gate.size() != down.size())
+                throw std::invalid_argument("kt_cpu_amx: gate, up and down need one matrix per expert each");
+            auto L = std::make_shared<MoeLayer>();
+            int I = gate[0]->n, H = gate[0]->k;
+            for (size_t e = 0; e < gate.size(); ++e)
+                if (gate[e]->n != I || gate[e]->k != H || up[e]->n != I || up[e]->k != H || down[e]->n != H ||
+                    down[e]->k != I)
+                    throw std::invalid_argument("kt_cpu_amx: expert " + std::to_string(e) + " has mismatched shapes");
+            if (H % 32 || I % 32)
+                throw std::invalid_argument("kt_cpu_amx: hidden and intermediate sizes must be multiples of 32");
+            L->gate = std::move(gate); L->up = std::move(up); L->down = std::move(down);
+            if (act == "silu") L->act = Activation::Silu;
+            else if (act == "gelu_tanh") L->act = Activation::GeluTanh;
+            else throw std::invalid_argument("kt_cpu_amx: unsupported activation '" + act + "' (silu, gelu_tanh)");
+            return L;
+        }), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("act") = "silu")
+        .def_property_readonly("experts", &MoeLayer::experts)
+        .def_property_readonly("hidden", &MoeLayer::hidden)
+        .def_property_readonly("inter", &MoeLayer::inter);
+
+    py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
+        .def(py::init<int, const std::string&, bool>(), py::arg("threads"), py::arg("isa"), py::arg("pin") = true)
+        .def_property_readonly("isa", &Runtime::isa_name)
+        .def_property_readonly("threads", &Runtime::threads)
+        .def_readwrite("amx_min_rows", &Runtime::amx_min_rows)
+        .def("linear", [](std::shared_ptr<Runtime> rt, std::shared_ptr<PackedMatrix> W, int M, uintptr_t x, uintptr_t y) {
+            if (W->k % 32) throw std::invalid_argument("kt_cpu_amx: linear input size must be a multiple of 32");
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();
+            rt->pool().submit([r, W, M, x, y] { r->linear(*W, M, ptr<const float>(x), ptr<float>(y)); });
+            rt->pool().sync();
+        }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"),
+           "y[m, n] = x[m, k] @ weight.T (float32 buffers); blocks until done.")
+        .def("moe_submit", [](std::shared_ptr<Runtime> rt, std::shared_ptr<MoeLayer> L, int T, int K, uintptr_t x,
+                              uintptr_t idx, uintptr_t w, uintptr_t out) {
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();  // Python keeps the runtime alive; the job must not own it
+            rt->pool().submit([r, L, T, K, x, idx, w, out] {
+                r->moe(*L, T, K, ptr<const float>(x), ptr<const int64_t>(idx), ptr<const float>(w), ptr<float>(out));
+            });
+        }, py::arg("layer"), py::arg("t"), py::arg("k"), py::arg("x_ptr"), py::arg("idx_ptr"), py::arg("w_ptr"),
+           py::arg("out_ptr"),
+           "Start out[t, h] = sum_k w[t, k] * expert_idx[t, k](x[t]) on the pool and return at once; the buffers "
+           "must stay alive until sync().")
+        .def("sync", [](std::shared_ptr<Runtime> rt) {
+            py::gil_scoped_release nogil;
+            rt->pool().sync();
+        })
+        .def_property_readonly("busy", [](std::shared_ptr<Runtime> rt) { return rt->pool().busy(); });
+}

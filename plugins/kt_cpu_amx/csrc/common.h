@@ -1,0 +1,75 @@
+// Shared types of the kt_cpu_amx kernels. Compiled into every translation unit, so it must not use any
+// ISA beyond the x86-64 baseline.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace kt {
+
+enum class Isa : int { Avx2 = 1, Avx512 = 2, Amx = 3 };
+
+// Owned, 64-byte aligned memory; interleaved over NUMA nodes when built with libnuma and the machine has
+// more than one node.
+struct Buffer {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    bool numa = false;
+    Buffer() = default;
+    explicit Buffer(size_t n, bool weights = false);
+    ~Buffer();
+    Buffer(const Buffer&) = delete;
+    Buffer& operator=(const Buffer&) = delete;
+    Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+    Buffer& operator=(Buffer&& o) noexcept;
+    template <class T> T* as() const { return static_cast<T*>(ptr); }
+};
+
+// A weight matrix [n, k] (n output features, k inputs) in the kernels' layout: rows of groups along k, each
+// weight w = scale[g] * q + min[g] with an unsigned integer q.
+//   bits 4: groups of 32; 16 bytes per group, byte j holds element j (low nibble) and j + 16 (high nibble).
+//   bits 8: groups of 16; one byte per element.
+// scales and mins are float [n, k / group].
+struct PackedMatrix {
+    int n = 0, k = 0, bits = 0, group = 0;
+    Buffer qs, scales, mins;
+    size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }
+    int groups() const { return k / group; }
+    const uint8_t* row_q(int r) const { return qs.as<uint8_t>() + size_t(r) * row_bytes(); }
+    const float* row_s(int r) const { return scales.as<float>() + size_t(r) * groups(); }
+    const float* row_m(int r) const { return mins.as<float>() + size_t(r) * groups(); }
+    size_t nbytes() const { return qs.bytes + scales.bytes + mins.bytes; }
+};
+
+// Activations quantized to int8 in blocks of 32 along k (like llama.cpp's Q8 activations):
+// x ~= d[b] * q, plus the block sums (already times d) per 16 and per 32 for the weights' min term.
+// Row r of the logical matrix is physical row rows[r] when rows is set (tokens gathered by expert).
+struct QAct {
+    int k = 0;
+    const int8_t* q = nullptr;
+    const float* d = nullptr;    // [rows, k / 32]
+    const float* s16 = nullptr;  // [rows, k / 16]
+    const float* s32 = nullptr;  // [rows, k / 32]
+    const int32_t* rows = nullptr;
+    int phys(int r) const { return rows ? rows[r] : r; }
+};
+
+// Storage for QAct of m rows.
+struct QActBuf {
+    Buffer q, d, s16, s32;
+    int k = 0, m = 0;
+    void ensure(int m_, int k_);
+    QAct view(const int32_t* rows = nullptr) const;
+};
+
+// Activations in bf16 for the AMX path, in VNNI blocks of 16 tokens: v[(tb * k/2 + kk) * 32 + t * 2 + j] =
+// x[tb * 16 + t][2 * kk + j]; m_pad is a multiple of 32, padded with zeros.
+struct BAct {
+    int k = 0, m = 0, m_pad = 0;
+    const uint16_t* v = nullptr;
+};
+
+uint32_t fp16_to_fp32_bits(uint16_t h);
+float fp16_to_fp32(uint16_t h);
+
+}  // namespace kt

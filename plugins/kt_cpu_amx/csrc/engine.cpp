@@ -1,0 +1,211 @@
+#include "engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "cpu_features.h"
+
+namespace kt {
+
+static Isa parse_isa(const std::string& s) {
+    if (s == "avx2") return Isa::Avx2;
+    if (s == "avx512") return Isa::Avx512;
+    if (s == "amx") return Isa::Amx;
+    throw std::invalid_argument("kt_cpu_amx: unknown ISA '" + s + "' (expected avx2, avx512 or amx)");
+}
+
+Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthreads, pin), isa_(parse_isa(isa)) {
+    std::string why = isa_unavailable_reason(isa);
+    if (!why.empty()) throw std::runtime_error("kt_cpu_amx: cannot use " + isa + ": " + why);
+    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; }
+    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; }
+    amx_scratch_.resize(pool_.size());
+}
+
+std::string Runtime::isa_name() const {
+    return isa_ == Isa::Avx2 ? "avx2" : isa_ == Isa::Avx512 ? "avx512" : "amx";
+}
+
+bool Runtime::use_amx(const PackedMatrix& W, int rows) const {
+    return isa_ == Isa::Amx && rows >= amx_min_rows && W.n % 32 == 0 && W.k % 32 == 0;
+}
+
+uint16_t* Runtime::amx_scratch(int thread, int k) { return amx_scratch_[thread].get<uint16_t>(size_t(32) * k); }
+
+static inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+
+// Row chunks of a matrix with n rows: multiples of 32 (the AMX block), about 4 per thread or smaller.
+static int chunk_rows(int n, int threads) {
+    int c = round_up(std::max(1, n / (4 * threads)), 32);
+    return std::max(32, std::min(c, 256));
+}
+
+void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
+    const int N = W.n, K = W.k;
+    const int chunk = chunk_rows(N, threads());
+    const int nchunks = (N + chunk - 1) / chunk;
+    if (use_amx(W, M)) {
+        BAct b;
+        b.k = K; b.m = M; b.m_pad = round_up(M, 32);
+        uint16_t* v = bf_x_.get<uint16_t>(size_t(b.m_pad) * K);
+        b.v = v;
+        pool_.parallel_for(b.m_pad / 16, [&](int tb, int) { amx::to_bf16_vnni(x, K, nullptr, M, K, tb, tb + 1, v); });
+        pool_.parallel_for(nchunks, [&](int c, int th) {
+            int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+            amx::gemm_bf16(W, n0, n1, b, y, N, amx_scratch(th, K));
+        });
+        return;
+    }
+    act_.ensure(M, K);
+    const int rows_per = std::max(1, M / (4 * threads()));
+    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
+        quant_(x, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, act_);
+    });
+    QAct a = act_.view();
+    pool_.parallel_for(nchunks, [&](int c, int) {
+        int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+        gemm_(W, n0, n1, a, M, y, N);
+    });
+}
+
+static inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+static inline float gelu_tanh(float v) {
+    return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
+    const int E = L.experts(), H = L.hidden(), I = L.inter(), TK = T * K;
+    // Group the (token, slot) pairs by expert: rows of expert e are [off[e], off[e+1]) in expert order.
+    std::vector<int> off(E + 1, 0), pos(TK);
+    std::vector<int32_t> tok(TK);
+    // An index outside [0, E) (Transformers' marker of an expert held elsewhere) contributes nothing.
+    auto valid = [&](int i) { return idx[i] >= 0 && idx[i] < E; };
+    for (int i = 0; i < TK; ++i)
+        if (valid(i)) ++off[idx[i] + 1];
+    for (int e = 0; e < E; ++e) off[e + 1] += off[e];
+    {
+        std::vector<int> fill(off.begin(), off.end() - 1);
+        for (int i = 0; i < TK; ++i) {
+            if (!valid(i)) { pos[i] = -1; continue; }
+            int p = fill[idx[i]]++;
+            pos[i] = p;
+            tok[p] = i / K;
+        }
+    }
+    std::vector<int> active;
+    std::vector<char> amx(E, 0);
+    for (int e = 0; e < E; ++e) {
+        int ne = off[e + 1] - off[e];
+        if (!ne) continue;
+        active.push_back(e);
+        amx[e] = use_amx(*L.gate[e], ne) && use_amx(*L.down[e], ne);
+    }
+    // bf16 activations of the AMX experts: rows of expert e start at token block bstart[e] (blocks of 16,
+    // each expert padded to 32 rows).
+    std::vector<int> bstart(E + 1, 0);
+    for (int e = 0; e < E; ++e) bstart[e + 1] = bstart[e] + (amx[e] ? round_up(off[e + 1] - off[e], 32) / 16 : 0);
+    const int nblocks = bstart[E];
+    uint16_t* bx = nblocks ? bf_x_.get<uint16_t>(size_t(nblocks) * 16 * H) : nullptr;
+    uint16_t* bh = nblocks ? bf_h_.get<uint16_t>(size_t(nblocks) * 16 * I) : nullptr;
+    std::vector<int> block_expert(nblocks);
+    for (int e = 0; e < E; ++e)
+        for (int b = bstart[e]; b < bstart[e + 1]; ++b) block_expert[b] = e;
+    auto bact = [&](int e, uint16_t* base, int k) {
+        BAct b;
+        b.k = k; b.m = off[e + 1] - off[e]; b.m_pad = round_up(b.m, 32);
+        b.v = base + size_t(bstart[e]) * 16 * k;
+        return b;
+    };
+
+    // Phase 0: activations (int8 per token for the integer path, bf16 gathered per AMX expert).
+    act_.ensure(T, H);
+    pool_.parallel_for(T + nblocks, [&](int i, int) {
+        if (i < T) { quant_(x, i, i + 1, H, H, act_); return; }
+        int b = i - T, e = block_expert[b];
+        amx::to_bf16_vnni(x, H, tok.data() + off[e], off[e + 1] - off[e], H, b - bstart[e], b - bstart[e] + 1,
+                          bx + size_t(bstart[e]) * 16 * H);
+    });
+    QAct xa = act_.view(tok.data());
+
+    // Phase 1: gate and up per (expert, row chunk), then the activation into gbuf.
+    float* G = gbuf_.get<float>(size_t(TK) * I);
+    float* U = ubuf_.get<float>(size_t(TK) * I);
+    struct Task { int e, n0, n1; };
+    std::vector<Task> tasks;
+    auto make_tasks = [&](int n) {
+        tasks.clear();
+        int chunk = 32;
+        for (int e : active)
+            for (int n0 = 0; n0 < n; n0 += chunk) tasks.push_back({e, n0, std::min(n, n0 + chunk)});
+    };
+    make_tasks(I);
+    pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
+        const Task& t = tasks[i];
+        const int ne = off[t.e + 1] - off[t.e];
+        float* g = G + size_t(off[t.e]) * I;
+        float* u = U + size_t(off[t.e]) * I;
+        if (amx[t.e]) {
+            BAct b = bact(t.e, bx, H);
+            amx::gemm_bf16(*L.gate[t.e], t.n0, t.n1, b, g, I, amx_scratch(th, H));
+            amx::gemm_bf16(*L.up[t.e], t.n0, t.n1, b, u, I, amx_scratch(th, H));
+        } else {
+            QAct a = xa;
+            a.rows = tok.data() + off[t.e];
+            gemm_(*L.gate[t.e], t.n0, t.n1, a, ne, g, I);
+            gemm_(*L.up[t.e], t.n0, t.n1, a, ne, u, I);
+        }
+        for (int r = 0; r < ne; ++r) {
+            float* gr = g + size_t(r) * I;
+            const float* ur = u + size_t(r) * I;
+            if (L.act == Activation::Silu)
+                for (int j = t.n0; j < t.n1; ++j) gr[j] = silu(gr[j]) * ur[j];
+            else
+                for (int j = t.n0; j < t.n1; ++j) gr[j] = gelu_tanh(gr[j]) * ur[j];
+        }
+    });
+
+    // Phase 2: the intermediate as int8 rows, or bf16 blocks for AMX experts.
+    act2_.ensure(TK, I);
+    const int NR = off[E];  // rows routed to a valid expert
+    pool_.parallel_for(NR + nblocks, [&](int i, int) {
+        if (i < NR) { quant_(G, i, i + 1, I, I, act2_); return; }
+        int b = i - NR, e = block_expert[b];
+        amx::to_bf16_vnni(G + size_t(off[e]) * I, I, nullptr, off[e + 1] - off[e], I, b - bstart[e],
+                          b - bstart[e] + 1, bh + size_t(bstart[e]) * 16 * I);
+    });
+    QAct ha = act2_.view();
+
+    // Phase 3: down per (expert, row chunk) into ybuf.
+    float* Y = ybuf_.get<float>(size_t(TK) * H);
+    make_tasks(H);
+    pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
+        const Task& t = tasks[i];
+        const int ne = off[t.e + 1] - off[t.e];
+        float* y = Y + size_t(off[t.e]) * H;
+        if (amx[t.e]) {
+            amx::gemm_bf16(*L.down[t.e], t.n0, t.n1, bact(t.e, bh, I), y, H, amx_scratch(th, I));
+        } else {
+            QAct a = ha;
+            a.q += size_t(off[t.e]) * I;
+            a.d += size_t(off[t.e]) * (I / 32);
+            a.s16 += size_t(off[t.e]) * (I / 16);
+            a.s32 += size_t(off[t.e]) * (I / 32);
+            gemm_(*L.down[t.e], t.n0, t.n1, a, ne, y, H);
+        }
+    });
+
+    // Phase 4: weighted sum over the top-k, in slot order.
+    pool_.parallel_for(T, [&](int t, int) {
+        float* o = out + size_t(t) * H;
+        std::fill(o, o + H, 0.f);
+        for (int s = 0; s < K; ++s) {
+            if (pos[t * K + s] < 0) continue;
+            const float* ys = Y + size_t(pos[t * K + s]) * H;
+            const float ws = w[t * K + s];
+            for (int j = 0; j < H; ++j) o[j] += ws * ys[j];
+        }
+    });
+}
+
+}  // namespace kt

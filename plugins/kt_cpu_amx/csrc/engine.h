@@ -1,0 +1,58 @@
+// The runtime (pool, chosen ISA, workspaces) and the two operations: quantized linear and fused MoE experts.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+#include "pool.h"
+
+namespace kt {
+
+// A grow-only Buffer.
+struct Scratch {
+    Buffer buf;
+    template <class T> T* get(size_t count) {
+        if (buf.bytes < count * sizeof(T)) buf = Buffer(count * sizeof(T));
+        return buf.as<T>();
+    }
+};
+
+enum class Activation : int { Silu = 0, GeluTanh = 1 };
+
+struct MoeLayer {
+    std::vector<std::shared_ptr<PackedMatrix>> gate, up, down;  // per expert: [I, H], [I, H], [H, I]
+    Activation act = Activation::Silu;
+    int experts() const { return int(gate.size()); }
+    int hidden() const { return gate[0]->k; }
+    int inter() const { return gate[0]->n; }
+};
+
+class Runtime {
+public:
+    Runtime(int nthreads, const std::string& isa, bool pin);
+    std::string isa_name() const;
+    int threads() const { return pool_.size(); }
+    // Fewest rows (tokens) for which the AMX path is used instead of the integer-dot path.
+    int amx_min_rows = 16;
+
+    void linear(const PackedMatrix& W, int M, const float* x, float* y);
+    void moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out);
+
+    Pool& pool() { return pool_; }
+
+private:
+    bool use_amx(const PackedMatrix& W, int rows) const;
+    uint16_t* amx_scratch(int thread, int k);
+
+    Pool pool_;
+    Isa isa_;
+    GemmQ8Fn gemm_;
+    QuantActFn quant_;
+    QActBuf act_, act2_;
+    Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
+    std::vector<Scratch> amx_scratch_;
+};
+
+}  // namespace kt

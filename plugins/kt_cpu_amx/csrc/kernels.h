@@ -1,0 +1,30 @@
+// Entry points of the ISA-specific kernels. Each ISA lives in its own translation unit compiled with its
+// own -m flags; only call one after checking the CPU (cpu_features.h).
+#pragma once
+#include "common.h"
+
+namespace kt {
+
+// Y[m, ldy] (columns n0..n1) = X[m, k] @ W[n0:n1, :].T, activations quantized to int8.
+using GemmQ8Fn = void (*)(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
+// Quantize rows r0..r1 of x[*, k] (row stride ldx) into buf (same row index).
+using QuantActFn = void (*)(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+
+namespace avx2 {
+void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
+void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+}
+namespace avx512 {
+void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
+void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+}
+namespace amx {
+// Per thread, before the first tile instruction; false when the kernel refuses AMX state.
+bool request_permission();
+// Convert m rows (gathered through rows when set) of x[*, k] to VNNI bf16 for token block tb0..tb1 (of 16).
+void to_bf16_vnni(const float* x, size_t ldx, const int32_t* rows, int m, int k, int tb0, int tb1, uint16_t* out);
+// Y[m, ldy] (columns n0..n1, both multiples of 32) = X @ W[n0:n1].T in bf16 tiles. scratch: 32 * k bf16.
+void gemm_bf16(const PackedMatrix& W, int n0, int n1, const BAct& X, float* Y, int ldy, uint16_t* scratch);
+}
+
+}  // namespace kt

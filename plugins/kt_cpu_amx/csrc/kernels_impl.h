@@ -1,0 +1,209 @@
+// Integer-dot GEMM on int8 activations, written once and compiled per ISA (kernels_avx2.cpp,
+// kernels_avx512.cpp). With AVX512-VNNI (+VL) the u8 x s8 dot is one vpdpbusd; without, maddubs + madd
+// (4-bit weights) or widening to int16 (8-bit weights, whose products would saturate maddubs).
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace kt {
+namespace KT_NS {
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define KT_VNNI 1
+constexpr int kTileRows = 4, kTileToks = 4;
+#else
+#define KT_VNNI 0
+constexpr int kTileRows = 4, kTileToks = 2;
+#endif
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dotf(const float* a, const float* b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (; i < n; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// 32 unsigned 4-bit weights x 32 int8 activations -> 8 int32 partial sums.
+static inline __m256i dot_u4(__m256i w, __m256i a) {
+#if KT_VNNI
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline __m256i unpack_nibbles(const uint8_t* p) {
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+// ---------------------------------------------------------------------------------------------- 4-bit
+template <int R, int T>
+static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
+    const int G = W.k / 32;
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    const uint8_t* wq[R];
+    const float* ws[R];
+    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s(n + r); }
+    const int8_t* aq[T];
+    const float* ad[T];
+    for (int t = 0; t < T; ++t) {
+        int p = X.phys(m + t);
+        aq[t] = X.q + size_t(p) * X.k;
+        ad[t] = X.d + size_t(p) * G;
+    }
+    for (int g = 0; g < G; ++g) {
+        __m256i a[T];
+        __m256 dx[T];
+        for (int t = 0; t < T; ++t) {
+            a[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + g * 32));
+            dx[t] = _mm256_broadcast_ss(ad[t] + g);
+        }
+        for (int r = 0; r < R; ++r) {
+            __m256i w = unpack_nibbles(wq[r] + g * 16);
+            __m256 s = _mm256_broadcast_ss(ws[r] + g);
+            for (int t = 0; t < T; ++t)
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4(w, a[t])), _mm256_mul_ps(s, dx[t]), acc[r][t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        const float* asum = X.s32 + size_t(X.phys(m + t)) * G;
+        for (int r = 0; r < R; ++r)
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m(n + r), asum, G);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------- 8-bit
+// 32 unsigned 8-bit weights (two groups of 16) x 32 int8 activations, scaled by the groups' scales
+// s[0], s[1] and the activation block scale, accumulated into acc.
+static inline __m256 dot_u8_scaled(__m256i w, __m256i a, const float* s, __m256 dx, __m256 acc) {
+#if KT_VNNI
+    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);  // lanes 0-3: group 0, 4-7: group 1
+    __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(s)), _mm_broadcast_ss(s + 1), 1);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, dx), acc);
+#else
+    __m256i wl = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w));
+    __m256i wh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1));
+    __m256i al = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a));
+    __m256i ah = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1));
+    __m256 pl = _mm256_cvtepi32_ps(_mm256_madd_epi16(wl, al));
+    __m256 ph = _mm256_cvtepi32_ps(_mm256_madd_epi16(wh, ah));
+    acc = _mm256_fmadd_ps(pl, _mm256_mul_ps(_mm256_broadcast_ss(s), dx), acc);
+    return _mm256_fmadd_ps(ph, _mm256_mul_ps(_mm256_broadcast_ss(s + 1), dx), acc);
+#endif
+}
+
+template <int R, int T>
+static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
+    const int G32 = W.k / 32, G16 = W.k / 16;
+    __m256 acc[R][T];
+    for (int r = 0; r < R; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
+    const uint8_t* wq[R];
+    const float* ws[R];
+    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s(n + r); }
+    const int8_t* aq[T];
+    const float* ad[T];
+    for (int t = 0; t < T; ++t) {
+        int p = X.phys(m + t);
+        aq[t] = X.q + size_t(p) * X.k;
+        ad[t] = X.d + size_t(p) * G32;
+    }
+    for (int g = 0; g < G32; ++g) {
+        __m256i a[T];
+        __m256 dx[T];
+        for (int t = 0; t < T; ++t) {
+            a[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + g * 32));
+            dx[t] = _mm256_broadcast_ss(ad[t] + g);
+        }
+        for (int r = 0; r < R; ++r) {
+            __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + g * 32));
+            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], ws[r] + 2 * g, dx[t], acc[r][t]);
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        const float* asum = X.s16 + size_t(X.phys(m + t)) * G16;
+        for (int r = 0; r < R; ++r)
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m(n + r), asum, G16);
+    }
+}
+
+template <int R>
+static void rows_all_tokens(const PackedMatrix& W, int n, const QAct& X, int M, float* Y, int ldy) {
+    int m = 0;
+    if (W.bits == 4) {
+        for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q4<R, 1>(W, n, X, m, Y, ldy);
+    } else {
+        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q8<R, 1>(W, n, X, m, Y, ldy);
+    }
+}
+
+void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
+    int n = n0;
+    for (; n + kTileRows <= n1; n += kTileRows) rows_all_tokens<kTileRows>(W, n, X, M, Y, ldy);
+    for (; n < n1; ++n) rows_all_tokens<1>(W, n, X, M, Y, ldy);
+}
+
+// ---------------------------------------------------------------------------------------------- activations
+void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int r = r0; r < r1; ++r) {
+        const float* xr = x + size_t(r) * ldx;
+        int8_t* q = buf.q.as<int8_t>() + size_t(r) * k;
+        float* d = buf.d.as<float>() + size_t(r) * (k / 32);
+        float* s16 = buf.s16.as<float>() + size_t(r) * (k / 16);
+        float* s32 = buf.s32.as<float>() + size_t(r) * (k / 32);
+        for (int b = 0; b < k / 32; ++b) {
+            __m256 v[4];
+            __m256 mx = _mm256_setzero_ps();
+            for (int i = 0; i < 4; ++i) {
+                v[i] = _mm256_loadu_ps(xr + b * 32 + i * 8);
+                mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+            }
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            float amax = _mm_cvtss_f32(m4);
+            float dd = amax / 127.f, id = amax > 0 ? 127.f / amax : 0.f;
+            __m256 vid = _mm256_set1_ps(id);
+            __m256i qi[4];
+            for (int i = 0; i < 4; ++i) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));
+            // int32 -> int8 with the lane order restored after the in-lane packs
+            __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]);
+            __m256i p16b = _mm256_packs_epi32(qi[2], qi[3]);
+            __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+            p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * 32), p8);
+            __m256i lo = _mm256_add_epi32(qi[0], qi[1]), hi = _mm256_add_epi32(qi[2], qi[3]);
+            __m128i l4 = _mm_add_epi32(_mm256_castsi256_si128(lo), _mm256_extracti128_si256(lo, 1));
+            __m128i h4 = _mm_add_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1));
+            l4 = _mm_hadd_epi32(l4, h4);
+            l4 = _mm_hadd_epi32(l4, l4);
+            int sl = _mm_cvtsi128_si32(l4), sh = _mm_extract_epi32(l4, 1);
+            d[b] = dd;
+            s16[2 * b] = dd * float(sl);
+            s16[2 * b + 1] = dd * float(sh);
+            s32[b] = dd * float(sl + sh);
+        }
+    }
+}
+
+}  // namespace KT_NS
+}  // namespace kt

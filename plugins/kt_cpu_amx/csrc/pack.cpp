@@ -1,0 +1,315 @@
+#include "pack.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#ifdef KT_HAVE_NUMA
+#include <numa.h>
+#endif
+
+namespace kt {
+
+// ---------------------------------------------------------------------------------------------- memory
+
+Buffer::Buffer(size_t n, bool weights) : bytes(n) {
+    if (n == 0) return;
+#ifdef KT_HAVE_NUMA
+    if (weights && numa_available() >= 0 && numa_num_configured_nodes() > 1) {
+        ptr = numa_alloc_interleaved(n);
+        numa = ptr != nullptr;
+    }
+#else
+    (void)weights;
+#endif
+    if (!ptr) ptr = std::aligned_alloc(64, (n + 63) / 64 * 64);
+    if (!ptr) throw std::bad_alloc();
+}
+
+Buffer::~Buffer() {
+    if (!ptr) return;
+#ifdef KT_HAVE_NUMA
+    if (numa) { numa_free(ptr, bytes); return; }
+#endif
+    std::free(ptr);
+}
+
+Buffer& Buffer::operator=(Buffer&& o) noexcept {
+    if (this != &o) {
+        this->~Buffer();
+        ptr = o.ptr; bytes = o.bytes; numa = o.numa;
+        o.ptr = nullptr; o.bytes = 0;
+    }
+    return *this;
+}
+
+void QActBuf::ensure(int m_, int k_) {
+    size_t need_q = size_t(m_) * k_;
+    if (k_ != k || need_q > q.bytes) {
+        size_t cap = std::max(need_q, q.bytes);
+        q = Buffer(cap);
+        d = Buffer(cap / 32 * sizeof(float) + 64);
+        s16 = Buffer(cap / 16 * sizeof(float) + 64);
+        s32 = Buffer(cap / 32 * sizeof(float) + 64);
+    }
+    k = k_;
+    m = m_;
+}
+
+QAct QActBuf::view(const int32_t* rows) const {
+    QAct a;
+    a.k = k; a.q = q.as<int8_t>(); a.d = d.as<float>(); a.s16 = s16.as<float>(); a.s32 = s32.as<float>();
+    a.rows = rows;
+    return a;
+}
+
+// ---------------------------------------------------------------------------------------------- halves
+
+uint32_t fp16_to_fp32_bits(uint16_t h) {
+    uint32_t sign = uint32_t(h & 0x8000) << 16;
+    uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    if (exp == 0x1f) return sign | 0x7f800000u | (man << 13);
+    if (exp == 0) {
+        if (man == 0) return sign;
+        int e = -1;  // normalize the subnormal
+        do { man <<= 1; ++e; } while (!(man & 0x400));
+        return sign | uint32_t(127 - 15 - e) << 23 | ((man & 0x3ff) << 13);
+    }
+    return sign | (exp + 112) << 23 | (man << 13);
+}
+
+float fp16_to_fp32(uint16_t h) {
+    uint32_t b = fp16_to_fp32_bits(h);
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline float rd_half(const uint8_t* p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return fp16_to_fp32(h);
+}
+
+// ---------------------------------------------------------------------------------------------- GGUF
+
+// One decoded group: unsigned values and the affine map w = scale * q + min.
+struct Group { uint8_t q[32]; float scale, min; };
+
+// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (llama.cpp's get_scale_min_k4).
+static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
+    if (j < 4) {
+        sc = s[j] & 63;
+        m = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+struct TypeInfo { const char* name; int block, type_size, bits, group; };
+static const TypeInfo kTypes[] = {
+    {"Q4_0", 32, 18, 4, 32},  {"Q4_1", 32, 20, 4, 32},  {"Q4_K", 256, 144, 4, 32},
+    {"Q5_0", 32, 22, 8, 16},  {"Q5_1", 32, 24, 8, 16},  {"Q5_K", 256, 176, 8, 16},
+    {"Q6_K", 256, 210, 8, 16}, {"Q8_0", 32, 34, 8, 16},
+};
+
+static const TypeInfo* find_type(const std::string& t) {
+    for (const auto& ti : kTypes)
+        if (t == ti.name) return &ti;
+    return nullptr;
+}
+
+int exact_bits_for(const std::string& t) {
+    const TypeInfo* ti = find_type(t);
+    return ti ? ti->bits : 0;
+}
+
+// Decode one GGUF block into groups of `ti.group` elements. Returns the number of groups.
+static int decode_block(const TypeInfo& ti, const uint8_t* b, Group* g) {
+    const std::string name = ti.name;
+    if (name == "Q4_0") {
+        float d = rd_half(b);
+        for (int j = 0; j < 16; ++j) { g[0].q[j] = b[2 + j] & 0xF; g[0].q[j + 16] = b[2 + j] >> 4; }
+        g[0].scale = d; g[0].min = -8.f * d;
+        return 1;
+    }
+    if (name == "Q4_1") {
+        float d = rd_half(b), m = rd_half(b + 2);
+        for (int j = 0; j < 16; ++j) { g[0].q[j] = b[4 + j] & 0xF; g[0].q[j + 16] = b[4 + j] >> 4; }
+        g[0].scale = d; g[0].min = m;
+        return 1;
+    }
+    if (name == "Q8_0") {
+        float d = rd_half(b);
+        for (int h = 0; h < 2; ++h) {
+            for (int j = 0; j < 16; ++j) g[h].q[j] = uint8_t(int(int8_t(b[2 + h * 16 + j])) + 128);
+            g[h].scale = d; g[h].min = -128.f * d;
+        }
+        return 2;
+    }
+    if (name == "Q5_0" || name == "Q5_1") {
+        bool q51 = name == "Q5_1";
+        float d = rd_half(b), m = q51 ? rd_half(b + 2) : -16.f * d;
+        const uint8_t* qhp = b + (q51 ? 4 : 2);
+        uint32_t qh;
+        std::memcpy(&qh, qhp, 4);
+        const uint8_t* qs = qhp + 4;
+        uint8_t v[32];
+        for (int j = 0; j < 16; ++j) {
+            v[j] = (qs[j] & 0xF) | (((qh >> j) & 1) << 4);
+            v[j + 16] = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+        }
+        for (int h = 0; h < 2; ++h) {
+            std::memcpy(g[h].q, v + 16 * h, 16);
+            g[h].scale = d; g[h].min = m;
+        }
+        return 2;
+    }
+    if (name == "Q4_K" || name == "Q5_K") {
+        bool q5 = name == "Q5_K";
+        float d = rd_half(b), dmin = rd_half(b + 2);
+        const uint8_t* sc = b + 4;
+        const uint8_t* qh = b + 16;
+        const uint8_t* qs = b + (q5 ? 48 : 16);
+        int ng = 0;
+        for (int j = 0; j < 4; ++j) {          // 64 elements: sub-blocks 2j (low nibbles), 2j+1 (high)
+            for (int half = 0; half < 2; ++half) {
+                int sub = 2 * j + half, s, m;
+                scale_min_k4(sub, sc, s, m);
+                uint8_t v[32];
+                for (int l = 0; l < 32; ++l) {
+                    uint8_t x = half ? qs[32 * j + l] >> 4 : qs[32 * j + l] & 0xF;
+                    if (q5 && (qh[l] >> sub & 1)) x += 16;
+                    v[l] = x;
+                }
+                float scale = d * float(s), mn = -(dmin * float(m));
+                if (!q5) {
+                    std::memcpy(g[ng].q, v, 32);
+                    g[ng].scale = scale; g[ng].min = mn; ++ng;
+                } else {
+                    for (int h = 0; h < 2; ++h) {
+                        std::memcpy(g[ng].q, v + 16 * h, 16);
+                        g[ng].scale = scale; g[ng].min = mn; ++ng;
+                    }
+                }
+            }
+        }
+        return ng;
+    }
+    if (name == "Q6_K") {
+        const uint8_t* ql = b;
+        const uint8_t* qh = b + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+        float d = rd_half(b + 208);
+        uint8_t v[256];
+        for (int n = 0; n < 2; ++n) {          // two halves of 128 elements
+            const uint8_t* l8 = ql + 64 * n;
+            const uint8_t* h8 = qh + 32 * n;
+            uint8_t* y = v + 128 * n;
+            for (int l = 0; l < 32; ++l) {
+                y[l] = (l8[l] & 0xF) | ((h8[l] & 3) << 4);
+                y[l + 32] = (l8[l + 32] & 0xF) | (((h8[l] >> 2) & 3) << 4);
+                y[l + 64] = (l8[l] >> 4) | (((h8[l] >> 4) & 3) << 4);
+                y[l + 96] = (l8[l + 32] >> 4) | (((h8[l] >> 6) & 3) << 4);
+            }
+        }
+        for (int i = 0; i < 16; ++i) {         // one scale per 16 elements
+            std::memcpy(g[i].q, v + 16 * i, 16);
+            float s = d * float(sc[i]);
+            g[i].scale = s; g[i].min = -32.f * s;
+        }
+        return 16;
+    }
+    throw std::invalid_argument("kt_cpu_amx: no repacking for GGML type " + name);
+}
+
+static void alloc_matrix(PackedMatrix& out, int n, int k, int bits) {
+    int group = bits == 4 ? 32 : 16;
+    if (k % group) throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) +
+                                               " is not a multiple of " + std::to_string(group));
+    out.n = n; out.k = k; out.bits = bits; out.group = group;
+    out.qs = Buffer(size_t(n) * out.row_bytes(), true);
+    out.scales = Buffer(size_t(n) * (k / group) * sizeof(float), true);
+    out.mins = Buffer(size_t(n) * (k / group) * sizeof(float), true);
+}
+
+static void store_group(PackedMatrix& out, int r, int gi, const Group& g) {
+    float* s = out.scales.as<float>() + size_t(r) * out.groups() + gi;
+    float* m = out.mins.as<float>() + size_t(r) * out.groups() + gi;
+    *s = g.scale; *m = g.min;
+    uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
+    if (out.bits == 4) {
+        q += size_t(gi) * 16;
+        for (int j = 0; j < 16; ++j) q[j] = uint8_t(g.q[j] | (g.q[j + 16] << 4));
+    } else {
+        std::memcpy(q + size_t(gi) * 16, g.q, 16);
+    }
+}
+
+void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k) {
+    const TypeInfo* ti = find_type(type);
+    if (!ti) throw std::invalid_argument("kt_cpu_amx: GGML type " + type + " has no exact repacking");
+    if (k % ti->block)
+        throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
+                                    type + "'s block of " + std::to_string(ti->block));
+    alloc_matrix(out, n, k, ti->bits);
+    const int nb = k / ti->block;
+    Group g[16];
+    for (int r = 0; r < n; ++r) {
+        const uint8_t* row = raw + size_t(r) * nb * ti->type_size;
+        int gi = 0;
+        for (int b = 0; b < nb; ++b) {
+            int ng = decode_block(*ti, row + size_t(b) * ti->type_size, g);
+            for (int i = 0; i < ng; ++i) store_group(out, r, gi++, g[i]);
+        }
+    }
+}
+
+void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits) {
+    if (bits != 4 && bits != 8) throw std::invalid_argument("kt_cpu_amx: online quantization takes 4 or 8 bits");
+    alloc_matrix(out, n, k, bits);
+    const int gs = out.group;
+    Group g;
+    for (int r = 0; r < n; ++r) {
+        const float* x = w + size_t(r) * k;
+        for (int gi = 0; gi < k / gs; ++gi) {
+            const float* v = x + gi * gs;
+            if (bits == 8) {            // symmetric int8, stored with +128
+                float amax = 0.f;
+                for (int j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(v[j]));
+                float d = amax / 127.f, id = d > 0 ? 1.f / d : 0.f;
+                for (int j = 0; j < gs; ++j) g.q[j] = uint8_t(int(std::nearbyint(v[j] * id)) + 128);
+                g.scale = d; g.min = -128.f * d;
+            } else {                    // asymmetric int4
+                float lo = v[0], hi = v[0];
+                for (int j = 1; j < gs; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
+                float d = (hi - lo) / 15.f, id = d > 0 ? 1.f / d : 0.f;
+                for (int j = 0; j < gs; ++j)
+                    g.q[j] = uint8_t(std::clamp(int(std::nearbyint((v[j] - lo) * id)), 0, 15));
+                g.scale = d; g.min = lo;
+            }
+            store_group(out, r, gi, g);
+        }
+    }
+}
+
+void unpack_to_float(const PackedMatrix& m, float* out) {
+    for (int r = 0; r < m.n; ++r) {
+        const uint8_t* q = m.row_q(r);
+        const float* s = m.row_s(r);
+        const float* mn = m.row_m(r);
+        float* y = out + size_t(r) * m.k;
+        for (int gi = 0; gi < m.groups(); ++gi) {
+            for (int j = 0; j < m.group; ++j) {
+                int v = m.bits == 4 ? (j < 16 ? q[gi * 16 + j] & 0xF : q[gi * 16 + j - 16] >> 4)
+                                    : q[gi * 16 + j];
+                y[gi * m.group + j] = s[gi] * float(v) + mn[gi];
+            }
+        }
+    }
+}
+
+}  // namespace kt

@@ -1,0 +1,55 @@
+// A persistent pool of pinned worker threads with one controller thread that runs submitted jobs.
+// A job (a closure) runs on the controller; inside it, parallel_for spreads tasks over the workers and the
+// controller itself. submit() returns at once; sync() waits for the job and rethrows its error.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace kt {
+
+class Pool {
+public:
+    Pool(int nthreads, bool pin);
+    ~Pool();
+    int size() const { return nthreads_; }
+
+    // From inside a job: fn(task, thread) for task in [0, ntasks), thread in [0, size()).
+    void parallel_for(int ntasks, const std::function<void(int, int)>& fn);
+
+    void submit(std::function<void()> job);
+    void sync();
+    bool busy();
+
+private:
+    void worker_loop(int id);
+    void controller_loop();
+    void run_tasks(int thread);
+
+    int nthreads_;
+    std::vector<int> cpus_;
+    bool pin_;
+    std::vector<std::thread> workers_;
+    std::thread controller_;
+
+    std::mutex mu_;
+    std::condition_variable work_cv_, done_cv_;
+    uint64_t generation_ = 0;
+    const std::function<void(int, int)>* fn_ = nullptr;
+    int ntasks_ = 0;
+    std::atomic<int> next_{0};
+    int pending_workers_ = 0;
+    bool stop_ = false;
+
+    std::mutex job_mu_;
+    std::condition_variable job_cv_;
+    std::function<void()> job_;
+    bool has_job_ = false, job_done_ = true;
+    std::exception_ptr job_error_;
+};
+
+}  // namespace kt

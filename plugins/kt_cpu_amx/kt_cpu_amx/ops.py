@@ -1,0 +1,169 @@
+"""The ops: ``KLinearCPU`` (linear role) and ``KExpertsCPU`` (experts role)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ktcore.ops import Op
+
+from . import repack
+from .runtime import get_runtime, unavailable_reason
+
+
+def _cpu_reason(name: str, device) -> str | None:
+    if device is not None and torch.device(device).type != "cpu":
+        return f"{name} runs on the CPU only (asked for {device})"
+    return unavailable_reason()
+
+
+def _check_shape(op: str, qt, expected: tuple[int, ...]) -> None:
+    if tuple(qt.shape) != tuple(expected):
+        where = f" in {qt.source}" if getattr(qt, "source", "") else ""
+        raise ValueError(f"{op}: tensor '{qt.name}'{where} has shape {tuple(qt.shape)}, expected {tuple(expected)}")
+
+
+class KLinearCPU(Op):
+    """``x @ W.T + b`` with W kept quantized (see ``repack``). Options: ``threads`` (default
+    ``KT_CPU_THREADS`` or all CPUs), ``isa`` (default ``KT_CPU_ISA`` or the best), ``online_quant``
+    (``int8``/``int4``, for float or non-exact GGML weights)."""
+
+    name = "KLinearCPU"
+    role = "linear"
+    devices = ("cpu",)
+    ggml_types = None  # any: exact types are repacked, the rest quantized online
+
+    def __init__(self, module: nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
+        super().__init__(module, device, **kwargs)
+        self.in_features = module.in_features
+        self.out_features = module.out_features
+        self.threads, self.isa = threads, isa
+        self.float_bits = repack.online_bits(online_quant)
+        self.weight = None
+        self.register_buffer("bias", None, persistent=False)
+
+    @classmethod
+    def available(cls, device=None) -> str | None:
+        return _cpu_reason(cls.name, device)
+
+    def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
+        if "weight" not in weights:
+            raise KeyError(f"{self.name}: no 'weight' tensor given (got {sorted(weights)})")
+        qt = weights["weight"]
+        _check_shape(self.name, qt, (self.out_features, self.in_features))
+        if self.in_features % 32:
+            raise ValueError(f"{self.name}: tensor '{qt.name}' has {self.in_features} inputs, not a multiple of 32")
+        self.ggml_type = qt.ggml_type
+        (self.weight,) = repack.pack_matrices(qt, self.float_bits)
+        if weights.get("bias") is not None:
+            self.bias = repack.to_float32(weights["bias"]).reshape(self.out_features).clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            raise RuntimeError(f"{self.name}: forward before load()")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        if x2.shape[0]:
+            get_runtime(self.threads, self.isa).linear(self.weight, x2.shape[0], x2.data_ptr(), y.data_ptr())
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'ggml_type', None)}"
+
+
+def _activation_name(module: nn.Module) -> str:
+    act = getattr(module, "act_fn", None)
+    kind = type(act).__name__.lower()
+    if isinstance(act, nn.SiLU) or kind in ("silu", "siluactivation"):
+        return "silu"
+    if "gelu" in kind and ("tanh" in kind or "new" in kind or getattr(act, "approximate", "") == "tanh"):
+        return "gelu_tanh"
+    raise ValueError(f"KExpertsCPU: activation {type(act).__name__} of {type(module).__name__} is not supported "
+                     "(SiLU, GELU-tanh)")
+
+
+class KExpertsCPU(Op):
+    """The routed experts of one MoE layer, fused per token group on the CPU pool.
+
+    ``submit(hidden, top_k_index, top_k_weights)`` starts the work and returns at once, so the caller can
+    run shared experts or attention on a GPU meanwhile; ``sync()`` returns the ``[T, H]`` output.
+    ``forward`` is both. Options as ``KLinearCPU``.
+    """
+
+    name = "KExpertsCPU"
+    role = "experts"
+    devices = ("cpu",)
+    ggml_types = None
+
+    def __init__(self, module: nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
+        super().__init__(module, device, **kwargs)
+        for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
+            if getattr(module, flag, wanted) != wanted:
+                raise ValueError(f"{self.name}: {type(module).__name__} has {flag}={not wanted}, which it does not support")
+        self.num_experts = module.num_experts
+        self.hidden_dim = module.hidden_dim
+        self.intermediate_dim = module.intermediate_dim
+        self.activation = _activation_name(module)
+        self.threads, self.isa = threads, isa
+        self.float_bits = repack.online_bits(online_quant)
+        self.layer = None
+        self._pending = None
+
+    @classmethod
+    def available(cls, device=None) -> str | None:
+        return _cpu_reason(cls.name, device)
+
+    def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
+        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
+        packed = {}
+        for name, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
+            if name not in weights:
+                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
+            _check_shape(self.name, weights[name], shape)
+            packed[name] = repack.pack_matrices(weights[name], self.float_bits)
+        self.ggml_types_loaded = {n: weights[n].ggml_type for n in packed}
+        self.layer = repack.kernels().MoeLayer(packed["gate_proj"], packed["up_proj"], packed["down_proj"],
+                                               self.activation)
+
+    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        if self.layer is None:
+            raise RuntimeError(f"{self.name}: submit before load()")
+        if self._pending is not None:
+            raise RuntimeError(f"{self.name}: submit while a previous submit was not synced")
+        T = hidden_states.shape[0]
+        x = hidden_states.to(device="cpu", dtype=torch.float32).contiguous()
+        idx = top_k_index.to(device="cpu", dtype=torch.int64).contiguous()
+        w = top_k_weights.to(device="cpu", dtype=torch.float32).contiguous()
+        if x.shape != (T, self.hidden_dim) or idx.shape[0] != T or w.shape != idx.shape:
+            raise ValueError(f"{self.name}: expected hidden [T, {self.hidden_dim}], top_k_index and top_k_weights "
+                             f"[T, K]; got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
+                             f"{tuple(top_k_weights.shape)}")
+        out = torch.empty(T, self.hidden_dim, dtype=torch.float32)
+        rt = get_runtime(self.threads, self.isa)
+        # the tensors stay referenced until sync(): the pool reads and writes them meanwhile
+        self._pending = (rt, x, idx, w, out, hidden_states.dtype, hidden_states.device)
+        if T:
+            rt.moe_submit(self.layer, T, idx.shape[1], x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr())
+
+    def sync(self) -> torch.Tensor:
+        if self._pending is None:
+            raise RuntimeError(f"{self.name}: sync without submit")
+        rt, _x, _idx, _w, out, dtype, device = self._pending
+        try:
+            rt.sync()
+        finally:
+            self._pending = None
+        return out.to(device=device, dtype=dtype)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        self.submit(hidden_states, top_k_index, top_k_weights)
+        return self.sync()
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
+                f"intermediate_dim={self.intermediate_dim}, act={self.activation}")
