@@ -74,11 +74,13 @@ def _set_child(parent: nn.Module, name: str, module: nn.Module) -> None:
         setattr(parent, name, module)
 
 
-def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Registry | None = None) -> InjectReport:
+def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Registry | None = None, *,
+           build_ops: bool = True) -> InjectReport:
     """Replace ``model``'s modules as the rules say (first matching rule wins) and build the wrappers' ops.
 
     A rule with ``recursive: false`` stops rules from applying inside the module it matched. A rule that
-    matched nothing is an error unless it is ``optional: true``.
+    matched nothing is an error unless it is ``optional: true``. ``build_ops=False`` is a dry run (``kt rules
+    check``): the wrappers are placed but their ops are not constructed.
     """
     rules = load_rules(rules, registry)
     for rule in rules:
@@ -121,7 +123,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
                       f"({type(model).__name__}); fix match.name/match.class or mark it `optional: true`")
             for r in unmatched
         ])
-    for wrapper, rule in wrappers:
+    for wrapper, rule in wrappers if build_ops else []:
         try:
             wrapper.build_ops()
         except (TypeError, ValueError) as exc:
@@ -362,5 +364,5 @@ def select_rule_file(model_type: str, registry: Registry | None = None) -> Path:
     raise LoadError(
         f"no usable rule file for model type '{model_type}' (looked for "
         f"{' then '.join(f'{model_type}-{lay}.yaml' for lay in layouts)} in {searched}){detail}\n"
-        "Pass rules=... (or --rules) with a rule file of your own."
+        "Pass a rule file of your own (load_model(..., rules=PATH); on the command line a RULES argument)."
     )

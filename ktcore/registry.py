@@ -83,8 +83,8 @@ def device_missing_reason(device: torch.device | str) -> str | None:
     """``None`` when ``device`` exists on this machine, else why not (e.g. ``cuda`` without CUDA)."""
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        return f"{device!r} is not a torch device ({exc})"
+    except (RuntimeError, TypeError):
+        return f"{str(device)!r} is not a device type this torch build knows"
     if device.type in ("cpu", "meta"):
         return None
     backend = getattr(torch, device.type, None)

@@ -1,0 +1,100 @@
+"""``kt plugins``: installed plugins, their ops per role, and whether each can run on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..ops import ROLES
+from ..registry import Registry, device_missing_reason, get_registry
+
+EPILOG = """\
+For every op the devices it runs on are checked: is the device present here, and does the op's own
+available() accept it (e.g. "this CPU has no AMX")?
+
+examples:
+  kt plugins            table of plugins and ops
+  kt plugins --json     the same as JSON, for scripts
+
+Install more backends with pip (e.g. `pip install kt-cuda`); a third-party backend is any distribution
+with an entry point in the group `ktcore`.
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "plugins",
+        help="list installed plugins and their ops, and which can run here",
+        description="List the installed ktcore plugins, the ops each registers per role, and for each op "
+        "whether it can run on this machine and, if not, why.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def op_status(op_cls) -> dict:
+    """For the device types the op declares: where it runs here, which devices are absent (and why),
+    and where the op itself refuses (its ``available()`` reason)."""
+    runs_on, absent, refused = [], {}, {}
+    for device in op_cls.devices:
+        missing = device_missing_reason(device)
+        if missing:
+            absent[device] = missing
+            continue
+        try:
+            reason = op_cls.available(device)
+        except Exception as exc:  # a plugin's check failing is itself the reason
+            reason = f"available() raised {type(exc).__name__}: {exc}"
+        if reason:
+            refused[device] = reason
+        else:
+            runs_on.append(device)
+    return {"runs_on": runs_on, "absent_devices": absent, "refused": refused}
+
+
+def describe(registry: Registry) -> dict:
+    plugins = []
+    for info in registry.plugins.values():
+        ops = []
+        for op_cls in info.ops:
+            ops.append({"name": op_cls.name, "role": op_cls.role, "devices": list(op_cls.devices),
+                        "ggml_types": sorted(op_cls.ggml_types) if op_cls.ggml_types is not None else None,
+                        **op_status(op_cls)})
+        plugins.append({"name": info.name, "distribution": info.distribution,
+                        "module": getattr(info.module, "__name__", type(info.module).__name__),
+                        "rule_dirs": [str(d) for d in info.rule_dirs], "ops": ops})
+    return {"plugins": plugins, "problems": list(registry.problems)}
+
+
+def render(data: dict) -> str:
+    lines = []
+    if not data["plugins"]:
+        lines.append("no plugins loaded")
+    for plugin in data["plugins"]:
+        dist = f"  ({plugin['distribution']})" if plugin["distribution"] else ""
+        lines.append(f"{plugin['name']}{dist}  [{plugin['module']}]")
+        for role in ROLES:
+            for op in (o for o in plugin["ops"] if o["role"] == role):
+                state = ("runs here on " + ", ".join(op["runs_on"])) if op["runs_on"] else "CANNOT RUN HERE"
+                details = [f"not on {d}: {r}" for d, r in op["refused"].items()]
+                if op["absent_devices"]:
+                    details.append("devices not present: " + ", ".join(op["absent_devices"]))
+                lines.append(f"  {role:<10} {op['name']:<22} {state}" + (f"; {'; '.join(details)}" if details else ""))
+        if not plugin["ops"]:
+            lines.append("  (registers no ops)")
+        for rule_dir in plugin["rule_dirs"]:
+            lines.append(f"  rule files: {rule_dir}")
+    if data["problems"]:
+        lines.append("")
+        lines.append("problems:")
+        lines.extend(f"  {p}" for p in data["problems"])
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    data = describe(get_registry())
+    print(json.dumps(data, indent=2) if args.json else render(data))
+    return 0
