@@ -8,8 +8,9 @@ scaling, sigmoid gating), MoE intermediate sizes, Mixtral (llama arch with exper
 from __future__ import annotations
 
 import json
-import math
 
+import numpy as np
+from gguf import GGUFValueType
 from transformers import AutoConfig
 
 from .names import ARCH_TO_MODEL_TYPE
@@ -76,9 +77,12 @@ def read_metadata(reader) -> dict:
         if key.startswith("GGUF."):
             continue
         try:
-            out[key] = fld.contents()
+            value = fld.contents()
         except Exception:  # noqa: BLE001 - exotic types stay unread
             continue
+        if isinstance(value, float) and fld.types and fld.types[0] == GGUFValueType.FLOAT32:
+            value = float(repr(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
+        out[key] = value
     return out
 
 
@@ -191,8 +195,3 @@ def config_from_metadata(meta: dict, tensor_names, path: str):
     if getattr(config, "head_dim", None) is None and model_type not in ("deepseek_v2", "deepseek_v3"):
         config.head_dim = config.hidden_size // config.num_attention_heads
     return config
-
-
-def gguf_float(x: float) -> float:
-    """A float as GGUF stores it (float32), for comparisons."""
-    return float(f"{x:.7g}") if math.isfinite(x) else x

@@ -1,0 +1,369 @@
+"""Writing GGUF files: a Transformers model as llama.cpp's converter would write it, and synthetic MoE
+models streamed tensor by tensor (benches).
+
+``write_gguf(model, path, qtypes)`` uses llama.cpp's metadata keys and tensor names (through gguf-py's
+``GGUFWriter`` and ``TensorNameMap``), its q/k row permutation for llama-arch models and its ``+1`` on
+Gemma norm gains, and a small byte-level BPE tokenizer when none is given. Config fields GGUF has no key
+for (rope variants, Gemma's layer pattern, routing flags) go to the ``ktcore.config_extras`` JSON key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .gguf_config import EXTRAS_KEY
+from .names import MODEL_TYPE_TO_ARCH, NORM_PLUS_ONE_ARCHS, PERMUTED_QK_ARCHS, build_name_map, forward_qk_row_permutation
+from .quantize import quantize
+from .quants import GGML_TYPES
+
+# config fields with no GGUF key, carried in EXTRAS_KEY
+_EXTRA_FIELDS = (
+    "rope_parameters", "layer_types", "query_pre_attn_scalar", "norm_topk_prob", "rope_interleave", "topk_method",
+    "sliding_window", "final_logit_softcapping", "attn_logit_softcapping", "hidden_activation", "hidden_act",
+    "qkv_bias", "attention_bias", "decoder_sparse_step", "mlp_only_layers", "routed_scaling_factor", "n_group", "topk_group",
+    "head_dim",
+)
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _ggml(type_name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[type_name]
+
+
+def pick_qtype(gguf_name: str, shape: tuple[int, ...], qtypes: str | Mapping[str, str]) -> str:
+    """The type a tensor is written in: 1-D tensors and routers stay F32 (as llama.cpp keeps them);
+    ``qtypes`` is one type name or ``{regex on the GGUF name: type}`` with an optional ``"default"``;
+    a type whose block does not divide the row falls back to F16 (F32 if F32 was asked)."""
+    if isinstance(qtypes, str):
+        wanted = qtypes
+    else:
+        wanted = next((t for pat, t in qtypes.items() if pat != "default" and re.search(pat, gguf_name)), None)
+        wanted = wanted or qtypes.get("default", "F32")
+    if len(shape) == 1 or ".ffn_gate_inp" in gguf_name or "exp_probs_b" in gguf_name:
+        return "F32" if wanted != "F16" or len(shape) == 1 else wanted
+    if shape[-1] % GGML_TYPES[wanted].block_size:
+        return "F32" if wanted == "F32" else "F16"
+    return wanted
+
+
+def _byte_bpe_tokenizer(vocab_size: int, n_special: int = 3):
+    """A byte-level BPE vocabulary of exactly ``vocab_size`` tokens: ``<pad> <s> </s>``, the 256 bytes, then
+    merges learnt from a fixed English text (deterministic)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spell = bytes_to_unicode()
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"][: max(n_special, 3)]
+    tokens = list(specials) + [spell[b] for b in range(256)]
+    text = ("the quick brown fox jumps over the lazy dog. hello world, how are you today? "
+            "a mixture of experts routes every token to a few of its experts, and the rest stay idle. ") * 4
+    words = [[spell[b] for b in (" " + w if i else w).encode()] for i, w in enumerate(text.split(" ")) if w]
+    merges: list[str] = []
+    while len(tokens) < vocab_size:
+        counts: dict[tuple[str, str], int] = {}
+        for w in words:
+            for a, b in zip(w, w[1:]):
+                counts[(a, b)] = counts.get((a, b), 0) + 1
+        if not counts:
+            tokens.append(f"<unused{len(tokens)}>")
+            continue
+        (a, b), _ = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        tokens.append(a + b)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i : i + 2] = [a + b]
+                i += 1
+    token_types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
+    return tokens[:vocab_size], merges, token_types[:vocab_size]
+
+
+def _write_tokenizer(writer, config) -> None:
+    vocab_size = config.vocab_size
+    n_special = 5 if vocab_size >= 300 else 3
+    tokens, merges, types = _byte_bpe_tokenizer(vocab_size, n_special)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, fn in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                    ("pad_token_id", writer.add_pad_token_id)):
+        value = getattr(config, key, None)
+        if isinstance(value, list):
+            value = value[0]
+        if value is not None:
+            fn(int(value))
+    writer.add_add_bos_token(False)
+    if n_special == 5:
+        writer.add_chat_template(CHATML_TEMPLATE)
+
+
+def _rope(config) -> dict:
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in rope:
+        rope = rope["full_attention"]
+    return dict(rope)
+
+
+def _write_metadata(writer, config, arch: str, name: str) -> None:
+    c = config
+    writer.add_name(name)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(getattr(c, "num_key_value_heads", c.num_attention_heads))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    rope = _rope(c)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", "default")
+    if rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(_rope_scaling_type(rope_type))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        if "original_max_position_embeddings" in rope:
+            writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        if rope_type == "yarn" and rope.get("mscale_all_dim"):
+            writer.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    mt = c.model_type
+    if mt in ("llama", "mixtral", "mistral"):
+        writer.add_rope_dimension_count(head_dim)
+    if mt in ("qwen3", "qwen3_moe", "gemma3_text"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    n_experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or getattr(c, "n_routed_experts", None)
+    if n_experts:
+        writer.add_expert_count(n_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+    if getattr(c, "moe_intermediate_size", None) and mt != "mixtral":
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if mt == "qwen2_moe":
+        writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        writer.add_leading_dense_block_count(c.first_k_dense_replace)
+        writer.add_expert_shared_count(c.n_shared_experts)
+        writer.add_expert_weights_scale(float(c.routed_scaling_factor))
+        writer.add_expert_weights_norm(bool(getattr(c, "norm_topk_prob", False)))
+        writer.add_expert_gating_func(_gating("sigmoid" if mt == "deepseek_v3" else "softmax"))
+        if getattr(c, "n_group", None):
+            writer.add_expert_group_count(c.n_group)
+            writer.add_expert_group_used_count(c.topk_group)
+        if c.q_lora_rank:
+            writer.add_q_lora_rank(c.q_lora_rank)
+        writer.add_kv_lora_rank(c.kv_lora_rank)
+        writer.add_key_length(c.qk_nope_head_dim + c.qk_rope_head_dim)
+        writer.add_value_length(c.v_head_dim)
+        writer.add_rope_dimension_count(c.qk_rope_head_dim)
+    if mt == "gemma3_text":
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
+        local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention", {})
+        writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+    extras = {k: v for k, v in c.to_dict().items() if k in _EXTRA_FIELDS and v is not None}
+    writer.add_string(EXTRAS_KEY, json.dumps(extras, sort_keys=True))
+
+
+def _gating(name: str):
+    from gguf import ExpertGatingFuncType
+
+    return ExpertGatingFuncType.SIGMOID if name == "sigmoid" else ExpertGatingFuncType.SOFTMAX
+
+
+def _rope_scaling_type(name: str):
+    from gguf import RopeScalingType
+
+    return RopeScalingType.LINEAR if name == "linear" else RopeScalingType.YARN
+
+
+def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, float32 tensor in torch order) for every tensor llama.cpp's converter would write."""
+    config = model.config
+    state = {n: t for n, t in model.state_dict().items()}
+    refs = build_name_map(arch, config, {n: tuple(t.shape) for n, t in state.items()})
+    out: list[tuple[str, torch.Tensor]] = []
+    for hf_name, tensor in state.items():
+        ref = refs.get(hf_name)
+        if ref is None:
+            raise ValueError(f"write_gguf: no GGUF name for {hf_name!r} ({arch})")
+        t = tensor.detach().to(torch.float32).cpu()
+        if ref.kind == "concat":  # gate_up_proj -> ffn_gate_exps, ffn_up_exps
+            half = t.shape[1] // 2
+            out += [(ref.gguf[0], t[:, :half]), (ref.gguf[1], t[:, half:])]
+            continue
+        name = ref.gguf[0]
+        if name == "output.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        if ref.transform in ("permute_q", "permute_k"):
+            heads = config.num_attention_heads if ref.transform == "permute_q" else config.num_key_value_heads
+            t = t[torch.tensor(forward_qk_row_permutation(t.shape[0], heads))]
+        elif ref.transform == "minus_one":
+            t = t + 1.0
+        out.append((name, t))
+    return out
+
+
+def write_gguf(model, path: str | os.PathLike, qtypes: str | Mapping[str, str] = "F32", name: str | None = None) -> str:
+    """Write the Transformers ``model`` as a GGUF file at ``path``; returns the path.
+
+    ``qtypes``: one GGML type name for every matrix, or ``{regex on GGUF tensor name: type, "default": type}``.
+    1-D tensors and MoE routers are kept F32; see ``pick_qtype``."""
+    import gguf
+
+    config = model.config
+    arch = MODEL_TYPE_TO_ARCH.get(config.model_type)
+    if arch is None:
+        raise ValueError(f"write_gguf: model type {config.model_type!r} has no GGUF architecture here")
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        _write_metadata(writer, config, arch, name or f"ktcore-{config.model_type}")
+        _write_tokenizer(writer, config)
+        for gguf_name, t in _gguf_tensors(model, arch):
+            qtype = pick_qtype(gguf_name, tuple(t.shape), qtypes)
+            values = t.contiguous().numpy()
+            if qtype == "F32":
+                writer.add_tensor(gguf_name, values.astype(np.float32))
+            elif qtype == "F16":
+                writer.add_tensor(gguf_name, values.astype(np.float16))
+            else:
+                writer.add_tensor(gguf_name, quantize(values, qtype), raw_dtype=_ggml(qtype))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return str(path)
+
+
+def write_synthetic_moe_gguf(
+    path: str | os.PathLike,
+    layers: int = 2,
+    qtype: str = "Q4_K",
+    experts: int = 64,
+    experts_used: int = 6,
+    hidden: int = 2048,
+    moe_intermediate: int = 1408,
+    intermediate: int = 10944,
+    heads: int = 16,
+    kv_lora_rank: int = 512,
+    vocab: int = 1024,
+    seed: int = 0,
+    dense_qtype: str = "Q8_0",
+) -> str:
+    """A DeepSeek-V2-Lite-shaped model (scaled by ``layers``; layer 0 dense, the rest MoE) written straight
+    to GGUF, one tensor at a time: nothing model-sized is ever held in memory. Blocks are random bytes with
+    finite f16 scales (valid for every dequantizer; the numbers mean nothing). Returns the path."""
+    import gguf
+
+    from .dequant import QK_K  # noqa: F401 - geometry comes from the table below
+
+    rng = np.random.default_rng(seed)
+    qk_nope, qk_rope, v_dim = 128, 64, 128
+    arch = "deepseek2"
+    tensors: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (vocab, hidden), dense_qtype)]
+    for i in range(layers):
+        b = f"blk.{i}"
+        tensors += [
+            (f"{b}.attn_norm.weight", (hidden,), "F32"),
+            (f"{b}.attn_q.weight", (heads * (qk_nope + qk_rope), hidden), dense_qtype),
+            (f"{b}.attn_kv_a_mqa.weight", (kv_lora_rank + qk_rope, hidden), dense_qtype),
+            (f"{b}.attn_kv_a_norm.weight", (kv_lora_rank,), "F32"),
+            (f"{b}.attn_kv_b.weight", (heads * (qk_nope + v_dim), kv_lora_rank), dense_qtype),
+            (f"{b}.attn_output.weight", (hidden, heads * v_dim), dense_qtype),
+            (f"{b}.ffn_norm.weight", (hidden,), "F32"),
+        ]
+        if i == 0:
+            tensors += [
+                (f"{b}.ffn_gate.weight", (intermediate, hidden), dense_qtype),
+                (f"{b}.ffn_up.weight", (intermediate, hidden), dense_qtype),
+                (f"{b}.ffn_down.weight", (hidden, intermediate), dense_qtype),
+            ]
+        else:
+            shexp = 2 * moe_intermediate
+            tensors += [
+                (f"{b}.ffn_gate_inp.weight", (experts, hidden), "F32"),
+                (f"{b}.ffn_gate_exps.weight", (experts, moe_intermediate, hidden), qtype),
+                (f"{b}.ffn_up_exps.weight", (experts, moe_intermediate, hidden), qtype),
+                (f"{b}.ffn_down_exps.weight", (experts, hidden, moe_intermediate), _row_type(qtype, moe_intermediate)),
+                (f"{b}.ffn_gate_shexp.weight", (shexp, hidden), dense_qtype),
+                (f"{b}.ffn_up_shexp.weight", (shexp, hidden), dense_qtype),
+                (f"{b}.ffn_down_shexp.weight", (hidden, shexp), _row_type(dense_qtype, shexp)),
+            ]
+    tensors += [("output_norm.weight", (hidden,), "F32"), ("output.weight", (vocab, hidden), dense_qtype)]
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        writer.add_name("ktcore-synthetic-moe")
+        writer.add_block_count(layers)
+        writer.add_context_length(4096)
+        writer.add_embedding_length(hidden)
+        writer.add_feed_forward_length(intermediate)
+        writer.add_head_count(heads)
+        writer.add_head_count_kv(heads)
+        writer.add_layer_norm_rms_eps(1e-6)
+        writer.add_vocab_size(vocab)
+        writer.add_rope_freq_base(10000.0)
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(experts_used)
+        writer.add_expert_feed_forward_length(moe_intermediate)
+        writer.add_expert_shared_count(2)
+        writer.add_leading_dense_block_count(1)
+        writer.add_expert_weights_scale(1.0)
+        writer.add_expert_gating_func(_gating("softmax"))
+        writer.add_kv_lora_rank(kv_lora_rank)
+        writer.add_key_length(qk_nope + qk_rope)
+        writer.add_value_length(v_dim)
+        writer.add_rope_dimension_count(qk_rope)
+        tok_config = type("C", (), {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+        _write_tokenizer(writer, tok_config)
+        for gguf_name, shape, t in tensors:
+            info = GGML_TYPES[t]
+            n = int(np.prod(shape))
+            nbytes = info.nbytes(n)
+            byte_shape = (*shape[:-1], shape[-1] // info.block_size * info.type_size)
+            writer.add_tensor_info(gguf_name, byte_shape if info.block_size > 1 else shape,
+                                   np.dtype(np.uint8) if info.block_size > 1 else np.dtype(np.float32 if t == "F32" else np.float16),
+                                   nbytes, raw_dtype=_ggml(t) if info.block_size > 1 else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for gguf_name, shape, t in tensors:
+            writer.write_tensor_data(_random_tensor(rng, shape, t))
+    finally:
+        writer.close()
+    return str(path)
+
+
+def _row_type(qtype: str, row: int) -> str:
+    return qtype if row % GGML_TYPES[qtype].block_size == 0 else "Q8_0"
+
+
+def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: str) -> np.ndarray:
+    """Random data of one tensor, produced in row chunks (a few MB at a time)."""
+    from .quant_fields import F16_SCALE_FIELDS
+
+    info = GGML_TYPES[type_name]
+    if info.block_size == 1:
+        values = (0.02 * rng.standard_normal(shape, dtype=np.float32))
+        return values.astype(np.float32 if type_name == "F32" else np.float16)
+    n_blocks = int(np.prod(shape)) // info.block_size
+    blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
+    for at in F16_SCALE_FIELDS[type_name]:
+        scales = (rng.random(n_blocks, dtype=np.float32) * 0.002).astype(np.float16)
+        blocks[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    return blocks.reshape(*shape[:-1], -1)
