@@ -1,0 +1,96 @@
+"""Repacking and the linear kernels against references: gguf-py's dequantizer and F.linear / KLinearTorch
+on the same dequantized weights, for every type, token counts 1, 3, 64, 512 and every ISA path here.
+
+Tolerance: relative Frobenius error <= 2e-2 of the output (activations are quantized to int8 per block of
+32, or rounded to bf16 on the AMX path); the repacked weights themselves are exact (<= 1 ulp)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import EXACT_TYPES, float_tensor, gguf_dequantize, random_blocks, rel_err
+from torch import nn
+
+from kt_cpu_amx import repack
+from kt_cpu_amx.ops import KLinearCPU
+from ktcore.builtin.linear import KLinearTorch
+
+TOL = 2e-2
+TOKENS = (1, 3, 64, 512)
+
+
+@pytest.mark.parametrize("type_name", EXACT_TYPES)
+def test_repack_is_exact(type_name):
+    qt = random_blocks(type_name, (40, 512), seed=1, centered=False)
+    (pm,) = repack.pack_matrices(qt)
+    assert pm.bits == (4 if type_name in repack.EXACT_4BIT else 8)
+    ref = gguf_dequantize(qt)
+    torch.testing.assert_close(repack.unpack(pm), ref, rtol=1e-6, atol=0)
+
+
+def test_repack_splits_experts():
+    qt = random_blocks("Q4_K", (3, 32, 256), seed=2)
+    mats = repack.pack_matrices(qt)
+    ref = gguf_dequantize(qt)
+    assert len(mats) == 3
+    for e, pm in enumerate(mats):
+        assert torch.equal(repack.unpack(pm), ref[e])
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 1e-2), (4, 1.5e-1)])
+def test_online_quantization_error_is_bounded(bits, tol):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    (pm,) = repack.pack_matrices(float_tensor(w), bits)
+    assert pm.bits == bits
+    assert rel_err(repack.unpack(pm), w) < tol
+
+
+def make_linear(qt) -> tuple[KLinearCPU, KLinearTorch]:
+    out_f, in_f = qt.shape
+    meta = nn.Linear(in_f, out_f, bias=False, device="meta")
+    ours, ref = KLinearCPU(meta), KLinearTorch(meta, dtype=torch.float32)
+    ours.load({"weight": qt})
+    ref.load({"weight": qt})
+    return ours, ref
+
+
+@pytest.mark.parametrize("type_name", EXACT_TYPES)
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_linear_matches_reference(isa, type_name, tokens):
+    qt = random_blocks(type_name, (96, 512), seed=3)
+    ours, ref_op = make_linear(qt)
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(tokens))
+    y = ours(x)
+    ref = F.linear(x, gguf_dequantize(qt))
+    assert y.shape == (tokens, 96)
+    assert rel_err(y, ref) < TOL
+    assert rel_err(y, ref_op(x)) < TOL
+
+
+@pytest.mark.parametrize("type_name", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("tokens", (1, 64))
+def test_linear_online_int8(isa, type_name, tokens):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) / 16
+    qt = float_tensor(w, type_name)
+    ours, _ = make_linear(qt)
+    x = torch.randn(2, tokens, 256, dtype=torch.bfloat16)
+    y = ours(x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, tokens, 64)
+    assert rel_err(y, F.linear(x.float(), qt.dequantize())) < TOL
+
+
+def test_linear_bias_and_odd_rows(isa):
+    qt = random_blocks("Q8_0", (37, 64), seed=6)  # 37 rows: not a multiple of the 4-row tile or 32-row block
+    meta = nn.Linear(64, 37, bias=True, device="meta")
+    op = KLinearCPU(meta)
+    bias = torch.randn(37)
+    op.load({"weight": qt, "bias": float_tensor(bias, name="b")})
+    x = torch.randn(5, 64)
+    assert rel_err(op(x), F.linear(x, gguf_dequantize(qt), bias)) < TOL
+
+
+def test_linear_rejects_wrong_shape():
+    op = KLinearCPU(nn.Linear(64, 32, device="meta"))
+    with pytest.raises(ValueError, match="random.Q8_0.*shape"):
+        op.load({"weight": random_blocks("Q8_0", (32, 128))})
