@@ -1,0 +1,252 @@
+"""Attention ops in plain torch: ``KAttentionSDPA`` (multi-head / grouped-query attention through
+``scaled_dot_product_attention``) and ``KAttentionMLA`` (DeepSeek's multi-head latent attention with
+``kv_b_proj`` absorbed, attending over the compressed latent cache).
+
+Both are built with the original attention module, whose children (projections, norms) the wrapper
+adopted and the rules may have replaced; they call those children at forward time, so a projection
+runs through whatever linear op its own rule chose.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import Op
+from ._common import TORCH_DEVICES, causal_mask, module_dtype, parse_dtype
+
+
+def _cache_of(kwargs: dict):
+    """The cache argument under either of its Transformers names (``cache`` since 5.2x, ``past_key_values``)."""
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Half-split rotary embedding on ``[B, heads, S, D]`` with ``cos``/``sin`` ``[B, S, D]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def apply_rope_interleaved(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding over adjacent pairs ``(x0, x1), (x2, x3), ...`` (DeepSeek's layout); the result
+    is laid out ``[rotated evens | rotated odds]`` as Transformers does it (same for q and k, so scores
+    are unchanged)."""
+    cos = cos[..., : cos.shape[-1] // 2].unsqueeze(1)
+    sin = sin[..., : sin.shape[-1] // 2].unsqueeze(1)
+
+    def rotate(x):
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.cat([even * cos - odd * sin, odd * cos + even * sin], dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def apply_rope_complex(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor):
+    """Rotary embedding as a complex product over adjacent pairs (DeepSeek-V2's rotary module output)."""
+    freqs_cis = freqs_cis.unsqueeze(1).to(q.device)
+
+    def rotate(x):
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(xc * freqs_cis).flatten(3).type_as(x)
+
+    return rotate(q), rotate(k)
+
+
+def _mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
+    """The mask to attend with: the model's (bool or additive, ``[B, 1|H, q, kv]``) or, when the model
+    passed none, a causal one (None for a single query, which sees every key)."""
+    if attention_mask is not None:
+        if attention_mask.dim() == 4 and attention_mask.shape[-1] != kv_len:
+            attention_mask = attention_mask[..., :kv_len]
+        return attention_mask
+    if q_len == 1:
+        return None
+    return causal_mask(q_len, kv_len, device)[None, None]
+
+
+def _add_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask
+
+
+class KAttentionSDPA(Op):
+    """Self-attention of the GQA families (Llama, Qwen2/3(-MoE), Mixtral, Gemma 3, ...): q/k/v projections,
+    optional per-head ``q_norm``/``k_norm``, half-split rotary, cache through ``cache.update``, then
+    ``scaled_dot_product_attention`` with the model's mask (causal, sliding window) and ``enable_gqa``;
+    logit soft-capping (which SDPA lacks) takes an explicit path.
+    """
+
+    name = "KAttentionSDPA"
+    role = "attention"
+    devices = TORCH_DEVICES
+
+    def __init__(self, module: torch.nn.Module, device="cpu", **kwargs):
+        super().__init__(module, device, **kwargs)
+        missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if getattr(module, p, None) is None]
+        if missing:
+            raise ValueError(f"{self.name}: {type(module).__name__} has no {', '.join(missing)}; it is not a q/k/v/o attention")
+        config = module.config
+        self.__dict__["attn"] = module  # not a child: its modules belong to the wrapper
+        self.layer_idx = module.layer_idx
+        self.head_dim = module.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.scaling = float(getattr(module, "scaling", self.head_dim**-0.5))
+        self.softcap = getattr(module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
+        self.is_causal = bool(getattr(module, "is_causal", True))
+        self.has_qk_norm = getattr(module, "q_norm", None) is not None
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = _cache_of(kwargs)
+        attn = self.attn
+        batch, q_len = hidden_states.shape[:-1]
+        shape = (batch, q_len, -1, self.head_dim)
+        q = attn.q_proj(hidden_states).view(shape)
+        k = attn.k_proj(hidden_states).view(shape)
+        v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        if self.has_qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        kv_len = k.shape[-2]
+        mask = attention_mask
+        if mask is not None and mask.shape[-1] != kv_len:
+            mask = mask[..., :kv_len]
+        if self.softcap is not None:
+            out = self._softcapped(q, k, v, _mask_for(mask, q_len, kv_len, q.device) if self.is_causal else mask)
+        else:
+            is_causal = mask is None and q_len > 1 and self.is_causal
+            if is_causal and kv_len != q_len:
+                mask, is_causal = causal_mask(q_len, kv_len, q.device)[None, None], False
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+        out = out.transpose(1, 2).reshape(batch, q_len, -1)
+        return attn.o_proj(out), None
+
+    def _softcapped(self, q, k, v, mask):
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        probs = torch.softmax(_add_mask(scores, mask), dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+class KAttentionMLA(Op):
+    """DeepSeek-V2/V3 multi-head latent attention, absorbed.
+
+    ``kv_b_proj`` maps the normalized latent ``c`` (``kv_lora_rank``) to each head's ``k_nope`` and ``v``.
+    Its key part is folded into the query (``q_nope @ W_k`` gives a query in latent space) and its value
+    part into the output (``W_v`` applied to the attention-weighted latents), so the cache holds only the
+    latent and the shared rotary key (``cache.update(latent[B,1,T,r], k_pe[B,1,T,rope], layer_idx)``, as
+    Transformers' ``DeepseekV2Attention`` stores them) and keys/values are never expanded per head.
+    Scores use the module's ``scaling`` (YaRN ``mscale`` included). The absorbed weights are read by running
+    ``kv_b_proj`` (whatever linear op it is) on the identity after loading.
+
+    Options: ``dtype`` of the absorbed weights and the latent attention (default: the model's dtype; the
+    softmax is always fp32); ``query_chunk`` (queries per score block in prefill, default 256).
+    """
+
+    name = "KAttentionMLA"
+    role = "attention"
+    devices = TORCH_DEVICES
+
+    def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, query_chunk: int = 256, **kwargs):
+        super().__init__(module, device, **kwargs)
+        if getattr(module, "kv_b_proj", None) is None or getattr(module, "kv_a_proj_with_mqa", None) is None:
+            raise ValueError(f"{self.name}: {type(module).__name__} is not a multi-head latent attention (no kv_b_proj)")
+        config = module.config
+        self.__dict__["attn"] = module
+        self.layer_idx = module.layer_idx
+        self.num_heads = module.num_heads
+        self.q_lora_rank = module.q_lora_rank
+        self.kv_lora_rank = module.kv_lora_rank
+        self.qk_nope_head_dim = module.qk_nope_head_dim
+        self.qk_rope_head_dim = module.qk_rope_head_dim
+        self.v_head_dim = module.v_head_dim
+        self.qk_head_dim = module.qk_head_dim
+        self.scaling = float(module.scaling)
+        self.rope_interleave = bool(getattr(config, "rope_interleave", False))
+        self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
+        self.query_chunk = int(query_chunk)
+        self.register_buffer("w_k", None, persistent=False)  # [H, nope, r]
+        self.register_buffer("w_v", None, persistent=False)  # [H, v, r]
+
+    def post_load(self) -> None:
+        self._absorb()
+
+    @torch.no_grad()
+    def _absorb(self) -> None:
+        r = self.kv_lora_rank
+        kv_b = self.attn.kv_b_proj
+        eye = torch.eye(r, dtype=self.dtype, device=self.device)
+        w_t = kv_b(eye).to(device=self.device, dtype=self.dtype)  # eye @ W.T = W.T: [r, H*(nope+v)]
+        bias = kv_b(torch.zeros(1, r, dtype=self.dtype, device=self.device))
+        if bool(bias.abs().max() > 0):
+            raise ValueError(f"{self.name}: layer {self.layer_idx} kv_b_proj has a bias, which absorption does not support")
+        w = w_t.t().reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, r)
+        self.w_k = w[:, : self.qk_nope_head_dim].contiguous()
+        self.w_v = w[:, self.qk_nope_head_dim :].contiguous()
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = _cache_of(kwargs)
+        if self.w_k is None:
+            self._absorb()
+        attn = self.attn
+        batch, q_len = hidden_states.shape[:-1]
+        if self.q_lora_rank is None:
+            q = attn.q_proj(hidden_states)
+        else:
+            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
+        q = q.view(batch, q_len, -1, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        compressed = attn.kv_a_proj_with_mqa(hidden_states)
+        latent, k_pe = torch.split(compressed, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = attn.kv_a_layernorm(latent).view(batch, 1, q_len, self.kv_lora_rank)
+        k_pe = k_pe.view(batch, 1, q_len, self.qk_rope_head_dim)
+
+        if torch.is_tensor(position_embeddings) and position_embeddings.is_complex():
+            q_pe, k_pe = apply_rope_complex(q_pe, k_pe, position_embeddings)
+        elif self.rope_interleave:
+            q_pe, k_pe = apply_rope_interleaved(q_pe, k_pe, *position_embeddings)
+        else:
+            q_pe, k_pe = apply_rope(q_pe, k_pe, *position_embeddings)
+
+        if cache is not None:
+            latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
+        kv_len = latent.shape[-2]
+        mask = _mask_for(attention_mask, q_len, kv_len, hidden_states.device)
+
+        dtype = self.dtype
+        q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope.to(dtype), self.w_k)  # [B, H, S, r]
+        q_pe, latent, k_pe = q_pe.to(dtype), latent.to(dtype), k_pe.to(dtype)
+        out = torch.empty(batch, self.num_heads, q_len, self.kv_lora_rank, dtype=dtype, device=hidden_states.device)
+        for start in range(0, q_len, self.query_chunk):
+            rows = slice(start, min(q_len, start + self.query_chunk))
+            scores = torch.matmul(q_latent[:, :, rows], latent.transpose(2, 3))
+            scores = scores + torch.matmul(q_pe[:, :, rows], k_pe.transpose(2, 3))
+            chunk_mask = None if mask is None else mask[..., rows, :]
+            probs = torch.softmax(_add_mask(scores * self.scaling, chunk_mask), dim=-1, dtype=torch.float32)
+            out[:, :, rows] = torch.matmul(probs.to(dtype), latent)
+        out = torch.einsum("bhsr,hvr->bshv", out, self.w_v).reshape(batch, q_len, self.num_heads * self.v_head_dim)
+        return attn.o_proj(out.to(hidden_states.dtype)), None
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, q_lora_rank={self.q_lora_rank}, "
+                f"rope={'interleaved' if self.rope_interleave else 'half'}, dtype={self.dtype}")
