@@ -1,0 +1,65 @@
+"""``kt serve MODEL``: the OpenAI/Ollama-compatible server (see ``ktcore.server``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve", help="serve a model over OpenAI- and Ollama-compatible HTTP APIs",
+        description="Serve MODEL (a GGUF file, or tiny:<family> for a random test model) over HTTP: "
+                    "OpenAI /v1 (chat, completions, Assistants), Ollama /api, and a chat page at /web.",
+    )
+    p.add_argument("model", help="GGUF file (first part of a split set), or tiny:<family>")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=10002)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API call")
+    p.add_argument("--web", action="store_true", help="serve the chat web UI at /web")
+    p.add_argument("--db", default=None, help="SQLite file of the Assistants API (default: in the user data dir)")
+    p.add_argument("--no-assistants", action="store_true", help="turn the Assistants API (and its database) off")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the file's stem)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together (others queue)")
+    p.add_argument("--max-context", type=int, default=None, help="positions per sequence (default: the model's)")
+    p.add_argument("--loader", choices=("auto", "ktcore", "transformers"), default="auto")
+    p.add_argument("--no-batching", action="store_true",
+                   help="one forward per sequence instead of one batched decode step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from ktcore.server import create_app, default_db_path
+    from ktcore.server.engine import Engine
+    from ktcore.server.loading import load_for_serving
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, info = load_for_serving(args.model, loader=args.loader, name=args.model_name)
+    engine = Engine(model, tokenizer, max_context=args.max_context, max_concurrency=args.max_concurrency,
+                    batching=False if args.no_batching else None)
+    db = None if args.no_assistants else (args.db or default_db_path())
+    app = create_app(engine, tokenizer, info, api_key=args.api_key, db_path=db, web=args.web)
+    logging.getLogger("ktcore.server").info(
+        "serving %s on http://%s:%d (batched decode: %s, assistants db: %s)", info.name, args.host, args.port,
+        engine.batched, db)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kt")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,238 @@
+"""Ollama-compatible endpoints under ``/api/``: tags, show, ps, version, generate, chat.
+
+Field names and the NDJSON stream follow Ollama's API; durations are nanoseconds. Ollama's sampling
+defaults (temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1) apply to options left out.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ktcore import __version__ as ktcore_version
+
+from .common import (
+    ServerState,
+    chat_prompt_ids,
+    collect_unless_disconnected,
+    raise_for_engine_error,
+    require_model,
+    rfc3339_now,
+    sampling_params,
+    state_of,
+    submit,
+    text_prompt_ids,
+)
+from .errors import APIError
+
+router = APIRouter()
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Options(_Lenient):
+    num_predict: int | None = None
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    repeat_penalty: float | None = Field(default=None, gt=0.0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class Message(_Lenient):
+    role: str
+    content: str = ""
+
+
+class GenerateRequest(_Lenient):
+    model: str
+    prompt: str | None = None
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: Options | None = None
+    context: list[int] | None = None
+
+
+class ChatRequest(_Lenient):
+    model: str
+    messages: list[Message] | None = None
+    stream: bool = True
+    options: Options | None = None
+
+
+class ShowRequest(_Lenient):
+    model: str | None = None
+    name: str | None = None
+
+
+def _params(state: ServerState, options: Options | None):
+    o = options or Options()
+    predict = o.num_predict
+    if predict is not None and predict < -2:
+        raise APIError(400, f"options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, got {predict}")
+    stops = (o.stop,) if isinstance(o.stop, str) else tuple(o.stop or ())
+    return sampling_params(
+        max_new_tokens=state.engine.max_context if predict is None or predict < 0 else predict,
+        temperature=0.8 if o.temperature is None else o.temperature,
+        top_k=40 if o.top_k is None else o.top_k,
+        top_p=0.9 if o.top_p is None else o.top_p,
+        repetition_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
+        seed=o.seed,
+        stop=tuple(s for s in stops if s),
+    ), {"presence_penalty": o.presence_penalty or 0.0, "frequency_penalty": o.frequency_penalty or 0.0}
+
+
+def _timings(stats) -> dict:
+    return {
+        "total_duration": stats.total_ns,
+        "load_duration": stats.queue_ns,  # time waiting for a batch slot: the model itself stays loaded
+        "prompt_eval_count": stats.prompt_tokens,
+        "prompt_eval_duration": stats.prefill_ns,
+        "eval_count": stats.completion_tokens,
+        "eval_duration": stats.decode_ns,
+    }
+
+
+def _done_reason(reason: str) -> str:
+    return reason if reason in ("stop", "length") else "stop"
+
+
+def _details(state: ServerState) -> dict:
+    m = state.model
+    return {"parent_model": "", "format": "gguf", "family": m.family, "families": [m.family] if m.family else None,
+            "parameter_size": m.parameter_size, "quantization_level": m.quantization}
+
+
+def _ollama_name(state: ServerState) -> str:
+    return state.model.name if ":" in state.model.name else f"{state.model.name}:latest"
+
+
+def _require(state: ServerState, name: str | None) -> None:
+    try:
+        require_model(state, name)
+    except APIError as exc:
+        if exc.status == 404:
+            raise APIError(404, f"model '{name}' not found") from exc
+        raise
+
+
+async def _reply(request: Request, handle, head: dict, piece, final_extra=lambda full_text: {}):
+    """NDJSON stream or one JSON object; ``piece(text)`` is what a chunk carries for ``text``;
+    ``final_extra(full_text)`` adds fields to the last object."""
+
+    def final_body(final, text: str, full_text: str) -> dict:
+        return head | {"created_at": rfc3339_now()} | piece(text) | {
+            "done": True, "done_reason": _done_reason(final.finish_reason)} | _timings(final.stats) | final_extra(
+            full_text)
+
+    if request.state.ollama_stream:
+        async def lines():
+            parts = []
+            try:
+                async for event in handle:
+                    parts.append(event.text)
+                    if event.text:
+                        yield json.dumps(head | {"created_at": rfc3339_now()} | piece(event.text) | {"done": False},
+                                         ensure_ascii=False) + "\n"
+                    if event.finish_reason == "error":
+                        yield json.dumps({"error": f"generation failed: {event.error}"}) + "\n"
+                    elif event.finish_reason is not None:
+                        yield json.dumps(final_body(event, "", "".join(parts)), ensure_ascii=False) + "\n"
+            finally:
+                handle.cancel()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    result = await collect_unless_disconnected(request, handle)
+    if result is None:
+        return None
+    text, final = result
+    raise_for_engine_error(final)
+    return final_body(final, text, text)
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": ktcore_version}
+
+
+@router.get("/api/tags")
+async def tags(request: Request):
+    state = state_of(request)
+    name = _ollama_name(state)
+    return {"models": [{"name": name, "model": name, "modified_at": state.model.modified_at.isoformat(),
+                        "size": state.model.size_bytes, "digest": state.model.digest, "details": _details(state)}]}
+
+
+@router.get("/api/ps")
+async def ps(request: Request):
+    state = state_of(request)
+    name = _ollama_name(state)
+    expires = state.started_at + timedelta(days=365 * 100)  # loaded for the life of the server
+    return {"models": [{"name": name, "model": name, "size": state.model.size_bytes, "digest": state.model.digest,
+                        "details": _details(state), "expires_at": expires.isoformat(),
+                        "size_vram": 0, "context_length": state.engine.max_context,
+                        "active_requests": state.engine.active_count, "queued_requests": state.engine.queued_count}]}
+
+
+@router.post("/api/show")
+async def show(req: ShowRequest, request: Request):
+    state = state_of(request)
+    _require(state, req.model or req.name)
+    m = state.model
+    info: dict[str, Any] = {"general.architecture": m.family, "general.parameter_count": m.parameter_count,
+                            f"{m.family}.context_length": state.engine.max_context}
+    return {"modelfile": f"FROM {m.path or m.name}\n", "parameters": "", "license": "",
+            "template": getattr(state.tokenizer, "chat_template", None) or "{{ .Prompt }}",
+            "details": _details(state), "model_info": info, "capabilities": ["completion"],
+            "modified_at": m.modified_at.isoformat()}
+
+
+@router.post("/api/generate")
+async def generate(req: GenerateRequest, request: Request):
+    state = state_of(request)
+    _require(state, req.model)
+    head = {"model": req.model}
+    if not req.prompt:  # Ollama: an empty prompt only loads the model
+        return head | {"created_at": rfc3339_now(), "response": "", "done": True, "done_reason": "load"}
+    if req.raw or getattr(state.tokenizer, "chat_template", None) is None:
+        prompt = text_prompt_ids(state.tokenizer, req.prompt)
+    else:
+        messages = ([{"role": "system", "content": req.system}] if req.system else [])
+        prompt = chat_prompt_ids(state.tokenizer, messages + [{"role": "user", "content": req.prompt}])
+    if req.context:  # a previous reply's context continues the conversation
+        prompt = list(req.context) + prompt
+    params, penalties = _params(state, req.options)
+    handle = submit(state, prompt, params, **penalties)
+    request.state.ollama_stream = req.stream
+
+    def context(full_text: str) -> dict:
+        return {"context": prompt + list(state.tokenizer(full_text, add_special_tokens=False)["input_ids"])}
+
+    return await _reply(request, handle, head, lambda text: {"response": text}, context)
+
+
+@router.post("/api/chat")
+async def chat(req: ChatRequest, request: Request):
+    state = state_of(request)
+    _require(state, req.model)
+    head = {"model": req.model}
+    if not req.messages:
+        return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
+                       "done": True, "done_reason": "load"}
+    prompt = chat_prompt_ids(state.tokenizer, [{"role": m.role, "content": m.content} for m in req.messages])
+    params, penalties = _params(state, req.options)
+    handle = submit(state, prompt, params, **penalties)
+    request.state.ollama_stream = req.stream
+    return await _reply(request, handle, head, lambda text: {"message": {"role": "assistant", "content": text}})
