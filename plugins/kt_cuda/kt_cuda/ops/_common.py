@@ -1,0 +1,22 @@
+"""Option parsing shared by the ops."""
+
+from __future__ import annotations
+
+import torch
+
+from ktcore.builtin._common import check_shape, module_dtype, parse_dtype  # noqa: F401  (re-exported)
+
+
+def parse_scales_dtype(value, op_name: str):
+    """``"auto"`` (lossless: float16 where exact, else float32) or a float dtype name."""
+    if value in (None, "auto"):
+        return "auto"
+    dtype = parse_dtype(value, op_name)
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{op_name}: scales_dtype must be 'auto', float16, bfloat16 or float32, got {value!r}")
+    return dtype
+
+
+def tensor_label(qt) -> str:
+    where = f" in {qt.source}" if getattr(qt, "source", "") else ""
+    return f"'{qt.name}'{where}"

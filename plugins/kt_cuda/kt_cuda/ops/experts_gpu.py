@@ -1,0 +1,99 @@
+"""``KExpertsGPU``: routed experts on the GPU, one grouped GEMM per projection over pairs sorted by expert."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ktcore.ops import Op
+
+from .. import int4
+from .._env import cuda_unavailable_reason
+from ..ggml_blocks import INT4_TYPES
+from ._common import check_shape, module_dtype, parse_dtype, parse_scales_dtype, tensor_label
+
+
+class KExpertsGPU(Op):
+    """``sum_k w_k * down_k(act(gate_k(x)) * up_k(x))`` with Triton grouped GEMMs.
+
+    The (token, slot) pairs are sorted by expert and padded to whole row blocks per expert; each
+    program multiplies one block of rows by one expert's weight tile. Gate and up run as one GEMM over
+    their concatenation. Q4_0 / Q4_1 / Q4_K weights stay int4 (the ``KLinearMarlin`` layout); other
+    types are dequantized to ``dtype``. An index outside ``[0, num_experts)`` contributes nothing.
+
+    Options: ``dtype`` (activations and dequantized weights; default the model's dtype, float32 models
+    run in bfloat16), ``scales_dtype`` (as ``KLinearMarlin``), ``block_m`` (rows per block; default by
+    the number of pairs).
+    """
+
+    name = "KExpertsGPU"
+    role = "experts"
+    devices = ("cuda",)
+    ggml_types = None
+    repacked_types = INT4_TYPES
+
+    def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto", block_m=None, **kwargs):
+        super().__init__(module, device, **kwargs)
+        for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
+            if getattr(module, flag, wanted) != wanted:
+                raise ValueError(f"{self.name}: {type(module).__name__} has {flag}={not wanted}, which it does not support")
+        self.num_experts = module.num_experts
+        self.hidden_dim = module.hidden_dim
+        self.intermediate_dim = module.intermediate_dim
+        self.act_fn = module.act_fn
+        dtype = parse_dtype(dtype, self.name) or module_dtype(module)
+        self.dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        self.scales_dtype = parse_scales_dtype(scales_dtype, self.name)
+        self.block_m = block_m
+        self.gate_up = None  # Int4Weight or tensor [E, 2I, H]
+        self.down = None  # Int4Weight or tensor [E, H, I]
+
+    @classmethod
+    def available(cls, device=None) -> str | None:
+        return cuda_unavailable_reason(device)
+
+    def _weight(self, qt):
+        if qt.ggml_type in INT4_TYPES:
+            return int4.from_ggml(qt.data.to(self.device), qt.ggml_type, qt.shape, self.scales_dtype, name=tensor_label(qt))
+        return qt.dequantize(self.dtype, self.device)
+
+    def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
+        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
+        for name, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
+            if name not in weights:
+                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
+            check_shape(self.name, weights[name], shape)
+        gate, up = self._weight(weights["gate_proj"]), self._weight(weights["up_proj"])
+        if isinstance(gate, int4.Int4Weight) and isinstance(up, int4.Int4Weight):
+            self.gate_up = int4.concat([gate, up], dim=-2)
+        else:
+            dense = [w.dequantize(self.dtype) if isinstance(w, int4.Int4Weight) else w for w in (gate, up)]
+            self.gate_up = torch.cat(dense, dim=1)
+        del gate, up
+        self.down = self._weight(weights["down_proj"])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.down is None:
+            raise RuntimeError(f"{self.name}: forward before load()")
+        from ..triton_int4 import align_pairs, moe_matmul
+
+        tokens, top_k = top_k_index.shape
+        pairs = tokens * top_k
+        E, I = self.num_experts, self.intermediate_dim
+        valid = (top_k_index >= 0) & (top_k_index < E)
+        index = torch.where(valid, top_k_index, 0)
+        slot_weights = torch.where(valid, top_k_weights, torch.zeros((), dtype=top_k_weights.dtype, device=top_k_weights.device))
+        block_m = self.block_m or (16 if pairs <= 2048 else 64)
+        pair_ids, block_expert = align_pairs(index, E, block_m)
+        x = hidden_states.to(self.dtype)
+        gate_up = moe_matmul(x, self.gate_up, pair_ids, block_expert, pairs, top_k, block_m)
+        h = self.act_fn(gate_up[:, :I]) * gate_up[:, I:]
+        y = moe_matmul(h, self.down, pair_ids, block_expert, pairs, 1, block_m)
+        out = (y.view(tokens, top_k, -1).float() * slot_weights.unsqueeze(-1).float()).sum(dim=1)
+        return out.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        fmt = lambda w: "int4" if isinstance(w, int4.Int4Weight) else str(self.dtype)  # noqa: E731
+        return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
+                f"gate_up={fmt(self.gate_up)}, down={fmt(self.down)}")

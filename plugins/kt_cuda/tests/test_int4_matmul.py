@@ -1,0 +1,114 @@
+"""Int4 GEMV/GEMM kernels and ``KLinearMarlin`` against torch references (GPU, or Triton's interpreter).
+
+Tolerances (relative Frobenius error against a float64 product of the same int4 weights):
+float16 activations 2e-3, bfloat16 1e-2 (the dequantized weight tile is rounded to the activation dtype
+before the tensor-core product; the GEMV path multiplies in float32).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import half_dtypes, rel_err
+from _ggml import ggml_tensor
+
+from kt_cuda import int4
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+SHAPES = [  # M, N, K, group_size, symmetric
+    (1, 37, 256, 32, False),
+    (1, 100, 384, 128, True),
+    (3, 40, 320, 64, False),
+    (16, 72, 512, 32, True),
+    (33, 24, 256, 128, False),
+    (130, 136, 512, 64, False),
+]
+
+
+def _reference(x, w: int4.Int4Weight, bias=None):
+    y = x.double() @ w.dequantize(torch.float64).T
+    return y + bias.double() if bias is not None else y
+
+
+@pytest.mark.parametrize("M,N,K,group_size,symmetric", SHAPES)
+@pytest.mark.parametrize("dtype", half_dtypes())
+def test_default_config_matches_reference(device, M, N, K, group_size, symmetric, dtype):
+    from kt_cuda.triton_int4 import int4_matmul
+
+    torch.manual_seed(M * 1000 + N)
+    w = int4.quantize(torch.randn(N, K), group_size, symmetric=symmetric).to(device)
+    x = torch.randn(M, K, device=device).to(dtype)
+    bias = torch.randn(N, device=device)
+    out = int4_matmul(x, w, bias)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, _reference(x, w, bias)) < TOL[dtype]
+
+
+CONFIGS = [  # GEMV (block_m 0) and GEMM tiles, with and without split-K
+    dict(block_m=0, block_n=8, block_k=128, split_k=1),
+    dict(block_m=0, block_n=32, block_k=256, split_k=3),
+    dict(block_m=16, block_n=32, block_k=128, split_k=1),
+    dict(block_m=16, block_n=64, block_k=256, split_k=4),
+    dict(block_m=64, block_n=64, block_k=128, split_k=2),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "m{block_m}n{block_n}k{block_k}s{split_k}".format(**c))
+def test_every_tile_config_is_correct(device, cfg):
+    from kt_cuda.triton_int4 import Int4Config, int4_matmul
+
+    torch.manual_seed(7)
+    N, K = 61, 640  # K not a multiple of the 256-wide tiles, N not of any block
+    w = int4.quantize(torch.randn(N, K), 32).to(device)
+    x = torch.randn(5 if cfg["block_m"] else 1, K, device=device).to(torch.float16)
+    out = int4_matmul(x, w, None, Int4Config(**cfg))
+    assert rel_err(out, _reference(x, w)) < TOL[torch.float16]
+
+
+def _linear(in_f, out_f, bias):
+    with torch.device("meta"):
+        return nn.Linear(in_f, out_f, bias=bias, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K"])
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_klinear_marlin_on_gguf_blocks(device, ggml_type, tokens):
+    from kt_cuda.ops import KLinearMarlin
+
+    qt, ref_w = ggml_tensor((48, 512), ggml_type, seed=11)
+    bias_qt, bias = ggml_tensor((48,), "F32", seed=12, name="b")
+    op = KLinearMarlin(_linear(512, 48, True), device)
+    op.load({"weight": qt, "bias": bias_qt})
+    assert op.weight_int4 is not None and torch.equal(op.weight_int4.dequantize().cpu(), ref_w)  # lossless repack
+    x = torch.randn(2, tokens, 512).to(device, torch.float16)
+    out = op(x)
+    assert out.shape == (2, tokens, 48) and out.dtype == torch.float16
+    ref = x.double().cpu() @ ref_w.double().T + bias.double()
+    assert rel_err(out.cpu(), ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("ggml_type", ["Q8_0", "F16", "Q6_K"])
+def test_klinear_marlin_other_types(device, ggml_type):
+    from kt_cuda.ops import KLinearMarlin
+
+    qt, ref_w = ggml_tensor((40, 256), ggml_type, seed=13)
+    x = torch.randn(3, 256).to(device, torch.float16)
+    ref = x.double().cpu() @ ref_w.double().T
+    dense = KLinearMarlin(_linear(256, 40, False), device)
+    dense.load({"weight": qt})
+    assert dense.weight_int4 is None
+    assert rel_err(dense(x).cpu(), ref) < TOL[torch.float16]
+    requant = KLinearMarlin(_linear(256, 40, False), device, requantize=True, group_size=64)
+    requant.load({"weight": qt})
+    assert requant.weight_int4 is not None and requant.weight_int4.group_size == 64
+    assert rel_err(requant(x).cpu(), ref) < 0.15  # int4 rounding of the weight dominates
+
+
+def test_klinear_marlin_rejects_wrong_shape(device):
+    from kt_cuda.ops import KLinearMarlin
+
+    qt, _ = ggml_tensor((40, 256), "Q4_0", name="blk.3.attn_q.weight")
+    op = KLinearMarlin(_linear(256, 48, False), device)
+    with pytest.raises(ValueError, match="blk.3.attn_q.weight"):
+        op.load({"weight": qt})
