@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_ERROR = 1
+EXIT_ERROR = 2  # as the kt dispatcher uses for errors the user can fix
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
 RUN_EXAMPLES = """\
@@ -24,7 +24,7 @@ examples:
 
 
 class CLIError(Exception):
-    """Bad input the user can fix: printed as one line, exit code 1."""
+    """Bad input the user can fix: printed as one line, exit code 2."""
 
 
 # ---------------------------------------------------------------------------------------------- options
