@@ -28,7 +28,7 @@ def _serve(tiny, tmp_path_factory, **kwargs):
     model, tokenizer, info = tiny
     engine = Engine(model, tokenizer, max_concurrency=kwargs.pop("max_concurrency", 4))
     db = tmp_path_factory.mktemp("db") / "assistants.sqlite3"
-    app = create_app(engine, tokenizer, info, db_path=None, web=True, **kwargs)
+    app = create_app(engine, tokenizer, info, db_path=db, web=True, **kwargs)
     return ServerThread(app).start()
 
 

@@ -1,0 +1,1 @@
+"""OpenAI Assistants API stored in SQLite (SQLAlchemy 2, WAL)."""
