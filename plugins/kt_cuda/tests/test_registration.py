@@ -1,0 +1,65 @@
+"""Registration: entry point, op names and roles, availability reasons, rule directory. Runs everywhere."""
+
+import importlib.metadata
+
+import pytest
+import torch
+
+import kt_cuda.plugin as plugin
+from kt_cuda._env import cuda_unavailable_reason
+from ktcore.registry import Registry
+
+
+@pytest.fixture
+def registry():
+    return Registry(builtin=False, entrypoints=False, plugins={"cuda": plugin})
+
+
+def test_ops_and_roles(registry):
+    assert set(registry.ops("linear")) == {"KLinearMarlin", "KLinearFP8"}
+    assert set(registry.ops("experts")) == {"KExpertsGPU"}
+    for cls in registry.ops().values():
+        assert cls.plugin == "cuda" and cls.devices == ("cuda",)
+
+
+def test_rule_dir_is_registered_and_shipped(registry):
+    dirs = registry.rule_dirs()
+    assert dirs == [plugin.RULE_DIR]
+    names = {p.name for p in plugin.RULE_DIR.glob("*.yaml")}
+    assert {"qwen3_moe-gpu-cpu.yaml", "deepseek_v2-gpu-cpu.yaml", "deepseek_v3-gpu-cpu.yaml"} <= names
+
+
+def test_available_says_why(registry):
+    for cls in registry.ops().values():
+        assert cls.available("cpu") == "runs on cuda devices only, not cpu"
+        reason = cls.available("cuda")
+        if not torch.cuda.is_available():
+            assert reason == "CUDA is not available"
+        elif cls.name != "KLinearFP8":
+            assert reason == cuda_unavailable_reason()
+
+
+def test_resolve_on_a_machine_without_cuda(registry):
+    if torch.cuda.is_available():
+        assert registry.resolve("linear", "KLinearMarlin", "cuda").name == "KLinearMarlin"
+    else:
+        with pytest.raises(Exception, match="KLinearMarlin"):
+            registry.resolve("linear", "KLinearMarlin", "cuda")
+
+
+def test_import_touches_no_triton():
+    import subprocess
+    import sys
+
+    code = "import sys, kt_cuda.plugin; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_entry_point():
+    try:
+        dist = importlib.metadata.distribution("kt-cuda")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("kt-cuda is not installed (pip install -e plugins/kt_cuda)")
+    eps = [ep for ep in dist.entry_points if ep.group == "ktcore"]
+    assert [(ep.name, ep.value) for ep in eps] == [("cuda", "kt_cuda.plugin")]
+    assert "cuda" in Registry().plugins
