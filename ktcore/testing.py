@@ -203,9 +203,10 @@ def _fill_(name: str, tensor: torch.Tensor, generator: torch.Generator, zero_cen
 @torch.no_grad()
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A ``tiny_config(family)`` model in eval mode with seeded random weights (same seed: same weights,
-    whatever the dtype, which only rounds the fp32 draw)."""
+    whatever the dtype, which only rounds the fp32 draw). Built by ``from_config(config, dtype=dtype)``, so
+    modules Transformers keeps in fp32 (DeepSeek's routers) stay fp32 as in a real load."""
     config = tiny_config(family)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     zero_centered = config.model_type.startswith("gemma")
     tensors = dict(model.named_parameters())
@@ -213,4 +214,4 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     tensors.update({n: b for n, b in model.named_buffers() if n in persistent})
     for name in sorted(tensors):
         _fill_(name, tensors[name], generator, zero_centered, bool(config.tie_word_embeddings))
-    return model.to(dtype).eval()
+    return model.eval()

@@ -49,6 +49,7 @@ class KRoPETorch(Op):
 
     Tables hold ``positions x frequencies`` in fp32 exactly as Transformers multiplies them, up to
     ``max_position_embeddings`` (at most ``table_positions``, default 4096, at build; grown on demand).
+    They are computed on the CPU when the op is built and moved to the op's device by ``load()``.
     Options: ``form`` (``cos_sin`` or ``complex``; default from the model type), ``table_positions``.
     """
 
@@ -66,14 +67,14 @@ class KRoPETorch(Op):
         self.attention_scaling: dict[str | None, float] = {}
         for i, layer_type in enumerate(self.layer_types):
             inv_freq, scaling = inv_freq_and_scaling(config, type(module), layer_type)
-            self.register_buffer(f"inv_freq_{i}", inv_freq.float().to(self.device), persistent=False)
+            self.register_buffer(f"inv_freq_{i}", inv_freq.float().cpu(), persistent=False)
             self.attention_scaling[layer_type] = float(scaling)
         positions = min(int(table_positions), int(getattr(config, "max_position_embeddings", table_positions)))
         self._build_tables(max(positions, 1))
 
     def _build_tables(self, positions: int) -> None:
         self.table_positions = positions
-        pos = torch.arange(positions, device=self.device).float()[:, None]
+        pos = torch.arange(positions, device=self.inv_freq_0.device).float()[:, None]
         for i, layer_type in enumerate(self.layer_types):
             freqs = pos * getattr(self, f"inv_freq_{i}")[None, :]
             scaling = self.attention_scaling[layer_type]
@@ -83,6 +84,9 @@ class KRoPETorch(Op):
                 emb = torch.cat((freqs, freqs), dim=-1)
                 self.register_buffer(f"cos_{i}", emb.cos() * scaling, persistent=False)
                 self.register_buffer(f"sin_{i}", emb.sin() * scaling, persistent=False)
+
+    def load(self, weights) -> None:
+        self.to(self.device)
 
     def _index(self, layer_type: str | None) -> int:
         if layer_type is None and self.layer_types != [None]:
@@ -97,7 +101,7 @@ class KRoPETorch(Op):
         needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
         if needed > self.table_positions:
             self._build_tables(max(needed, 2 * self.table_positions))
-        position_ids = position_ids.to(self.device)
+        position_ids = position_ids.to(self.inv_freq_0.device)
         if self.form == "complex":
             return getattr(self, f"freqs_cis_{i}")[position_ids]
         cos = getattr(self, f"cos_{i}")[position_ids]
