@@ -240,10 +240,9 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
             weights = {}
             for local in wrapper.weight_names():
                 full = f"{qualname}.{local}"
-                bar.set_postfix_str(full, refresh=False)
                 weights[local] = src.get(full)
                 loaded_bytes += weights[local].data.numel()
-                bar.update(1)
+                _advance(bar, full, loaded_bytes)
             wrapper.load_weights(weights)
         for qualname, module, local, is_param in plain:
             full = f"{qualname}.{local}" if qualname else local
@@ -251,12 +250,11 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
             meta = store[local]
             if id(meta) in done:
                 store[local] = done[id(meta)]
-                bar.update(1)
+                _advance(bar, full, loaded_bytes)
                 continue
             if not meta.is_meta:
-                bar.update(1)
+                _advance(bar, full, loaded_bytes)
                 continue
-            bar.set_postfix_str(full, refresh=False)
             target = _placement(qualname, placements, default_device)
             try:
                 qt = src.get(full)
@@ -272,7 +270,7 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
             tensor = nn.Parameter(value, requires_grad=False) if is_param else value
             store[local] = tensor
             done[id(meta)] = tensor
-            bar.update(1)
+            _advance(bar, full, loaded_bytes)
     finally:
         bar.close()
     _init_remaining_buffers(model, placements, default_device)
@@ -280,6 +278,11 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
         for op in wrapper.ops():
             op.post_load()
     model.ktcore_loaded_bytes = loaded_bytes
+
+
+def _advance(bar, name: str, loaded_bytes: int) -> None:
+    bar.set_postfix_str(f"{loaded_bytes / 2**20:,.0f} MiB  {name}", refresh=False)
+    bar.update(1)
 
 
 def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.device) -> None:

@@ -271,3 +271,15 @@ def test_select_rule_file_prefers_plugin_dir_and_skips_unusable(tmp_path, regist
     with pytest.raises(ValueError) as err:
         select_rule_file("llama", registry)
     assert "llama-cpu.yaml" in str(err.value) and "KLinearMarlin" in str(err.value)
+
+
+def test_progress_bar_over_tensors_can_be_disabled(registry, write_rules, capsys):
+    hf = seeded_model(tiny_llama_config())
+    path = write_rules(MLP_LINEAR_RULE)
+    load_model(StateDictSource(hf), path, registry=registry, progress=False)
+    assert "loading" not in capsys.readouterr().err
+    model, _ = load_model(StateDictSource(hf), path, registry=registry, progress=True)
+    err = capsys.readouterr().err
+    total = len(hf.state_dict())
+    assert "loading" in err and f"/{total}" in err  # one step per tensor
+    assert model.ktcore_loaded_bytes == sum(t.numel() * t.element_size() for t in hf.state_dict().values())
