@@ -10,7 +10,10 @@ import torch
 
 @lru_cache(maxsize=1)
 def triton_missing() -> bool:
-    return importlib.util.find_spec("triton") is None
+    try:
+        return importlib.util.find_spec("triton") is None
+    except ValueError:  # sys.modules["triton"] is None: imports of it are blocked
+        return True
 
 
 def cuda_unavailable_reason(device: torch.device | str | None = None, min_capability: tuple[int, int] = (8, 0)) -> str | None:

@@ -1,0 +1,298 @@
+"""KLinearMarlin (kt-cuda's Triton int4 GEMM) against torch's half-precision matmul, on one CUDA GPU.
+
+    python bench/bench_marlin.py                 # the table: batch 1, 4, 16 on the three Llama-8B-like shapes
+    python bench/bench_marlin.py --sweep         # also time every candidate tile config, print the best per case
+    python bench/bench_marlin.py --extras        # also GGUF dequant, MoE experts and FP8 timings
+
+Shapes are ``in x out`` (K x N). Each case times, with CUDA events:
+- ``graph``: the median over replays of a CUDA graph holding ``--calls`` calls, rotating among enough
+  weight copies that they do not fit in L2 (GPU time per call, launch gaps removed);
+- ``eager``: the median of per-call events around plain calls (what an uncaptured decode step pays).
+Int4 variants: ``g128`` (symmetric, fp16 scales, as Marlin benchmarks), ``q4k`` (a GGUF Q4_K tensor
+repacked losslessly: group 32, float32 scale and min) and ``q4k16`` (the same with float16 scales).
+Every variant is also checked against the fp16 product of its own dequantized weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "kt_cuda"))
+
+from kt_cuda import int4  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
+BATCHES = [1, 4, 16]
+L2_BYTES = 60 * 2**20
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, min(32, -(-3 * L2_BYTES // max(nbytes, 1))))
+
+
+def time_graph(fns, calls: int, replays: int = 15) -> float:
+    """Median microseconds per call over replays of a graph of ``calls`` calls cycling through ``fns``."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fns[:3]:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return statistics.median(times)
+
+
+def time_eager(fns, reps: int = 100) -> float:
+    for f in fns[:3]:
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for i in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fns[i % len(fns)]()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return statistics.median(times)
+
+
+def q4k_weight(N: int, K: int, device, scales_dtype="auto") -> int4.Int4Weight:
+    """Random valid Q4_K blocks (6-bit scales/mins, small float16 super-scales) repacked."""
+    n_blocks = N * K // 256
+    raw = torch.randint(0, 256, (n_blocks, 144), dtype=torch.uint8, device=device)
+    halves = (torch.rand(n_blocks, 2, device=device) * 2e-3 + 1e-4).half()
+    raw[:, 0:4] = halves.view(torch.uint8).view(n_blocks, 4)
+    return int4.from_ggml(raw.reshape(-1), "Q4_K", (N, K), scales_dtype)
+
+
+def variants(N: int, K: int, device):
+    w = torch.randn(N, K, device=device) * 0.02
+    return {
+        "g128": int4.quantize(w, 128, symmetric=True, scales_dtype=torch.float16),
+        "q4k": q4k_weight(N, K, device),
+        "q4k16": q4k_weight(N, K, device, torch.float16),
+    }
+
+
+def check(x, w, out) -> float:
+    ref = F.linear(x.float(), w.dequantize(torch.float32))
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_table(args, device) -> list[str]:
+    from kt_cuda.triton_int4 import int4_matmul
+
+    dtype = torch.float16
+    rows = []
+    header = f"{'K x N':>13} {'M':>3} | {'fp16 graph':>10} {'eager':>7} | " + " | ".join(
+        f"{v + ' graph':>11} {'x':>5} {'eager':>7} {'x':>5}" for v in ("g128", "q4k", "q4k16")) + " | max rel err"
+    rows.append(header)
+    rows.append("-" * len(header))
+    for K, N in SHAPES:
+        base = torch.randn(N, K, device=device, dtype=dtype) * 0.02
+        dense = [base.clone() for _ in range(_copies(base.numel() * 2))]
+        ws = variants(N, K, device)
+        for M in BATCHES:
+            x = torch.randn(M, K, device=device, dtype=dtype)
+            fp16_fns = [lambda d=d: F.linear(x, d) for d in dense]
+            t_fp16_g = time_graph(fp16_fns, args.calls)
+            t_fp16_e = time_eager(fp16_fns)
+            cells, errs = [], []
+            for name, w in ws.items():
+                errs.append(check(x, w, int4_matmul(x, w)))
+                copies = [w] + [int4.Int4Weight(w.qweight.clone(), w.scales.clone(), None if w.mins is None else w.mins.clone(),
+                                                w.group_size, w.zero_point) for _ in range(_copies(w.nbytes()) - 1)]
+                fns = [lambda c=c: int4_matmul(x, c) for c in copies]
+                tg, te = time_graph(fns, args.calls), time_eager(fns)
+                cells.append(f"{tg:9.1f}us {t_fp16_g / tg:4.2f}x {te:6.1f}us {t_fp16_e / te:4.2f}x")
+                del copies, fns
+            rows.append(f"{K:>6}x{N:<6} {M:>3} | {t_fp16_g:8.1f}us {t_fp16_e:6.1f}us | " + " | ".join(cells)
+                        + f" | {max(errs):.1e}")
+            print(rows[-1], flush=True)
+        del dense, ws
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(args, device) -> list[str]:
+    """Every candidate tile config per (shape, M) on the q4k16 weights (GGUF case); the best three each."""
+    from kt_cuda.triton_int4 import Int4Config, default_config, int4_matmul
+
+    gemv = [Int4Config(0, bn, bk, s, nw, st) for bn in (8, 16, 32) for bk in (256, 512) for s in (1, 2, 4)
+            for nw, st in ((4, 3),)] + [Int4Config(0, 16, 512, 1, 8, 3), Int4Config(0, 32, 512, 1, 8, 2), Int4Config(0, 16, 1024, 1, 8, 2)]
+    gemm = [Int4Config(16, bn, bk, s, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 2, 4) for st in (3,)]
+    out = []
+    for K, N in SHAPES:
+        for vname in ("q4k16",):
+            w = variants(N, K, device)[vname]
+            copies = [w] + [int4.Int4Weight(w.qweight.clone(), w.scales.clone(), None if w.mins is None else w.mins.clone(),
+                                            w.group_size, w.zero_point) for _ in range(_copies(w.nbytes()) - 1)]
+            for M in BATCHES:
+                x = torch.randn(M, K, device=device, dtype=torch.float16)
+                results = []
+                for cfg in (gemv if M == 1 else []) + gemm:
+                    if cfg.block_k % w.group_size:
+                        continue
+                    try:
+                        err = check(x, w, int4_matmul(x, w, None, cfg))
+                        t = time_graph([lambda c=c, cfg=cfg: int4_matmul(x, c, None, cfg) for c in copies], 20, 7)
+                    except Exception as exc:  # a config the compiler rejects (resources): report, go on
+                        out.append(f"  {K}x{N} M={M} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
+                        continue
+                    results.append((t, cfg, err))
+                results.sort(key=lambda r: r[0])
+                d = default_config(M, N, K, w.group_size, device)
+                dt = next((t for t, c, _ in results if c == d), float("nan"))
+                line = f"sweep {K:>5}x{N:<5} {vname:5} M={M:<2} default {dt:6.1f}us {d} | best: " + "; ".join(
+                    f"{t:.1f}us m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages} e{e:.0e}"
+                    for t, c, e in results[:3])
+                out.append(line)
+                print(line, flush=True)
+            del copies
+            torch.cuda.empty_cache()
+    return out
+
+
+def extras(args, device) -> list[str]:
+    """GGUF dequant (Triton vs ktcore's torch), MoE experts (KExpertsGPU vs torch loop), FP8 GEMM."""
+    out = []
+    from kt_cuda.triton_dequant import dequantize as triton_dequantize
+    from ktcore.weights.dequant import dequantize_raw
+
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    N, K = 14336, 4096
+    for t in ("Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"):
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t]]
+        n_blocks = N * K // block
+        raw = torch.randint(0, 256, (n_blocks, size), dtype=torch.uint8, device=device)
+        half_at = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}[t]
+        for off in half_at:
+            raw[:, off:off + 2] = (torch.rand(n_blocks, 1, device=device) * 1e-3).half().view(torch.uint8)
+        raw = raw.reshape(-1)
+        tri = triton_dequantize(raw, t, (N, K), torch.bfloat16)
+        ref = dequantize_raw(raw, t, (N, K), torch.bfloat16)
+        same = torch.equal(tri, ref)
+        t_tri = time_eager([lambda: triton_dequantize(raw, t, (N, K), torch.bfloat16)], 20)
+        from ktcore.weights import dequant as _dq
+
+        saved = dict(_dq._FAST)
+        _dq._FAST.clear()
+        t_ref = time_eager([lambda: dequantize_raw(raw, t, (N, K), torch.bfloat16)], 20)
+        _dq._FAST.update(saved)
+        gbs = (raw.numel() + N * K * 2) / (t_tri * 1e-6) / 1e9
+        out.append(f"dequant {t:5} {K}x{N} -> bf16: triton {t_tri:8.1f}us ({gbs:5.0f} GB/s)  ktcore torch {t_ref:8.1f}us  "
+                   f"speedup {t_ref / t_tri:5.1f}x  identical={same}")
+        print(out[-1], flush=True)
+
+    # MoE: DeepSeek-V2-Lite routed experts (64 experts, hidden 2048, intermediate 1408, top-6), Q4_K
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Experts
+
+    from ktcore.builtin.experts import KExpertsTorch
+    from ktcore.weights.tensor import QuantizedTensor
+    from kt_cuda.ops import KExpertsGPU
+
+    E, H, I, top_k = 64, 2048, 1408, 6
+    cfg = DeepseekV2Config(hidden_size=H, moe_intermediate_size=I, n_routed_experts=E, num_experts_per_tok=top_k)
+    with torch.device("meta"):
+        module = DeepseekV2Experts(cfg).to(torch.bfloat16)
+
+    def q4k(shape, name):
+        n_blocks = shape[0] * shape[1] * shape[2] // 256
+        raw = torch.randint(0, 256, (n_blocks, 144), dtype=torch.uint8)
+        raw[:, 0:4] = (torch.rand(n_blocks, 2) * 2e-3 + 1e-4).half().view(torch.uint8).view(n_blocks, 4)
+        return QuantizedTensor(name, "Q4_K", shape, raw.reshape(-1), "bench")
+
+    weights = {"gate_proj": q4k((E, I, H), "gate"), "up_proj": q4k((E, I, H), "up"), "down_proj": q4k((E, H, I), "down")}
+    gpu = KExpertsGPU(module, device)
+    gpu.load(weights)
+    ref_op = KExpertsTorch(module, device, dtype=torch.bfloat16)
+    ref_op.load(weights)
+    for T in (1, 16, 512):
+        x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(E, device=device)[:top_k] for _ in range(T)])
+        wts = torch.rand(T, top_k, device=device)
+        a, b = gpu(x, idx, wts), ref_op(x, idx, wts)
+        err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        t_gpu = time_eager([lambda: gpu(x, idx, wts)], 30)
+        t_ref = time_eager([lambda: ref_op(x, idx, wts)], 10)
+        out.append(f"moe V2-Lite Q4_K T={T:<4} KExpertsGPU {t_gpu:8.1f}us  KExpertsTorch(bf16, cuda) {t_ref:8.1f}us  "
+                   f"speedup {t_ref / t_gpu:5.1f}x  rel err {err:.1e}")
+        print(out[-1], flush=True)
+    del gpu, ref_op
+
+    # FP8 block GEMM vs bf16 matmul (DeepSeek-V3 o_proj-like 16384 -> 7168 and 7168 -> 18432 MLP)
+    from kt_cuda import fp8
+    from kt_cuda.triton_fp8 import fp8_block_matmul
+
+    for K, N in ((7168, 18432), (16384, 7168)):
+        w = torch.randn(N, K, device=device) * 0.02
+        wq, ws = fp8.quantize_weight(w)
+        wb = w.to(torch.bfloat16)
+        for M in (1, 16, 256):
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            y = fp8_block_matmul(x, wq, ws)
+            ref = F.linear(x.float(), w)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            t8 = time_graph([lambda: fp8_block_matmul(x, wq, ws)], 20, 7)
+            tb = time_graph([lambda: F.linear(x, wb)], 20, 7)
+            out.append(f"fp8 {K}x{N} M={M:<3} triton fp8 {t8:8.1f}us  bf16 {tb:8.1f}us  ratio {tb / t8:4.2f}x  rel err vs fp32 {err:.1e}")
+            print(out[-1], flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=50, help="calls per captured graph")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--extras", action="store_true")
+    parser.add_argument("--skip-table", action="store_true")
+    parser.add_argument("--out", default=None, help="also write the report to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("CUDA is not available: nothing to benchmark")
+        return 1
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(device)
+    import triton
+
+    lines = [f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}"]
+    print(lines[0], flush=True)
+    if args.sweep:
+        lines += sweep(args, device)
+    if args.extras:
+        lines += extras(args, device)
+    if not args.skip_table:
+        lines += bench_table(args, device)
+    report = "\n".join(lines)
+    print("\n" + report)
+    if args.out:
+        Path(args.out).write_text(report + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
