@@ -81,7 +81,7 @@ def read_metadata(reader) -> dict:
         except Exception:  # noqa: BLE001 - exotic types stay unread
             continue
         if isinstance(value, float) and fld.types and fld.types[0] == GGUFValueType.FLOAT32:
-            value = float(repr(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
+            value = float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
         out[key] = value
     return out
 
@@ -192,6 +192,4 @@ def config_from_metadata(meta: dict, tensor_names, path: str):
         config = AutoConfig.for_model(model_type, **cfg)
     except Exception as e:  # noqa: BLE001
         raise WeightError(f"{path}: cannot build a {model_type} config from the GGUF metadata: {e}") from e
-    if getattr(config, "head_dim", None) is None and model_type not in ("deepseek_v2", "deepseek_v3"):
-        config.head_dim = config.hidden_size // config.num_attention_heads
     return config
