@@ -297,7 +297,10 @@ def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.
             continue
         target = _placement(qualname, placements, default_device)
         for local in metas:
-            module._buffers[local] = torch.empty_like(module._buffers[local], device=target)
+            meta = module._buffers[local]
+            # NaN marks values _init_weights did not compute, so they are caught below, not used as garbage
+            fill = float("nan") if meta.is_floating_point() else 0
+            module._buffers[local] = torch.full(meta.shape, fill, dtype=meta.dtype, device=target)
         pending.append((qualname, module, metas))
     if not pending:
         return
@@ -313,6 +316,13 @@ def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.
         for local in metas:
             module._buffers[local]._is_hf_initialized = False
         init_fn(module)
+        for local in metas:
+            buffer = module._buffers[local]
+            if buffer.is_floating_point() and torch.isnan(buffer).any():
+                name = f"{qualname}.{local}" if qualname else local
+                raise LoadError(f"buffer '{name}' ({type(module).__name__}) is neither in the weight source nor "
+                                f"computed by {type(model).__name__}._init_weights; replace the module by a rule "
+                                "(e.g. KRoPE for rotary embeddings) or add the tensor to the weights")
 
 
 def load_model(path_or_source: Any, rules: Any = None, device: torch.device | str | None = None,

@@ -283,3 +283,15 @@ def test_progress_bar_over_tensors_can_be_disabled(registry, write_rules, capsys
     total = len(hf.state_dict())
     assert "loading" in err and f"/{total}" in err  # one step per tensor
     assert model.ktcore_loaded_bytes == sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+
+
+def test_buffer_nobody_can_compute_is_an_error(registry, write_rules):
+    hf = seeded_model(tiny_llama_config())
+    model = build_meta_model(hf.config)
+    inject(model, write_rules(MLP_LINEAR_RULE), registry)
+    with torch.device("meta"):
+        model.model.norm.register_buffer("mystery", torch.zeros(3), persistent=False)
+    from ktcore.inject import LoadError, load_weights
+
+    with pytest.raises(LoadError, match=r"buffer 'model\.norm\.mystery' \(LlamaRMSNorm\)"):
+        load_weights(model, StateDictSource(hf), progress=False)
