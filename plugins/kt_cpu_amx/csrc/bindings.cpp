@@ -76,7 +76,10 @@ PYBIND11_MODULE(_kernels, m) {
         }), py::arg("gate"), py::arg("up"), py::arg("down"), py::arg("act") = "silu")
         .def_property_readonly("experts", &MoeLayer::experts)
         .def_property_readonly("hidden", &MoeLayer::hidden)
-        .def_property_readonly("inter", &MoeLayer::inter);
+        .def_property_readonly("inter", &MoeLayer::inter)
+        .def_property_readonly("expert_nbytes", [](const MoeLayer& L) {
+            return L.gate[0]->nbytes() + L.up[0]->nbytes() + L.down[0]->nbytes();
+        }, "Bytes of one expert's packed gate, up and down weights.");
 
     py::class_<Runtime, std::shared_ptr<Runtime>>(m, "Runtime")
         .def(py::init<int, const std::string&, bool>(), py::arg("threads"), py::arg("isa"), py::arg("pin") = true)
