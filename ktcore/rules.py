@@ -40,7 +40,7 @@ from torch import nn
 
 from .modules import WRAPPER_OPTIONS, WRAPPERS, KModule, module_role
 from .ops import ROLES
-from .registry import RegistryError, Registry, device_missing_reason, get_registry
+from .registry import DEVICE_PLUGINS, RegistryError, Registry, device_missing_reason, get_registry
 
 RULE_FIELDS = ("match", "replace", "recursive", "optional")
 MATCH_FIELDS = ("name", "class")
@@ -419,8 +419,12 @@ class _RuleChecker:
     def device(self, value: Any, field_name: str, line: int) -> torch.device | None:
         try:
             device = torch.device(str(value) if isinstance(value, int) else value)
-        except (RuntimeError, TypeError) as exc:
-            self.add(field_name, f"{value!r} is not a device ({exc})", line)
+        except (RuntimeError, TypeError):
+            kind = str(value).split(":")[0]
+            provider = DEVICE_PLUGINS.get(kind)
+            why = (f"this torch build does not know the device type '{kind}'; it comes with {provider}"
+                   if provider else "not a torch device such as cpu, cuda, cuda:1, xpu")
+            self.add(field_name, f"device {value!r}: {why}", line)
             return None
         if self.check_devices:
             missing = device_missing_reason(device)

@@ -228,3 +228,20 @@ def test_duplicate_key_is_reported(registry, write_rules):
     with pytest.raises(RuleError) as err:
         load_rules(path, registry)
     assert only_issue(err).field == "replace.kwargs.op" and "twice" in str(err.value)
+
+
+def test_device_type_torch_does_not_know_names_the_backend(registry, write_rules):
+    try:
+        torch.device("npu")
+        pytest.skip("this torch knows the npu device type (torch-npu is installed)")
+    except RuntimeError:
+        pass
+    path = write_rules("""
+- match: {class: linear}
+  replace: {class: KLinear, device: npu, kwargs: {op: KLinearTest}}
+""")
+    with pytest.raises(RuleError) as err:
+        load_rules(path, registry)
+    issue = err.value.issues[0]
+    assert (issue.line, issue.field) == (2, "replace.device")
+    assert "device 'npu'" in issue.message and "kt-ascend" in issue.message and "torch-npu" in issue.message
