@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,13 +39,16 @@ def _load_with_transformers(path: str):
 
 
 def load_for_serving(spec: str, loader: str = "auto", name: str | None = None):
-    """``(model, tokenizer, ModelInfo)`` for ``spec``: a GGUF path, or ``tiny:<family>`` (random weights,
-    for tests). ``loader``: ``ktcore``, ``transformers`` or ``auto`` (ktcore, else Transformers)."""
+    """``(model, tokenizer, ModelInfo)`` for ``spec``: a GGUF path, or ``tiny:<family>[?step_ms=N]`` (random
+    weights, for tests; ``step_ms`` adds that much time to every forward). ``loader``: ``ktcore``, ``transformers`` or ``auto`` (ktcore, else Transformers)."""
     if spec.startswith(TINY_PREFIX):
         from .tiny import tiny_chat_model
 
-        family = spec[len(TINY_PREFIX):] or "llama"
-        model, tokenizer = tiny_chat_model(family)
+        family, _, query = spec[len(TINY_PREFIX):].partition("?")
+        model, tokenizer = tiny_chat_model(family or "llama")
+        step_ms = float(dict(p.split("=", 1) for p in query.split("&") if p).get("step_ms", 0))
+        if step_ms:  # a slow tiny model, for tests that must interrupt a reply midway
+            model.register_forward_pre_hook(lambda module, args: time.sleep(step_ms / 1000))
         info = ModelInfo(name=name or f"tiny-{family}", family=model.config.model_type, quantization="F32",
                          parameter_count=_parameter_count(model),
                          context_length=model.config.max_position_embeddings)
