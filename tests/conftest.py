@@ -39,12 +39,18 @@ class CountingLinearB(CountingLinear):
     calls = 0
 
 
+class AnyDeviceLinear(CountingLinear):
+    name = "KLinearTestAnyDevice"
+    devices = ("cpu", "cuda")
+    calls = 0
+
+
 class CountingExperts(ktcore.Op):
     """Reference routed experts over split gate/up/down tensors, the activation taken from the module."""
 
     name = "KExpertsTest"
     role = "experts"
-    devices = ("cpu",)
+    devices = ("cpu", "cuda")
     calls = 0
 
     def __init__(self, module, device="cpu", **kwargs):
@@ -119,6 +125,7 @@ class OpsPlugin:
         register(CountingLinear)
         register(CountingLinearB)
         register(UnavailableLinear)
+        register(AnyDeviceLinear)
 
     @ktcore.hookimpl
     def register_experts_ops(self, register):
@@ -133,7 +140,7 @@ class OpsPlugin:
         register(TableRoPE)
 
 
-TEST_OPS = (CountingLinear, CountingLinearB, CountingExperts, PassthroughAttention, TableRoPE, UnavailableLinear)
+TEST_OPS = (CountingLinear, CountingLinearB, AnyDeviceLinear, CountingExperts, PassthroughAttention, TableRoPE, UnavailableLinear)
 
 
 @pytest.fixture(autouse=True)

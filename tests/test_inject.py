@@ -295,3 +295,37 @@ def test_buffer_nobody_can_compute_is_an_error(registry, write_rules):
 
     with pytest.raises(LoadError, match=r"buffer 'model\.norm\.mystery' \(LlamaRMSNorm\)"):
         load_weights(model, StateDictSource(hf), progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+def test_ops_on_cuda_get_inputs_moved_and_return_to_out_device(registry, write_rules):
+    from conftest import AnyDeviceLinear
+
+    hf = seeded_model(tiny_qwen3_moe_config())
+    path = write_rules(r"""
+- match: {name: "\\.mlp\\.experts$", class: experts}
+  replace:
+    class: KExperts
+    kwargs: {op: KExpertsTest, prefill_device: cuda, generate_device: cuda, out_device: cpu}
+- match: {name: "\\.self_attn\\.q_proj$"}
+  replace:
+    class: KLinear
+    kwargs: {prefill_op: KLinearTestAnyDevice, prefill_device: cuda, generate_op: KLinearTestAnyDevice,
+             generate_device: cpu, out_device: cpu}
+""")
+    model, report = load_model(StateDictSource(hf), path, registry=registry, progress=False)
+    experts = model.model.layers[0].mlp.experts
+    assert experts.prefill_op is experts.generate_op and experts.prefill_op.gate.device.type == "cuda"
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.prefill_op is not q_proj.generate_op  # same class, two devices: two instances
+    assert q_proj.prefill_op.weight.device.type == "cuda" and q_proj.generate_op.weight.device.type == "cpu"
+    assert {r.device for r in report.rows} == {"cuda", "cuda / cpu"}
+    torch.testing.assert_close(logits(model), logits(hf), rtol=1e-4, atol=1e-4)
+    assert CountingExperts.calls == 2 and AnyDeviceLinear.calls == 2
+    with torch.no_grad():
+        out = model(IDS, use_cache=True)
+        step = model(torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True).logits
+        ref = hf(torch.cat([IDS, torch.tensor([[7]])], dim=1)).logits[:, -1:]
+    assert step.device.type == "cpu"
+    torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,7 @@ def make_op(name, role="linear", devices=("cpu",), reason=None):
 
 
 def test_ops_are_collected_per_role_with_their_plugin(registry):
-    assert set(registry.ops("linear")) == {"KLinearTest", "KLinearTestB", "KLinearNeverHere"}
+    assert set(registry.ops("linear")) == {"KLinearTest", "KLinearTestB", "KLinearNeverHere", "KLinearTestAnyDevice"}
     assert registry.ops("experts") == {"KExpertsTest": CountingExperts}
     assert registry.get("linear", "KLinearTest") is CountingLinear
     assert CountingLinear.plugin == "testplugin"
@@ -54,7 +54,7 @@ def test_unknown_op_lists_known_ones_and_closest_match(registry):
         registry.get("linear", "KLinearTset")
     message = str(err.value)
     assert "unknown linear op 'KLinearTset'" in message
-    assert "Known linear ops: KLinearNeverHere, KLinearTest, KLinearTestB." in message
+    assert "Known linear ops: KLinearNeverHere, KLinearTest, KLinearTestAnyDevice, KLinearTestB." in message
     assert "Did you mean 'KLinearTest' (plugin 'testplugin')?" in message
 
 
