@@ -1,0 +1,92 @@
+"""The chat page at /web in headless Chromium (Debian package ``chromium``) driven by playwright."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+if CHROMIUM is None:
+    pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+COUNT_UPDATES = """() => {
+  window.__updates = 0;
+  new MutationObserver(() => { window.__updates += 1; })
+    .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server, model_name):
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    page.goto(server.url + "/web")
+    sync_api.expect(page.locator("#model-name")).to_have_text(model_name)
+    yield page
+    page.close()
+
+
+def test_send_a_message_and_see_a_streamed_reply(page, server):
+    page.evaluate(COUNT_UPDATES)
+    page.fill("#prompt", "Hello from the browser")
+    page.click("#send")
+    reply = page.locator(".msg.assistant").last
+    sync_api.expect(reply).to_have_attribute("data-done", "1", timeout=60_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web_chat.png"))
+    text = reply.inner_text()
+    assert text.strip()
+    assert page.evaluate("window.__updates") > 3  # the reply arrived piece by piece
+    assert page.locator(".msg.user").last.inner_text() == "Hello from the browser"
+    # the conversation list shows the new thread, and the stored thread holds both messages
+    item = page.locator("#threads li").first
+    sync_api.expect(item).to_have_text("Hello from the browser")
+    thread_id = item.get_attribute("data-id")
+    stored = httpx.get(f"{server.url}/v1/threads/{thread_id}/messages?order=asc").json()["data"]
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"][0]["text"]["value"] == text
+
+
+def test_stop_button_cancels_the_run(page, server):
+    engine = server.server.config.app.state.kt.engine
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
+    try:
+        page.fill("#prompt", "Please write a long answer")
+        page.click("#send")
+        reply = page.locator(".msg.assistant").last
+        sync_api.expect(reply).not_to_have_text("", timeout=30_000)
+        sync_api.expect(page.locator("#stop")).to_be_visible()
+        page.click("#stop")
+        sync_api.expect(reply).to_have_attribute("data-done", "1", timeout=30_000)
+        sync_api.expect(page.locator("#stop")).to_be_hidden()
+    finally:
+        slow.remove()
+    thread_id = page.locator("#threads li.active").get_attribute("data-id")
+    run = httpx.get(f"{server.url}/v1/threads/{thread_id}/runs").json()["data"][0]
+    deadline = time.monotonic() + 10
+    while run["status"] == "cancelling" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        run = httpx.get(f"{server.url}/v1/threads/{thread_id}/runs/{run['id']}").json()
+    assert run["status"] == "cancelled"
+    assert engine.active_count == 0
+    # reopening the conversation shows what was stored, which is the interrupted reply
+    page.click("#new-chat")
+    page.locator(f"#threads li[data-id='{thread_id}']").click()
+    sync_api.expect(page.locator(".msg")).to_have_count(2)
+    assert page.locator(".msg.assistant").inner_text().strip()
