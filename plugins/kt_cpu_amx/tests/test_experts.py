@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import float_tensor, gguf_dequantize, random_blocks, rel_err
+from cpu_amx_helpers import float_tensor, gguf_dequantize, random_blocks, rel_err
 from torch import nn
 
 from kt_cpu_amx.ops import KExpertsCPU

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import EXACT_TYPES, float_tensor, gguf_dequantize, random_blocks, rel_err
+from cpu_amx_helpers import EXACT_TYPES, REQUANTIZED_TYPES, float_tensor, gguf_dequantize, random_blocks, rel_err
 from torch import nn
 
 from kt_cpu_amx import repack
@@ -78,6 +78,17 @@ def test_linear_online_int8(isa, type_name, tokens):
     y = ours(x)
     assert y.dtype == torch.bfloat16 and y.shape == (2, tokens, 64)
     assert rel_err(y, F.linear(x.float(), qt.dequantize())) < TOL
+
+
+@pytest.mark.parametrize("type_name", REQUANTIZED_TYPES)
+@pytest.mark.parametrize("tokens", (1, 64))
+def test_linear_requantized_types(isa, type_name, tokens):
+    """Types without an exact mapping are dequantized (ktcore's dequantizer) and requantized to int8."""
+    qt = random_blocks(type_name, (64, 512), seed=7, centered=False)
+    ours, _ = make_linear(qt)
+    assert ours.weight.bits == 8
+    x = torch.randn(tokens, 512)
+    assert rel_err(ours(x), F.linear(x, gguf_dequantize(qt))) < TOL
 
 
 def test_linear_bias_and_odd_rows(isa):
