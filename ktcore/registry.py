@@ -148,10 +148,16 @@ class Registry:
         self.add_plugin(module, BUILTIN_PLUGIN_NAME, distribution=_dist_label("ktcore"))
 
     def _load_entrypoints(self) -> None:
+        seen: dict[str, str] = {}
         for ep in importlib.metadata.entry_points(group=PROJECT):
-            if ep.name in self.plugins or self.pm.get_plugin(ep.name) is not None:
-                continue
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else ""
+            if ep.name in self.plugins or ep.name in seen:
+                if seen.get(ep.name) != ep.value:  # the same entry point found twice on sys.path is harmless
+                    owner = self.plugins[ep.name].distribution if ep.name in self.plugins else seen[ep.name]
+                    self.problems.append(f"plugin name '{ep.name}' of {dist or ep.value} is skipped: "
+                                         f"'{ep.name}' is already taken by {owner or 'another plugin'}")
+                continue
+            seen[ep.name] = ep.value
             try:
                 module = ep.load()
             except Exception as exc:  # a broken third-party plugin must not take the others down

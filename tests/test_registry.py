@@ -141,11 +141,15 @@ def test_entry_points_load_and_broken_ones_are_reported(monkeypatch, tmp_path):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     eps = [importlib.metadata.EntryPoint("fake", "kt_fake_vendor", "ktcore"),
-           importlib.metadata.EntryPoint("broken", "kt_no_such_module_here", "ktcore")]
+           importlib.metadata.EntryPoint("fake", "kt_fake_vendor", "ktcore"),  # seen twice on sys.path: fine
+           importlib.metadata.EntryPoint("broken", "kt_no_such_module_here", "ktcore"),
+           importlib.metadata.EntryPoint("fake", "kt_other_vendor", "ktcore")]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: eps if group == "ktcore" else [])
     reg = Registry(builtin=False, entrypoints=True)
     assert reg.get("linear", "KLinearFake").plugin == "fake"
     assert any("plugin 'broken'" in p and "kt_no_such_module_here" in p for p in reg.problems)
+    assert any("plugin name 'fake' of kt_other_vendor is skipped" in p for p in reg.problems)
+    assert len(reg.problems) == 2
 
 
 def test_rule_dirs_hook(tmp_path, registry):
