@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ggml_samples import quantized, reference
+from xpu_samples import quantized, reference
 
 from kt_xpu.ggml_affine import AFFINE_TYPES, GGMLAffineError, affine_groups
 

@@ -86,7 +86,7 @@ def test_rule_files_are_rejected_here_with_the_file_line_and_device(path, regist
         load_rules(path, registry)
     first = err.value.issues[0]
     assert first.file == str(path) and first.line > 0
-    assert "field 'replace.device': 'npu' is not a device" in str(err.value)
+    assert first.field.endswith("device") and "'npu'" in first.message  # names the device it cannot parse
 
 
 @pytest.mark.parametrize("path", rule_files(), ids=lambda p: p.name)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from ggml_samples import quantized, reference
+from ascend_samples import quantized, reference
 
 from kt_ascend.ggml_affine import AFFINE_TYPES, GGMLAffineError, affine_groups
 

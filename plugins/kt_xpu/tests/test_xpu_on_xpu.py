@@ -3,7 +3,7 @@ the reason, where there is no XPU."""
 
 import pytest
 import torch
-from ggml_samples import quantized
+from xpu_samples import quantized
 from torch import nn
 
 from kt_xpu._env import int4_kernels_missing, xpu_unavailable_reason

@@ -4,7 +4,7 @@ dequantized GGUF weights. What the NPU itself computes is tested in test_on_npu.
 
 import pytest
 import torch
-from ggml_samples import quantized, reference
+from ascend_samples import quantized, reference
 from torch import nn
 
 from kt_ascend.experts import KExpertsAscend

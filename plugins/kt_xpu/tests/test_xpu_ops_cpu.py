@@ -3,7 +3,7 @@ in place of torch's XPU ops, against gguf.quants' dequantization. The XPU itself
 
 import pytest
 import torch
-from ggml_samples import quantized, reference
+from xpu_samples import quantized, reference
 from torch import nn
 
 from kt_xpu.experts import KExpertsXPU

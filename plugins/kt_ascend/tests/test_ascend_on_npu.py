@@ -3,7 +3,7 @@ documented formula in torch). Skipped, with the reason, where torch_npu or an NP
 
 import pytest
 import torch
-from ggml_samples import quantized
+from ascend_samples import quantized
 from torch import nn
 
 from kt_ascend._env import npu_unavailable_reason
