@@ -135,42 +135,63 @@ def bench_table(args, device) -> list[str]:
     return rows
 
 
-def sweep(args, device) -> list[str]:
-    """Every candidate tile config per (shape, M) on the q4k16 weights (GGUF case); the best three each."""
-    from kt_cuda.triton_int4 import Int4Config, default_config, int4_matmul
+def _clone(w: int4.Int4Weight) -> int4.Int4Weight:
+    return int4.Int4Weight(w.qweight.clone(), w.scales.clone(), None if w.mins is None else w.mins.clone(),
+                           w.group_size, w.zero_point)
 
-    gemv = [Int4Config(0, bn, bk, s, nw, st) for bn in (8, 16, 32) for bk in (256, 512) for s in (1, 2, 4)
-            for nw, st in ((4, 3),)] + [Int4Config(0, 16, 512, 1, 8, 3), Int4Config(0, 32, 512, 1, 8, 2), Int4Config(0, 16, 1024, 1, 8, 2)]
-    gemm = [Int4Config(16, bn, bk, s, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for s in (1, 2, 4) for st in (3,)]
+
+def sweep_candidates(M: int):
+    from kt_cuda.triton_int4 import Int4Config as C
+
+    if M == 1:
+        return [C("gemv_bytes", 32, 512, 4)] + [C("gemv", bn, bk, sp, nw, 3, rows=1) for bn, bk, sp, nw in (
+            (32, 512, 1, 4), (32, 512, 2, 4), (32, 512, 4, 4), (16, 512, 4, 4), (32, 256, 4, 4), (64, 512, 2, 8),
+            (16, 1024, 2, 8), (64, 256, 4, 4))]
+    if M <= 4:
+        return [C("gemm", 64, 128, 4, block_m=16)] + [C("gemv", bn, bk, sp, nw, 3, rows=4) for bn, bk, sp, nw in (
+            (16, 256, 1, 4), (16, 256, 2, 4), (16, 256, 4, 4), (32, 256, 4, 8), (16, 512, 2, 8), (8, 512, 4, 4))]
+    if M <= 16:
+        return [C("gemm", bn, 128, sp, block_m=16) for bn, sp in ((64, 2), (64, 4), (128, 2), (128, 4))] + [
+            C("gemv", 16, 256, 4, 8, 3, rows=8), C("gemv", 8, 256, 4, 8, 3, rows=16), C("gemv", 16, 128, 4, 8, 3, rows=16)]
+    return [C("dense")] + [C("gemm", bn, 128, sp, 8 if bm == 128 else 4, 3, block_m=bm) for bm, bn, sp in (
+        (64, 64, 1), (64, 128, 1), (128, 128, 1), (64, 64, 2))]
+
+
+def sweep(args, device) -> list[str]:
+    """Candidate configs per (shape, M) on the q4k16 weights (the GGUF case), fastest three each, and
+    the fp16 baseline; M = 1, 4, 16 for decode, 64, 256, 1024 to place the switch to expand-then-GEMM."""
+    from kt_cuda.triton_int4 import default_config, int4_matmul
+
     out = []
     for K, N in SHAPES:
-        for vname in ("q4k16",):
-            w = variants(N, K, device)[vname]
-            copies = [w] + [int4.Int4Weight(w.qweight.clone(), w.scales.clone(), None if w.mins is None else w.mins.clone(),
-                                            w.group_size, w.zero_point) for _ in range(_copies(w.nbytes()) - 1)]
-            for M in BATCHES:
-                x = torch.randn(M, K, device=device, dtype=torch.float16)
-                results = []
-                for cfg in (gemv if M == 1 else []) + gemm:
-                    if cfg.block_k % w.group_size:
-                        continue
-                    try:
-                        err = check(x, w, int4_matmul(x, w, None, cfg))
-                        t = time_graph([lambda c=c, cfg=cfg: int4_matmul(x, c, None, cfg) for c in copies], 20, 7)
-                    except Exception as exc:  # a config the compiler rejects (resources): report, go on
-                        out.append(f"  {K}x{N} M={M} {cfg}: {type(exc).__name__}: {str(exc)[:100]}")
-                        continue
-                    results.append((t, cfg, err))
-                results.sort(key=lambda r: r[0])
-                d = default_config(M, N, K, w.group_size, device)
-                dt = next((t for t, c, _ in results if c == d), float("nan"))
-                line = f"sweep {K:>5}x{N:<5} {vname:5} M={M:<2} default {dt:6.1f}us {d} | best: " + "; ".join(
-                    f"{t:.1f}us m{c.block_m}n{c.block_n}k{c.block_k}s{c.split_k}w{c.num_warps}st{c.num_stages} e{e:.0e}"
-                    for t, c, e in results[:3])
-                out.append(line)
-                print(line, flush=True)
-            del copies
-            torch.cuda.empty_cache()
+        w = variants(N, K, device)["q4k16"]
+        copies = [w] + [_clone(w) for _ in range(_copies(w.nbytes()) - 1)]
+        base = torch.randn(N, K, device=device, dtype=torch.float16) * 0.02
+        dense = [base] + [base.clone() for _ in range(_copies(base.numel() * 2) - 1)]
+        for M in (1, 4, 16, 64, 256, 1024):
+            x = torch.randn(M, K, device=device, dtype=torch.float16)
+            t16 = time_graph([lambda d=d: F.linear(x, d) for d in dense], 20, 7)
+            results = []
+            d = default_config(M, N, K, w.group_size, device)
+            for cfg in sweep_candidates(M) + [d]:
+                if cfg.kernel != "dense" and cfg.block_k % w.group_size:
+                    continue
+                try:
+                    err = check(x, w, int4_matmul(x, w, None, cfg))
+                    t = time_graph([lambda c=c, cfg=cfg: int4_matmul(x, c, None, cfg) for c in copies], 20, 7)
+                except Exception as exc:  # a config the compiler rejects (resources): report, go on
+                    out.append(f"  {K}x{N} M={M} {cfg.label()}: {type(exc).__name__}: {str(exc)[:120]}")
+                    print(out[-1], flush=True)
+                    continue
+                results.append((t, cfg, err))
+            dt = next((t for t, c, _ in results if c == d), float("nan"))
+            results.sort(key=lambda r: r[0])
+            line = (f"sweep {K:>5}x{N:<5} M={M:<4} fp16 {t16:7.1f}us | default {d.label()} {dt:7.1f}us ({t16 / dt:4.2f}x) | best: "
+                    + "; ".join(f"{c.label()} {t:.1f}us e{e:.0e}" for t, c, e in results[:3]))
+            out.append(line)
+            print(line, flush=True)
+        del copies, dense
+        torch.cuda.empty_cache()
     return out
 
 
@@ -225,7 +246,13 @@ def extras(args, device) -> list[str]:
         raw[:, 0:4] = (torch.rand(n_blocks, 2) * 2e-3 + 1e-4).half().view(torch.uint8).view(n_blocks, 4)
         return QuantizedTensor(name, "Q4_K", shape, raw.reshape(-1), "bench")
 
-    weights = {"gate_proj": q4k((E, I, H), "gate"), "up_proj": q4k((E, I, H), "up"), "down_proj": q4k((E, H, I), "down")}
+    def q4_0(shape, name):  # 1408 columns take no 256-blocks: llama.cpp falls back to a 32-block type there
+        n_blocks = shape[0] * shape[1] * shape[2] // 32
+        raw = torch.randint(0, 256, (n_blocks, 18), dtype=torch.uint8)
+        raw[:, 0:2] = (torch.rand(n_blocks, 1) * 2e-3 + 1e-4).half().view(torch.uint8)
+        return QuantizedTensor(name, "Q4_0", shape, raw.reshape(-1), "bench")
+
+    weights = {"gate_proj": q4k((E, I, H), "gate"), "up_proj": q4k((E, I, H), "up"), "down_proj": q4_0((E, H, I), "down")}
     gpu = KExpertsGPU(module, device)
     gpu.load(weights)
     ref_op = KExpertsTorch(module, device, dtype=torch.bfloat16)
@@ -238,7 +265,7 @@ def extras(args, device) -> list[str]:
         err = ((a.float() - b.float()).norm() / b.float().norm()).item()
         t_gpu = time_eager([lambda: gpu(x, idx, wts)], 30)
         t_ref = time_eager([lambda: ref_op(x, idx, wts)], 10)
-        out.append(f"moe V2-Lite Q4_K T={T:<4} KExpertsGPU {t_gpu:8.1f}us  KExpertsTorch(bf16, cuda) {t_ref:8.1f}us  "
+        out.append(f"moe V2-Lite Q4_K/Q4_0 T={T:<4} KExpertsGPU {t_gpu:8.1f}us  KExpertsTorch(bf16, cuda) {t_ref:8.1f}us  "
                    f"speedup {t_ref / t_gpu:5.1f}x  rel err {err:.1e}")
         print(out[-1], flush=True)
     del gpu, ref_op

@@ -23,6 +23,7 @@ SHAPES = [  # M, N, K, group_size, symmetric
     (16, 72, 512, 32, True),
     (33, 24, 256, 128, False),
     (130, 136, 512, 64, False),
+    (300, 50, 256, 32, False),
 ]
 
 
@@ -45,25 +46,39 @@ def test_default_config_matches_reference(device, M, N, K, group_size, symmetric
     assert rel_err(out, _reference(x, w, bias)) < TOL[dtype]
 
 
-CONFIGS = [  # GEMV (block_m 0) and GEMM tiles, with and without split-K
-    dict(block_m=0, block_n=8, block_k=128, split_k=1),
-    dict(block_m=0, block_n=32, block_k=256, split_k=3),
-    dict(block_m=16, block_n=32, block_k=128, split_k=1),
-    dict(block_m=16, block_n=64, block_k=256, split_k=4),
-    dict(block_m=64, block_n=64, block_k=128, split_k=2),
+CONFIGS = [  # every kernel, with and without split-K, partial row/column/K tiles
+    dict(kernel="gemv", block_n=8, block_k=128, split_k=1, rows=1),
+    dict(kernel="gemv", block_n=16, block_k=256, split_k=2, rows=2),
+    dict(kernel="gemv", block_n=32, block_k=256, split_k=3, rows=4),
+    dict(kernel="gemv_bytes", block_n=16, block_k=256, split_k=3),
+    dict(kernel="gemm", block_n=32, block_k=128, split_k=1, block_m=16),
+    dict(kernel="gemm", block_n=64, block_k=256, split_k=4, block_m=16),
+    dict(kernel="gemm", block_n=64, block_k=128, split_k=2, block_m=64),
+    dict(kernel="dense"),
 ]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "m{block_m}n{block_n}k{block_k}s{split_k}".format(**c))
-def test_every_tile_config_is_correct(device, cfg):
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_every_kernel_config_is_correct(device, cfg, symmetric):
     from kt_cuda.triton_int4 import Int4Config, int4_matmul
 
     torch.manual_seed(7)
     N, K = 61, 640  # K not a multiple of the 256-wide tiles, N not of any block
-    w = int4.quantize(torch.randn(N, K), 32).to(device)
-    x = torch.randn(5 if cfg["block_m"] else 1, K, device=device).to(torch.float16)
-    out = int4_matmul(x, w, None, Int4Config(**cfg))
-    assert rel_err(out, _reference(x, w)) < TOL[torch.float16]
+    w = int4.quantize(torch.randn(N, K), 32, symmetric=symmetric).to(device)
+    x = torch.randn(5, K, device=device).to(torch.float16)
+    bias = torch.randn(N, device=device)
+    out = int4_matmul(x, w, bias, Int4Config(**cfg))
+    assert out.shape == (5, N)
+    assert rel_err(out, _reference(x, w, bias)) < TOL[torch.float16]
+
+
+def test_dense_expansion_is_exact(device):
+    from kt_cuda.triton_int4 import int4_to_dense
+
+    qt, ref = ggml_tensor((40, 512), "Q4_K", seed=21)
+    w = int4.from_ggml(qt.data.to(device), "Q4_K", qt.shape)
+    assert torch.equal(int4_to_dense(w, torch.float32).cpu(), ref)
 
 
 def _linear(in_f, out_f, bias):
