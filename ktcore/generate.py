@@ -277,6 +277,17 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------------------------- generator
 
 
+def encode_prompt(tokenizer, prompt_or_messages) -> list[int]:
+    """A string is tokenized as is (with the tokenizer's BOS); a list of ``{"role", "content"}`` messages
+    goes through the tokenizer's chat template with the assistant prompt appended."""
+    if isinstance(prompt_or_messages, str):
+        return list(tokenizer(prompt_or_messages)["input_ids"])
+    if tokenizer.chat_template is None:
+        raise ValueError("this model's tokenizer has no chat template; pass a plain prompt string")
+    text = tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 @dataclass
 class Timing:
     prompt_tokens: int = 0
@@ -344,14 +355,7 @@ class Generator:
         return ids
 
     def encode(self, prompt_or_messages) -> list[int]:
-        """A string is tokenized as is (with the tokenizer's BOS); a list of ``{"role", "content"}``
-        messages goes through the tokenizer's chat template with the assistant prompt appended."""
-        if isinstance(prompt_or_messages, str):
-            return list(self.tokenizer(prompt_or_messages)["input_ids"])
-        if self.tokenizer.chat_template is None:
-            raise ValueError("this model's tokenizer has no chat template; pass a plain prompt string")
-        text = self.tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt_or_messages)
 
     # -- model calls
 

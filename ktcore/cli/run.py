@@ -82,8 +82,9 @@ def check_model_path(path: str) -> None:
                 raise CLIError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
 
 
-def load_generator(args, quiet: bool = False):
-    """Load the model named by ``args`` and wrap it in a ``Generator``."""
+def load_generator(args, quiet: bool = False, check=None):
+    """Load the model named by ``args`` and wrap it in a ``Generator``. ``check(tokenizer)`` runs before
+    the weights are read, to refuse bad input early."""
     check_model_path(args.model)
     if args.max_context < 2:
         raise CLIError(f"--max-context must be at least 2, got {args.max_context}")
@@ -103,6 +104,8 @@ def load_generator(args, quiet: bool = False):
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise CLIError(f"{args.model} carries no tokenizer; pass --model-path DIR with a Hugging Face tokenizer")
+    if check is not None:
+        check(tokenizer)
     rules = args.rules[0] if args.rules and len(args.rules) == 1 else args.rules
     model, report = load_model(source, rules=rules, device=args.device, progress=not quiet)
     if not quiet:
@@ -168,13 +171,21 @@ def _run(args) -> int:
     if not prompt.strip():
         raise CLIError("the prompt is empty (pass -p TEXT or pipe it on stdin)")
     params = sampling_from_args(args)
-    gen = load_generator(args, quiet=args.quiet)
-    use_template = not args.raw and gen.tokenizer.chat_template is not None
-    if use_template:
-        request = ([{"role": "system", "content": args.system}] if args.system else [])
-        request.append({"role": "user", "content": prompt})
-    else:
-        request = prompt
+    request = prompt
+
+    def check_prompt(tokenizer):
+        nonlocal request
+        from ktcore.generate import ContextOverflowError, encode_prompt
+
+        if not args.raw and tokenizer.chat_template is not None:
+            request = ([{"role": "system", "content": args.system}] if args.system else [])
+            request.append({"role": "user", "content": prompt})
+        n = len(encode_prompt(tokenizer, request))
+        if n >= args.max_context:
+            raise ContextOverflowError(f"the prompt has {n} tokens and the context holds {args.max_context} "
+                                       "(shorten the prompt or raise --max-context)")
+
+    gen = load_generator(args, quiet=args.quiet, check=check_prompt)
     final = None
     for delta in gen.generate(request, params):
         if delta.text:
