@@ -1,7 +1,11 @@
 #include "pool.h"
 
+#include <immintrin.h>
 #include <pthread.h>
 #include <sched.h>
+
+#include <chrono>
+#include <cstdlib>
 
 namespace kt {
 
@@ -12,7 +16,23 @@ static void pin_to(int cpu) {
     pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
-Pool::Pool(int nthreads, bool pin) : nthreads_(nthreads < 1 ? 1 : nthreads), pin_(pin) {
+// Spin until pred() or `us` microseconds passed; true if pred() held.
+template <class Pred> static bool spin_until(Pred pred, int us) {
+    if (us <= 0) return pred();
+    auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(us);
+    for (int i = 0;; ++i) {
+        if (pred()) return true;
+        _mm_pause();
+        if ((i & 63) == 63 && std::chrono::steady_clock::now() > end) return pred();
+    }
+}
+
+Pool::Pool(int nthreads, bool pin, int spin_us) : nthreads_(nthreads < 1 ? 1 : nthreads), pin_(pin) {
+    if (spin_us < 0) {
+        const char* env = std::getenv("KT_CPU_SPIN_US");
+        spin_us = env ? std::atoi(env) : 50;
+    }
+    spin_us_ = spin_us;
     cpu_set_t set;
     CPU_ZERO(&set);
     if (sched_getaffinity(0, sizeof(set), &set) == 0)
@@ -27,7 +47,7 @@ Pool::~Pool() {
     try { sync(); } catch (...) {}
     {
         std::lock_guard<std::mutex> l(mu_);
-        stop_ = true;
+        stop_.store(true);
     }
     work_cv_.notify_all();
     {
@@ -51,16 +71,18 @@ void Pool::worker_loop(int id) {
     if (pin_) pin_to(cpus_[id % cpus_.size()]);
     uint64_t seen = 0;
     for (;;) {
-        {
+        auto ready = [&] { return stop_.load(std::memory_order_relaxed) ||
+                                  generation_.load(std::memory_order_acquire) != seen; };
+        if (!spin_until(ready, spin_us_)) {
             std::unique_lock<std::mutex> l(mu_);
-            work_cv_.wait(l, [&] { return stop_ || generation_ != seen; });
-            if (stop_) return;
-            seen = generation_;
+            work_cv_.wait(l, ready);
         }
+        if (stop_.load()) return;
+        seen = generation_.load(std::memory_order_acquire);
         run_tasks(id);
-        {
-            std::lock_guard<std::mutex> l(mu_);
-            if (--pending_workers_ == 0) done_cv_.notify_one();
+        if (pending_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            std::lock_guard<std::mutex> l(mu_);  // the controller checks under the lock: no lost wake-up
+            done_cv_.notify_one();
         }
     }
 }
@@ -71,18 +93,21 @@ void Pool::parallel_for(int ntasks, const std::function<void(int, int)>& fn) {
         for (int t = 0; t < ntasks; ++t) fn(t, 0);
         return;
     }
+    fn_ = &fn;
+    ntasks_ = ntasks;
+    next_.store(0, std::memory_order_relaxed);
+    pending_workers_.store(nthreads_ - 1, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
     {
-        std::lock_guard<std::mutex> l(mu_);
-        fn_ = &fn;
-        ntasks_ = ntasks;
-        next_.store(0, std::memory_order_relaxed);
-        pending_workers_ = nthreads_ - 1;
-        ++generation_;
+        std::lock_guard<std::mutex> l(mu_);  // a worker between its check and its wait holds this lock
     }
     work_cv_.notify_all();
     run_tasks(0);
-    std::unique_lock<std::mutex> l(mu_);
-    done_cv_.wait(l, [&] { return pending_workers_ == 0; });
+    auto done = [&] { return pending_workers_.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(done, spin_us_)) {
+        std::unique_lock<std::mutex> l(mu_);
+        done_cv_.wait(l, done);
+    }
     fn_ = nullptr;
 }
 
@@ -95,8 +120,7 @@ void Pool::controller_loop() {
             job_cv_.wait(l, [&] { return has_job_; });
             has_job_ = false;
             if (!job_) {
-                std::lock_guard<std::mutex> s(mu_);
-                if (stop_) return;
+                if (stop_.load()) return;
                 continue;
             }
             job = std::move(job_);

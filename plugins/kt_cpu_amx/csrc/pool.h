@@ -1,6 +1,9 @@
 // A persistent pool of pinned worker threads with one controller thread that runs submitted jobs.
 // A job (a closure) runs on the controller; inside it, parallel_for spreads tasks over the workers and the
 // controller itself. submit() returns at once; sync() waits for the job and rethrows its error.
+// Between phases, workers spin for spin_us microseconds (KT_CPU_SPIN_US, default 50) before sleeping on a
+// condition variable: a decode step runs several short phases back to back, and a futex wake-up per phase
+// would cost as much as the phase itself.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -14,7 +17,7 @@ namespace kt {
 
 class Pool {
 public:
-    Pool(int nthreads, bool pin);
+    Pool(int nthreads, bool pin, int spin_us = -1);
     ~Pool();
     int size() const { return nthreads_; }
 
@@ -38,12 +41,13 @@ private:
 
     std::mutex mu_;
     std::condition_variable work_cv_, done_cv_;
-    uint64_t generation_ = 0;
+    std::atomic<uint64_t> generation_{0};
     const std::function<void(int, int)>* fn_ = nullptr;
     int ntasks_ = 0;
     std::atomic<int> next_{0};
-    int pending_workers_ = 0;
-    bool stop_ = false;
+    std::atomic<int> pending_workers_{0};
+    std::atomic<bool> stop_{false};
+    int spin_us_ = 50;
 
     std::mutex job_mu_;
     std::condition_variable job_cv_;
