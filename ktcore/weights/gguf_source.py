@@ -270,21 +270,44 @@ class GGUFSource:
                 yield n, qt
                 bar.advance(n, self.nbytes(n))
 
-    def release(self) -> None:
-        """Drop the mapped pages from this process's resident memory (views stay valid: pages are read
-        back from the file when touched). Call after ops have copied what they keep."""
-        import mmap
-
-        for reader in self._readers:
-            mm = getattr(reader.data, "_mmap", None)
-            if mm is not None and hasattr(mm, "madvise"):
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED)
-                except (OSError, ValueError):
-                    pass
+    def release(self, name: str | None = None) -> None:
+        """Drop mapped pages from this process's resident memory: those of Transformers tensor ``name``, or
+        of every file. Views stay valid (pages are read back from the file when touched again); call it
+        after an op has copied or repacked what it keeps, so the file is not resident twice."""
+        if name is None:
+            spans = [(r, 0, r.data.nbytes) for r in self._readers]
+        else:
+            ref = self._resolve(self._ref(name))
+            spans = []
+            for g in ref.gguf if ref else ():
+                raw = self._tensors[g]
+                reader = self._readers[self.files.index(raw.file)]
+                start = raw.data.ctypes.data - reader.data.ctypes.data
+                spans.append((reader, start, raw.nbytes))
+        for reader, start, length in spans:
+            _drop_pages(reader.data, start, length)
 
     def __repr__(self) -> str:
         return f"GGUFSource({self.path!r}, {len(self.files)} file(s), {len(self._tensors)} tensors)"
+
+
+def _drop_pages(mapped: np.ndarray, start: int, length: int) -> None:
+    """madvise(DONTNEED) over the whole pages inside [start, start + length) of a numpy memmap."""
+    import mmap
+
+    mm = getattr(mapped, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    # the numpy array may start inside the mmap (offset of the memmap); convert to mmap offsets
+    base = getattr(mapped, "offset", 0) - (getattr(mapped, "offset", 0) // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+    first = -(-(base + start) // page) * page
+    last = ((base + start + length) // page) * page
+    if last > first:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        except (OSError, ValueError):
+            pass
 
 
 def _known_types() -> set[str]:
