@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 
 import pytest
@@ -203,3 +204,8 @@ def seeded_model(config, seed: int = 0):
 @pytest.fixture(scope="session", autouse=True)
 def _few_threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# Test modules import the helpers above as `core_test_helpers`: `from conftest import ...` would be ambiguous
+# (tests/server/ has its own conftest.py, and both are imported under the module name "conftest").
+sys.modules["core_test_helpers"] = sys.modules[__name__]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import ktcore.registry as registry_module
-from conftest import seeded_model, tiny_llama_config
+from core_test_helpers import seeded_model, tiny_llama_config
 from ktcore.cli import main
 
 RULES = r"""

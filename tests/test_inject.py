@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (
+from core_test_helpers import (
     CountingExperts,
     CountingLinear,
     CountingLinearB,
@@ -300,7 +300,7 @@ def test_buffer_nobody_can_compute_is_an_error(registry, write_rules):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
 def test_ops_on_cuda_get_inputs_moved_and_return_to_out_device(registry, write_rules):
-    from conftest import AnyDeviceLinear
+    from core_test_helpers import AnyDeviceLinear
 
     hf = seeded_model(tiny_qwen3_moe_config())
     path = write_rules(r"""

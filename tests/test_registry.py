@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ktcore
-from conftest import CountingExperts, CountingLinear, OpsPlugin
+from core_test_helpers import CountingExperts, CountingLinear, OpsPlugin
 from ktcore.registry import (
     DuplicateOpError,
     OpUnavailableError,
