@@ -7,6 +7,7 @@ from pathlib import Path
 from ktcore.hookspecs import hookimpl
 
 from ._env import _import_torch_npu
+from .attention import KAttentionAscend
 from .experts import KExpertsAscend
 from .linear import KLinearAscend
 
@@ -25,6 +26,11 @@ def register_linear_ops(register):
 @hookimpl
 def register_experts_ops(register):
     register(KExpertsAscend)
+
+
+@hookimpl
+def register_attention_ops(register):
+    register(KAttentionAscend)
 
 
 @hookimpl

@@ -58,3 +58,36 @@ def test_experts_on_npu_match_the_reference():
     got = ops[0](x.to("npu"), index.to("npu"), w.to("npu")).cpu()
     expected = ops[1](x, index, w)
     torch.testing.assert_close(got, expected, rtol=0, atol=5e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("q_len", [7, 1])
+@pytest.mark.parametrize("causal_mask", [False, True])
+def test_attention_kernels_match_the_reference(q_len, causal_mask):
+    from kt_ascend.attention import AscendAttentionKernels, ReferenceAttentionKernels, masked_positions
+
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(2, 8, q_len, 128, generator=g).half()
+    k = torch.randn(2, 2, 19, 128, generator=g).half()
+    v = torch.randn(2, 2, 19, 128, generator=g).half()
+    allowed = torch.ones(q_len, 19, dtype=torch.bool).tril(19 - q_len)[None, None].expand(2, 1, -1, -1)
+    masked = masked_positions(allowed) if causal_mask else None
+    results = []
+    for kernels, device in ((AscendAttentionKernels, "npu"), (ReferenceAttentionKernels, "cpu")):
+        args = [t.to(device) for t in (q, k, v)]
+        mask = None if masked is None else masked.to(device)
+        if q_len == 1:
+            out = kernels.incre_flash_attention(*args, num_heads=8, num_kv_heads=2, atten_mask=mask, scale=128**-0.5)
+        else:
+            out = kernels.fusion_attention(*args, head_num=8, atten_mask=mask, scale=128**-0.5, sparse_mode=0)
+        results.append(out.float().cpu())
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-3)
+
+
+def test_rotary_mul_matches_the_reference():
+    from kt_ascend.attention import AscendAttentionKernels, ReferenceAttentionKernels
+
+    x = torch.randn(1, 4, 9, 128).half()
+    angles = torch.randn(1, 1, 9, 128)
+    cos, sin = angles.cos().half(), angles.sin().half()
+    got = AscendAttentionKernels.rotary_mul(x.npu(), cos.npu(), sin.npu()).float().cpu()
+    torch.testing.assert_close(got, ReferenceAttentionKernels.rotary_mul(x.float(), cos.float(), sin.float()), rtol=0, atol=2e-3)

@@ -15,7 +15,7 @@ from kt_ascend.plugin import RULE_DIR
 from ktcore.registry import OpUnavailableError, Registry
 from ktcore.rules import RuleError, load_rules
 
-OPS = {"linear": "KLinearAscend", "experts": "KExpertsAscend"}
+OPS = {"linear": "KLinearAscend", "experts": "KExpertsAscend", "attention": "KAttentionAscend"}
 HAS_TORCH_NPU = importlib.util.find_spec("torch_npu") is not None
 
 
@@ -99,6 +99,7 @@ def test_rule_files_cover_their_family(path, registry, tmp_path):
     family = path.name.rsplit("-gpu", 1)[0]
     text = path.read_text().replace("device: npu", "device: xpu").replace("out_device: npu", "out_device: xpu")
     text = text.replace("KLinearAscend", "KLinearTorch").replace("KExpertsAscend", "KExpertsTorch")
+    text = text.replace("KAttentionAscend", "KAttentionSDPA")
     copy = tmp_path / path.name
     copy.write_text(text)
     rules = load_rules(copy, registry, check_devices=False)

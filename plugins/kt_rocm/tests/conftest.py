@@ -31,3 +31,7 @@ def device() -> torch.device:
     if dev is None:
         pytest.skip(reason)
     return dev
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "rocm: needs an AMD GPU with a ROCm build of torch")
