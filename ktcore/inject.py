@@ -238,9 +238,11 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
     try:
         for qualname, wrapper in wrappers:
             weights = {}
+            expected = wrapper.expected_shapes()
             for local in wrapper.weight_names():
                 full = f"{qualname}.{local}"
                 weights[local] = src.get(full)
+                _check_shape(full, src, weights[local].shape, expected.get(local))
                 loaded_bytes += weights[local].data.numel()
                 _advance(bar, full, loaded_bytes)
             wrapper.load_weights(weights)
@@ -262,9 +264,7 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
                 if not is_param:
                     continue  # persistent buffer absent: recomputed below like non-persistent ones
                 raise
-            if tuple(qt.shape) != tuple(meta.shape):
-                raise LoadError(f"tensor '{full}' in {src.path or 'the weight source'} has shape {tuple(qt.shape)}, "
-                                f"the model expects {tuple(meta.shape)}")
+            _check_shape(full, src, qt.shape, meta.shape)
             value = to_torch(qt, dtype if meta.is_floating_point() else meta.dtype, target)
             loaded_bytes += qt.data.numel()
             tensor = nn.Parameter(value, requires_grad=False) if is_param else value
@@ -278,6 +278,12 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
         for op in wrapper.ops():
             op.post_load()
     model.ktcore_loaded_bytes = loaded_bytes
+
+
+def _check_shape(name: str, source, shape, expected) -> None:
+    if expected is not None and tuple(shape) != tuple(expected):
+        raise LoadError(f"tensor '{name}' in {source.path or 'the weight source'} has shape {tuple(shape)}, "
+                        f"the model (from its config) expects {tuple(expected)}")
 
 
 def _advance(bar, name: str, loaded_bytes: int) -> None:

@@ -129,6 +129,10 @@ class KModule(nn.Module):
         """Local names of the tensors this wrapper's ops load (``prefix + "." + name`` in the source)."""
         return []
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes the loaded tensors must have (from the original module), where known."""
+        return {}
+
     def fetch(self, source, prefix: str) -> dict[str, Any]:
         return {local: source.get(f"{prefix}.{local}" if prefix else local) for local in self.weight_names()}
 
@@ -189,6 +193,9 @@ class KLinear(KModule):
     def weight_names(self) -> list[str]:
         return ["weight"] + (["bias"] if self.original.bias is not None else [])
 
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(self.original._parameters[name].shape) for name in self.weight_names()}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1
         return self._run(tokens, x, x)
@@ -202,6 +209,16 @@ class KExperts(KModule):
 
     def weight_names(self) -> list[str]:
         return ["gate_proj", "up_proj", "down_proj"]
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        params = self.original._parameters
+        shapes = {}
+        if params.get("gate_up_proj") is not None:  # Transformers' fused [E, 2*I, H]
+            experts, rows, hidden = params["gate_up_proj"].shape
+            shapes["gate_proj"] = shapes["up_proj"] = (experts, rows // 2, hidden)
+        if params.get("down_proj") is not None:
+            shapes["down_proj"] = tuple(params["down_proj"].shape)
+        return shapes
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]

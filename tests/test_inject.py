@@ -329,3 +329,24 @@ def test_ops_on_cuda_get_inputs_moved_and_return_to_out_device(registry, write_r
         ref = hf(torch.cat([IDS, torch.tensor([[7]])], dim=1)).logits[:, -1:]
     assert step.device.type == "cpu"
     torch.testing.assert_close(step, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.layers.1.input_layernorm.weight"])
+def test_tensor_of_the_wrong_shape_names_tensor_source_and_shapes(registry, write_rules, name):
+    from ktcore.inject import LoadError
+
+    hf = seeded_model(tiny_llama_config())
+    state = dict(hf.state_dict())
+    state[name] = state[name][:-1]
+    source = StateDictSource(state, hf.config, path="/models/odd.gguf")
+    with pytest.raises(LoadError) as err:
+        load_model(source, write_rules(MLP_LINEAR_RULE), registry=registry, progress=False)
+    expected = tuple(hf.state_dict()[name].shape)
+    got = (expected[0] - 1,) + expected[1:]
+    assert f"'{name}' in /models/odd.gguf has shape {got}" in str(err.value) and str(expected) in str(err.value)
+
+
+def test_experts_expected_shapes_come_from_the_fused_module():
+    meta = build_meta_model(tiny_qwen3_moe_config())
+    experts = KExperts(meta.model.layers[0].mlp.experts, prefill_op=CountingExperts, build=False)
+    assert experts.expected_shapes() == {"gate_proj": (4, 32, 64), "up_proj": (4, 32, 64), "down_proj": (4, 64, 32)}
