@@ -49,6 +49,7 @@ class SafetensorsSource:
         for f in files:
             self._read_header(f)
         self._config = None
+        self._shapes: dict[str, tuple[int, ...]] | None = None
 
     @staticmethod
     def can_open(path: str | os.PathLike) -> bool:
@@ -117,29 +118,60 @@ class SafetensorsSource:
                     return names
         return None
 
+    def _expected(self) -> dict[str, tuple[int, ...]]:
+        if self._shapes is None:
+            from .gguf_source import expected_shapes
+
+            shapes = expected_shapes(self.config())
+            for name, shape in list(shapes.items()):
+                m = _EXPERT_RE.match(name)
+                if m and m["part"] == "gate_up_proj":
+                    half = (shape[0], shape[1] // 2, *shape[2:])
+                    shapes[f"{m['prefix']}.gate_proj"] = half
+                    shapes[f"{m['prefix']}.up_proj"] = half
+            self._shapes = shapes
+        return self._shapes
+
+    def _checkpoint_name(self, name: str) -> str | None:
+        """The file's spelling of a plain (non-experts) tensor: as is, or Mixtral's ``block_sparse_moe``."""
+        for candidate in (name, name.replace(".mlp.", ".block_sparse_moe.")):
+            if candidate in self._entries:
+                return candidate
+        return None
+
+    def _available(self, name: str) -> bool:
+        m = _EXPERT_RE.match(name)
+        if m and self._checkpoint_name(name) is None:
+            parts = ("gate_proj", "up_proj") if m["part"] == "gate_up_proj" else (m["part"],)
+            return all(self._expert_names(m["prefix"], p) or self._checkpoint_name(f"{m['prefix']}.{p}") for p in parts)
+        return self._checkpoint_name(name) is not None
+
     def names(self) -> Iterator[str]:
-        fused = set()
-        for name in self._entries:
-            m = re.match(r"^(?P<prefix>.*\.)(?:mlp|block_sparse_moe)\.experts\.\d+\.", name)
-            if m:
-                fused.add(m["prefix"] + "mlp.experts")
-            else:
+        """The Transformers model's tensor names the files can give (per-expert tensors as fused names)."""
+        for name in self._expected():
+            if self._available(name):
                 yield name
-        for prefix in sorted(fused):
-            for part in ("gate_up_proj", "gate_proj", "up_proj", "down_proj"):
-                yield f"{prefix}.{part}"
+
+    def missing(self) -> list[str]:
+        return [n for n in self._expected() if not self._available(n)]
 
     def get(self, name: str) -> QuantizedTensor:
-        if name in self._entries:
-            return self._raw(name)
+        qt = self._get(name)
+        expected = self._expected().get(name)
+        if expected is not None and tuple(qt.shape) != tuple(expected):
+            raise WeightError(f"{qt.source}: tensor {name!r} has shape {tuple(qt.shape)}, the model needs {tuple(expected)}")
+        return QuantizedTensor(name, qt.ggml_type, qt.shape, qt.data, qt.source)
+
+    def _get(self, name: str) -> QuantizedTensor:
+        stored = self._checkpoint_name(name)
+        if stored is not None:
+            return self._raw(stored)
         m = _EXPERT_RE.match(name)
         if m:
             prefix, part = m["prefix"], m["part"]
             if part == "gate_up_proj":
-                gate, up = self.get(f"{prefix}.gate_proj"), self.get(f"{prefix}.up_proj")
+                gate, up = self._get(f"{prefix}.gate_proj"), self._get(f"{prefix}.up_proj")
                 return _stack(name, [gate, up], dim=1)
-            if f"{prefix}.{part}" in self._entries:
-                return self._raw(f"{prefix}.{part}")
             names = self._expert_names(prefix, part)
             if names:
                 return _stack(name, [self._raw(n) for n in names], dim=0)
