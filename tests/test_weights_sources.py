@@ -150,3 +150,44 @@ def test_builtin_sources_are_exposed_for_the_plugin():
     classes = builtin_source_classes()
     assert GGUFSource in classes and SafetensorsSource in classes
     assert all(hasattr(c, "can_open") for c in classes)
+
+
+def test_sources_registered_by_a_plugin_are_used(tmp_path, monkeypatch):
+    """A third-party source registered through the register_weight_sources hook is asked first."""
+    import pluggy
+
+    import ktcore.weights as weights
+    from ktcore.hookspecs import PROJECT, SPEC_MODULES, hookimpl
+
+    class TextSource:
+        def __init__(self, path, model_path=None):
+            self.path = str(path)
+
+        @staticmethod
+        def can_open(path):
+            return str(path).endswith(".txt")
+
+    class Plugin:
+        @hookimpl
+        def register_weight_sources(self, register):
+            register(TextSource)
+
+    pm = pluggy.PluginManager(PROJECT)
+    for spec in SPEC_MODULES:
+        pm.add_hookspecs(spec)
+    pm.register(Plugin())
+    from ktcore.weights import plugin as builtin_plugin
+
+    pm.register(builtin_plugin)
+
+    class FakeRegistry:
+        def __init__(self):
+            self.pm = pm
+
+    import ktcore.registry
+
+    monkeypatch.setattr(ktcore.registry, "get_registry", lambda: FakeRegistry())
+    notes = tmp_path / "weights.txt"
+    notes.write_text("x")
+    assert isinstance(weights.open_source(notes), TextSource)
+    assert GGUFSource in weights._registered_source_classes()

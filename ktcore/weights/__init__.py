@@ -36,18 +36,28 @@ BUILTIN_SOURCES = ("ktcore.weights.gguf_source:GGUFSource", "ktcore.weights.safe
 
 
 def _registered_source_classes() -> list[type]:
+    """Source classes plugins registered (``register_weight_sources``); plugin dequantizers
+    (``register_dequantizers``) are installed on the way."""
     try:
         from ..registry import get_registry
-    except ImportError:
-        return []
-    try:
+
         registry = get_registry()
-    except Exception:  # noqa: BLE001 - a broken plugin must not stop plain loading
+    except Exception:  # noqa: BLE001 - no registry yet, or a broken plugin: plain loading still works
         return []
     classes = getattr(registry, "weight_sources", None)
     if callable(classes):
         classes = classes()
-    return list(classes or [])
+    if classes is not None:
+        return list(classes)
+    pm = getattr(registry, "pm", None)
+    if pm is None:
+        return []
+    found: list[type] = []
+    from .dequant import register_dequantizer
+
+    pm.hook.register_weight_sources(register=found.append)
+    pm.hook.register_dequantizers(register=register_dequantizer)
+    return found
 
 
 def open_source(path: str | os.PathLike, model_path: str | os.PathLike | None = None) -> WeightSource:
