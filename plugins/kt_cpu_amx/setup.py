@@ -15,7 +15,7 @@ BASE = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno"]
 ISA_FLAGS = {
     "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "kernels_avx512.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-    "kernels_amx.cpp": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+    "kernels_amx.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                         "-mamx-tile", "-mamx-bf16"],
 }
 SOURCES = ["pack.cpp", "pool.cpp", "cpu_features.cpp", "engine.cpp", "bindings.cpp", *ISA_FLAGS]

@@ -53,6 +53,7 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readonly("k", &PackedMatrix::k)
         .def_readonly("bits", &PackedMatrix::bits)
         .def_readonly("group", &PackedMatrix::group)
+        .def_readonly("half_scales", &PackedMatrix::half_scales)
         .def_property_readonly("nbytes", &PackedMatrix::nbytes);
 
     py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")

@@ -29,15 +29,19 @@ struct Buffer {
 // weight w = scale[g] * q + min[g] with an unsigned integer q.
 //   bits 4: groups of 32; 16 bytes per group, byte j holds element j (low nibble) and j + 16 (high nibble).
 //   bits 8: groups of 16; one byte per element.
-// scales and mins are float [n, k / group].
+// scales and mins are [n, k / group], float, or fp16 (half_scales) when every one of them is exactly an fp16
+// (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 always are): fewer bytes to stream in decode, same values.
 struct PackedMatrix {
     int n = 0, k = 0, bits = 0, group = 0;
+    bool half_scales = false;
     Buffer qs, scales, mins;
     size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }
     int groups() const { return k / group; }
     const uint8_t* row_q(int r) const { return qs.as<uint8_t>() + size_t(r) * row_bytes(); }
-    const float* row_s(int r) const { return scales.as<float>() + size_t(r) * groups(); }
-    const float* row_m(int r) const { return mins.as<float>() + size_t(r) * groups(); }
+    template <class S> const S* row_s(int r) const { return scales.as<S>() + size_t(r) * groups(); }
+    template <class S> const S* row_m(int r) const { return mins.as<S>() + size_t(r) * groups(); }
+    float scale_at(int r, int g) const;  // slow accessors (packing, tests)
+    float min_at(int r, int g) const;
     size_t nbytes() const { return qs.bytes + scales.bytes + mins.bytes; }
 };
 
@@ -71,5 +75,7 @@ struct BAct {
 
 uint32_t fp16_to_fp32_bits(uint16_t h);
 float fp16_to_fp32(uint16_t h);
+// h = f exactly, or false when f is no fp16.
+bool fp32_to_fp16_exact(float f, uint16_t& h);
 
 }  // namespace kt

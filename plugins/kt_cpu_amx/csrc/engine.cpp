@@ -28,7 +28,7 @@ std::string Runtime::isa_name() const {
 }
 
 bool Runtime::use_amx(const PackedMatrix& W, int rows) const {
-    return isa_ == Isa::Amx && rows >= amx_min_rows && W.n % 32 == 0 && W.k % 32 == 0;
+    return isa_ == Isa::Amx && rows >= amx_min_rows && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
 }
 
 uint16_t* Runtime::amx_scratch(int thread, int k) { return amx_scratch_[thread].get<uint16_t>(size_t(32) * k); }

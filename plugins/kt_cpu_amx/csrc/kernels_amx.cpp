@@ -29,13 +29,25 @@ void load_config() {
 // 16 values -> 16 bf16 (round to nearest even).
 inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
+constexpr int kMaxGroups = 2048;  // k up to 32768 (8-bit groups of 16)
+
 // Dequantize rows n0..n0+31 of W into out[32][k] bf16.
 void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
     const int G = W.groups(), k = W.k;
     for (int r = 0; r < 32; ++r) {
         const uint8_t* q = W.row_q(n0 + r);
-        const float* s = W.row_s(n0 + r);
-        const float* m = W.row_m(n0 + r);
+        // the group scales and mins of this row as float (converted from fp16 once per row if stored so)
+        alignas(64) float sbuf[kMaxGroups], mbuf[kMaxGroups];
+        const float *s, *m;
+        if (W.half_scales) {
+            const uint16_t* sh = W.row_s<uint16_t>(n0 + r);
+            const uint16_t* mh = W.row_m<uint16_t>(n0 + r);
+            for (int g = 0; g < G; ++g) { sbuf[g] = _cvtsh_ss(sh[g]); mbuf[g] = _cvtsh_ss(mh[g]); }
+            s = sbuf; m = mbuf;
+        } else {
+            s = W.row_s<float>(n0 + r);
+            m = W.row_m<float>(n0 + r);
+        }
         uint16_t* o = out + size_t(r) * k;
         if (W.bits == 4) {
             for (int g = 0; g < G; ++g) {

@@ -26,12 +26,23 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline float dotf(const float* a, const float* b, int n) {
+// Scales and mins are float or fp16 (PackedMatrix::half_scales).
+static inline float scalar(const float* p, int i) { return p[i]; }
+static inline float scalar(const uint16_t* p, int i) { return _cvtsh_ss(p[i]); }
+static inline __m256 bcast(const float* p, int i) { return _mm256_broadcast_ss(p + i); }
+static inline __m256 bcast(const uint16_t* p, int i) { return _mm256_set1_ps(_cvtsh_ss(p[i])); }
+static inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <class S>
+static inline float dotf(const S* a, const float* b, int n) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), acc);
     float s = hsum(acc);
-    for (; i < n; ++i) s += a[i] * b[i];
+    for (; i < n; ++i) s += scalar(a, i) * b[i];
     return s;
 }
 
@@ -51,15 +62,15 @@ static inline __m256i unpack_nibbles(const uint8_t* p) {
 }
 
 // ---------------------------------------------------------------------------------------------- 4-bit
-template <int R, int T>
+template <int R, int T, class S>
 static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
     const int G = W.k / 32;
     __m256 acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
     const uint8_t* wq[R];
-    const float* ws[R];
-    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s(n + r); }
+    const S* ws[R];
+    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s<S>(n + r); }
     const int8_t* aq[T];
     const float* ad[T];
     for (int t = 0; t < T; ++t) {
@@ -76,7 +87,7 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
         }
         for (int r = 0; r < R; ++r) {
             __m256i w = unpack_nibbles(wq[r] + g * 16);
-            __m256 s = _mm256_broadcast_ss(ws[r] + g);
+            __m256 s = bcast(ws[r], g);
             for (int t = 0; t < T; ++t)
                 acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4(w, a[t])), _mm256_mul_ps(s, dx[t]), acc[r][t]);
         }
@@ -84,17 +95,18 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int t = 0; t < T; ++t) {
         const float* asum = X.s32 + size_t(X.phys(m + t)) * G;
         for (int r = 0; r < R; ++r)
-            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m(n + r), asum, G);
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m<S>(n + r), asum, G);
     }
 }
 
 // ---------------------------------------------------------------------------------------------- 8-bit
 // 32 unsigned 8-bit weights (two groups of 16) x 32 int8 activations, scaled by the groups' scales
 // s[0], s[1] and the activation block scale, accumulated into acc.
-static inline __m256 dot_u8_scaled(__m256i w, __m256i a, const float* s, __m256 dx, __m256 acc) {
+template <class S>
+static inline __m256 dot_u8_scaled(__m256i w, __m256i a, const S* s, __m256 dx, __m256 acc) {
 #if KT_VNNI
     __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);  // lanes 0-3: group 0, 4-7: group 1
-    __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(s)), _mm_broadcast_ss(s + 1), 1);
+    __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, dx), acc);
 #else
     __m256i wl = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w));
@@ -103,20 +115,20 @@ static inline __m256 dot_u8_scaled(__m256i w, __m256i a, const float* s, __m256 
     __m256i ah = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1));
     __m256 pl = _mm256_cvtepi32_ps(_mm256_madd_epi16(wl, al));
     __m256 ph = _mm256_cvtepi32_ps(_mm256_madd_epi16(wh, ah));
-    acc = _mm256_fmadd_ps(pl, _mm256_mul_ps(_mm256_broadcast_ss(s), dx), acc);
-    return _mm256_fmadd_ps(ph, _mm256_mul_ps(_mm256_broadcast_ss(s + 1), dx), acc);
+    acc = _mm256_fmadd_ps(pl, _mm256_mul_ps(bcast(s, 0), dx), acc);
+    return _mm256_fmadd_ps(ph, _mm256_mul_ps(bcast(s, 1), dx), acc);
 #endif
 }
 
-template <int R, int T>
+template <int R, int T, class S>
 static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
     const int G32 = W.k / 32, G16 = W.k / 16;
     __m256 acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
     const uint8_t* wq[R];
-    const float* ws[R];
-    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s(n + r); }
+    const S* ws[R];
+    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s<S>(n + r); }
     const int8_t* aq[T];
     const float* ad[T];
     for (int t = 0; t < T; ++t) {
@@ -139,26 +151,32 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int t = 0; t < T; ++t) {
         const float* asum = X.s16 + size_t(X.phys(m + t)) * G16;
         for (int r = 0; r < R; ++r)
-            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m(n + r), asum, G16);
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m<S>(n + r), asum, G16);
     }
 }
 
-template <int R>
+template <int R, class S>
 static void rows_all_tokens(const PackedMatrix& W, int n, const QAct& X, int M, float* Y, int ldy) {
     int m = 0;
     if (W.bits == 4) {
-        for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q4<R, 1>(W, n, X, m, Y, ldy);
+        for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
     } else {
-        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q8<R, 1>(W, n, X, m, Y, ldy);
+        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q8<R, 1, S>(W, n, X, m, Y, ldy);
     }
 }
 
-void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
+template <class S>
+static void gemm_rows(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
     int n = n0;
-    for (; n + kTileRows <= n1; n += kTileRows) rows_all_tokens<kTileRows>(W, n, X, M, Y, ldy);
-    for (; n < n1; ++n) rows_all_tokens<1>(W, n, X, M, Y, ldy);
+    for (; n + kTileRows <= n1; n += kTileRows) rows_all_tokens<kTileRows, S>(W, n, X, M, Y, ldy);
+    for (; n < n1; ++n) rows_all_tokens<1, S>(W, n, X, M, Y, ldy);
+}
+
+void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
+    if (W.half_scales) gemm_rows<uint16_t>(W, n0, n1, X, M, Y, ldy);
+    else gemm_rows<float>(W, n0, n1, X, M, Y, ldy);
 }
 
 // ---------------------------------------------------------------------------------------------- activations

@@ -87,6 +87,52 @@ float fp16_to_fp32(uint16_t h) {
     return f;
 }
 
+bool fp32_to_fp16_exact(float f, uint16_t& h) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    uint16_t sign = uint16_t((b >> 16) & 0x8000);
+    int exp = int((b >> 23) & 0xff);
+    uint32_t man = b & 0x7fffff;
+    if (exp == 0 && man == 0) { h = sign; return true; }
+    if (exp == 0 || exp == 0xff) return false;  // fp32 subnormals, inf, nan
+    int e = exp - 127;
+    if (e > 15 || e < -24) return false;
+    if (e >= -14) {
+        if (man & 0x1fff) return false;
+        h = uint16_t(sign | ((e + 15) << 10) | (man >> 13));
+        return true;
+    }
+    int shift = -(e + 1);  // fp16 subnormal: value = m * 2^-24
+    uint32_t full = 0x800000u | man;
+    if (full & ((1u << shift) - 1)) return false;
+    h = uint16_t(sign | (full >> shift));
+    return true;
+}
+
+float PackedMatrix::scale_at(int r, int g) const {
+    size_t i = size_t(r) * groups() + g;
+    return half_scales ? fp16_to_fp32(scales.as<uint16_t>()[i]) : scales.as<float>()[i];
+}
+
+float PackedMatrix::min_at(int r, int g) const {
+    size_t i = size_t(r) * groups() + g;
+    return half_scales ? fp16_to_fp32(mins.as<uint16_t>()[i]) : mins.as<float>()[i];
+}
+
+// Store scales and mins as fp16 when that loses nothing.
+static void maybe_halve(PackedMatrix& m) {
+    size_t count = size_t(m.n) * m.groups();
+    Buffer s(count * 2, true), mn(count * 2, true);
+    const float* sf = m.scales.as<float>();
+    const float* mf = m.mins.as<float>();
+    for (size_t i = 0; i < count; ++i)
+        if (!fp32_to_fp16_exact(sf[i], s.as<uint16_t>()[i]) || !fp32_to_fp16_exact(mf[i], mn.as<uint16_t>()[i]))
+            return;
+    m.scales = std::move(s);
+    m.mins = std::move(mn);
+    m.half_scales = true;
+}
+
 static inline float rd_half(const uint8_t* p) {
     uint16_t h;
     std::memcpy(&h, p, 2);
@@ -230,7 +276,7 @@ static void alloc_matrix(PackedMatrix& out, int n, int k, int bits) {
     int group = bits == 4 ? 32 : 16;
     if (k % group) throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) +
                                                " is not a multiple of " + std::to_string(group));
-    out.n = n; out.k = k; out.bits = bits; out.group = group;
+    out.n = n; out.k = k; out.bits = bits; out.group = group; out.half_scales = false;
     out.qs = Buffer(size_t(n) * out.row_bytes(), true);
     out.scales = Buffer(size_t(n) * (k / group) * sizeof(float), true);
     out.mins = Buffer(size_t(n) * (k / group) * sizeof(float), true);
@@ -266,6 +312,7 @@ void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, i
             for (int i = 0; i < ng; ++i) store_group(out, r, gi++, g[i]);
         }
     }
+    maybe_halve(out);
 }
 
 void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits) {
@@ -299,14 +346,13 @@ void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits) {
 void unpack_to_float(const PackedMatrix& m, float* out) {
     for (int r = 0; r < m.n; ++r) {
         const uint8_t* q = m.row_q(r);
-        const float* s = m.row_s(r);
-        const float* mn = m.row_m(r);
         float* y = out + size_t(r) * m.k;
         for (int gi = 0; gi < m.groups(); ++gi) {
+            float s = m.scale_at(r, gi), mn = m.min_at(r, gi);
             for (int j = 0; j < m.group; ++j) {
                 int v = m.bits == 4 ? (j < 16 ? q[gi * 16 + j] & 0xF : q[gi * 16 + j - 16] >> 4)
                                     : q[gi * 16 + j];
-                y[gi * m.group + j] = s[gi] * float(v) + mn[gi];
+                y[gi * m.group + j] = s * float(v) + mn;
             }
         }
     }

@@ -25,6 +25,8 @@ def test_repack_is_exact(type_name):
     qt = random_blocks(type_name, (40, 512), seed=1, centered=False)
     (pm,) = repack.pack_matrices(qt)
     assert pm.bits == (4 if type_name in repack.EXACT_4BIT else 8)
+    # one fp16 scale per block: the group scales and mins are fp16 too; K-quants' products are not
+    assert pm.half_scales == (type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
     ref = gguf_dequantize(qt)
     torch.testing.assert_close(repack.unpack(pm), ref, rtol=1e-6, atol=0)
 
