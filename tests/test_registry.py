@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,21 @@ def test_get_registry_is_process_wide(monkeypatch):
     monkeypatch.setattr(registry_module, "_REGISTRY", None)
     first = get_registry()
     assert get_registry() is first and ktcore.get_registry() is first
+
+
+def test_first_party_table_matches_the_plugins_in_this_tree():
+    """Every op a first-party plugin in plugins/ defines is in the pip-hint table, under its distribution."""
+    import re
+
+    from ktcore.registry import FIRST_PARTY_OPS
+
+    root = Path(__file__).resolve().parents[1] / "plugins"
+    found = {}
+    for pyproject in root.glob("*/pyproject.toml"):
+        dist = re.search(r'^name\s*=\s*"([^"]+)"', pyproject.read_text(), re.M).group(1)
+        for source in pyproject.parent.glob("kt_*/**/*.py"):
+            for op_name in re.findall(r'^\s+name = "(K[A-Za-z0-9]+)"', source.read_text(), re.M):
+                found[op_name] = dist
+    if not found:
+        pytest.skip("no first-party plugin sources under plugins/ in this tree")
+    assert {name: FIRST_PARTY_OPS.get(name) for name in found} == found

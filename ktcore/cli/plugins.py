@@ -82,6 +82,8 @@ def render(data: dict) -> str:
                 details = [f"not on {d}: {r}" for d, r in op["refused"].items()]
                 if op["absent_devices"]:
                     details.append("devices not present: " + ", ".join(op["absent_devices"]))
+                if op["ggml_types"]:
+                    details.append("takes " + ", ".join(op["ggml_types"]) + " as stored")
                 lines.append(f"  {role:<10} {op['name']:<22} {state}" + (f"; {'; '.join(details)}" if details else ""))
         if not plugin["ops"]:
             lines.append("  (registers no ops)")

@@ -97,12 +97,22 @@ def run_check(args) -> int:
     print(f"model: {type(model).__name__} (model_type {config.model_type})")
     print(f"rules: {', '.join(str(p) for p in rule_paths)}")
     print()
+    short = _short_names([str(p) for p in rule_paths])
+    for row in report.rows:
+        path, _, line = row.rule.rpartition(":")
+        row.rule = f"{short.get(path, path)}:{line}"
     print(report.table())
     replaced = sum(1 for r in report.rows if r.wrapper != "default")
     print()
     print(f"{replaced} module(s) replaced by wrappers, {len(report.rows) - replaced} kept (default); "
           f"every other module keeps its Transformers implementation")
     return 0
+
+
+def _short_names(paths: list[str]) -> dict[str, str]:
+    """Each rule file by its base name where that is unambiguous among ``paths``."""
+    names = [Path(p).name for p in paths]
+    return {p: (n if names.count(n) == 1 else p) for p, n in zip(paths, names)}
 
 
 def run_list(args) -> int:
