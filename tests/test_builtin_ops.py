@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DeepseekV2Config, DeepseekV3Config, DynamicCache
 
 from ktcore.builtin import KAttentionMLA, KAttentionSDPA, KExpertsTorch, KLinearTorch, KRoPETorch
@@ -83,6 +84,32 @@ def test_linear_shape_mismatch_names_the_tensor():
         op.load({"weight": as_qt("blk.0.attn_q.weight", torch.zeros(64, 128))})
 
 
+def quantized(name: str, tensor: torch.Tensor, qtype: str) -> tuple[QuantizedTensor, torch.Tensor]:
+    """``tensor`` quantized (ktcore's quantizer: gguf-py has none for K-quants) as a ``QuantizedTensor``,
+    with gguf-py's dequantization of it as the reference."""
+    from gguf import GGMLQuantizationType, quants
+
+    from ktcore.weights.quantize import quantize
+
+    kind = GGMLQuantizationType[qtype]
+    raw = quantize(tensor.float().numpy(), qtype)
+    data = torch.from_numpy(raw.copy()).reshape(-1)
+    reference = torch.from_numpy(quants.dequantize(raw, kind)).reshape(tensor.shape)
+    return QuantizedTensor(name=name, ggml_type=qtype, shape=tuple(tensor.shape), data=data, source="test"), reference
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+def test_linear_over_quantized_weight_matches_its_dequantization(qtype):
+    torch.manual_seed(0)
+    w = torch.randn(64, 512) / 16
+    qt, w_ref = quantized("blk.0.ffn_up.weight", w, qtype)
+    op = KLinearTorch(torch.nn.Linear(512, 64, bias=False), "cpu")
+    op.load({"weight": qt})
+    x = torch.randn(3, 512)
+    torch.testing.assert_close(op(x), x @ w_ref.T, rtol=1e-5, atol=1e-5)
+    assert (w_ref - w).abs().max() > 0  # really quantized
+
+
 # -- experts ---------------------------------------------------------------------------------------------
 
 
@@ -146,6 +173,27 @@ def test_experts_bf16(models):
         expected, got = experts(x, index, weights).float(), op(x, index, weights).float()
     # same bf16 products; only accumulation order differs
     assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_experts_over_quantized_weights(models):
+    experts = models("qwen3_moe").model.layers[0].mlp.experts
+    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)
+    tensors = {"gate_proj": gate, "up_proj": up, "down_proj": experts.down_proj.detach()}
+    loaded, reference = {}, {}
+    for name, t in tensors.items():
+        loaded[name], reference[name] = quantized(name, t, "Q4_K")
+    op = KExpertsTorch(experts, "cpu")
+    op.load(loaded)
+    index, weights, _ = routing(17, experts.num_experts, 2, seed=5)
+    x = torch.randn(17, experts.hidden_dim)
+    expected = torch.zeros_like(x)
+    for t in range(17):
+        for k in range(2):
+            e = int(index[t, k])
+            h = F.silu(x[t] @ reference["gate_proj"][e].T) * (x[t] @ reference["up_proj"][e].T)
+            expected[t] += weights[t, k] * (h @ reference["down_proj"][e].T)
+    with torch.no_grad():
+        torch.testing.assert_close(op(x, index, weights), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_experts_load_checks_shapes(models):
@@ -229,22 +277,27 @@ def bool_mask(q_len: int, kv_len: int, window: int | None) -> torch.Tensor:
     return allowed[None, None]
 
 
-def run_steps(attn_fn, rotary, config, hidden: torch.Tensor, layer_type, sliding: bool, prefill: int, use_mask: bool):
-    """Prefill ``prefill`` tokens then decode the rest one at a time through a fresh DynamicCache, with
-    the masks the model itself would build (Transformers' mask functions, sized by the cache)."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+def run_steps(attn_fn, rotary, config, hidden, layer_type, sliding: bool, prefill: int, use_mask: bool, layer: int = 0):
+    """Prefill ``prefill`` tokens, a second prefill chunk of 3 (queries after cached keys), then decode the
+    rest one at a time, through a fresh DynamicCache. Masks: causal ``[B, 1, q, kv]`` sized by the layer's
+    cache; for a sliding layer, Transformers' own sliding-window mask function (its cache keeps only the
+    window). ``use_mask=False`` gives no mask to the first prefill, as Transformers does when plain causal
+    attention suffices."""
+    from transformers.masking_utils import create_sliding_window_causal_mask
 
-    make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
+    assert not sliding or layer == 0, "Transformers sizes sliding masks by the first sliding layer's cache"
     cache = DynamicCache(config=config)
     outs = []
-    steps = [(0, prefill)] + [(t, t + 1) for t in range(prefill, hidden.shape[1])]
+    steps = [(0, prefill), (prefill, prefill + 3)] + [(t, t + 1) for t in range(prefill + 3, hidden.shape[1])]
     for start, end in steps:
-        positions = torch.arange(start, end)[None]
+        positions = torch.arange(start, end)[None].expand(hidden.shape[0], -1)
         pe = rotary(hidden, positions, *((layer_type,) if layer_type else ()))
         chunk = hidden[:, start:end]
         mask = None
-        if use_mask or end - start == 1:
-            mask = make_mask(config, chunk, None, cache, positions, allow_is_causal_skip=False)
+        if sliding and (use_mask or start > 0):
+            mask = create_sliding_window_causal_mask(config, chunk, None, cache, positions, allow_is_causal_skip=False)
+        elif use_mask or start > 0:
+            mask = bool_mask(end - start, end, None).expand(hidden.shape[0], -1, -1, -1)
         outs.append(attn_fn(chunk, pe, mask, cache)[0])
     return torch.cat(outs, dim=1)
 
@@ -266,7 +319,7 @@ def attention_pair(model, layer: int, op_cls):
 def gqa_cases():
     for family in GQA_FAMILIES:
         yield family, 0, True
-    yield "llama", 1, False  # no mask from the model: the op builds the causal one
+    yield "llama", 1, False  # no mask for the first prefill: the op attends causally itself
     yield "gemma3", 2, True  # gemma3's full-attention layer (0 and 1 slide)
 
 
@@ -278,10 +331,10 @@ def test_sdpa_attention_prefill_and_decode_match_transformers(models, family, la
     sliding = getattr(attn, "sliding_window", None) is not None
     if family == "gemma3":
         assert sliding == (layer_type == "sliding_attention")
-    hidden = torch.randn(1, 15, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    hidden = torch.randn(2, 18, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        expected = run_steps(hf, model.model.rotary_emb, model.config, hidden, layer_type, sliding, 12, use_mask)
-        got = run_steps(ours, model.model.rotary_emb, model.config, hidden, layer_type, sliding, 12, use_mask)
+        expected = run_steps(hf, model.model.rotary_emb, model.config, hidden, layer_type, sliding, 12, use_mask, layer)
+        got = run_steps(ours, model.model.rotary_emb, model.config, hidden, layer_type, sliding, 12, use_mask, layer)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -345,10 +398,10 @@ def test_mla_absorbed_matches_transformers(family, yarn, use_mask):
     attn, hf, ours = attention_pair(model, 1, KAttentionMLA)
     if model.config.rope_parameters.get("rope_type") == "yarn":
         assert attn.scaling != attn.qk_head_dim**-0.5  # the mscale really enters the scores
-    hidden = torch.randn(1, 15, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    hidden = torch.randn(2, 18, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = run_steps(hf, model.model.rotary_emb, model.config, hidden, None, False, 12, use_mask)
-        got = run_steps(ours, model.model.rotary_emb, model.config, hidden, None, False, 12, use_mask)
+        expected = run_steps(hf, model.model.rotary_emb, model.config, hidden, None, False, 12, use_mask, 1)
+        got = run_steps(ours, model.model.rotary_emb, model.config, hidden, None, False, 12, use_mask, 1)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
