@@ -1,0 +1,118 @@
+"""The batching engine alone: batched decode equals solo decode, joins and leaves mid-batch, stop strings."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from ktcore.server.engine import Engine, SamplingParams, _held_back
+from ktcore.server.kv_batch import KVBatch
+
+
+def _greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny):
+    return tiny[0], tiny[1]
+
+
+def _reference(model, prompt_ids, n):
+    """Plain Transformers greedy decoding, one sequence, no server code."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def test_staggered_batch_matches_transformers_greedy(model_and_tokenizer):
+    """Sequences of different prompt lengths join an already running batch at different steps and leave
+    at different steps; each one's tokens equal Transformers' own greedy decoding of it alone."""
+    model, tok = model_and_tokenizer
+    prompts = [tok(t)["input_ids"] for t in ("short", "a somewhat longer prompt here", "mid length", "z")]
+    lengths = [30, 12, 20, 25]
+    expected = [tok.decode(_reference(model, p, n)) for p, n in zip(prompts, lengths)]
+
+    async def run(batching):
+        engine = Engine(model, tok, max_concurrency=4, batching=batching)
+        engine.start()
+        try:
+            handles = []
+            for p, n in zip(prompts, lengths):
+                handles.append(engine.submit(p, _greedy(n)))
+                await asyncio.sleep(0.05)  # later requests join a batch already decoding
+            results = [await h.collect() for h in handles]
+            return results, engine.max_batch_seen
+        finally:
+            engine.shutdown()
+
+    for batching in (True, False):
+        results, widest = asyncio.run(run(batching))
+        assert [text for text, _ in results] == expected, f"batching={batching}"
+        assert [final.stats.completion_tokens for _, final in results] == lengths
+        assert all(final.finish_reason == "length" for _, final in results)
+        if batching:
+            assert widest >= 2
+
+
+def test_max_concurrency_queues_the_rest(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+
+    async def run():
+        engine = Engine(model, tok, max_concurrency=2)
+        engine.start()
+        try:
+            handles = [engine.submit(tok(f"p{i}")["input_ids"], _greedy(8)) for i in range(5)]
+            results = [await h.collect() for h in handles]
+            return results, engine.max_batch_seen
+        finally:
+            engine.shutdown()
+
+    results, widest = asyncio.run(run())
+    assert widest == 2
+    assert all(final.stats.completion_tokens == 8 for _, final in results)
+    assert max(final.stats.queue_ns for _, final in results) > 0
+
+
+def test_kv_batch_keep_trims_padding_columns():
+    from transformers.cache_utils import DynamicCache
+
+    def cache(length, value):
+        c = DynamicCache()
+        c.update(torch.full((1, 2, length, 4), float(value)), torch.full((1, 2, length, 4), float(value)), 0)
+        return c
+
+    batch = KVBatch()
+    batch.add(cache(3, 1), 3)
+    batch.add(cache(7, 2), 7)
+    assert batch.mask.tolist() == [[0, 0, 0, 0, 1, 1, 1], [1] * 7]
+    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    batch.keep([0])  # the long one leaves: the four padding columns go too
+    assert batch.mask.tolist() == [[1, 1, 1]]
+    assert batch.cache.layers[0].keys.shape == (1, 2, 3, 4)
+
+
+def test_stop_string_spanning_tokens_is_never_emitted(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompt = tok("stop test")["input_ids"]
+    full = tok.decode(_reference(model, prompt, 30))
+    stop = full[10:13]  # three characters: three tokens of this tokenizer
+
+    async def run():
+        engine = Engine(model, tok)
+        engine.start()
+        try:
+            pieces = []
+            async for event in engine.submit(prompt, _greedy(30, stop=(stop,))):
+                pieces.append(event.text)
+                if event.finish_reason:
+                    return pieces, event
+        finally:
+            engine.shutdown()
+
+    pieces, final = asyncio.run(run())
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert final.finish_reason == "stop"
+    assert _held_back("abcST", ["STOP"]) == 2 and _held_back("abc", ["STOP"]) == 0
