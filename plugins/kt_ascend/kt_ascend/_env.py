@@ -33,6 +33,13 @@ def device_type(device: torch.device | str) -> str:
     return device.type if isinstance(device, torch.device) else str(device).split(":", 1)[0]
 
 
+def require_torch_npu_for(device: torch.device | str) -> None:
+    """Import torch_npu when ``device`` is an NPU (it registers the device name); ``RuntimeError`` with the
+    reason when it cannot be imported."""
+    if device_type(device) == "npu":
+        torch_npu()
+
+
 def npu_unavailable_reason(device: torch.device | str | None = None) -> str | None:
     """``None`` when an Ascend NPU can run kernels here (on ``device`` when given)."""
     if device is not None and device_type(device) != "npu":

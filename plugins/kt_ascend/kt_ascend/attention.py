@@ -20,7 +20,7 @@ from ktcore.builtin import KAttentionSDPA
 from ktcore.builtin.attention import apply_rope
 
 from ._dtypes import compute_dtype as parse_compute_dtype
-from ._env import device_type, npu_unavailable_reason, torch_npu
+from ._env import device_type, npu_unavailable_reason, require_torch_npu_for, torch_npu
 
 CAUSAL_MASK_SIZE = 2048  # sparse modes 2-4 take this compressed upper-triangular mask
 RIGHT_DOWN_CAUSAL = 3
@@ -95,6 +95,7 @@ class KAttentionAscend(KAttentionSDPA):
     devices = ("npu",)
 
     def __init__(self, module: torch.nn.Module, device="npu", compute_dtype: str = "float16", **kwargs):
+        require_torch_npu_for(device)  # torch.device("npu") parses only once torch_npu is imported
         super().__init__(module, device, **kwargs)
         self.compute_dtype = parse_compute_dtype(self.name, compute_dtype)
         self.kernels = AscendAttentionKernels if device_type(device) == "npu" else None  # tests set reference kernels

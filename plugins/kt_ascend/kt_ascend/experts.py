@@ -10,7 +10,7 @@ from torch import nn
 from ktcore.ops import Op
 
 from ._dtypes import compute_dtype as parse_compute_dtype
-from ._env import npu_unavailable_reason
+from ._env import npu_unavailable_reason, require_torch_npu_for
 from .ggml_affine import AFFINE_TYPES
 from .quant_matrix import NPUQuantMatrix, expert_slices
 
@@ -28,6 +28,7 @@ class KExpertsAscend(Op):
     PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, module: nn.Module, device="npu", compute_dtype: str = "float16", **kwargs):
+        require_torch_npu_for(device)  # torch.device("npu") parses only once torch_npu is imported
         super().__init__(module, device, **kwargs)
         self.act_fn = module.act_fn
         self.compute_dtype = parse_compute_dtype(self.name, compute_dtype)

@@ -10,7 +10,7 @@ from torch import nn
 from ktcore.ops import Op
 
 from ._dtypes import compute_dtype as parse_compute_dtype
-from ._env import npu_unavailable_reason
+from ._env import npu_unavailable_reason, require_torch_npu_for
 from .ggml_affine import AFFINE_TYPES
 from .quant_matrix import NPUQuantMatrix
 
@@ -30,6 +30,7 @@ class KLinearAscend(Op):
     ggml_types = AFFINE_TYPES  # consumed without dequantizing; others are dequantized
 
     def __init__(self, module: nn.Module, device="npu", compute_dtype: str = "float16", **kwargs):
+        require_torch_npu_for(device)  # torch.device("npu") parses only once torch_npu is imported
         super().__init__(module, device, **kwargs)
         self.in_features = module.in_features
         self.out_features = module.out_features

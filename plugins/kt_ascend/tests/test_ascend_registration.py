@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import kt_ascend._env as env
@@ -105,3 +106,13 @@ def test_rule_files_cover_their_family(path, registry, tmp_path):
     rules = load_rules(copy, registry, check_devices=False)
     report = inject(build_meta_model(tiny_config(family)), rules, registry)
     assert len(report) > 0
+
+
+@pytest.mark.skipif(HAS_TORCH_NPU, reason="torch_npu is installed here")
+def test_building_an_op_for_the_npu_without_torch_npu_says_why():
+    from torch import nn
+
+    with torch.device("meta"):
+        module = nn.Linear(64, 64)
+    with pytest.raises(RuntimeError, match="torch_npu is not installed"):
+        KLinearAscend(module, "npu:0")
