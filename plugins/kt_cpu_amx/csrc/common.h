@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <string>
 
+// Small accessors used by the ISA translation units are forced inline: an out-of-line copy compiled with
+// AVX512 flags could otherwise be the one the linker keeps for every caller.
+#define KT_INLINE inline __attribute__((always_inline))
+
 namespace kt {
 
 enum class Isa : int { Avx2 = 1, Avx512 = 2, Amx = 3 };
@@ -22,7 +26,7 @@ struct Buffer {
     Buffer& operator=(const Buffer&) = delete;
     Buffer(Buffer&& o) noexcept { *this = std::move(o); }
     Buffer& operator=(Buffer&& o) noexcept;
-    template <class T> T* as() const { return static_cast<T*>(ptr); }
+    template <class T> KT_INLINE T* as() const { return static_cast<T*>(ptr); }
 };
 
 // A weight matrix [n, k] (n output features, k inputs) in the kernels' layout: rows of groups along k, each
@@ -35,11 +39,11 @@ struct PackedMatrix {
     int n = 0, k = 0, bits = 0, group = 0;
     bool half_scales = false;
     Buffer qs, scales, mins;
-    size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }
-    int groups() const { return k / group; }
-    const uint8_t* row_q(int r) const { return qs.as<uint8_t>() + size_t(r) * row_bytes(); }
-    template <class S> const S* row_s(int r) const { return scales.as<S>() + size_t(r) * groups(); }
-    template <class S> const S* row_m(int r) const { return mins.as<S>() + size_t(r) * groups(); }
+    KT_INLINE size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }
+    KT_INLINE int groups() const { return k / group; }
+    KT_INLINE const uint8_t* row_q(int r) const { return qs.as<uint8_t>() + size_t(r) * row_bytes(); }
+    template <class S> KT_INLINE const S* row_s(int r) const { return scales.as<S>() + size_t(r) * groups(); }
+    template <class S> KT_INLINE const S* row_m(int r) const { return mins.as<S>() + size_t(r) * groups(); }
     float scale_at(int r, int g) const;  // slow accessors (packing, tests)
     float min_at(int r, int g) const;
     size_t nbytes() const { return qs.bytes + scales.bytes + mins.bytes; }
@@ -55,7 +59,7 @@ struct QAct {
     const float* s16 = nullptr;  // [rows, k / 16]
     const float* s32 = nullptr;  // [rows, k / 32]
     const int32_t* rows = nullptr;
-    int phys(int r) const { return rows ? rows[r] : r; }
+    KT_INLINE int phys(int r) const { return rows ? rows[r] : r; }
 };
 
 // Storage for QAct of m rows.
