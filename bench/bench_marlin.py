@@ -9,7 +9,9 @@ Shapes are ``in x out`` (K x N). Each case times, with CUDA events:
   weight copies that they do not fit in L2 (GPU time per call, launch gaps removed);
 - ``eager``: the median of per-call events around plain calls (what an uncaptured decode step pays).
 Int4 variants: ``g128`` (symmetric, fp16 scales, as Marlin benchmarks), ``q4k`` (a GGUF Q4_K tensor
-repacked losslessly: group 32, float32 scale and min) and ``q4k16`` (the same with float16 scales).
+repacked losslessly: group 32, float32 scale and min), ``q4k16`` (the same with float16 scales) and
+``q4k16K`` (that one with K-major packed bytes). KLinearMarlin's kernel and tile are autotuned per case
+(``kt_cuda.triton_int4.tuned_config``); the sweep shows the candidates.
 Every variant is also checked against the fp16 product of its own dequantized weight.
 """
 
@@ -88,10 +90,12 @@ def q4k_weight(N: int, K: int, device, scales_dtype="auto") -> int4.Int4Weight:
 
 def variants(N: int, K: int, device):
     w = torch.randn(N, K, device=device) * 0.02
+    q4k16 = q4k_weight(N, K, device, torch.float16)
     return {
         "g128": int4.quantize(w, 128, symmetric=True, scales_dtype=torch.float16),
         "q4k": q4k_weight(N, K, device),
-        "q4k16": q4k_weight(N, K, device, torch.float16),
+        "q4k16": q4k16,
+        "q4k16K": int4.with_layout(q4k16, True),
     }
 
 
@@ -106,7 +110,7 @@ def bench_table(args, device) -> list[str]:
     dtype = torch.float16
     rows = []
     header = f"{'K x N':>13} {'M':>3} | {'fp16 graph':>10} {'eager':>7} | " + " | ".join(
-        f"{v + ' graph':>11} {'x':>5} {'eager':>7} {'x':>5}" for v in ("g128", "q4k", "q4k16")) + " | max rel err"
+        f"{v + ' graph':>12} {'x':>5} {'eager':>7} {'x':>5}" for v in ("g128", "q4k", "q4k16", "q4k16K")) + " | max rel err"
     rows.append(header)
     rows.append("-" * len(header))
     for K, N in SHAPES:
@@ -121,11 +125,10 @@ def bench_table(args, device) -> list[str]:
             cells, errs = [], []
             for name, w in ws.items():
                 errs.append(check(x, w, int4_matmul(x, w)))
-                copies = [w] + [int4.Int4Weight(w.qweight.clone(), w.scales.clone(), None if w.mins is None else w.mins.clone(),
-                                                w.group_size, w.zero_point) for _ in range(_copies(w.nbytes()) - 1)]
+                copies = [w] + [_clone(w) for _ in range(_copies(w.nbytes()) - 1)]
                 fns = [lambda c=c: int4_matmul(x, c) for c in copies]
                 tg, te = time_graph(fns, args.calls), time_eager(fns)
-                cells.append(f"{tg:9.1f}us {t_fp16_g / tg:4.2f}x {te:6.1f}us {t_fp16_e / te:4.2f}x")
+                cells.append(f"{tg:10.1f}us {t_fp16_g / tg:4.2f}x {te:6.1f}us {t_fp16_e / te:4.2f}x")
                 del copies, fns
             rows.append(f"{K:>6}x{N:<6} {M:>3} | {t_fp16_g:8.1f}us {t_fp16_e:6.1f}us | " + " | ".join(cells)
                         + f" | {max(errs):.1e}")
@@ -140,57 +143,47 @@ def _clone(w: int4.Int4Weight) -> int4.Int4Weight:
                            w.group_size, w.zero_point)
 
 
-def sweep_candidates(M: int):
-    from kt_cuda.triton_int4 import Int4Config as C
+def sweep_candidates(M: int, group_size: int):
+    from kt_cuda.triton_int4 import Int4Config as C, candidates
 
-    if M == 1:
-        return [C("gemv_bytes", 32, 512, 4)] + [C("gemv", bn, bk, sp, nw, 3, rows=1) for bn, bk, sp, nw in (
-            (32, 512, 1, 4), (32, 512, 2, 4), (32, 512, 4, 4), (16, 512, 4, 4), (32, 256, 4, 4), (64, 512, 2, 8),
-            (16, 1024, 2, 8), (64, 256, 4, 4))]
-    if M <= 4:
-        return [C("gemm", 64, 128, 4, block_m=16)] + [C("gemv", bn, bk, sp, nw, 3, rows=4) for bn, bk, sp, nw in (
-            (16, 256, 1, 4), (16, 256, 2, 4), (16, 256, 4, 4), (32, 256, 4, 8), (16, 512, 2, 8), (8, 512, 4, 4))]
-    if M <= 16:
-        return [C("gemm", bn, 128, sp, block_m=16) for bn, sp in ((64, 2), (64, 4), (128, 2), (128, 4))] + [
-            C("gemv", 16, 256, 4, 8, 3, rows=8), C("gemv", 8, 256, 4, 8, 3, rows=16), C("gemv", 16, 128, 4, 8, 3, rows=16)]
-    return [C("dense")] + [C("gemm", bn, 128, sp, 8 if bm == 128 else 4, 3, block_m=bm) for bm, bn, sp in (
-        (64, 64, 1), (64, 128, 1), (128, 128, 1), (64, 64, 2))]
+    extra = {1: [C("gemv", 16, 512, 4), C("gemv", 32, 256, 4), C("gemv", 64, 256, 4), C("gemv", 8, 256, 4), C("gemv", 32, 512, 1)],
+             16: [C("gemm", 32, 256, 4), C("gemm", 64, 128, 2), C("gemm", 128, 128, 2)]}.get(M, [])
+    return candidates(M, group_size) + [c for c in extra if c.block_k % group_size == 0]
 
 
 def sweep(args, device) -> list[str]:
-    """Candidate configs per (shape, M) on the q4k16 weights (the GGUF case), fastest three each, and
-    the fp16 baseline; M = 1, 4, 16 for decode, 64, 256, 1024 to place the switch to expand-then-GEMM."""
-    from kt_cuda.triton_int4 import default_config, int4_matmul
+    """Candidate configs per (shape, M, layout) on the q4k16 weights (the GGUF case): fastest three each,
+    against the fp16 baseline; N-major and K-major packed bytes."""
+    from kt_cuda.triton_int4 import int4_matmul
 
     out = []
     for K, N in SHAPES:
-        w = variants(N, K, device)["q4k16"]
-        copies = [w] + [_clone(w) for _ in range(_copies(w.nbytes()) - 1)]
         base = torch.randn(N, K, device=device, dtype=torch.float16) * 0.02
         dense = [base] + [base.clone() for _ in range(_copies(base.numel() * 2) - 1)]
-        for M in (1, 4, 16, 64, 256, 1024):
+        w0 = variants(N, K, device)["q4k16"]
+        for M in (1, 16, 256):
             x = torch.randn(M, K, device=device, dtype=torch.float16)
             t16 = time_graph([lambda d=d: F.linear(x, d) for d in dense], 20, 7)
-            results = []
-            d = default_config(M, N, K, w.group_size, device)
-            for cfg in sweep_candidates(M) + [d]:
-                if cfg.kernel != "dense" and cfg.block_k % w.group_size:
-                    continue
-                try:
-                    err = check(x, w, int4_matmul(x, w, None, cfg))
-                    t = time_graph([lambda c=c, cfg=cfg: int4_matmul(x, c, None, cfg) for c in copies], 20, 7)
-                except Exception as exc:  # a config the compiler rejects (resources): report, go on
-                    out.append(f"  {K}x{N} M={M} {cfg.label()}: {type(exc).__name__}: {str(exc)[:120]}")
-                    print(out[-1], flush=True)
-                    continue
-                results.append((t, cfg, err))
-            dt = next((t for t, c, _ in results if c == d), float("nan"))
-            results.sort(key=lambda r: r[0])
-            line = (f"sweep {K:>5}x{N:<5} M={M:<4} fp16 {t16:7.1f}us | default {d.label()} {dt:7.1f}us ({t16 / dt:4.2f}x) | best: "
-                    + "; ".join(f"{c.label()} {t:.1f}us e{e:.0e}" for t, c, e in results[:3]))
-            out.append(line)
-            print(line, flush=True)
-        del copies, dense
+            for k_major in (False, True):
+                w = int4.with_layout(w0, k_major)
+                copies = [w] + [_clone(w) for _ in range(_copies(w.nbytes()) - 1)]
+                results = []
+                for cfg in sweep_candidates(M, w.group_size):
+                    try:
+                        err = check(x, w, int4_matmul(x, w, None, cfg))
+                        t = time_graph([lambda c=c, cfg=cfg: int4_matmul(x, c, None, cfg) for c in copies], 20, 7)
+                    except Exception as exc:  # a config the compiler rejects (resources): report, go on
+                        out.append(f"  {K}x{N} M={M} {cfg.label()}: {type(exc).__name__}: {str(exc)[:120]}")
+                        print(out[-1], flush=True)
+                        continue
+                    results.append((t, cfg, err))
+                results.sort(key=lambda r: r[0])
+                line = (f"sweep {K:>5}x{N:<5} M={M:<4} {'K-major' if k_major else 'N-major'} fp16 {t16:7.1f}us | best: "
+                        + "; ".join(f"{c.label()} {t:.1f}us ({t16 / t:.2f}x) e{e:.0e}" for t, c, e in results[:3]))
+                out.append(line)
+                print(line, flush=True)
+                del copies
+        del dense
         torch.cuda.empty_cache()
     return out
 

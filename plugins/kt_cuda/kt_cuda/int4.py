@@ -56,6 +56,21 @@ class Int4Weight:
         return (s * q - m).to(dtype)
 
 
+def with_layout(w: Int4Weight, k_major: bool) -> Int4Weight:
+    """The same weight with its packed bytes stored K-major (``qweight`` a transposed view of a
+    contiguous ``[..., K/2, N]``: bytes of one K position are adjacent across outputs) or N-major."""
+    q = w.qweight
+    if k_major:
+        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:
+        q = q.contiguous()
+    return Int4Weight(q, w.scales, w.mins, w.group_size, w.zero_point)
+
+
+def is_k_major(w: Int4Weight) -> bool:
+    return w.qweight.stride(-1) != 1
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 ``[..., K]`` with values 0..15 -> ``[..., K/2]``, weight 2j low and 2j+1 high."""
     return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()

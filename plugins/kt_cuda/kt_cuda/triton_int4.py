@@ -1,12 +1,13 @@
 """Triton kernels over the int4 layout of ``kt_cuda.int4`` (imported only where Triton exists).
 
-- ``_int4_gemv_kernel``: a few activation rows per program; CUDA-core dot products over a
-  ``[BLOCK_N, groups, words, 8]`` tile, per-group scale applied once per group (``s*sum(q*x) - m*sum(x)``).
-  Memory-bound: it streams the packed weight once for all its rows. Used for M <= 4.
-  (``_int4_gemv_bytes_kernel``: the first version, byte loads, kept for comparison in the benchmark.)
-- ``_int4_gemm_kernel``: dequantizes a weight tile into registers and feeds ``tl.dot`` (tensor cores);
-  used for 4 < M < 256. Kernels split K over a third grid axis when N alone gives too few programs
-  (fp32 atomics). From 256 rows the weight is expanded (``_int4_to_dense_kernel``) for torch's GEMM.
+- ``_int4_gemv_kernel``: one activation row per program column; CUDA-core dot products over a
+  ``[BLOCK_N, groups, bytes]`` tile, per-group scale applied once per group (``s*sum(q*x) - m*sum(x)``).
+  Memory-bound: it streams the packed weight once per row. Used for M == 1.
+- ``_int4_gemm_kernel``: dequantizes a weight tile into registers and feeds ``tl.dot`` (tensor cores).
+- ``_int4_to_dense_kernel``: expands the weight for torch's GEMM (large batches).
+Kernels split K over a third grid axis when N alone gives too few programs (fp32 atomics). The packed
+bytes may be stored N-major (``[N, K/2]`` contiguous) or K-major (a transposed view of ``[K/2, N]``):
+kernels take both strides. Which kernel and tile runs is timed once per problem (``tuned_config``).
 - ``_moe_int4_kernel``: the GEMM over token-expert pairs sorted by expert (``KExpertsGPU``).
 
 Nibbles become floats through the exponent trick (``0x4B000000 | q`` is ``2**23 + q`` as float32),
@@ -16,7 +17,6 @@ which costs an OR and a subtraction instead of an integer-to-float conversion.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
@@ -31,9 +31,9 @@ def _nibble_f32(q):
 
 
 @triton.jit
-def _int4_gemv_bytes_kernel(
+def _int4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
-    N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    N, K, stride_xm, stride_qn, stride_qk, stride_sn, stride_ym,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -58,7 +58,7 @@ def _int4_gemv_bytes_kernel(
         g_idx = g0 + offs_g
         g_mask = g_idx < g_end
         byte = g0 * GH + tile_bytes
-        q = tl.load(q_rows + byte[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+        q = tl.load(q_rows + byte[None, :, :] * stride_qk, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
         x_lo = tl.load(x_row + 2 * byte, mask=g_mask[:, None], other=0.0).to(tl.float32)
         x_hi = tl.load(x_row + 2 * byte + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
         part = tl.sum(_nibble_f32(q & 0xF) * x_lo[None, :, :] + _nibble_f32(q >> 4) * x_hi[None, :, :], axis=2)
@@ -81,69 +81,7 @@ def _int4_gemv_bytes_kernel(
 
 
 @triton.jit
-def _int4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
-    ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """``ROWS`` activation rows against a ``[BLOCK_N, BLOCK_K]`` weight tile read as int32 words.
-
-    Word ``w`` of a row holds weights ``8w .. 8w+7`` (nibble ``i`` = weight ``8w+i``), so the matching
-    activations are one contiguous load. A nibble becomes ``1 + q/16`` by OR-ing it into the mantissa of
-    1.0 (no conversion, no subtraction); per group ``sum(q*x) = 16*(sum((1+q/16)*x) - sum(x))``.
-    ``stride_qn`` counts words.
-    """
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    NG: tl.constexpr = BLOCK_K // GROUP
-    W: tl.constexpr = GROUP // 8
-    n_groups = K // GROUP
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_r = pid_m * ROWS + tl.arange(0, ROWS)
-    r_mask = offs_r < M
-    word_in_tile = tl.arange(0, NG)[:, None] * W + tl.arange(0, W)[None, :]
-    nibble = tl.arange(0, 8)
-    elem_in_tile = word_in_tile[:, :, None] * 8 + nibble[None, None, :]
-    per_split = tl.cdiv(tl.cdiv(n_groups, NG), SPLIT_K) * NG
-    g_begin = pid_k * per_split
-    g_end = tl.minimum(g_begin + per_split, n_groups)
-    q_rows = qw_ptr.to(tl.pointer_type(tl.int32)) + offs_n.to(tl.int64)[:, None, None] * stride_qn
-    x_rows = x_ptr + offs_r.to(tl.int64)[:, None, None, None] * stride_xm
-    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
-    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    for g0 in range(g_begin, g_end, NG):
-        g_idx = g0 + tl.arange(0, NG)
-        g_mask = g_idx < g_end
-        words = tl.load(q_rows + (g0 * W + word_in_tile)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
-        q = (words[:, :, :, None] >> (nibble * 4)[None, None, None, :]) & 0xF
-        q1 = ((q << 19) | 0x3F800000).to(tl.float32, bitcast=True)
-        x = tl.load(x_rows + (g0 * GROUP + elem_in_tile)[None, :, :, :],
-                    mask=r_mask[:, None, None, None] & g_mask[None, :, None, None], other=0.0).to(tl.float32)
-        part = tl.sum(tl.sum(q1[None, :, :, :, :] * x[:, None, :, :, :], axis=4), axis=3)
-        x_sum = tl.sum(tl.sum(x, axis=3), axis=2)
-        sm = n_mask[:, None] & g_mask[None, :]
-        s16 = tl.load(s_ptr + s_rows + g_idx[None, :], mask=sm, other=0.0).to(tl.float32) * 16.0
-        if HAS_MIN:
-            mn = tl.load(m_ptr + s_rows + g_idx[None, :], mask=sm, other=0.0).to(tl.float32)
-        else:
-            mn = s16 * (ZP / 16.0)
-        acc += tl.sum(s16[None, :, :] * part - (s16 + mn)[None, :, :] * x_sum[:, None, :], axis=2)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y = y_ptr + offs_r.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    ym = r_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ym)
-    else:
-        tl.atomic_add(y, acc, mask=ym)
-
-
-@triton.jit
-def _int4_to_dense_kernel(qw_ptr, s_ptr, m_ptr, y_ptr, N, K, stride_qn, stride_sn, stride_yn,
+def _int4_to_dense_kernel(qw_ptr, s_ptr, m_ptr, y_ptr, N, K, stride_qn, stride_qk, stride_sn, stride_yn,
                           ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Expand an int4 weight to a dense ``[N, K]`` tensor (for large batches, then a library GEMM)."""
@@ -153,7 +91,7 @@ def _int4_to_dense_kernel(qw_ptr, s_ptr, m_ptr, y_ptr, N, K, stride_qn, stride_s
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     rows = offs_n.to(tl.int64)[:, None]
-    byte = tl.load(qw_ptr + rows * stride_qn + offs_k[None, :] // 2, mask=mask, other=0)
+    byte = tl.load(qw_ptr + rows * stride_qn + (offs_k[None, :] // 2) * stride_qk, mask=mask, other=0)
     q = ((byte >> ((offs_k[None, :] % 2) * 4)) & 0xF).to(tl.float32)
     s = tl.load(s_ptr + rows * stride_sn + offs_k[None, :] // GROUP, mask=mask, other=0.0).to(tl.float32)
     if HAS_MIN:
@@ -164,12 +102,12 @@ def _int4_to_dense_kernel(qw_ptr, s_ptr, m_ptr, y_ptr, N, K, stride_qn, stride_s
 
 
 @triton.jit
-def _dequant_tile(q_rows, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_bytes,
+def _dequant_tile(q_rows, stride_qk, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_bytes,
                   ZP: tl.constexpr, GH: tl.constexpr, HAS_MIN: tl.constexpr,
                   BLOCK_N: tl.constexpr, HALF: tl.constexpr):
     """Weights of one K tile (float32) as two ``[BLOCK_N, BLOCK_K/2]`` halves: even and odd K positions."""
     byte = g0 * GH + tile_bytes
-    q = tl.load(q_rows + byte[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+    q = tl.load(q_rows + byte[None, :, :] * stride_qk, mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
     sm = n_mask[:, None] & g_mask[None, :]
     s = tl.load(s_ptr + s_rows + g_idx[None, :], mask=sm, other=0.0).to(tl.float32)
     if HAS_MIN:
@@ -186,7 +124,7 @@ def _dequant_tile(q_rows, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_
 @triton.jit
 def _int4_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    M, N, K, stride_xm, stride_qn, stride_qk, stride_sn, stride_ym,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -214,7 +152,7 @@ def _int4_gemm_kernel(
     for g0 in range(g_begin, g_end, NG):
         g_idx = g0 + offs_g
         g_mask = g_idx < g_end
-        w_even, w_odd = _dequant_tile(q_rows, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_bytes,
+        w_even, w_odd = _dequant_tile(q_rows, stride_qk, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_bytes,
                                       ZP, GH, HAS_MIN, BLOCK_N, HALF)
         k_even = g0 * GROUP + 2 * offs_h
         xm = m_mask[:, None] & (k_even < g_end * GROUP)[None, :]
@@ -236,7 +174,7 @@ def _int4_gemm_kernel(
 @triton.jit
 def _moe_int4_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, y_ptr, pair_ptr, block_expert_ptr,
-    num_pairs, N, K, x_row_div, stride_xm, stride_qe, stride_qn, stride_se, stride_sn, stride_ym,
+    num_pairs, N, K, x_row_div, stride_xm, stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_ym,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -266,7 +204,7 @@ def _moe_int4_kernel(
         for g0 in range(0, n_groups, NG):
             g_idx = g0 + offs_g
             g_mask = g_idx < n_groups
-            w_even, w_odd = _dequant_tile(q_rows, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_bytes,
+            w_even, w_odd = _dequant_tile(q_rows, stride_qk, s_ptr, m_ptr, s_rows, g0, g_idx, g_mask, n_mask, tile_bytes,
                                           ZP, GH, HAS_MIN, BLOCK_N, HALF)
             k_even = g0 * GROUP + 2 * offs_h
             xm = m_mask[:, None] & (k_even < K)[None, :]
@@ -313,9 +251,8 @@ def _moe_dense_kernel(
 
 @dataclass(frozen=True)
 class Int4Config:
-    """One launch. ``kernel``: ``gemv`` (CUDA cores, ``rows`` activation rows per program, int32 word
-    loads), ``gemv_bytes`` (CUDA cores, one row, byte loads), ``gemm`` (tensor cores, ``block_m`` rows)
-    or ``dense`` (expand the weight, then torch's GEMM: large batches)."""
+    """One launch. ``kernel``: ``gemv`` (CUDA cores, one activation row per program column), ``gemm``
+    (tensor cores, ``block_m`` rows per program) or ``dense`` (expand the weight, then torch's GEMM)."""
 
     kernel: str
     block_n: int = 32
@@ -323,54 +260,74 @@ class Int4Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    rows: int = 1
     block_m: int = 16
 
     def label(self) -> str:
         if self.kernel == "dense":
             return "dense"
-        m = f"r{self.rows}" if self.kernel == "gemv" else (f"m{self.block_m}" if self.kernel == "gemm" else "")
+        m = f"m{self.block_m}" if self.kernel == "gemm" else ""
         return f"{self.kernel}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
 
 
-@lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _split_for(programs: int, k_tiles: int, sms: int, waves: int = 4, max_split: int = 4) -> int:
-    """Split K until the grid covers the GPU ``waves`` times, keeping at least 2 K tiles per split."""
-    split = 1
-    while programs * split < waves * sms and k_tiles // (split * 2) >= 2 and split < max_split:
-        split *= 2
-    return split
-
-
-# batches at or above this expand the weight and use torch's GEMM
-DENSE_MIN_ROWS = 256
-# batches up to this use the CUDA-core kernel (one weight pass for all rows), above it tensor cores
-GEMV_MAX_ROWS = 4
+def candidates(M: int, group_size: int) -> list[Int4Config]:
+    """Configs worth timing for ``M`` rows, most likely first (from sweeps on an H200, bench_marlin.py)."""
+    C = Int4Config
+    if M == 1:
+        out = [C("gemv", 32, 512, 4), C("gemv", 16, 256, 4), C("gemv", 64, 512, 2, 8), C("gemm", 64, 128, 4)]
+    elif M <= 16:
+        out = [C("gemm", 64, 128, 4), C("gemm", 128, 128, 4), C("gemm", 64, 256, 4), C("gemm", 32, 128, 4)]
+        if M <= 2:
+            out.append(C("gemv", 32, 512, 4))
+    elif M < 256:
+        out = [C("gemm", 64, 128, 2, block_m=64), C("gemm", 128, 128, 1, block_m=64), C("gemm", 64, 128, 1, block_m=64),
+               C("dense")]
+    else:
+        out = [C("dense"), C("gemm", 128, 128, 1, 8, block_m=128), C("gemm", 128, 128, 1, block_m=64)]
+    return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> Int4Config:
-    if device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:  # Triton's interpreter (TRITON_INTERPRET=1) on CPU tensors: shape the grid as for an H100
-        sms = 132
-    if M >= DENSE_MIN_ROWS:
-        return Int4Config("dense")
-    if M <= GEMV_MAX_ROWS:
-        rows = 1 if M == 1 else (2 if M == 2 else 4)
-        block_n, block_k = (32, 512) if rows == 1 else (16, 256)
-        block_k = max(block_k, group_size)
-        split = _split_for(triton.cdiv(N, block_n), triton.cdiv(K, block_k), sms)
-        return Int4Config("gemv", block_n, block_k, split, num_warps=4, num_stages=3, rows=rows)
-    block_m = 16 if M <= 16 else 64
-    block_n = 128 if N >= 8192 and block_m == 16 else 64
-    block_k = max(128, group_size)
-    programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-    split = _split_for(programs, triton.cdiv(K, block_k), sms, waves=3)
-    return Int4Config("gemm", block_n, block_k, split, num_warps=4, num_stages=3, block_m=block_m)
+    """The first candidate: what runs without tuning (Triton's interpreter, ``KT_CUDA_AUTOTUNE=0``)."""
+    return candidates(M, group_size)[0]
+
+
+def _m_bucket(M: int) -> int:
+    return M if M <= 16 else (64 if M < 256 else 256)
+
+
+_TUNED: dict[tuple, Int4Config] = {}
+
+
+def tuned_config(x: torch.Tensor, w: Int4Weight, bias) -> Int4Config:
+    """The fastest candidate for this problem, timed once per (rows bucket, shape, format) on CUDA.
+
+    Off with ``KT_CUDA_AUTOTUNE=0`` (then the first candidate); never tunes inside CUDA-graph capture.
+    """
+    import os
+
+    M = x.shape[0]
+    N, K = w.shape
+    cands = candidates(M, w.group_size)
+    if (x.device.type != "cuda" or len(cands) == 1 or os.environ.get("KT_CUDA_AUTOTUNE", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()):
+        key = None
+    else:
+        key = (_m_bucket(M), N, K, w.group_size, w.mins is not None, w.scales.dtype, w.qweight.stride(-1), x.dtype, x.device.index)
+    if key is None:
+        return cands[0]
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        from triton.testing import do_bench
+
+        timings = []
+        for c in cands:
+            try:
+                timings.append((do_bench(lambda c=c: _launch(x, w, bias, c), warmup=5, rep=20), c))
+            except Exception:  # a config this GPU cannot compile (resources): skip it
+                continue
+        cfg = min(timings, key=lambda t: t[0])[1] if timings else cands[0]
+        _TUNED[key] = cfg
+    return cfg
 
 
 def int4_to_dense(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -379,22 +336,16 @@ def int4_to_dense(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     y = torch.empty((N, K), device=w.qweight.device, dtype=dtype)
     mins = w.mins if w.mins is not None else w.scales
     grid = (triton.cdiv(N, 32), triton.cdiv(K, 256))
-    _int4_to_dense_kernel[grid](w.qweight, w.scales, mins, y, N, K, w.qweight.stride(0), w.scales.stride(0), y.stride(0),
+    _int4_to_dense_kernel[grid](w.qweight, w.scales, mins, y, N, K, w.qweight.stride(0), w.qweight.stride(1),
+                                w.scales.stride(0), y.stride(0),
                                 ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None,
                                 BLOCK_N=32, BLOCK_K=256, num_warps=4)
     return y
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, config: Int4Config | None = None) -> torch.Tensor:
-    """``x [M, K] @ w.T + bias`` for a 2-D ``Int4Weight`` ``[N, K]``; result in ``x.dtype``."""
-    if x.dim() != 2:
-        raise ValueError(f"int4_matmul wants a 2-D activation, got shape {tuple(x.shape)}")
+def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tensor:
     N, K = w.shape
     M = x.shape[0]
-    if x.shape[1] != K:
-        raise ValueError(f"activation has {x.shape[1]} features, weight expects {K}")
-    x = x.contiguous()
-    cfg = config or default_config(M, N, K, w.group_size, x.device)
     if cfg.kernel == "dense":
         y = torch.nn.functional.linear(x, int4_to_dense(w, x.dtype))
         return y + bias.to(y.dtype) if bias is not None else y
@@ -407,23 +358,30 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     common = dict(ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None, HAS_BIAS=bias is not None,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    strides = (w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), y.stride(0))
     if cfg.kernel == "gemv":
-        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.rows), split)
-        _int4_gemv_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K,
-                                x.stride(0), w.qweight.stride(0) // 4, w.scales.stride(0), y.stride(0),
-                                ROWS=cfg.rows, **common)
-    elif cfg.kernel == "gemv_bytes":
         grid = (triton.cdiv(N, cfg.block_n), M, split)
-        _int4_gemv_bytes_kernel[grid](x, w.qweight, w.scales, mins, b, y, N, K,
-                                      x.stride(0), w.qweight.stride(0), w.scales.stride(0), y.stride(0), **common)
+        _int4_gemv_kernel[grid](x, w.qweight, w.scales, mins, b, y, N, K, x.stride(0), *strides, **common)
     elif cfg.kernel == "gemm":
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split)
-        _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K,
-                                x.stride(0), w.qweight.stride(0), w.scales.stride(0), y.stride(0),
+        _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K, x.stride(0), *strides,
                                 BLOCK_M=cfg.block_m, **common)
     else:
-        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: gemv, gemv_bytes, gemm, dense")
+        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: gemv, gemm, dense")
     return y if split == 1 else y.to(x.dtype)
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, config: Int4Config | None = None) -> torch.Tensor:
+    """``x [M, K] @ w.T + bias`` for a 2-D ``Int4Weight`` ``[N, K]``; result in ``x.dtype``.
+
+    Without ``config`` the kernel and tile are autotuned per problem (see ``tuned_config``)."""
+    if x.dim() != 2:
+        raise ValueError(f"int4_matmul wants a 2-D activation, got shape {tuple(x.shape)}")
+    N, K = w.shape
+    if x.shape[1] != K:
+        raise ValueError(f"activation has {x.shape[1]} features, weight expects {K}")
+    x = x.contiguous()
+    return _launch(x, w, bias, config or tuned_config(x, w, bias))
 
 
 # --- MoE ---------------------------------------------------------------------------------------------
@@ -468,7 +426,7 @@ def moe_matmul(x: torch.Tensor, w, pair_ids, block_expert, num_pairs: int, x_row
         grid = (block_expert.numel(), triton.cdiv(N, block_n))
         _moe_int4_kernel[grid](x, w.qweight, w.scales, mins, y, pair_ids, block_expert,
                                num_pairs, N, K, x_row_div, x.stride(0),
-                               w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), w.scales.stride(1), y.stride(0),
+                               w.qweight.stride(0), w.qweight.stride(1), w.qweight.stride(2), w.scales.stride(0), w.scales.stride(1), y.stride(0),
                                ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None,
                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk, num_warps=num_warps, num_stages=num_stages)
         return y

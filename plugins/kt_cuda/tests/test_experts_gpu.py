@@ -21,8 +21,8 @@ def _experts_module(E, H, I, dtype):
 
 
 @pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q4_K"), ("Q4_0", "Q4_1", "Q6_K"), ("Q8_0", "Q8_0", "Q4_0")])
-@pytest.mark.parametrize("tokens,top_k", [(1, 2), (37, 3)])
-def test_matches_kexperts_torch(device, types, tokens, top_k):
+@pytest.mark.parametrize("tokens,top_k,layout", [(1, 2, "n_major"), (37, 3, "k_major")])
+def test_matches_kexperts_torch(device, types, tokens, top_k, layout):
     from ktcore.builtin.experts import KExpertsTorch
     from kt_cuda.ops import KExpertsGPU
 
@@ -35,7 +35,7 @@ def test_matches_kexperts_torch(device, types, tokens, top_k):
     weights = {"gate_proj": gate, "up_proj": up, "down_proj": down}
     ref_op = KExpertsTorch(module, "cpu", dtype=torch.float32)
     ref_op.load(weights)
-    op = KExpertsGPU(module, device)
+    op = KExpertsGPU(module, device, layout=layout)
     op.load(weights)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, H, generator=g)

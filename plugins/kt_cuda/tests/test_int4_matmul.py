@@ -47,10 +47,8 @@ def test_default_config_matches_reference(device, M, N, K, group_size, symmetric
 
 
 CONFIGS = [  # every kernel, with and without split-K, partial row/column/K tiles
-    dict(kernel="gemv", block_n=8, block_k=128, split_k=1, rows=1),
-    dict(kernel="gemv", block_n=16, block_k=256, split_k=2, rows=2),
-    dict(kernel="gemv", block_n=32, block_k=256, split_k=3, rows=4),
-    dict(kernel="gemv_bytes", block_n=16, block_k=256, split_k=3),
+    dict(kernel="gemv", block_n=8, block_k=128, split_k=1),
+    dict(kernel="gemv", block_n=32, block_k=256, split_k=3),
     dict(kernel="gemm", block_n=32, block_k=128, split_k=1, block_m=16),
     dict(kernel="gemm", block_n=64, block_k=256, split_k=4, block_m=16),
     dict(kernel="gemm", block_n=64, block_k=128, split_k=2, block_m=64),
@@ -60,12 +58,14 @@ CONFIGS = [  # every kernel, with and without split-K, partial row/column/K tile
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_every_kernel_config_is_correct(device, cfg, symmetric):
+@pytest.mark.parametrize("k_major", [False, True], ids=["n_major", "k_major"])
+def test_every_kernel_config_is_correct(device, cfg, symmetric, k_major):
     from kt_cuda.triton_int4 import Int4Config, int4_matmul
 
     torch.manual_seed(7)
     N, K = 61, 640  # K not a multiple of the 256-wide tiles, N not of any block
-    w = int4.quantize(torch.randn(N, K), 32, symmetric=symmetric).to(device)
+    w = int4.with_layout(int4.quantize(torch.randn(N, K), 32, symmetric=symmetric), k_major).to(device)
+    assert int4.is_k_major(w) == k_major
     x = torch.randn(5, K, device=device).to(torch.float16)
     bias = torch.randn(N, device=device)
     out = int4_matmul(x, w, bias, Int4Config(**cfg))
@@ -88,12 +88,13 @@ def _linear(in_f, out_f, bias):
 
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K"])
 @pytest.mark.parametrize("tokens", [1, 7])
-def test_klinear_marlin_on_gguf_blocks(device, ggml_type, tokens):
+@pytest.mark.parametrize("layout", ["n_major", "k_major"])
+def test_klinear_marlin_on_gguf_blocks(device, ggml_type, tokens, layout):
     from kt_cuda.ops import KLinearMarlin
 
     qt, ref_w = ggml_tensor((48, 512), ggml_type, seed=11)
     bias_qt, bias = ggml_tensor((48,), "F32", seed=12, name="b")
-    op = KLinearMarlin(_linear(512, 48, True), device)
+    op = KLinearMarlin(_linear(512, 48, True), device, layout=layout)
     op.load({"weight": qt, "bias": bias_qt})
     assert op.weight_int4 is not None and torch.equal(op.weight_int4.dequantize().cpu(), ref_w)  # lossless repack
     x = torch.randn(2, tokens, 512).to(device, torch.float16)

@@ -20,3 +20,15 @@ def parse_scales_dtype(value, op_name: str):
 def tensor_label(qt) -> str:
     where = f" in {qt.source}" if getattr(qt, "source", "") else ""
     return f"'{qt.name}'{where}"
+
+
+# how KLinearMarlin stores packed int4 bytes unless told (measured on an H200: see bench/bench_marlin.py)
+DEFAULT_LAYOUT = "n_major"
+LAYOUTS = ("n_major", "k_major")
+
+
+def parse_layout(value, op_name: str) -> bool:
+    """``True`` for K-major packed bytes."""
+    if value not in LAYOUTS:
+        raise ValueError(f"{op_name}: layout must be one of {', '.join(LAYOUTS)}, got {value!r}")
+    return value == "k_major"

@@ -11,7 +11,7 @@ from ktcore.ops import Op
 from .. import int4
 from .._env import cuda_unavailable_reason
 from ..ggml_blocks import INT4_TYPES
-from ._common import check_shape, module_dtype, parse_dtype, parse_scales_dtype, tensor_label
+from ._common import check_shape, module_dtype, parse_dtype, parse_layout, parse_scales_dtype, tensor_label
 
 
 class KExpertsGPU(Op):
@@ -24,7 +24,7 @@ class KExpertsGPU(Op):
 
     Options: ``dtype`` (activations and dequantized weights; default the model's dtype, float32 models
     run in bfloat16), ``scales_dtype`` (as ``KLinearMarlin``), ``block_m`` (rows per block; default by
-    the number of pairs).
+    the number of pairs), ``layout`` (``n_major`` or ``k_major`` packed bytes).
     """
 
     name = "KExpertsGPU"
@@ -33,7 +33,8 @@ class KExpertsGPU(Op):
     ggml_types = None
     repacked_types = INT4_TYPES
 
-    def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto", block_m=None, **kwargs):
+    def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto", block_m=None,
+                 layout: str = "n_major", **kwargs):
         super().__init__(module, device, **kwargs)
         for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
             if getattr(module, flag, wanted) != wanted:
@@ -46,6 +47,7 @@ class KExpertsGPU(Op):
         self.dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         self.scales_dtype = parse_scales_dtype(scales_dtype, self.name)
         self.block_m = block_m
+        self.k_major = parse_layout(layout, self.name)
         self.gate_up = None  # Int4Weight or tensor [E, 2I, H]
         self.down = None  # Int4Weight or tensor [E, H, I]
 
@@ -66,12 +68,13 @@ class KExpertsGPU(Op):
             check_shape(self.name, weights[name], shape)
         gate, up = self._weight(weights["gate_proj"]), self._weight(weights["up_proj"])
         if isinstance(gate, int4.Int4Weight) and isinstance(up, int4.Int4Weight):
-            self.gate_up = int4.concat([gate, up], dim=-2)
+            self.gate_up = int4.with_layout(int4.concat([gate, up], dim=-2), self.k_major)
         else:
             dense = [w.dequantize(self.dtype) if isinstance(w, int4.Int4Weight) else w for w in (gate, up)]
             self.gate_up = torch.cat(dense, dim=1)
         del gate, up
-        self.down = self._weight(weights["down_proj"])
+        down = self._weight(weights["down_proj"])
+        self.down = int4.with_layout(down, self.k_major) if isinstance(down, int4.Int4Weight) else down
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.down is None:

@@ -12,7 +12,7 @@ from ktcore.ops import Op
 from .._env import cuda_unavailable_reason
 from .. import int4
 from ..ggml_blocks import INT4_TYPES
-from ._common import check_shape, module_dtype, parse_dtype, parse_scales_dtype, tensor_label
+from ._common import DEFAULT_LAYOUT, check_shape, module_dtype, parse_dtype, parse_layout, parse_scales_dtype, tensor_label
 
 
 class KLinearMarlin(Op):
@@ -24,7 +24,9 @@ class KLinearMarlin(Op):
 
     Options: ``dtype`` (storage of dequantized weights and bias; default the model's dtype),
     ``scales_dtype`` (``auto``: float16 where lossless, else float32; ``float16`` trades Q4_K's exactness
-    for 1/6 fewer bytes), ``requantize``, ``group_size``. The output has the input's dtype.
+    for 1/6 fewer bytes), ``requantize``, ``group_size``, ``layout`` (``n_major`` or ``k_major``: how the
+    packed bytes are stored). Kernel and tile are timed once per batch size and shape (autotuned).
+    The output has the input's dtype.
     """
 
     name = "KLinearMarlin"
@@ -34,7 +36,7 @@ class KLinearMarlin(Op):
     repacked_types = INT4_TYPES
 
     def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto",
-                 requantize: bool = False, group_size: int = 32, **kwargs):
+                 requantize: bool = False, group_size: int = 32, layout: str = DEFAULT_LAYOUT, **kwargs):
         super().__init__(module, device, **kwargs)
         self.in_features = module.in_features
         self.out_features = module.out_features
@@ -45,6 +47,7 @@ class KLinearMarlin(Op):
         if group_size not in int4.GROUP_SIZES:
             raise ValueError(f"{self.name}: group_size must be one of {int4.GROUP_SIZES}, got {group_size}")
         self.group_size = group_size
+        self.k_major = parse_layout(layout, self.name)
         self.weight_int4: int4.Int4Weight | None = None
         self.register_buffer("weight", None, persistent=False)  # dense fallback
         self.register_buffer("bias", None, persistent=False)
@@ -61,13 +64,14 @@ class KLinearMarlin(Op):
         if qt.ggml_type in INT4_TYPES:
             raw = qt.data.to(self.device)
             self.weight_int4 = int4.from_ggml(raw, qt.ggml_type, qt.shape, self.scales_dtype, name=tensor_label(qt))
+            self.weight_int4 = int4.with_layout(self.weight_int4, self.k_major)
         elif self.requantize:
             if self.in_features % self.group_size:
                 raise ValueError(f"{self.name}: {tensor_label(qt)} has {self.in_features} input features, "
                                  f"not a multiple of group_size {self.group_size}")
             dense = qt.dequantize(torch.float32, self.device)
             scales = torch.float16 if self.scales_dtype == "auto" else self.scales_dtype
-            self.weight_int4 = int4.quantize(dense, self.group_size, scales_dtype=scales)
+            self.weight_int4 = int4.with_layout(int4.quantize(dense, self.group_size, scales_dtype=scales), self.k_major)
         else:
             self.weight = qt.dequantize(self.dtype, self.device)
         if self.has_bias:
