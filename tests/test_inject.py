@@ -350,3 +350,13 @@ def test_experts_expected_shapes_come_from_the_fused_module():
     meta = build_meta_model(tiny_qwen3_moe_config())
     experts = KExperts(meta.model.layers[0].mlp.experts, prefill_op=CountingExperts, build=False)
     assert experts.expected_shapes() == {"gate_proj": (4, 32, 64), "up_proj": (4, 32, 64), "down_proj": (4, 64, 32)}
+
+
+def test_load_model_from_a_gguf_path_opens_it_through_the_weights_package(registry, write_rules, tmp_path):
+    gguf_writer = pytest.importorskip("ktcore.weights.gguf_writer", reason="the GGUF writer is not in this tree yet")
+    hf = seeded_model(tiny_llama_config(hidden_size=256, intermediate_size=256, head_dim=64, vocab_size=128))
+    path = gguf_writer.write_gguf(hf, tmp_path / "tiny.gguf", "F32")
+    model, report = load_model(str(path), write_rules(MLP_LINEAR_RULE), registry=registry, progress=False)
+    assert len(report) == 6 and CountingLinear.calls == 0
+    torch.testing.assert_close(logits(model), logits(hf), rtol=1e-5, atol=1e-5)
+    assert CountingLinear.calls == 6
