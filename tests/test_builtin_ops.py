@@ -427,3 +427,17 @@ def test_mla_query_chunks_agree(models):
     pe = model.model.rotary_emb(hidden, torch.arange(11)[None])
     with torch.no_grad():
         torch.testing.assert_close(chunked(hidden, pe, None)[0], whole(hidden, pe, None)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_sdpa_attention_without_enable_gqa(models, monkeypatch):
+    """torch < 2.5 has no ``enable_gqa``: the op repeats the key/value heads instead, same result."""
+    import ktcore.builtin.attention as attention
+
+    monkeypatch.setattr(attention, "SDPA_HAS_GQA", False)
+    model = models("mixtral")
+    _, hf, ours = attention_pair(model, 0, KAttentionSDPA)
+    hidden = torch.randn(1, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = run_steps(hf, model.model.rotary_emb, model.config, hidden, None, False, 12, True)
+        got = run_steps(ours, model.model.rotary_emb, model.config, hidden, None, False, 12, True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from ..ops import Op
 from ._common import TORCH_DEVICES, causal_mask, module_dtype, parse_dtype
 
+# scaled_dot_product_attention takes enable_gqa from torch 2.5; before, keys and values are repeated
+SDPA_HAS_GQA = torch.__version__ >= "2.5"
+
 
 def _cache_of(kwargs: dict):
     """The cache argument under either of its Transformers names (``cache`` since 5.2x, ``past_key_values``)."""
@@ -131,10 +134,14 @@ class KAttentionSDPA(Op):
             is_causal = mask is None and q_len > 1 and self.is_causal
             if is_causal and kv_len != q_len:
                 mask, is_causal = causal_mask(q_len, kv_len, q.device)[None, None], False
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling,
-                enable_gqa=self.num_kv_heads != self.num_heads,
-            )
+            gqa = {}
+            if self.num_kv_heads != self.num_heads:
+                if SDPA_HAS_GQA:
+                    gqa = {"enable_gqa": True}
+                else:
+                    groups = self.num_heads // self.num_kv_heads
+                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling, **gqa)
         out = out.transpose(1, 2).reshape(batch, q_len, -1)
         return attn.o_proj(out), None
 
