@@ -206,6 +206,12 @@ class _AliasSource:
     def names(self):
         return self.inner.names()
 
+    def release(self, name: str) -> None:
+        """Let a mapped source drop the pages of ``name`` once it was copied (GGUFSource.release)."""
+        release = getattr(self.inner, "release", None)
+        if release is not None:
+            release(self.aliases.get(name, name))
+
 
 def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                  progress: bool = True) -> None:
@@ -246,6 +252,8 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
                 loaded_bytes += weights[local].data.numel()
                 _advance(bar, full, loaded_bytes)
             wrapper.load_weights(weights)
+            for local in weights:
+                src.release(f"{qualname}.{local}")
         for qualname, module, local, is_param in plain:
             full = f"{qualname}.{local}" if qualname else local
             store = module._parameters if is_param else module._buffers
@@ -266,6 +274,9 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
                 raise
             _check_shape(full, src, qt.shape, meta.shape)
             value = to_torch(qt, dtype if meta.is_floating_point() else meta.dtype, target)
+            if value.data_ptr() == qt.data.data_ptr():
+                value = value.clone()  # never keep a view on the source's memory as a parameter
+            src.release(full)
             loaded_bytes += qt.data.numel()
             tensor = nn.Parameter(value, requires_grad=False) if is_param else value
             store[local] = tensor

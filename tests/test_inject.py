@@ -360,3 +360,21 @@ def test_load_model_from_a_gguf_path_opens_it_through_the_weights_package(regist
     assert len(report) == 6 and CountingLinear.calls == 0
     torch.testing.assert_close(logits(model), logits(hf), rtol=1e-5, atol=1e-5)
     assert CountingLinear.calls == 6
+
+
+def test_loading_copies_tensors_and_lets_the_source_release_them(registry, write_rules):
+    hf = seeded_model(tiny_llama_config(tie_word_embeddings=True))
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+
+    class ReleasingSource(StateDictSource):
+        released: list[str] = []
+
+        def release(self, name):
+            self.released.append(name)
+
+    source = ReleasingSource(state, hf.config)
+    model, _ = load_model(source, write_rules(MLP_LINEAR_RULE), registry=registry, progress=False)
+    assert sorted(set(source.released)) == sorted(state)  # every tensor read was released once copied
+    norm = model.model.norm.weight
+    assert norm.data_ptr() != hf.model.norm.weight.data_ptr()  # a copy, not a view on the source's memory
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied stays tied
