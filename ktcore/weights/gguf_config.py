@@ -86,6 +86,17 @@ def read_metadata(reader) -> dict:
     return out
 
 
+def _transformers_keys(arch: str, model_type: str) -> dict[str, str]:
+    """Transformers' own GGUF key table for this architecture, where it has one (rope keys excepted:
+    rope parameters are assembled below)."""
+    try:
+        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    except ImportError:
+        return {}
+    table = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch) or {}
+    return {k: v for k, v in table.items() if isinstance(v, str) and not k.startswith("rope.freq")}
+
+
 def model_type_from_metadata(meta: dict, tensor_names, path: str) -> str:
     arch = meta.get("general.architecture")
     if arch not in ARCH_TO_MODEL_TYPE:
@@ -105,7 +116,7 @@ def config_dict_from_metadata(meta: dict, tensor_names, path: str) -> dict:
     """The kwargs of the Transformers config class (plus ``model_type``)."""
     model_type = model_type_from_metadata(meta, tensor_names, path)
     arch = meta["general.architecture"]
-    keys = _COMMON_KEYS | _PER_MODEL_TYPE_KEYS.get(model_type, {})
+    keys = _COMMON_KEYS | _transformers_keys(arch, model_type) | _PER_MODEL_TYPE_KEYS.get(model_type, {})
     cfg: dict = {"model_type": model_type, **_DEFAULTS.get(model_type, {})}
     for suffix, attr in keys.items():
         value = meta.get(f"{arch}.{suffix}")
