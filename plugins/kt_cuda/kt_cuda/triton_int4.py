@@ -331,7 +331,15 @@ def tuned_config(x: torch.Tensor, w: Int4Weight, bias) -> Int4Config:
 
 
 def int4_to_dense(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
-    """The 2-D int4 weight expanded to ``dtype`` (one Triton pass)."""
+    """The 2-D int4 weight expanded to ``dtype`` (one Triton pass over K-major bytes).
+
+    On an H200 the expansion from K-major bytes measured 5-6x faster than from N-major ones (dense
+    path at 256 rows, 4096x14336: 123 us against 777 us), so N-major bytes are transposed first
+    (a temporary copy of the packed bytes; the combination itself was not timed)."""
+    from .int4 import is_k_major, with_layout
+
+    if not is_k_major(w):
+        w = with_layout(w, True)
     N, K = w.shape
     y = torch.empty((N, K), device=w.qweight.device, dtype=dtype)
     mins = w.mins if w.mins is not None else w.scales
