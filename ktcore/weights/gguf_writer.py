@@ -270,8 +270,6 @@ def write_synthetic_moe_gguf(
     finite f16 scales (valid for every dequantizer; the numbers mean nothing). Returns the path."""
     import gguf
 
-    from .dequant import QK_K  # noqa: F401 - geometry comes from the table below
-
     rng = np.random.default_rng(seed)
     qk_nope, qk_rope, v_dim = 128, 64, 128
     arch = "deepseek2"
@@ -367,3 +365,25 @@ def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: 
         scales = (rng.random(n_blocks, dtype=np.float32) * 0.002).astype(np.float16)
         blocks[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(*shape[:-1], -1)
+
+
+def main(argv=None) -> int:
+    """``python -m ktcore.weights.gguf_writer PATH [--layers N] [--qtype Q4_K]``: write a synthetic MoE GGUF."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a DeepSeek-V2-Lite-shaped synthetic MoE GGUF (random blocks).")
+    parser.add_argument("path")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--qtype", default="Q4_K", help="experts' GGML type (dense tensors: --dense-qtype)")
+    parser.add_argument("--dense-qtype", default="Q8_0")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--experts-used", type=int, default=6)
+    args = parser.parse_args(argv)
+    path = write_synthetic_moe_gguf(args.path, layers=args.layers, qtype=args.qtype, dense_qtype=args.dense_qtype,
+                                    experts=args.experts, experts_used=args.experts_used)
+    print(f"{path}: {os.path.getsize(path) / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
