@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .gguf_config import EXTRAS_KEY
-from .names import MODEL_TYPE_TO_ARCH, NORM_PLUS_ONE_ARCHS, PERMUTED_QK_ARCHS, build_name_map, forward_qk_row_permutation
+from .names import MODEL_TYPE_TO_ARCH, build_name_map, forward_qk_row_permutation
 from .quantize import quantize
 from .quants import GGML_TYPES
 
