@@ -67,11 +67,8 @@ class SequenceHandle:
         self.cancelled = threading.Event()
         self.done = False
 
-    def _emit(self, event: Event) -> None:  # engine thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.cancelled.set()
+    def _deliver(self, event: Event) -> None:  # the handle's event loop
+        self._queue.put_nowait(event)
 
     def cancel(self) -> None:
         """Stop generating; the engine frees the slot before its next step."""
@@ -81,9 +78,14 @@ class SequenceHandle:
         return self
 
     async def __anext__(self) -> Event:
+        """The next event; text that queued up meanwhile comes merged into one event (a consumer that
+        falls behind gets fewer, larger pieces instead of an ever longer backlog)."""
         if self.done:
             raise StopAsyncIteration
         event = await self._queue.get()
+        while event.finish_reason is None and not self._queue.empty():
+            later = self._queue.get_nowait()
+            event = Event(event.text + later.text, later.finish_reason, later.stats, later.error)
         if event.finish_reason is not None:
             self.done = True
         return event
@@ -116,6 +118,11 @@ class _Sequence:
     position: int = 0  # position id of last_token
     cache: DynamicCache | None = None  # only without batching
     finished: bool = False
+
+
+def _deliver_all(items: list[tuple[SequenceHandle, Event]]) -> None:
+    for handle, event in items:
+        handle._deliver(event)
 
 
 def _held_back(text: str, stops: SequenceABC[str]) -> int:
@@ -158,6 +165,9 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # events of one iteration, handed to the event loops in one call each: a loop wake-up per sequence
+        # per token would make the engine thread fight the loop for the GIL
+        self._outbox: list[tuple[SequenceHandle, Event]] = []
         # figures for /api/ps and the load test
         self.steps = 0
         self.tokens_generated = 0
@@ -247,9 +257,26 @@ class Engine:
                     for seq in self._active:
                         self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
                     self._active, self._batch = [], KVBatch()
+                self._flush()
         for seq in [*self._active, *self._pending]:
             self._finish(seq, "error", error="the server is shutting down")
         self._active, self._pending = [], deque()
+        self._flush()
+
+    def _emit(self, handle: SequenceHandle, event: Event) -> None:
+        self._outbox.append((handle, event))
+
+    def _flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for handle, event in self._outbox:
+            by_loop.setdefault(handle._loop, []).append((handle, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
+            except RuntimeError:  # that loop is closed: nobody listens to these sequences any more
+                for handle, _ in items:
+                    handle.cancelled.set()
 
     def _admit(self) -> None:
         while len(self._active) < self.max_concurrency:
@@ -374,13 +401,13 @@ class Engine:
             if hits:
                 out, seq.unsent = seq.unsent[: min(hits)], ""
                 if out:
-                    seq.handle._emit(Event(out))
+                    self._emit(seq.handle, Event(out))
                 return True
         hold = 0 if final or not stops else _held_back(seq.unsent, stops)
         out = seq.unsent[: len(seq.unsent) - hold]
         seq.unsent = seq.unsent[len(seq.unsent) - hold:]
         if out:
-            seq.handle._emit(Event(out))
+            self._emit(seq.handle, Event(out))
         return False
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
@@ -390,4 +417,4 @@ class Engine:
         seq.cache = None
         self.finish_counts[reason] += 1
         seq.stats.total_ns = time.perf_counter_ns() - seq.stats.submitted_ns
-        seq.handle._emit(Event(finish_reason=reason, stats=seq.stats, error=error))
+        self._emit(seq.handle, Event(finish_reason=reason, stats=seq.stats, error=error))
