@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +37,15 @@ from models import (  # noqa: E402
     smollm2_gguf,
 )
 
+from ktcore.cli.bench import (  # noqa: E402  (the measuring code `kt bench` uses too)
+    bench_ktcore,
+    bench_llamacpp,
+    copy_bandwidth,
+    format_table,
+    gguf_active_bytes,
+    ktcore_active_bytes,
+)
+
 
 def synthetic_moe_gguf(layers: int = 2) -> Path:
     from ktcore.weights.gguf_writer import write_synthetic_moe_gguf
@@ -50,103 +57,6 @@ def synthetic_moe_gguf(layers: int = 2) -> Path:
         write_synthetic_moe_gguf(partial, layers=layers, qtype="Q4_K", vocab=4096)
         partial.replace(path)
     return path
-
-
-# ---------------------------------------------------------------------------------------------- bytes
-
-
-def copy_bandwidth(threads: int, mbytes: int = 256, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy (read + write counted), median of ``repeats``."""
-    torch.set_num_threads(threads)
-    src = torch.ones(mbytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times)
-
-
-def gguf_active_bytes(path: Path) -> int:
-    """Bytes of the GGUF tensors one decoded token reads."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    arch = reader.fields["general.architecture"].contents()
-    used = reader.fields[f"{arch}.expert_used_count"].contents() if f"{arch}.expert_used_count" in reader.fields else 0
-    names = {t.name for t in reader.tensors}
-    total = 0
-    for t in reader.tensors:
-        if t.name == "token_embd.weight" and "output.weight" in names:
-            continue  # one row per token; the output head is its own tensor
-        n = int(t.n_bytes)
-        if "_exps." in t.name:
-            n = n * used // int(t.shape[-1])  # gguf shape is reversed: experts last
-        total += n
-    return total
-
-
-def ktcore_active_bytes(model) -> int:
-    """Bytes of ktcore's resident tensors one decoded token reads (each storage counted once)."""
-    config = model.config
-    experts = getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None) or \
-        getattr(config, "num_local_experts", None)
-    used = getattr(config, "num_experts_per_tok", None)
-    head = model.get_output_embeddings()
-    head_ptrs = {t.data_ptr() for t in head.state_dict(keep_vars=True).values()} if head is not None else set()
-    head_ptrs |= {b.data_ptr() for b in head.buffers()} if head is not None else set()
-    seen, total = set(), 0
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, t in tensors:
-        if t is None or t.device.type == "meta" or t.data_ptr() in seen or t.numel() <= 1:
-            continue
-        seen.add(t.data_ptr())
-        if "embed_tokens" in name and t.data_ptr() not in head_ptrs:
-            continue
-        if "rotary_emb" in name:
-            continue  # position tables: one row per token
-        n = t.numel() * t.element_size()
-        if ".experts." in name and experts and used and t.dim() >= 3 and t.shape[0] == experts:
-            n = n * used // experts
-        total += n
-    return total
-
-
-# ---------------------------------------------------------------------------------------------- runs
-
-
-def bench_ktcore(gen, prompt_ids, gen_tokens, repeats):
-    from ktcore.generate import SamplingParams
-
-    params = SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)
-    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))  # warm up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        for _ in gen.generate_ids(prompt_ids, params):
-            pass
-        prefill.append(gen.last_timing.prefill_tok_s)
-        decode.append(gen.last_timing.decode_tok_s)
-    return statistics.median(prefill), statistics.median(decode)
-
-
-def bench_llamacpp(llm, prompt_ids, gen_tokens, repeats):
-    llm.reset()
-    llm.eval(prompt_ids[:8])  # warm up
-    prefill, decode = [], []
-    for _ in range(repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt_ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        prefill.append(len(prompt_ids) / (time.perf_counter() - t0))
-        t1 = time.perf_counter()
-        for _ in range(gen_tokens):
-            llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        decode.append(gen_tokens / (time.perf_counter() - t1))
-    return statistics.median(prefill), statistics.median(decode)
 
 
 def run_model(name, path, args, bandwidth):
@@ -169,20 +79,15 @@ def run_model(name, path, args, bandwidth):
 
 
 def table(rows, bandwidth, args) -> str:
-    out = [f"threads={args.threads}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok  "
-           f"repeats={args.repeats} (medians)  rules={args.rules or 'shipped default'}",
-           f"memory copy bandwidth: {bandwidth / 1e9:.2f} GB/s (torch copy, read+write)", ""]
-    head = (f"{'model':<8} {'engine':<10} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} "
-            f"{'x llama.cpp':>11} {'MB/token':>9} {'bound tok/s':>11} {'% of bound':>10}")
-    out += [head, "-" * len(head)]
+    flat = []
     for r in rows:
-        ref_p, ref_d = r["llama.cpp"]
-        for engine, nbytes in (("llama.cpp", r["gguf_bytes"]), ("ktcore", r["ktcore_bytes"])):
-            p, d = r[engine]
-            bound = bandwidth / nbytes
-            out.append(f"{r['model']:<8} {engine:<10} {p:>13.1f} {p / ref_p:>11.2f} {d:>12.2f} {d / ref_d:>11.2f} "
-                       f"{nbytes / 1e6:>9.1f} {bound:>11.1f} {d / bound:>10.0%}")
-    return "\n".join(out)
+        flat.append({"model": r["model"], "engine": "llama.cpp", "prefill": r["llama.cpp"][0],
+                     "decode": r["llama.cpp"][1], "bytes": r["gguf_bytes"], "ref": r["llama.cpp"]})
+        flat.append({"model": r["model"], "engine": "ktcore", "prefill": r["ktcore"][0],
+                     "decode": r["ktcore"][1], "bytes": r["ktcore_bytes"], "ref": r["llama.cpp"]})
+    title = (f"threads={args.threads}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok  "
+             f"repeats={args.repeats} (medians)  rules={args.rules or 'shipped default'}")
+    return title + "\n" + format_table(flat, bandwidth)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,211 @@
+"""``kt bench MODEL``: prefill and decode speed of ktcore (and of llama.cpp on the same file, when
+llama-cpp-python is installed), beside the memory-bandwidth bound of decoding.
+
+The measuring functions are shared with ``bench/bench_decode.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+from .run import CLIError, check_model_path, run_guarded
+
+PROMPT_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
+               "including both the natural and social sciences. ")
+
+BENCH_EXAMPLES = """\
+examples:
+  kt bench model.gguf
+  kt bench model.gguf --rules my-rules.yaml --threads 8 --prompt-tokens 512 --gen-tokens 64
+  kt bench model.gguf --no-llamacpp
+"""
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def copy_bandwidth(threads: int, mbytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large torch copy (read + write counted), median of ``repeats``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    src = torch.ones(mbytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def gguf_active_bytes(path) -> int:
+    """Bytes of the GGUF tensors one decoded token reads: everything but the embedding rows (unless the
+    embedding is also the output head), routed experts counted for the active ones only."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    used_key = f"{arch}.expert_used_count"
+    used = int(reader.fields[used_key].contents()) if used_key in reader.fields else 0
+    names = {t.name for t in reader.tensors}
+    total = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        n = int(t.n_bytes)
+        if "_exps." in t.name:
+            n = n * used // int(t.shape[-1])  # GGUF lists dimensions innermost first: experts last
+        total += n
+    return total
+
+
+def ktcore_active_bytes(model) -> int:
+    """Bytes of ktcore's resident tensors one decoded token reads (each storage once; as above)."""
+    config = model.config
+    experts = (getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None)
+               or getattr(config, "num_local_experts", None))
+    used = getattr(config, "num_experts_per_tok", None)
+    head = model.get_output_embeddings()
+    head_ptrs = {t.data_ptr() for t in [*head.parameters(), *head.buffers()]} if head is not None else set()
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if t is None or t.device.type == "meta" or t.numel() <= 1 or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        if ("embed_tokens" in name and t.data_ptr() not in head_ptrs) or "rotary_emb" in name:
+            continue  # one row per token
+        n = t.numel() * t.element_size()
+        if ".experts." in name and experts and used and t.dim() >= 3 and t.shape[0] == experts:
+            n = n * used // experts
+        total += n
+    return total
+
+
+def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median (prefill tok/s, decode tok/s) from the Generator's own timing."""
+    from ktcore.generate import SamplingParams
+
+    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))  # warm-up
+    params = SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)
+    prefill, decode = [], []
+    for _ in range(repeats):
+        for _ in gen.generate_ids(prompt_ids, params):
+            pass
+        prefill.append(gen.last_timing.prefill_tok_s)
+        decode.append(gen.last_timing.decode_tok_s)
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median (prefill tok/s, decode tok/s) of llama.cpp doing the same: prompt, then greedy steps."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt_ids[:8])  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        prefill.append(len(prompt_ids) / (time.perf_counter() - t0))
+        t1 = time.perf_counter()
+        for _ in range(gen_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode.append(gen_tokens / (time.perf_counter() - t1))
+    return statistics.median(prefill), statistics.median(decode)
+
+
+def load_llamacpp(path, threads: int, n_ctx: int, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                 logits_all=logits_all, verbose=False)
+
+
+def format_table(rows, bandwidth: float) -> str:
+    """``rows``: dicts with model, engine, prefill, decode, bytes, and the llama.cpp row's figures as
+    ``ref`` (or None)."""
+    head = (f"{'model':<10} {'engine':<10} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} "
+            f"{'x llama.cpp':>11} {'MB/token':>9} {'bound tok/s':>11} {'% of bound':>10}")
+    out = [f"memory copy bandwidth: {bandwidth / 1e9:.2f} GB/s (torch copy, read + write)", head, "-" * len(head)]
+    for r in rows:
+        ref = r.get("ref")
+        bound = bandwidth / r["bytes"]
+        ratio_p = f"{r['prefill'] / ref[0]:.2f}" if ref else "-"
+        ratio_d = f"{r['decode'] / ref[1]:.2f}" if ref else "-"
+        out.append(f"{r['model']:<10} {r['engine']:<10} {r['prefill']:>13.1f} {ratio_p:>11} {r['decode']:>12.2f} "
+                   f"{ratio_d:>11} {r['bytes'] / 1e6:>9.1f} {bound:>11.1f} {r['decode'] / bound:>10.0%}")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- kt bench
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="measure prefill and decode speed (against llama.cpp when installed)",
+        description="Measure ktcore's prefill and decode tokens per second on MODEL (medians over repeats), "
+                    "llama.cpp's on the same file with the same threads when llama-cpp-python is installed, "
+                    "and the memory-bandwidth bound of decoding.",
+        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="GGUF file")
+    p.add_argument("--rules", default=None, metavar="YAML", help="rule file (default: the shipped one)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-llamacpp", action="store_true", help="do not run llama.cpp")
+    p.set_defaults(func=run, command="bench")
+    return p
+
+
+def run(args) -> int:
+    return run_guarded(_bench, args)
+
+
+def _bench(args) -> int:
+    check_model_path(args.model)
+    if args.prompt_tokens < 8 or args.gen_tokens < 1 or args.repeats < 1:
+        raise CLIError("--prompt-tokens must be >= 8, --gen-tokens and --repeats >= 1")
+    import torch
+
+    from ktcore.generate import Generator
+    from ktcore.inject import load_model
+    from ktcore.weights import open_source
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    bandwidth = copy_bandwidth(threads)
+    n_ctx = args.prompt_tokens + args.gen_tokens + 16
+    source = open_source(args.model)
+    tokenizer = source.tokenizer()
+    ids = tokenizer(PROMPT_TEXT * (1 + args.prompt_tokens // 16))["input_ids"][: args.prompt_tokens]
+    rows, ref = [], None
+    name = source.config().model_type
+    if not args.no_llamacpp:
+        try:
+            llm = load_llamacpp(args.model, threads, n_ctx)
+        except ImportError:
+            print("llama-cpp-python is not installed: measuring ktcore alone", file=sys.stderr)
+        else:
+            ref = bench_llamacpp(llm, ids, args.gen_tokens, args.repeats)
+            del llm
+            rows.append({"model": name, "engine": "llama.cpp", "prefill": ref[0], "decode": ref[1],
+                         "bytes": gguf_active_bytes(args.model), "ref": ref})
+    model, _ = load_model(source, rules=args.rules, device=args.device, progress=False)
+    gen = Generator(model, tokenizer, max_context=n_ctx)
+    ours = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+    rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1],
+                 "bytes": ktcore_active_bytes(model), "ref": ref})
+    print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} (medians)")
+    print(format_table(rows, bandwidth))
+    return 0
