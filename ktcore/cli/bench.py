@@ -80,8 +80,8 @@ def ktcore_active_bytes(model) -> int:
         if ("embed_tokens" in name and t.data_ptr() not in head_ptrs) or "rotary_emb" in name:
             continue  # one row per token
         n = t.numel() * t.element_size()
-        if ".experts." in name and experts and used and t.dim() >= 3 and t.shape[0] == experts:
-            n = n * used // experts
+        if ".experts." in name and experts and used:
+            n = n * used // experts  # an experts module holds all experts, whatever layout its op repacked to
         total += n
     return total
 
