@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import rel_err
+from cuda_test_helpers import rel_err
 from kt_cuda import fp8
 from ktcore.weights.tensor import QuantizedTensor
 

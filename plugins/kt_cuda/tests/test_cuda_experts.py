@@ -7,8 +7,8 @@ rounds the dequantized weight tile to bf16, as KExpertsTorch's dequantized weigh
 import pytest
 import torch
 
-from conftest import half_dtypes, rel_err
-from _ggml import ggml_tensor
+from cuda_test_helpers import half_dtypes, rel_err
+from cuda_ggml_samples import ggml_tensor
 
 
 def _experts_module(E, H, I, dtype):

@@ -6,7 +6,7 @@ import torch
 from kt_cuda import int4
 from kt_cuda.ggml_blocks import GGMLFormatError, split_int4
 
-from _ggml import ggml_tensor
+from cuda_ggml_samples import ggml_tensor
 
 
 @pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_1", "Q4_K"])

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from conftest import half_dtypes
-from _ggml import ggml_tensor
+from cuda_test_helpers import half_dtypes
+from cuda_ggml_samples import ggml_tensor
 
 TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import half_dtypes, rel_err
-from _ggml import ggml_tensor
+from cuda_test_helpers import half_dtypes, rel_err
+from cuda_ggml_samples import ggml_tensor
 
 from kt_cuda import int4
 
