@@ -191,3 +191,47 @@ def test_sources_registered_by_a_plugin_are_used(tmp_path, monkeypatch):
     notes.write_text("x")
     assert isinstance(weights.open_source(notes), TextSource)
     assert GGUFSource in weights._registered_source_classes()
+
+
+def test_deepseek_mla_split_kv_b_is_rebuilt(tmp_path):
+    """Newer llama.cpp conversions store kv_b_proj as attn_k_b (transposed) + attn_v_b and state the MLA
+    dims in *_mla keys (head_count_kv 1); the source rebuilds kv_b_proj and the config is unchanged."""
+    import gguf
+
+    model = tiny_model("deepseek_v2", seed=4)
+    c = model.config
+    plain = tmp_path / "plain.gguf"
+    write_gguf(model, plain, qtypes="F32")
+    reader = gguf.GGUFReader(plain)
+    split = tmp_path / "split.gguf"
+    w = gguf.GGUFWriter(str(split), "deepseek2")
+    replaced = {"deepseek2.attention.head_count_kv": 1, "deepseek2.attention.key_length": c.kv_lora_rank + c.qk_rope_head_dim,
+                "deepseek2.attention.value_length": c.kv_lora_rank}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        w.add_key_value(key, replaced.get(key, field.contents()), vtype,
+                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    w.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
+    w.add_value_length_mla(c.v_head_dim)
+    for t in reader.tensors:
+        if t.name.endswith("attn_kv_b.weight"):
+            kv_b = torch.from_numpy(np.array(t.data)).view(c.num_attention_heads, c.qk_nope_head_dim + c.v_head_dim, -1)
+            k_b, v_b = torch.split(kv_b, [c.qk_nope_head_dim, c.v_head_dim], dim=1)
+            blk = t.name.rsplit(".", 2)[0]
+            w.add_tensor(f"{blk}.attn_k_b.weight", k_b.transpose(1, 2).contiguous().numpy())
+            w.add_tensor(f"{blk}.attn_v_b.weight", v_b.contiguous().numpy())
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    source = open_source(split)
+    assert source.missing() == []
+    assert source.config().to_dict() == open_source(plain).config().to_dict()
+    for layer in range(c.num_hidden_layers):
+        name = f"model.layers.{layer}.self_attn.kv_b_proj.weight"
+        assert torch.equal(source.get(name).dequantize(), model.state_dict()[name])
