@@ -126,13 +126,3 @@ def test_gemma3_norms_undo_the_plus_one(gemma3):
     stored = gemma3.gguf_tensor("blk.0.attn_norm.weight").dequantize()
     got = gemma3.get("model.layers.0.input_layernorm.weight").dequantize()
     assert torch.equal(got, stored - 1.0)
-
-
-@pytest.mark.slow
-def test_gemma3_tensors_equal_transformers_gguf_loader(gemma3):
-    from transformers import AutoModelForCausalLM
-
-    path = Path(gemma3.path)
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    for name, expected in ref.state_dict().items():
-        assert torch.equal(gemma3.get(name).dequantize(), expected), name
