@@ -115,9 +115,10 @@ void Pool::controller_loop() {
     if (pin_) pin_to(cpus_[0]);
     for (;;) {
         std::function<void()> job;
+        spin_until([&] { return has_job_.load(std::memory_order_acquire); }, spin_us_);
         {
             std::unique_lock<std::mutex> l(job_mu_);
-            job_cv_.wait(l, [&] { return has_job_; });
+            job_cv_.wait(l, [&] { return has_job_.load(); });
             has_job_ = false;
             if (!job_) {
                 if (stop_.load()) return;
@@ -139,7 +140,7 @@ void Pool::controller_loop() {
 
 void Pool::submit(std::function<void()> job) {
     std::unique_lock<std::mutex> l(job_mu_);
-    job_cv_.wait(l, [&] { return job_done_; });  // one job in flight
+    job_cv_.wait(l, [&] { return job_done_.load(); });  // one job in flight
     job_ = std::move(job);
     job_done_ = false;
     has_job_ = true;
@@ -149,8 +150,9 @@ void Pool::submit(std::function<void()> job) {
 }
 
 void Pool::sync() {
+    spin_until([&] { return job_done_.load(std::memory_order_acquire); }, spin_us_);
     std::unique_lock<std::mutex> l(job_mu_);
-    job_cv_.wait(l, [&] { return job_done_; });
+    job_cv_.wait(l, [&] { return job_done_.load(); });
     if (job_error_) {
         auto e = job_error_;
         job_error_ = nullptr;
@@ -160,7 +162,7 @@ void Pool::sync() {
 
 bool Pool::busy() {
     std::lock_guard<std::mutex> l(job_mu_);
-    return !job_done_;
+    return !job_done_.load();
 }
 
 }  // namespace kt

@@ -52,7 +52,7 @@ private:
     std::mutex job_mu_;
     std::condition_variable job_cv_;
     std::function<void()> job_;
-    bool has_job_ = false, job_done_ = true;
+    std::atomic<bool> has_job_{false}, job_done_{true};  // written under job_mu_, also read by spinners
     std::exception_ptr job_error_;
 };
 

@@ -42,6 +42,7 @@ class KLinearCPU(Op):
         self.threads, self.isa = threads, isa
         self.float_bits = repack.online_bits(online_quant)
         self.weight = None
+        self._runtime = None  # resolved on first use (KT_CPU_ISA / KT_CPU_THREADS read then)
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
@@ -66,8 +67,10 @@ class KLinearCPU(Op):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        if self._runtime is None:
+            self._runtime = get_runtime(self.threads, self.isa)
         if x2.shape[0]:
-            get_runtime(self.threads, self.isa).linear(self.weight, x2.shape[0], x2.data_ptr(), y.data_ptr())
+            self._runtime.linear(self.weight, x2.shape[0], x2.data_ptr(), y.data_ptr())
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -113,6 +116,7 @@ class KExpertsCPU(Op):
         self.float_bits = repack.online_bits(online_quant)
         self.layer = None
         self._pending = None
+        self._runtime = None  # resolved on first use (KT_CPU_ISA / KT_CPU_THREADS read then)
 
     @classmethod
     def available(cls, device=None) -> str | None:
@@ -144,7 +148,9 @@ class KExpertsCPU(Op):
                              f"[T, K]; got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
                              f"{tuple(top_k_weights.shape)}")
         out = torch.empty(T, self.hidden_dim, dtype=torch.float32)
-        rt = get_runtime(self.threads, self.isa)
+        if self._runtime is None:
+            self._runtime = get_runtime(self.threads, self.isa)
+        rt = self._runtime
         # the tensors stay referenced until sync(): the pool reads and writes them meanwhile
         self._pending = (rt, x, idx, w, out, hidden_states.dtype, hidden_states.device)
         if T:
