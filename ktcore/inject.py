@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .modules import KModule
+from .moe import LayerDevices, install_transfer_hooks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, get_registry
 from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
@@ -75,12 +76,13 @@ def _set_child(parent: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Registry | None = None, *,
-           build_ops: bool = True) -> InjectReport:
+           build_ops: bool = True, transfer_map: dict | None = None) -> InjectReport:
     """Replace ``model``'s modules as the rules say (first matching rule wins) and build the wrappers' ops.
 
     A rule with ``recursive: false`` stops rules from applying inside the module it matched. A rule that
     matched nothing is an error unless it is ``optional: true``. ``build_ops=False`` is a dry run (``kt rules
-    check``): the wrappers are placed but their ops are not constructed.
+    check``): the wrappers are placed but their ops are not constructed. ``transfer_map`` (``{layer index:
+    device}``, over the rule files' own) puts decoder layers on other devices (see ``ktcore.moe``).
     """
     rules = load_rules(rules, registry)
     for rule in rules:
@@ -88,6 +90,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
     report = InjectReport(rule_files=list(rules.files))
     wrappers: list[tuple[KModule, Rule]] = []
     placements: dict[str, torch.device] = {}
+    layer_devices = _layer_devices(model, rules, transfer_map)
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent._modules.items()):
@@ -95,19 +98,23 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
                 continue
             qualname = f"{prefix}{name}"
             rule = rules.first_match(qualname, child)
+            target = layer_devices.target(qualname) if layer_devices is not None else None
             if rule is not None:
                 rule.matched += 1
                 if rule.device is not None:
-                    placements[qualname] = rule.device
+                    placements[qualname] = LayerDevices.remap(rule.device, target)
                 if rule.wrapper is not None:
-                    wrapper = rule.build(child, qualname)
+                    wrapper = rule.build(child, qualname, target)
                     _set_child(parent, name, wrapper)
                     wrappers.append((wrapper, rule))
                     child = wrapper
-                    o = rule.options
-                    report.rows.append(ReportRow(qualname, rule.location, rule.wrapper_name, o["prefill_op"].name,
-                                                 o["generate_op"].name,
-                                                 _devices_label(o["prefill_device"], o["generate_device"])))
+                    if wrapper.uses_ops:
+                        report.rows.append(ReportRow(qualname, rule.location, rule.wrapper_name,
+                                                     wrapper.prefill_op_cls.name, wrapper.generate_op_cls.name,
+                                                     _devices_label(wrapper.prefill_device, wrapper.generate_device)))
+                    else:
+                        report.rows.append(ReportRow(qualname, rule.location, rule.wrapper_name, "", "",
+                                                     str(placements.get(qualname, ""))))
                 else:
                     report.rows.append(ReportRow(qualname, rule.location, "default", "", "",
                                                  str(rule.device) if rule.device else ""))
@@ -128,8 +135,28 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             wrapper.build_ops()
         except (TypeError, ValueError) as exc:
             raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
+    if layer_devices is not None:
+        for layer_name, device in layer_devices.moved_layers():
+            placements.setdefault(layer_name, device)  # a moved layer's weights no rule placed
+        model._ktcore_transfer_hooks = install_transfer_hooks(model, layer_devices)
     model._ktcore_placements = placements  # read by load_weights: where each matched module's weights go
     return report
+
+
+def _layer_devices(model: nn.Module, rules: RuleSet, transfer_map: dict | None) -> LayerDevices | None:
+    """The rule files' transfer_map updated by the caller's, resolved against ``model``."""
+    merged = dict(rules.transfer_map)
+    if transfer_map:
+        parsed, problems = parse_transfer_map(transfer_map)
+        if problems:
+            raise LoadError(f"transfer_map {transfer_map!r}: {'; '.join(problems)}")
+        merged.update(parsed)
+    if not merged:
+        return None
+    try:
+        return LayerDevices(model, merged)
+    except ValueError as exc:
+        raise LoadError(str(exc)) from exc
 
 
 def _devices_label(prefill: torch.device, generate: torch.device) -> str:
@@ -343,12 +370,14 @@ def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.
 
 
 def load_model(path_or_source: Any, rules: Any = None, device: torch.device | str | None = None,
-               dtype: torch.dtype | None = None, *, registry: Registry | None = None, progress: bool = True):
+               dtype: torch.dtype | None = None, *, registry: Registry | None = None, progress: bool = True,
+               transfer_map: dict | None = None):
     """Open weights, build the model on meta, inject the rules, load everything. Returns ``(model, report)``.
 
     ``path_or_source``: a path ``ktcore.weights.open_source`` can open (GGUF file, split GGUF, directory) or a
     ``WeightSource`` object. ``rules``: rule file path(s) or a ``RuleSet``; ``None`` picks the shipped rule
-    file for the model type and this machine (see ``select_rule_file``).
+    file for the model type and this machine (see ``select_rule_file``). ``transfer_map``: ``{layer index:
+    device}`` puts decoder layers from that index on onto that device (over the rule files' own entries).
     """
     registry = registry if registry is not None else get_registry()
     if isinstance(path_or_source, (str, Path)):
@@ -362,7 +391,7 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
         rules = select_rule_file(config.model_type, registry)
     ruleset = load_rules(rules, registry)  # validated before anything heavy happens
     model = build_meta_model(config, dtype)
-    report = inject(model, ruleset, registry)
+    report = inject(model, ruleset, registry, transfer_map=transfer_map)
     load_weights(model, source, dtype=dtype, device=device, progress=progress)
     model.eval()
     return model, report

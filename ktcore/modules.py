@@ -5,6 +5,10 @@ stays valid and rules still match inside it), holds a prefill op and a generate 
 when both are the same class on the same device) and picks one per call: the generate op when a call
 carries at most ``prefill_threshold`` tokens per sequence (default 1: decode steps), else the prefill op.
 Inputs move to the chosen op's device; the output moves to ``out_device`` (default: where the input was).
+
+``KExperts`` also runs asynchronously: ``submit(...)`` then ``sync()``, through the op's own ``submit``/``sync``
+when it has them (see ``ktcore.hookspecs.experts``), so a caller (``ktcore.moe.KMoE``) computes the shared
+experts on the GPU while the routed experts run on the CPU.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ def module_role(module: nn.Module) -> str | None:
         return "rope"
     if cls_name.endswith("Attention"):
         return "attention"
+    if "gate" in module._modules and "experts" in module._modules:
+        return "moe"  # a sparse MoE block: router + routed experts (+ shared experts)
     return None
 
 
@@ -61,10 +67,20 @@ def _move(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _queue_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``, without waiting where that is safe: a copy to an accelerator is queued on its
+    stream (later kernels there see the data); a copy to the CPU waits, as the CPU reads it at once."""
+    if tensor.device == device:
+        return tensor
+    return tensor.to(device, non_blocking=device.type != "cpu")
+
+
 class KModule(nn.Module):
     """Base of the wrappers. ``role`` says which ops it runs; subclasses define ``forward``."""
 
     role: ClassVar[str] = ""
+    uses_ops: ClassVar[bool] = True  # False: a wrapper that runs its (adopted) children, no ops of its own
+    rule_options: ClassVar[tuple[str, ...]] = WRAPPER_OPTIONS  # what a rule's replace.kwargs may give it
 
     def __init__(
         self,
@@ -81,11 +97,7 @@ class KModule(nn.Module):
         build: bool = True,
     ):
         super().__init__()
-        # the original stays reachable (ops read shapes/config from it) without being a child
-        self.__dict__["original"] = original
-        self.qualname = name
-        for child_name, child in original._modules.items():
-            self._modules[child_name] = child
+        self._adopt(original, name)
         self.prefill_op_cls = prefill_op
         self.generate_op_cls = generate_op or prefill_op
         self.prefill_device = torch.device(prefill_device)
@@ -99,6 +111,19 @@ class KModule(nn.Module):
             self.build_ops()
 
     # -- construction --------------------------------------------------------------------------------
+
+    def _adopt(self, original: nn.Module, name: str) -> None:
+        # the original stays reachable (ops read shapes/config from it) without being a child
+        self.__dict__["original"] = original
+        self.qualname = name
+        for child_name, child in original._modules.items():
+            self._modules[child_name] = child
+
+    @classmethod
+    def check_option(cls, key: str, value: Any) -> str | None:
+        """Why a rule's ``replace.kwargs`` value is invalid (``None``: fine). Used for wrappers without ops;
+        the op options of the others are checked by the rule loader itself."""
+        return None
 
     def build_ops(self) -> None:
         """Build the ops from the original module. Called after every rule was applied, so that an op that
@@ -207,6 +232,10 @@ class KExperts(KModule):
 
     role = "experts"
 
+    def __init__(self, original: nn.Module, **kwargs):
+        super().__init__(original, **kwargs)
+        self._pending = None  # (op that has the work, or None; finished output, or None; out device)
+
     def weight_names(self) -> list[str]:
         return ["gate_proj", "up_proj", "down_proj"]
 
@@ -223,6 +252,36 @@ class KExperts(KModule):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]
         return self._run(tokens, hidden_states, hidden_states, top_k_index, top_k_weights)
+
+    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Start the routed experts; ``sync()`` returns their output. Through the op's ``submit``/``sync``
+        when it has them (the work then runs while the caller goes on), else the op runs here and now."""
+        if self._pending is not None:
+            raise RuntimeError(f"KExperts {self.qualname}: submit while a previous submit was not synced")
+        tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]
+        op = self.pick(tokens)
+        out_device = self.out_device if self.out_device is not None else hidden_states.device
+        args = [_queue_to(t, op.device) for t in (hidden_states, top_k_index, top_k_weights)]
+        if is_async_experts_op(op):
+            op.submit(*args)
+            self._pending = (op, None, out_device)
+        else:
+            self._pending = (None, op(*args), out_device)
+
+    def sync(self) -> torch.Tensor:
+        """The output of the last ``submit``, on ``out_device`` (default: where its input was)."""
+        if self._pending is None:
+            raise RuntimeError(f"KExperts {self.qualname}: sync without submit")
+        op, out, out_device = self._pending
+        self._pending = None
+        if op is not None:
+            out = op.sync()
+        return _queue_to(out, out_device)
+
+
+def is_async_experts_op(op: Op) -> bool:
+    """Whether an experts op implements the asynchronous contract (``submit`` and ``sync``)."""
+    return callable(getattr(op, "submit", None)) and callable(getattr(op, "sync", None))
 
 
 class KAttention(KModule):

@@ -18,6 +18,13 @@
       op_kwargs: {}                                  # passed to the op constructors
   recursive: false                                   # do not apply rules inside the matched module
   optional: true                                     # matching nothing is not an error
+- match:
+    name: "^model\\.layers\\.\\d+\\.mlp$"
+    class: moe                                       # a sparse MoE block (router + experts children)
+  replace:
+    class: KMoE                                      # routed experts submitted, shared experts overlapped
+    device: cuda                                     # (no ops; kwargs: overlap: true/false)
+- transfer_map: {30: "cuda:1"}                       # decoder layers 30.. on cuda:1 (see ktcore.moe)
 ```
 
 Everything is validated when the file is loaded, before any weight is read; every problem of the file is
@@ -38,7 +45,8 @@ import torch
 import yaml
 from torch import nn
 
-from .modules import WRAPPER_OPTIONS, WRAPPERS, KModule, module_role
+from .modules import WRAPPERS, KModule, module_role
+from .moe import KMoE, parse_transfer_map
 from .ops import ROLES
 from .registry import DEVICE_PLUGINS, RegistryError, Registry, device_missing_reason, get_registry
 
@@ -46,6 +54,8 @@ RULE_FIELDS = ("match", "replace", "recursive", "optional")
 MATCH_FIELDS = ("name", "class")
 REPLACE_FIELDS = ("class", "device", "kwargs")
 DEFAULT_CLASS_OPTIONS = ("generate_device", "prefill_device")  # "default" keeps the module: only placement
+MATCH_ROLES = (*ROLES, "moe")  # what match.class may name besides a class path
+WRAPPER_NAMES: dict[str, type[KModule]] = {**WRAPPERS, "KMoE": KMoE}  # short names replace.class may use
 
 
 @dataclass
@@ -148,8 +158,9 @@ class Rule:
     def issue(self, field_name: str, message: str) -> RuleError:
         return RuleError([RuleIssue(self.file, self.line, self.index, field_name, message)])
 
-    def build(self, module: nn.Module, qualname: str) -> KModule:
-        """The wrapper for ``module`` (ops not built yet: ``wrapper.build_ops()`` after the whole walk)."""
+    def build(self, module: nn.Module, qualname: str, target: torch.device | None = None) -> KModule:
+        """The wrapper for ``module`` (ops not built yet: ``wrapper.build_ops()`` after the whole walk).
+        ``target``: the transfer_map device of the layer it is in; every non-CPU device moves there."""
         assert self.wrapper is not None
         if not self.wrapper.accepts(module):
             raise self.issue(
@@ -157,13 +168,26 @@ class Rule:
                 f"matched module '{qualname}' ({type(module).__name__}), which {self.wrapper.__name__} cannot "
                 f"replace: it replaces {self.wrapper.role} modules; narrow match.name or add match.class",
             )
-        return self.wrapper(module, name=qualname, build=False, **self.options)
+        options = dict(self.options)
+        if target is not None and self.wrapper.uses_ops:
+            for key in ("prefill_device", "generate_device", "out_device"):
+                if options.get(key) is not None and options[key].type != "cpu":
+                    options[key] = target
+            for which in ("prefill", "generate"):
+                op_cls, device = options[f"{which}_op"], options[f"{which}_device"]
+                why = (f"it runs on {', '.join(op_cls.devices)}" if op_cls.devices and device.type not in op_cls.devices
+                       else op_cls.available(device))
+                if why:
+                    raise self.issue(f"replace.kwargs.{which}_op", f"transfer_map puts '{qualname}' on {device}, "
+                                     f"where op '{op_cls.name}' cannot run: {why}")
+        return self.wrapper(module, name=qualname, build=False, **options)
 
 
 @dataclass
 class RuleSet:
     rules: list[Rule]
     files: list[str]
+    transfer_map: dict[int, torch.device] = field(default_factory=dict)  # layer index -> device (ktcore.moe)
 
     def first_match(self, qualname: str, module: nn.Module) -> Rule | None:
         for rule in self.rules:
@@ -199,6 +223,7 @@ def load_rules(
     rules: list[Rule] = []
     issues: list[RuleIssue] = []
     files = []
+    transfer_map: dict[int, torch.device] = {}
     for path in paths:
         path = Path(path)
         files.append(str(path))
@@ -207,18 +232,21 @@ def load_rules(
         except OSError as exc:
             issues.append(RuleIssue(str(path), 0, None, "file", f"cannot read rule file: {exc}"))
             continue
-        file_rules, file_issues = parse_rules(text, str(path), registry, check_devices=check_devices)
+        file_rules, file_issues = parse_rules(text, str(path), registry, check_devices=check_devices,
+                                              transfer_map=transfer_map)
         rules.extend(file_rules)
         issues.extend(file_issues)
     if issues:
         raise RuleError(issues)
-    return RuleSet(rules, files)
+    return RuleSet(rules, files, transfer_map)
 
 
 def parse_rules(
-    text: str, filename: str, registry: Registry, *, check_devices: bool = True
+    text: str, filename: str, registry: Registry, *, check_devices: bool = True,
+    transfer_map: dict[int, torch.device] | None = None,
 ) -> tuple[list[Rule], list[RuleIssue]]:
-    """Parse rule-file text; returns the rules and every problem found (both lists may be non-empty)."""
+    """Parse rule-file text; returns the rules and every problem found (both lists may be non-empty).
+    ``- transfer_map: {...}`` entries are merged into ``transfer_map`` (when given)."""
     try:
         data = yaml.load(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as exc:
@@ -232,12 +260,37 @@ def parse_rules(
         return [], [RuleIssue(filename, line, None, "file", "a rule file is a YAML list of rules (`- match: ...`)")]
     rules, issues = [], []
     for index, entry in enumerate(data, start=1):
+        if isinstance(entry, dict) and "transfer_map" in entry:
+            issues.extend(_check_transfer_map(entry, filename, index, check_devices,
+                                              transfer_map if transfer_map is not None else {}))
+            continue
         checker = _RuleChecker(filename, index, entry, registry, check_devices)
         rule = checker.check()
         issues.extend(checker.issues)
         if rule is not None and not checker.issues:
             rules.append(rule)
     return rules, issues
+
+
+def _check_transfer_map(entry: dict, filename: str, index: int, check_devices: bool,
+                        into: dict[int, torch.device]) -> list[RuleIssue]:
+    """A ``- transfer_map: {layer: device}`` entry, merged into ``into``; returns its problems."""
+    line = _line_of(entry, "transfer_map", getattr(entry, "line", 0))
+    issues = [RuleIssue(filename, _line_of(entry, key, line), index, key, "a transfer_map entry takes no other field")
+              for key in entry if key != "transfer_map"]
+    parsed, problems = parse_transfer_map(entry["transfer_map"])
+    issues += [RuleIssue(filename, line, index, "transfer_map", p) for p in problems]
+    for layer, device in parsed.items():
+        missing = device_missing_reason(device) if check_devices else None
+        if missing:
+            issues.append(RuleIssue(filename, line, index, "transfer_map", f"layer {layer}: device '{device}' is not "
+                                    f"present: {missing}"))
+        elif into.get(layer, device) != device:
+            issues.append(RuleIssue(filename, line, index, "transfer_map", f"layer {layer} is already mapped to "
+                                    f"{into[layer]}, not {device}"))
+        else:
+            into[layer] = device
+    return issues
 
 
 class _RuleChecker:
@@ -303,13 +356,13 @@ class _RuleChecker:
             line = _line_of(match, "class", self.line)
             value = match["class"]
             rule.match_class = str(value)
-            if value in ROLES:
+            if value in MATCH_ROLES:
                 rule.match_role = value
             else:
                 try:
                     cls = _import_object(str(value))
                 except ImportError as exc:
-                    self.add("match.class", f"neither a role ({', '.join(ROLES)}) nor an importable class: {exc}", line)
+                    self.add("match.class", f"neither a role ({', '.join(MATCH_ROLES)}) nor an importable class: {exc}", line)
                     return
                 if not isinstance(cls, type):
                     self.add("match.class", f"{value!r} is not a class", line)
@@ -337,7 +390,7 @@ class _RuleChecker:
             self.add("replace.kwargs", f"must be a mapping, got {kwargs!r}", _line_of(replace, "kwargs", self.line))
             return
         kw_line = lambda key: _line_of(kwargs, key, _line_of(replace, "kwargs", self.line))  # noqa: E731
-        allowed = DEFAULT_CLASS_OPTIONS if wrapper is None else WRAPPER_OPTIONS
+        allowed = DEFAULT_CLASS_OPTIONS if wrapper is None else wrapper.rule_options
         for key in kwargs:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
@@ -362,6 +415,13 @@ class _RuleChecker:
             and rule.match_role != wrapper.role
         ):
             self.add("replace.class", f"{wrapper.__name__} replaces {wrapper.role} modules but match.class is '{rule.match_role}'", line)
+        if not wrapper.uses_ops:  # a wrapper that runs its children: its own options only
+            for key in kwargs:
+                problem = wrapper.check_option(key, kwargs[key]) if key in allowed else None
+                if problem:
+                    self.add(f"replace.kwargs.{key}", problem, kw_line(key))
+            rule.options = {k: v for k, v in kwargs.items() if k in allowed}
+            return
         names = {}
         for key in ("op", "prefill_op", "generate_op"):
             if key in kwargs:
@@ -401,15 +461,15 @@ class _RuleChecker:
         if not isinstance(class_name, str):
             self.add("replace.class", f"must be a wrapper name, got {class_name!r}", line)
             return None
-        if class_name in WRAPPERS:
-            return WRAPPERS[class_name]
+        if class_name in WRAPPER_NAMES:
+            return WRAPPER_NAMES[class_name]
         try:
             cls = _import_object(class_name)
         except ImportError as exc:
-            close = difflib.get_close_matches(class_name.rsplit(".", 1)[-1], list(WRAPPERS), n=1)
+            close = difflib.get_close_matches(class_name.rsplit(".", 1)[-1], list(WRAPPER_NAMES), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             self.add("replace.class", f"unknown wrapper {class_name!r}{hint}: {exc}; use \"default\", "
-                     f"{', '.join(WRAPPERS)} or the import path of a ktcore.modules.KModule subclass", line)
+                     f"{', '.join(WRAPPER_NAMES)} or the import path of a ktcore.modules.KModule subclass", line)
             return None
         if not (isinstance(cls, type) and issubclass(cls, KModule)):
             self.add("replace.class", f"{class_name!r} is not a wrapper (a subclass of ktcore.modules.KModule)", line)
