@@ -138,8 +138,8 @@ class Engine:
     """Continuous batching over ``model`` (a Transformers causal LM) and ``tokenizer``.
 
     ``max_context``: most positions one sequence may use (prompt + reply). ``batching``: ``None`` picks
-    left-padded batched decode when the model's cache layers allow it; ``False`` forces one forward per
-    sequence (for attention ops that ignore padding masks).
+    left-padded batched decode when the model's cache layers allow it and a probe step shows the model
+    honours the padding mask; ``False`` forces one forward per sequence.
     """
 
     def __init__(self, model, tokenizer, *, max_context: int | None = None, max_concurrency: int = 8,
@@ -155,10 +155,11 @@ class Engine:
         self.device = model_device(model)
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos_ids = self._end_token_ids()
-        self.batched = can_batch(DynamicCache(config=model.config)) if batching is None else bool(batching)
-        if self.batched and not can_batch(DynamicCache(config=model.config)):
-            raise ValueError("this model's cache has sliding-window layers; batched decode is not possible")
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        batchable = can_batch(DynamicCache(config=model.config))
+        if batching and not batchable:
+            raise ValueError("this model's cache has sliding-window layers; batched decode is not possible")
+        self.batched = batchable and (self._batching_matches_solo() if batching is None else bool(batching))
         self._pending: deque[_Sequence] = deque()
         self._active: list[_Sequence] = []
         self._batch = KVBatch()
@@ -173,6 +174,35 @@ class Engine:
         self.tokens_generated = 0
         self.max_batch_seen = 0
         self.finish_counts: Counter[str] = Counter()  # finish reason -> requests
+
+    @torch.inference_mode()
+    def _batching_matches_solo(self) -> bool:
+        """Probe the model once: one decode step of two left-padded sequences in a batch must give the
+        logits of the same steps run alone. Attention ops that ignore the padding mask fail this, and the
+        engine then decodes one sequence per forward instead."""
+        prompts = [[i % self.vocab_size for i in range(3, 9)], [i % self.vocab_size for i in range(11, 13)]]
+        step_token = 7 % self.vocab_size
+        solo, batch = [], KVBatch()
+        for prompt in prompts:
+            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+            step = torch.tensor([[step_token]], dtype=torch.long, device=self.device)
+            alone = DynamicCache(config=self.model.config)
+            self._forward(ids, alone)
+            solo.append(self._forward(step, alone))
+            joined = DynamicCache(config=self.model.config)
+            self._forward(ids, joined)
+            batch.add(joined, len(prompt))
+        batched = self._forward(
+            torch.full((2, 1), step_token, dtype=torch.long, device=self.device), batch.cache,
+            attention_mask=batch.step_mask(),
+            position_ids=torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device))
+        solo = torch.cat(solo)
+        error, scale = float((batched - solo).abs().max()), float(solo.abs().max())
+        matches = error <= 1e-2 * scale + 1e-3
+        if not matches:
+            log.warning("batched decode differs from solo decode (max logit error %.3g of %.3g): "
+                        "decoding one sequence per forward", error, scale)
+        return matches
 
     # ------------------------------------------------------------------ public, any thread
 

@@ -116,3 +116,33 @@ def test_stop_string_spanning_tokens_is_never_emitted(model_and_tokenizer):
     assert "".join(pieces) == full[: full.index(stop)]
     assert final.finish_reason == "stop"
     assert _held_back("abcST", ["STOP"]) == 2 and _held_back("abc", ["STOP"]) == 0
+
+
+def test_a_model_that_ignores_the_padding_mask_is_decoded_one_sequence_at_a_time(model_and_tokenizer):
+    """The start-up probe catches attention that ignores the padding mask; replies stay right."""
+    model, tok = model_and_tokenizer
+
+    def drop_mask(module, args, kwargs):
+        kwargs["attention_mask"] = None
+        return args, kwargs
+
+    hooks = [layer.self_attn.register_forward_pre_hook(drop_mask, with_kwargs=True) for layer in model.model.layers]
+    try:
+        engine = Engine(model, tok, max_concurrency=4)
+        assert not engine.batched
+        prompts = [tok(t)["input_ids"] for t in ("short", "a much longer prompt than that")]
+        expected = [tok.decode(_reference(model, p, 10)) for p in prompts]
+
+        async def run():
+            engine.start()
+            try:
+                handles = [engine.submit(p, _greedy(10)) for p in prompts]
+                return [(await h.collect())[0] for h in handles]
+            finally:
+                engine.shutdown()
+
+        assert asyncio.run(run()) == expected
+    finally:
+        for h in hooks:
+            h.remove()
+    assert Engine(model, tok).batched  # the intact model passes the probe
