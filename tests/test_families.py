@@ -138,6 +138,21 @@ def test_family_fp32_logits_and_greedy_decode_match(family, registry):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_family_static_cache_greedy_decode_matches(family, registry):
+    """With Transformers' static cache the prefill gets no mask and more key slots than queries (the
+    empty rest of the buffer): the ops must attend to the filled slots only, as Transformers does."""
+    reference, model, _ = load_injected(family, torch.float32, registry)
+    ids = prompt(2)
+    gen = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    with torch.no_grad():
+        ref_out = reference.generate(ids, **gen)
+        our_out = model.generate(ids, cache_implementation="static", **gen)
+    assert torch.equal(our_out.sequences, ref_out.sequences)
+    for step, (g, e) in enumerate(zip(our_out.logits, ref_out.logits)):
+        assert (g - e).abs().max() <= FP32_REL_TOL * e.abs().max(), f"{family}: decode step {step}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_bf16_logits_match(family, registry):
     """In bf16 the injected model is as accurate as plain Transformers in bf16: both measured against the
     fp32 model with the same weights."""

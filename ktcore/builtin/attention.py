@@ -62,16 +62,15 @@ def apply_rope_complex(q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor
     return rotate(q), rotate(k)
 
 
-def _mask_for(attention_mask, q_len: int, kv_len: int, device) -> torch.Tensor | None:
-    """The mask to attend with: the model's (bool or additive, ``[B, 1|H, q, kv]``) or, when the model
-    passed none, a causal one (None for a single query, which sees every key)."""
-    if attention_mask is not None:
-        if attention_mask.dim() == 4 and attention_mask.shape[-1] != kv_len:
-            attention_mask = attention_mask[..., :kv_len]
-        return attention_mask
+def _without_mask(keys: torch.Tensor, values: torch.Tensor, q_len: int):
+    """Keys, values and mask for a call that got no mask from the model. Transformers passes none only
+    when nothing precedes the queries: they are positions ``0..q_len-1`` and attend causally to the
+    first ``q_len`` cache slots (a static cache returns more slots, still empty). A single query sees
+    every key it is given."""
     if q_len == 1:
-        return None
-    return causal_mask(q_len, kv_len, device)[None, None]
+        return keys, values, None
+    keys, values = keys[..., :q_len, :], values[..., :q_len, :]
+    return keys, values, causal_mask(q_len, q_len, keys.device)[None, None]
 
 
 def _add_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -124,16 +123,16 @@ class KAttentionSDPA(Op):
         q, k = apply_rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        kv_len = k.shape[-2]
-        mask = attention_mask
-        if mask is not None and mask.shape[-1] != kv_len:
-            mask = mask[..., :kv_len]
+        mask, is_causal = attention_mask, False
+        if mask is None and self.is_causal:
+            k, v, mask = _without_mask(k, v, q_len)
+            if mask is not None and self.softcap is None:
+                mask, is_causal = None, True  # square causal: SDPA's own flag keeps its fast kernels
+        elif mask is not None and mask.shape[-1] != k.shape[-2]:
+            mask = mask[..., : k.shape[-2]]
         if self.softcap is not None:
-            out = self._softcapped(q, k, v, _mask_for(mask, q_len, kv_len, q.device) if self.is_causal else mask)
+            out = self._softcapped(q, k, v, mask)
         else:
-            is_causal = mask is None and q_len > 1 and self.is_causal
-            if is_causal and kv_len != q_len:
-                mask, is_causal = causal_mask(q_len, kv_len, q.device)[None, None], False
             gqa = {}
             if self.num_kv_heads != self.num_heads:
                 if SDPA_HAS_GQA:
@@ -237,8 +236,11 @@ class KAttentionMLA(Op):
 
         if cache is not None:
             latent, k_pe = cache.update(latent, k_pe, self.layer_idx)
-        kv_len = latent.shape[-2]
-        mask = _mask_for(attention_mask, q_len, kv_len, hidden_states.device)
+        mask = attention_mask
+        if mask is None:
+            latent, k_pe, mask = _without_mask(latent, k_pe, q_len)
+        elif mask.shape[-1] != latent.shape[-2]:
+            mask = mask[..., : latent.shape[-2]]
 
         dtype = self.dtype
         q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope.to(dtype), self.w_k)  # [B, H, S, r]
