@@ -153,6 +153,22 @@ def test_family_static_cache_greedy_decode_matches(family, registry):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_family_chunked_prefill_with_ktcore_cache_matches(family, registry):
+    """ktcore's generator cache (preallocated, prefix views), prefill in chunks of 10 (longer than gemma3's
+    window of 8), then single tokens: the logits of every position equal one full forward of the plain model."""
+    from ktcore.generate import forward_step, new_cache
+
+    reference, model, _ = load_injected(family, torch.float32, registry)
+    ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    cache = new_cache(model, 64)
+    spans = [(0, 10), (10, 20)] + [(t, t + 1) for t in range(20, 24)]
+    got = torch.cat([forward_step(model, ids[:, a:b], cache, logits_to_keep=0) for a, b in spans], dim=1)
+    assert (got - expected).abs().max() <= FP32_REL_TOL * expected.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_bf16_logits_match(family, registry):
     """In bf16 the injected model is as accurate as plain Transformers in bf16: both measured against the
     fp32 model with the same weights."""
