@@ -441,3 +441,15 @@ def test_sdpa_attention_without_enable_gqa(models, monkeypatch):
         expected = run_steps(hf, model.model.rotary_emb, model.config, hidden, None, False, 12, True)
         got = run_steps(ours, model.model.rotary_emb, model.config, hidden, None, False, 12, True)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mla_absorbs_a_plain_kv_b_proj_of_another_dtype(models):
+    """kv_b_proj left a plain fp32 nn.Linear (no rule replaced it) while the op computes in bf16."""
+    model = models("deepseek_v3")
+    attn = model.model.layers[0].self_attn
+    op = KAttentionMLA(attn, "cpu", dtype="bfloat16")
+    op.post_load()
+    w = attn.kv_b_proj.weight.detach().view(model.config.num_attention_heads, -1, model.config.kv_lora_rank)
+    assert op.w_k.dtype == torch.bfloat16
+    torch.testing.assert_close(op.w_k.float(), w[:, : model.config.qk_nope_head_dim].to(torch.bfloat16).float())
+    torch.testing.assert_close(op.w_v.float(), w[:, model.config.qk_nope_head_dim :].to(torch.bfloat16).float())

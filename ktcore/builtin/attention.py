@@ -200,9 +200,11 @@ class KAttentionMLA(Op):
     def _absorb(self) -> None:
         r = self.kv_lora_rank
         kv_b = self.attn.kv_b_proj
-        eye = torch.eye(r, dtype=self.dtype, device=self.device)
-        w_t = kv_b(eye).to(device=self.device, dtype=self.dtype)  # eye @ W.T = W.T: [r, H*(nope+v)]
-        bias = kv_b(torch.zeros(1, r, dtype=self.dtype, device=self.device))
+        # a plain nn.Linear takes inputs of its own dtype and device; a linear wrapper converts them
+        plain = next(kv_b.parameters(), None)
+        where = dict(dtype=plain.dtype, device=plain.device) if plain is not None else dict(dtype=self.dtype, device=self.device)
+        w_t = kv_b(torch.eye(r, **where)).to(device=self.device, dtype=self.dtype)  # eye @ W.T = W.T: [r, H*(nope+v)]
+        bias = kv_b(torch.zeros(1, r, **where))
         if bool(bias.abs().max() > 0):
             raise ValueError(f"{self.name}: layer {self.layer_idx} kv_b_proj has a bias, which absorption does not support")
         w = w_t.t().reshape(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, r)
