@@ -1,8 +1,8 @@
 """kt-rocm's ops: kt-cuda's Triton ops with ROCm availability and HIP launch configurations, and
 ktcore's SDPA attention under a ROCm name.
 
-``forward`` is restated here only to pass the HIP configurations (kt-cuda's ops launch with their CUDA
-defaults); loading, repacking and the dense fallbacks are kt-cuda's.
+``forward`` is restated here only to pass the HIP configurations (kt-cuda's ops autotune over candidates
+from H200 sweeps); loading, repacking, layouts and the dense fallbacks are kt-cuda's.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class KLinearROCm(KLinearMarlin):
 
         x2 = x.reshape(-1, self.in_features)
         compute = x2.dtype if x2.dtype in HALF else (self.dtype if self.dtype in HALF else torch.bfloat16)
-        config = hip_int4_config(x2.shape[0], self.out_features, self.in_features, self.weight_int4.group_size, x.device)
+        config = hip_int4_config(x2.shape[0], self.weight_int4.group_size)
         y = int4_matmul(x2.to(compute), self.weight_int4, self.bias, config)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
