@@ -13,7 +13,7 @@ from torch import nn
 from .modules import KModule
 from .moe import LayerDevices, install_transfer_hooks, parse_transfer_map
 from .ops import Op
-from .registry import Registry, get_registry
+from .registry import Registry, device_missing_reason, get_registry
 from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
 
 RULE_FILES_DIR = Path(__file__).parent / "rule_files"
@@ -90,7 +90,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
     report = InjectReport(rule_files=list(rules.files))
     wrappers: list[tuple[KModule, Rule]] = []
     placements: dict[str, torch.device] = {}
-    layer_devices = _layer_devices(model, rules, transfer_map)
+    layer_devices = _layer_devices(model, rules, transfer_map, check_devices=build_ops)
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for name, child in list(parent._modules.items()):
@@ -104,7 +104,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
                 if rule.device is not None:
                     placements[qualname] = LayerDevices.remap(rule.device, target)
                 if rule.wrapper is not None:
-                    wrapper = rule.build(child, qualname, target)
+                    wrapper = rule.build(child, qualname, target, check_target=build_ops)
                     _set_child(parent, name, wrapper)
                     wrappers.append((wrapper, rule))
                     child = wrapper
@@ -143,11 +143,15 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
     return report
 
 
-def _layer_devices(model: nn.Module, rules: RuleSet, transfer_map: dict | None) -> LayerDevices | None:
+def _layer_devices(model: nn.Module, rules: RuleSet, transfer_map: dict | None, *,
+                   check_devices: bool = True) -> LayerDevices | None:
     """The rule files' transfer_map updated by the caller's, resolved against ``model``."""
     merged = dict(rules.transfer_map)
     if transfer_map:
         parsed, problems = parse_transfer_map(transfer_map)
+        if check_devices:
+            problems += [f"layer {i}: device '{d}' is not present: {why}" for i, d in parsed.items()
+                         if (why := device_missing_reason(d))]
         if problems:
             raise LoadError(f"transfer_map {transfer_map!r}: {'; '.join(problems)}")
         merged.update(parsed)

@@ -177,15 +177,21 @@ class LayerDevices:
 
 
 def _move_tensors(value: Any, device: torch.device) -> Any:
+    """Every tensor inside ``value`` (nested tuples, lists, dicts) on ``device``; the pre-hooks call this
+    once per call."""
+    return _moved(value, device)
+
+
+def _moved(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value if value.device == device else value.to(device)
     if isinstance(value, tuple):
-        moved = [_move_tensors(v, device) for v in value]
+        moved = [_moved(v, device) for v in value]
         return type(value)(*moved) if hasattr(value, "_fields") else tuple(moved)  # namedtuples too
     if isinstance(value, list):
-        return [_move_tensors(v, device) for v in value]
+        return [_moved(v, device) for v in value]
     if isinstance(value, dict):
-        return {k: _move_tensors(v, device) for k, v in value.items()}
+        return {k: _moved(v, device) for k, v in value.items()}
     return value
 
 
@@ -210,7 +216,7 @@ class MoveInputs:
         device = self.device or _module_device(module)
         if device is None:
             return None
-        return _move_tensors(args, device), _move_tensors(kwargs, device)
+        return _move_tensors((args, kwargs), device)
 
 
 def install_transfer_hooks(model: nn.Module, layer_devices: LayerDevices) -> list[tuple[str, MoveInputs]]:

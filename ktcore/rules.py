@@ -158,9 +158,11 @@ class Rule:
     def issue(self, field_name: str, message: str) -> RuleError:
         return RuleError([RuleIssue(self.file, self.line, self.index, field_name, message)])
 
-    def build(self, module: nn.Module, qualname: str, target: torch.device | None = None) -> KModule:
+    def build(self, module: nn.Module, qualname: str, target: torch.device | None = None, *,
+              check_target: bool = True) -> KModule:
         """The wrapper for ``module`` (ops not built yet: ``wrapper.build_ops()`` after the whole walk).
-        ``target``: the transfer_map device of the layer it is in; every non-CPU device moves there."""
+        ``target``: the transfer_map device of the layer it is in; every non-CPU device moves there, and
+        (``check_target``) the ops must be available on it."""
         assert self.wrapper is not None
         if not self.wrapper.accepts(module):
             raise self.issue(
@@ -176,7 +178,7 @@ class Rule:
             for which in ("prefill", "generate"):
                 op_cls, device = options[f"{which}_op"], options[f"{which}_device"]
                 why = (f"it runs on {', '.join(op_cls.devices)}" if op_cls.devices and device.type not in op_cls.devices
-                       else op_cls.available(device))
+                       else op_cls.available(device) if check_target else None)
                 if why:
                     raise self.issue(f"replace.kwargs.{which}_op", f"transfer_map puts '{qualname}' on {device}, "
                                      f"where op '{op_cls.name}' cannot run: {why}")
