@@ -121,12 +121,29 @@ def test_client_disconnect_frees_its_slot(server, model_name):
                 for line in resp.iter_lines():  # up to the first piece of text
                     if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                         break
-                assert engine.active_count == 1
-        deadline = time.monotonic() + 5
+                assert engine.active_count == 1, dict(engine.finish_counts)
+        deadline = time.monotonic() + 15
         while engine.active_count and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         slow.remove()
     assert engine.active_count == 0
-    assert engine.finish_counts["cancelled"] == cancelled_before + 1
+    assert engine.finish_counts["cancelled"] == cancelled_before + 1, dict(engine.finish_counts)
     assert httpx.get(server.url + "/health").json()["active"] == 0
+
+
+def test_non_streaming_client_that_gives_up_frees_its_slot(server, model_name):
+    engine = server.server.config.app.state.kt.engine
+    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
+    cancelled_before = engine.finish_counts["cancelled"]
+    body = {"model": model_name, "messages": MESSAGES, "max_tokens": 400, "temperature": 0}
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+        deadline = time.monotonic() + 15
+        while engine.active_count and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        slow.remove()
+    assert engine.active_count == 0
+    assert engine.finish_counts["cancelled"] == cancelled_before + 1, dict(engine.finish_counts)
