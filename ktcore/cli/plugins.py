@@ -41,18 +41,22 @@ def op_status(op_cls) -> dict:
     runs_on, absent, refused = [], {}, {}
     for device in op_cls.devices:
         missing = device_missing_reason(device)
+        reason = _own_reason(op_cls, device)
         if missing:
-            absent[device] = missing
-            continue
-        try:
-            reason = op_cls.available(device)
-        except Exception as exc:  # a plugin's check failing is itself the reason
-            reason = f"available() raised {type(exc).__name__}: {exc}"
-        if reason:
+            # the op's own words ("torch_npu is not installed") say more than "no npu device"
+            absent[device] = reason or missing
+        elif reason:
             refused[device] = reason
         else:
             runs_on.append(device)
     return {"runs_on": runs_on, "absent_devices": absent, "refused": refused}
+
+
+def _own_reason(op_cls, device: str) -> str | None:
+    try:
+        return op_cls.available(device)
+    except Exception as exc:  # a plugin's check failing is itself the reason
+        return f"available() raised {type(exc).__name__}: {exc}"
 
 
 def describe(registry: Registry) -> dict:
@@ -80,8 +84,10 @@ def render(data: dict) -> str:
             for op in (o for o in plugin["ops"] if o["role"] == role):
                 state = ("runs here on " + ", ".join(op["runs_on"])) if op["runs_on"] else "CANNOT RUN HERE"
                 details = [f"not on {d}: {r}" for d, r in op["refused"].items()]
-                if op["absent_devices"]:
-                    details.append("devices not present: " + ", ".join(op["absent_devices"]))
+                if op["runs_on"] and op["absent_devices"]:
+                    details.append("also for " + ", ".join(op["absent_devices"]) + " (not present)")
+                elif op["absent_devices"]:
+                    details += [f"not available: {r}" for r in dict.fromkeys(op["absent_devices"].values())]
                 if op["ggml_types"]:
                     details.append("takes " + ", ".join(op["ggml_types"]) + " as stored")
                 lines.append(f"  {role:<10} {op['name']:<22} {state}" + (f"; {'; '.join(details)}" if details else ""))

@@ -22,6 +22,9 @@ def cuda_unavailable_reason(device: torch.device | str | None = None, min_capabi
         return f"runs on cuda devices only, not {torch.device(device).type}"
     if not torch.cuda.is_available():
         return "CUDA is not available"
+    if torch.version.hip is not None:
+        # a ROCm torch answers to "cuda" too, but these launch settings are tuned for NVIDIA
+        return "this is a ROCm build of torch (torch.version.hip is set); kt-rocm's ops run here"
     if triton_missing():
         return "Triton is not installed (pip install triton)"
     index = torch.device(device).index if device is not None else None
