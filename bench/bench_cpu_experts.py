@@ -79,7 +79,9 @@ def llama_cpp_times(path1: str, path2: str, threads: int, prefill: int, decode_s
 
     def measure(path):
         llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prefill + decode_steps + 8,
-                              n_batch=prefill, n_ubatch=prefill, n_gpu_layers=0, verbose=False, logits_all=False)
+                              n_batch=prefill, n_ubatch=prefill, n_gpu_layers=0, verbose=False, logits_all=False,
+                              # V2-Lite has no q LoRA; the synthetic file omits the key llama.cpp requires
+                              kv_overrides={"deepseek2.attention.q_lora_rank": 0})
         toks = [int(t) for t in torch.randint(3, 1000, (prefill,), generator=torch.Generator().manual_seed(0))]
         llm.reset()
         llm.eval(toks[:8])  # warm-up
