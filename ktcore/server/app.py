@@ -42,6 +42,22 @@ class APIKeyMiddleware:
         return any(path == p or path.startswith(p + "/") for p in PUBLIC_PATHS)
 
 
+class JSONBodyMiddleware:
+    """Treat a POST body as JSON whatever its content type: ``curl -d '{...}'`` (form-encoded by default)
+    is how Ollama's and OpenAI's docs call their APIs."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            given = dict(scope["headers"]).get(b"content-type", b"")
+            if not given.startswith(b"multipart/"):
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        return await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, tokenizer, model: ModelInfo, *, api_key: str | None = None,
                db_path: str | Path | None = None, web: bool = True, manage_engine: bool = True) -> FastAPI:
     """An app serving ``engine``. ``db_path``: SQLite file of the Assistants API (``None``: API off).
@@ -94,6 +110,7 @@ def create_app(engine: Engine, tokenizer, model: ModelInfo, *, api_key: str | No
 
         app.mount("/web/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
 
+    app.add_middleware(JSONBodyMiddleware)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     # added last, so outermost: a 401 carries CORS headers too

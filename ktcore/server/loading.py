@@ -20,6 +20,19 @@ def _parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.device.type != "meta")
 
 
+def _gguf_parameter_count(path: Path) -> int | None:
+    """Elements of every tensor in a GGUF file (quantized weights are no ``nn.Parameter`` to count)."""
+    if path.suffix != ".gguf":
+        return None
+    try:
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    except Exception as exc:  # the count is informational only
+        log.warning("cannot count the parameters of %s: %s", path, exc)
+        return None
+
+
 def _load_with_ktcore(path: str):
     from ktcore.inject import load_model
     from ktcore.weights import open_source
@@ -74,7 +87,7 @@ def load_for_serving(spec: str, loader: str = "auto", name: str | None = None):
     stem = path.stem if path.is_file() else path.name
     info = ModelInfo(
         name=name or stem, path=str(path.resolve()), family=model.config.model_type,
-        parameter_count=_parameter_count(model), quantization=quant.group(1).upper() if quant else "unknown",
+        parameter_count=_gguf_parameter_count(path) or _parameter_count(model), quantization=quant.group(1).upper() if quant else "unknown",
         size_bytes=size, context_length=getattr(model.config, "max_position_embeddings", 0) or 0,
         modified_at=datetime.fromtimestamp(path.stat().st_mtime, timezone.utc),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -113,3 +115,12 @@ def test_api_key_with_official_clients(keyed_server, model_name):
     assert [m.id for m in good.models.list().data] == [model_name]
     keyed = ollama.Client(host=keyed_server.url, headers={"Authorization": f"Bearer {API_KEY}"})
     assert keyed.list().models
+
+
+def test_json_body_without_json_content_type(http, model_name):
+    """``curl -d '{...}'`` sends form encoding; Ollama's documented examples rely on it working."""
+    body = json.dumps({"model": model_name, "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
+    r = http.post("/api/generate", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["done"] is True
+    r = http.post("/v1/completions", content=json.dumps({"model": model_name, "prompt": "hi", "max_tokens": 2}))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
