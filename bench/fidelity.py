@@ -108,7 +108,7 @@ def common_prefix(a, b) -> int:
 def evaluate(name: str, threads: int, rules=None, max_tokens: int = 512, with_transformers: bool = True) -> dict:
     path = MODELS[name]()
     gen, load_s = load_ktcore(path, rules=rules, threads=threads, max_context=max(1024, max_tokens + 64))
-    llm = load_llamacpp(path, threads=threads, n_ctx=max(1024, max_tokens + 64), logits_all=True)
+    llm = load_llamacpp(path, threads=threads, n_ctx=max_tokens + 64, logits_all=True, exact_kv=True)
     ids = llamacpp_tokens(llm, fixed_text())[:max_tokens]
     stats = teacher_forced_stats(gen.score(ids), llamacpp_logits(llm, ids), ids)
     result = {"model": name, "path": str(path), "load_s": load_s, **stats}

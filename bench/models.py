@@ -81,13 +81,16 @@ def load_transformers(path, threads: int | None = None):
     return model.eval()
 
 
-def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False):
+def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False, exact_kv: bool = False):
+    """llama.cpp on ``path``. ``exact_kv``: keep its KV cache in F32 instead of the default F16, so the
+    reference only carries the approximations of its matmul kernels (fidelity runs use it)."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError as exc:
         raise ModelUnavailable(f"llama.cpp bindings missing ({exc}): pip install llama-cpp-python") from None
-    return Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                 n_batch=512, logits_all=logits_all, verbose=False)
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
+    return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                           n_batch=512, logits_all=logits_all, verbose=False, **kv)
 
 
 def llamacpp_tokens(llm, text: str) -> list[int]:

@@ -70,7 +70,7 @@ def test_greedy_32_tokens_match_transformers(loaded):
 def test_teacher_forced_against_llamacpp(loaded):
     pytest.importorskip("llama_cpp", reason="llama.cpp reference needs llama-cpp-python")
     name, path, gen = loaded
-    llm = load_llamacpp(path, threads=THREADS, n_ctx=TEXT_TOKENS + 16, logits_all=True)
+    llm = load_llamacpp(path, threads=THREADS, n_ctx=TEXT_TOKENS + 16, logits_all=True, exact_kv=True)
     ids = llamacpp_tokens(llm, fixed_text())[:TEXT_TOKENS]
     assert len(ids) == TEXT_TOKENS
     stats = teacher_forced_stats(gen.score(ids), llamacpp_logits(llm, ids), ids)
