@@ -59,11 +59,20 @@ Pool::~Pool() {
     controller_.join();
 }
 
-void Pool::run_tasks(int thread) {
+void Pool::run_tasks(uint64_t gen, int thread) {
     for (;;) {
-        int t = next_.fetch_add(1, std::memory_order_relaxed);
-        if (t >= ntasks_) break;
-        (*fn_)(t, thread);
+        uint64_t v = ticket_.load(std::memory_order_acquire);
+        if ((v >> 32) != gen) return;  // a newer phase started: this one is over
+        const int n = ntasks_.load(std::memory_order_relaxed);
+        const int idx = int(v & 0xffffffffu);
+        if (idx >= n) return;
+        if (!ticket_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
+        // claimed task idx of phase gen: the phase cannot end before done_ counts it, so fn_ is its fn
+        (*fn_)(idx, thread);
+        if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+            std::lock_guard<std::mutex> l(mu_);  // the controller checks under the lock: no lost wake-up
+            done_cv_.notify_one();
+        }
     }
 }
 
@@ -79,11 +88,7 @@ void Pool::worker_loop(int id) {
         }
         if (stop_.load()) return;
         seen = generation_.load(std::memory_order_acquire);
-        run_tasks(id);
-        if (pending_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-            std::lock_guard<std::mutex> l(mu_);  // the controller checks under the lock: no lost wake-up
-            done_cv_.notify_one();
-        }
+        run_tasks(seen, id);
     }
 }
 
@@ -93,22 +98,22 @@ void Pool::parallel_for(int ntasks, const std::function<void(int, int)>& fn) {
         for (int t = 0; t < ntasks; ++t) fn(t, 0);
         return;
     }
+    const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
     fn_ = &fn;
-    ntasks_ = ntasks;
-    next_.store(0, std::memory_order_relaxed);
-    pending_workers_.store(nthreads_ - 1, std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    ntasks_.store(ntasks, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store(gen << 32, std::memory_order_release);
+    generation_.store(gen, std::memory_order_release);
     {
         std::lock_guard<std::mutex> l(mu_);  // a worker between its check and its wait holds this lock
     }
     work_cv_.notify_all();
-    run_tasks(0);
-    auto done = [&] { return pending_workers_.load(std::memory_order_acquire) == 0; };
+    run_tasks(gen, 0);
+    auto done = [&] { return done_.load(std::memory_order_acquire) == ntasks; };
     if (!spin_until(done, spin_us_)) {
         std::unique_lock<std::mutex> l(mu_);
         done_cv_.wait(l, done);
     }
-    fn_ = nullptr;
 }
 
 void Pool::controller_loop() {

@@ -31,7 +31,8 @@ public:
 private:
     void worker_loop(int id);
     void controller_loop();
-    void run_tasks(int thread);
+    // Claim and run tasks of generation gen until none is left (or a newer generation started).
+    void run_tasks(uint64_t gen, int thread);
 
     int nthreads_;
     std::vector<int> cpus_;
@@ -41,11 +42,14 @@ private:
 
     std::mutex mu_;
     std::condition_variable work_cv_, done_cv_;
+    // A phase: generation_ says a new one started; ticket_ = generation << 32 | next task index, claimed
+    // by compare-exchange, so a worker that wakes late (descheduled on a busy machine) finds the phase
+    // over and never holds it up: the controller waits for tasks done, not for workers.
     std::atomic<uint64_t> generation_{0};
+    std::atomic<uint64_t> ticket_{0};
+    std::atomic<int> done_{0};
     const std::function<void(int, int)>* fn_ = nullptr;
-    int ntasks_ = 0;
-    std::atomic<int> next_{0};
-    std::atomic<int> pending_workers_{0};
+    std::atomic<int> ntasks_{0};
     std::atomic<bool> stop_{false};
     int spin_us_ = 50;
 
