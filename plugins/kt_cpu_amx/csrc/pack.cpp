@@ -6,6 +6,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include <sys/mman.h>
+
 #ifdef KT_HAVE_NUMA
 #include <numa.h>
 #endif
@@ -24,6 +26,12 @@ Buffer::Buffer(size_t n, bool weights) : bytes(n) {
 #else
     (void)weights;
 #endif
+    if (!ptr && weights && n >= (size_t(4) << 20)) {
+        // large weight buffers on 2 MiB pages where the kernel allows (fewer TLB misses while streaming)
+        constexpr size_t kHuge = size_t(2) << 20;
+        ptr = std::aligned_alloc(kHuge, (n + kHuge - 1) / kHuge * kHuge);
+        if (ptr) madvise(ptr, (n + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+    }
     if (!ptr) ptr = std::aligned_alloc(64, (n + 63) / 64 * 64);
     if (!ptr) throw std::bad_alloc();
 }
