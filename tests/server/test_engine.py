@@ -146,3 +146,26 @@ def test_a_model_that_ignores_the_padding_mask_is_decoded_one_sequence_at_a_time
         for h in hooks:
             h.remove()
     assert Engine(model, tok).batched  # the intact model passes the probe
+
+
+def test_sliding_window_model_decodes_per_sequence_and_matches_transformers():
+    """Gemma 3's sliding-window cache cannot be left-padded: the engine runs it one sequence per forward,
+    with prompts longer than the window (8), concurrently."""
+    from ktcore.server.tiny import tiny_chat_model
+
+    model, tok = tiny_chat_model("gemma3")
+    engine = Engine(model, tok, max_concurrency=4)
+    assert not engine.batched
+    prompts = [tok(t)["input_ids"] for t in ("a prompt longer than the window", "short")]
+    expected = [tok.decode(_reference(model, p, 12)) for p in prompts]
+
+    async def run():
+        engine.start()
+        try:
+            handles = [engine.submit(p, _greedy(12)) for p in prompts]
+            return [(await h.collect())[0] for h in handles]
+        finally:
+            engine.shutdown()
+
+    assert asyncio.run(run()) == expected
+    assert engine.max_batch_seen == 2
