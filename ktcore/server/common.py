@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from .engine import ContextOverflowError, Engine, Event, SamplingParams, SequenceHandle
 from .errors import APIError
@@ -147,3 +148,19 @@ def sse(data) -> str:
 
 def rfc3339_now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class StreamThenRelease(StreamingResponse):
+    """A streaming response that calls ``on_close()`` once it ends for any reason, the client's
+    disconnect included (an async generator's ``finally`` only runs when it is finalized, which a
+    disconnect does not guarantee to do promptly)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

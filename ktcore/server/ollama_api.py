@@ -11,13 +11,13 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ktcore import __version__ as ktcore_version
 
 from .common import (
     ServerState,
+    StreamThenRelease,
     chat_prompt_ids,
     collect_unless_disconnected,
     raise_for_engine_error,
@@ -152,7 +152,7 @@ async def _reply(request: Request, handle, head: dict, piece, final_extra=lambda
             finally:
                 handle.cancel()
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return StreamThenRelease(lines(), handle.cancel, media_type="application/x-ndjson")
 
     result = await collect_unless_disconnected(request, handle)
     if result is None:

@@ -7,11 +7,11 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
     ServerState,
+    StreamThenRelease,
     chat_prompt_ids,
     collect_unless_disconnected,
     message_text,
@@ -147,7 +147,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
             finally:
                 handle.cancel()  # no-op when finished; frees the slot when the client went away
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamThenRelease(events(), handle.cancel, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     result = await collect_unless_disconnected(request, handle)
     if result is None:
@@ -209,7 +210,8 @@ async def completions(req: CompletionRequest, request: Request):
             finally:
                 handle.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamThenRelease(events(), handle.cancel, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     result = await collect_unless_disconnected(request, handle)
     if result is None:

@@ -11,10 +11,9 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..common import require_model, state_of
+from ..common import StreamThenRelease, require_model, state_of
 from ..errors import APIError, openai_error_body
 from .store import AssistantsStore
 
@@ -204,11 +203,15 @@ async def _start(request: Request, thread_id: str, body: RunBody):
                 yield _event("error", openai_error_body(APIError(500, f"run failed: {task.exception()}")))
             yield "event: done\ndata: [DONE]\n\n"
         finally:
-            handle = store.live.get(run["id"])
-            if handle is not None:  # the client went away mid-run: stop generating (the web UI's stop button)
-                handle.cancel()
+            stop_generating()
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def stop_generating():
+        handle = store.live.get(run["id"])
+        if handle is not None:  # the client went away mid-run: stop generating (the web UI's stop button)
+            handle.cancel()
+
+    return StreamThenRelease(stream(), stop_generating, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
 
 
 def _event(name: str, obj: dict) -> str:
