@@ -10,13 +10,20 @@ from torch import nn
 from ktcore.ops import Op
 
 from . import repack
-from .runtime import get_runtime, unavailable_reason
+from .runtime import get_runtime, select_isa, unavailable_reason
 
 
 def _cpu_reason(name: str, device) -> str | None:
     if device is not None and torch.device(device).type != "cpu":
         return f"{name} runs on the CPU only (asked for {device})"
-    return unavailable_reason()
+    why = unavailable_reason()
+    if why:
+        return why
+    try:  # a KT_CPU_ISA that this CPU cannot run is reported here, not at the first forward
+        select_isa()
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return None
 
 
 def _check_shape(op: str, qt, expected: tuple[int, ...]) -> None:

@@ -84,6 +84,7 @@ def test_available_reasons(monkeypatch):
             monkeypatch.setenv("KT_CPU_ISA", isa)
             with pytest.raises(RuntimeError, match=isa):
                 runtime.select_isa()
+            assert why in KExpertsCPU.available("cpu")
     monkeypatch.setenv("KT_CPU_ISA", "sse2")
     with pytest.raises(ValueError, match="sse2"):
         runtime.select_isa()
