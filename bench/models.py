@@ -81,7 +81,8 @@ def load_transformers(path, threads: int | None = None):
     return model.eval()
 
 
-def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False, exact_kv: bool = False):
+def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False, exact_kv: bool = False,
+                  kv_overrides: dict | None = None):
     """llama.cpp on ``path``. ``exact_kv``: keep its KV cache in F32 instead of the default F16, so the
     reference only carries the approximations of its matmul kernels (fidelity runs use it)."""
     try:
@@ -90,7 +91,7 @@ def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = Fals
         raise ModelUnavailable(f"llama.cpp bindings missing ({exc}): pip install llama-cpp-python") from None
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
     return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                           n_batch=512, logits_all=logits_all, verbose=False, **kv)
+                           n_batch=512, logits_all=logits_all, verbose=False, kv_overrides=kv_overrides, **kv)
 
 
 def llamacpp_tokens(llm, text: str) -> list[int]:
