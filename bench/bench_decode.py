@@ -60,6 +60,8 @@ def synthetic_moe_gguf(layers: int = 2) -> Path:
 
 
 def run_model(name, path, args, bandwidth):
+    from ktcore.weights import open_source
+
     n_ctx = args.prompt_tokens + args.gen_tokens + 16
     # The synthetic file is V2-Lite-shaped (no q LoRA) but not 27 layers deep, which is how llama.cpp
     # recognizes Lite; it then asks for the q_lora_rank key, which 0 answers.
@@ -74,7 +76,7 @@ def run_model(name, path, args, bandwidth):
     ours = bench_ktcore(gen, prompt_ids, args.gen_tokens, args.repeats)
     row = {
         "model": name, "load_s": load_s, "ktcore": ours, "llama.cpp": ref,
-        "gguf_bytes": gguf_active_bytes(path), "ktcore_bytes": ktcore_active_bytes(gen.model),
+        "gguf_bytes": gguf_active_bytes(path), "ktcore_bytes": ktcore_active_bytes(gen.model, open_source(str(path))),
     }
     del gen
     gc.collect()

@@ -64,8 +64,10 @@ def gguf_active_bytes(path) -> int:
     return total
 
 
-def ktcore_active_bytes(model) -> int:
-    """Bytes of ktcore's resident tensors one decoded token reads (each storage once; as above)."""
+def ktcore_active_bytes(model, source=None) -> int:
+    """Bytes of ktcore's resident tensors one decoded token reads (each storage once; as above). A wrapper
+    whose ops keep their weights outside torch tensors (a C++ kernel's own buffers) is counted at the size
+    of its GGUF tensors in ``source``."""
     config = model.config
     experts = (getattr(config, "n_routed_experts", None) or getattr(config, "num_experts", None)
                or getattr(config, "num_local_experts", None))
@@ -83,6 +85,17 @@ def ktcore_active_bytes(model) -> int:
         if ".experts." in name and experts and used:
             n = n * used // experts  # an experts module holds all experts, whatever layout its op repacked to
         total += n
+    if source is not None:
+        from ktcore.modules import KModule
+
+        for qualname, module in model.named_modules():
+            if not isinstance(module, KModule):
+                continue
+            if any(True for op in module.ops() for _ in [*op.parameters(), *op.buffers()]):
+                continue
+            for local in module.weight_names():
+                n = source.get(f"{qualname}.{local}").data.numel()
+                total += n * used // experts if qualname.endswith(".experts") and experts and used else n
     return total
 
 
@@ -205,7 +218,7 @@ def _bench(args) -> int:
     gen = Generator(model, tokenizer, max_context=n_ctx)
     ours = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
     rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1],
-                 "bytes": ktcore_active_bytes(model), "ref": ref})
+                 "bytes": ktcore_active_bytes(model, source), "ref": ref})
     print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} (medians)")
     print(format_table(rows, bandwidth))
     return 0
