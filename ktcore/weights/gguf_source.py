@@ -169,7 +169,7 @@ class GGUFSource:
             return AutoTokenizer.from_pretrained(self.model_path)
         from .gguf_tokenizer import tokenizer_from_gguf
 
-        return tokenizer_from_gguf(self.path, self.config().model_type)
+        return tokenizer_from_gguf(self.path, self.config().model_type, reader=self._readers[0])
 
     # --- Transformers names -----------------------------------------------------------------------
 

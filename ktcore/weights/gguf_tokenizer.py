@@ -22,8 +22,16 @@ def tokenizer_class_for(model_type: str):
     return cls or TokenizersBackend
 
 
-def tokenizer_from_gguf(path: str, model_type: str):
-    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+def tokenizer_from_gguf(path: str, model_type: str, reader=None):
+    """``reader``: the file's open ``gguf.GGUFReader``, used where this Transformers reads no GGUF
+    tokenizer by itself (before 5.2x the converters lived in ``integrations.ggml``)."""
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:
+        from transformers.integrations.ggml import convert_gguf_tokenizer
+
+        def get_gguf_tokenizer(path):
+            return _tokenizer_metadata(reader or _open(path), model_type)
 
     try:
         architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
@@ -38,3 +46,27 @@ def tokenizer_from_gguf(path: str, model_type: str):
     cls = tokenizer_class_for(model_type)
     kwargs = dict(tokenizer_config) | dict(extra)
     return cls(tokenizer_object=backend, **kwargs)
+
+
+def _open(path: str):
+    import gguf
+
+    return gguf.GGUFReader(path, "r")
+
+
+def _tokenizer_metadata(reader, model_type: str) -> tuple[str, dict, dict]:
+    """``(converter name, tokenizer_dict, tokenizer_config)`` from a reader's ``tokenizer.*`` fields, keyed
+    as Transformers' ``GGUF_TOKENIZER_MAPPING`` says (what newer Transformers' ``get_gguf_tokenizer`` does)."""
+    from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, GGUF_TOKENIZER_MAPPING
+
+    tokenizer_dict, tokenizer_config = {}, {}
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        suffix = key[len("tokenizer."):]
+        for section, out in (("tokenizer", tokenizer_dict), ("tokenizer_config", tokenizer_config)):
+            if suffix in GGUF_TOKENIZER_MAPPING[section]:
+                out[GGUF_TOKENIZER_MAPPING[section][suffix]] = field.contents()
+    kind = tokenizer_dict.get("tokenizer_type")
+    converter = model_type if model_type in GGUF_TO_FAST_CONVERTERS else ("llama" if kind == "llama" else "gpt2")
+    return converter, tokenizer_dict, tokenizer_config
