@@ -1,4 +1,5 @@
-"""Tiny models of every supported family, for tests: explicit configs and seeded random weights.
+"""Tiny models of every supported family, for tests: explicit configs and seeded random weights; and
+GGUF-quantized sample tensors with their ``gguf.quants`` reference values.
 
 Every ``nn.Linear`` (and every expert projection) has ``in_features`` a multiple of 256, so that GGUF
 K-quants (256-value super-blocks) apply to all of them. Weights are drawn with a scale of
@@ -8,7 +9,9 @@ routers spread tokens over the experts and the logits differ clearly between pos
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from gguf import GGMLQuantizationType, quants
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV2Config,
@@ -22,6 +25,8 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
 )
+
+from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 
@@ -215,3 +220,32 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     for name in sorted(tensors):
         _fill_(name, tensors[name], generator, zero_centered, bool(config.tie_word_embeddings))
     return model.eval()
+
+
+# K-quant layouts: bytes per 256-weight block and where its float16 d (and dmin) sit
+_K_HALVES = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,)), "Q2_K": (84, (80, 82)), "Q3_K": (110, (108,))}
+
+
+def quantized_sample(ggml_type: str, shape: tuple[int, ...], seed: int = 0, name: str = "w") -> QuantizedTensor:
+    """A seeded GGUF tensor: quantized with ``gguf.quants`` where it can, else random whole blocks with sane
+    scales (``gguf.quants`` only dequantizes the K-quants). Its reference values are ``gguf_reference``."""
+    rng = np.random.default_rng(seed)
+    qtype = GGMLQuantizationType[ggml_type]
+    if ggml_type in _K_HALVES:
+        nbytes, halves = _K_HALVES[ggml_type]
+        blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // 256, nbytes), dtype=np.uint8)
+        for at in halves:
+            blocks[:, at : at + 2] = (rng.uniform(1e-4, 1e-3, size=(blocks.shape[0], 1))).astype(np.float16).view(np.uint8)
+        raw = blocks.reshape(-1)
+    else:
+        values = rng.standard_normal(shape).astype(np.float32) * 0.05
+        if ggml_type in ("Q4_1", "Q5_1"):
+            values += rng.uniform(-0.05, 0.05, size=shape[:-1] + (1,)).astype(np.float32)  # non-zero group means
+        raw = quants.quantize(values, qtype).reshape(-1)
+    return QuantizedTensor(name=name, ggml_type=ggml_type, shape=tuple(shape), data=torch.from_numpy(raw.copy()), source="test")
+
+
+def gguf_reference(qt: QuantizedTensor) -> torch.Tensor:
+    """``gguf.quants``' float32 dequantization of ``qt``."""
+    raw = qt.data.numpy().reshape(*qt.shape[:-1], -1)
+    return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qt.ggml_type]).astype(np.float32)).reshape(qt.shape)

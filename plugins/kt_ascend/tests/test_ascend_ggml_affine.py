@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from ascend_samples import quantized, reference
 
 from kt_ascend.ggml_affine import AFFINE_TYPES, GGMLAffineError, affine_groups
+from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
 
 
 @pytest.mark.parametrize("ggml_type", sorted(AFFINE_TYPES))

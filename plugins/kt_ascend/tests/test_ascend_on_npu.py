@@ -3,13 +3,13 @@ documented formula in torch). Skipped, with the reason, where torch_npu or an NP
 
 import pytest
 import torch
-from ascend_samples import quantized
 from torch import nn
 
 from kt_ascend._env import npu_unavailable_reason
 from kt_ascend.experts import KExpertsAscend
 from kt_ascend.linear import KLinearAscend
 from kt_ascend.quant_matrix import ReferenceKernels
+from ktcore.testing import quantized_sample as quantized
 
 REASON = npu_unavailable_reason("npu")
 pytestmark = [pytest.mark.npu, pytest.mark.skipif(REASON is not None, reason=f"no Ascend NPU: {REASON}")]

@@ -4,13 +4,13 @@ dequantized GGUF weights. What the NPU itself computes is tested in test_on_npu.
 
 import pytest
 import torch
-from ascend_samples import quantized, reference
 from torch import nn
 
 from kt_ascend.experts import KExpertsAscend
 from kt_ascend.ggml_affine import affine_groups
 from kt_ascend.linear import KLinearAscend
 from kt_ascend.quant_matrix import AntiquantWeight, ReferenceKernels
+from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
 from ktcore.weights.tensor import QuantizedTensor
 
 torch.set_num_threads(2)

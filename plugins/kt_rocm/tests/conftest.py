@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # rocm_samples
+sys.path.insert(0, str(Path(__file__).parent))  # rocm_samples (rel_err)
 
 
 def triton_device() -> tuple[torch.device | None, str]:

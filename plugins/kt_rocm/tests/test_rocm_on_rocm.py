@@ -4,11 +4,12 @@ runs the same code path on any GPU Triton drives)."""
 
 import pytest
 import torch
-from rocm_samples import quantized, reference, rel_err
+from rocm_samples import rel_err
 from torch import nn
 
 from kt_rocm._env import rocm_unavailable_reason
 from kt_rocm.ops import KAttentionROCm, KExpertsROCm, KLinearROCm
+from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
 
 REASON = rocm_unavailable_reason("cuda")
 pytestmark = [pytest.mark.rocm, pytest.mark.skipif(REASON is not None, reason=f"no AMD GPU under ROCm: {REASON}")]

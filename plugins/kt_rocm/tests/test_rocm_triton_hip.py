@@ -8,11 +8,12 @@ weights; the experts op 1e-2 in bfloat16 (1e-2 float16 in the interpreter), agai
 
 import pytest
 import torch
-from rocm_samples import quantized, reference, rel_err
+from rocm_samples import rel_err
 from torch import nn
 
 from kt_rocm.hip_configs import DENSE_FROM_ROWS, HIP_MAX_WARPS, HIP_NUM_STAGES, LDS_BYTES, hip_int4_config, lds_bytes
 from kt_rocm.ops import KExpertsROCm, KLinearROCm
+from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
 
 torch.set_num_threads(2)
 

@@ -3,13 +3,13 @@ the reason, where there is no XPU."""
 
 import pytest
 import torch
-from xpu_samples import quantized
 from torch import nn
 
 from kt_xpu._env import int4_kernels_missing, xpu_unavailable_reason
 from kt_xpu.experts import KExpertsXPU
 from kt_xpu.linear import KLinearXPU
 from kt_xpu.quant_matrix import ReferenceKernels
+from ktcore.testing import quantized_sample as quantized
 
 REASON = xpu_unavailable_reason("xpu") or int4_kernels_missing()
 pytestmark = [pytest.mark.xpu, pytest.mark.skipif(REASON is not None, reason=f"no usable XPU: {REASON}")]
