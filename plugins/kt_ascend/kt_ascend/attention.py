@@ -18,8 +18,8 @@ import torch
 
 from ktcore.builtin import KAttentionSDPA
 from ktcore.builtin.attention import apply_rope
+from ktcore.weights.affine import compute_dtype as parse_compute_dtype
 
-from ._dtypes import compute_dtype as parse_compute_dtype
 from ._env import device_type, npu_unavailable_reason, require_torch_npu_for, torch_npu
 
 CAUSAL_MASK_SIZE = 2048  # sparse modes 2-4 take this compressed upper-triangular mask

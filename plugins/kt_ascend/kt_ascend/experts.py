@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from ktcore.ops import Op
+from ktcore.weights.affine import AFFINE_TYPES, compute_dtype as parse_compute_dtype
 
-from ._dtypes import compute_dtype as parse_compute_dtype
 from ._env import npu_unavailable_reason, require_torch_npu_for
-from .ggml_affine import AFFINE_TYPES
 from .quant_matrix import NPUQuantMatrix, expert_slices
 
 

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ktcore.weights.affine import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups
+
 from ._env import torch_npu
-from .ggml_affine import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups
 
 if TYPE_CHECKING:
     from ktcore.weights.tensor import QuantizedTensor

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from kt_ascend.experts import KExpertsAscend
-from kt_ascend.ggml_affine import affine_groups
 from kt_ascend.linear import KLinearAscend
 from kt_ascend.quant_matrix import AntiquantWeight, ReferenceKernels
 from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
+from ktcore.weights.affine import affine_groups
 from ktcore.weights.tensor import QuantizedTensor
 
 torch.set_num_threads(2)

@@ -8,10 +8,9 @@ import torch
 from torch import nn
 
 from ktcore.ops import Op
+from ktcore.weights.affine import INT4_TYPES, compute_dtype as parse_compute_dtype
 
-from ._dtypes import compute_dtype as parse_compute_dtype
 from ._env import xpu_unavailable_reason
-from .ggml_affine import INT4_TYPES
 from .quant_matrix import XPUQuantMatrix, expert_slices
 
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ktcore.weights.affine import INT4_TYPES, AffineGroups, affine_groups
+
 from ._env import int4_kernels_missing
-from .ggml_affine import INT4_TYPES, AffineGroups, affine_groups
 
 if TYPE_CHECKING:
     from ktcore.weights.tensor import QuantizedTensor

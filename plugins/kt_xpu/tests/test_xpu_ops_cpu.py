@@ -7,10 +7,10 @@ from torch import nn
 
 from kt_xpu._env import int4_kernels_missing
 from kt_xpu.experts import KExpertsXPU
-from kt_xpu.ggml_affine import affine_groups
 from kt_xpu.linear import KLinearXPU
 from kt_xpu.quant_matrix import Int4Weight, ReferenceKernels, pack_nibbles, unpack_nibbles
 from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
+from ktcore.weights.affine import affine_groups
 from ktcore.weights.tensor import QuantizedTensor
 
 torch.set_num_threads(2)

@@ -20,7 +20,8 @@ with a small bias. Q2_K, Q3_K and Q6_K use groups of 16 and have no such form he
 
 Scale and bias are float32, computed with the same products as ggml's dequantizer, so
 ``dequantize()`` equals ``gguf.quants.dequantize`` up to the rounding of one float32 addition in bias.
-Block layouts are ggml's ``ggml-common.h``.
+Block layouts are ggml's ``ggml-common.h``; block sizes come from the type table in ``quants``.
+``compute_dtype`` parses the activation dtype such vendor matmuls run in (an op option).
 """
 
 from __future__ import annotations
@@ -30,21 +31,22 @@ from dataclasses import dataclass
 
 import torch
 
-GROUP = 32
-QK_K = 256
+from .quants import ggml_type as _type_entry
 
-# type -> (weights per block, bytes per block)
-_LAYOUT = {
-    "Q4_0": (32, 18),
-    "Q4_1": (32, 20),
-    "Q4_K": (QK_K, 144),
-    "Q5_0": (32, 22),
-    "Q5_1": (32, 24),
-    "Q5_K": (QK_K, 176),
-    "Q8_0": (32, 34),
-}
+GROUP = 32
 INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
-AFFINE_TYPES = frozenset(_LAYOUT)
+AFFINE_TYPES = frozenset(INT4_TYPES | {"Q5_0", "Q5_1", "Q5_K", "Q8_0"})
+
+COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(op_name: str, value: str | torch.dtype) -> torch.dtype:
+    """The ``compute_dtype`` op option (a name or a torch dtype) -> the activation dtype; errors name the op."""
+    if isinstance(value, torch.dtype) and value in COMPUTE_DTYPES.values():
+        return value
+    if value in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[value]
+    raise ValueError(f"{op_name}: compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ def _bits32(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(raw: torch.Tensor, ggml_type: str, shape: tuple[int, ...], name: str) -> torch.Tensor:
-    per_block, nbytes = _LAYOUT[ggml_type]
+    entry = _type_entry(ggml_type)
+    per_block, nbytes = entry.block_size, entry.type_size
     if not shape or shape[-1] % per_block:
         raise GGMLAffineError(f"{name}: last dimension of {tuple(shape)} is not a multiple of the {ggml_type} block size {per_block}")
     expected = math.prod(shape) // per_block * nbytes

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kt_xpu.ggml_affine import AFFINE_TYPES, GGMLAffineError, affine_groups
+from ktcore.weights.affine import AFFINE_TYPES, GGMLAffineError, affine_groups
 from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
 
 
