@@ -2,13 +2,72 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..ops import Op
 from ._common import TORCH_DEVICES, check_shape, module_dtype, parse_dtype
+
+
+def gated_experts_dims(op_name: str, module: torch.nn.Module) -> tuple[int, int, int]:
+    """``(num_experts, hidden_dim, intermediate_dim)`` of a fused experts module, after checking it is the
+    form the experts ops compute: gated, without biases, weights ``[E, out, in]`` (not transposed)."""
+    for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
+        if getattr(module, flag, wanted) != wanted:
+            raise ValueError(f"{op_name}: {type(module).__name__} has {flag}={not wanted}, which it does not support")
+    return module.num_experts, module.hidden_dim, module.intermediate_dim
+
+
+def route_by_expert(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The router's (token, slot) choices grouped by expert: ``(expert, tokens, weights)`` for each expert
+    in ``[0, num_experts)`` chosen at least once, experts ascending and tokens ascending within one, where
+    ``weights[i]`` is the routing weight token ``tokens[i]`` gave ``expert``. An index outside the range
+    (Transformers' marker of an expert held elsewhere) is skipped."""
+    top_k = top_k_index.shape[-1]
+    experts = top_k_index.reshape(-1)
+    slot_weights = top_k_weights.reshape(-1)
+    pairs = torch.arange(experts.numel(), device=experts.device)
+    valid = (experts >= 0) & (experts < num_experts)
+    if not bool(valid.all()):
+        experts, slot_weights, pairs = experts[valid], slot_weights[valid], pairs[valid]
+    order = torch.argsort(experts, stable=True)
+    token_of = (pairs // top_k)[order]
+    slot_weights = slot_weights[order]
+    start = 0
+    for expert, count in enumerate(torch.bincount(experts, minlength=num_experts).tolist()):
+        if count:
+            yield expert, token_of[start : start + count], slot_weights[start : start + count]
+            start += count
+
+
+def expert_slices(qt: "QuantizedTensor") -> list["QuantizedTensor"]:  # noqa: F821
+    """A ``[E, ...]`` quantized tensor as E tensors over its raw bytes (experts are whole blocks each)."""
+    from ..weights.tensor import QuantizedTensor
+
+    experts = qt.shape[0]
+    if qt.data.numel() % experts:
+        raise ValueError(f"{qt.name}: {qt.data.numel()} bytes do not split into {experts} experts")
+    step = qt.data.numel() // experts
+    return [
+        QuantizedTensor(f"{qt.name}[{e}]", qt.ggml_type, tuple(qt.shape[1:]), qt.data[e * step : (e + 1) * step], qt.source)
+        for e in range(experts)
+    ]
+
+
+def split_experts(op_name: str, weights: Mapping, projections: tuple[str, ...]) -> list[dict]:
+    """``weights`` (each projection ``[E, ...]``) as E dicts ``{projection: that expert's QuantizedTensor}``."""
+    missing = [p for p in projections if p not in weights]
+    if missing:
+        raise KeyError(f"{op_name}: load() needs {', '.join(projections)}; missing {', '.join(missing)}")
+    counts = {p: weights[p].shape[0] for p in projections}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"{op_name}: projections disagree on the number of experts: {counts}")
+    per_projection = {p: expert_slices(weights[p]) for p in projections}
+    return [{p: per_projection[p][e] for p in projections} for e in range(counts[projections[0]])]
 
 
 class KExpertsTorch(Op):
@@ -26,12 +85,7 @@ class KExpertsTorch(Op):
 
     def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, **kwargs):
         super().__init__(module, device, **kwargs)
-        for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
-            if getattr(module, flag, wanted) != wanted:
-                raise ValueError(f"{self.name}: {type(module).__name__} has {flag}={not wanted}, which it does not support")
-        self.num_experts = module.num_experts
-        self.hidden_dim = module.hidden_dim
-        self.intermediate_dim = module.intermediate_dim
+        self.num_experts, self.hidden_dim, self.intermediate_dim = gated_experts_dims(self.name, module)
         self.act_fn = module.act_fn
         self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
         self.register_buffer("gate_up_proj", None, persistent=False)  # [E, 2I, H]: one matmul for both
@@ -52,28 +106,11 @@ class KExpertsTorch(Op):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.down_proj is None:
             raise RuntimeError(f"{self.name}: forward before load()")
-        tokens, top_k = top_k_index.shape
         out = torch.zeros_like(hidden_states)
-        experts = top_k_index.reshape(-1)
-        slot_weights = top_k_weights.reshape(-1)
-        pairs = torch.arange(experts.numel(), device=experts.device)
-        valid = (experts >= 0) & (experts < self.num_experts)
-        if not bool(valid.all()):
-            experts, slot_weights, pairs = experts[valid], slot_weights[valid], pairs[valid]
-        order = torch.argsort(experts, stable=True)
-        token_of = (pairs // top_k)[order]
-        slot_weights = slot_weights[order]
-        counts = torch.bincount(experts, minlength=self.num_experts).tolist()
-        x = hidden_states[token_of].to(self.dtype)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+        for expert, tokens, weights in route_by_expert(top_k_index, top_k_weights, self.num_experts):
+            gate, up = F.linear(hidden_states[tokens].to(self.dtype), self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
-            out.index_add_(0, token_of[rows], (y * slot_weights[rows, None]).to(out.dtype))
-            start += count
+            out.index_add_(0, tokens, (y * weights[:, None]).to(out.dtype))
         return out
 
     def extra_repr(self) -> str:

@@ -7,11 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ktcore.builtin.experts import route_by_expert, split_experts
 from ktcore.ops import Op
 from ktcore.weights.affine import AFFINE_TYPES, compute_dtype as parse_compute_dtype
 
 from ._env import npu_unavailable_reason, require_torch_npu_for
-from .quant_matrix import NPUQuantMatrix, expert_slices
+from .quant_matrix import NPUQuantMatrix
 
 
 class KExpertsAscend(Op):
@@ -39,30 +40,19 @@ class KExpertsAscend(Op):
         return npu_unavailable_reason(device)
 
     def load(self, weights: Mapping) -> None:
-        missing = [p for p in self.PROJECTIONS if p not in weights]
-        if missing:
-            raise KeyError(f"{self.name}: load() needs {', '.join(self.PROJECTIONS)}; missing {', '.join(missing)}")
-        counts = {p: weights[p].shape[0] for p in self.PROJECTIONS}
-        if len(set(counts.values())) != 1:
-            raise ValueError(f"{self.name}: projections disagree on the number of experts: {counts}")
-        per_expert = {p: expert_slices(weights[p]) for p in self.PROJECTIONS}
         self.experts = [
-            {p: NPUQuantMatrix(per_expert[p][e], self.device, self.compute_dtype, self.kernels) for p in self.PROJECTIONS}
-            for e in range(counts["gate_proj"])
+            {p: NPUQuantMatrix(qt, self.device, self.compute_dtype, self.kernels) for p, qt in expert.items()}
+            for expert in split_experts(self.name, weights, self.PROJECTIONS)
         ]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if not self.experts:
             raise RuntimeError(f"{self.name}: forward() before load()")
         out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-        # indices outside [0, E) are padding (expert parallelism marks foreign experts that way)
-        for expert in torch.unique(top_k_index).tolist():
-            if not 0 <= expert < len(self.experts):
-                continue
-            token, slot = torch.where(top_k_index == expert)
+        for expert, tokens, weights in route_by_expert(top_k_index, top_k_weights, len(self.experts)):
             proj = self.experts[expert]
-            x = hidden_states[token]
+            x = hidden_states[tokens]
             h = self.act_fn(proj["gate_proj"].matmul(x)) * proj["up_proj"].matmul(x)
-            y = proj["down_proj"].matmul(h).float() * top_k_weights[token, slot, None].float()
-            out.index_add_(0, token, y)
+            y = proj["down_proj"].matmul(h).float() * weights[:, None].float()
+            out.index_add_(0, tokens, y)
         return out.to(hidden_states.dtype)

@@ -110,20 +110,6 @@ def kernels_for(device: torch.device | str):
     return AscendKernels
 
 
-def expert_slices(qt: "QuantizedTensor") -> list["QuantizedTensor"]:
-    """A ``[E, ...]`` quantized tensor as E tensors over its raw bytes (experts are whole blocks each)."""
-    from ktcore.weights.tensor import QuantizedTensor
-
-    experts = qt.shape[0]
-    if qt.data.numel() % experts:
-        raise ValueError(f"{qt.name}: {qt.data.numel()} bytes do not split into {experts} experts")
-    step = qt.data.numel() // experts
-    return [
-        QuantizedTensor(f"{qt.name}[{e}]", qt.ggml_type, tuple(qt.shape[1:]), qt.data[e * step : (e + 1) * step], qt.source)
-        for e in range(experts)
-    ]
-
-
 class NPUQuantMatrix:
     """A ``[N, K]`` GGUF weight on ``device``: weight-quantized when its type allows, else dense.
 

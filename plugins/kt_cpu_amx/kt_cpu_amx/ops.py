@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ktcore.builtin.experts import gated_experts_dims
 from ktcore.ops import Op
 
 from . import repack
@@ -112,12 +113,7 @@ class KExpertsCPU(Op):
 
     def __init__(self, module: nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
         super().__init__(module, device, **kwargs)
-        for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
-            if getattr(module, flag, wanted) != wanted:
-                raise ValueError(f"{self.name}: {type(module).__name__} has {flag}={not wanted}, which it does not support")
-        self.num_experts = module.num_experts
-        self.hidden_dim = module.hidden_dim
-        self.intermediate_dim = module.intermediate_dim
+        self.num_experts, self.hidden_dim, self.intermediate_dim = gated_experts_dims(self.name, module)
         self.activation = _activation_name(module)
         self.threads, self.isa = threads, isa
         self.float_bits = repack.online_bits(online_quant)

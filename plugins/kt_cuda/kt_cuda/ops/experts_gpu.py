@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ktcore.builtin.experts import gated_experts_dims
 from ktcore.ops import Op
 
 from .. import int4
@@ -36,12 +37,7 @@ class KExpertsGPU(Op):
     def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto", block_m=None,
                  layout: str = "n_major", **kwargs):
         super().__init__(module, device, **kwargs)
-        for flag, wanted in (("has_gate", True), ("has_bias", False), ("is_transposed", False)):
-            if getattr(module, flag, wanted) != wanted:
-                raise ValueError(f"{self.name}: {type(module).__name__} has {flag}={not wanted}, which it does not support")
-        self.num_experts = module.num_experts
-        self.hidden_dim = module.hidden_dim
-        self.intermediate_dim = module.intermediate_dim
+        self.num_experts, self.hidden_dim, self.intermediate_dim = gated_experts_dims(self.name, module)
         self.act_fn = module.act_fn
         dtype = parse_dtype(dtype, self.name) or module_dtype(module)
         self.dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
