@@ -20,6 +20,15 @@ def gated_experts_dims(op_name: str, module: torch.nn.Module) -> tuple[int, int,
     return module.num_experts, module.hidden_dim, module.intermediate_dim
 
 
+def check_expert_weights(op_name: str, weights: Mapping, num_experts: int, hidden_dim: int, intermediate_dim: int) -> None:
+    """``weights`` holds ``gate_proj``/``up_proj`` ``[E, I, H]`` and ``down_proj`` ``[E, H, I]``; errors name the op and tensor."""
+    E, H, I = num_experts, hidden_dim, intermediate_dim
+    for name, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
+        if name not in weights:
+            raise KeyError(f"{op_name}: no '{name}' tensor given (got {sorted(weights)})")
+        check_shape(op_name, weights[name], shape)
+
+
 def route_by_expert(
     top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -92,11 +101,7 @@ class KExpertsTorch(Op):
         self.register_buffer("down_proj", None, persistent=False)  # [E, H, I]
 
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
-        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
-        for name, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
-            if name not in weights:
-                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
-            check_shape(self.name, weights[name], shape)
+        check_expert_weights(self.name, weights, self.num_experts, self.hidden_dim, self.intermediate_dim)
         gate = weights["gate_proj"].dequantize(self.dtype, self.device)
         up = weights["up_proj"].dequantize(self.dtype, self.device)
         self.gate_up_proj = torch.cat([gate, up], dim=1)

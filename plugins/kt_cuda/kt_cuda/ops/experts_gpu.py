@@ -6,13 +6,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ktcore.builtin.experts import gated_experts_dims
+from ktcore.builtin.experts import check_expert_weights, gated_experts_dims
 from ktcore.ops import Op
 
 from .. import int4
 from .._env import cuda_unavailable_reason
 from ..ggml_blocks import INT4_TYPES
-from ._common import check_shape, module_dtype, parse_dtype, parse_layout, parse_scales_dtype, tensor_label
+from ._common import module_dtype, parse_dtype, parse_layout, parse_scales_dtype, tensor_label
 
 
 class KExpertsGPU(Op):
@@ -57,11 +57,7 @@ class KExpertsGPU(Op):
         return qt.dequantize(self.dtype, self.device)
 
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
-        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
-        for name, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
-            if name not in weights:
-                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
-            check_shape(self.name, weights[name], shape)
+        check_expert_weights(self.name, weights, self.num_experts, self.hidden_dim, self.intermediate_dim)
         gate, up = self._weight(weights["gate_proj"]), self._weight(weights["up_proj"])
         if isinstance(gate, int4.Int4Weight) and isinstance(up, int4.Int4Weight):
             self.gate_up = int4.with_layout(int4.concat([gate, up], dim=-2), self.k_major)
