@@ -249,3 +249,27 @@ def gguf_reference(qt: QuantizedTensor) -> torch.Tensor:
     """``gguf.quants``' float32 dequantization of ``qt``."""
     raw = qt.data.numpy().reshape(*qt.shape[:-1], -1)
     return torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qt.ggml_type]).astype(np.float32)).reshape(qt.shape)
+
+
+def quantized_moe_weights(experts: int, hidden: int, inter: int, ggml_type: str, layer: int = 1) -> dict[str, QuantizedTensor]:
+    """Seeded ``gate_proj``/``up_proj`` ``[E, inter, hidden]`` and ``down_proj`` ``[E, hidden, inter]`` of one
+    MoE layer, as an experts op's ``load`` takes them."""
+    return {
+        "gate_proj": quantized_sample(ggml_type, (experts, inter, hidden), seed=10, name=f"blk.{layer}.ffn_gate_exps.weight"),
+        "up_proj": quantized_sample(ggml_type, (experts, inter, hidden), seed=11, name=f"blk.{layer}.ffn_up_exps.weight"),
+        "down_proj": quantized_sample(ggml_type, (experts, hidden, inter), seed=12, name=f"blk.{layer}.ffn_down_exps.weight"),
+    }
+
+
+def experts_loop_reference(weights, act, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts one (token, slot) at a time on ``gguf_reference`` weights, float32; an expert index
+    outside ``[0, E)`` contributes nothing."""
+    gate, up, down = (gguf_reference(weights[p]) for p in ("gate_proj", "up_proj", "down_proj"))
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, k])
+            if 0 <= e < gate.shape[0]:
+                h = act(gate[e] @ x[t]) * (up[e] @ x[t])
+                out[t] += top_k_weights[t, k] * (down[e] @ h)
+    return out

@@ -9,7 +9,7 @@ from torch import nn
 from kt_ascend.experts import KExpertsAscend
 from kt_ascend.linear import KLinearAscend
 from kt_ascend.quant_matrix import AntiquantWeight, ReferenceKernels
-from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
+from ktcore.testing import experts_loop_reference, gguf_reference as reference, quantized_moe_weights, quantized_sample as quantized
 from ktcore.weights.affine import affine_groups
 from ktcore.weights.tensor import QuantizedTensor
 
@@ -83,26 +83,6 @@ def test_int4_needs_output_columns_in_eights():
     assert not op.matrix.quantized  # dense fallback instead of a pack the kernel would reject
 
 
-def moe_weights(experts, hidden, inter, ggml_type):
-    return {
-        "gate_proj": quantized(ggml_type, (experts, inter, hidden), seed=10, name="blk.1.ffn_gate_exps.weight"),
-        "up_proj": quantized(ggml_type, (experts, inter, hidden), seed=11, name="blk.1.ffn_up_exps.weight"),
-        "down_proj": quantized(ggml_type, (experts, hidden, inter), seed=12, name="blk.1.ffn_down_exps.weight"),
-    }
-
-
-def experts_reference(weights, act, x, index, topk_w):
-    gate, up, down = (reference(weights[p]) for p in ("gate_proj", "up_proj", "down_proj"))
-    out = torch.zeros_like(x)
-    for t in range(x.shape[0]):
-        for k in range(index.shape[1]):
-            e = int(index[t, k])
-            if 0 <= e < gate.shape[0]:
-                h = act(gate[e] @ x[t]) * (up[e] @ x[t])
-                out[t] += topk_w[t, k] * (down[e] @ h)
-    return out
-
-
 @pytest.mark.parametrize("ggml_type", ["Q4_K", "Q8_0"])
 def test_experts_match_a_loop_over_dequantized_experts(ggml_type):
     experts, hidden, inter = 4, 256, 256
@@ -110,14 +90,14 @@ def test_experts_match_a_loop_over_dequantized_experts(ggml_type):
     module.act_fn = nn.SiLU()
     op = KExpertsAscend(module, "cpu")
     op.kernels = ReferenceKernels
-    weights = moe_weights(experts, hidden, inter, ggml_type)
+    weights = quantized_moe_weights(experts, hidden, inter, ggml_type)
     op.load(weights)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, hidden, generator=g) * 0.1
     index = torch.tensor([[0, 2], [2, 3], [1, 0], [3, 3], [4, 1]])  # 4 is padding (outside the table)
     topk_w = torch.rand(5, 2, generator=g)
     y = op(x, index, topk_w)
-    expected = experts_reference(weights, module.act_fn, x.half().float(), index, topk_w)
+    expected = experts_loop_reference(weights, module.act_fn, x.half().float(), index, topk_w)
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-3 * float(expected.abs().max()))
 
 
@@ -126,4 +106,4 @@ def test_experts_load_names_what_is_missing():
     module.act_fn = nn.SiLU()
     op = KExpertsAscend(module, "cpu")
     with pytest.raises(KeyError, match="missing down_proj"):
-        op.load({k: v for k, v in moe_weights(2, 64, 64, "Q8_0").items() if k != "down_proj"})
+        op.load({k: v for k, v in quantized_moe_weights(2, 64, 64, "Q8_0").items() if k != "down_proj"})

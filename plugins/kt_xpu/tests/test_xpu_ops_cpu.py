@@ -9,7 +9,7 @@ from kt_xpu._env import int4_kernels_missing
 from kt_xpu.experts import KExpertsXPU
 from kt_xpu.linear import KLinearXPU
 from kt_xpu.quant_matrix import Int4Weight, ReferenceKernels, pack_nibbles, unpack_nibbles
-from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
+from ktcore.testing import experts_loop_reference, gguf_reference as reference, quantized_moe_weights, quantized_sample as quantized
 from ktcore.weights.affine import affine_groups
 from ktcore.weights.tensor import QuantizedTensor
 
@@ -81,23 +81,12 @@ def test_experts_match_a_loop_over_dequantized_experts(ggml_type):
     module.act_fn = nn.SiLU()
     op = KExpertsXPU(module, "cpu")
     op.kernels = ReferenceKernels
-    weights = {
-        "gate_proj": quantized(ggml_type, (experts, inter, hidden), seed=10),
-        "up_proj": quantized(ggml_type, (experts, inter, hidden), seed=11),
-        "down_proj": quantized(ggml_type, (experts, hidden, inter), seed=12),
-    }
+    weights = quantized_moe_weights(experts, hidden, inter, ggml_type)
     op.load(weights)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, hidden, generator=g) * 0.1
     index = torch.tensor([[0, 2], [2, 3], [1, 0], [3, 3], [4, 1]])  # 4 is padding
     topk_w = torch.rand(5, 2, generator=g)
     y = op(x, index, topk_w)
-    gate, up, down = (reference(weights[p]) for p in ("gate_proj", "up_proj", "down_proj"))
-    xh = x.half().float()
-    expected = torch.zeros_like(x)
-    for t in range(5):
-        for k in range(2):
-            e = int(index[t, k])
-            if e < experts:
-                expected[t] += topk_w[t, k] * (down[e] @ (nn.functional.silu(gate[e] @ xh[t]) * (up[e] @ xh[t])))
+    expected = experts_loop_reference(weights, module.act_fn, x.half().float(), index, topk_w)
     torch.testing.assert_close(y, expected, rtol=0, atol=5e-3 * float(expected.abs().max()))
