@@ -68,27 +68,47 @@ def test_greedy_32_tokens_match_transformers(loaded):
 
 
 # Measured on the 2-core dev machine (320 tokens, llama.cpp with an F32 KV cache):
-#   smollm2: agreement 95.6 %, mean KL 0.0081, ppl 12.913 vs 12.854 (+0.46 %)      -> meets the targets
-#   gemma3:  agreement 88.4 %, mean KL 0.0526, ppl  2.135 vs  2.257 (-5.4 %)       -> does not
-# ktcore's Gemma 3 equals plain Transformers (fp32) token for token (test above) and its perplexity is the
-# *lower* one; the suspected cause is llama.cpp's 8-bit quantization of activations (Q8_0/Q8_K dot
-# products) meeting Gemma's large activations. Kept as an expected failure until that is settled.
-GEMMA_GAP = "gemma3 vs llama.cpp: 88% agreement, ppl -5.4% (ktcore = Transformers fp32; llama.cpp's int8 activations suspected)"
+#   smollm2:                 agreement 95.6 %, mean KL 0.0081, ppl 12.913 vs 12.854 (+0.46 %)
+#   gemma3 (Q4_K_M file):    agreement 88.4 %, mean KL 0.0526, ppl  2.135 vs  2.257 (-5.4 %)
+#   gemma3 (its F32 copy):   agreement 100 %,  mean KL 0.0000, ppl  2.135 vs  2.136 (-0.04 %)
+# ktcore computes Gemma 3 as Transformers does (fp32, test above). llama.cpp on the same weights expanded
+# to F32 agrees with it completely, so the gap on the Q4_K_M file is llama.cpp's quantized dot products
+# (activations rounded to 8 bits) meeting Gemma's large activations, not a difference in the model.
+# For Gemma the targets are therefore asserted against llama.cpp on the F32 copy, and the gap on the
+# quantized file is held to what was measured so that it cannot silently grow.
+GEMMA_Q4_FLOOR = 0.85  # agreement with llama.cpp's int8-activation kernels on the Q4_K_M file
+GEMMA_Q4_PPL_REL = 0.07
 
 
-def test_teacher_forced_against_llamacpp(loaded, request):
-    pytest.importorskip("llama_cpp", reason="llama.cpp reference needs llama-cpp-python")
-    name, path, gen = loaded
-    if name == "gemma3":
-        request.applymarker(pytest.mark.xfail(reason=GEMMA_GAP, strict=False))
+def _teacher_forced(path, gen) -> dict:
     llm = load_llamacpp(path, threads=THREADS, n_ctx=TEXT_TOKENS + 16, logits_all=True, exact_kv=True)
     ids = llamacpp_tokens(llm, fixed_text())[:TEXT_TOKENS]
     assert len(ids) == TEXT_TOKENS
     stats = teacher_forced_stats(gen.score(ids), llamacpp_logits(llm, ids), ids)
     del llm
-    rel = stats["ppl_ktcore"] / stats["ppl_llamacpp"] - 1
-    print(f"\n{name}: {stats} ppl diff {rel:+.2%}")
+    stats["ppl_rel"] = stats["ppl_ktcore"] / stats["ppl_llamacpp"] - 1
+    return stats
+
+
+def _assert_targets(stats: dict) -> None:
     assert stats["agreement"] >= TARGET_AGREEMENT, stats
-    assert abs(rel) <= TARGET_PPL_REL, stats
+    assert abs(stats["ppl_rel"]) <= TARGET_PPL_REL, stats
     # the texts are ordinary English: both engines find them far more likely than chance
     assert stats["ppl_llamacpp"] < 100
+
+
+def test_teacher_forced_against_llamacpp(loaded, tmp_path_factory):
+    pytest.importorskip("llama_cpp", reason="llama.cpp reference needs llama-cpp-python")
+    name, path, gen = loaded
+    stats = _teacher_forced(path, gen)
+    print(f"\n{name}: {stats}")
+    if name != "gemma3":
+        _assert_targets(stats)
+        return
+    from ktcore.weights.gguf_writer import write_dequantized_copy
+
+    f32 = write_dequantized_copy(path, tmp_path_factory.mktemp("gemma3") / "gemma3-f32.gguf")
+    exact = _teacher_forced(f32, gen)
+    print(f"{name}, llama.cpp on the F32 copy: {exact}")
+    _assert_targets(exact)
+    assert stats["agreement"] >= GEMMA_Q4_FLOOR and abs(stats["ppl_rel"]) <= GEMMA_Q4_PPL_REL, stats

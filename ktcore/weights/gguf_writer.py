@@ -347,6 +347,29 @@ def write_synthetic_moe_gguf(
     return str(path)
 
 
+def write_dequantized_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """The GGUF ``src`` with every tensor expanded to F32 and the metadata unchanged: the same model for
+    an engine whose quantized kernels round the activations (llama.cpp's int8 dot products), so that its
+    kernels' error can be told apart from a difference in the model. Returns ``dst``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        writer.add_key_value(key, field.contents(), kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, values.reshape([int(n) for n in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(dst)
+
+
 def _row_type(qtype: str, row: int) -> str:
     return qtype if row % GGML_TYPES[qtype].block_size == 0 else "Q8_0"
 
