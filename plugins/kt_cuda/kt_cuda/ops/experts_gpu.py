@@ -32,6 +32,8 @@ class KExpertsGPU(Op):
     role = "experts"
     devices = ("cuda",)
     ggml_types = None
+    # extra launch settings for the grouped GEMM (num_warps, stages, ...); a vendor subclass sets its own
+    moe_launch: dict = {}
     repacked_types = INT4_TYPES
 
     def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto", block_m=None,
@@ -82,9 +84,9 @@ class KExpertsGPU(Op):
         block_m = self.block_m or (16 if pairs <= 2048 else 64)
         pair_ids, block_expert = align_pairs(index, E, block_m)
         x = hidden_states.to(self.dtype)
-        gate_up = moe_matmul(x, self.gate_up, pair_ids, block_expert, pairs, top_k, block_m)
+        gate_up = moe_matmul(x, self.gate_up, pair_ids, block_expert, pairs, top_k, block_m, **self.moe_launch)
         h = self.act_fn(gate_up[:, :I]) * gate_up[:, I:]
-        y = moe_matmul(h, self.down, pair_ids, block_expert, pairs, 1, block_m)
+        y = moe_matmul(h, self.down, pair_ids, block_expert, pairs, 1, block_m, **self.moe_launch)
         out = (y.view(tokens, top_k, -1).float() * slot_weights.unsqueeze(-1).float()).sum(dim=1)
         return out.to(hidden_states.dtype)
 

@@ -90,12 +90,15 @@ class KLinearMarlin(Op):
         else:
             from ..triton_int4 import int4_matmul
 
-            if x2.dtype not in (torch.float16, torch.bfloat16):
-                y = int4_matmul(x2.to(self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16),
-                                self.weight_int4, self.bias).to(x.dtype)
-            else:
-                y = int4_matmul(x2, self.weight_int4, self.bias)
+            half = (torch.float16, torch.bfloat16)
+            compute = x2.dtype if x2.dtype in half else (self.dtype if self.dtype in half else torch.bfloat16)
+            y = int4_matmul(x2.to(compute), self.weight_int4, self.bias, self.int4_config(x2.shape[0])).to(x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def int4_config(self, rows: int):
+        """Kernel and tile for ``rows`` activation rows; ``None`` autotunes per problem (NVIDIA). A vendor
+        subclass that shares these kernels pins its own launch settings here."""
+        return None
 
     def extra_repr(self) -> str:
         if self.weight_int4 is not None:
