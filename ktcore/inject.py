@@ -405,11 +405,16 @@ def rule_search_dirs(registry: Registry) -> list[Path]:
     return [*registry.rule_dirs(), RULE_FILES_DIR]
 
 
+def _accelerator_present() -> bool:
+    return any(getattr(torch, kind, None) is not None and getattr(torch, kind).is_available() for kind in ("cuda", "xpu", "npu"))
+
+
 def select_rule_file(model_type: str, registry: Registry | None = None) -> Path:
-    """The first shipped rule file for ``model_type`` that can run here: layouts ``gpu-cpu`` (only with
-    CUDA) then ``cpu``; for each, plugin rule directories first, then ktcore's ``rule_files/``."""
+    """The first shipped rule file for ``model_type`` that can run here: layouts ``gpu-cpu`` (only with an
+    accelerator: CUDA/ROCm, XPU or NPU; which vendor's file fits is for its ops' ``available()`` to say)
+    then ``cpu``; for each, plugin rule directories first, then ktcore's ``rule_files/``."""
     registry = registry if registry is not None else get_registry()
-    layouts = (["gpu-cpu"] if torch.cuda.is_available() else []) + ["cpu"]
+    layouts = (["gpu-cpu"] if _accelerator_present() else []) + ["cpu"]
     tried = []
     for layout in layouts:
         for directory in rule_search_dirs(registry):
