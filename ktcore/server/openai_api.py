@@ -109,6 +109,36 @@ async def get_model(model_id: str, request: Request):
     return _model_card(request)
 
 
+def _sse_response(handle, head: dict, choice, opening: dict | None, stream_options) -> StreamThenRelease:
+    """One request's server-sent events: ``opening`` (a first choice, if any), ``choice(text)`` per text
+    delta, ``choice(None)`` with the finish reason, the usage chunk when ``stream_options`` asks, then
+    ``[DONE]``. The engine slot is freed however the stream ends (a client that went away included)."""
+    include_usage = bool(stream_options and stream_options.include_usage)
+
+    async def events():
+        try:
+            if opening is not None:
+                yield sse(head | {"choices": [opening]})
+            async for event in handle:
+                if event.text:
+                    yield sse(head | {"choices": [choice(event.text)]})
+                if event.finish_reason is None:
+                    continue
+                if event.finish_reason == "error":
+                    yield sse(openai_error_body(APIError(500, f"generation failed: {event.error}",
+                                                         type="server_error")))
+                    break
+                yield sse(head | {"choices": [choice(None) | {"finish_reason": _finish_reason(event.finish_reason)}]})
+                if include_usage:
+                    yield sse(head | {"choices": [], "usage": _usage(event.stats)})
+            yield sse("[DONE]")
+        finally:
+            handle.cancel()  # no-op when finished; frees the slot when the client went away
+
+    return StreamThenRelease(events(), handle.cancel, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = state_of(request)
@@ -123,32 +153,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     head = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model}
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        def choice(text):
+            return {"index": 0, "delta": {"content": text} if text is not None else {}, "logprobs": None,
+                    "finish_reason": None}
 
-        async def events():
-            try:
-                yield sse(head | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                               "logprobs": None, "finish_reason": None}]})
-                async for event in handle:
-                    if event.text:
-                        yield sse(head | {"choices": [{"index": 0, "delta": {"content": event.text},
-                                                       "logprobs": None, "finish_reason": None}]})
-                    if event.finish_reason is None:
-                        continue
-                    if event.finish_reason == "error":
-                        yield sse(openai_error_body(APIError(500, f"generation failed: {event.error}",
-                                                             type="server_error")))
-                        break
-                    yield sse(head | {"choices": [{"index": 0, "delta": {}, "logprobs": None,
-                                                   "finish_reason": _finish_reason(event.finish_reason)}]})
-                    if include_usage:
-                        yield sse(head | {"choices": [], "usage": _usage(event.stats)})
-                yield sse("[DONE]")
-            finally:
-                handle.cancel()  # no-op when finished; frees the slot when the client went away
-
-        return StreamThenRelease(events(), handle.cancel, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        opening = choice("") | {"delta": {"role": "assistant", "content": ""}}
+        return _sse_response(handle, head, choice, opening, req.stream_options)
 
     result = await collect_unless_disconnected(request, handle)
     if result is None:
@@ -185,33 +195,10 @@ async def completions(req: CompletionRequest, request: Request):
     echo = prompt_text if req.echo else ""
 
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        def choice(text):
+            return {"text": text or "", "index": 0, "logprobs": None, "finish_reason": None}
 
-        async def events():
-            try:
-                if echo:
-                    yield sse(head | {"choices": [{"text": echo, "index": 0, "logprobs": None,
-                                                   "finish_reason": None}]})
-                async for event in handle:
-                    if event.text:
-                        yield sse(head | {"choices": [{"text": event.text, "index": 0, "logprobs": None,
-                                                       "finish_reason": None}]})
-                    if event.finish_reason is None:
-                        continue
-                    if event.finish_reason == "error":
-                        yield sse(openai_error_body(APIError(500, f"generation failed: {event.error}",
-                                                             type="server_error")))
-                        break
-                    yield sse(head | {"choices": [{"text": "", "index": 0, "logprobs": None,
-                                                   "finish_reason": _finish_reason(event.finish_reason)}]})
-                    if include_usage:
-                        yield sse(head | {"choices": [], "usage": _usage(event.stats)})
-                yield sse("[DONE]")
-            finally:
-                handle.cancel()
-
-        return StreamThenRelease(events(), handle.cancel, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return _sse_response(handle, head, choice, choice(echo) if echo else None, req.stream_options)
 
     result = await collect_unless_disconnected(request, handle)
     if result is None:
