@@ -18,7 +18,7 @@ ISA_FLAGS = {
     "kernels_amx.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                         "-mamx-tile", "-mamx-bf16"],
 }
-SOURCES = ["pack.cpp", "pool.cpp", "cpu_features.cpp", "engine.cpp", "bindings.cpp", *ISA_FLAGS]
+SOURCES = ["pack.cpp", "pool.cpp", "cpu_features.cpp", "engine.cpp", "bindings.cpp", "host_launch.cpp", *ISA_FLAGS]
 
 
 def have_numa() -> bool:

@@ -9,6 +9,8 @@
 namespace py = pybind11;
 using namespace kt;
 
+namespace kt { void bind_host_launch(py::module_& m); }  // host_launch.cpp
+
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
 PYBIND11_MODULE(_kernels, m) {
@@ -111,4 +113,5 @@ PYBIND11_MODULE(_kernels, m) {
             rt->pool().sync();
         })
         .def_property_readonly("busy", [](std::shared_ptr<Runtime> rt) { return rt->pool().busy(); });
+    bind_host_launch(m);
 }

@@ -173,6 +173,36 @@ class KExpertsCPU(Op):
         self.submit(hidden_states, top_k_index, top_k_weights)
         return self.sync()
 
+    # -- stream-ordered contract (decode on a CUDA device, capturable into a CUDA graph): host_launch.py
+
+    graph_capturable = True
+
+    def stream_problem(self, device, tokens: int) -> str | None:
+        """``None`` when ``stream_submit``/``stream_sync`` can take ``tokens`` tokens living on ``device``."""
+        from . import host_launch
+
+        if tokens > host_launch.STREAM_MAX_TOKENS:
+            return f"{self.name}: {tokens} tokens per call take the submit/sync path"
+        return host_launch.unavailable_reason(torch.device(device))
+
+    def stream_submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Queue the experts on the current CUDA stream (inputs stay on the GPU); ``stream_sync`` queues the
+        wait and returns the output on the GPU. Neither waits on the host."""
+        from .host_launch import StreamExperts
+
+        if self.layer is None:
+            raise RuntimeError(f"{self.name}: stream_submit before load()")
+        if self._runtime is None:
+            self._runtime = get_runtime(self.threads, self.isa)
+        if getattr(self, "_stream", None) is None:
+            self._stream = StreamExperts(self.name, self.hidden_dim)
+        self._stream.submit(self._runtime, self.layer, hidden_states, top_k_index, top_k_weights)
+
+    def stream_sync(self) -> torch.Tensor:
+        if getattr(self, "_stream", None) is None:
+            raise RuntimeError(f"{self.name}: stream_sync without stream_submit")
+        return self._stream.sync()
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "
                 f"intermediate_dim={self.intermediate_dim}, act={self.activation}")
