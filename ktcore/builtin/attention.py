@@ -130,19 +130,23 @@ class KAttentionSDPA(Op):
                 mask, is_causal = None, True  # square causal: SDPA's own flag keeps its fast kernels
         elif mask is not None and mask.shape[-1] != k.shape[-2]:
             mask = mask[..., : k.shape[-2]]
-        if self.softcap is not None:
-            out = self._softcapped(q, k, v, mask)
-        else:
-            gqa = {}
-            if self.num_kv_heads != self.num_heads:
-                if SDPA_HAS_GQA:
-                    gqa = {"enable_gqa": True}
-                else:
-                    groups = self.num_heads // self.num_kv_heads
-                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling, **gqa)
+        out = self._attend(q, k, v, mask, is_causal)
         out = out.transpose(1, 2).reshape(batch, q_len, -1)
         return attn.o_proj(out), None
+
+    def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        """Attention of ``q`` ``[B, H, S, D]`` over the cached ``k``/``v`` ``[B, KVH, T, D]`` with the prepared
+        mask (or ``is_causal`` for a square causal call): ``[B, H, S, D]``. Subclasses swap the kernel here."""
+        if self.softcap is not None:
+            return self._softcapped(q, k, v, mask)
+        gqa = {}
+        if self.num_kv_heads != self.num_heads:
+            if SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                groups = self.num_heads // self.num_kv_heads
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling, **gqa)
 
     def _softcapped(self, q, k, v, mask):
         groups = self.num_heads // self.num_kv_heads
@@ -247,16 +251,25 @@ class KAttentionMLA(Op):
         dtype = self.dtype
         q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope.to(dtype), self.w_k)  # [B, H, S, r]
         q_pe, latent, k_pe = q_pe.to(dtype), latent.to(dtype), k_pe.to(dtype)
-        out = torch.empty(batch, self.num_heads, q_len, self.kv_lora_rank, dtype=dtype, device=hidden_states.device)
+        out = self._latent_attention(q_latent, q_pe, latent, k_pe, mask)
+        out = torch.einsum("bhsr,hvr->bshv", out, self.w_v).reshape(batch, q_len, self.num_heads * self.v_head_dim)
+        return attn.o_proj(out.to(hidden_states.dtype)), None
+
+    def _latent_attention(self, q_latent, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Attention in latent space: ``q_latent`` ``[B, H, S, r]`` and ``q_pe`` ``[B, H, S, rope]`` over the
+        cache's ``latent`` ``[B, 1, T, r]`` (keys and values) and ``k_pe`` ``[B, 1, T, rope]`` with the prepared
+        mask, all in ``self.dtype``: the attention-weighted latents ``[B, H, S, r]``. Subclasses swap the
+        kernel here; this one goes ``query_chunk`` queries at a time."""
+        batch, heads, q_len, rank = q_latent.shape
+        out = torch.empty(batch, heads, q_len, rank, dtype=q_latent.dtype, device=q_latent.device)
         for start in range(0, q_len, self.query_chunk):
             rows = slice(start, min(q_len, start + self.query_chunk))
             scores = torch.matmul(q_latent[:, :, rows], latent.transpose(2, 3))
             scores = scores + torch.matmul(q_pe[:, :, rows], k_pe.transpose(2, 3))
             chunk_mask = None if mask is None else mask[..., rows, :]
             probs = torch.softmax(_add_mask(scores * self.scaling, chunk_mask), dim=-1, dtype=torch.float32)
-            out[:, :, rows] = torch.matmul(probs.to(dtype), latent)
-        out = torch.einsum("bhsr,hvr->bshv", out, self.w_v).reshape(batch, q_len, self.num_heads * self.v_head_dim)
-        return attn.o_proj(out.to(hidden_states.dtype)), None
+            out[:, :, rows] = torch.matmul(probs.to(q_latent.dtype), latent)
+        return out
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_lora_rank={self.kv_lora_rank}, q_lora_rank={self.q_lora_rank}, "
