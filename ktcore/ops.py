@@ -37,6 +37,10 @@ class Op(nn.Module):
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     ggml_types: ClassVar[frozenset[str] | None] = None
     plugin: ClassVar[str] = ""
+    # True when ``forward`` on a CUDA device can be captured into a CUDA graph: no host synchronization
+    # (``.item()``, ``.cpu()``, ``int(tensor)``), no shape that depends on tensor values, every kernel on
+    # the current stream. Ops that run elsewhere (the CPU) count only with ``stream_submit``/``stream_sync``.
+    graph_capturable: ClassVar[bool] = False
 
     def __init__(self, module: nn.Module, device: torch.device | str = "cpu", **kwargs):
         super().__init__()
@@ -55,3 +59,12 @@ class Op(nn.Module):
 
     def post_load(self) -> None:
         """Called once after every module of the model has been loaded."""
+
+    def prepare_capture(self, max_positions: int) -> None:
+        """Called before a CUDA graph is captured over at most ``max_positions`` positions: do now what
+        ``forward`` would otherwise do lazily after a host read (growing tables, tuning kernels)."""
+
+
+def stream_capturing(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor``'s device stream is being captured into a CUDA graph (then no host read is allowed)."""
+    return tensor.device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -89,6 +89,7 @@ class KAttentionSDPA(Op):
     """
 
     name = "KAttentionSDPA"
+    graph_capturable = True
     role = "attention"
     devices = TORCH_DEVICES
 
@@ -173,6 +174,7 @@ class KAttentionMLA(Op):
     """
 
     name = "KAttentionMLA"
+    graph_capturable = True
     role = "attention"
     devices = TORCH_DEVICES
 

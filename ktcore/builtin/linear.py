@@ -19,6 +19,7 @@ class KLinearTorch(Op):
     """
 
     name = "KLinearTorch"
+    graph_capturable = True
     role = "linear"
     devices = TORCH_DEVICES
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from ..ops import Op
+from ..ops import Op, stream_capturing
 from ._common import TORCH_DEVICES
 
 # rope types whose frequencies depend only on the config (dynamic NTK and longrope change with the length)
@@ -54,6 +54,7 @@ class KRoPETorch(Op):
     """
 
     name = "KRoPETorch"
+    graph_capturable = True
     role = "rope"
     devices = TORCH_DEVICES
 
@@ -98,15 +99,20 @@ class KRoPETorch(Op):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type: str | None = None):
         i = self._index(layer_type if self.layer_types != [None] else None)
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if needed > self.table_positions:
-            self._build_tables(max(needed, 2 * self.table_positions))
+        if not stream_capturing(position_ids):  # under capture, prepare_capture grew the tables already
+            needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+            if needed > self.table_positions:
+                self._build_tables(max(needed, 2 * self.table_positions))
         position_ids = position_ids.to(self.inv_freq_0.device)
         if self.form == "complex":
             return getattr(self, f"freqs_cis_{i}")[position_ids]
         cos = getattr(self, f"cos_{i}")[position_ids]
         sin = getattr(self, f"sin_{i}")[position_ids]
         return cos.to(x.dtype), sin.to(x.dtype)
+
+    def prepare_capture(self, max_positions: int) -> None:
+        if max_positions > self.table_positions:
+            self._build_tables(max_positions)
 
     def extra_repr(self) -> str:
         return f"form={self.form}, layer_types={self.layer_types}, table_positions={self.table_positions}"

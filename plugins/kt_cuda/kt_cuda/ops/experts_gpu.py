@@ -29,6 +29,7 @@ class KExpertsGPU(Op):
     """
 
     name = "KExpertsGPU"
+    graph_capturable = True
     role = "experts"
     devices = ("cuda",)
     ggml_types = None

@@ -25,6 +25,7 @@ class KLinearFP8(Op):
     """
 
     name = "KLinearFP8"
+    graph_capturable = True
     role = "linear"
     devices = ("cuda",)
     ggml_types = None

@@ -30,6 +30,7 @@ class KLinearMarlin(Op):
     """
 
     name = "KLinearMarlin"
+    graph_capturable = True
     role = "linear"
     devices = ("cuda",)
     ggml_types = None  # Q4_0/Q4_1/Q4_K are consumed as they are; any other type is dequantized
