@@ -12,6 +12,7 @@ from ktcore.hookspecs import hookimpl
 
 from ._env import cuda_unavailable_reason
 from .ops import KExpertsGPU, KLinearFP8, KLinearMarlin
+from .ops.attention import KAttentionFlashGQA, KMLAAttention
 
 RULE_DIR = Path(__file__).parent / "rule_files"
 
@@ -25,6 +26,12 @@ def register_linear_ops(register):
 @hookimpl
 def register_experts_ops(register):
     register(KExpertsGPU)
+
+
+@hookimpl
+def register_attention_ops(register):
+    register(KMLAAttention)
+    register(KAttentionFlashGQA)
 
 
 @hookimpl

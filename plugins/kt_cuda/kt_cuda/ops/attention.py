@@ -1,0 +1,101 @@
+"""Attention ops over kt-cuda's Triton flash attention (``kt_cuda.triton_mla``).
+
+``KMLAAttention`` is ktcore's ``KAttentionMLA`` (projections, rotary, ``kv_b_proj`` absorption, the
+latent-only cache) with the latent attention itself in Triton: flash-decoding over the compressed cache
+for single-token steps, a causal flash kernel in latent space for prefill. ``KAttentionFlashGQA`` is
+ktcore's ``KAttentionSDPA`` with the calls that carry a mask (chunked prefill after cached keys, sliding
+windows, a static cache's unfilled tail) in Triton: torch's SDPA takes a mask only in kernels that do
+not group query heads, so there every key/value head is repeated and the scores are materialized.
+Calls without a mask stay in SDPA, whose flash kernel handles grouped heads itself.
+
+Both are graph-capture friendly: no host syncs, launch shapes fixed by tensor shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ktcore.builtin.attention import KAttentionMLA, KAttentionSDPA
+
+from .._env import cuda_unavailable_reason
+
+PREFILL_KERNELS = ("triton", "torch")
+GQA_KERNELS = ("masked", "triton")
+
+
+class KMLAAttention(KAttentionMLA):
+    """DeepSeek-V2/V3 absorbed multi-head latent attention with Triton kernels over the latent cache.
+
+    Options (besides ``KAttentionMLA``'s ``dtype`` and ``query_chunk``): ``prefill``: ``"triton"`` (causal
+    flash attention in latent space, default) or ``"torch"`` (the core op's chunked matmuls; see
+    ``bench/bench_mla.py`` for the measured difference); ``decode_splits``: fixed number of key splits for
+    decode (default: enough programs to fill the GPU, from the shapes alone).
+    """
+
+    name = "KMLAAttention"
+    role = "attention"
+    devices = ("cuda",)
+    graph_capturable = True
+
+    def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, query_chunk: int = 256,
+                 prefill: str = "triton", decode_splits: int | None = None, **kwargs):
+        super().__init__(module, device, dtype=dtype, query_chunk=query_chunk, **kwargs)
+        if prefill not in PREFILL_KERNELS:
+            raise ValueError(f"{self.name}: prefill must be one of {', '.join(PREFILL_KERNELS)}, got {prefill!r}")
+        if decode_splits is not None and int(decode_splits) < 1:
+            raise ValueError(f"{self.name}: decode_splits must be >= 1, got {decode_splits!r}")
+        self.prefill = prefill
+        self.decode_splits = None if decode_splits is None else int(decode_splits)
+
+    @classmethod
+    def available(cls, device=None) -> str | None:
+        return cuda_unavailable_reason(device)
+
+    def _latent_attention(self, q_latent, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        q_len = q_latent.shape[2]
+        if q_len > 1 and self.prefill == "torch":
+            return super()._latent_attention(q_latent, q_pe, latent, k_pe, mask)
+        from ..triton_mla import latent_attention
+
+        return latent_attention(q_latent, q_pe, latent, k_pe, scale=self.scaling, mask=mask,
+                                num_splits=self.decode_splits if q_len == 1 else None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, prefill={self.prefill}"
+
+
+class KAttentionFlashGQA(KAttentionSDPA):
+    """Grouped-query attention (Llama, Qwen, Mixtral, Gemma 3, ...) as ``KAttentionSDPA``, with masked calls
+    in a Triton flash kernel that reads each key/value head once for its group of query heads.
+
+    Options: ``kernel``: ``"masked"`` (default: Triton for calls with a mask, SDPA otherwise) or
+    ``"triton"`` (Triton for every call). Logit soft-capping and non-causal modules stay in SDPA's op.
+    """
+
+    name = "KAttentionFlashGQA"
+    role = "attention"
+    devices = ("cuda",)
+    graph_capturable = True
+
+    def __init__(self, module: torch.nn.Module, device="cuda", kernel: str = "masked", **kwargs):
+        super().__init__(module, device, **kwargs)
+        if kernel not in GQA_KERNELS:
+            raise ValueError(f"{self.name}: kernel must be one of {', '.join(GQA_KERNELS)}, got {kernel!r}")
+        self.kernel = kernel
+
+    @classmethod
+    def available(cls, device=None) -> str | None:
+        return cuda_unavailable_reason(device)
+
+    def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
+        # without a mask the call is square causal or a single query over all keys: the kernel's own
+        # bottom-right causal bound covers both
+        triton_ok = self.softcap is None and self.is_causal
+        if triton_ok and (mask is not None or self.kernel == "triton"):
+            from ..triton_mla import flash_attention
+
+            return flash_attention(q, k, v, scale=self.scaling, mask=mask)
+        return super()._attend(q, k, v, mask, is_causal)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, kernel={self.kernel}"
