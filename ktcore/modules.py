@@ -8,7 +8,9 @@ Inputs move to the chosen op's device; the output moves to ``out_device`` (defau
 
 ``KExperts`` also runs asynchronously: ``submit(...)`` then ``sync()``, through the op's own ``submit``/``sync``
 when it has them (see ``ktcore.hookspecs.experts``), so a caller (``ktcore.moe.KMoE``) computes the shared
-experts on the GPU while the routed experts run on the CPU.
+experts on the GPU while the routed experts run on the CPU. When the inputs live on a CUDA device and the op
+also has ``stream_submit``/``stream_sync`` (and ``stream_problem`` says nothing against it), the work is
+enqueued on the current CUDA stream instead: no host-side wait, and capturable into a CUDA graph.
 """
 
 from __future__ import annotations
@@ -232,9 +234,14 @@ class KExperts(KModule):
 
     role = "experts"
 
+    # False: never take the op's stream-ordered path (the synchronous submit/sync reference)
+    stream_ordered: bool = True
+
     def __init__(self, original: nn.Module, **kwargs):
         super().__init__(original, **kwargs)
-        self._pending = None  # (op that has the work, or None; finished output, or None; out device)
+        # (op that has the work, or None; finished output, or None; out device; stream-ordered)
+        self._pending = None
+        self._stream_ok: dict[tuple, bool] = {}
 
     def weight_names(self) -> list[str]:
         return ["gate_proj", "up_proj", "down_proj"]
@@ -251,7 +258,20 @@ class KExperts(KModule):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]
+        if self.stream_path(self.pick(tokens), hidden_states, tokens):
+            self.submit(hidden_states, top_k_index, top_k_weights)
+            return self.sync()
         return self._run(tokens, hidden_states, hidden_states, top_k_index, top_k_weights)
+
+    def stream_path(self, op: Op, hidden_states: torch.Tensor, tokens: int) -> bool:
+        """Whether this call goes through ``op.stream_submit``/``stream_sync`` (see the module docstring)."""
+        if not self.stream_ordered or hidden_states.device.type != "cuda" or not is_stream_experts_op(op):
+            return False
+        key = (id(op), tokens, hidden_states.device)
+        ok = self._stream_ok.get(key)
+        if ok is None:
+            ok = self._stream_ok[key] = op.stream_problem(hidden_states.device, tokens) is None
+        return ok
 
     def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Start the routed experts; ``sync()`` returns their output. Through the op's ``submit``/``sync``
@@ -261,22 +281,40 @@ class KExperts(KModule):
         tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]
         op = self.pick(tokens)
         out_device = self.out_device if self.out_device is not None else hidden_states.device
+        if self.stream_path(op, hidden_states, tokens):
+            op.stream_submit(hidden_states, top_k_index, top_k_weights)
+            self._pending = (op, None, out_device, True)
+            return
         args = [_queue_to(t, op.device) for t in (hidden_states, top_k_index, top_k_weights)]
         if is_async_experts_op(op):
             op.submit(*args)
-            self._pending = (op, None, out_device)
+            self._pending = (op, None, out_device, False)
         else:
-            self._pending = (None, op(*args), out_device)
+            self._pending = (None, op(*args), out_device, False)
 
     def sync(self) -> torch.Tensor:
         """The output of the last ``submit``, on ``out_device`` (default: where its input was)."""
         if self._pending is None:
             raise RuntimeError(f"KExperts {self.qualname}: sync without submit")
-        op, out, out_device = self._pending
+        op, out, out_device, stream = self._pending
         self._pending = None
         if op is not None:
-            out = op.sync()
+            out = op.stream_sync() if stream else op.sync()
         return _queue_to(out, out_device)
+
+    def drop_pending(self) -> None:
+        """Forget a submit whose sync will never come (a CUDA graph capture that failed half-way)."""
+        self._pending = None
+        for op in self.ops():
+            stream = getattr(op, "_stream", None)
+            if stream is not None:
+                stream.drop_pending()
+
+
+def is_stream_experts_op(op: Op) -> bool:
+    """Whether an experts op implements the stream-ordered contract (``stream_submit``, ``stream_sync`` and
+    ``stream_problem(device, tokens)``)."""
+    return all(callable(getattr(op, n, None)) for n in ("stream_submit", "stream_sync", "stream_problem"))
 
 
 def is_async_experts_op(op: Op) -> bool:
