@@ -81,6 +81,190 @@ def _int4_gemv_kernel(
 
 
 @triton.jit
+def _unit(w, T: tl.constexpr):
+    """Nibble ``T`` of int32 words as ``1 + q/16`` (float32): the nibble is moved to mantissa bits 19..22 of
+    1.0, one shift and one LOP3 (no conversion, no subtraction; ``sum(q*x) = 16*(sum(unit*x) - sum(x))``)."""
+    if T <= 4:
+        u = w << (19 - 4 * T)
+    else:
+        u = w >> (4 * T - 19)
+    return ((u & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _units_natural(w, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constexpr):
+    """``[BLOCK_N, NG, GROUP/8]`` words -> ``[BLOCK_N, NG, GROUP]`` units in K order (nibble t of word j is
+    weight ``8j + t``): joins build the trailing ``[2, 2, 2]`` = ``t = c + 2d + 4e`` inside each thread."""
+    c = tl.join(tl.join(tl.join(_unit(w, 0), _unit(w, 4)), tl.join(_unit(w, 2), _unit(w, 6))),
+                tl.join(tl.join(_unit(w, 1), _unit(w, 5)), tl.join(_unit(w, 3), _unit(w, 7))))
+    return tl.reshape(c, [BLOCK_N, NG, GROUP])
+
+
+@triton.jit
+def _w4_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    UNPACK: tl.constexpr,
+):
+    """CUDA cores, ``BLOCK_M`` activation rows per program sharing each unpacked weight tile.
+
+    Weights are read as int32 words (``stride_qn`` counts words; 16-byte vectors along K). Per group,
+    ``sum(q*x)`` comes from the ``1 + q/16`` units, so scale and min are applied once per group and row:
+    ``y += 16*s*sum(unit*x) - (16*s + min)*sum(x)``. ``UNPACK`` 0: units joined into K order, dot with
+    contiguous activations; 1: one ``[BLOCK_N, groups, words]`` tensor per nibble position, dot with
+    the activations at stride 8 (no join/reshape)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    W: tl.constexpr = GROUP // 8
+    n_groups = K // GROUP
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_g = tl.arange(0, NG)
+    word = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [NG, W] word index in the tile
+    elem = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]
+    cols = tl.arange(0, BLOCK_M)
+    n_tiles = tl.cdiv(n_groups, NG)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
+    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for tile in range(t_begin, t_end):
+        g0 = tile * NG
+        g_mask = g0 + offs_g < n_groups
+        w = tl.load(q_rows + (g0 * W + word)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0,
+                    eviction_policy="evict_first")
+        sm = n_mask[:, None] & g_mask[None, :]
+        s16 = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32) * 16.0
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32)
+        else:
+            mn = s16 * (ZP / 16.0)
+        if UNPACK == 0:
+            units = _units_natural(w, BLOCK_N, NG, GROUP)
+        for r in tl.static_range(BLOCK_M):
+            row = pid_m * BLOCK_M + r
+            x_row = x_ptr + row.to(tl.int64) * stride_xm + g0 * GROUP
+            if UNPACK == 0:
+                xg = tl.load(x_row + elem, mask=g_mask[:, None] & (row < M), other=0.0).to(tl.float32)
+                part = tl.sum(units * xg[None, :, :], axis=2)
+                x_sum = tl.sum(xg, axis=1)
+            else:
+                xm = g_mask[:, None] & (row < M)
+                xt = tl.load(x_row + word * 8, mask=xm, other=0.0).to(tl.float32)
+                p3 = _unit(w, 0) * xt[None, :, :]
+                xs2 = xt
+                for t in tl.static_range(1, 8):
+                    xt = tl.load(x_row + word * 8 + t, mask=xm, other=0.0).to(tl.float32)
+                    p3 += _unit(w, t) * xt[None, :, :]
+                    xs2 += xt
+                part = tl.sum(p3, axis=2)
+                x_sum = tl.sum(xs2, axis=1)
+            d = tl.sum(s16 * part - (s16 + mn) * x_sum[None, :], axis=1)
+            acc += tl.where(cols[None, :] == r, d[:, None], 0.0)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
+    rows = pid_m * BLOCK_M + cols
+    y = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+    ym = n_mask[:, None] & (rows < M)[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ym)
+    else:
+        tl.atomic_add(y, acc, mask=ym)
+
+
+@triton.jit
+def _w4_dot_kernel(
+    x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
+    ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    UNPACK: tl.constexpr, SWAP: tl.constexpr,
+):
+    """Tensor cores over int32-word weights: a weight tile is expanded (``16*s*unit - (16*s + min)``, one
+    FMA) to the activation dtype and multiplied with ``tl.dot``. ``UNPACK`` 0: one product over the tile
+    in K order; 1: eight products, nibble position ``t`` against activations ``8j + t``. ``SWAP``: the
+    weight is the left operand (``[BLOCK_N, BLOCK_M]`` accumulator: small batches fill the MMA's N side)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    NG: tl.constexpr = BLOCK_K // GROUP
+    W: tl.constexpr = GROUP // 8
+    KW: tl.constexpr = BLOCK_K // 8
+    n_groups = K // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_g = tl.arange(0, NG)
+    word = offs_g[:, None] * W + tl.arange(0, W)[None, :]
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, KW)
+    n_tiles = tl.cdiv(n_groups, NG)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
+    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(t_begin, t_end):
+        g0 = tile * NG
+        g_mask = g0 + offs_g < n_groups
+        w = tl.load(q_rows + (g0 * W + word)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0,
+                    eviction_policy="evict_first")
+        sm = n_mask[:, None] & g_mask[None, :]
+        s16 = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32) * 16.0
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32)
+        else:
+            mn = s16 * (ZP / 16.0)
+        a3 = s16[:, :, None]
+        b3 = (s16 + mn)[:, :, None]
+        x_base = x_rows + g0 * GROUP
+        if UNPACK == 0:
+            wt = tl.reshape(a3 * _units_natural(w, BLOCK_N, NG, GROUP) - b3, [BLOCK_N, BLOCK_K])
+            k_ok = (g0 * GROUP + offs_k) < K
+            x = tl.load(x_base + offs_k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
+            if SWAP:
+                acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(wt.to(x.dtype)), acc)
+        else:
+            k_ok = (g0 * GROUP + offs_w * 8) < K
+            xm = m_mask[:, None] & k_ok[None, :]
+            for t in tl.static_range(8):
+                wt = tl.reshape(a3 * _unit(w, t) - b3, [BLOCK_N, KW])
+                x = tl.load(x_base + offs_w[None, :] * 8 + t, mask=xm, other=0.0)
+                if SWAP:
+                    acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)
+                else:
+                    acc = tl.dot(x, tl.trans(wt.to(x.dtype)), acc)
+    if SWAP:
+        out = tl.trans(acc)
+    else:
+        out = acc
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    ym = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=ym)
+    else:
+        tl.atomic_add(y, out, mask=ym)
+
+
+@triton.jit
 def _int4_to_dense_kernel(qw_ptr, s_ptr, m_ptr, y_ptr, N, K, stride_qn, stride_qk, stride_sn, stride_yn,
                           ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -251,8 +435,11 @@ def _moe_dense_kernel(
 
 @dataclass(frozen=True)
 class Int4Config:
-    """One launch. ``kernel``: ``gemv`` (CUDA cores, one activation row per program column), ``gemm``
-    (tensor cores, ``block_m`` rows per program) or ``dense`` (expand the weight, then torch's GEMM)."""
+    """One launch. ``kernel``: ``wgemv`` (CUDA cores over int32 words, ``block_m`` rows per program sharing
+    each unpacked tile), ``wdot`` (tensor cores over int32 words, ``block_m`` >= 16 rows), ``gemv`` / ``gemm``
+    (the byte-load kernels: any layout, K-major bytes too), or ``dense`` (expand the weight, then torch's
+    GEMM). ``unpack`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need
+    N-major packed bytes."""
 
     kernel: str
     block_n: int = 32
@@ -261,34 +448,55 @@ class Int4Config:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 16
+    unpack: int = 0
+    swap: bool = False
 
     def label(self) -> str:
         if self.kernel == "dense":
             return "dense"
-        m = f"m{self.block_m}" if self.kernel == "gemm" else ""
-        return f"{self.kernel}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
+        name = self.kernel
+        if self.kernel in WORD_KERNELS:
+            name += f"{self.unpack}{'T' if self.swap else ''}"
+        m = f"m{self.block_m}" if self.kernel != "gemv" else ""
+        return f"{name}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
 
 
-def candidates(M: int, group_size: int) -> list[Int4Config]:
-    """Configs worth timing for ``M`` rows, most likely first (from sweeps on an H200, bench_marlin.py)."""
+WORD_KERNELS = ("wgemv", "wdot")
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Config]:
+    """Configs worth timing for ``M`` rows, most likely first (from sweeps on an H200, bench_marlin.py).
+    K-major packed bytes only run on the byte kernels."""
     C = Int4Config
-    if M == 1:
-        out = [C("gemv", 32, 512, 4), C("gemv", 16, 256, 4), C("gemv", 64, 512, 2, 8), C("gemm", 64, 128, 4)]
+    if k_major:
+        if M == 1:
+            out = [C("gemm", 64, 128, 4), C("gemv", 32, 512, 4)]
+        elif M < 256:
+            out = [C("gemm", 64, 128, 4, block_m=16 if M <= 16 else 64), C("dense")]
+        else:
+            out = [C("dense")]
+    elif M <= 4:
+        bm = _pow2_at_least(M)
+        out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm),
+               C("wgemv", 8, 512, 1, 4, 3, block_m=bm, unpack=1), C("wgemv", 4, 1024, 1, 4, 3, block_m=bm)]
     elif M <= 16:
-        out = [C("gemm", 64, 128, 4), C("gemm", 128, 128, 4), C("gemm", 64, 256, 4), C("gemm", 32, 128, 4)]
-        if M <= 2:
-            out.append(C("gemv", 32, 512, 4))
+        out = [C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True), C("wdot", 32, 256, 1, 4, 3, block_m=16),
+               C("wgemv", 8, 256, 1, 4, 3, block_m=_pow2_at_least(M)), C("wdot", 64, 256, 2, 4, 3, block_m=16, swap=True)]
     elif M < 256:
-        out = [C("gemm", 64, 128, 2, block_m=64), C("gemm", 128, 128, 1, block_m=64), C("gemm", 64, 128, 1, block_m=64),
-               C("dense")]
+        out = [C("wdot", 64, 128, 1, 4, 3, block_m=64), C("wdot", 128, 128, 1, 8, 3, block_m=64),
+               C("gemm", 64, 128, 2, block_m=64), C("dense")]
     else:
-        out = [C("dense"), C("gemm", 128, 128, 1, 8, block_m=128), C("gemm", 128, 128, 1, block_m=64)]
+        out = [C("dense"), C("wdot", 128, 128, 1, 8, 3, block_m=128)]
     return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
 
 
-def default_config(M: int, N: int, K: int, group_size: int, device: torch.device) -> Int4Config:
+def default_config(M: int, N: int, K: int, group_size: int, device: torch.device, k_major: bool = False) -> Int4Config:
     """The first candidate: what runs without tuning (Triton's interpreter, ``KT_CUDA_AUTOTUNE=0``)."""
-    return candidates(M, group_size)[0]
+    return candidates(M, group_size, k_major)[0]
 
 
 def _m_bucket(M: int) -> int:
@@ -307,7 +515,9 @@ def tuned_config(x: torch.Tensor, w: Int4Weight, bias) -> Int4Config:
 
     M = x.shape[0]
     N, K = w.shape
-    cands = candidates(M, w.group_size)
+    from .int4 import is_k_major
+
+    cands = candidates(M, w.group_size, is_k_major(w))
     if (x.device.type != "cuda" or len(cands) == 1 or os.environ.get("KT_CUDA_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         key = None
@@ -366,6 +576,19 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
     common = dict(ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None, HAS_BIAS=bias is not None,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.kernel in WORD_KERNELS:
+        if w.qweight.stride(-1) != 1:
+            raise ValueError(f"int4 kernel {cfg.kernel!r} reads int32 words along K: it needs N-major packed bytes "
+                             "(int4.with_layout(w, k_major=False)); use 'gemv'/'gemm' for K-major ones")
+        qw = w.qweight.view(torch.int32)
+        word_common = dict(common, BLOCK_M=cfg.block_m, UNPACK=cfg.unpack)
+        grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split)
+        args = (x, qw, w.scales, mins, b, y, M, N, K, x.stride(0), qw.stride(0), w.scales.stride(0), y.stride(0))
+        if cfg.kernel == "wgemv":
+            _w4_gemv_kernel[grid](*args, **word_common)
+        else:
+            _w4_dot_kernel[grid](*args, SWAP=cfg.swap, **word_common)
+        return y if split == 1 else y.to(x.dtype)
     strides = (w.qweight.stride(0), w.qweight.stride(1), w.scales.stride(0), y.stride(0))
     if cfg.kernel == "gemv":
         grid = (triton.cdiv(N, cfg.block_n), M, split)
@@ -375,7 +598,7 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K, x.stride(0), *strides,
                                 BLOCK_M=cfg.block_m, **common)
     else:
-        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: gemv, gemm, dense")
+        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, gemv, gemm, dense")
     return y if split == 1 else y.to(x.dtype)
 
 
