@@ -38,6 +38,10 @@ class PrefixKVLayer(StaticLayer):
     positions plus a mask, which makes every decode step pay for the whole context)."""
 
     is_compileable = False
+    # Set by DecodeGraphs around a captured step: write at this device position (a [T] tensor) and hand
+    # attention the first graph_length slots (the mask hides those not written yet).
+    graph_slot: torch.Tensor | None = None
+    graph_length: int | None = None
 
     def __init__(self, max_cache_len: int, **kwargs):
         super().__init__(max_cache_len=max_cache_len)
@@ -65,6 +69,10 @@ class PrefixKVLayer(StaticLayer):
         return end
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.graph_slot is not None:
+            self.keys.index_copy_(2, self.graph_slot, key_states)
+            self.values.index_copy_(2, self.graph_slot, value_states)
+            return self.keys[:, :, : self.graph_length], self.values[:, :, : self.graph_length]
         end = self._append(key_states, value_states)
         return self.keys[:, :, :end], self.values[:, :, :end]
 
@@ -328,9 +336,15 @@ class Generator:
 
     ``prefill_chunk`` bounds how many prompt tokens go through the model in one call (activation memory).
     The cache is allocated once and reused across requests.
+
+    ``cuda_graph``: decode steps replay CUDA graphs (``ktcore.decode_graphs``). ``None`` (default): on
+    wherever the model runs on a CUDA device and every op of its decode path allows capture, else eager,
+    with the reason logged once (``graph_problem`` holds it); ``False``: always eager. May be changed
+    between requests.
     """
 
-    def __init__(self, model, tokenizer, max_context: int = 4096, prefill_chunk: int = 512):
+    def __init__(self, model, tokenizer, max_context: int = 4096, prefill_chunk: int = 512,
+                 cuda_graph: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
@@ -338,6 +352,8 @@ class Generator:
         self.device = model_device(model)
         self.cache = new_cache(model, self.max_context)
         self.eos_token_ids = self._end_token_ids()
+        self.cuda_graph = cuda_graph
+        self._graphs = None
 
     # -- inputs
 
@@ -365,6 +381,32 @@ class Generator:
         for start in range(0, ids.shape[1], self.prefill_chunk):
             logits = forward_step(self.model, ids[:, start : start + self.prefill_chunk], self.cache, logits_to_keep)
         return logits
+
+    def _graph_runner(self):
+        if self.cuda_graph is False or self.device.type != "cuda":
+            return None
+        if self._graphs is None:
+            from .decode_graphs import DecodeGraphs, log_once
+
+            self._graphs = DecodeGraphs(self.model, self.cache, self.max_context, self.device, _cache_kwarg(self.model))
+            if self._graphs.problem is not None:
+                log_once(f"CUDA graphs off: {self._graphs.problem}")
+        return self._graphs if self._graphs.problem is None else None
+
+    @property
+    def graph_problem(self) -> str | None:
+        """Why decode steps run eagerly on this CUDA model (``None``: they replay graphs, or not decided yet)."""
+        return None if self._graphs is None else self._graphs.problem
+
+    def decode_step(self, step_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 1, V]`` for ``step_ids`` ``[B, 1]`` after what the cache holds, appending to it:
+        a graph replay where graphs are on, else an eager ``forward_step``."""
+        runner = self._graph_runner()
+        if runner is not None:
+            logits = runner.step(step_ids, cache_length(self.cache))
+            if logits is not None:
+                return logits
+        return forward_step(self.model, step_ids, self.cache)
 
     @torch.inference_mode()
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
@@ -416,7 +458,7 @@ class Generator:
                 return
             context = torch.cat([context, torch.tensor([token])])
             step_ids.fill_(token)
-            logits = forward_step(self.model, step_ids, self.cache)
+            logits = self.decode_step(step_ids)
             token = sampler(logits[0, -1], context if params.repetition_penalty != 1.0 else None)
             timing.generated_tokens += 1
             timing.decode_s = time.perf_counter() - t1

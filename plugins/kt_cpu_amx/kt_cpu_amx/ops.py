@@ -11,7 +11,7 @@ from ktcore.builtin.experts import gated_experts_dims
 from ktcore.ops import Op
 
 from . import repack
-from .runtime import get_runtime, select_isa, unavailable_reason
+from .runtime import get_runtime, select_isa, share_cores, torch_decode_threads, unavailable_reason
 
 
 def _cpu_reason(name: str, device) -> str | None:
@@ -51,6 +51,7 @@ class KLinearCPU(Op):
         self.float_bits = repack.online_bits(online_quant)
         self.weight = None
         self._runtime = None  # resolved on first use (KT_CPU_ISA / KT_CPU_THREADS read then)
+        self._torch_threads = None
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
@@ -70,18 +71,25 @@ class KLinearCPU(Op):
             self.bias = repack.to_float32(weights["bias"]).reshape(self.out_features).clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode calls this hundreds of times per token: no copy or conversion unless the input needs one
         if self.weight is None:
             raise RuntimeError(f"{self.name}: forward before load()")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
-        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
         if self._runtime is None:
             self._runtime = get_runtime(self.threads, self.isa)
-        if x2.shape[0]:
-            self._runtime.linear(self.weight, x2.shape[0], x2.data_ptr(), y.data_ptr())
+            self._torch_threads = torch_decode_threads(self._runtime.threads)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
+        x2 = x if x.dtype == torch.float32 and x.device.type == "cpu" else x.to(device="cpu", dtype=torch.float32)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        rows = x2.numel() // self.in_features
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
+        share_cores(rows, self._torch_threads)
+        if rows:
+            self._runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr())
         if self.bias is not None:
             y += self.bias
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'ggml_type', None)}"
@@ -120,6 +128,7 @@ class KExpertsCPU(Op):
         self.layer = None
         self._pending = None
         self._runtime = None  # resolved on first use (KT_CPU_ISA / KT_CPU_THREADS read then)
+        self._torch_threads = None
 
     @classmethod
     def available(cls, device=None) -> str | None:
@@ -137,11 +146,10 @@ class KExpertsCPU(Op):
         self.layer = repack.kernels().MoeLayer(packed["gate_proj"], packed["up_proj"], packed["down_proj"],
                                                self.activation)
 
-    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+    def _prepare(self, hidden_states, top_k_index, top_k_weights):
+        """``(runtime, x, idx, w, out)``: float32/int64 contiguous CPU tensors, shapes checked."""
         if self.layer is None:
             raise RuntimeError(f"{self.name}: submit before load()")
-        if self._pending is not None:
-            raise RuntimeError(f"{self.name}: submit while a previous submit was not synced")
         T = hidden_states.shape[0]
         x = hidden_states.to(device="cpu", dtype=torch.float32).contiguous()
         idx = top_k_index.to(device="cpu", dtype=torch.int64).contiguous()
@@ -153,11 +161,18 @@ class KExpertsCPU(Op):
         out = torch.empty(T, self.hidden_dim, dtype=torch.float32)
         if self._runtime is None:
             self._runtime = get_runtime(self.threads, self.isa)
-        rt = self._runtime
+            self._torch_threads = torch_decode_threads(self._runtime.threads)
+        return self._runtime, x, idx, w, out
+
+    def submit(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        if self._pending is not None:
+            raise RuntimeError(f"{self.name}: submit while a previous submit was not synced")
+        rt, x, idx, w, out = self._prepare(hidden_states, top_k_index, top_k_weights)
         # the tensors stay referenced until sync(): the pool reads and writes them meanwhile
         self._pending = (rt, x, idx, w, out, hidden_states.dtype, hidden_states.device)
-        if T:
-            rt.moe_submit(self.layer, T, idx.shape[1], x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr())
+        if x.shape[0]:
+            rt.moe_submit(self.layer, x.shape[0], idx.shape[1], x.data_ptr(), idx.data_ptr(), w.data_ptr(),
+                          out.data_ptr())
 
     def sync(self) -> torch.Tensor:
         if self._pending is None:
@@ -170,8 +185,14 @@ class KExpertsCPU(Op):
         return out.to(device=device, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        self.submit(hidden_states, top_k_index, top_k_weights)
-        return self.sync()
+        # submit + sync, but on the calling thread: no hand-off to the pool's controller
+        if self._pending is not None:
+            raise RuntimeError(f"{self.name}: forward while a submit was not synced")
+        rt, x, idx, w, out = self._prepare(hidden_states, top_k_index, top_k_weights)
+        share_cores(x.shape[0], self._torch_threads)
+        if x.shape[0]:
+            rt.moe(self.layer, x.shape[0], idx.shape[1], x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr())
+        return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
     # -- stream-ordered contract (decode on a CUDA device, capturable into a CUDA graph): host_launch.py
 
@@ -202,6 +223,13 @@ class KExpertsCPU(Op):
         if getattr(self, "_stream", None) is None:
             raise RuntimeError(f"{self.name}: stream_sync without stream_submit")
         return self._stream.sync()
+
+    @staticmethod
+    def raise_stream_error() -> None:
+        """Raise what a host function of an earlier stream-ordered call met (the stream synchronized since)."""
+        from .host_launch import raise_host_error
+
+        raise_host_error()
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "

@@ -1,0 +1,220 @@
+"""CUDA-graph capture of the decode step (one token per sequence after a prefill).
+
+A decode step through an injected model is hundreds of small kernels, each launched from Python; captured
+once into a CUDA graph, a step is one ``replay()``. ``DecodeGraphs`` does that for the ``Generator``:
+
+- one graph per (batch size, attended length), captured on first use: the length is the smallest power of
+  two >= 256 (at most ``max_context``) that covers the position, so attention reads that many cache slots
+  and a mask hides the slots not written yet;
+- static inputs: token ids, the position (written on the device before each replay), the slot indices;
+  the mask and position ids are computed inside the graph from the position;
+- the KV cache (``PrefixKVLayer``) is written in place at the position (``index_copy_``), the same storage the
+  eager prefill filled; the host-side lengths are advanced after each replay;
+- routed experts on the CPU take their stream-ordered path (``KExperts.stream_path``): copies to pinned
+  memory and host functions inside the graph, no Python.
+
+Capture needs every op of the decode path to declare ``graph_capturable`` (see ``ktcore.ops.Op`` and
+docs/ARCHITECTURE.md); ``capture_problem`` says which one does not, and the Generator then stays eager and
+logs the reason once. A capture that fails anyway (a module with a host read) is logged the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .modules import KAttention, KExperts, KModule, is_stream_experts_op
+from .ops import Op
+
+log = logging.getLogger("ktcore.generate")
+
+MIN_GRAPH_LENGTH = 256
+_logged: set[str] = set()
+
+
+def log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.warning(message)
+
+
+def graph_length(position: int, max_context: int) -> int:
+    """Cache slots a graph for ``position`` attends over (a power of two, at least 256, at most max_context)."""
+    length = MIN_GRAPH_LENGTH
+    while length <= position:
+        length *= 2
+    return min(length, max_context)
+
+
+def op_capture_problem(op: Op, device: torch.device) -> str | None:
+    """Why ``op``'s forward (its decode call) cannot be captured on ``device``, or ``None``."""
+    if not getattr(op, "graph_capturable", False):
+        return f"{op.name} does not declare graph_capturable"
+    if op.device.type == device.type:
+        return None
+    if op.role == "experts" and is_stream_experts_op(op):
+        why = op.stream_problem(device, 1)
+        return None if why is None else f"{op.name}: {why}"
+    return f"{op.name} runs on {op.device}, not on {device} (and has no stream-ordered path)"
+
+
+def capture_problem(model: nn.Module, cache, device: torch.device) -> str | None:
+    """Why the decode step of ``model`` with ``cache`` cannot be captured on ``device``, or ``None``."""
+    from .generate import PrefixKVLayer  # generate imports this module
+
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the model's inputs live on {device}, not on a CUDA device"
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        if type(layer) is not PrefixKVLayer:
+            return f"cache layer {i} is {type(layer).__name__} (only full-attention layers are captured)"
+    injected_attention = True
+    for name, module in model.named_modules():
+        if isinstance(module, Op):
+            continue
+        if isinstance(module, KModule):
+            if not module.uses_ops:
+                continue
+            op = module.pick(1)
+            why = op_capture_problem(op, device)
+            if why:
+                return f"{name or 'model'}: {why}"
+            if isinstance(module, KExperts) and op.device.type != device.type and not module.stream_ordered:
+                return f"{name}: KExperts.stream_ordered is off"
+            continue
+        if type(module).__name__.endswith("Attention") and not isinstance(module, KAttention):
+            injected_attention = False
+        for tname, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is not None and not tensor.is_meta and tensor.device.type != device.type:
+                return f"{name}.{tname} lives on {tensor.device}: the step would leave the GPU"
+    impl = getattr(model.config, "_attn_implementation", None)
+    if not injected_attention and impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} takes no custom mask (sdpa or eager do)"
+    return None
+
+
+def _mask_kind(model: nn.Module) -> torch.dtype | None:
+    """``None``: a boolean mask (True = attend); a float dtype: an additive mask (Transformers' eager
+    attention adds the mask to the scores)."""
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        return model.dtype
+    return None
+
+
+class _Graph:
+    def __init__(self, graph, ids, position, logits):
+        self.graph, self.ids, self.position, self.logits = graph, ids, position, logits
+
+
+class DecodeGraphs:
+    """Captured decode steps of one model over one cache (``step`` returns ``None`` when it cannot, and
+    ``problem`` then says why)."""
+
+    def __init__(self, model: nn.Module, cache, max_context: int, device: torch.device, cache_kwarg: str):
+        self.model, self.cache, self.max_context, self.device = model, cache, int(max_context), device
+        self.cache_kwarg = cache_kwarg
+        self.problem = capture_problem(model, cache, device)
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool = None
+        self._stream_checks = []
+        base = getattr(model, "model", model)
+        self._pass_cache_position = "cache_position" in inspect.signature(base.forward).parameters
+        if self.problem is None:
+            prepared = set()
+            for module in model.modules():
+                if isinstance(module, KModule) and module.uses_ops:
+                    for op in module.ops():
+                        if id(op) not in prepared:
+                            prepared.add(id(op))
+                            op.prepare_capture(self.max_context)
+                            check = getattr(op, "raise_stream_error", None)
+                            if callable(check) and type(op) not in {type(o) for o in self._stream_checks}:
+                                self._stream_checks.append(op)
+
+    # -- cache in graph mode
+
+    @contextmanager
+    def _graph_cache(self, position: torch.Tensor, length: int):
+        layers = self.cache.layers
+        for layer in layers:
+            layer.graph_slot, layer.graph_length = position, length
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.graph_slot = layer.graph_length = None
+
+    def _forward(self, ids: torch.Tensor, position: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        batch = ids.shape[0]
+        visible = (slots <= position).view(1, 1, 1, -1).expand(batch, 1, 1, -1)
+        dtype = _mask_kind(self.model)
+        if dtype is None:
+            mask = visible
+        else:
+            mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device).masked_fill(~visible, torch.finfo(dtype).min)
+        kwargs = {self.cache_kwarg: self.cache}
+        if self._pass_cache_position:
+            kwargs["cache_position"] = position
+        out = self.model(input_ids=ids, position_ids=position.view(1, 1).expand(batch, 1), attention_mask=mask,
+                         use_cache=True, logits_to_keep=1, **kwargs)
+        return out.logits.float()
+
+    def _capture(self, batch: int, length: int, token_ids: torch.Tensor, position: int) -> _Graph:
+        dev = self.device
+        ids = token_ids.to(dev).clone()
+        pos = torch.full((1,), position, dtype=torch.long, device=dev)
+        slots = torch.arange(length, device=dev)
+        with self._graph_cache(pos, length):
+            # warm-up runs (kernel tuning, lazy buffers) are real steps: they write the same cache slot with
+            # the same values, so running this step three times instead of once changes nothing
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._forward(ids, pos, slots)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(ids, pos, slots)
+        return _Graph(graph, ids, pos, logits)
+
+    def _drop_pending(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, KExperts):
+                module.drop_pending()
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor, position: int) -> torch.Tensor | None:
+        """Logits ``[B, 1, V]`` (float32, a buffer the next step overwrites) for ``token_ids`` ``[B, 1]`` at
+        ``position`` (the number of tokens cached), appending to the cache; ``None`` if graphs are off."""
+        if self.problem is not None:
+            return None
+        for op in self._stream_checks:
+            op.raise_stream_error()  # from the previous step, which the caller has synchronized with
+        batch = token_ids.shape[0]
+        length = graph_length(position, self.max_context)
+        if position >= length:
+            return None  # the cache is full: the eager step raises the overflow error
+        if any(not layer.is_initialized for layer in self.cache.layers):
+            return None  # nothing was prefilled yet: the cache has no storage to capture
+        entry = self._graphs.get((batch, length))
+        if entry is None:
+            try:
+                entry = self._graphs[(batch, length)] = self._capture(batch, length, token_ids, position)
+            except Exception as exc:  # noqa: BLE001 - any failure means: stay eager, say why
+                self._drop_pending()
+                self.problem = f"capturing the decode step failed: {type(exc).__name__}: {exc}"
+                log_once(f"CUDA graphs off: {self.problem}")
+                return None
+        else:
+            entry.ids.copy_(token_ids, non_blocking=True)
+            entry.position.fill_(position)
+        entry.graph.replay()
+        for layer in self.cache.layers:
+            layer.length = position + 1
+        return entry.logits
