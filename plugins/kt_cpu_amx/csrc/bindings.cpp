@@ -93,10 +93,18 @@ PYBIND11_MODULE(_kernels, m) {
             if (W->k % 32) throw std::invalid_argument("kt_cpu_amx: linear input size must be a multiple of 32");
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
-            rt->pool().submit([r, W, M, x, y] { r->linear(*W, M, ptr<const float>(x), ptr<float>(y)); });
-            rt->pool().sync();
+            rt->pool().run([&] { r->linear(*W, M, ptr<const float>(x), ptr<float>(y)); });
         }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"),
-           "y[m, n] = x[m, k] @ weight.T (float32 buffers); blocks until done.")
+           "y[m, n] = x[m, k] @ weight.T (float32 buffers); runs on the calling thread and the pool, blocks.")
+        .def("moe", [](std::shared_ptr<Runtime> rt, std::shared_ptr<MoeLayer> L, int T, int K, uintptr_t x,
+                       uintptr_t idx, uintptr_t w, uintptr_t out) {
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();
+            rt->pool().run([&] {
+                r->moe(*L, T, K, ptr<const float>(x), ptr<const int64_t>(idx), ptr<const float>(w), ptr<float>(out));
+            });
+        }, py::arg("layer"), py::arg("t"), py::arg("k"), py::arg("x_ptr"), py::arg("idx_ptr"), py::arg("w_ptr"),
+           py::arg("out_ptr"), "moe_submit + sync in one call, run on the calling thread and the pool.")
         .def("moe_submit", [](std::shared_ptr<Runtime> rt, std::shared_ptr<MoeLayer> L, int T, int K, uintptr_t x,
                               uintptr_t idx, uintptr_t w, uintptr_t out) {
             py::gil_scoped_release nogil;

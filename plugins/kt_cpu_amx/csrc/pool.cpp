@@ -165,6 +165,25 @@ void Pool::sync() {
     }
 }
 
+void Pool::run(const std::function<void()>& job) {
+    {
+        std::unique_lock<std::mutex> l(job_mu_);
+        job_cv_.wait(l, [&] { return job_done_.load(); });  // the job slot: one job in flight
+        job_done_ = false;
+    }
+    struct Release {
+        Pool* p;
+        ~Release() {
+            {
+                std::lock_guard<std::mutex> l(p->job_mu_);
+                p->job_done_ = true;
+            }
+            p->job_cv_.notify_all();
+        }
+    } release{this};
+    job();
+}
+
 bool Pool::busy() {
     std::lock_guard<std::mutex> l(job_mu_);
     return !job_done_.load();

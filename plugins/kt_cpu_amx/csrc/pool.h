@@ -1,6 +1,8 @@
 // A persistent pool of pinned worker threads with one controller thread that runs submitted jobs.
 // A job (a closure) runs on the controller; inside it, parallel_for spreads tasks over the workers and the
 // controller itself. submit() returns at once; sync() waits for the job and rethrows its error.
+// run() is the blocking form: the calling thread itself runs the job as thread 0, so a synchronous call
+// (a decode step's linear) costs no hand-off to the controller and no third thread on the cores.
 // Between phases, workers spin for spin_us microseconds (KT_CPU_SPIN_US, default 50) before sleeping on a
 // condition variable: a decode step runs several short phases back to back, and a futex wake-up per phase
 // would cost as much as the phase itself.
@@ -26,6 +28,8 @@ public:
 
     void submit(std::function<void()> job);
     void sync();
+    // Run job on the calling thread (after any submitted job finished); its error propagates.
+    void run(const std::function<void()>& job);
     bool busy();
 
 private:

@@ -3,6 +3,14 @@
 ``KT_CPU_ISA=avx2|avx512|amx`` forces a path (it must be available: forcing a lower path on a better CPU
 is how tests cover every path on one machine); ``KT_CPU_THREADS`` sets the pool size (default: the CPUs
 this process may run on); ``KT_CPU_PIN=0`` leaves threads unpinned.
+
+Cores between the pool and torch (decided here only): the kernels run on the calling thread plus the pool's
+workers, pinned one per CPU. torch's own intra-op (OpenMP) threads run the ops between two kernel calls
+(attention, norms, RoPE); during decode those are tiny, and torch threads that spin after them take cores
+from the pool's workers (on 2 cores decode ran 2x slower with torch at 2 threads). So for decode-sized
+calls (at most ``DECODE_ROWS`` rows) torch gets the CPUs the pool leaves over, at least 1
+(``KT_CPU_TORCH_THREADS=N`` sets that number; ``0`` leaves torch alone); a larger (prefill) call gives
+torch back the thread count it had before.
 """
 
 from __future__ import annotations
@@ -89,3 +97,38 @@ def get_runtime(threads: int | None = None, isa: str | None = None):
         if rt is None:
             rt = _runtimes[key] = kernels().Runtime(threads, isa, pin)
         return rt
+
+
+DECODE_ROWS = 8
+_saved_torch_threads: int | None = None  # torch's own count while the decode share is in force
+
+
+def torch_decode_threads(pool_threads: int) -> int | None:
+    """torch's intra-op threads while the pool decodes (``None``: leave torch alone)."""
+    env = os.environ.get("KT_CPU_TORCH_THREADS")
+    if env:
+        n = int(env)
+        if n < 0:
+            raise ValueError(f"KT_CPU_TORCH_THREADS must be >= 0, got {env!r}")
+        return n or None
+    return max(1, len(os.sched_getaffinity(0)) - pool_threads)
+
+
+def share_cores(rows: int, decode_threads: int | None) -> None:
+    """Give torch its decode share of the cores before a call of ``rows`` rows, or its own count back
+    before a larger one. Cheap when nothing changes (one ``get_num_threads``)."""
+    global _saved_torch_threads
+    if decode_threads is None:
+        return
+    import torch
+
+    current = torch.get_num_threads()
+    if rows <= DECODE_ROWS:
+        if current != decode_threads:
+            if _saved_torch_threads is None:
+                _saved_torch_threads = current
+            torch.set_num_threads(decode_threads)
+    elif _saved_torch_threads is not None:
+        if current == decode_threads:  # nobody changed it meanwhile
+            torch.set_num_threads(_saved_torch_threads)
+        _saved_torch_threads = None
