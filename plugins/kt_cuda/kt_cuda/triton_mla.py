@@ -98,7 +98,8 @@ def _attention_kernel(
             if MASK_KIND == 1:
                 allowed = allowed & (tl.load(m_ptrs, mask=m_ok, other=0) != 0)
             else:
-                qk += tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                # clamped first: Transformers fills with finfo.min, which overflows when scaled (harmless, but noisy)
+                qk += tl.maximum(tl.load(m_ptrs, mask=m_ok, other=0.0).to(tl.float32), -1e30) * 1.4426950408889634
         qk = tl.where(allowed, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
