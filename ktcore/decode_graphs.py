@@ -64,10 +64,17 @@ def op_capture_problem(op: Op, device: torch.device) -> str | None:
 
 def capture_problem(model: nn.Module, cache, device: torch.device) -> str | None:
     """Why the decode step of ``model`` with ``cache`` cannot be captured on ``device``, or ``None``."""
+    if device.type != "cuda":
+        return f"the model's inputs live on {device}, not on a CUDA device"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return model_capture_problem(model, cache, device)
+
+
+def model_capture_problem(model: nn.Module, cache, device: torch.device) -> str | None:
+    """The model's and cache's part of ``capture_problem`` (no look at the CUDA runtime)."""
     from .generate import PrefixKVLayer  # generate imports this module
 
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"the model's inputs live on {device}, not on a CUDA device"
     for i, layer in enumerate(getattr(cache, "layers", ())):
         if type(layer) is not PrefixKVLayer:
             return f"cache layer {i} is {type(layer).__name__} (only full-attention layers are captured)"

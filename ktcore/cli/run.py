@@ -43,6 +43,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in tokens: prompt plus reply (default 4096)")
     p.add_argument("--model-path", default=None, metavar="DIR",
                    help="Hugging Face directory whose config and tokenizer replace those in the GGUF metadata")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="run decode steps eagerly (default on CUDA: replay a captured CUDA graph per step "
+                        "when every op of the model allows it)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -111,7 +114,8 @@ def load_generator(args, quiet: bool = False, check=None):
     if not quiet:
         files = ", ".join(getattr(report, "rule_files", []) or [])
         print(f"loaded {args.model}" + (f" with rules {files}" if files else ""), file=sys.stderr)
-    return Generator(model, tokenizer, max_context=args.max_context)
+    return Generator(model, tokenizer, max_context=args.max_context,
+                     cuda_graph=None if getattr(args, "cuda_graph", True) else False)
 
 
 def run_guarded(body, args) -> int:
