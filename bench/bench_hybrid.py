@@ -14,6 +14,9 @@ Figures: prefill tok/s (a --prompt-tokens prompt into an empty cache) and decode
 steps), medians over --repeats, ktcore's from its Generator's own timing; ratios to llama.cpp; the GPU memory
 ktcore used (torch.cuda.max_memory_allocated after loading and after the runs). --compare-overlap also
 times ktcore with KMoE's overlap switched off (routed experts finish before the shared experts start).
+Decode replays CUDA graphs by default on cuda (--no-cuda-graph: eager steps); --compare-graph times three
+decode modes: eager with the routed experts' synchronous submit/sync, eager with their stream-ordered path
+(host functions on the CUDA stream, no host wait), and CUDA graphs (the stream-ordered path captured).
 
     python bench/bench_hybrid.py --threads 16                          # GPU machine: full 27 layers
     python bench/bench_hybrid.py --device cpu --tiny --threads 2       # smoke check without a GPU
@@ -123,8 +126,32 @@ def load_ktcore(path: Path, rules: list[Path], args):
     source = open_source(str(path))
     model, report = load_model(source, rules=rules, progress=False)
     load_s = time.perf_counter() - t0
-    gen = Generator(model, source.tokenizer(), max_context=args.prompt_tokens + args.gen_tokens + 16)
+    gen = Generator(model, source.tokenizer(), max_context=args.prompt_tokens + args.gen_tokens + 16,
+                    cuda_graph=False if args.no_cuda_graph else None)
     return gen, report, load_s
+
+
+def set_stream_experts(model, on: bool) -> None:
+    from ktcore.modules import KExperts
+
+    for module in model.modules():
+        if isinstance(module, KExperts):
+            module.stream_ordered = on
+
+
+def bench_decode_modes(gen, ids, args, label: str) -> dict:
+    """eager + synchronous experts, eager + stream-ordered experts, CUDA graphs (in that order: the graphs
+    are built last, with the stream-ordered path on)."""
+    results = {}
+    gen.cuda_graph = False
+    set_stream_experts(gen.model, False)
+    results[label + " eager sync"] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+    set_stream_experts(gen.model, True)
+    results[label + " eager stream"] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+    gen.cuda_graph = None
+    results[label + " graph"] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+    print(f"CUDA graphs: {'on' if gen.graph_problem is None else 'off: ' + gen.graph_problem}")
+    return results
 
 
 def layout_summary(model) -> str:
@@ -155,6 +182,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compare-overlap", action="store_true", help="also time ktcore with KMoE overlap off")
     ap.add_argument("--no-llamacpp", action="store_true", help="time ktcore alone")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (default: CUDA graphs on cuda)")
+    ap.add_argument("--compare-graph", action="store_true",
+                    help="time decode eager (synchronous experts), eager (stream-ordered experts) and with graphs")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available (use --device cpu for a smoke check)")
@@ -184,7 +214,12 @@ def main(argv=None) -> int:
     vram_load = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
     print(f"ktcore: rules {', '.join(map(str, rules))}; loaded in {load_s:.1f} s; {layout_summary(gen.model)}")
     label = "ktcore (GPU+CPU)" if args.device == "cuda" else "ktcore (CPU)"
-    results[label] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+    if args.compare_graph and args.device == "cuda":
+        results.update(bench_decode_modes(gen, ids, args, label))
+    else:
+        results[label] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+        if args.device == "cuda" and not args.no_cuda_graph:
+            print(f"CUDA graphs: {'on' if gen.graph_problem is None else 'off: ' + str(gen.graph_problem)}")
     if args.compare_overlap:
         from ktcore.moe import KMoE
 
@@ -202,12 +237,12 @@ def main(argv=None) -> int:
     print(f"threads={args.threads}  layers={args.layers}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok"
           f"  repeats={args.repeats} (medians)")
     ref = results.get("llama.cpp (CPU)")
-    head = f"{'engine':<28} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} {'x llama.cpp':>11}"
+    head = f"{'engine':<34} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} {'x llama.cpp':>11}"
     print(head + "\n" + "-" * len(head))
     for name, (prefill, decode) in results.items():
         rp = f"{prefill / ref[0]:.2f}" if ref else "-"
         rd = f"{decode / ref[1]:.2f}" if ref else "-"
-        print(f"{name:<28} {prefill:>13.1f} {rp:>11} {decode:>12.2f} {rd:>11}")
+        print(f"{name:<34} {prefill:>13.1f} {rp:>11} {decode:>12.2f} {rd:>11}")
     if args.device == "cuda":
         print(f"GPU memory (torch.cuda.max_memory_allocated): {gib(vram_load)} after loading, {gib(vram_peak)} peak")
     return 0
