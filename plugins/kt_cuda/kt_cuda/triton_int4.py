@@ -101,6 +101,40 @@ def _units_natural(w, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constex
 
 
 @triton.jit
+def _gemv_row_tile(w, units, x_row, word, elem, xm, s16, b16, UNPACK: tl.constexpr):
+    """One activation row against one unpacked weight tile: ``[BLOCK_N, NG]`` per-group contributions
+    ``16*s*sum(unit*x) - (16*s + min)*sum(x)``."""
+    if UNPACK == 0:
+        xg = tl.load(x_row + elem, mask=xm, other=0.0).to(tl.float32)
+        part = tl.sum(units * xg[None, :, :], axis=2)
+        x_sum = tl.sum(xg, axis=1)
+    else:
+        xt = tl.load(x_row + word * 8, mask=xm, other=0.0).to(tl.float32)
+        p3 = _unit(w, 0) * xt[None, :, :]
+        xs2 = xt
+        for t in tl.static_range(1, 8):
+            xt = tl.load(x_row + word * 8 + t, mask=xm, other=0.0).to(tl.float32)
+            p3 += _unit(w, t) * xt[None, :, :]
+            xs2 += xt
+        part = tl.sum(p3, axis=2)
+        x_sum = tl.sum(xs2, axis=1)
+    return s16 * part - b16 * x_sum[None, :]
+
+
+@triton.jit
+def _gemv_store(y_ptr, row, stride_ym, offs_n, n_mask, acc_g, bias, M, pid_k, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    out = tl.sum(acc_g, axis=1)
+    if HAS_BIAS:
+        out += tl.where(pid_k == 0, bias, 0.0)
+    y = y_ptr + row.to(tl.int64) * stride_ym + offs_n
+    if SPLIT_K == 1:
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_mask & (row < M))
+    else:
+        tl.atomic_add(y, out, mask=n_mask & (row < M))
+
+
+@triton.jit
 def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
@@ -108,13 +142,13 @@ def _w4_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     UNPACK: tl.constexpr,
 ):
-    """CUDA cores, ``BLOCK_M`` activation rows per program sharing each unpacked weight tile.
+    """CUDA cores, ``BLOCK_M`` (1, 2 or 4) activation rows per program sharing each unpacked weight tile.
 
     Weights are read as int32 words (``stride_qn`` counts words; 16-byte vectors along K). Per group,
-    ``sum(q*x)`` comes from the ``1 + q/16`` units, so scale and min are applied once per group and row:
-    ``y += 16*s*sum(unit*x) - (16*s + min)*sum(x)``. ``UNPACK`` 0: units joined into K order, dot with
-    contiguous activations; 1: one ``[BLOCK_N, groups, words]`` tensor per nibble position, dot with
-    the activations at stride 8 (no join/reshape)."""
+    ``sum(q*x)`` comes from the ``1 + q/16`` units, so scale and min are applied once per group and row;
+    per-group sums are kept ``[BLOCK_N, groups]`` wide and reduced across threads once, at the end.
+    ``UNPACK`` 0: units joined into K order, dot with contiguous activations; 1: one
+    ``[BLOCK_N, groups, words]`` tensor per nibble position against the activations at stride 8."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -126,14 +160,20 @@ def _w4_gemv_kernel(
     offs_g = tl.arange(0, NG)
     word = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [NG, W] word index in the tile
     elem = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]
-    cols = tl.arange(0, BLOCK_M)
     n_tiles = tl.cdiv(n_groups, NG)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
     q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    row0 = pid_m * BLOCK_M
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    acc0 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+    if BLOCK_M > 1:
+        acc1 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+    if BLOCK_M > 2:
+        acc2 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     for tile in range(t_begin, t_end):
         g0 = tile * NG
         g_mask = g0 + offs_g < n_groups
@@ -145,38 +185,28 @@ def _w4_gemv_kernel(
             mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32)
         else:
             mn = s16 * (ZP / 16.0)
+        b16 = s16 + mn
         if UNPACK == 0:
             units = _units_natural(w, BLOCK_N, NG, GROUP)
-        for r in tl.static_range(BLOCK_M):
-            row = pid_m * BLOCK_M + r
-            x_row = x_ptr + row.to(tl.int64) * stride_xm + g0 * GROUP
-            if UNPACK == 0:
-                xg = tl.load(x_row + elem, mask=g_mask[:, None] & (row < M), other=0.0).to(tl.float32)
-                part = tl.sum(units * xg[None, :, :], axis=2)
-                x_sum = tl.sum(xg, axis=1)
-            else:
-                xm = g_mask[:, None] & (row < M)
-                xt = tl.load(x_row + word * 8, mask=xm, other=0.0).to(tl.float32)
-                p3 = _unit(w, 0) * xt[None, :, :]
-                xs2 = xt
-                for t in tl.static_range(1, 8):
-                    xt = tl.load(x_row + word * 8 + t, mask=xm, other=0.0).to(tl.float32)
-                    p3 += _unit(w, t) * xt[None, :, :]
-                    xs2 += xt
-                part = tl.sum(p3, axis=2)
-                x_sum = tl.sum(xs2, axis=1)
-            d = tl.sum(s16 * part - (s16 + mn) * x_sum[None, :], axis=1)
-            acc += tl.where(cols[None, :] == r, d[:, None], 0.0)
+        else:
+            units = w  # unused: the row tile unpacks one nibble position at a time
+        xk = g0 * GROUP
+        gm = g_mask[:, None]
+        acc0 += _gemv_row_tile(w, units, x0 + xk, word, elem, gm & (row0 < M), s16, b16, UNPACK)
+        if BLOCK_M > 1:
+            acc1 += _gemv_row_tile(w, units, x0 + stride_xm + xk, word, elem, gm & (row0 + 1 < M), s16, b16, UNPACK)
+        if BLOCK_M > 2:
+            acc2 += _gemv_row_tile(w, units, x0 + 2 * stride_xm + xk, word, elem, gm & (row0 + 2 < M), s16, b16, UNPACK)
+            acc3 += _gemv_row_tile(w, units, x0 + 3 * stride_xm + xk, word, elem, gm & (row0 + 3 < M), s16, b16, UNPACK)
+    bias = None
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
-    rows = pid_m * BLOCK_M + cols
-    y = y_ptr + rows.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
-    ym = n_mask[:, None] & (rows < M)[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ym)
-    else:
-        tl.atomic_add(y, acc, mask=ym)
+    _gemv_store(y_ptr, row0, stride_ym, offs_n, n_mask, acc0, bias, M, pid_k, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 1:
+        _gemv_store(y_ptr, row0 + 1, stride_ym, offs_n, n_mask, acc1, bias, M, pid_k, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 2:
+        _gemv_store(y_ptr, row0 + 2, stride_ym, offs_n, n_mask, acc2, bias, M, pid_k, HAS_BIAS, SPLIT_K)
+        _gemv_store(y_ptr, row0 + 3, stride_ym, offs_n, n_mask, acc3, bias, M, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -485,7 +515,7 @@ def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Confi
                C("wgemv", 8, 512, 1, 4, 3, block_m=bm, unpack=1), C("wgemv", 4, 1024, 1, 4, 3, block_m=bm)]
     elif M <= 16:
         out = [C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True), C("wdot", 32, 256, 1, 4, 3, block_m=16),
-               C("wgemv", 8, 256, 1, 4, 3, block_m=_pow2_at_least(M)), C("wdot", 64, 256, 2, 4, 3, block_m=16, swap=True)]
+               C("wgemv", 8, 256, 1, 4, 3, block_m=4), C("wdot", 64, 256, 2, 4, 3, block_m=16, swap=True)]
     elif M < 256:
         out = [C("wdot", 64, 128, 1, 4, 3, block_m=64), C("wdot", 128, 128, 1, 8, 3, block_m=64),
                C("gemm", 64, 128, 2, block_m=64), C("dense")]
@@ -581,6 +611,8 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
             raise ValueError(f"int4 kernel {cfg.kernel!r} reads int32 words along K: it needs N-major packed bytes "
                              "(int4.with_layout(w, k_major=False)); use 'gemv'/'gemm' for K-major ones")
         qw = w.qweight.view(torch.int32)
+        if cfg.kernel == "wgemv" and cfg.block_m not in (1, 2, 4):
+            raise ValueError(f"wgemv takes block_m 1, 2 or 4 rows per program, got {cfg.block_m}")
         word_common = dict(common, BLOCK_M=cfg.block_m, UNPACK=cfg.unpack)
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split)
         args = (x, qw, w.scales, mins, b, y, M, N, K, x.stride(0), qw.stride(0), w.scales.stride(0), y.stride(0))
