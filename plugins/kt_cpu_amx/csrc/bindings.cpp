@@ -96,6 +96,23 @@ PYBIND11_MODULE(_kernels, m) {
             rt->pool().run([&] { r->linear(*W, M, ptr<const float>(x), ptr<float>(y)); });
         }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"),
            "y[m, n] = x[m, k] @ weight.T (float32 buffers); runs on the calling thread and the pool, blocks.")
+        .def("linear_multi", [](std::shared_ptr<Runtime> rt, std::vector<std::shared_ptr<PackedMatrix>> W, int M,
+                                uintptr_t x, std::vector<uintptr_t> y) {
+            if (W.empty() || W.size() != y.size())
+                throw std::invalid_argument("kt_cpu_amx: linear_multi needs one output per matrix");
+            std::vector<const PackedMatrix*> ws;
+            std::vector<float*> ys;
+            for (size_t i = 0; i < W.size(); ++i) {
+                if (W[i]->k != W[0]->k || W[i]->k % 32)
+                    throw std::invalid_argument("kt_cpu_amx: linear_multi matrices need one input size, a multiple of 32");
+                ws.push_back(W[i].get());
+                ys.push_back(ptr<float>(y[i]));
+            }
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();
+            rt->pool().run([&] { r->linear_multi(ws, M, ptr<const float>(x), ys); });
+        }, py::arg("weights"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptrs"),
+           "y_ptrs[i][m, n_i] = x[m, k] @ weights[i].T, the input quantized once, one parallel phase.")
         .def("moe", [](std::shared_ptr<Runtime> rt, std::shared_ptr<MoeLayer> L, int T, int K, uintptr_t x,
                        uintptr_t idx, uintptr_t w, uintptr_t out) {
             py::gil_scoped_release nogil;

@@ -69,6 +69,34 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
     });
 }
 
+void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x,
+                           const std::vector<float*>& y) {
+    if (W.empty()) return;
+    const int K = W[0]->k;
+    bool amx_any = false;
+    for (const PackedMatrix* w : W) amx_any = amx_any || use_amx(*w, M);
+    if (amx_any || W.size() == 1) {  // prefill-sized: the matrices' own phases are long enough
+        for (size_t i = 0; i < W.size(); ++i) linear(*W[i], M, x, y[i]);
+        return;
+    }
+    act_.ensure(M, K);
+    const int rows_per = std::max(1, M / (4 * threads()));
+    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
+        quant_(x, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, act_);
+    });
+    QAct a = act_.view();
+    struct Task { int m, n0, n1; };
+    std::vector<Task> tasks;
+    for (size_t i = 0; i < W.size(); ++i) {
+        const int N = W[i]->n, chunk = chunk_rows(N, threads());
+        for (int n0 = 0; n0 < N; n0 += chunk) tasks.push_back({int(i), n0, std::min(N, n0 + chunk)});
+    }
+    pool_.parallel_for(int(tasks.size()), [&](int i, int) {
+        const Task& t = tasks[i];
+        gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
+    });
+}
+
 static inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 static inline float gelu_tanh(float v) {
     return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));

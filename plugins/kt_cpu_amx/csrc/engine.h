@@ -38,6 +38,9 @@ public:
     int amx_min_rows = 16;
 
     void linear(const PackedMatrix& W, int M, const float* x, float* y);
+    // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
+    // of all of them in one parallel phase (a decode step's q/k/v or gate/up: one dispatch instead of 3/2).
+    void linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x, const std::vector<float*>& y);
     void moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out);
 
     Pool& pool() { return pool_; }

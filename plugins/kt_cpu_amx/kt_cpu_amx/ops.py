@@ -10,8 +10,8 @@ from torch import nn
 from ktcore.builtin.experts import gated_experts_dims
 from ktcore.ops import Op
 
-from . import repack
-from .runtime import get_runtime, select_isa, share_cores, torch_decode_threads, unavailable_reason
+from . import fusion, repack
+from .runtime import DECODE_ROWS, get_runtime, select_isa, share_cores, torch_decode_threads, unavailable_reason
 
 
 def _cpu_reason(name: str, device) -> str | None:
@@ -52,6 +52,7 @@ class KLinearCPU(Op):
         self.weight = None
         self._runtime = None  # resolved on first use (KT_CPU_ISA / KT_CPU_THREADS read then)
         self._torch_threads = None
+        self._fusion = fusion.Slot(self)  # decode-time group of linears on the same input (fusion.py)
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
@@ -74,25 +75,49 @@ class KLinearCPU(Op):
         # decode calls this hundreds of times per token: no copy or conversion unless the input needs one
         if self.weight is None:
             raise RuntimeError(f"{self.name}: forward before load()")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
         if self._runtime is None:
             self._runtime = get_runtime(self.threads, self.isa)
             self._torch_threads = torch_decode_threads(self._runtime.threads)
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
+        rows = x.numel() // self.in_features
+        decode = 0 < rows <= DECODE_ROWS
+        if decode:
+            y = fusion.take_ahead(self._fusion, x)
+            if y is not None:
+                return y
+        else:
+            fusion.forget()
         x2 = x if x.dtype == torch.float32 and x.device.type == "cpu" else x.to(device="cpu", dtype=torch.float32)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        rows = x2.numel() // self.in_features
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
         share_cores(rows, self._torch_threads)
+        if decode and self._fusion.followers:
+            group = [self, *(slot.op for slot in self._fusion.followers)]
+            ys = [torch.empty(*x.shape[:-1], op.out_features, dtype=torch.float32) for op in group]
+            self._runtime.linear_multi([op.weight for op in group], rows, x2.data_ptr(), [y.data_ptr() for y in ys])
+            outs = [op._finish(y, x.dtype) for op, y in zip(group, ys)]
+            fusion.put_ahead(x, list(zip(self._fusion.followers, outs[1:])))
+            return outs[0]
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
         if rows:
             self._runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr())
+        if decode:
+            fusion.learn(self._fusion, x, _fusable)
+        return self._finish(y, x.dtype)
+
+    def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.bias is not None:
             y += self.bias
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y if dtype == torch.float32 else y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'ggml_type', None)}"
+
+
+def _fusable(leader: KLinearCPU, op: KLinearCPU) -> bool:
+    return (leader._runtime is op._runtime and leader.in_features == op.in_features
+            and leader.weight is not None and op.weight is not None)
 
 
 def _activation_name(module: nn.Module) -> str:
