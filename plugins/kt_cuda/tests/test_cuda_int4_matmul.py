@@ -53,6 +53,11 @@ CONFIGS = [  # every kernel, with and without split-K, partial row/column/K tile
     dict(kernel="gemm", block_n=64, block_k=256, split_k=4, block_m=16),
     dict(kernel="gemm", block_n=64, block_k=128, split_k=2, block_m=64),
     dict(kernel="dense"),
+    dict(kernel="wgemv", block_n=8, block_k=128, split_k=1, block_m=1),
+    dict(kernel="wgemv", block_n=16, block_k=256, split_k=3, block_m=2, unpack=1),
+    dict(kernel="wgemv", block_n=8, block_k=128, split_k=1, block_m=4),
+    dict(kernel="wdot", block_n=32, block_k=128, split_k=1, block_m=16, swap=True),
+    dict(kernel="wdot", block_n=16, block_k=256, split_k=2, block_m=16, unpack=1),
 ]
 
 
@@ -68,6 +73,10 @@ def test_every_kernel_config_is_correct(device, cfg, symmetric, k_major):
     assert int4.is_k_major(w) == k_major
     x = torch.randn(5, K, device=device).to(torch.float16)
     bias = torch.randn(N, device=device)
+    if k_major and cfg["kernel"] in ("wgemv", "wdot"):  # int32 words run along K: N-major bytes only
+        with pytest.raises(ValueError, match="N-major"):
+            int4_matmul(x, w, bias, Int4Config(**cfg))
+        return
     out = int4_matmul(x, w, bias, Int4Config(**cfg))
     assert out.shape == (5, N)
     assert rel_err(out, _reference(x, w, bias)) < TOL[torch.float16]
