@@ -224,13 +224,15 @@ def flash_attention(
     k_rope: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     num_splits: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of ``q`` ``[B, H, S, D]`` over ``k`` ``[B, KVH, T, D]`` (``H`` a multiple of
     ``KVH``; head ``h`` reads key head ``h // (H // KVH)``) and ``v`` ``[B, KVH, T, DV]``, or over the keys as
     values when ``v`` is None. ``q_rope`` ``[B, H, S, DR]`` / ``k_rope`` ``[B, KVH, T, DR]`` add a second
     score term. The queries are the last ``S`` of the ``T`` positions. ``mask`` (broadcastable to
     ``[B, H, S, T]``; bool: True where allowed, or float added to the scores) restricts further.
-    ``num_splits`` forces the number of key splits (default: enough programs to fill the GPU).
+    ``num_splits`` forces the number of key splits (default: enough programs to fill the GPU); ``config``
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` overrides the launch settings (for benchmarks).
     Returns ``[B, H, S, DV]`` in ``q``'s dtype; softmax and accumulation in fp32."""
     for name, t in (("q", q), ("k", k), ("v", v), ("q_rope", q_rope), ("k_rope", k_rope)):
         _check_4d(name, t)
@@ -273,7 +275,7 @@ def flash_attention(
     block_dr = triton.next_power_of_2(DR) if DR else 16
     attention_kernel, combine_kernel = _kernels(_interpreting())
     key = (D, DV, DR, rows <= 16, min(rows, 64), str(dtype), q.device.type)
-    config = _FITTED.get(key) or _launch_config(D, DV, rows)
+    config = config or _FITTED.get(key) or _launch_config(D, DV, rows)
     while True:
         block_m, block_n, warps, stages = config
         row_blocks = triton.cdiv(rows, block_m)

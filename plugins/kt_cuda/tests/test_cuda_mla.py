@@ -14,6 +14,11 @@ Two tiers:
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +33,41 @@ CUDA_REASON = cuda_unavailable_reason()
 needs_cuda = pytest.mark.skipif(CUDA_REASON is not None, reason=f"needs an NVIDIA GPU: {CUDA_REASON}")
 
 
+def interpreter_ready() -> bool:
+    """Triton's interpreter can run kernels in this process: ``TRITON_INTERPRET=1`` was set before Triton's
+    language module was imported (its library functions, ``tl.zeros``, ``tl.max``..., are decorated then)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
 @pytest.fixture
-def interpreter(monkeypatch):
-    """Runs the kernels on CPU tensors in Triton's interpreter."""
+def interpreter():
+    """Runs the kernels on CPU tensors in Triton's interpreter (in this process when it was started with
+    ``TRITON_INTERPRET=1``, else through ``test_interpreter_tier``'s subprocess)."""
     if not HAS_TRITON:
         pytest.skip("Triton is not installed (pip install triton): its interpreter runs these kernels on the CPU")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not interpreter_ready():
+        pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported: test_interpreter_tier runs it so")
+
+
+def test_interpreter_tier():
+    """The interpreter tests of this file and test_cuda_attention_gqa.py in a subprocess started with
+    ``TRITON_INTERPRET=1`` (Triton decorates its library for the interpreter only when imported so)."""
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed (pip install triton): its interpreter runs these kernels on the CPU")
+    if interpreter_ready():
+        pytest.skip("this process runs the interpreter tests itself")
+    here = Path(__file__).parent
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted",
+           str(here / "test_cuda_mla.py"), str(here / "test_cuda_attention_gqa.py")]
+    proc = subprocess.run(cmd, cwd=here, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 35 and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 def reference_attention(q, k, v, scale, q_rope=None, k_rope=None, mask=None):
@@ -121,7 +155,7 @@ def test_masks_interpreted(interpreter, mask_dtype, S, splits):
     assert (got[1] - unmasked[1]).abs().max() > 1e-3
 
 
-def test_fully_masked_rows_give_zeros_not_nans(interpreter):
+def test_fully_masked_rows_give_zeros_not_nans_interpreted(interpreter):
     from kt_cuda.triton_mla import latent_attention
 
     q, qr, latent, kr = mla_inputs(1, 4, 1, 20, 64, 16, torch.float32, "cpu")
@@ -131,7 +165,7 @@ def test_fully_masked_rows_give_zeros_not_nans(interpreter):
         assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_bad_inputs_are_named(interpreter):
+def test_bad_inputs_are_named_interpreted(interpreter):
     from kt_cuda.triton_mla import flash_attention, latent_attention
 
     q, qr, latent, kr = mla_inputs(1, 4, 3, 2, 64, 16, torch.float32, "cpu")
@@ -269,16 +303,23 @@ def test_shipped_deepseek_rules_use_the_op(tmp_path):
 # -- GPU: DeepSeek sizes ----------------------------------------------------------------------------------------
 
 
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+
+
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("B,H,T", [(1, 128, 1), (1, 128, 1023), (2, 16, 4097), (2, 128, 333)])
+@pytest.mark.parametrize(
+    "dtype,B,H,T",
+    [(BF16, 1, 128, 1), (BF16, 1, 128, 1023), (BF16, 2, 16, 4097), (BF16, 2, 128, 333), (FP16, 1, 128, 1023),
+     (FP32, 2, 128, 333), (FP32, 1, 16, 16385)],
+)
 def test_decode_deepseek_sizes(dtype, B, H, T):
     check_latent(B, H, 1, T, 512, 64, dtype, "cuda")
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("B,H,S,T", [(1, 16, 300, 300), (2, 128, 64, 1001), (1, 128, 257, 257)])
+@pytest.mark.parametrize(
+    "dtype,B,H,S,T", [(BF16, 1, 16, 300, 300), (BF16, 2, 128, 64, 1001), (BF16, 1, 128, 257, 257), (FP32, 1, 16, 300, 300)]
+)
 def test_prefill_deepseek_sizes(dtype, B, H, S, T):
     check_latent(B, H, S, T, 512, 64, dtype, "cuda")
 
