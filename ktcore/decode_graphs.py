@@ -112,8 +112,14 @@ def _mask_kind(model: nn.Module) -> torch.dtype | None:
 
 
 class _Graph:
-    def __init__(self, graph, ids, position, logits):
-        self.graph, self.ids, self.position, self.logits = graph, ids, position, logits
+    """A captured step and every tensor it reads or writes outside its own pool (kept alive here: the
+    graph holds their addresses), plus a pinned copy of the logits and an event the host sleeps on."""
+
+    def __init__(self, graph, ids, position, slots, logits):
+        self.graph, self.ids, self.position, self.slots, self.logits = graph, ids, position, slots, logits
+        self.host_logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+        # a blocking event: waiting for the step sleeps instead of spinning on a core the CPU experts use
+        self.done = torch.cuda.Event(blocking=True)
 
 
 class DecodeGraphs:
@@ -188,7 +194,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
                 logits = self._forward(ids, pos, slots)
-        return _Graph(graph, ids, pos, logits)
+        return _Graph(graph, ids, pos, slots, logits)
 
     def _drop_pending(self) -> None:
         for module in self.model.modules():
@@ -197,8 +203,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def step(self, token_ids: torch.Tensor, position: int) -> torch.Tensor | None:
-        """Logits ``[B, 1, V]`` (float32, a buffer the next step overwrites) for ``token_ids`` ``[B, 1]`` at
-        ``position`` (the number of tokens cached), appending to the cache; ``None`` if graphs are off."""
+        """Logits ``[B, 1, V]`` for ``token_ids`` ``[B, 1]`` at ``position`` (the number of tokens cached),
+        appending to the cache; ``None`` if graphs are off. The logits are float32 in pinned host memory,
+        a buffer the next step overwrites."""
         if self.problem is not None:
             return None
         for op in self._stream_checks:
@@ -222,6 +229,9 @@ class DecodeGraphs:
             entry.ids.copy_(token_ids, non_blocking=True)
             entry.position.fill_(position)
         entry.graph.replay()
+        entry.host_logits.copy_(entry.logits, non_blocking=True)
+        entry.done.record()
+        entry.done.synchronize()
         for layer in self.cache.layers:
             layer.length = position + 1
-        return entry.logits
+        return entry.host_logits

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ktcore.decode_graphs import DecodeGraphs, capture_problem, graph_length, model_capture_problem, op_capture_problem
-from ktcore.generate import Generator, _cache_kwarg, cache_length, forward_step
+from ktcore.generate import Generator, _cache_kwarg, cache_length, forward_step, model_device
 from ktcore.inject import load_model
 from ktcore.ops import Op
 from ktcore.testing import tiny_model
@@ -102,8 +102,9 @@ def test_graph_mode_step_matches_the_eager_step(family, attn):
         model.config._attn_implementation = attn
     gen = Generator(model, None, max_context=40)
     runner = DecodeGraphs(model, gen.cache, gen.max_context, torch.device("cpu"), _cache_kwarg(model))
-    assert "not on a CUDA device" in runner.problem
-    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    assert "not on a CUDA device" in runner.problem  # built on the CPU to call its captured function eagerly
+    device = model_device(model)  # with an accelerator, the shipped rules put the injected model there
+    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)).to(device)
     forward_step(model, ids[:, :9], gen.cache)
     for step in range(9, 12):
         token = ids[:, step : step + 1]
@@ -113,10 +114,10 @@ def test_graph_mode_step_matches_the_eager_step(family, attn):
             layer.crop(1)
             with torch.inference_mode():
                 layer.keys[:, :, step] = float("nan")  # the graph-mode step must write the slot again
-        pos = torch.tensor([step])
+        pos = torch.tensor([step], device=device)
         length = graph_length(step, gen.max_context)
         with torch.inference_mode(), runner._graph_cache(pos, length):
-            graphed = runner._forward(token, pos, torch.arange(length))
+            graphed = runner._forward(token, pos, torch.arange(length, device=device))
         for layer in gen.cache.layers:
             layer.length = step + 1
         assert cache_length(gen.cache) == step + 1

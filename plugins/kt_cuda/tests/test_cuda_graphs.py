@@ -56,6 +56,7 @@ def graphs_vs_eager(model) -> tuple[list[int], list[int], Generator]:
     graphed = greedy(gen, ids)
     assert gen.graph_problem is None, gen.graph_problem
     assert sorted(length for _, length in gen._graphs._graphs) == [256, 300]
+    assert graphed == eager
     again = greedy(gen, ids)  # replays only: the captured graphs serve a second request
     assert again == graphed
     return eager, graphed, gen
