@@ -192,33 +192,24 @@ def kernel_configs(M: int):
     """The word-kernel configurations (and one byte-kernel baseline) timed by ``--kernels`` for ``M`` rows."""
     from kt_cuda.triton_int4 import Int4Config as C
 
-    out = []
     if M == 1:
-        for u in (0, 1):
-            for bn, bk, nw in [(4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 256, 4), (32, 256, 4), (32, 512, 8)]:
-                out.append(C("wgemv", bn, bk, 1, nw, 3, block_m=1, unpack=u))
-        for bn, bk, nw in [(2, 4096, 4), (4, 4096, 4), (8, 4096, 8), (4, 2048, 4), (8, 2048, 4), (4, 8192, 8), (2, 8192, 4),
-                           (8, 1024, 2), (16, 1024, 8)]:
-            out.append(C("wgemv", bn, bk, 1, nw, 3, block_m=1, unpack=1))
-        out += [C("wgemv", 8, 512, 1, 4, 1, block_m=1, unpack=1), C("wgemv", 8, 512, 1, 4, 1, block_m=1, unpack=0),
-                C("wgemv", 16, 512, 2, 4, 3, block_m=1, unpack=1), C("wgemv", 32, 512, 4, 4, 3, block_m=1, unpack=1),
-                C("gemv", 32, 512, 4)]
+        out = [C("wgemv", bn, bk, 1, nw, 3, block_m=1) for bn, bk, nw in
+               [(4, 1024, 4), (2, 1024, 4), (4, 512, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (4, 2048, 4),
+                (2, 2048, 4), (4, 1024, 2), (8, 1024, 8), (4, 2048, 8)]]
+        out += [C("wgemv", bn, bk, 1, 4, 3, block_m=1, prefetch=False) for bn, bk in [(4, 1024), (2, 1024), (4, 2048)]]
+        out += [C("wgemv", 4, 1024, 2, 4, 3, block_m=1), C("wgemv", 8, 1024, 2, 4, 3, block_m=1)]
+        out.append(C("gemv", 32, 512, 4))
     elif M <= 4:
-        for u in (0, 1):
-            for bn, bk, nw in [(8, 512, 4), (16, 512, 4), (16, 256, 4), (32, 256, 4), (4, 1024, 4)]:
-                out.append(C("wgemv", bn, bk, 1, nw, 3, block_m=4, unpack=u))
-        out += [C("wgemv", bn, bk, 1, nw, 3, block_m=4, unpack=1) for bn, bk, nw in [(4, 2048, 4), (8, 2048, 4), (2, 4096, 4)]]
-        out += [C("wdot", bn, bk, 1, nw, 3, block_m=16, swap=sw) for bn, bk, nw, sw in
-                [(64, 256, 4, True), (32, 256, 4, False), (64, 128, 4, True), (128, 256, 8, True), (64, 512, 4, True)]]
-        out += [C("wdot", 64, 256, 1, 4, 3, block_m=16, unpack=1, swap=True), C("wdot", 64, 512, 1, 4, 3, block_m=16, unpack=1, swap=True),
-                C("gemm", 64, 128, 4)]
+        out = [C("wgemv", bn, bk, 1, 4, 3, block_m=4) for bn, bk in
+               [(4, 1024), (8, 512), (4, 512), (2, 1024), (8, 1024), (4, 2048), (16, 512)]]
+        out.append(C("wgemv", 8, 512, 1, 4, 3, block_m=4, prefetch=False))
+        out += [C("wdot", bn, bk, 1, 4, 3, block_m=16) for bn, bk in [(16, 256), (32, 256), (16, 512), (32, 128)]]
+        out.append(C("gemm", 64, 128, 4))
     else:
-        for sw in (True, False):
-            for bn, bk, nw in [(32, 256, 4), (64, 256, 4), (64, 128, 4), (128, 128, 4), (128, 256, 8), (64, 512, 4)]:
-                out.append(C("wdot", bn, bk, 1, nw, 3, block_m=16, swap=sw))
-        out += [C("wdot", bn, bk, 1, nw, 3, block_m=16, unpack=1, swap=True) for bn, bk, nw in [(64, 256, 4), (64, 512, 4), (128, 512, 8)]]
-        out += [C("wdot", 32, 256, 1, 4, 3, block_m=16, unpack=1), C("wdot", 64, 256, 2, 4, 3, block_m=16, swap=True),
-                C("wgemv", 8, 512, 1, 4, 3, block_m=4, unpack=1), C("wgemv", 16, 512, 1, 4, 3, block_m=4, unpack=1),
+        out = [C("wdot", bn, bk, 1, nw, 3, block_m=16) for bn, bk, nw in
+               [(16, 256, 4), (32, 256, 4), (16, 128, 4), (32, 128, 4), (16, 512, 4), (64, 128, 4), (32, 256, 8), (16, 256, 2)]]
+        out += [C("wdot", bn, bk, 1, 4, 3, block_m=16, swap=True) for bn, bk in [(32, 256), (64, 128), (64, 256)]]
+        out += [C("wdot", 32, 256, 2, 4, 3, block_m=16), C("wdot", 32, 256, 1, 4, 3, block_m=16, prefetch=False),
                 C("gemm", 64, 128, 4)]
     return out
 

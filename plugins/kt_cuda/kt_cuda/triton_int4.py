@@ -101,24 +101,34 @@ def _units_natural(w, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constex
 
 
 @triton.jit
-def _gemv_row_tile(w, units, x_row, word, elem, xm, s16, b16, UNPACK: tl.constexpr):
-    """One activation row against one unpacked weight tile: ``[BLOCK_N, NG]`` per-group contributions
-    ``16*s*sum(unit*x) - (16*s + min)*sum(x)``."""
-    if UNPACK == 0:
-        xg = tl.load(x_row + elem, mask=xm, other=0.0).to(tl.float32)
-        part = tl.sum(units * xg[None, :, :], axis=2)
-        x_sum = tl.sum(xg, axis=1)
+def _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups, ok,
+               W: tl.constexpr, ZP: tl.constexpr, HAS_MIN: tl.constexpr):
+    """The words ``[BLOCK_N, NG, W]`` of the groups from ``g0`` (nothing read unless ``ok``), with the
+    per-group factors of the units: ``a = 16*scale`` and ``b = 16*scale + min`` (``w = a*unit - b``)."""
+    g_mask = (g0 + offs_g < n_groups) & ok
+    w = tl.load(q_rows + (g0 * W + word)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0,
+                eviction_policy="evict_first")
+    sm = n_mask[:, None] & g_mask[None, :]
+    a = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32) * 16.0
+    if HAS_MIN:
+        mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32)
     else:
-        xt = tl.load(x_row + word * 8, mask=xm, other=0.0).to(tl.float32)
-        p3 = _unit(w, 0) * xt[None, :, :]
-        xs2 = xt
-        for t in tl.static_range(1, 8):
-            xt = tl.load(x_row + word * 8 + t, mask=xm, other=0.0).to(tl.float32)
-            p3 += _unit(w, t) * xt[None, :, :]
-            xs2 += xt
-        part = tl.sum(p3, axis=2)
-        x_sum = tl.sum(xs2, axis=1)
-    return s16 * part - b16 * x_sum[None, :]
+        mn = a * (ZP / 16.0)
+    return w, a, a + mn
+
+
+@triton.jit
+def _x_groups(x_row, elem, g0, offs_g, n_groups, ok, GROUP: tl.constexpr):
+    """Activations ``[NG, GROUP]`` of one row from group ``g0`` (zeros where masked)."""
+    g_mask = (g0 + offs_g < n_groups) & ok
+    return tl.load(x_row + g0 * GROUP + elem, mask=g_mask[:, None], other=0.0)
+
+
+@triton.jit
+def _row_groups(units, xg, a, b):
+    """Per-group contributions ``[BLOCK_N, NG]`` of one activation row: ``a*sum(unit*x) - b*sum(x)``."""
+    xf = xg.to(tl.float32)
+    return a * tl.sum(units * xf[None, :, :], axis=2) - b * tl.sum(xf, axis=1)[None, :]
 
 
 @triton.jit
@@ -140,15 +150,16 @@ def _w4_gemv_kernel(
     M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    UNPACK: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """CUDA cores, ``BLOCK_M`` (1, 2 or 4) activation rows per program sharing each unpacked weight tile.
 
-    Weights are read as int32 words (``stride_qn`` counts words; 16-byte vectors along K). Per group,
-    ``sum(q*x)`` comes from the ``1 + q/16`` units, so scale and min are applied once per group and row;
-    per-group sums are kept ``[BLOCK_N, groups]`` wide and reduced across threads once, at the end.
-    ``UNPACK`` 0: units joined into K order, dot with contiguous activations; 1: one
-    ``[BLOCK_N, groups, words]`` tensor per nibble position against the activations at stride 8."""
+    Weights are read as int32 words (``stride_qn`` counts words; 16-byte vectors along K) and unpacked to
+    ``1 + q/16`` units in K order. Per group, ``sum(q*x)`` comes from the units, so scale and min are
+    applied once per group and row; per-group sums stay ``[BLOCK_N, groups]`` wide and are reduced across
+    threads once, at the end. ``PREFETCH``: the next tile's words, factors and activations are requested
+    before this tile is computed (two tiles in flight per program; Triton's pipeliner does not overlap
+    these loads by itself)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -167,37 +178,52 @@ def _w4_gemv_kernel(
     q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     row0 = pid_m * BLOCK_M
-    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    xr = x_ptr + row0.to(tl.int64) * stride_xm
+    ok = t_begin < t_end
+    g0 = t_begin * NG
+    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups, ok, W, ZP, HAS_MIN)
+    x0 = _x_groups(xr, elem, g0, offs_g, n_groups, ok & (row0 < M), GROUP)
     acc0 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     if BLOCK_M > 1:
+        x1 = _x_groups(xr + stride_xm, elem, g0, offs_g, n_groups, ok & (row0 + 1 < M), GROUP)
         acc1 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     if BLOCK_M > 2:
+        x2 = _x_groups(xr + 2 * stride_xm, elem, g0, offs_g, n_groups, ok & (row0 + 2 < M), GROUP)
+        x3 = _x_groups(xr + 3 * stride_xm, elem, g0, offs_g, n_groups, ok & (row0 + 3 < M), GROUP)
         acc2 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     for tile in range(t_begin, t_end):
-        g0 = tile * NG
-        g_mask = g0 + offs_g < n_groups
-        w = tl.load(q_rows + (g0 * W + word)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0,
-                    eviction_policy="evict_first")
-        sm = n_mask[:, None] & g_mask[None, :]
-        s16 = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32) * 16.0
-        if HAS_MIN:
-            mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32)
-        else:
-            mn = s16 * (ZP / 16.0)
-        b16 = s16 + mn
-        if UNPACK == 0:
-            units = _units_natural(w, BLOCK_N, NG, GROUP)
-        else:
-            units = w  # unused: the row tile unpacks one nibble position at a time
-        xk = g0 * GROUP
-        gm = g_mask[:, None]
-        acc0 += _gemv_row_tile(w, units, x0 + xk, word, elem, gm & (row0 < M), s16, b16, UNPACK)
+        gn = (tile + 1) * NG
+        okn = tile + 1 < t_end
+        if PREFETCH:
+            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
+            xn0 = _x_groups(xr, elem, gn, offs_g, n_groups, okn & (row0 < M), GROUP)
+            if BLOCK_M > 1:
+                xn1 = _x_groups(xr + stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 1 < M), GROUP)
+            if BLOCK_M > 2:
+                xn2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 2 < M), GROUP)
+                xn3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 3 < M), GROUP)
+        units = _units_natural(w, BLOCK_N, NG, GROUP)
+        acc0 += _row_groups(units, x0, a, b)
         if BLOCK_M > 1:
-            acc1 += _gemv_row_tile(w, units, x0 + stride_xm + xk, word, elem, gm & (row0 + 1 < M), s16, b16, UNPACK)
+            acc1 += _row_groups(units, x1, a, b)
         if BLOCK_M > 2:
-            acc2 += _gemv_row_tile(w, units, x0 + 2 * stride_xm + xk, word, elem, gm & (row0 + 2 < M), s16, b16, UNPACK)
-            acc3 += _gemv_row_tile(w, units, x0 + 3 * stride_xm + xk, word, elem, gm & (row0 + 3 < M), s16, b16, UNPACK)
+            acc2 += _row_groups(units, x2, a, b)
+            acc3 += _row_groups(units, x3, a, b)
+        if PREFETCH:
+            w, a, b, x0 = wn, an, bn, xn0
+            if BLOCK_M > 1:
+                x1 = xn1
+            if BLOCK_M > 2:
+                x2, x3 = xn2, xn3
+        else:
+            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
+            x0 = _x_groups(xr, elem, gn, offs_g, n_groups, okn & (row0 < M), GROUP)
+            if BLOCK_M > 1:
+                x1 = _x_groups(xr + stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 1 < M), GROUP)
+            if BLOCK_M > 2:
+                x2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 2 < M), GROUP)
+                x3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 3 < M), GROUP)
     bias = None
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -215,18 +241,16 @@ def _w4_dot_kernel(
     M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    UNPACK: tl.constexpr, SWAP: tl.constexpr,
+    PREFETCH: tl.constexpr, SWAP: tl.constexpr,
 ):
-    """Tensor cores over int32-word weights: a weight tile is expanded (``16*s*unit - (16*s + min)``, one
-    FMA) to the activation dtype and multiplied with ``tl.dot``. ``UNPACK`` 0: one product over the tile
-    in K order; 1: eight products, nibble position ``t`` against activations ``8j + t``. ``SWAP``: the
-    weight is the left operand (``[BLOCK_N, BLOCK_M]`` accumulator: small batches fill the MMA's N side)."""
+    """Tensor cores over int32-word weights: a weight tile is expanded in K order (``a*unit - b``, one FMA)
+    to the activation dtype and multiplied with ``tl.dot``. ``SWAP``: the weight is the left operand
+    (``[BLOCK_N, BLOCK_M]`` accumulator). ``PREFETCH`` as in ``_w4_gemv_kernel``."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     NG: tl.constexpr = BLOCK_K // GROUP
     W: tl.constexpr = GROUP // 8
-    KW: tl.constexpr = BLOCK_K // 8
     n_groups = K // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -235,7 +259,6 @@ def _w4_dot_kernel(
     offs_g = tl.arange(0, NG)
     word = offs_g[:, None] * W + tl.arange(0, W)[None, :]
     offs_k = tl.arange(0, BLOCK_K)
-    offs_w = tl.arange(0, KW)
     n_tiles = tl.cdiv(n_groups, NG)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
     t_begin = pid_k * per_split
@@ -243,42 +266,31 @@ def _w4_dot_kernel(
     q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    ok = t_begin < t_end
+    g0 = t_begin * NG
+    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups, ok, W, ZP, HAS_MIN)
+    x = tl.load(x_rows + g0 * GROUP + offs_k[None, :], mask=m_mask[:, None] & ((g0 * GROUP + offs_k < K) & ok)[None, :], other=0.0)
     if SWAP:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(t_begin, t_end):
-        g0 = tile * NG
-        g_mask = g0 + offs_g < n_groups
-        w = tl.load(q_rows + (g0 * W + word)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0,
-                    eviction_policy="evict_first")
-        sm = n_mask[:, None] & g_mask[None, :]
-        s16 = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32) * 16.0
-        if HAS_MIN:
-            mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=sm, other=0.0).to(tl.float32)
+        gn = (tile + 1) * NG
+        okn = tile + 1 < t_end
+        xmn = m_mask[:, None] & ((gn * GROUP + offs_k < K) & okn)[None, :]
+        if PREFETCH:
+            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
+            xn = tl.load(x_rows + gn * GROUP + offs_k[None, :], mask=xmn, other=0.0)
+        wt = tl.reshape(a[:, :, None] * _units_natural(w, BLOCK_N, NG, GROUP) - b[:, :, None], [BLOCK_N, BLOCK_K])
+        if SWAP:
+            acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)
         else:
-            mn = s16 * (ZP / 16.0)
-        a3 = s16[:, :, None]
-        b3 = (s16 + mn)[:, :, None]
-        x_base = x_rows + g0 * GROUP
-        if UNPACK == 0:
-            wt = tl.reshape(a3 * _units_natural(w, BLOCK_N, NG, GROUP) - b3, [BLOCK_N, BLOCK_K])
-            k_ok = (g0 * GROUP + offs_k) < K
-            x = tl.load(x_base + offs_k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0.0)
-            if SWAP:
-                acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(wt.to(x.dtype)), acc)
+            acc = tl.dot(x, tl.trans(wt.to(x.dtype)), acc)
+        if PREFETCH:
+            w, a, b, x = wn, an, bn, xn
         else:
-            k_ok = (g0 * GROUP + offs_w * 8) < K
-            xm = m_mask[:, None] & k_ok[None, :]
-            for t in tl.static_range(8):
-                wt = tl.reshape(a3 * _unit(w, t) - b3, [BLOCK_N, KW])
-                x = tl.load(x_base + offs_w[None, :] * 8 + t, mask=xm, other=0.0)
-                if SWAP:
-                    acc = tl.dot(wt.to(x.dtype), tl.trans(x), acc)
-                else:
-                    acc = tl.dot(x, tl.trans(wt.to(x.dtype)), acc)
+            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
+            x = tl.load(x_rows + gn * GROUP + offs_k[None, :], mask=xmn, other=0.0)
     if SWAP:
         out = tl.trans(acc)
     else:
@@ -468,7 +480,7 @@ class Int4Config:
     """One launch. ``kernel``: ``wgemv`` (CUDA cores over int32 words, ``block_m`` rows per program sharing
     each unpacked tile), ``wdot`` (tensor cores over int32 words, ``block_m`` >= 16 rows), ``gemv`` / ``gemm``
     (the byte-load kernels: any layout, K-major bytes too), or ``dense`` (expand the weight, then torch's
-    GEMM). ``unpack`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need
+    GEMM). ``prefetch`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need
     N-major packed bytes."""
 
     kernel: str
@@ -478,7 +490,7 @@ class Int4Config:
     num_warps: int = 4
     num_stages: int = 3
     block_m: int = 16
-    unpack: int = 0
+    prefetch: bool = True
     swap: bool = False
 
     def label(self) -> str:
@@ -486,7 +498,7 @@ class Int4Config:
             return "dense"
         name = self.kernel
         if self.kernel in WORD_KERNELS:
-            name += f"{self.unpack}{'T' if self.swap else ''}"
+            name += f"{'' if self.prefetch else '0'}{'T' if self.swap else ''}"
         m = f"m{self.block_m}" if self.kernel != "gemv" else ""
         return f"{name}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
 
@@ -511,11 +523,13 @@ def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Confi
             out = [C("dense")]
     elif M <= 4:
         bm = _pow2_at_least(M)
-        out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm),
-               C("wgemv", 8, 512, 1, 4, 3, block_m=bm, unpack=1), C("wgemv", 4, 1024, 1, 4, 3, block_m=bm)]
+        out = [C("wgemv", 4, 1024, 1, 4, 3, block_m=bm), C("wgemv", 8, 1024, 1, 4, 3, block_m=bm),
+               C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 4, 1024, 1, 4, 3, block_m=bm, prefetch=False)]
+        out.append(C("wgemv", 4, 1024, 2, 4, 3, block_m=bm) if M == 1 else C("gemm", 64, 128, 4))
     elif M <= 16:
-        out = [C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True), C("wdot", 32, 256, 1, 4, 3, block_m=16),
-               C("wgemv", 8, 256, 1, 4, 3, block_m=4), C("wdot", 64, 256, 2, 4, 3, block_m=16, swap=True)]
+        out = [C("wdot", 32, 256, 1, 4, 3, block_m=16), C("wdot", 16, 256, 1, 4, 3, block_m=16),
+               C("wdot", 64, 128, 1, 4, 3, block_m=16, swap=True), C("wdot", 32, 256, 1, 4, 3, block_m=16, prefetch=False),
+               C("gemm", 64, 128, 4)]
     elif M < 256:
         out = [C("wdot", 64, 128, 1, 4, 3, block_m=64), C("wdot", 128, 128, 1, 8, 3, block_m=64),
                C("gemm", 64, 128, 2, block_m=64), C("dense")]
@@ -613,7 +627,7 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         qw = w.qweight.view(torch.int32)
         if cfg.kernel == "wgemv" and cfg.block_m not in (1, 2, 4):
             raise ValueError(f"wgemv takes block_m 1, 2 or 4 rows per program, got {cfg.block_m}")
-        word_common = dict(common, BLOCK_M=cfg.block_m, UNPACK=cfg.unpack)
+        word_common = dict(common, BLOCK_M=cfg.block_m, PREFETCH=cfg.prefetch)
         grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), split)
         args = (x, qw, w.scales, mins, b, y, M, N, K, x.stride(0), qw.stride(0), w.scales.stride(0), y.stride(0))
         if cfg.kernel == "wgemv":

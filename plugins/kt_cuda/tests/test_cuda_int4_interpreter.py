@@ -1,6 +1,6 @@
 """The int32-word int4 kernels (``wgemv``, ``wdot``) run in Triton's interpreter on CPU, in a subprocess
-(``TRITON_INTERPRET`` is read when the kernels are defined), so that CPU CI checks their logic: every
-unpack order, 1-4 rows per program, split K, swapped operands, partial tiles, symmetric and asymmetric
+(``TRITON_INTERPRET`` is read when the kernels are defined), so that CPU CI checks their logic: with and
+without prefetch, 1-4 rows per program, split K, swapped operands, partial tiles, symmetric and asymmetric
 groups of 32/64/128, against a float64 product of the same int4 weights. Skips where Triton is absent."""
 
 import importlib.util
@@ -20,11 +20,11 @@ torch.manual_seed(0)
 N, K = 21, 384  # N not a multiple of any block, K not of the 256-wide tiles
 cases = [
     (32, False, 3, C("wgemv", 8, 128, 1, block_m=1)),
-    (32, True, 3, C("wgemv", 8, 256, 2, block_m=4, unpack=1)),
-    (64, False, 1, C("wgemv", 16, 128, 1, block_m=2, unpack=0)),
-    (128, True, 5, C("wgemv", 4, 256, 1, block_m=4, unpack=0)),
+    (32, True, 3, C("wgemv", 8, 256, 2, block_m=4, prefetch=False)),
+    (64, False, 1, C("wgemv", 16, 128, 1, block_m=2)),
+    (128, True, 5, C("wgemv", 4, 256, 1, block_m=4)),
     (32, False, 17, C("wdot", 16, 128, 1, block_m=16, swap=True)),
-    (64, True, 3, C("wdot", 32, 256, 2, block_m=16, unpack=1)),
+    (64, True, 3, C("wdot", 32, 256, 2, block_m=16, prefetch=False)),
 ]
 for group, symmetric, M, cfg in cases:
     w = int4.quantize(torch.randn(N, K), group, symmetric=symmetric)

@@ -54,10 +54,10 @@ CONFIGS = [  # every kernel, with and without split-K, partial row/column/K tile
     dict(kernel="gemm", block_n=64, block_k=128, split_k=2, block_m=64),
     dict(kernel="dense"),
     dict(kernel="wgemv", block_n=8, block_k=128, split_k=1, block_m=1),
-    dict(kernel="wgemv", block_n=16, block_k=256, split_k=3, block_m=2, unpack=1),
+    dict(kernel="wgemv", block_n=16, block_k=256, split_k=3, block_m=2, prefetch=False),
     dict(kernel="wgemv", block_n=8, block_k=128, split_k=1, block_m=4),
     dict(kernel="wdot", block_n=32, block_k=128, split_k=1, block_m=16, swap=True),
-    dict(kernel="wdot", block_n=16, block_k=256, split_k=2, block_m=16, unpack=1),
+    dict(kernel="wdot", block_n=16, block_k=256, split_k=2, block_m=16, prefetch=False),
 ]
 
 
