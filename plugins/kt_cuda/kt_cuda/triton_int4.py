@@ -510,31 +510,36 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Config]:
-    """Configs worth timing for ``M`` rows, most likely first (from sweeps on an H200, bench_marlin.py).
-    K-major packed bytes only run on the byte kernels."""
+def _byte_candidates(M: int) -> list["Int4Config"]:
+    """The byte-kernel configs (any layout) of the earlier H200 sweeps (notes/h200-2026-11-28.md)."""
     C = Int4Config
-    if k_major:
-        if M == 1:
-            out = [C("gemm", 64, 128, 4), C("gemv", 32, 512, 4)]
-        elif M < 256:
-            out = [C("gemm", 64, 128, 4, block_m=16 if M <= 16 else 64), C("dense")]
-        else:
-            out = [C("dense")]
-    elif M <= 4:
+    if M == 1:
+        return [C("gemv", 32, 512, 4), C("gemv", 16, 256, 4), C("gemv", 64, 512, 2, 8), C("gemm", 64, 128, 4)]
+    if M <= 16:
+        out = [C("gemm", 64, 128, 4), C("gemm", 128, 128, 4), C("gemm", 64, 256, 4), C("gemm", 32, 128, 4)]
+        return out + ([C("gemv", 32, 512, 4)] if M <= 2 else [])
+    if M < 256:
+        return [C("gemm", 64, 128, 2, block_m=64), C("gemm", 128, 128, 1, block_m=64), C("gemm", 64, 128, 1, block_m=64),
+                C("dense")]
+    return [C("dense"), C("gemm", 128, 128, 1, 8, block_m=128), C("gemm", 128, 128, 1, block_m=64)]
+
+
+def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Config]:
+    """Configs worth timing for ``M`` rows, most likely first (H200 sweeps, ``bench_marlin.py --kernels``:
+    notes/h200-int4-words-2026-11-28.md). Up to 16 rows of N-major bytes run the word kernels; K-major
+    bytes and larger batches keep the byte kernels / dense expansion."""
+    C = Int4Config
+    if k_major or M > 16:
+        out = _byte_candidates(M)
+    elif M == 1:  # graph-timed, weights past L2: each within 3% of the best on the three shapes
+        out = [C("wgemv", 4, 1024, 1, 2, 3, block_m=1), C("wgemv", 8, 1024, 1, 4, 3, block_m=1),
+               C("wgemv", 16, 512, 1, 4, 3, block_m=1)]
+    elif M <= 4:  # n8k512 fastest at 4 rows on all three shapes
         bm = _pow2_at_least(M)
-        out = [C("wgemv", 4, 1024, 1, 4, 3, block_m=bm), C("wgemv", 8, 1024, 1, 4, 3, block_m=bm),
-               C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 4, 1024, 1, 4, 3, block_m=bm, prefetch=False)]
-        out.append(C("wgemv", 4, 1024, 2, 4, 3, block_m=bm) if M == 1 else C("gemm", 64, 128, 4))
-    elif M <= 16:
-        out = [C("wdot", 32, 256, 1, 4, 3, block_m=16), C("wdot", 16, 256, 1, 4, 3, block_m=16),
-               C("wdot", 64, 128, 1, 4, 3, block_m=16, swap=True), C("wdot", 32, 256, 1, 4, 3, block_m=16, prefetch=False),
-               C("gemm", 64, 128, 4)]
-    elif M < 256:
-        out = [C("wdot", 64, 128, 1, 4, 3, block_m=64), C("wdot", 128, 128, 1, 8, 3, block_m=64),
-               C("gemm", 64, 128, 2, block_m=64), C("dense")]
-    else:
-        out = [C("dense"), C("wdot", 128, 128, 1, 8, 3, block_m=128)]
+        out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm)]
+    else:  # split K fastest on 4096x4096 and 14336x4096, swapped operands on 4096x14336
+        out = [C("wdot", 32, 256, 2, 4, 3, block_m=16), C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True),
+               C("wdot", 32, 256, 1, 4, 3, block_m=16)]
     return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
 
 
