@@ -324,10 +324,12 @@ def latent_attention(
     scale: float,
     mask: torch.Tensor | None = None,
     num_splits: int | None = None,
+    config: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
     """Absorbed MLA: ``q_latent`` ``[B, H, S, r]`` and ``q_rope`` ``[B, H, S, rope]`` against the cache's
     ``latent`` ``[B, 1, T, r]`` (keys and values at once) and ``k_rope`` ``[B, 1, T, rope]``. Returns the
     attention-weighted latents ``[B, H, S, r]``."""
     if latent.dim() != 4 or latent.shape[1] != 1:
         raise ValueError(f"latent_attention: latent must be [B, 1, T, r], got {tuple(latent.shape)}")
-    return flash_attention(q_latent, latent, None, scale=scale, q_rope=q_rope, k_rope=k_rope, mask=mask, num_splits=num_splits)
+    return flash_attention(q_latent, latent, None, scale=scale, q_rope=q_rope, k_rope=k_rope, mask=mask,
+                           num_splits=num_splits, config=config)

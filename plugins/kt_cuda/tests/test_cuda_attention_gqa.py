@@ -127,7 +127,7 @@ def test_op_options():
     from kt_cuda.ops.attention import KAttentionFlashGQA
 
     attn = tiny_model("llama").model.layers[0].self_attn
-    with pytest.raises(ValueError, match="kernel must be one of masked, triton"):
+    with pytest.raises(ValueError, match="kernel must be one of decode, masked, triton"):
         KAttentionFlashGQA(attn, "cpu", kernel="sdpa")
     assert KAttentionFlashGQA.graph_capturable is True
     assert KAttentionFlashGQA.available("cpu") == "runs on cuda devices only, not cpu"
@@ -148,8 +148,9 @@ def test_gqa_llama_sizes(dtype, S, T):
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_tiny_model_injected_on_gpu_matches_transformers(tmp_path, family):
-    """ktcore's gpu-cpu rules with KAttentionFlashGQA: chunked prefill through ktcore's cache (masked calls
-    in Triton) and greedy decoding with a static cache give Transformers' logits and tokens."""
+    """ktcore's gpu-cpu rules with KAttentionFlashGQA (``kernel: masked``): chunked prefill through ktcore's
+    cache (masked calls in Triton) and greedy decoding with a static cache (masked single tokens) give
+    Transformers' logits and tokens."""
     from ktcore.generate import forward_step, new_cache
     from ktcore.inject import RULE_FILES_DIR, load_model
     from ktcore.modules import KAttention
@@ -160,10 +161,11 @@ def test_tiny_model_injected_on_gpu_matches_transformers(tmp_path, family):
     text = (RULE_FILES_DIR / f"{MODEL_TYPES[family]}-gpu-cpu.yaml").read_text()
     assert "op: KAttentionSDPA" in text
     rules = tmp_path / "rules.yaml"
-    rules.write_text(text.replace("op: KAttentionSDPA", "op: KAttentionFlashGQA"))
+    rules.write_text(text.replace("op: KAttentionSDPA", "op: KAttentionFlashGQA\n      op_kwargs: {kernel: masked}"))
     reference = tiny_model(family)
     model, _ = load_model(StateDictSource(reference), rules=rules, dtype=torch.float32, registry=Registry(), progress=False)
-    assert all(m.generate_op.name == "KAttentionFlashGQA" for m in model.modules() if isinstance(m, KAttention))
+    ops = [m.generate_op for m in model.modules() if isinstance(m, KAttention)]
+    assert ops and all(op.name == "KAttentionFlashGQA" and op.kernel == "masked" for op in ops)
     ids = torch.randint(3, 512, (1, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = reference(ids).logits
@@ -172,5 +174,37 @@ def test_tiny_model_injected_on_gpu_matches_transformers(tmp_path, family):
         got = torch.cat([forward_step(model, ids[:, a:b].cuda(), cache, logits_to_keep=0).cpu() for a, b in spans], dim=1)
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
         gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-        out = model.generate(ids[:, :20].cuda(), cache_implementation="static", **gen)
+        # disable_compile: Transformers would torch.compile the forward for a static cache on CUDA
+        out = model.generate(ids[:, :20].cuda(), cache_implementation="static", disable_compile=True, **gen)
         assert torch.equal(out.cpu(), reference.generate(ids[:, :20], **gen))
+
+
+@pytest.mark.parametrize("kernel,expected", [("decode", [False, False, True]), ("masked", [True, False, True]),
+                                             ("triton", [True, True, True])])
+def test_which_calls_go_to_triton(monkeypatch, kernel, expected):
+    """Calls: a masked 3-query chunk, an unmasked square prefill, a masked single token. The kernel is
+    replaced by the reference (no Triton needed), recording which calls reached it."""
+    import sys
+    import types
+
+    from ktcore.testing import tiny_model
+    from kt_cuda.ops.attention import KAttentionFlashGQA
+
+    seen = []
+
+    def fake(q, k, v, *, scale, mask=None):
+        seen.append(q.shape[2])
+        return reference(q, k, v, scale, mask).to(q.dtype)
+
+    monkeypatch.setitem(sys.modules, "kt_cuda.triton_mla", types.SimpleNamespace(flash_attention=fake))
+    model = tiny_model("llama")
+    op = KAttentionFlashGQA(model.model.layers[0].self_attn, "cpu", kernel=kernel)
+    calls = []
+    for S, T, masked in ((3, 7, True), (5, 5, False), (1, 9, True)):
+        q, k, v = torch.randn(1, 4, S, 64), torch.randn(1, 2, T, 64), torch.randn(1, 2, T, 64)
+        mask = window_mask(S, T, T, "cpu") if masked else None
+        before = len(seen)
+        out = op._attend(q, k, v, mask, is_causal=not masked and S > 1)
+        torch.testing.assert_close(out, reference(q, k, v, op.scaling, mask), rtol=1e-5, atol=1e-5)
+        calls.append(len(seen) > before)
+    assert calls == expected
