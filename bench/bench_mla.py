@@ -11,7 +11,21 @@ positions; prefill is S queries over S keys, causal (the mask ktcore's op builds
 given to both the torch op and Triton; ``triton-nomask`` lets the kernel's own causal bound do it alone).
 Times are medians of ``triton.testing.do_bench`` (L2 flushed between calls): ``eager`` per call as
 launched from Python, ``graph`` the same call captured in a CUDA graph (launch overhead removed, what a
-captured decode step pays). Each variant is checked against an fp32 reference first.
+captured decode step pays). Each variant is checked against an fp32 reference first. ``expanded`` is
+KMLAAttention's ``prefill: expanded`` (expansion of the latents to per-head K/V included in its time).
+
+Measured on one H200 (torch 2.11, Triton 3.6), H=128, bf16, microseconds; decode in a CUDA graph:
+
+    decode T=1k / 4k / 16k     triton 18.5 / 44.0 / 68.6   torch op 48.0 / 116.1 / 452.3   expanded SDPA 48.4 / 141.1 / 513.3
+    decode eager               triton 159 / 193 / 105      torch op 193 / 221 / 460        (Python launch overhead)
+    prefill S=T=512 / 2k       triton 330 / 4155 (237 / 2809 without the causal mask tensor)
+                               torch op 899 / 9179         expanded SDPA, is_causal, cache pre-expanded 47 / 332
+    GQA 32/8 D128, masked      decode T=4k (graph): triton 18.8, SDPA enable_gqa 24.3, SDPA repeated heads 106.2
+                               chunk S=512 after 2k: triton 279, SDPA enable_gqa 98, repeated 190
+
+So decode is 2.6-6.6x the torch op; latent-space prefill is 2.2-2.7x the torch op but far behind SDPA
+over expanded keys (absorbed prefill does ~3.4x the FLOPs per key); ``expanded`` was added after that run
+and is not timed yet (``--sweep`` neither: it failed on a missing argument, fixed since).
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from triton.testing import do_bench  # noqa: E402
 
 from kt_cuda.triton_mla import flash_attention, latent_attention  # noqa: E402
+from kt_cuda.ops.attention import KMLAAttention  # noqa: E402
 from ktcore.builtin.attention import KAttentionMLA  # noqa: E402
 
 R, ROPE, NOPE, VDIM = 512, 64, 128, 128
@@ -97,9 +112,19 @@ def mla_case(heads: int, S: int, T: int, dtype: torch.dtype, sweep: bool = False
         "triton": lambda: latent_attention(q, qr, latent, kr, scale=scale, mask=mask),
         "torch-op": lambda: KAttentionMLA._latent_attention(core_self, q, qr, latent, kr, mask),
     }
+    errors = {}
     if S > 1:
         variants["triton-nomask"] = lambda: latent_attention(q, qr, latent, kr, scale=scale)
-    errors = {}
+        # KMLAAttention's prefill "expanded": from q_nope, expanding the latents (included in the time);
+        # its reference is the absorbed product of the same q_nope, taken to v space
+        q_nope = torch.randn(1, heads, S, NOPE, generator=g, **dev)
+        exp_self = types.SimpleNamespace(dtype=dtype, w_k=w_kv[:, :NOPE], w_v=w_kv[:, NOPE:], scaling=scale, v_head_dim=VDIM)
+        variants["expanded"] = lambda: KMLAAttention._attend_expanded(exp_self, q_nope, qr, latent, kr, mask)
+        q_abs = torch.einsum("bhsn,hnr->bhsr", q_nope.float(), w_kv[:, :NOPE].float())
+        ref_v = KAttentionMLA._latent_attention(core_self, q_abs, qr.float(), latent.float(), kr.float(), mask)
+        ref_v = torch.einsum("bhsr,hvr->bshv", ref_v, w_kv[:, NOPE:].float()).reshape(1, S, heads * VDIM)
+        errors["expanded"] = rel_err(variants["expanded"](), ref_v)
+        assert errors["expanded"] < 2e-2, f"expanded: relative error {errors['expanded']:.3g}"
     for name in ("triton", "torch-op", "triton-nomask"):
         if name in variants:
             errors[name] = rel_err(variants[name](), ref)

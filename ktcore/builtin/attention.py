@@ -250,12 +250,20 @@ class KAttentionMLA(Op):
         elif mask.shape[-1] != latent.shape[-2]:
             mask = mask[..., : latent.shape[-2]]
 
+        out = self._attend(q_nope, q_pe, latent, k_pe, mask)
+        return attn.o_proj(out.to(hidden_states.dtype)), None
+
+    def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """The heads' outputs ``[B, S, H * v_head_dim]`` (in ``self.dtype``) of queries ``q_nope``
+        ``[B, H, S, nope]`` / ``q_pe`` ``[B, H, S, rope]`` over the cache's ``latent`` ``[B, 1, T, r]`` and
+        ``k_pe`` ``[B, 1, T, rope]`` with the prepared mask: absorbed (``W_k`` into the query, attention in
+        latent space by ``_latent_attention``, then ``W_v``). Subclasses may take another route here."""
+        batch, _, q_len, _ = q_nope.shape
         dtype = self.dtype
         q_latent = torch.einsum("bhsn,hnr->bhsr", q_nope.to(dtype), self.w_k)  # [B, H, S, r]
         q_pe, latent, k_pe = q_pe.to(dtype), latent.to(dtype), k_pe.to(dtype)
         out = self._latent_attention(q_latent, q_pe, latent, k_pe, mask)
-        out = torch.einsum("bhsr,hvr->bshv", out, self.w_v).reshape(batch, q_len, self.num_heads * self.v_head_dim)
-        return attn.o_proj(out.to(hidden_states.dtype)), None
+        return torch.einsum("bhsr,hvr->bshv", out, self.w_v).reshape(batch, q_len, self.num_heads * self.v_head_dim)
 
     def _latent_attention(self, q_latent, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """Attention in latent space: ``q_latent`` ``[B, H, S, r]`` and ``q_pe`` ``[B, H, S, rope]`` over the

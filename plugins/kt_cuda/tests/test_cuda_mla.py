@@ -232,12 +232,47 @@ def test_op_matches_core_mla_interpreted(interpreter, family, use_mask):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_expanded_prefill_matches_core_op(family):
+    """``prefill: expanded`` (per-head keys/values from the cached latents, SDPA; pure torch, so it runs
+    here without Triton) against the core op over prefill, a chunk after cached keys and, through the
+    core op's route, decode steps. Run with ``decode`` patched to the core's absorbed torch path."""
+    from ktcore.builtin import KAttentionMLA
+    from ktcore.testing import tiny_model
+    from kt_cuda.ops.attention import KMLAAttention
+
+    class Expanded(KMLAAttention):
+        def _latent_attention(self, *args):  # decode through the core's torch path: no Triton needed here
+            return KAttentionMLA._latent_attention(self, *args)
+
+    model = tiny_model(family)
+    attn = model.model.layers[1].self_attn
+    core, ours = KAttentionMLA(attn, "cpu"), Expanded(attn, "cpu", prefill="expanded")
+    core.post_load()
+    ours.post_load()
+    calls = []
+    original = ours._attend_expanded
+    ours._attend_expanded = lambda *a: calls.append(a[0].shape[2]) or original(*a)
+
+    def wrap(op):
+        return lambda h, pe, mask, cache: op(h, position_embeddings=pe, attention_mask=mask, cache=cache)
+
+    hidden = torch.randn(2, 13, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        for use_mask in (True, False):
+            calls.clear()
+            expected = run_steps(wrap(core), model, hidden, 8, use_mask)
+            got = run_steps(wrap(ours), model, hidden, 8, use_mask)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            assert calls == [8, 3]  # the two prefill calls, not the decode steps
+
+
 def test_op_options_are_checked():
     from ktcore.testing import tiny_model
     from kt_cuda.ops.attention import KMLAAttention
 
     attn = tiny_model("deepseek_v2").model.layers[0].self_attn
-    with pytest.raises(ValueError, match="prefill must be one of triton, torch"):
+    with pytest.raises(ValueError, match="prefill must be one of triton, torch, expanded"):
         KMLAAttention(attn, "cpu", prefill="flash")
     with pytest.raises(ValueError, match="decode_splits must be >= 1"):
         KMLAAttention(attn, "cpu", decode_splits=0)

@@ -15,12 +15,13 @@ Both are graph-capture friendly: no host syncs, launch shapes fixed by tensor sh
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ktcore.builtin.attention import KAttentionMLA, KAttentionSDPA
 
 from .._env import cuda_unavailable_reason
 
-PREFILL_KERNELS = ("triton", "torch")
+PREFILL_KERNELS = ("triton", "torch", "expanded")
 GQA_KERNELS = ("decode", "masked", "triton")
 
 
@@ -28,9 +29,11 @@ class KMLAAttention(KAttentionMLA):
     """DeepSeek-V2/V3 absorbed multi-head latent attention with Triton kernels over the latent cache.
 
     Options (besides ``KAttentionMLA``'s ``dtype`` and ``query_chunk``): ``prefill``: ``"triton"`` (causal
-    flash attention in latent space, default) or ``"torch"`` (the core op's chunked matmuls; see
-    ``bench/bench_mla.py`` for the measured difference); ``decode_splits``: fixed number of key splits for
-    decode (default: enough programs to fill the GPU, from the shapes alone).
+    flash attention in latent space, default: 2.2-2.7x the core op's chunked matmuls on an H200, see
+    ``bench/bench_mla.py``), ``"torch"`` (those matmuls) or ``"expanded"`` (the cached latents expanded
+    to per-head keys and values, 192/128 wide instead of 576/512, then SDPA: fewer FLOPs for long prompts;
+    correct, not yet timed on a GPU); ``decode_splits``: fixed number of key splits for decode (default:
+    enough programs to fill the GPU, from the shapes alone). Decode is always absorbed, in Triton.
     """
 
     name = "KMLAAttention"
@@ -51,6 +54,24 @@ class KMLAAttention(KAttentionMLA):
     @classmethod
     def available(cls, device=None) -> str | None:
         return cuda_unavailable_reason(device)
+
+    def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        if q_nope.shape[2] > 1 and self.prefill == "expanded":
+            return self._attend_expanded(q_nope, q_pe, latent, k_pe, mask)
+        return super()._attend(q_nope, q_pe, latent, k_pe, mask)
+
+    def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
+        """Non-absorbed attention for prefill: ``k_nope = W_k c`` and ``v = W_v c`` per head for the cached
+        positions, ``[q_nope | q_pe]`` against ``[k_nope | k_pe]`` through SDPA. The cache keeps only ``c``."""
+        batch, heads, q_len, _ = q_nope.shape
+        dtype = self.dtype
+        c = latent[:, 0].to(dtype)  # [B, T, r]
+        k_nope = torch.einsum("btr,hnr->bhtn", c, self.w_k)
+        v = torch.einsum("btr,hvr->bhtv", c, self.w_v)
+        k = torch.cat([k_nope, k_pe.to(dtype).expand(-1, heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope.to(dtype), q_pe.to(dtype)], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return out.transpose(1, 2).reshape(batch, q_len, heads * self.v_head_dim)
 
     def _latent_attention(self, q_latent, q_pe, latent, k_pe, mask) -> torch.Tensor:
         q_len = q_latent.shape[2]
