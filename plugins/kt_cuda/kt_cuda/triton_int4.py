@@ -101,11 +101,11 @@ def _units_natural(w, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP: tl.constex
 
 
 @triton.jit
-def _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups, ok,
+def _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, g_lim,
                W: tl.constexpr, ZP: tl.constexpr, HAS_MIN: tl.constexpr):
-    """The words ``[BLOCK_N, NG, W]`` of the groups from ``g0`` (nothing read unless ``ok``), with the
-    per-group factors of the units: ``a = 16*scale`` and ``b = 16*scale + min`` (``w = a*unit - b``)."""
-    g_mask = (g0 + offs_g < n_groups) & ok
+    """The words ``[BLOCK_N, NG, W]`` of the groups from ``g0`` below ``g_lim``, with the per-group
+    factors of the units: ``a = 16*scale`` and ``b = 16*scale + min`` (``w = a*unit - b``)."""
+    g_mask = g0 + offs_g < g_lim
     w = tl.load(q_rows + (g0 * W + word)[None, :, :], mask=n_mask[:, None, None] & g_mask[None, :, None], other=0,
                 eviction_policy="evict_first")
     sm = n_mask[:, None] & g_mask[None, :]
@@ -118,9 +118,9 @@ def _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups,
 
 
 @triton.jit
-def _x_groups(x_row, elem, g0, offs_g, n_groups, ok, GROUP: tl.constexpr):
-    """Activations ``[NG, GROUP]`` of one row from group ``g0`` (zeros where masked)."""
-    g_mask = (g0 + offs_g < n_groups) & ok
+def _x_groups(x_row, elem, g0, offs_g, g_lim, GROUP: tl.constexpr):
+    """Activations ``[NG, GROUP]`` of one row from group ``g0``, zeros from group ``g_lim`` on."""
+    g_mask = g0 + offs_g < g_lim
     return tl.load(x_row + g0 * GROUP + elem, mask=g_mask[:, None], other=0.0)
 
 
@@ -138,10 +138,11 @@ def _gemv_store(y_ptr, row, stride_ym, offs_n, n_mask, acc_g, bias, M, pid_k, HA
     if HAS_BIAS:
         out += tl.where(pid_k == 0, bias, 0.0)
     y = y_ptr + row.to(tl.int64) * stride_ym + offs_n
+    mask = n_mask & (row + tl.zeros_like(offs_n) < M)  # a vector compare: Triton 3.9's interpreter mis-types bool & scalar
     if SPLIT_K == 1:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=n_mask & (row < M))
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(y, out, mask=n_mask & (row < M))
+        tl.atomic_add(y, out, mask=mask)
 
 
 @triton.jit
@@ -179,30 +180,31 @@ def _w4_gemv_kernel(
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     row0 = pid_m * BLOCK_M
     xr = x_ptr + row0.to(tl.int64) * stride_xm
-    ok = t_begin < t_end
+    # masks are built from group limits (0: read nothing), not by AND-ing scalar flags into them
+    g_lim = tl.where(t_begin < t_end, n_groups, 0)
     g0 = t_begin * NG
-    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups, ok, W, ZP, HAS_MIN)
-    x0 = _x_groups(xr, elem, g0, offs_g, n_groups, ok & (row0 < M), GROUP)
+    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, g_lim, W, ZP, HAS_MIN)
+    x0 = _x_groups(xr, elem, g0, offs_g, tl.where(row0 < M, g_lim, 0), GROUP)
     acc0 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     if BLOCK_M > 1:
-        x1 = _x_groups(xr + stride_xm, elem, g0, offs_g, n_groups, ok & (row0 + 1 < M), GROUP)
+        x1 = _x_groups(xr + stride_xm, elem, g0, offs_g, tl.where(row0 + 1 < M, g_lim, 0), GROUP)
         acc1 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     if BLOCK_M > 2:
-        x2 = _x_groups(xr + 2 * stride_xm, elem, g0, offs_g, n_groups, ok & (row0 + 2 < M), GROUP)
-        x3 = _x_groups(xr + 3 * stride_xm, elem, g0, offs_g, n_groups, ok & (row0 + 3 < M), GROUP)
+        x2 = _x_groups(xr + 2 * stride_xm, elem, g0, offs_g, tl.where(row0 + 2 < M, g_lim, 0), GROUP)
+        x3 = _x_groups(xr + 3 * stride_xm, elem, g0, offs_g, tl.where(row0 + 3 < M, g_lim, 0), GROUP)
         acc2 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
         acc3 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     for tile in range(t_begin, t_end):
         gn = (tile + 1) * NG
-        okn = tile + 1 < t_end
+        n_lim = tl.where(tile + 1 < t_end, n_groups, 0)
         if PREFETCH:
-            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
-            xn0 = _x_groups(xr, elem, gn, offs_g, n_groups, okn & (row0 < M), GROUP)
+            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_lim, W, ZP, HAS_MIN)
+            xn0 = _x_groups(xr, elem, gn, offs_g, tl.where(row0 < M, n_lim, 0), GROUP)
             if BLOCK_M > 1:
-                xn1 = _x_groups(xr + stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 1 < M), GROUP)
+                xn1 = _x_groups(xr + stride_xm, elem, gn, offs_g, tl.where(row0 + 1 < M, n_lim, 0), GROUP)
             if BLOCK_M > 2:
-                xn2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 2 < M), GROUP)
-                xn3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 3 < M), GROUP)
+                xn2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, tl.where(row0 + 2 < M, n_lim, 0), GROUP)
+                xn3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, tl.where(row0 + 3 < M, n_lim, 0), GROUP)
         units = _units_natural(w, BLOCK_N, NG, GROUP)
         acc0 += _row_groups(units, x0, a, b)
         if BLOCK_M > 1:
@@ -217,13 +219,13 @@ def _w4_gemv_kernel(
             if BLOCK_M > 2:
                 x2, x3 = xn2, xn3
         else:
-            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
-            x0 = _x_groups(xr, elem, gn, offs_g, n_groups, okn & (row0 < M), GROUP)
+            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_lim, W, ZP, HAS_MIN)
+            x0 = _x_groups(xr, elem, gn, offs_g, tl.where(row0 < M, n_lim, 0), GROUP)
             if BLOCK_M > 1:
-                x1 = _x_groups(xr + stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 1 < M), GROUP)
+                x1 = _x_groups(xr + stride_xm, elem, gn, offs_g, tl.where(row0 + 1 < M, n_lim, 0), GROUP)
             if BLOCK_M > 2:
-                x2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 2 < M), GROUP)
-                x3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, n_groups, okn & (row0 + 3 < M), GROUP)
+                x2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, tl.where(row0 + 2 < M, n_lim, 0), GROUP)
+                x3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, tl.where(row0 + 3 < M, n_lim, 0), GROUP)
     bias = None
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -266,20 +268,21 @@ def _w4_dot_kernel(
     q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    ok = t_begin < t_end
+    g_lim = tl.where(t_begin < t_end, n_groups, 0)  # 0: read nothing
     g0 = t_begin * NG
-    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, n_groups, ok, W, ZP, HAS_MIN)
-    x = tl.load(x_rows + g0 * GROUP + offs_k[None, :], mask=m_mask[:, None] & ((g0 * GROUP + offs_k < K) & ok)[None, :], other=0.0)
+    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, g_lim, W, ZP, HAS_MIN)
+    x = tl.load(x_rows + g0 * GROUP + offs_k[None, :], mask=m_mask[:, None] & (g0 * GROUP + offs_k < g_lim * GROUP)[None, :],
+                other=0.0)
     if SWAP:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(t_begin, t_end):
         gn = (tile + 1) * NG
-        okn = tile + 1 < t_end
-        xmn = m_mask[:, None] & ((gn * GROUP + offs_k < K) & okn)[None, :]
+        n_lim = tl.where(tile + 1 < t_end, n_groups, 0)
+        xmn = m_mask[:, None] & (gn * GROUP + offs_k < n_lim * GROUP)[None, :]
         if PREFETCH:
-            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
+            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_lim, W, ZP, HAS_MIN)
             xn = tl.load(x_rows + gn * GROUP + offs_k[None, :], mask=xmn, other=0.0)
         wt = tl.reshape(a[:, :, None] * _units_natural(w, BLOCK_N, NG, GROUP) - b[:, :, None], [BLOCK_N, BLOCK_K])
         if SWAP:
@@ -289,7 +292,7 @@ def _w4_dot_kernel(
         if PREFETCH:
             w, a, b, x = wn, an, bn, xn
         else:
-            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_groups, okn, W, ZP, HAS_MIN)
+            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_lim, W, ZP, HAS_MIN)
             x = tl.load(x_rows + gn * GROUP + offs_k[None, :], mask=xmn, other=0.0)
     if SWAP:
         out = tl.trans(acc)
