@@ -3,6 +3,9 @@
     python bench/bench_marlin.py                 # the table: batch 1, 4, 16 on the three Llama-8B-like shapes
     python bench/bench_marlin.py --sweep         # also time every candidate tile config, print the best per case
     python bench/bench_marlin.py --extras        # also GGUF dequant, MoE experts and FP8 timings
+    python bench/bench_marlin.py --precompile 15 --kernels --skip-table --sweep-tsv sweep.tsv
+                                                 # every word-kernel config (kernel_configs), compiled first
+                                                 # in 15 processes; best five per case, all timings in the TSV
 
 Shapes are ``in x out`` (K x N). Each case times, with CUDA events:
 - ``graph``: the median over replays of a CUDA graph holding ``--calls`` calls, rotating among enough
