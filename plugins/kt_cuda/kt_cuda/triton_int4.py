@@ -1,17 +1,18 @@
 """Triton kernels over the int4 layout of ``kt_cuda.int4`` (imported only where Triton exists).
 
-- ``_int4_gemv_kernel``: one activation row per program column; CUDA-core dot products over a
-  ``[BLOCK_N, groups, bytes]`` tile, per-group scale applied once per group (``s*sum(q*x) - m*sum(x)``).
-  Memory-bound: it streams the packed weight once per row. Used for M == 1.
-- ``_int4_gemm_kernel``: dequantizes a weight tile into registers and feeds ``tl.dot`` (tensor cores).
+Up to 16 activation rows over N-major packed bytes (``KLinearMarlin``'s default layout), the packed
+bytes are read as int32 words (8 weights each, nibble ``t`` of word ``j`` = weight ``8j + t``):
+- ``_w4_gemv_kernel`` (``wgemv``): CUDA cores, 1/2/4 activation rows per program share each unpacked
+  tile; scale and min applied once per group and row. Used for 1-4 rows.
+- ``_w4_dot_kernel`` (``wdot``): the tile expanded with one FMA per weight, then ``tl.dot``. 5-16 rows.
+A nibble becomes ``1 + q/16`` by moving it into the mantissa of 1.0 (``_unit``: a shift and a LOP3).
+Byte kernels, any layout (K-major bytes too) and larger batches:
+- ``_int4_gemv_kernel`` / ``_int4_gemm_kernel``: one row per program column (CUDA cores) / a dequantized
+  tile into ``tl.dot``; nibbles through the exponent trick (``0x4B000000 | q`` is ``2**23 + q``).
 - ``_int4_to_dense_kernel``: expands the weight for torch's GEMM (large batches).
-Kernels split K over a third grid axis when N alone gives too few programs (fp32 atomics). The packed
-bytes may be stored N-major (``[N, K/2]`` contiguous) or K-major (a transposed view of ``[K/2, N]``):
-kernels take both strides. Which kernel and tile runs is timed once per problem (``tuned_config``).
 - ``_moe_int4_kernel``: the GEMM over token-expert pairs sorted by expert (``KExpertsGPU``).
-
-Nibbles become floats through the exponent trick (``0x4B000000 | q`` is ``2**23 + q`` as float32),
-which costs an OR and a subtraction instead of an integer-to-float conversion.
+Kernels split K over a third grid axis when asked (fp32 atomics). Which kernel and tile runs is timed
+once per problem among ``candidates`` (``tuned_config``; H200 sweeps in notes/h200-int4-words-2026-11-28.md).
 """
 
 from __future__ import annotations
