@@ -50,13 +50,19 @@ def graph_length(position: int, max_context: int) -> int:
     return min(length, max_context)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``a`` and ``b`` name the same device (an index left out means device 0). A graph captures the work
+    of one device's stream: work queued on another GPU would run once at capture and never on replay."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 def op_capture_problem(op: Op, device: torch.device) -> str | None:
     """Why ``op``'s forward (its decode call) cannot be captured on ``device``, or ``None``."""
     if not getattr(op, "graph_capturable", False):
         return f"{op.name} does not declare graph_capturable"
-    if op.device.type == device.type:
+    if same_device(op.device, device):
         return None
-    if op.role == "experts" and is_stream_experts_op(op):
+    if op.device.type == "cpu" and op.role == "experts" and is_stream_experts_op(op):
         why = op.stream_problem(device, 1)
         return None if why is None else f"{op.name}: {why}"
     return f"{op.name} runs on {op.device}, not on {device} (and has no stream-ordered path)"
@@ -89,14 +95,14 @@ def model_capture_problem(model: nn.Module, cache, device: torch.device) -> str 
             why = op_capture_problem(op, device)
             if why:
                 return f"{name or 'model'}: {why}"
-            if isinstance(module, KExperts) and op.device.type != device.type and not module.stream_ordered:
+            if isinstance(module, KExperts) and op.device.type == "cpu" and not module.stream_ordered:
                 return f"{name}: KExperts.stream_ordered is off"
             continue
         if type(module).__name__.endswith("Attention") and not isinstance(module, KAttention):
             injected_attention = False
         for tname, tensor in (*module._parameters.items(), *module._buffers.items()):
-            if tensor is not None and not tensor.is_meta and tensor.device.type != device.type:
-                return f"{name}.{tname} lives on {tensor.device}: the step would leave the GPU"
+            if tensor is not None and not tensor.is_meta and not same_device(tensor.device, device):
+                return f"{name}.{tname} lives on {tensor.device}, not on {device}: the step would leave the graph's device"
     impl = getattr(model.config, "_attn_implementation", None)
     if not injected_attention and impl not in ("sdpa", "eager"):
         return f"attention implementation {impl!r} takes no custom mask (sdpa or eager do)"

@@ -60,6 +60,9 @@ def test_op_capture_problem_names_the_op_and_the_reason():
     assert "does not declare graph_capturable" in op_capture_problem(_Linear(module, "cuda"), CUDA)
     assert op_capture_problem(_CapturableLinear(module, "cuda"), CUDA) is None
     assert "runs on cpu" in op_capture_problem(_CapturableLinear(module, "cpu"), CUDA)
+    # another GPU (a transfer_map layout): its work would not be captured
+    assert op_capture_problem(_CapturableLinear(module, "cuda:0"), CUDA) is None
+    assert "runs on cuda:1" in op_capture_problem(_CapturableLinear(module, "cuda:1"), CUDA)
     experts = _StreamExperts(module, "cpu")
     assert op_capture_problem(experts, CUDA) is None  # on the CPU, but stream-ordered
     experts.why = "no driver"
