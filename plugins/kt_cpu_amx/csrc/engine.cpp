@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 
 #include "cpu_features.h"
@@ -21,6 +22,7 @@ Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthread
     if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; }
     else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; }
     amx_scratch_.resize(pool_.size());
+    if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);
 }
 
 std::string Runtime::isa_name() const {
@@ -42,6 +44,7 @@ static int chunk_rows(int n, int threads) {
 }
 
 void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
+    linger_after(M);
     const int N = W.n, K = W.k;
     const int chunk = chunk_rows(N, threads());
     const int nchunks = (N + chunk - 1) / chunk;
@@ -72,6 +75,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
 void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x,
                            const std::vector<float*>& y) {
     if (W.empty()) return;
+    linger_after(M);
     const int K = W[0]->k;
     bool amx_any = false;
     for (const PackedMatrix* w : W) amx_any = amx_any || use_amx(*w, M);
@@ -103,6 +107,7 @@ static inline float gelu_tanh(float v) {
 }
 
 void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
+    linger_after(T);
     const int E = L.experts(), H = L.hidden(), I = L.inter(), TK = T * K;
     // Group the (token, slot) pairs by expert: rows of expert e are [off[e], off[e+1]) in expert order.
     std::vector<int> off(E + 1, 0), pos(TK);

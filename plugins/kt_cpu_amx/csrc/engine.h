@@ -36,6 +36,10 @@ public:
     int threads() const { return pool_.size(); }
     // Fewest rows (tokens) for which the AMX path is used instead of the integer-dot path.
     int amx_min_rows = 16;
+    // Calls of at most decode_rows rows (tokens) leave the workers spinning decode_spin_us (KT_CPU_DECODE_SPIN_US,
+    // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
+    int decode_rows = 8;
+    int decode_spin_us = 1000;
 
     void linear(const PackedMatrix& W, int M, const float* x, float* y);
     // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
@@ -46,6 +50,7 @@ public:
     Pool& pool() { return pool_; }
 
 private:
+    void linger_after(int rows) { pool_.set_linger(rows <= decode_rows ? decode_spin_us : -1); }
     bool use_amx(const PackedMatrix& W, int rows) const;
     uint16_t* amx_scratch(int thread, int k);
 

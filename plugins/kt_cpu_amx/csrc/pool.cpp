@@ -82,7 +82,7 @@ void Pool::worker_loop(int id) {
     for (;;) {
         auto ready = [&] { return stop_.load(std::memory_order_relaxed) ||
                                   generation_.load(std::memory_order_acquire) != seen; };
-        if (!spin_until(ready, spin_us_)) {
+        if (!spin_until(ready, idle_spin_us())) {
             std::unique_lock<std::mutex> l(mu_);
             work_cv_.wait(l, ready);
         }
@@ -182,6 +182,13 @@ void Pool::run(const std::function<void()>& job) {
         }
     } release{this};
     job();
+}
+
+void Pool::set_linger(int us) {
+    // only run() jobs linger: their caller is the pool's thread 0 and nothing else needs the cores; beside a
+    // submitted job (on the controller) the submitting thread, driving a GPU, does
+    if (std::this_thread::get_id() == controller_.get_id()) us = -1;
+    linger_us_.store(us, std::memory_order_relaxed);
 }
 
 bool Pool::busy() {

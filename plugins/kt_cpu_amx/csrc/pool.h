@@ -5,7 +5,9 @@
 // (a decode step's linear) costs no hand-off to the controller and no third thread on the cores.
 // Between phases, workers spin for spin_us microseconds (KT_CPU_SPIN_US, default 50) before sleeping on a
 // condition variable: a decode step runs several short phases back to back, and a futex wake-up per phase
-// would cost as much as the phase itself.
+// would cost as much as the phase itself. A job may ask for a longer spin after it (set_linger): a decode
+// step's kernel calls come every few hundred microseconds, between Python code that needs one core, and
+// workers that went to sleep would join the next call late (the caller does their share meanwhile).
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -31,6 +33,10 @@ public:
     // Run job on the calling thread (after any submitted job finished); its error propagates.
     void run(const std::function<void()>& job);
     bool busy();
+    // Spin this long (microseconds) after the current job before sleeping; reset to spin_us by the next job
+    // that does not ask again. Ignored inside submitted jobs (only run() jobs linger).
+    void set_linger(int us);
+    int spin_us() const { return spin_us_; }
 
 private:
     void worker_loop(int id);
@@ -56,6 +62,8 @@ private:
     std::atomic<int> ntasks_{0};
     std::atomic<bool> stop_{false};
     int spin_us_ = 50;
+    std::atomic<int> linger_us_{-1};  // < 0: spin_us_
+    int idle_spin_us() const { int l = linger_us_.load(std::memory_order_relaxed); return l < 0 ? spin_us_ : l; }
 
     std::mutex job_mu_;
     std::condition_variable job_cv_;
