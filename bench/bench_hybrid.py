@@ -16,7 +16,8 @@ ktcore used (torch.cuda.max_memory_allocated after loading and after the runs). 
 times ktcore with KMoE's overlap switched off (routed experts finish before the shared experts start).
 Decode replays CUDA graphs by default on cuda (--no-cuda-graph: eager steps); --compare-graph times three
 decode modes: eager with the routed experts' synchronous submit/sync, eager with their stream-ordered path
-(host functions on the CUDA stream, no host wait), and CUDA graphs (the stream-ordered path captured).
+(host functions on the CUDA stream, no host wait), and CUDA graphs (the stream-ordered path captured);
+--breakdown times the step with the routed experts zeroed and the CPU experts alone.
 
     python bench/bench_hybrid.py --threads 16                          # GPU machine: full 27 layers
     python bench/bench_hybrid.py --device cpu --tiny --threads 2       # smoke check without a GPU
@@ -168,6 +169,64 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def cpu_experts_ms(model, tokens: int = 5) -> float:
+    """Median milliseconds per decode token of the routed experts alone: every layer's generate op on one
+    token routed to random experts (other experts per layer and per token, as in decode), called directly."""
+    from ktcore.modules import KExperts
+
+    ops = [m.generate_op for m in model.modules() if isinstance(m, KExperts)]
+    if not ops:
+        return 0.0
+    g = torch.Generator().manual_seed(0)
+    k = int(getattr(model.config, "num_experts_per_tok", 6))
+    times = []
+    for _ in range(tokens + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        for op in ops:
+            x = torch.randn(1, op.hidden_dim, generator=g)
+            idx = torch.randperm(op.num_experts, generator=g)[:k][None]
+            op(x, idx, torch.full((1, k), 1.0 / k))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
+def zero_routed_experts(model, on: bool) -> None:
+    """Swap every KExperts' submit/sync for zeros on the GPU (``on``) or back: what decode costs without the
+    CPU experts (a benchmark-only patch of the instances)."""
+    import types
+
+    from ktcore.modules import KExperts
+
+    for m in model.modules():
+        if not isinstance(m, KExperts):
+            continue
+        if on:
+            m.submit = types.MethodType(lambda self, h, i, w: self.__dict__.__setitem__("_zeros", torch.zeros_like(h)), m)
+            m.sync = types.MethodType(lambda self: self.__dict__.pop("_zeros"), m)
+        else:
+            m.__dict__.pop("submit", None)
+            m.__dict__.pop("sync", None)
+
+
+def breakdown(gen, ids, args) -> None:
+    """Where a graph decode step's time goes: the whole step, the step with the routed experts zeroed (GPU
+    side + replay overhead), and the CPU experts alone (called from Python, no GPU)."""
+    from ktcore.generate import Generator
+
+    whole = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)[1]
+    zero_routed_experts(gen.model, True)
+    try:
+        no_cpu = Generator(gen.model, gen.tokenizer, max_context=gen.max_context)  # its own cache and graphs
+        gpu_side = bench_ktcore(no_cpu, ids, args.gen_tokens, args.repeats)[1]
+        del no_cpu
+    finally:
+        zero_routed_experts(gen.model, False)
+    cpu_ms = cpu_experts_ms(gen.model)
+    print(f"breakdown (ms per decode token): whole step {1e3 / whole:.2f} | routed experts zeroed "
+          f"{1e3 / gpu_side:.2f} | CPU experts alone {cpu_ms:.2f} | not overlapped "
+          f"{1e3 / whole - max(1e3 / gpu_side, cpu_ms):.2f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=27, help="layers of the synthetic model (first dense; default 27)")
@@ -183,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-overlap", action="store_true", help="also time ktcore with KMoE overlap off")
     ap.add_argument("--no-llamacpp", action="store_true", help="time ktcore alone")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (default: CUDA graphs on cuda)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the decode step with the routed experts zeroed, and the CPU experts alone")
     ap.add_argument("--compare-graph", action="store_true",
                     help="time decode eager (synchronous experts), eager (stream-ordered experts) and with graphs")
     args = ap.parse_args(argv)
@@ -220,6 +281,8 @@ def main(argv=None) -> int:
         results[label] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
         if args.device == "cuda" and not args.no_cuda_graph:
             print(f"CUDA graphs: {'on' if gen.graph_problem is None else 'off: ' + str(gen.graph_problem)}")
+    if args.breakdown:
+        breakdown(gen, ids, args)
     if args.compare_overlap:
         from ktcore.moe import KMoE
 
