@@ -10,7 +10,8 @@ Models:
 Every figure is the median over --repeats runs. Decode's bound is bytes of the weights one token reads
 (embedding rows excluded; routed experts counted for the active ones only) divided by the memory copy
 bandwidth measured here with a large torch copy. Two byte counts: the GGUF's (what llama.cpp streams)
-and ktcore's resident tensors (what its ops keep, e.g. fp32 after dequantizing at load).
+and ktcore's resident tensors (what its ops keep, e.g. fp32 after dequantizing at load). kt-cpu-amx's
+pool gets --threads threads (KT_CPU_THREADS, unless already set).
 
     python bench/bench_decode.py --threads 2
     python bench/bench_decode.py --models moe --rules my-rules.yaml --threads 8 --repeats 5
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--moe-layers", type=int, default=2, help="layers of the synthetic MoE (first one dense)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # kt-cpu-amx's pool takes every CPU by default; the comparison gives both engines the same threads
+    os.environ.setdefault("KT_CPU_THREADS", str(args.threads))
     sources = {"smollm2": smollm2_gguf, "moe": lambda: synthetic_moe_gguf(args.moe_layers)}
     bandwidth = copy_bandwidth(args.threads)
     rows = []
