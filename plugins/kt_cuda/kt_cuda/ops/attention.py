@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ktcore.builtin._common import module_dtype
 from ktcore.builtin.attention import KAttentionMLA, KAttentionSDPA
 
 from .._env import cuda_unavailable_reason
@@ -54,6 +55,20 @@ class KMLAAttention(KAttentionMLA):
     @classmethod
     def available(cls, device=None) -> str | None:
         return cuda_unavailable_reason(device)
+
+    @torch.no_grad()
+    def prepare_capture(self, max_positions: int) -> None:
+        """Compiles the decode kernels for a cache of ``max_positions`` (with and without a mask) before a
+        graph capture, so that no compilation happens under it."""
+        from ..triton_mla import latent_attention
+
+        dev = dict(device=self.device, dtype=self.dtype)
+        q = torch.zeros(1, self.num_heads, 1, self.kv_lora_rank, **dev)
+        q_pe = torch.zeros(1, self.num_heads, 1, self.qk_rope_head_dim, **dev)
+        latent = torch.zeros(1, 1, max_positions, self.kv_lora_rank, **dev)
+        k_pe = torch.zeros(1, 1, max_positions, self.qk_rope_head_dim, **dev)
+        for mask in (None, torch.ones(1, 1, 1, max_positions, dtype=torch.bool, device=self.device)):
+            latent_attention(q, q_pe, latent, k_pe, scale=self.scaling, mask=mask, num_splits=self.decode_splits)
 
     def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         if q_nope.shape[2] > 1 and self.prefill == "expanded":
@@ -106,10 +121,21 @@ class KAttentionFlashGQA(KAttentionSDPA):
         if kernel not in GQA_KERNELS:
             raise ValueError(f"{self.name}: kernel must be one of {', '.join(GQA_KERNELS)}, got {kernel!r}")
         self.kernel = kernel
+        self.dtype = module_dtype(module)  # the activations' dtype: the model's
 
     @classmethod
     def available(cls, device=None) -> str | None:
         return cuda_unavailable_reason(device)
+
+    @torch.no_grad()
+    def prepare_capture(self, max_positions: int) -> None:
+        """Compiles the masked decode kernel for a cache of ``max_positions`` before a graph capture."""
+        from ..triton_mla import flash_attention
+
+        q = torch.zeros(1, self.num_heads, 1, self.head_dim, device=self.device, dtype=self.dtype)
+        kv = torch.zeros(1, self.num_kv_heads, max_positions, self.head_dim, device=self.device, dtype=self.dtype)
+        mask = torch.ones(1, 1, 1, max_positions, dtype=torch.bool, device=self.device)
+        flash_attention(q, kv, kv, scale=self.scaling, mask=mask)
 
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         # without a mask the call is square causal or a single query over all keys: the kernel's own
