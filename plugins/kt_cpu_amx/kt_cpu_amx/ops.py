@@ -88,7 +88,7 @@ class KLinearCPU(Op):
                 return y
         else:
             fusion.forget()
-        x2 = x if x.dtype == torch.float32 and x.device.type == "cpu" else x.to(device="cpu", dtype=torch.float32)
+        x2 = x if x.dtype is torch.float32 and x.is_cpu else x.to(device="cpu", dtype=torch.float32)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         share_cores(rows, self._torch_threads)
@@ -109,7 +109,7 @@ class KLinearCPU(Op):
     def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.bias is not None:
             y += self.bias
-        return y if dtype == torch.float32 else y.to(dtype)
+        return y if dtype is torch.float32 else y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'ggml_type', None)}"
