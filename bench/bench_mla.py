@@ -193,7 +193,8 @@ def main() -> None:
                         help="GQA masked chunk: S queries after T - S cached keys")
     parser.add_argument("--no-gqa", action="store_true")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--sweep", action="store_true", help="also time launch configs of the MLA kernel (T=4k decode, 2k prefill)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time launch configs of the MLA kernel (T=4k decode, 2k prefill)")
     parser.add_argument("--device", default="cuda", help="cpu: check the variants in Triton's interpreter, no timing")
     args = parser.parse_args()
     global DEVICE

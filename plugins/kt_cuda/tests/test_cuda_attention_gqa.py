@@ -115,9 +115,12 @@ def test_op_matches_sdpa_op_interpreted(interpreter, family, layer):
     layer_type = model.config.layer_types[layer] if family == "gemma3" else None
     sliding = getattr(attn, "sliding_window", None) is not None
     hidden = torch.randn(1, 12, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    def call(op):
+        return lambda h, pe, m, c: op(h, position_embeddings=pe, attention_mask=m, cache=c)
+
     with torch.no_grad():
-        expected = run_steps(lambda h, pe, m, c: core(h, position_embeddings=pe, attention_mask=m, cache=c), model, hidden, layer_type, sliding)
-        got = run_steps(lambda h, pe, m, c: ours(h, position_embeddings=pe, attention_mask=m, cache=c), model, hidden, layer_type, sliding)
+        expected = run_steps(call(core), model, hidden, layer_type, sliding)
+        got = run_steps(call(ours), model, hidden, layer_type, sliding)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
