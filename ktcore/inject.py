@@ -398,6 +398,10 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     report = inject(model, ruleset, registry, transfer_map=transfer_map)
     load_weights(model, source, dtype=dtype, device=device, progress=progress)
     model.eval()
+    if getattr(model, "generation_config", None) is not None:
+        # Transformers' generate() would torch.compile a static-cache model on CUDA, tracing into the plugins'
+        # C++/Triton calls; ktcore's Generator captures CUDA graphs itself (ktcore/decode_graphs.py).
+        model.generation_config.disable_compile = True
     return model, report
 
 
