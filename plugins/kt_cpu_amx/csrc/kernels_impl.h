@@ -100,6 +100,18 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
 }
 
 // ---------------------------------------------------------------------------------------------- 8-bit
+// [s[0] x 4, s[1] x 4]: the scales of two groups of 16, one per half of the int32 lanes.
+static inline __m256 pair_scales(const float* s) {
+    __m128 v = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(s)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+static inline __m256 pair_scales(const uint16_t* s) {
+    uint32_t bits;
+    std::memcpy(&bits, s, 4);
+    __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(int(bits)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 // 32 unsigned 8-bit weights (two groups of 16) x 32 int8 activations, scaled by the groups' scales
 // s[0], s[1] and the activation block scale, accumulated into acc.
 template <class S>
@@ -109,14 +121,13 @@ static inline __m256 dot_u8_scaled(__m256i w, __m256i a, const S* s, __m256 dx, 
     __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, dx), acc);
 #else
-    __m256i wl = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(w));
-    __m256i wh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(w, 1));
-    __m256i al = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(a));
-    __m256i ah = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(a, 1));
-    __m256 pl = _mm256_cvtepi32_ps(_mm256_madd_epi16(wl, al));
-    __m256 ph = _mm256_cvtepi32_ps(_mm256_madd_epi16(wh, ah));
-    acc = _mm256_fmadd_ps(pl, _mm256_mul_ps(bcast(s, 0), dx), acc);
-    return _mm256_fmadd_ps(ph, _mm256_mul_ps(bcast(s, 1), dx), acc);
+    // w = 16 * hi + lo with nibbles hi, lo: maddubs(nibble, a) cannot saturate (2 * 15 * 127 < 2^15), and
+    // lanes 0-3 / 4-7 of the int32 sums hold group 0 / 1, as with vpdpbusd
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(w, m4), a);
+    __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), a);
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(16)), _mm256_madd_epi16(lo, _mm256_set1_epi16(1)));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(pair_scales(s), dx), acc);
 #endif
 }
 
