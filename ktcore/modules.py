@@ -69,6 +69,12 @@ def _move(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _all_on(values, device: torch.device) -> bool:
+    return all(v.device == device for v in values if isinstance(v, torch.Tensor)) and not any(
+        isinstance(v, (tuple, list, dict)) for v in values
+    )
+
+
 def _queue_to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``, without waiting where that is safe: a copy to an accelerator is queued on its
     stream (later kernels there see the data); a copy to the CPU waits, as the CPU reads it at once."""
@@ -177,7 +183,11 @@ class KModule(nn.Module):
 
     def _run(self, tokens: int, out_like: torch.Tensor, *args, **kwargs):
         op = self.pick(tokens)
-        out = op(*_move(args, op.device), **_move(kwargs, op.device))
+        device = op.device
+        if self.out_device is None and out_like.device == device and _all_on(args, device) and _all_on(kwargs.values(), device):
+            # the common case (a decode step makes hundreds of these calls): nothing to move, no module hooks
+            return op.forward(*args, **kwargs)
+        out = op(*_move(args, device), **_move(kwargs, device))
         return _move(out, self.out_device if self.out_device is not None else out_like.device)
 
     def __getattr__(self, name: str):

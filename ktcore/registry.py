@@ -44,6 +44,7 @@ FIRST_PARTY_OPS = {
     "KExpertsGPU": "kt-cuda",
     "KExpertsMarlin": "kt-cuda",
     "KMLAAttention": "kt-cuda",
+    "KAttentionFlashGQA": "kt-cuda",
     "KLinearROCm": "kt-rocm",
     "KExpertsROCm": "kt-rocm",
     "KAttentionROCm": "kt-rocm",

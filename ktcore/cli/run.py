@@ -94,7 +94,7 @@ def load_generator(args, quiet: bool = False, check=None):
     if args.threads is not None:
         if args.threads < 1:
             raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # torch and the CPU plugins' pools read it
     import torch
 
     if args.threads is not None:

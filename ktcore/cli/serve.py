@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the CPU plugins' pools read it
         torch.set_num_threads(args.threads)
     model, tokenizer, info = load_for_serving(args.model, loader=args.loader, name=args.model_name)
     engine = Engine(model, tokenizer, max_context=args.max_context, max_concurrency=args.max_concurrency,

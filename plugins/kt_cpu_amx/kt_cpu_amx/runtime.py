@@ -1,8 +1,8 @@
 """Which kernels can run here, and the shared C++ runtimes (thread pool + chosen ISA).
 
 ``KT_CPU_ISA=avx2|avx512|amx`` forces a path (it must be available: forcing a lower path on a better CPU
-is how tests cover every path on one machine); ``KT_CPU_THREADS`` sets the pool size (default: the CPUs
-this process may run on); ``KT_CPU_PIN=0`` leaves threads unpinned.
+is how tests cover every path on one machine); ``KT_CPU_THREADS`` sets the pool size (default: ``OMP_NUM_THREADS``,
+which `kt run/chat/serve --threads` set, else the CPUs this process may run on); ``KT_CPU_PIN=0`` leaves threads unpinned.
 
 Cores between the pool and torch (decided here only): the kernels run on the calling thread plus the pool's
 workers, pinned one per CPU. torch's own intra-op (OpenMP) threads run the ops between two kernel calls
@@ -77,12 +77,13 @@ def select_isa(requested: str | None = None) -> str:
 
 
 def default_threads() -> int:
-    env = os.environ.get("KT_CPU_THREADS")
-    if env:
-        n = int(env)
-        if n < 1:
-            raise ValueError(f"KT_CPU_THREADS must be >= 1, got {env!r}")
-        return n
+    for var in ("KT_CPU_THREADS", "OMP_NUM_THREADS"):
+        env = os.environ.get(var)
+        if env:
+            n = int(env)
+            if n < 1:
+                raise ValueError(f"{var} must be >= 1, got {env!r}")
+            return n
     return len(os.sched_getaffinity(0))
 
 
