@@ -43,6 +43,15 @@ static int chunk_rows(int n, int threads) {
     return std::max(32, std::min(c, 256));
 }
 
+QAct Runtime::quantize_rows(const float* x, int M, int K) {
+    act_.ensure(M, K);
+    const int rows_per = std::max(1, M / (4 * threads()));
+    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
+        quant_(x, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, act_);
+    });
+    return act_.view();
+}
+
 void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
     linger_after(M);
     const int N = W.n, K = W.k;
@@ -60,12 +69,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
         });
         return;
     }
-    act_.ensure(M, K);
-    const int rows_per = std::max(1, M / (4 * threads()));
-    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
-        quant_(x, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, act_);
-    });
-    QAct a = act_.view();
+    QAct a = quantize_rows(x, M, K);
     pool_.parallel_for(nchunks, [&](int c, int) {
         int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
         gemm_(W, n0, n1, a, M, y, N);
@@ -83,12 +87,7 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
         for (size_t i = 0; i < W.size(); ++i) linear(*W[i], M, x, y[i]);
         return;
     }
-    act_.ensure(M, K);
-    const int rows_per = std::max(1, M / (4 * threads()));
-    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
-        quant_(x, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, act_);
-    });
-    QAct a = act_.view();
+    QAct a = quantize_rows(x, M, K);
     struct Task { int m, n0, n1; };
     std::vector<Task> tasks;
     for (size_t i = 0; i < W.size(); ++i) {

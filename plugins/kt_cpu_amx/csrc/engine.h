@@ -52,6 +52,8 @@ public:
 private:
     void linger_after(int rows) { pool_.set_linger(rows <= decode_rows ? decode_spin_us : -1); }
     bool use_amx(const PackedMatrix& W, int rows) const;
+    // x's M rows of K floats quantized into act_ (int8 per group) by the pool: the view the GEMMs read.
+    QAct quantize_rows(const float* x, int M, int K);
     uint16_t* amx_scratch(int thread, int k);
 
     Pool pool_;
