@@ -316,9 +316,9 @@ class KExperts(KModule):
         """Forget a submit whose sync will never come (a CUDA graph capture that failed half-way)."""
         self._pending = None
         for op in self.ops():
-            stream = getattr(op, "_stream", None)
-            if stream is not None:
-                stream.drop_pending()
+            drop = getattr(op, "stream_drop", None)
+            if callable(drop):
+                drop()
 
 
 def is_stream_experts_op(op: Op) -> bool:

@@ -249,6 +249,11 @@ class KExpertsCPU(Op):
             raise RuntimeError(f"{self.name}: stream_sync without stream_submit")
         return self._stream.sync()
 
+    def stream_drop(self) -> None:
+        """Forget a ``stream_submit`` whose ``stream_sync`` will never come (a failed graph capture)."""
+        if getattr(self, "_stream", None) is not None:
+            self._stream.drop_pending()
+
     @staticmethod
     def raise_stream_error() -> None:
         """Raise what a host function of an earlier stream-ordered call met (the stream synchronized since)."""

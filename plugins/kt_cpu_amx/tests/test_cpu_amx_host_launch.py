@@ -56,3 +56,23 @@ def test_launch_checks_sizes_and_sync_without_job_is_harmless(isa):
     bad = _launch(op, x, idx, w, out)
     bad.sync()  # no job in flight: returns at once, records nothing
     assert kernels().host_launch_error() == ""
+
+
+
+def test_stream_drop_forgets_an_unsynced_submit():
+    """What a failed graph capture leaves behind: KExperts.drop_pending reaches the op through stream_drop."""
+    from types import SimpleNamespace
+
+    from kt_cpu_amx.host_launch import StreamExperts
+
+    from ktcore.modules import KExperts
+
+    op = KExpertsCPU(FakeExperts())
+    op.stream_drop()  # nothing submitted yet: a no-op
+    op._stream = StreamExperts(op.name, H)
+    op._stream._pending = ("buffers", torch.float32)  # as stream_submit leaves it
+    wrapper = SimpleNamespace(_pending=(op, None, None, True), ops=lambda: [op])
+    KExperts.drop_pending(wrapper)
+    assert wrapper._pending is None and op._stream._pending is None
+    with pytest.raises(RuntimeError, match="stream sync without submit"):
+        op.stream_sync()
