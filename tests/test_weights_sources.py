@@ -8,7 +8,7 @@ import torch
 from ktcore.testing import tiny_model
 from ktcore.weights import builtin_source_classes, open_source
 from ktcore.weights.gguf_source import GGUFSource
-from ktcore.weights.gguf_writer import write_gguf, write_synthetic_moe_gguf
+from ktcore.weights.gguf_writer import copy_metadata, write_gguf, write_synthetic_moe_gguf
 from ktcore.weights.safetensors_source import SafetensorsSource
 
 torch.set_num_threads(2)
@@ -33,11 +33,7 @@ def _write_split(source_path, out_dir, max_tensors):
     reader = gguf.GGUFReader(source_path)
     arch = reader.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(str(out_dir / "model.gguf"), arch, split_max_tensors=max_tensors)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        vtype = field.types[0]
-        w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
+    copy_metadata(reader, w)
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()

@@ -347,6 +347,18 @@ def write_synthetic_moe_gguf(
     return str(path)
 
 
+def copy_metadata(reader, writer) -> None:
+    """Every key/value of the ``gguf.GGUFReader`` ``reader`` into the ``gguf.GGUFWriter`` ``writer``, but the
+    file's own header fields and the architecture (which the writer was created with)."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        writer.add_key_value(key, field.contents(), kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+
+
 def write_dequantized_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     """The GGUF ``src`` with every tensor expanded to F32 and the metadata unchanged: the same model for
     an engine whose quantized kernels round the activations (llama.cpp's int8 dot products), so that its
@@ -355,11 +367,7 @@ def write_dequantized_copy(src: str | os.PathLike, dst: str | os.PathLike) -> st
 
     reader = gguf.GGUFReader(str(src))
     writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        kind = field.types[0]
-        writer.add_key_value(key, field.contents(), kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    copy_metadata(reader, writer)
     for t in reader.tensors:
         values = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         writer.add_tensor(t.name, values.reshape([int(n) for n in reversed(t.shape)]))
