@@ -114,9 +114,17 @@ def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float,
     return statistics.median(prefill), statistics.median(decode)
 
 
+def _llamacpp_next_token(llm) -> int:
+    """Greedy token from llama.cpp's last logits (``llm.scores`` is only filled with ``logits_all``)."""
+    import llama_cpp
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
 def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
     """Median (prefill tok/s, decode tok/s) of llama.cpp doing the same: prompt, then greedy steps."""
-    import numpy as np
 
     llm.reset()
     llm.eval(prompt_ids[:8])  # warm-up
@@ -125,12 +133,12 @@ def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int) -> tuple[floa
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt_ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = _llamacpp_next_token(llm)
         prefill.append(len(prompt_ids) / (time.perf_counter() - t0))
         t1 = time.perf_counter()
         for _ in range(gen_tokens):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = _llamacpp_next_token(llm)
         decode.append(gen_tokens / (time.perf_counter() - t1))
     return statistics.median(prefill), statistics.median(decode)
 
