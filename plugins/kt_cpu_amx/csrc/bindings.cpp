@@ -56,6 +56,7 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readonly("bits", &PackedMatrix::bits)
         .def_readonly("group", &PackedMatrix::group)
         .def_readonly("half_scales", &PackedMatrix::half_scales)
+        .def_readonly("sub8_scales", &PackedMatrix::sub8_scales)
         .def_property_readonly("nbytes", &PackedMatrix::nbytes);
 
     py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")

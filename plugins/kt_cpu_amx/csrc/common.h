@@ -35,18 +35,23 @@ struct Buffer {
 //   bits 8: groups of 16; one byte per element.
 // scales and mins are [n, k / group], float, or fp16 (half_scales) when every one of them is exactly an fp16
 // (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 always are): fewer bytes to stream in decode, same values.
+// Q4_K keeps its own two levels instead (sub8_scales): uint8 sub-scales [n, k / group] times one float per 8
+// groups (sup_scales, sup_mins [n, k / group / 8]): scale = sup_s * sc, min = sup_m * m, exact in float, 4.75
+// bits per weight where float scales and mins take 6.
 struct PackedMatrix {
     int n = 0, k = 0, bits = 0, group = 0;
-    bool half_scales = false;
-    Buffer qs, scales, mins;
+    bool half_scales = false, sub8_scales = false;
+    Buffer qs, scales, mins, sup_scales, sup_mins;
     KT_INLINE size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }
     KT_INLINE int groups() const { return k / group; }
     KT_INLINE const uint8_t* row_q(int r) const { return qs.as<uint8_t>() + size_t(r) * row_bytes(); }
     template <class S> KT_INLINE const S* row_s(int r) const { return scales.as<S>() + size_t(r) * groups(); }
     template <class S> KT_INLINE const S* row_m(int r) const { return mins.as<S>() + size_t(r) * groups(); }
+    KT_INLINE const float* row_sup_s(int r) const { return sup_scales.as<float>() + size_t(r) * (groups() / 8); }
+    KT_INLINE const float* row_sup_m(int r) const { return sup_mins.as<float>() + size_t(r) * (groups() / 8); }
     float scale_at(int r, int g) const;  // slow accessors (packing, tests)
     float min_at(int r, int g) const;
-    size_t nbytes() const { return qs.bytes + scales.bytes + mins.bytes; }
+    size_t nbytes() const { return qs.bytes + scales.bytes + mins.bytes + sup_scales.bytes + sup_mins.bytes; }
 };
 
 // Activations quantized to int8 in blocks of 32 along k (like llama.cpp's Q8 activations):

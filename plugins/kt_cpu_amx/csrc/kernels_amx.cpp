@@ -39,7 +39,14 @@ void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
         // the group scales and mins of this row as float (converted from fp16 once per row if stored so)
         alignas(64) float sbuf[kMaxGroups], mbuf[kMaxGroups];
         const float *s, *m;
-        if (W.half_scales) {
+        if (W.sub8_scales) {
+            const uint8_t* sc = W.row_s<uint8_t>(n0 + r);
+            const uint8_t* mc = W.row_m<uint8_t>(n0 + r);
+            const float* ss = W.row_sup_s(n0 + r);
+            const float* sm = W.row_sup_m(n0 + r);
+            for (int g = 0; g < G; ++g) { sbuf[g] = ss[g / 8] * float(sc[g]); mbuf[g] = sm[g / 8] * float(mc[g]); }
+            s = sbuf; m = mbuf;
+        } else if (W.half_scales) {
             const uint16_t* sh = W.row_s<uint16_t>(n0 + r);
             const uint16_t* mh = W.row_m<uint16_t>(n0 + r);
             for (int g = 0; g < G; ++g) { sbuf[g] = _cvtsh_ss(sh[g]); mbuf[g] = _cvtsh_ss(mh[g]); }

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -36,8 +37,33 @@ static inline __m256 load8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-template <class S>
-static inline float dotf(const S* a, const float* b, int n) {
+// Q4_K's two-level scales (PackedMatrix::sub8_scales): uint8 sub-scales of one row and its floats per 8 groups.
+struct Sub8 {
+    const uint8_t* q;
+    const float* sup;
+    Sub8 operator+(int g) const { return {q + g, sup + g / 8}; }  // only at multiples of 8 groups
+};
+static inline float scalar(Sub8 p, int i) { return p.sup[i / 8] * float(p.q[i]); }
+static inline __m256 bcast(Sub8 p, int i) { return _mm256_set1_ps(scalar(p, i)); }
+static inline __m256 load8(Sub8 p) {
+    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.q))));
+    return _mm256_mul_ps(v, _mm256_set1_ps(p.sup[0]));
+}
+
+// The row's scales / mins as the kernels read them: pointers to float or fp16, or Sub8.
+template <class S> struct ScaleOf { using type = const S*; };
+template <> struct ScaleOf<Sub8> { using type = Sub8; };
+template <class S> static inline typename ScaleOf<S>::type row_scales(const PackedMatrix& W, int r) {
+    if constexpr (std::is_same_v<S, Sub8>) return Sub8{W.row_s<uint8_t>(r), W.row_sup_s(r)};
+    else return W.row_s<S>(r);
+}
+template <class S> static inline typename ScaleOf<S>::type row_mins(const PackedMatrix& W, int r) {
+    if constexpr (std::is_same_v<S, Sub8>) return Sub8{W.row_m<uint8_t>(r), W.row_sup_m(r)};
+    else return W.row_m<S>(r);
+}
+
+template <class A>
+static inline float dotf(A a, const float* b, int n) {
     __m256 acc = _mm256_setzero_ps();
     int i = 0;
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load8(a + i), _mm256_loadu_ps(b + i), acc);
@@ -69,8 +95,8 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
     const uint8_t* wq[R];
-    const S* ws[R];
-    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s<S>(n + r); }
+    typename ScaleOf<S>::type ws[R];
+    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = row_scales<S>(W, n + r); }
     const int8_t* aq[T];
     const float* ad[T];
     for (int t = 0; t < T; ++t) {
@@ -95,7 +121,7 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int t = 0; t < T; ++t) {
         const float* asum = X.s32 + size_t(X.phys(m + t)) * G;
         for (int r = 0; r < R; ++r)
-            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m<S>(n + r), asum, G);
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(row_mins<S>(W, n + r), asum, G);
     }
 }
 
@@ -169,7 +195,10 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
 template <int R, class S>
 static void rows_all_tokens(const PackedMatrix& W, int n, const QAct& X, int M, float* Y, int ldy) {
     int m = 0;
-    if (W.bits == 4) {
+    if constexpr (std::is_same_v<S, Sub8>) {  // 4-bit only
+        for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
+    } else if (W.bits == 4) {
         for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
         for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
     } else {
@@ -186,7 +215,8 @@ static void gemm_rows(const PackedMatrix& W, int n0, int n1, const QAct& X, int 
 }
 
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
-    if (W.half_scales) gemm_rows<uint16_t>(W, n0, n1, X, M, Y, ldy);
+    if (W.sub8_scales) gemm_rows<Sub8>(W, n0, n1, X, M, Y, ldy);
+    else if (W.half_scales) gemm_rows<uint16_t>(W, n0, n1, X, M, Y, ldy);
     else gemm_rows<float>(W, n0, n1, X, M, Y, ldy);
 }
 

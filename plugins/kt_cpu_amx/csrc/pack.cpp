@@ -119,11 +119,13 @@ bool fp32_to_fp16_exact(float f, uint16_t& h) {
 
 float PackedMatrix::scale_at(int r, int g) const {
     size_t i = size_t(r) * groups() + g;
+    if (sub8_scales) return row_sup_s(r)[g / 8] * float(scales.as<uint8_t>()[i]);
     return half_scales ? fp16_to_fp32(scales.as<uint16_t>()[i]) : scales.as<float>()[i];
 }
 
 float PackedMatrix::min_at(int r, int g) const {
     size_t i = size_t(r) * groups() + g;
+    if (sub8_scales) return row_sup_m(r)[g / 8] * float(mins.as<uint8_t>()[i]);
     return half_scales ? fp16_to_fp32(mins.as<uint16_t>()[i]) : mins.as<float>()[i];
 }
 
@@ -284,7 +286,7 @@ static void alloc_matrix(PackedMatrix& out, int n, int k, int bits) {
     int group = bits == 4 ? 32 : 16;
     if (k % group) throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) +
                                                " is not a multiple of " + std::to_string(group));
-    out.n = n; out.k = k; out.bits = bits; out.group = group; out.half_scales = false;
+    out.n = n; out.k = k; out.bits = bits; out.group = group; out.half_scales = false; out.sub8_scales = false;
     out.qs = Buffer(size_t(n) * out.row_bytes(), true);
     out.scales = Buffer(size_t(n) * (k / group) * sizeof(float), true);
     out.mins = Buffer(size_t(n) * (k / group) * sizeof(float), true);
@@ -303,12 +305,48 @@ static void store_group(PackedMatrix& out, int r, int gi, const Group& g) {
     }
 }
 
+// Q4_K with its sub-scales kept: the nibbles as decode_block lays them out, sc / m as uint8 and, per super-block,
+// d and -dmin as floats (the decoded scale d * sc and min -(dmin * m) are the same float products).
+static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k) {
+    alloc_matrix(out, n, k, 4);
+    const int G = out.groups(), nb = k / ti.block;
+    out.scales = Buffer(size_t(n) * G, true);
+    out.mins = Buffer(size_t(n) * G, true);
+    out.sup_scales = Buffer(size_t(n) * nb * sizeof(float), true);
+    out.sup_mins = Buffer(size_t(n) * nb * sizeof(float), true);
+    out.sub8_scales = true;
+    Group g[16];
+    for (int r = 0; r < n; ++r) {
+        const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
+        uint8_t* sc = out.scales.as<uint8_t>() + size_t(r) * G;
+        uint8_t* mn = out.mins.as<uint8_t>() + size_t(r) * G;
+        float* ss = out.sup_scales.as<float>() + size_t(r) * nb;
+        float* sm = out.sup_mins.as<float>() + size_t(r) * nb;
+        uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* blk = row + size_t(b) * ti.type_size;
+            decode_block(ti, blk, g);
+            ss[b] = rd_half(blk);
+            sm[b] = -rd_half(blk + 2);
+            for (int j = 0; j < 8; ++j) {
+                int s6, m6;
+                scale_min_k4(j, blk + 4, s6, m6);
+                sc[8 * b + j] = uint8_t(s6);
+                mn[8 * b + j] = uint8_t(m6);
+                uint8_t* qg = q + size_t(8 * b + j) * 16;
+                for (int l = 0; l < 16; ++l) qg[l] = uint8_t(g[j].q[l] | (g[j].q[l + 16] << 4));
+            }
+        }
+    }
+}
+
 void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k) {
     const TypeInfo* ti = find_type(type);
     if (!ti) throw std::invalid_argument("kt_cpu_amx: GGML type " + type + " has no exact repacking");
     if (k % ti->block)
         throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
                                     type + "'s block of " + std::to_string(ti->block));
+    if (type == "Q4_K") return pack_q4k_sub8(out, *ti, raw, n, k);
     alloc_matrix(out, n, k, ti->bits);
     const int nb = k / ti->block;
     Group g[16];

@@ -27,6 +27,10 @@ def test_repack_is_exact(type_name):
     assert pm.bits == (4 if type_name in repack.EXACT_4BIT else 8)
     # one fp16 scale per block: the group scales and mins are fp16 too; K-quants' products are not
     assert pm.half_scales == (type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
+    # Q4_K keeps its 6-bit sub-scales under one float per 8 groups: 4.75 bits per weight, not 6
+    assert pm.sub8_scales == (type_name == "Q4_K")
+    if type_name == "Q4_K":
+        assert pm.nbytes == 40 * 512 * 152 // 256
     ref = gguf_dequantize(qt)
     torch.testing.assert_close(repack.unpack(pm), ref, rtol=1e-6, atol=0)
 
