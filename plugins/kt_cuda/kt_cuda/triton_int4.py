@@ -11,6 +11,7 @@ Byte kernels, any layout (K-major bytes too) and larger batches:
   tile into ``tl.dot``; nibbles through the exponent trick (``0x4B000000 | q`` is ``2**23 + q``).
 - ``_int4_to_dense_kernel``: expands the weight for torch's GEMM (large batches).
 - ``_moe_int4_kernel``: the GEMM over token-expert pairs sorted by expert (``KExpertsGPU``).
+- ``a8gemv`` (``triton_w4a8``): 1-4 rows rounded to int8 blocks, two ``dp4a`` per weight word (opt-in).
 Kernels split K over a third grid axis when asked (fp32 atomics). Which kernel and tile runs is timed
 once per problem among ``candidates`` (``tuned_config``; H200 sweeps in notes/h200-int4-words-2026-11-28.md).
 """
@@ -528,12 +529,17 @@ def _byte_candidates(M: int) -> list["Int4Config"]:
     return [C("dense"), C("gemm", 128, 128, 1, 8, block_m=128), C("gemm", 128, 128, 1, block_m=64)]
 
 
-def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Config]:
+def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = False) -> list[Int4Config]:
     """Configs worth timing for ``M`` rows, most likely first (H200 sweeps, ``bench_marlin.py --kernels``:
     notes/h200-int4-words-2026-11-28.md). Up to 16 rows of N-major bytes run the word kernels; K-major
-    bytes and larger batches keep the byte kernels / dense expansion."""
+    bytes and larger batches keep the byte kernels / dense expansion. ``act_int8``: up to 4 rows may round
+    the activations to int8 blocks (``a8gemv``, fastest at 1-4 rows on an H200)."""
     C = Int4Config
-    if k_major or M > 16:
+    if act_int8 and not k_major and M <= 4:
+        bm = _pow2_at_least(M)
+        out = [C("a8gemv", 8, 1024, 1, 8, 3, block_m=bm), C("a8gemv", 4, 1024, 1, 4, 3, block_m=bm),
+               C("a8gemv", 16, 512, 1, 8, 3, block_m=bm), C("a8gemv", 8, 512, 1, 4, 3, block_m=bm)]
+    elif k_major or M > 16:
         out = _byte_candidates(M)
     elif M == 1:  # graph-timed, weights past L2: each within 3% of the best on the three shapes
         out = [C("wgemv", 4, 1024, 1, 2, 3, block_m=1), C("wgemv", 8, 1024, 1, 4, 3, block_m=1),
@@ -547,9 +553,10 @@ def candidates(M: int, group_size: int, k_major: bool = False) -> list[Int4Confi
     return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
 
 
-def default_config(M: int, N: int, K: int, group_size: int, device: torch.device, k_major: bool = False) -> Int4Config:
+def default_config(M: int, N: int, K: int, group_size: int, device: torch.device, k_major: bool = False,
+                   act_int8: bool = False) -> Int4Config:
     """The first candidate: what runs without tuning (Triton's interpreter, ``KT_CUDA_AUTOTUNE=0``)."""
-    return candidates(M, group_size, k_major)[0]
+    return candidates(M, group_size, k_major, act_int8)[0]
 
 
 def _m_bucket(M: int) -> int:
@@ -559,7 +566,7 @@ def _m_bucket(M: int) -> int:
 _TUNED: dict[tuple, Int4Config] = {}
 
 
-def tuned_config(x: torch.Tensor, w: Int4Weight, bias) -> Int4Config:
+def tuned_config(x: torch.Tensor, w: Int4Weight, bias, act_int8: bool = False) -> Int4Config:
     """The fastest candidate for this problem, timed once per (rows bucket, shape, format) on CUDA.
 
     Off with ``KT_CUDA_AUTOTUNE=0`` (then the first candidate); never tunes inside CUDA-graph capture.
@@ -570,12 +577,13 @@ def tuned_config(x: torch.Tensor, w: Int4Weight, bias) -> Int4Config:
     N, K = w.shape
     from .int4 import is_k_major
 
-    cands = candidates(M, w.group_size, is_k_major(w))
+    cands = candidates(M, w.group_size, is_k_major(w), act_int8)
     if (x.device.type != "cuda" or len(cands) == 1 or os.environ.get("KT_CUDA_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
         key = None
     else:
-        key = (_m_bucket(M), N, K, w.group_size, w.mins is not None, w.scales.dtype, w.qweight.stride(-1), x.dtype, x.device.index)
+        key = (_m_bucket(M), N, K, w.group_size, w.mins is not None, w.scales.dtype, w.qweight.stride(-1), x.dtype,
+               x.device.index, act_int8)
     if key is None:
         return cands[0]
     cfg = _TUNED.get(key)
@@ -620,6 +628,10 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
     if cfg.kernel == "dense":
         y = torch.nn.functional.linear(x, int4_to_dense(w, x.dtype))
         return y + bias.to(y.dtype) if bias is not None else y
+    if cfg.kernel == "a8gemv":
+        from .triton_w4a8 import w4a8_matmul
+
+        return w4a8_matmul(x, w, bias, cfg)
     if cfg.block_k % w.group_size:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {w.group_size}")
     split = cfg.split_k
@@ -653,21 +665,23 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K, x.stride(0), *strides,
                                 BLOCK_M=cfg.block_m, **common)
     else:
-        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, gemv, gemm, dense")
+        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, a8gemv, gemv, gemm, dense")
     return y if split == 1 else y.to(x.dtype)
 
 
-def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, config: Int4Config | None = None) -> torch.Tensor:
+def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, config: Int4Config | None = None,
+                act_int8: bool = False) -> torch.Tensor:
     """``x [M, K] @ w.T + bias`` for a 2-D ``Int4Weight`` ``[N, K]``; result in ``x.dtype``.
 
-    Without ``config`` the kernel and tile are autotuned per problem (see ``tuned_config``)."""
+    Without ``config`` the kernel and tile are autotuned per problem (see ``tuned_config``); ``act_int8``
+    lets up to 4 rows be rounded to int8 activation blocks first (``triton_w4a8``)."""
     if x.dim() != 2:
         raise ValueError(f"int4_matmul wants a 2-D activation, got shape {tuple(x.shape)}")
     N, K = w.shape
     if x.shape[1] != K:
         raise ValueError(f"activation has {x.shape[1]} features, weight expects {K}")
     x = x.contiguous()
-    return _launch(x, w, bias, config or tuned_config(x, w, bias))
+    return _launch(x, w, bias, config or tuned_config(x, w, bias, act_int8))
 
 
 # --- MoE ---------------------------------------------------------------------------------------------

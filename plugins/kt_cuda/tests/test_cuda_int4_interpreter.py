@@ -1,4 +1,4 @@
-"""The int32-word int4 kernels (``wgemv``, ``wdot``) run in Triton's interpreter on CPU, in a subprocess
+"""The int32-word int4 kernels (``wgemv``, ``wdot``, ``a8gemv``) run in Triton's interpreter on CPU, in a subprocess
 (``TRITON_INTERPRET`` is read when the kernels are defined), so that CPU CI checks their logic: with and
 without prefetch, 1-4 rows per program, split K, swapped operands, partial tiles, symmetric and asymmetric
 groups of 32/64/128, against a float64 product of the same int4 weights. Skips where Triton is absent."""
@@ -39,12 +39,55 @@ for group, symmetric, M, cfg in cases:
 print("ok")
 """
 
+A8_SCRIPT = r"""
+import torch
+from kt_cuda import int4
+from kt_cuda.triton_int4 import Int4Config as C, int4_matmul
+from kt_cuda.triton_w4a8 import dequantize_activations, quantize_activations
+
+torch.manual_seed(0)
+N, K = 21, 384
+cases = [
+    (32, False, 1, C("a8gemv", 8, 128, 1, block_m=1)),
+    (64, True, 3, C("a8gemv", 16, 128, 2, block_m=4)),
+    (128, False, 2, C("a8gemv", 4, 128, 1, block_m=2)),
+]
+for group, symmetric, M, cfg in cases:
+    w = int4.quantize(torch.randn(N, K), group, symmetric=symmetric)
+    x = torch.randn(M, K).half()
+    bias = torch.randn(N)
+    lo, hi, dx, xs = quantize_activations(x)
+    x_hat = dequantize_activations(dx, lo, hi).double()
+    assert ((x_hat - x.double()).abs() <= dx.double().repeat_interleave(32, 1) / 2 + 1e-6).all()
+    assert torch.allclose(xs.double(), x_hat.reshape(M, -1, 32).sum(-1), atol=1e-4)
+    wd = w.dequantize(torch.float64)
+    exact = x_hat @ wd.T + bias.double()  # the product the kernel computes: int4 weights x int8 activations
+    plain = x.double() @ wd.T + bias.double()
+    out = int4_matmul(x, w, bias, cfg).double()
+    err = ((out - exact).norm() / exact.norm()).item()
+    err_x = ((out - plain).norm() / plain.norm()).item()
+    print(cfg.label(), group, symmetric, M, f"{err:.1e} {err_x:.1e}")
+    assert err < 2e-3 and err_x < 2e-2, (cfg.label(), err, err_x)
+print("ok")
+"""
+
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (its interpreter runs the kernels on CPU)")
 def test_word_kernels_in_triton_interpreter():
+    _run_interpreted(SCRIPT)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (its interpreter runs the kernels on CPU)")
+def test_int8_activation_kernel_in_triton_interpreter():
+    """``a8gemv``: activations rounded to int8 per block of 32 (each within half a step), then the exact
+    product with the int4 weights (dp4a emulated), within 2e-2 of the float product."""
+    _run_interpreted(A8_SCRIPT)
+
+
+def _run_interpreted(script: str) -> None:
     plugin = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(plugin), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")

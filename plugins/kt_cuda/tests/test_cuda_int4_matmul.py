@@ -113,6 +113,31 @@ def test_klinear_marlin_on_gguf_blocks(device, ggml_type, tokens, layout):
     assert rel_err(out.cpu(), ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("ggml_type", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_klinear_marlin_int8_activations(device, ggml_type, tokens):
+    """``activations: int8``: 1-4 rows are rounded to int8 blocks (error <= 2e-2 of the float product, and
+    the exact product of the rounded activations within the float16 tolerance); more rows stay float."""
+    from kt_cuda.ops import KLinearMarlin
+    from kt_cuda.triton_w4a8 import dequantize_activations, quantize_activations
+
+    qt, ref_w = ggml_tensor((48, 512), ggml_type, seed=14)
+    op = KLinearMarlin(_linear(512, 48, False), device, activations="int8")
+    op.load({"weight": qt})
+    x = torch.randn(tokens, 512).to(device, torch.float16)
+    out = op(x).cpu().double()
+    plain = x.double().cpu() @ ref_w.double().T
+    if tokens <= 4:
+        lo, hi, dx, _ = quantize_activations(x)
+        exact = dequantize_activations(dx, lo, hi).double().cpu() @ ref_w.double().T
+        assert rel_err(out, exact) < TOL[torch.float16]
+        assert 0 < rel_err(out, plain) < 2e-2
+    else:
+        assert rel_err(out, plain) < TOL[torch.float16]
+    with pytest.raises(ValueError, match="activations"):
+        KLinearMarlin(_linear(512, 48, False), device, activations="fp8")
+
+
 @pytest.mark.parametrize("ggml_type", ["Q8_0", "F16", "Q6_K"])
 def test_klinear_marlin_other_types(device, ggml_type):
     from kt_cuda.ops import KLinearMarlin

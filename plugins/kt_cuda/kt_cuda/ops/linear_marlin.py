@@ -26,8 +26,10 @@ class KLinearMarlin(Op):
     ``scales_dtype`` (``auto``: float16 where lossless, else float32; ``float16`` trades Q4_K's exactness
     for 1/6 fewer bytes), ``requantize``, ``group_size``, ``layout`` (``n_major`` or ``k_major``: how the
     packed bytes are stored; up to 16 rows, ``n_major`` bytes run the int32-word kernels, measured
-    1.4-1.7x fp16 at batch 1 on an H200, ``k_major`` ones only the slower byte kernels). Kernel and tile
-    are timed once per batch size and shape (autotuned).
+    1.4-1.7x fp16 at batch 1 on an H200, ``k_major`` ones only the slower byte kernels), ``activations``
+    (``float``, default: the input's half dtype; ``int8``: up to 4 rows are rounded to int8 per block of 32
+    first, as llama.cpp's CUDA GEMV does, and multiplied with ``dp4a``: faster at 1-4 rows, not exact).
+    Kernel and tile are timed once per batch size and shape (autotuned).
     The output has the input's dtype.
     """
 
@@ -39,7 +41,8 @@ class KLinearMarlin(Op):
     repacked_types = INT4_TYPES
 
     def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, scales_dtype="auto",
-                 requantize: bool = False, group_size: int = 32, layout: str = DEFAULT_LAYOUT, **kwargs):
+                 requantize: bool = False, group_size: int = 32, layout: str = DEFAULT_LAYOUT,
+                 activations: str = "float", **kwargs):
         super().__init__(module, device, **kwargs)
         self.in_features = module.in_features
         self.out_features = module.out_features
@@ -51,6 +54,9 @@ class KLinearMarlin(Op):
             raise ValueError(f"{self.name}: group_size must be one of {int4.GROUP_SIZES}, got {group_size}")
         self.group_size = group_size
         self.k_major = parse_layout(layout, self.name)
+        if activations not in ("float", "int8"):
+            raise ValueError(f"{self.name}: activations must be 'float' or 'int8', got {activations!r}")
+        self.act_int8 = activations == "int8"
         self.weight_int4: int4.Int4Weight | None = None
         self.register_buffer("weight", None, persistent=False)  # dense fallback
         self.register_buffer("bias", None, persistent=False)
@@ -95,7 +101,8 @@ class KLinearMarlin(Op):
 
             half = (torch.float16, torch.bfloat16)
             compute = x2.dtype if x2.dtype in half else (self.dtype if self.dtype in half else torch.bfloat16)
-            y = int4_matmul(x2.to(compute), self.weight_int4, self.bias, self.int4_config(x2.shape[0])).to(x.dtype)
+            y = int4_matmul(x2.to(compute), self.weight_int4, self.bias, self.int4_config(x2.shape[0]),
+                            act_int8=self.act_int8).to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
     def int4_config(self, rows: int):
@@ -107,6 +114,7 @@ class KLinearMarlin(Op):
         if self.weight_int4 is not None:
             w = self.weight_int4
             fmt = f"int4 g{w.group_size} scales={w.scales.dtype} {'asym' if w.mins is not None else 'sym'}"
+            fmt += ", int8 activations" if self.act_int8 else ""
         else:
             fmt = f"dense {self.dtype}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, {fmt}"
