@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import KModule
+from .modules import KModule, declare_sibling_linears
 from .moe import LayerDevices, install_transfer_hooks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
@@ -135,6 +135,8 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             wrapper.build_ops()
         except (TypeError, ValueError) as exc:
             raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
+    if build_ops:
+        declare_sibling_linears(model)  # q/k/v, gate/up: an op may plan one fused call for its group
     if layer_devices is not None:
         for layer_name, device in layer_devices.moved_layers():
             placements.setdefault(layer_name, device)  # a moved layer's weights no rule placed

@@ -35,6 +35,18 @@ WRAPPER_OPTIONS = (
     "op_kwargs",
 )
 
+# Wrapper attributes a call's plan (``KModule._call_plan``) is made of: setting one drops the plan.
+_PLAN_INPUTS = frozenset({"prefill_op", "generate_op", "out_device", "prefill_threshold"})
+
+# Linears that model code calls one after the other on the same input, by child name under one parent
+# (first group that names at least two of a parent's KLinear children wins; a linear joins one group).
+SIBLING_LINEARS = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("gate_proj", "up_proj"),
+    ("q_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA without q LoRA
+    ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA with q LoRA
+)
+
 
 def module_role(module: nn.Module) -> str | None:
     """The role a Transformers module plays (``linear``, ``experts``, ``attention``, ``rope``), if any."""
@@ -144,6 +156,23 @@ class KModule(nn.Module):
         self.prefill_op = prefill
         self.generate_op = generate
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _PLAN_INPUTS:
+            self.__dict__.pop("_plan", None)
+
+    def _call_plan(self) -> tuple:
+        """``(generate op, prefill op, prefill_threshold, keeps device)``, decided once: a decode step makes
+        hundreds of calls, and each lookup through ``nn.Module.__getattr__`` (twice, with ours) costs."""
+        plan = self.__dict__.get("_plan")
+        if plan is None:
+            modules = self._modules
+            if "generate_op" not in modules:
+                raise RuntimeError(f"{type(self).__name__} {self.qualname}: called before build_ops()")
+            plan = (modules["generate_op"], modules["prefill_op"], self.prefill_threshold, self.out_device is None)
+            self.__dict__["_plan"] = plan
+        return plan
+
     def replace_child(self, name: str, module: nn.Module) -> None:
         """Swap an adopted child here and in the original (which the ops hold)."""
         self._modules[name] = module
@@ -179,12 +208,14 @@ class KModule(nn.Module):
     # -- calls ---------------------------------------------------------------------------------------
 
     def pick(self, tokens_per_sequence: int) -> Op:
-        return self.generate_op if tokens_per_sequence <= self.prefill_threshold else self.prefill_op
+        generate, prefill, threshold, _ = self._call_plan()
+        return generate if tokens_per_sequence <= threshold else prefill
 
     def _run(self, tokens: int, out_like: torch.Tensor, *args, **kwargs):
-        op = self.pick(tokens)
+        generate, prefill, threshold, keeps_device = self._call_plan()
+        op = generate if tokens <= threshold else prefill
         device = op.device
-        if self.out_device is None and out_like.device == device and _all_on(args, device) and _all_on(kwargs.values(), device):
+        if keeps_device and out_like.device == device and _all_on(args, device) and _all_on(kwargs.values(), device):
             # the common case (a decode step makes hundreds of these calls): nothing to move, no module hooks
             return op.forward(*args, **kwargs)
         out = op(*_move(args, device), **_move(kwargs, device))
@@ -235,6 +266,10 @@ class KLinear(KModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1
+        generate, prefill, threshold, keeps_device = self.__dict__.get("_plan") or self._call_plan()
+        op = generate if tokens <= threshold else prefill
+        if keeps_device and (x.is_cpu if op.device.type == "cpu" else x.device == op.device):
+            return op.forward(x)  # nothing to move (the decode path: hundreds of calls per step)
         return self._run(tokens, x, x)
 
 
@@ -319,6 +354,32 @@ class KExperts(KModule):
             drop = getattr(op, "stream_drop", None)
             if callable(drop):
                 drop()
+
+
+def declare_sibling_linears(model: nn.Module) -> list[tuple[str, tuple[str, ...]]]:
+    """Hand every group of sibling linears (``SIBLING_LINEARS``: KLinear children of one parent that model
+    code calls one after the other on the same input) to their ops' ``Op.declare_siblings``, the generate
+    ops together and the prefill ops together. Returns ``(parent name, member names)`` per group."""
+    groups = []
+    for parent_name, parent in model.named_modules():
+        children = parent._modules
+        taken: set[str] = set()
+        for names in SIBLING_LINEARS:
+            members = tuple(n for n in names if n not in taken and isinstance(children.get(n), KLinear)
+                            and "generate_op" in children[n]._modules)
+            if len(members) < 2:
+                continue
+            taken.update(members)
+            groups.append((parent_name, members))
+            declared = []
+            for role in ("generate_op", "prefill_op"):
+                ops = [children[n]._modules[role] for n in members]
+                if any(all(a is b for a, b in zip(ops, seen)) for seen in declared):  # one op for both
+                    continue
+                declared.append(ops)
+                for op in ops:
+                    op.declare_siblings(list(ops))
+    return groups
 
 
 def is_stream_experts_op(op: Op) -> bool:

@@ -60,6 +60,13 @@ class Op(nn.Module):
     def post_load(self) -> None:
         """Called once after every module of the model has been loaded."""
 
+    def declare_siblings(self, siblings: list["Op"]) -> None:
+        """Linear ops: ``siblings`` (this op among them, in the order model code calls them) are the linears
+        under one parent that the model calls one after the other on the same input: q/k/v projections,
+        gate/up of an MLP (see ``ktcore.modules.SIBLING_LINEARS``). Called once at inject time, after every
+        op was built; an op may plan one fused call over the group (its outputs must equal the ones each op
+        computes alone). The default ignores it."""
+
     def prepare_capture(self, max_positions: int) -> None:
         """Called before a CUDA graph is captured over at most ``max_positions`` positions: do now what
         ``forward`` would otherwise do lazily after a host read (growing tables, tuning kernels)."""

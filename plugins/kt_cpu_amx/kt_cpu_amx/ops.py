@@ -52,7 +52,8 @@ class KLinearCPU(Op):
         self.weight = None
         self._runtime = None  # resolved on first use (KT_CPU_ISA / KT_CPU_THREADS read then)
         self._torch_threads = None
-        self._fusion = fusion.Slot(self)  # decode-time group of linears on the same input (fusion.py)
+        self._siblings = None  # fusion.Siblings: the declared group of linears on the same input
+        self._bias = None  # the bias buffer, also held here (a buffer lookup goes through nn.Module.__getattr__)
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
@@ -70,54 +71,64 @@ class KLinearCPU(Op):
         (self.weight,) = repack.pack_matrices(qt, self.float_bits)
         if weights.get("bias") is not None:
             self.bias = repack.to_float32(weights["bias"]).reshape(self.out_features).clone()
+        self._bias = self._buffers["bias"]
+        if self._siblings is not None:
+            self._siblings.reset()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # decode calls this hundreds of times per token: no copy or conversion unless the input needs one
+    def declare_siblings(self, siblings: list) -> None:
+        """Decode-sized calls of the ``KLinearCPU`` ops among ``siblings`` run as one fused call (fusion.py)."""
+        group = [op for op in siblings if isinstance(op, KLinearCPU)]
+        if len(group) < 2 or self not in group:
+            self._siblings = None
+            return
+        leader = group[0]  # one Siblings object for the group, whoever is declared first
+        shared = leader._siblings if leader is not self else None
+        if shared is None or shared.ops != group:
+            shared = fusion.Siblings(group)
+        self._siblings = shared
+
+    def _resolve_runtime(self):
         if self.weight is None:
             raise RuntimeError(f"{self.name}: forward before load()")
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {self.in_features}")
-        if self._runtime is None:
-            self._runtime = get_runtime(self.threads, self.isa)
-            self._torch_threads = torch_decode_threads(self._runtime.threads)
-        rows = x.numel() // self.in_features
-        decode = 0 < rows <= DECODE_ROWS
-        if decode:
-            y = fusion.take_ahead(self._fusion, x)
-            if y is not None:
-                return y
-        else:
-            fusion.forget()
+        self._runtime = get_runtime(self.threads, self.isa)
+        self._torch_threads = torch_decode_threads(self._runtime.threads)
+        return self._runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode calls this hundreds of times per token: no copy, conversion or lookup it can do without
+        in_features = self.in_features
+        if x.shape[-1] != in_features:
+            raise ValueError(f"{self.name}: input has {x.shape[-1]} features, expected {in_features}")
+        runtime = self._runtime
+        if runtime is None:
+            runtime = self._resolve_runtime()
+        rows = x.numel() // in_features
+        siblings = self._siblings if 0 < rows <= DECODE_ROWS else None
+        if siblings is not None:
+            if siblings.active:
+                y = siblings.take(self, x)
+                if y is not None:
+                    return y
+            if not siblings.active:
+                siblings = None
         x2 = x if x.dtype is torch.float32 and x.is_cpu else x.to(device="cpu", dtype=torch.float32)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         share_cores(rows, self._torch_threads)
-        if decode and self._fusion.followers:
-            group = [self, *(slot.op for slot in self._fusion.followers)]
-            ys = [torch.empty(*x.shape[:-1], op.out_features, dtype=torch.float32) for op in group]
-            self._runtime.linear_multi([op.weight for op in group], rows, x2.data_ptr(), [y.data_ptr() for y in ys])
-            outs = [op._finish(y, x.dtype) for op, y in zip(group, ys)]
-            fusion.put_ahead(x, list(zip(self._fusion.followers, outs[1:])))
-            return outs[0]
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.float32)
+        if siblings is not None and siblings.plan(runtime):
+            return siblings.compute(self, x, x2, rows, runtime)
+        y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
         if rows:
-            self._runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr())
-        if decode:
-            fusion.learn(self._fusion, x, _fusable)
+            runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr())
         return self._finish(y, x.dtype)
 
     def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.bias is not None:
-            y += self.bias
+        if self._bias is not None:
+            y += self._bias
         return y if dtype is torch.float32 else y.to(dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'ggml_type', None)}"
-
-
-def _fusable(leader: KLinearCPU, op: KLinearCPU) -> bool:
-    return (leader._runtime is op._runtime and leader.in_features == op.in_features
-            and leader.weight is not None and op.weight is not None)
 
 
 def _activation_name(module: nn.Module) -> str:

@@ -20,6 +20,8 @@ import platform
 import threading
 from functools import cache
 
+import torch
+
 ISA_ORDER = ("amx", "avx512", "avx2")  # best first
 
 _lock = threading.Lock()
@@ -121,8 +123,6 @@ def share_cores(rows: int, decode_threads: int | None) -> None:
     global _saved_torch_threads
     if decode_threads is None:
         return
-    import torch
-
     current = torch.get_num_threads()
     if rows <= DECODE_ROWS:
         if current != decode_threads:
