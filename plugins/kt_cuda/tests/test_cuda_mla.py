@@ -271,6 +271,28 @@ def test_expanded_prefill_matches_core_op(family):
             assert calls == [8, 3]  # the two prefill calls, not the decode steps
 
 
+def test_auto_prefill_expands_below_its_size_cap(monkeypatch):
+    """``prefill: auto`` (default) expands the cached latents for SDPA while the per-head keys and values
+    fit ``EXPANDED_MAX_BYTES``; past it (long caches) it stays in latent space; decode never expands."""
+    import kt_cuda.ops.attention as attention
+    from ktcore.testing import tiny_model
+
+    op = attention.KMLAAttention(tiny_model("deepseek_v2").model.layers[0].self_attn, "cpu")
+    op.post_load()
+    assert op.prefill == "auto"
+    heads, r = op.num_heads, op.kv_lora_rank
+    q = torch.zeros(1, heads, 4, 1)
+    latent = torch.zeros(1, 1, 100, r)
+    width = op.w_k.shape[1] + op.qk_rope_head_dim + op.v_head_dim
+    need = heads * 100 * width * op.dtype.itemsize
+    monkeypatch.setattr(attention, "EXPANDED_MAX_BYTES", need)
+    assert op._expands(q, latent) and not op._expands(q[:, :, :1], latent)
+    monkeypatch.setattr(attention, "EXPANDED_MAX_BYTES", need - 1)
+    assert not op._expands(q, latent)
+    op.prefill = "expanded"
+    assert op._expands(q, latent)
+
+
 def test_prepare_capture_runs_the_decode_kernels_interpreted(interpreter, monkeypatch):
     """Before a CUDA graph capture the op runs its decode kernels once at the cache's full length, with and
     without a mask, so that nothing compiles under capture; the GQA op its masked decode kernel."""
@@ -300,7 +322,7 @@ def test_op_options_are_checked():
     from kt_cuda.ops.attention import KMLAAttention
 
     attn = tiny_model("deepseek_v2").model.layers[0].self_attn
-    with pytest.raises(ValueError, match="prefill must be one of triton, torch, expanded"):
+    with pytest.raises(ValueError, match="prefill must be one of auto, triton, torch, expanded"):
         KMLAAttention(attn, "cpu", prefill="flash")
     with pytest.raises(ValueError, match="decode_splits must be >= 1"):
         KMLAAttention(attn, "cpu", decode_splits=0)

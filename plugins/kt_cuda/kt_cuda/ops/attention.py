@@ -22,19 +22,22 @@ from ktcore.builtin.attention import KAttentionMLA, KAttentionSDPA
 
 from .._env import cuda_unavailable_reason
 
-PREFILL_KERNELS = ("triton", "torch", "expanded")
+PREFILL_KERNELS = ("auto", "triton", "torch", "expanded")
+EXPANDED_MAX_BYTES = 512 << 20  # "auto": per-head keys and values of the cached positions up to this size
 GQA_KERNELS = ("decode", "masked", "triton")
 
 
 class KMLAAttention(KAttentionMLA):
     """DeepSeek-V2/V3 absorbed multi-head latent attention with Triton kernels over the latent cache.
 
-    Options (besides ``KAttentionMLA``'s ``dtype`` and ``query_chunk``): ``prefill``: ``"triton"`` (causal
-    flash attention in latent space, default: 2.2-2.7x the core op's chunked matmuls on an H200, see
-    ``bench/bench_mla.py``), ``"torch"`` (those matmuls) or ``"expanded"`` (the cached latents expanded
-    to per-head keys and values, 192/128 wide instead of 576/512, then SDPA: fewer FLOPs for long prompts;
-    correct, not yet timed on a GPU); ``decode_splits``: fixed number of key splits for decode (default:
-    enough programs to fill the GPU, from the shapes alone). Decode is always absorbed, in Triton.
+    Options (besides ``KAttentionMLA``'s ``dtype`` and ``query_chunk``): ``prefill``: ``"expanded"`` (the
+    cached latents expanded to per-head keys and values, 192/128 wide instead of 576/512, then SDPA: on an
+    H200 47 / 332 us for 512 / 2k tokens with 128 heads, expansion included, ``bench/bench_mla.py``),
+    ``"triton"`` (causal flash attention in latent space: 330 / 4155 us, but no per-head copies of the
+    cache), ``"torch"`` (the core op's chunked matmuls: 899 / 9179 us) or ``"auto"`` (default: expanded
+    while the expanded keys and values fit in ``EXPANDED_MAX_BYTES``, else triton); ``decode_splits``:
+    fixed number of key splits for decode (default: enough programs to fill the GPU, from the shapes
+    alone). Decode is always absorbed, in Triton.
     """
 
     name = "KMLAAttention"
@@ -43,7 +46,7 @@ class KMLAAttention(KAttentionMLA):
     graph_capturable = True
 
     def __init__(self, module: torch.nn.Module, device="cuda", dtype=None, query_chunk: int = 256,
-                 prefill: str = "triton", decode_splits: int | None = None, **kwargs):
+                 prefill: str = "auto", decode_splits: int | None = None, **kwargs):
         super().__init__(module, device, dtype=dtype, query_chunk=query_chunk, **kwargs)
         if prefill not in PREFILL_KERNELS:
             raise ValueError(f"{self.name}: prefill must be one of {', '.join(PREFILL_KERNELS)}, got {prefill!r}")
@@ -70,8 +73,17 @@ class KMLAAttention(KAttentionMLA):
         for mask in (None, torch.ones(1, 1, 1, max_positions, dtype=torch.bool, device=self.device)):
             latent_attention(q, q_pe, latent, k_pe, scale=self.scaling, mask=mask, num_splits=self.decode_splits)
 
+    def _expands(self, q_nope, latent) -> bool:
+        if q_nope.shape[2] == 1 or self.prefill in ("triton", "torch"):
+            return False
+        if self.prefill == "expanded":
+            return True
+        batch, heads = q_nope.shape[:2]
+        width = self.w_k.shape[1] + self.qk_rope_head_dim + self.v_head_dim
+        return batch * heads * latent.shape[2] * width * self.dtype.itemsize <= EXPANDED_MAX_BYTES
+
     def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
-        if q_nope.shape[2] > 1 and self.prefill == "expanded":
+        if self._expands(q_nope, latent):
             return self._attend_expanded(q_nope, q_pe, latent, k_pe, mask)
         return super()._attend(q_nope, q_pe, latent, k_pe, mask)
 
@@ -90,7 +102,7 @@ class KMLAAttention(KAttentionMLA):
 
     def _latent_attention(self, q_latent, q_pe, latent, k_pe, mask) -> torch.Tensor:
         q_len = q_latent.shape[2]
-        if q_len > 1 and self.prefill == "torch":
+        if q_len > 1 and self.prefill == "torch":  # "auto" past its size cap: triton
             return super()._latent_attention(q_latent, q_pe, latent, k_pe, mask)
         from ..triton_mla import latent_attention
 
