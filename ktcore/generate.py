@@ -63,8 +63,9 @@ class PrefixKVLayer(StaticLayer):
             raise ContextOverflowError(
                 f"the KV cache holds {self.max_cache_len} positions and this call needs {end} (raise --max-context)"
             )
-        self.keys[:, :, start:end].copy_(key_states)
-        self.values[:, :, start:end].copy_(value_states)
+        # narrow, not [:, :, start:end]: one view op instead of Python's multi-slice indexing, per layer and step
+        self.keys.narrow(2, start, end - start).copy_(key_states)
+        self.values.narrow(2, start, end - start).copy_(value_states)
         self.length = end
         return end
 
@@ -74,7 +75,7 @@ class PrefixKVLayer(StaticLayer):
             self.values.index_copy_(2, self.graph_slot, value_states)
             return self.keys[:, :, : self.graph_length], self.values[:, :, : self.graph_length]
         end = self._append(key_states, value_states)
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -451,15 +452,17 @@ class Generator:
         timing.generated_tokens = 1
         t1 = time.perf_counter()
         step_ids = torch.empty((1, 1), dtype=torch.long, device=self.device)
+        penalized = params.repetition_penalty != 1.0  # only the penalty reads the context
         while True:
             yield token
             timing.decode_s = time.perf_counter() - t1
             if token in stop_ids or timing.generated_tokens >= budget:
                 return
-            context = torch.cat([context, torch.tensor([token])])
+            if penalized:
+                context = torch.cat([context, torch.tensor([token])])
             step_ids.fill_(token)
             logits = self.decode_step(step_ids)
-            token = sampler(logits[0, -1], context if params.repetition_penalty != 1.0 else None)
+            token = sampler(logits[0, -1], context if penalized else None)
             timing.generated_tokens += 1
             timing.decode_s = time.perf_counter() - t1
 

@@ -303,7 +303,7 @@ class KExperts(KModule):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         tokens = hidden_states.shape[0] if hidden_states.dim() == 2 else hidden_states.shape[-2]
-        if self.stream_path(self.pick(tokens), hidden_states, tokens):
+        if hidden_states.is_cuda and self.stream_path(self.pick(tokens), hidden_states, tokens):
             self.submit(hidden_states, top_k_index, top_k_weights)
             return self.sync()
         return self._run(tokens, hidden_states, hidden_states, top_k_index, top_k_weights)

@@ -131,6 +131,13 @@ class KLinearCPU(Op):
         return f"in={self.in_features}, out={self.out_features}, type={getattr(self, 'ggml_type', None)}"
 
 
+def _cpu_contiguous(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous CPU tensor of ``dtype``, without a call into torch when it already is one."""
+    if t.dtype is not dtype or not t.is_cpu:
+        t = t.to(device="cpu", dtype=dtype)
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _activation_name(module: nn.Module) -> str:
     act = getattr(module, "act_fn", None)
     kind = type(act).__name__.lower()
@@ -187,9 +194,9 @@ class KExpertsCPU(Op):
         if self.layer is None:
             raise RuntimeError(f"{self.name}: submit before load()")
         T = hidden_states.shape[0]
-        x = hidden_states.to(device="cpu", dtype=torch.float32).contiguous()
-        idx = top_k_index.to(device="cpu", dtype=torch.int64).contiguous()
-        w = top_k_weights.to(device="cpu", dtype=torch.float32).contiguous()
+        x = _cpu_contiguous(hidden_states, torch.float32)
+        idx = _cpu_contiguous(top_k_index, torch.int64)
+        w = _cpu_contiguous(top_k_weights, torch.float32)
         if x.shape != (T, self.hidden_dim) or idx.shape[0] != T or w.shape != idx.shape:
             raise ValueError(f"{self.name}: expected hidden [T, {self.hidden_dim}], top_k_index and top_k_weights "
                              f"[T, K]; got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
@@ -218,7 +225,7 @@ class KExpertsCPU(Op):
             rt.sync()
         finally:
             self._pending = None
-        return out.to(device=device, dtype=dtype)
+        return out if dtype is torch.float32 and device.type == "cpu" else out.to(device=device, dtype=dtype)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # submit + sync, but on the calling thread: no hand-off to the pool's controller
@@ -228,6 +235,8 @@ class KExpertsCPU(Op):
         share_cores(x.shape[0], self._torch_threads)
         if x.shape[0]:
             rt.moe(self.layer, x.shape[0], idx.shape[1], x.data_ptr(), idx.data_ptr(), w.data_ptr(), out.data_ptr())
+        if hidden_states.dtype is torch.float32 and hidden_states.is_cpu:
+            return out
         return out.to(device=hidden_states.device, dtype=hidden_states.dtype)
 
     # -- stream-ordered contract (decode on a CUDA device, capturable into a CUDA graph): host_launch.py
