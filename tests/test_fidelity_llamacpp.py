@@ -112,3 +112,40 @@ def test_teacher_forced_against_llamacpp(loaded, tmp_path_factory):
     print(f"{name}, llama.cpp on the F32 copy: {exact}")
     _assert_targets(exact)
     assert stats["agreement"] >= GEMMA_Q4_FLOOR and abs(stats["ppl_rel"]) <= GEMMA_Q4_PPL_REL, stats
+
+
+def _gpu_rule_files():
+    """``(model, rule file)`` pairs for a CUDA GPU: ktcore's own gpu-cpu files (dequantized weights, torch
+    ops) and, for llama, kt-cuda's (int4 KLinearMarlin, Triton GQA decode)."""
+    from ktcore.inject import RULE_FILES_DIR
+
+    pairs = [("smollm2", RULE_FILES_DIR / "llama-gpu-cpu.yaml"), ("gemma3", RULE_FILES_DIR / "gemma3_text-gpu-cpu.yaml")]
+    try:
+        from kt_cuda.plugin import RULE_DIR
+    except ImportError:
+        return pairs
+    return pairs + [("smollm2", RULE_DIR / "llama-gpu-cpu.yaml")]
+
+
+@pytest.mark.parametrize("name,rule_file", _gpu_rule_files(), ids=lambda v: v if isinstance(v, str) else f"{v.parent.parent.name}-{v.name}")
+def test_gpu_rules_teacher_forced_against_llamacpp(name, rule_file, tmp_path):
+    """The GPU rule files on a real model, teacher-forced against llama.cpp (CPU) over the same text: the
+    targets of the CPU test (for Gemma against llama.cpp on the F32 copy, as above)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the GPU rule files)")
+    pytest.importorskip("llama_cpp", reason="llama.cpp reference needs llama-cpp-python")
+    find, _ = MODELS[name]
+    try:
+        path = find()
+    except ModelUnavailable as exc:
+        pytest.skip(str(exc))
+    gen, _ = load_ktcore(path, rules=rule_file, threads=THREADS, max_context=512)
+    assert any(t.device.type == "cuda" for t in [*gen.model.parameters(), *gen.model.buffers()])
+    ref_path = path
+    if name == "gemma3":
+        from ktcore.weights.gguf_writer import write_dequantized_copy
+
+        ref_path = write_dequantized_copy(path, tmp_path / "gemma3-f32.gguf")
+    stats = _teacher_forced(ref_path, gen)
+    print(f"\n{name} on {rule_file}: {stats}")
+    _assert_targets(stats)

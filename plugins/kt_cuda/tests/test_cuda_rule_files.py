@@ -74,3 +74,16 @@ def test_ktcore_accepts_the_file(family):
     ops = {row.module: row.generate_op for row in report.rows}
     assert ops["model.layers.1.self_attn.o_proj"] == "KLinearMarlin"
     assert ops["model.layers.1.mlp.experts"] == "KExpertsCPU"
+
+
+def test_llama_file_puts_every_linear_on_marlin_and_attention_on_flash_gqa():
+    registry = Registry()
+    if "cuda" not in registry.plugins:
+        registry.add_plugin(plugin, "cuda")
+    rules = load_rules(plugin.RULE_DIR / "llama-gpu-cpu.yaml", registry, check_devices=False)
+    model = build_meta_model(tiny_config("llama"))
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    report = inject(model, rules, registry, build_ops=False)
+    ops = {row.module: row.generate_op for row in report.rows}
+    assert linears and all(ops.get(n) == "KLinearMarlin" for n in linears), ops
+    assert ops["model.layers.0.self_attn"] == "KAttentionFlashGQA"
