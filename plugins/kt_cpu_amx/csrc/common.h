@@ -35,11 +35,13 @@ struct Buffer {
 //   bits 8: groups of 16; one byte per element.
 // scales and mins are [n, k / group], float, or fp16 (half_scales) when every one of them is exactly an fp16
 // (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 always are): fewer bytes to stream in decode, same values.
+// zero_point > 0: no mins are stored, every min is -zero_point * scale (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0 and
+// 8-bit online quantization: 128); the kernels take the min term as -zero_point * sum_g(scale[g] * asum[g]).
 // Q4_K keeps its own two levels instead (sub8_scales): uint8 sub-scales [n, k / group] times one float per 8
 // groups (sup_scales, sup_mins [n, k / group / 8]): scale = sup_s * sc, min = sup_m * m, exact in float, 4.75
 // bits per weight where float scales and mins take 6.
 struct PackedMatrix {
-    int n = 0, k = 0, bits = 0, group = 0;
+    int n = 0, k = 0, bits = 0, group = 0, zero_point = 0;
     bool half_scales = false, sub8_scales = false;
     Buffer qs, scales, mins, sup_scales, sup_mins;
     KT_INLINE size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }

@@ -36,25 +36,29 @@ void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
     const int G = W.groups(), k = W.k;
     for (int r = 0; r < 32; ++r) {
         const uint8_t* q = W.row_q(n0 + r);
-        // the group scales and mins of this row as float (converted from fp16 once per row if stored so)
+        // the group scales and mins of this row as float (converted once per row unless stored so)
         alignas(64) float sbuf[kMaxGroups], mbuf[kMaxGroups];
-        const float *s, *m;
+        const bool has_mins = W.zero_point == 0;
+        const float *s = sbuf, *m = mbuf;
         if (W.sub8_scales) {
             const uint8_t* sc = W.row_s<uint8_t>(n0 + r);
             const uint8_t* mc = W.row_m<uint8_t>(n0 + r);
             const float* ss = W.row_sup_s(n0 + r);
             const float* sm = W.row_sup_m(n0 + r);
             for (int g = 0; g < G; ++g) { sbuf[g] = ss[g / 8] * float(sc[g]); mbuf[g] = sm[g / 8] * float(mc[g]); }
-            s = sbuf; m = mbuf;
         } else if (W.half_scales) {
             const uint16_t* sh = W.row_s<uint16_t>(n0 + r);
-            const uint16_t* mh = W.row_m<uint16_t>(n0 + r);
-            for (int g = 0; g < G; ++g) { sbuf[g] = _cvtsh_ss(sh[g]); mbuf[g] = _cvtsh_ss(mh[g]); }
-            s = sbuf; m = mbuf;
+            for (int g = 0; g < G; ++g) sbuf[g] = _cvtsh_ss(sh[g]);
+            if (has_mins) {
+                const uint16_t* mh = W.row_m<uint16_t>(n0 + r);
+                for (int g = 0; g < G; ++g) mbuf[g] = _cvtsh_ss(mh[g]);
+            }
         } else {
             s = W.row_s<float>(n0 + r);
-            m = W.row_m<float>(n0 + r);
+            if (has_mins) m = W.row_m<float>(n0 + r);
         }
+        if (!has_mins)  // min = -zero_point * scale, the product the packer checked
+            for (int g = 0; g < G; ++g) mbuf[g] = -float(W.zero_point) * s[g];
         uint16_t* o = out + size_t(r) * k;
         if (W.bits == 4) {
             for (int g = 0; g < G; ++g) {

@@ -72,6 +72,14 @@ static inline float dotf(A a, const float* b, int n) {
     return s;
 }
 
+// Row r's min term against the activations' block sums asum (one per group): sum_g min[g] * asum[g], or without
+// stored mins -zero_point * sum_g scale[g] * asum[g] (the same float, zero_point being a power of two).
+template <class S>
+static inline float min_term(const PackedMatrix& W, int r, const float* asum, int G) {
+    if (W.zero_point) return -float(W.zero_point) * dotf(row_scales<S>(W, r), asum, G);
+    return dotf(row_mins<S>(W, r), asum, G);
+}
+
 // 32 unsigned 4-bit weights x 32 int8 activations -> 8 int32 partial sums.
 static inline __m256i dot_u4(__m256i w, __m256i a) {
 #if KT_VNNI
@@ -121,7 +129,7 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int t = 0; t < T; ++t) {
         const float* asum = X.s32 + size_t(X.phys(m + t)) * G;
         for (int r = 0; r < R; ++r)
-            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(row_mins<S>(W, n + r), asum, G);
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + min_term<S>(W, n + r, asum, G);
     }
 }
 
@@ -188,7 +196,7 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int t = 0; t < T; ++t) {
         const float* asum = X.s16 + size_t(X.phys(m + t)) * G16;
         for (int r = 0; r < R; ++r)
-            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + dotf(W.row_m<S>(n + r), asum, G16);
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + min_term<S>(W, n + r, asum, G16);
     }
 }
 

@@ -124,19 +124,38 @@ float PackedMatrix::scale_at(int r, int g) const {
 }
 
 float PackedMatrix::min_at(int r, int g) const {
+    if (zero_point) return -float(zero_point) * scale_at(r, g);
     size_t i = size_t(r) * groups() + g;
     if (sub8_scales) return row_sup_m(r)[g / 8] * float(mins.as<uint8_t>()[i]);
     return half_scales ? fp16_to_fp32(mins.as<uint16_t>()[i]) : mins.as<float>()[i];
 }
 
-// Store scales and mins as fp16 when that loses nothing.
+// Drop the mins when every one is -zp * scale for one zero point zp (the type's, e.g. 128 for Q8_0). zp is a
+// power of two, so the kernels' -zp * sum_g(scale * asum) is the stored mins' sum_g(min * asum) bit for bit.
+static void maybe_zero_point(PackedMatrix& m) {
+    size_t count = size_t(m.n) * m.groups();
+    const float* sf = m.scales.as<float>();
+    const float* mf = m.mins.as<float>();
+    float zp = 0.f;
+    for (size_t i = 0; i < count && zp == 0.f; ++i)
+        if (sf[i] != 0.f) zp = -mf[i] / sf[i];
+    if (!(zp >= 1.f && zp <= 128.f) || zp != float(int(zp)) || (int(zp) & (int(zp) - 1))) return;
+    for (size_t i = 0; i < count; ++i)
+        if (mf[i] != -zp * sf[i]) return;
+    m.mins = Buffer();
+    m.zero_point = int(zp);
+}
+
+// Store scales and mins (if any) as fp16 when that loses nothing.
 static void maybe_halve(PackedMatrix& m) {
     size_t count = size_t(m.n) * m.groups();
-    Buffer s(count * 2, true), mn(count * 2, true);
+    const bool has_mins = m.zero_point == 0;
+    Buffer s(count * 2, true), mn(has_mins ? count * 2 : 0, true);
     const float* sf = m.scales.as<float>();
     const float* mf = m.mins.as<float>();
     for (size_t i = 0; i < count; ++i)
-        if (!fp32_to_fp16_exact(sf[i], s.as<uint16_t>()[i]) || !fp32_to_fp16_exact(mf[i], mn.as<uint16_t>()[i]))
+        if (!fp32_to_fp16_exact(sf[i], s.as<uint16_t>()[i]) ||
+            (has_mins && !fp32_to_fp16_exact(mf[i], mn.as<uint16_t>()[i])))
             return;
     m.scales = std::move(s);
     m.mins = std::move(mn);
@@ -286,7 +305,8 @@ static void alloc_matrix(PackedMatrix& out, int n, int k, int bits) {
     int group = bits == 4 ? 32 : 16;
     if (k % group) throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) +
                                                " is not a multiple of " + std::to_string(group));
-    out.n = n; out.k = k; out.bits = bits; out.group = group; out.half_scales = false; out.sub8_scales = false;
+    out.n = n; out.k = k; out.bits = bits; out.group = group; out.zero_point = 0;
+    out.half_scales = false; out.sub8_scales = false;
     out.qs = Buffer(size_t(n) * out.row_bytes(), true);
     out.scales = Buffer(size_t(n) * (k / group) * sizeof(float), true);
     out.mins = Buffer(size_t(n) * (k / group) * sizeof(float), true);
@@ -358,6 +378,7 @@ void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, i
             for (int i = 0; i < ng; ++i) store_group(out, r, gi++, g[i]);
         }
     }
+    maybe_zero_point(out);
     maybe_halve(out);
 }
 
@@ -387,6 +408,7 @@ void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits) {
             store_group(out, r, gi, g);
         }
     }
+    maybe_zero_point(out);
 }
 
 void unpack_to_float(const PackedMatrix& m, float* out) {

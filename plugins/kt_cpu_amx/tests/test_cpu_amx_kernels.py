@@ -18,6 +18,13 @@ from ktcore.builtin.linear import KLinearTorch
 
 TOL = 2e-2
 TOKENS = (1, 3, 64, 512)
+ZERO_POINTS = {"Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q8_0": 128}
+# packed bytes per 256 weights: quants + scales (+ mins) (+ floats per super-block)
+PACKED_BYTES_PER_256 = {
+    "Q4_0": 128 + 8 * 2, "Q4_1": 128 + 8 * 2 * 2, "Q4_K": 128 + 8 + 8 + 2 * 4,
+    "Q5_0": 256 + 16 * 2, "Q5_1": 256 + 16 * 2 * 2, "Q5_K": 256 + 16 * 4 * 2,
+    "Q6_K": 256 + 16 * 4, "Q8_0": 256 + 16 * 2,
+}
 
 
 @pytest.mark.parametrize("type_name", EXACT_TYPES)
@@ -31,6 +38,9 @@ def test_repack_is_exact(type_name):
     assert pm.sub8_scales == (type_name == "Q4_K")
     if type_name == "Q4_K":
         assert pm.nbytes == 40 * 512 * 152 // 256
+    # a zero point replaces the mins where every min is -zp * scale (zp a power of two: the same float products)
+    assert pm.zero_point == ZERO_POINTS.get(type_name, 0)
+    assert pm.nbytes == 40 * 512 * PACKED_BYTES_PER_256[type_name] // 256
     ref = gguf_dequantize(qt)
     torch.testing.assert_close(repack.unpack(pm), ref, rtol=1e-6, atol=0)
 
@@ -49,6 +59,10 @@ def test_online_quantization_error_is_bounded(bits, tol):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
     (pm,) = repack.pack_matrices(float_tensor(w), bits)
     assert pm.bits == bits
+    # symmetric int8 is stored +128: a zero point instead of float mins (1.25 bytes per weight, not 1.5)
+    assert pm.zero_point == (128 if bits == 8 else 0)
+    if bits == 8:
+        assert pm.nbytes == 64 * 256 * 5 // 4
     assert rel_err(repack.unpack(pm), w) < tol
 
 
