@@ -148,6 +148,22 @@ def _gemv_store(y_ptr, row, stride_ym, offs_n, n_mask, acc_g, bias, M, pid_k, HA
 
 
 @triton.jit
+def _store_rows(y_ptr, stride_ym, offs_m, m_mask, offs_n, n_mask, out, b_ptr, pid_k, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """Epilogue of a ``[BLOCK_M, BLOCK_N]`` float32 tile: bias (first K split only), then a store in the
+    output dtype, or an fp32 atomic add into a zeroed output when K is split."""
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        out += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    ym = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=ym)
+    else:
+        tl.atomic_add(y, out, mask=ym)
+
+
+@triton.jit
 def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
     M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
@@ -300,15 +316,7 @@ def _w4_dot_kernel(
         out = tl.trans(acc)
     else:
         out = acc
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        out += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    ym = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=ym)
-    else:
-        tl.atomic_add(y, out, mask=ym)
+    _store_rows(y_ptr, stride_ym, offs_m, m_mask, offs_n, n_mask, out, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -391,15 +399,7 @@ def _int4_gemm_kernel(
         x_odd = tl.load(x_rows + k_even[None, :] + 1, mask=xm, other=0.0)
         acc = tl.dot(x_even, tl.trans(w_even.to(x_even.dtype)), acc)
         acc = tl.dot(x_odd, tl.trans(w_odd.to(x_odd.dtype)), acc)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    ym = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ym)
-    else:
-        tl.atomic_add(y, acc, mask=ym)
+    _store_rows(y_ptr, stride_ym, offs_m, m_mask, offs_n, n_mask, acc, b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .int4 import Int4Weight
+from .triton_int4 import _store_rows
 
 ACT_BLOCK = 32  # activations per int8 scale
 
@@ -129,16 +130,7 @@ def _w4a8_gemv_kernel(
         grp = tl.sum(tl.reshape(blk, [BLOCK_M, BLOCK_N, NG, BPG]), axis=3)
         xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
         acc += s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
-    out = tl.sum(acc, axis=2)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        out += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    ym = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=ym)
-    else:
-        tl.atomic_add(y, out, mask=ym)
+    _store_rows(y_ptr, stride_ym, offs_m, m_mask, offs_n, n_mask, tl.sum(acc, axis=2), b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def _emulate() -> bool:
