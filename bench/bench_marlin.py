@@ -196,17 +196,16 @@ def kernel_configs(M: int):
     from kt_cuda.triton_int4 import Int4Config as C
 
     if M == 1:
-        out = [C("wgemv", bn, bk, 1, nw, 3, block_m=1) for bn, bk, nw in [(4, 1024, 2), (8, 1024, 4), (16, 512, 4)]]
-        out += [C("a8gemv", bn, bk, sk, nw, st, block_m=1) for bn, bk, sk, nw, st in
-                [(4, 1024, 1, 4, 3), (8, 512, 1, 4, 3), (16, 256, 1, 4, 3), (8, 1024, 1, 4, 3), (16, 512, 1, 4, 3),
-                 (4, 2048, 1, 4, 3), (32, 256, 1, 4, 3), (16, 1024, 1, 4, 3), (8, 2048, 1, 4, 3), (8, 1024, 1, 8, 3),
-                 (16, 1024, 1, 8, 3), (4, 1024, 1, 2, 3), (8, 512, 1, 2, 3), (2, 2048, 1, 4, 3), (32, 512, 1, 8, 3),
-                 (8, 1024, 2, 4, 3), (8, 1024, 1, 4, 1), (8, 1024, 1, 4, 4), (16, 512, 2, 4, 3), (64, 256, 1, 8, 3)]]
+        out = [C("wgemv", bn, bk, 1, nw, 3, block_m=1) for bn, bk, nw in [(4, 1024, 2), (8, 1024, 4)]]
+        out += [C("a8gemv", bn, bk, sk, nw, 3, block_m=1, prefetch=pf) for bn, bk, sk, nw, pf in
+                [(4, 1024, 1, 4, False), (8, 1024, 1, 8, False), (8, 512, 1, 4, False), (4, 1024, 1, 4, True),
+                 (8, 1024, 1, 8, True), (8, 512, 1, 4, True), (16, 512, 1, 8, True), (4, 2048, 1, 4, True),
+                 (8, 2048, 1, 8, True), (2, 2048, 1, 4, True), (16, 1024, 1, 8, True), (32, 512, 1, 8, True)]]
     elif M <= 4:
-        out = [C("wgemv", bn, bk, 1, 4, 3, block_m=4) for bn, bk in [(8, 512), (16, 512)]]
-        out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=4) for bn, bk, nw in
-                [(4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 256, 4), (4, 512, 4), (8, 256, 4),
-                 (32, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8)]]
+        out = [C("wgemv", 8, 512, 1, 4, 3, block_m=4)]
+        out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=4, prefetch=pf) for bn, bk, nw, pf in
+                [(8, 1024, 4, False), (16, 512, 8, False), (8, 1024, 8, True), (16, 512, 8, True), (8, 512, 4, True),
+                 (16, 1024, 8, True)]]
     else:
         out = [C("wdot", bn, bk, sk, 4, 3, block_m=16, swap=sw) for bn, bk, sk, sw in
                [(32, 256, 2, False), (64, 256, 1, True), (32, 256, 1, False)]]

@@ -502,7 +502,7 @@ class Int4Config:
         if self.kernel == "dense":
             return "dense"
         name = self.kernel
-        if self.kernel in WORD_KERNELS:
+        if self.kernel in (*WORD_KERNELS, "a8gemv"):
             name += f"{'' if self.prefetch else '0'}{'T' if self.swap else ''}"
         m = f"m{self.block_m}" if self.kernel != "gemv" else ""
         return f"{name}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
@@ -537,8 +537,9 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
     C = Int4Config
     if act_int8 and not k_major and M <= 4:
         bm = _pow2_at_least(M)
-        out = [C("a8gemv", 8, 1024, 1, 8, 3, block_m=bm), C("a8gemv", 4, 1024, 1, 4, 3, block_m=bm),
-               C("a8gemv", 16, 512, 1, 8, 3, block_m=bm), C("a8gemv", 8, 512, 1, 4, 3, block_m=bm)]
+        out = [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm, prefetch=pf) for bn, bk, nw, pf in
+               [(8, 1024, 8, False), (4, 1024, 4, False), (16, 512, 8, False), (8, 512, 4, False),
+                (8, 1024, 8, True), (4, 1024, 4, True)]]
     elif k_major or M > 16:
         out = _byte_candidates(M)
     elif M == 1:  # graph-timed, weights past L2: each within 3% of the best on the three shapes

@@ -71,15 +71,24 @@ def _quant_act_kernel(x_ptr, lo_ptr, hi_ptr, d_ptr, s_ptr, K, stride_xm,
 
 
 @triton.jit
+def _load_words(q_rows, tile, t_end, offs_w, n_mask, NW: tl.constexpr, K):
+    """Weight words ``[BLOCK_N, NW]`` of K tile ``tile`` (nothing past ``t_end``)."""
+    w_mask = tile * NW + offs_w < tl.minimum(K // 8, t_end * NW)  # one vector compare (see _gemv_store)
+    return tl.load(q_rows + (tile * NW + offs_w)[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
 def _w4a8_gemv_kernel(
     lo_ptr, hi_ptr, d_ptr, xs_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr,
     M, N, K, stride_qn, stride_sn, stride_ym,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EMULATE: tl.constexpr,
+    PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``BLOCK_M`` activation rows x ``BLOCK_N`` outputs per program; weight words ``[BLOCK_N, BLOCK_K/8]``
-    (16-byte loads along K) are split into low/high nibbles once and shared by the rows."""
+    (16-byte loads along K) are split into low/high nibbles once and shared by the rows. ``PREFETCH``: the
+    next tile's words are requested before this tile is computed (two tiles in flight per program)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -103,12 +112,12 @@ def _w4a8_gemv_kernel(
     x_words = offs_m.to(tl.int64)[:, None] * (K // 8)
     x_blocks = offs_m.to(tl.int64)[:, None] * (K // 32)
     acc = tl.zeros([BLOCK_M, BLOCK_N, NG], dtype=tl.float32)
+    w = _load_words(q_rows, t_begin, t_end, offs_w, n_mask, NW, K)
     for tile in range(t_begin, t_end):
+        if PREFETCH:
+            w_next = _load_words(q_rows, tile + 1, t_end, offs_w, n_mask, NW, K)
         w0 = tile * NW
-        w_mask = w0 + offs_w < K // 8
-        w = tl.load(q_rows + (w0 + offs_w)[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0,
-                    eviction_policy="evict_first")
-        xm = m_mask[:, None] & w_mask[None, :]
+        xm = m_mask[:, None] & (w0 + offs_w < K // 8)[None, :]
         xl = tl.load(lo_ptr + x_words + (w0 + offs_w)[None, :], mask=xm, other=0)
         xh = tl.load(hi_ptr + x_words + (w0 + offs_w)[None, :], mask=xm, other=0)
         b0 = tile * NB
@@ -130,6 +139,10 @@ def _w4a8_gemv_kernel(
         grp = tl.sum(tl.reshape(blk, [BLOCK_M, BLOCK_N, NG, BPG]), axis=3)
         xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
         acc += s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
+        if PREFETCH:
+            w = w_next
+        else:
+            w = _load_words(q_rows, tile + 1, t_end, offs_w, n_mask, NW, K)
     _store_rows(y_ptr, stride_ym, offs_m, m_mask, offs_n, n_mask, tl.sum(acc, axis=2), b_ptr, pid_k, HAS_BIAS, SPLIT_K)
 
 
@@ -181,6 +194,6 @@ def w4a8_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
     _w4a8_gemv_kernel[grid](lo, hi, dx, xs, qw, w.scales, mins, b, y, M, N, K, qw.stride(0), w.scales.stride(0),
                             y.stride(0), ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None,
                             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                            BLOCK_K=cfg.block_k, SPLIT_K=split, EMULATE=_emulate(),
+                            BLOCK_K=cfg.block_k, SPLIT_K=split, PREFETCH=cfg.prefetch, EMULATE=_emulate(),
                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y if split == 1 else y.to(x.dtype)
