@@ -227,6 +227,34 @@ def breakdown(gen, ids, args) -> None:
           f"{1e3 / whole - max(1e3 / gpu_side, cpu_ms):.2f}")
 
 
+def profile_gpu_side(gen, ids, args, top: int = 15) -> None:
+    """The GPU kernels of eager decode steps with the routed experts zeroed, ranked by total CUDA time
+    (torch.profiler): where the GPU side of a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ktcore.generate import Generator, SamplingParams
+
+    zero_routed_experts(gen.model, True)
+    try:
+        eager = Generator(gen.model, gen.tokenizer, max_context=gen.max_context, cuda_graph=False)
+        params = SamplingParams(max_new_tokens=args.gen_tokens, temperature=0.0)
+        for _ in eager.generate_ids(ids[:16], SamplingParams(max_new_tokens=2, temperature=0.0)):
+            pass
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in eager.generate_ids(ids[:16], params):
+                pass
+        del eager
+    finally:
+        zero_routed_experts(gen.model, False)
+    steps = args.gen_tokens
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    total = sum(e.device_time_total for e in prof.key_averages())
+    print(f"GPU kernels of {steps} eager decode steps (experts zeroed; prefill of 16 tokens included), "
+          f"{total / steps / 1e3:.2f} ms of kernel time per step:")
+    for e in rows:
+        print(f"  {e.device_time_total / steps:9.1f} us/step  {e.count / steps:6.1f} calls/step  {e.key[:90]}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=27, help="layers of the synthetic model (first dense; default 27)")
@@ -244,6 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (default: CUDA graphs on cuda)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the decode step with the routed experts zeroed, and the CPU experts alone")
+    ap.add_argument("--profile", action="store_true",
+                    help="list the GPU kernels of eager decode steps (routed experts zeroed) by CUDA time")
     ap.add_argument("--compare-graph", action="store_true",
                     help="time decode eager (synchronous experts), eager (stream-ordered experts) and with graphs")
     args = ap.parse_args(argv)
@@ -283,6 +313,8 @@ def main(argv=None) -> int:
             print(f"CUDA graphs: {'on' if gen.graph_problem is None else 'off: ' + str(gen.graph_problem)}")
     if args.breakdown:
         breakdown(gen, ids, args)
+    if args.profile and args.device == "cuda":
+        profile_gpu_side(gen, ids, args)
     if args.compare_overlap:
         from ktcore.moe import KMoE
 
