@@ -57,6 +57,7 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readonly("group", &PackedMatrix::group)
         .def_readonly("half_scales", &PackedMatrix::half_scales)
         .def_readonly("sub8_scales", &PackedMatrix::sub8_scales)
+        .def_readonly("sub16_scales", &PackedMatrix::sub16_scales)
         .def_readonly("zero_point", &PackedMatrix::zero_point, "0, or the zero point replacing the mins")
         .def_property_readonly("nbytes", &PackedMatrix::nbytes);
 

@@ -37,20 +37,28 @@ struct Buffer {
 // (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 always are): fewer bytes to stream in decode, same values.
 // zero_point > 0: no mins are stored, every min is -zero_point * scale (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0 and
 // 8-bit online quantization: 128); the kernels take the min term as -zero_point * sum_g(scale[g] * asum[g]).
-// Q4_K keeps its own two levels instead (sub8_scales): uint8 sub-scales [n, k / group] times one float per 8
-// groups (sup_scales, sup_mins [n, k / group / 8]): scale = sup_s * sc, min = sup_m * m, exact in float, 4.75
-// bits per weight where float scales and mins take 6.
+// K-quants keep their own two levels instead, integer sub-scales times one float per super-block, exact in float:
+//   sub8_scales (Q4_K): uint8 sub-scales and sub-mins [n, k / group] times one float per 8 groups (sup_scales,
+//     sup_mins [n, k / group / 8]): scale = sup_s * sc, min = sup_m * m; 4.75 bits per weight, not 6.
+//   sub16_scales (Q5_K, Q6_K): int8 sub-scales (and sub-mins) [n, k / group] times one float per 16 groups
+//     (sup_scales (, sup_mins) [n, k / group / 16]): Q6_K (zero point 32) 1.078 bytes per weight, Q5_K 1.156,
+//     not 1.5.
 struct PackedMatrix {
     int n = 0, k = 0, bits = 0, group = 0, zero_point = 0;
-    bool half_scales = false, sub8_scales = false;
+    bool half_scales = false, sub8_scales = false, sub16_scales = false;
     Buffer qs, scales, mins, sup_scales, sup_mins;
     KT_INLINE size_t row_bytes() const { return bits == 4 ? size_t(k) / 2 : size_t(k); }
     KT_INLINE int groups() const { return k / group; }
+    KT_INLINE int sup_groups() const { return sub16_scales ? 16 : 8; }  // groups per sup_scales float
     KT_INLINE const uint8_t* row_q(int r) const { return qs.as<uint8_t>() + size_t(r) * row_bytes(); }
     template <class S> KT_INLINE const S* row_s(int r) const { return scales.as<S>() + size_t(r) * groups(); }
     template <class S> KT_INLINE const S* row_m(int r) const { return mins.as<S>() + size_t(r) * groups(); }
-    KT_INLINE const float* row_sup_s(int r) const { return sup_scales.as<float>() + size_t(r) * (groups() / 8); }
-    KT_INLINE const float* row_sup_m(int r) const { return sup_mins.as<float>() + size_t(r) * (groups() / 8); }
+    KT_INLINE const float* row_sup_s(int r) const {
+        return sup_scales.as<float>() + size_t(r) * (groups() / sup_groups());
+    }
+    KT_INLINE const float* row_sup_m(int r) const {
+        return sup_mins.as<float>() + size_t(r) * (groups() / sup_groups());
+    }
     float scale_at(int r, int g) const;  // slow accessors (packing, tests)
     float min_at(int r, int g) const;
     size_t nbytes() const { return qs.bytes + scales.bytes + mins.bytes + sup_scales.bytes + sup_mins.bytes; }

@@ -31,6 +31,11 @@ inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
 constexpr int kMaxGroups = 2048;  // k up to 32768 (8-bit groups of 16)
 
+// Two-level scales to float: out[g] = sup[g / per] * sub[g] (PackedMatrix::sub8_scales, sub16_scales).
+template <class Q> void expand_sub(const Q* sub, const float* sup, int per, int G, float* out) {
+    for (int g = 0; g < G; ++g) out[g] = sup[g / per] * float(sub[g]);
+}
+
 // Dequantize rows n0..n0+31 of W into out[32][k] bf16.
 void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
     const int G = W.groups(), k = W.k;
@@ -41,11 +46,11 @@ void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
         const bool has_mins = W.zero_point == 0;
         const float *s = sbuf, *m = mbuf;
         if (W.sub8_scales) {
-            const uint8_t* sc = W.row_s<uint8_t>(n0 + r);
-            const uint8_t* mc = W.row_m<uint8_t>(n0 + r);
-            const float* ss = W.row_sup_s(n0 + r);
-            const float* sm = W.row_sup_m(n0 + r);
-            for (int g = 0; g < G; ++g) { sbuf[g] = ss[g / 8] * float(sc[g]); mbuf[g] = sm[g / 8] * float(mc[g]); }
+            expand_sub(W.row_s<uint8_t>(n0 + r), W.row_sup_s(n0 + r), 8, G, sbuf);
+            expand_sub(W.row_m<uint8_t>(n0 + r), W.row_sup_m(n0 + r), 8, G, mbuf);
+        } else if (W.sub16_scales) {
+            expand_sub(W.row_s<int8_t>(n0 + r), W.row_sup_s(n0 + r), 16, G, sbuf);
+            if (has_mins) expand_sub(W.row_m<int8_t>(n0 + r), W.row_sup_m(n0 + r), 16, G, mbuf);
         } else if (W.half_scales) {
             const uint16_t* sh = W.row_s<uint16_t>(n0 + r);
             for (int g = 0; g < G; ++g) sbuf[g] = _cvtsh_ss(sh[g]);

@@ -37,28 +37,41 @@ static inline __m256 load8(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Q4_K's two-level scales (PackedMatrix::sub8_scales): uint8 sub-scales of one row and its floats per 8 groups.
-struct Sub8 {
-    const uint8_t* q;
+// A K-quant's two-level scales (PackedMatrix::sub8_scales, sub16_scales): one row's integer sub-scales and its
+// floats, one per P groups; element i stands for group g0 + i, so p + g still finds each group's float.
+template <class Q, int P> struct SubScales {
+    using Int = Q;
+    const Q* q;
     const float* sup;
-    Sub8 operator+(int g) const { return {q + g, sup + g / 8}; }  // only at multiples of 8 groups
+    int g0;
+    SubScales operator+(int g) const { return {q, sup, g0 + g}; }
 };
-static inline float scalar(Sub8 p, int i) { return p.sup[i / 8] * float(p.q[i]); }
-static inline __m256 bcast(Sub8 p, int i) { return _mm256_set1_ps(scalar(p, i)); }
-static inline __m256 load8(Sub8 p) {
-    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.q))));
-    return _mm256_mul_ps(v, _mm256_set1_ps(p.sup[0]));
+using Sub8 = SubScales<uint8_t, 8>;    // Q4_K
+using Sub16 = SubScales<int8_t, 16>;   // Q5_K, Q6_K
+template <class Q, int P> static inline float scalar(SubScales<Q, P> p, int i) {
+    const int g = p.g0 + i;
+    return p.sup[g / P] * float(p.q[g]);
+}
+template <class Q, int P> static inline __m256 bcast(SubScales<Q, P> p, int i) { return _mm256_set1_ps(scalar(p, i)); }
+// 8 groups from g0, a multiple of 8: under one float
+template <class Q, int P> static inline __m256 load8(SubScales<Q, P> p) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.q + p.g0));
+    __m256i v;
+    if constexpr (std::is_signed_v<Q>) v = _mm256_cvtepi8_epi32(b);
+    else v = _mm256_cvtepu8_epi32(b);
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(p.sup[p.g0 / P]));
 }
 
-// The row's scales / mins as the kernels read them: pointers to float or fp16, or Sub8.
+// The row's scales / mins as the kernels read them: pointers to float or fp16, or SubScales.
 template <class S> struct ScaleOf { using type = const S*; };
-template <> struct ScaleOf<Sub8> { using type = Sub8; };
+template <class Q, int P> struct ScaleOf<SubScales<Q, P>> { using type = SubScales<Q, P>; };
+template <class S> constexpr bool kSub = std::is_same_v<S, Sub8> || std::is_same_v<S, Sub16>;
 template <class S> static inline typename ScaleOf<S>::type row_scales(const PackedMatrix& W, int r) {
-    if constexpr (std::is_same_v<S, Sub8>) return Sub8{W.row_s<uint8_t>(r), W.row_sup_s(r)};
+    if constexpr (kSub<S>) return S{W.row_s<typename S::Int>(r), W.row_sup_s(r), 0};
     else return W.row_s<S>(r);
 }
 template <class S> static inline typename ScaleOf<S>::type row_mins(const PackedMatrix& W, int r) {
-    if constexpr (std::is_same_v<S, Sub8>) return Sub8{W.row_m<uint8_t>(r), W.row_sup_m(r)};
+    if constexpr (kSub<S>) return S{W.row_m<typename S::Int>(r), W.row_sup_m(r), 0};
     else return W.row_m<S>(r);
 }
 
@@ -146,10 +159,14 @@ static inline __m256 pair_scales(const uint16_t* s) {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
+template <class Q, int P> static inline __m256 pair_scales(SubScales<Q, P> s) {
+    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
+}
+
 // 32 unsigned 8-bit weights (two groups of 16) x 32 int8 activations, scaled by the groups' scales
 // s[0], s[1] and the activation block scale, accumulated into acc.
 template <class S>
-static inline __m256 dot_u8_scaled(__m256i w, __m256i a, const S* s, __m256 dx, __m256 acc) {
+static inline __m256 dot_u8_scaled(__m256i w, __m256i a, S s, __m256 dx, __m256 acc) {
 #if KT_VNNI
     __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);  // lanes 0-3: group 0, 4-7: group 1
     __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
@@ -172,8 +189,8 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
     const uint8_t* wq[R];
-    const S* ws[R];
-    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = W.row_s<S>(n + r); }
+    typename ScaleOf<S>::type ws[R];
+    for (int r = 0; r < R; ++r) { wq[r] = W.row_q(n + r); ws[r] = row_scales<S>(W, n + r); }
     const int8_t* aq[T];
     const float* ad[T];
     for (int t = 0; t < T; ++t) {
@@ -206,6 +223,9 @@ static void rows_all_tokens(const PackedMatrix& W, int n, const QAct& X, int M, 
     if constexpr (std::is_same_v<S, Sub8>) {  // 4-bit only
         for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
         for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
+    } else if constexpr (std::is_same_v<S, Sub16>) {  // 8-bit only
+        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q8<R, 1, S>(W, n, X, m, Y, ldy);
     } else if (W.bits == 4) {
         for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
         for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
@@ -224,6 +244,7 @@ static void gemm_rows(const PackedMatrix& W, int n0, int n1, const QAct& X, int 
 
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
     if (W.sub8_scales) gemm_rows<Sub8>(W, n0, n1, X, M, Y, ldy);
+    else if (W.sub16_scales) gemm_rows<Sub16>(W, n0, n1, X, M, Y, ldy);
     else if (W.half_scales) gemm_rows<uint16_t>(W, n0, n1, X, M, Y, ldy);
     else gemm_rows<float>(W, n0, n1, X, M, Y, ldy);
 }

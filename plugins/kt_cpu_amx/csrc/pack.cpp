@@ -120,6 +120,7 @@ bool fp32_to_fp16_exact(float f, uint16_t& h) {
 float PackedMatrix::scale_at(int r, int g) const {
     size_t i = size_t(r) * groups() + g;
     if (sub8_scales) return row_sup_s(r)[g / 8] * float(scales.as<uint8_t>()[i]);
+    if (sub16_scales) return row_sup_s(r)[g / 16] * float(scales.as<int8_t>()[i]);
     return half_scales ? fp16_to_fp32(scales.as<uint16_t>()[i]) : scales.as<float>()[i];
 }
 
@@ -127,6 +128,7 @@ float PackedMatrix::min_at(int r, int g) const {
     if (zero_point) return -float(zero_point) * scale_at(r, g);
     size_t i = size_t(r) * groups() + g;
     if (sub8_scales) return row_sup_m(r)[g / 8] * float(mins.as<uint8_t>()[i]);
+    if (sub16_scales) return row_sup_m(r)[g / 16] * float(mins.as<int8_t>()[i]);
     return half_scales ? fp16_to_fp32(mins.as<uint16_t>()[i]) : mins.as<float>()[i];
 }
 
@@ -306,7 +308,7 @@ static void alloc_matrix(PackedMatrix& out, int n, int k, int bits) {
     if (k % group) throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) +
                                                " is not a multiple of " + std::to_string(group));
     out.n = n; out.k = k; out.bits = bits; out.group = group; out.zero_point = 0;
-    out.half_scales = false; out.sub8_scales = false;
+    out.half_scales = false; out.sub8_scales = false; out.sub16_scales = false;
     out.qs = Buffer(size_t(n) * out.row_bytes(), true);
     out.scales = Buffer(size_t(n) * (k / group) * sizeof(float), true);
     out.mins = Buffer(size_t(n) * (k / group) * sizeof(float), true);
@@ -360,6 +362,49 @@ static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
     }
 }
 
+// Q5_K and Q6_K with their sub-scales kept: the quants as decode_block lays them out (groups of 16), the
+// sub-scales (Q5_K: 6-bit sc and m, one per two groups; Q6_K: int8 sc) as int8 and, per super-block, d (and
+// Q5_K's -dmin) as floats: the decoded scale d * sc (and min -(dmin * m)) are the same float products. Q6_K's
+// min is -32 * scale: zero point 32, no mins.
+static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k) {
+    const bool q6 = std::string(ti.name) == "Q6_K";
+    alloc_matrix(out, n, k, 8);
+    const int G = out.groups(), nb = k / ti.block;
+    out.scales = Buffer(size_t(n) * G, true);
+    out.mins = Buffer(q6 ? 0 : size_t(n) * G, true);
+    out.sup_scales = Buffer(size_t(n) * nb * sizeof(float), true);
+    out.sup_mins = Buffer(q6 ? 0 : size_t(n) * nb * sizeof(float), true);
+    out.sub16_scales = true;
+    out.zero_point = q6 ? 32 : 0;
+    Group g[16];
+    for (int r = 0; r < n; ++r) {
+        const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
+        int8_t* sc = out.scales.as<int8_t>() + size_t(r) * G;
+        int8_t* mn = q6 ? nullptr : out.mins.as<int8_t>() + size_t(r) * G;
+        float* ss = out.sup_scales.as<float>() + size_t(r) * nb;
+        float* sm = q6 ? nullptr : out.sup_mins.as<float>() + size_t(r) * nb;
+        uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
+        for (int b = 0; b < nb; ++b) {
+            const uint8_t* blk = row + size_t(b) * ti.type_size;
+            decode_block(ti, blk, g);
+            if (q6) {
+                ss[b] = rd_half(blk + 208);
+                std::memcpy(sc + 16 * b, blk + 192, 16);
+            } else {
+                ss[b] = rd_half(blk);
+                sm[b] = -rd_half(blk + 2);
+                for (int j = 0; j < 8; ++j) {
+                    int s6, m6;
+                    scale_min_k4(j, blk + 4, s6, m6);
+                    sc[16 * b + 2 * j] = sc[16 * b + 2 * j + 1] = int8_t(s6);
+                    mn[16 * b + 2 * j] = mn[16 * b + 2 * j + 1] = int8_t(m6);
+                }
+            }
+            for (int j = 0; j < 16; ++j) std::memcpy(q + size_t(16 * b + j) * 16, g[j].q, 16);
+        }
+    }
+}
+
 void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k) {
     const TypeInfo* ti = find_type(type);
     if (!ti) throw std::invalid_argument("kt_cpu_amx: GGML type " + type + " has no exact repacking");
@@ -367,6 +412,7 @@ void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, i
         throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
                                     type + "'s block of " + std::to_string(ti->block));
     if (type == "Q4_K") return pack_q4k_sub8(out, *ti, raw, n, k);
+    if (type == "Q5_K" || type == "Q6_K") return pack_k8_sub16(out, *ti, raw, n, k);
     alloc_matrix(out, n, k, ti->bits);
     const int nb = k / ti->block;
     Group g[16];

@@ -22,8 +22,8 @@ ZERO_POINTS = {"Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q8_0": 128}
 # packed bytes per 256 weights: quants + scales (+ mins) (+ floats per super-block)
 PACKED_BYTES_PER_256 = {
     "Q4_0": 128 + 8 * 2, "Q4_1": 128 + 8 * 2 * 2, "Q4_K": 128 + 8 + 8 + 2 * 4,
-    "Q5_0": 256 + 16 * 2, "Q5_1": 256 + 16 * 2 * 2, "Q5_K": 256 + 16 * 4 * 2,
-    "Q6_K": 256 + 16 * 4, "Q8_0": 256 + 16 * 2,
+    "Q5_0": 256 + 16 * 2, "Q5_1": 256 + 16 * 2 * 2, "Q5_K": 256 + 16 + 16 + 2 * 4,
+    "Q6_K": 256 + 16 + 4, "Q8_0": 256 + 16 * 2,
 }
 
 
@@ -34,10 +34,10 @@ def test_repack_is_exact(type_name):
     assert pm.bits == (4 if type_name in repack.EXACT_4BIT else 8)
     # one fp16 scale per block: the group scales and mins are fp16 too; K-quants' products are not
     assert pm.half_scales == (type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
-    # Q4_K keeps its 6-bit sub-scales under one float per 8 groups: 4.75 bits per weight, not 6
+    # K-quants keep their integer sub-scales under one float per super-block: Q4_K (8 groups of 32) 4.75 bits
+    # per weight, not 6; Q5_K and Q6_K (16 groups of 16) 1.156 and 1.078 bytes per weight, not 1.5
     assert pm.sub8_scales == (type_name == "Q4_K")
-    if type_name == "Q4_K":
-        assert pm.nbytes == 40 * 512 * 152 // 256
+    assert pm.sub16_scales == (type_name in ("Q5_K", "Q6_K"))
     # a zero point replaces the mins where every min is -zp * scale (zp a power of two: the same float products)
     assert pm.zero_point == ZERO_POINTS.get(type_name, 0)
     assert pm.nbytes == 40 * 512 * PACKED_BYTES_PER_256[type_name] // 256
