@@ -198,7 +198,8 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
         aq[t] = X.q + size_t(p) * X.k;
         ad[t] = X.d + size_t(p) * G32;
     }
-    for (int g = 0; g < G32; ++g) {
+    // block g of 32 along k; s[r]: row r's scales from group 2g on
+    auto block = [&](int g, const auto* s) {
         __m256i a[T];
         __m256 dx[T];
         for (int t = 0; t < T; ++t) {
@@ -207,7 +208,30 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
         }
         for (int r = 0; r < R; ++r) {
             __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + g * 32));
-            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], ws[r] + 2 * g, dx[t], acc[r][t]);
+            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], s[r], dx[t], acc[r][t]);
+        }
+    };
+    if constexpr (kSub<S>) {
+        // two-level scales to float once per 16 groups (8 blocks; k % 256 == 0 for them), vectorized: the same
+        // products, fewer ops than one scalar product per group in the inner loop (Q6_K: 1.06x faster decode
+        // than float scales on AVX2, 1.13x slower without)
+        alignas(32) float sf[R][16];
+        for (int g8 = 0; g8 < G32; g8 += 8) {
+            for (int r = 0; r < R; ++r) {
+                _mm256_store_ps(sf[r], load8(ws[r] + 2 * g8));
+                _mm256_store_ps(sf[r] + 8, load8(ws[r] + 2 * g8 + 8));
+            }
+            for (int g = g8; g < g8 + 8; ++g) {
+                const float* s[R];
+                for (int r = 0; r < R; ++r) s[r] = sf[r] + 2 * (g - g8);
+                block(g, s);
+            }
+        }
+    } else {
+        for (int g = 0; g < G32; ++g) {
+            typename ScaleOf<S>::type s[R];
+            for (int r = 0; r < R; ++r) s[r] = ws[r] + 2 * g;
+            block(g, s);
         }
     }
     for (int t = 0; t < T; ++t) {
