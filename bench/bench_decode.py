@@ -7,11 +7,16 @@ Models:
            1408; layer 0 dense, the other --moe-layers - 1 MoE), random Q4_K experts / Q8_0 dense weights,
            written once by ktcore.weights.gguf_writer into ~/.cache/ktcore
 
-Every figure is the median over --repeats runs. Decode's bound is bytes of the weights one token reads
-(embedding rows excluded; routed experts counted for the active ones only) divided by the memory copy
-bandwidth measured here with a large torch copy. Two byte counts: the GGUF's (what llama.cpp streams)
-and ktcore's resident tensors (what its ops keep, e.g. fp32 after dequantizing at load). kt-cpu-amx's
-pool gets --threads threads (KT_CPU_THREADS, unless already set).
+Every figure is the median over --repeats runs. Both engines stay loaded and their runs alternate (one
+llama.cpp run, one ktcore run, per round), so a load that comes and goes on a shared machine weighs on both
+alike; the ratio line gives the median of the per-round ratios (--sequential: all llama.cpp runs first, then
+ktcore's, one engine loaded at a time, for models too large to hold twice).
+
+Decode's bound is bytes of the weights one token reads (embedding rows excluded; routed experts counted
+for the active ones only) divided by the memory copy bandwidth measured here with a large torch copy.
+Two byte counts: the GGUF's (what llama.cpp streams) and ktcore's resident tensors (what its ops keep,
+e.g. fp32 after dequantizing at load). kt-cpu-amx's pool gets --threads threads (KT_CPU_THREADS, unless
+already set).
 
     python bench/bench_decode.py --threads 2
     python bench/bench_decode.py --models moe --rules my-rules.yaml --threads 8 --repeats 5
@@ -22,8 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -71,18 +76,32 @@ def run_model(name, path, args, bandwidth):
     llm = load_llamacpp(path, threads=args.threads, n_ctx=n_ctx, kv_overrides=overrides)
     text = fixed_text()
     prompt_ids = llamacpp_tokens(llm, text * (1 + args.prompt_tokens // 200))[: args.prompt_tokens]
-    ref = bench_llamacpp(llm, prompt_ids, args.gen_tokens, args.repeats)
-    del llm
-    gc.collect()
-    gen, load_s = load_ktcore(path, rules=args.rules, threads=args.threads, max_context=n_ctx)
-    ours = bench_ktcore(gen, prompt_ids, args.gen_tokens, args.repeats)
+    if args.sequential:
+        ref_runs = [bench_llamacpp(llm, prompt_ids, args.gen_tokens, args.repeats)]
+        del llm
+        gc.collect()
+        gen, load_s = load_ktcore(path, rules=args.rules, threads=args.threads, max_context=n_ctx)
+        our_runs = [bench_ktcore(gen, prompt_ids, args.gen_tokens, args.repeats)]
+    else:
+        gen, load_s = load_ktcore(path, rules=args.rules, threads=args.threads, max_context=n_ctx)
+        ref_runs, our_runs = [], []
+        for _ in range(args.repeats):  # alternate: one run of each engine per round
+            ref_runs.append(bench_llamacpp(llm, prompt_ids, args.gen_tokens, 1))
+            our_runs.append(bench_ktcore(gen, prompt_ids, args.gen_tokens, 1))
+        del llm
     row = {
-        "model": name, "load_s": load_s, "ktcore": ours, "llama.cpp": ref,
+        "model": name, "load_s": load_s, "ktcore": _medians(our_runs), "llama.cpp": _medians(ref_runs),
+        "decode_ratio": statistics.median(o[1] / r[1] for o, r in zip(our_runs, ref_runs)),
+        "rounds": len(our_runs),
         "gguf_bytes": gguf_active_bytes(path), "ktcore_bytes": ktcore_active_bytes(gen.model, open_source(str(path))),
     }
     del gen
     gc.collect()
     return row
+
+
+def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def table(rows, bandwidth, args) -> str:
@@ -93,8 +112,11 @@ def table(rows, bandwidth, args) -> str:
         flat.append({"model": r["model"], "engine": "ktcore", "prefill": r["ktcore"][0],
                      "decode": r["ktcore"][1], "bytes": r["ktcore_bytes"], "ref": r["llama.cpp"]})
     title = (f"threads={args.threads}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok  "
-             f"repeats={args.repeats} (medians)  rules={args.rules or 'shipped default'}")
-    return title + "\n" + format_table(flat, bandwidth)
+             f"repeats={args.repeats} (medians, {'sequential' if args.sequential else 'alternating'})  "
+             f"rules={args.rules or 'shipped default'}")
+    ratios = [f"{r['model']}: ktcore/llama.cpp decode, median of {r['rounds']} per-round ratios: {r['decode_ratio']:.2f}"
+              for r in rows if r["rounds"] > 1]
+    return "\n".join([title, format_table(flat, bandwidth), *ratios])
 
 
 def main(argv=None) -> int:
@@ -106,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--moe-layers", type=int, default=2, help="layers of the synthetic MoE (first one dense)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="all llama.cpp runs, then all ktcore runs, one engine loaded at a time (large models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # kt-cpu-amx's pool takes every CPU by default; the comparison gives both engines the same threads

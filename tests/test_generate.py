@@ -301,3 +301,30 @@ def test_injected_model_greedy_matches_transformers(family):
     ours = list(Generator(model, None, max_context=64, prefill_chunk=8).generate_ids(PROMPT, SamplingParams(max_new_tokens=32)))
     assert ours == expected
     assert hf_greedy(model, PROMPT, 32) == expected
+
+
+def test_wrapper_call_plan_follows_attribute_changes():
+    """KModule plans its calls once (ops, threshold, out_device) for speed; setting one of those attributes
+    after calls were made is still honoured."""
+    from ktcore.builtin.linear import KLinearTorch
+    from ktcore.modules import KLinear
+    from ktcore.weights.state_dict import as_quantized
+
+    def weights():
+        return {"weight": as_quantized("weight", torch.randn(8, 16), "test")}
+
+    wrapper = KLinear(nn.Linear(16, 8, bias=False, device="meta"), prefill_op=KLinearTorch, name="lin")
+    wrapper.load_weights(weights())
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(wrapper(x), wrapper.prefill_op(x))
+        wrapper.out_device = torch.device("meta")  # a device that cannot hold data: the move must happen
+        assert wrapper(x).device.type == "meta"
+        wrapper.out_device = None
+        other = KLinearTorch(nn.Linear(16, 8, bias=False, device="meta"), "cpu")
+        other.load(weights())
+        wrapper.generate_op = other
+        assert torch.equal(wrapper(x[:1]), other(x[:1]))  # one token: the new generate op
+        assert torch.equal(wrapper(x), wrapper.prefill_op(x))  # three: still the prefill op
+        wrapper.prefill_threshold = 3
+        assert torch.equal(wrapper(x), other(x))
