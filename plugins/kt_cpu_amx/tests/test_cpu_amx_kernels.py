@@ -6,6 +6,7 @@ Tolerance: relative Frobenius error <= 2e-2 of the output (activations are quant
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 from kt_cpu_amx import repack
 from kt_cpu_amx.ops import KLinearCPU
 from ktcore.builtin.linear import KLinearTorch
+from ktcore.weights.tensor import QuantizedTensor
 
 TOL = 2e-2
 TOKENS = (1, 3, 64, 512)
@@ -111,14 +113,44 @@ def test_linear_requantized_types(isa, type_name, tokens):
     assert rel_err(ours(x), F.linear(x, gguf_dequantize(qt))) < TOL
 
 
-def test_linear_bias_and_odd_rows(isa):
-    qt = random_blocks("Q8_0", (37, 64), seed=6)  # 37 rows: not a multiple of the 4-row tile or 32-row block
-    meta = nn.Linear(64, 37, bias=True, device="meta")
+@pytest.mark.parametrize("type_name,k", [("Q8_0", 64), ("Q5_K", 256), ("Q6_K", 256)])
+def test_linear_bias_and_odd_rows(isa, type_name, k):
+    qt = random_blocks(type_name, (37, k), seed=6)  # 37 rows: not a multiple of the 4-row tile or 32-row block
+    meta = nn.Linear(k, 37, bias=True, device="meta")
     op = KLinearCPU(meta)
     bias = torch.randn(37)
     op.load({"weight": qt, "bias": float_tensor(bias, name="b")})
-    x = torch.randn(5, 64)
+    x = torch.randn(5, k)
     assert rel_err(op(x), F.linear(x, gguf_dequantize(qt), bias)) < TOL
+
+
+def q5_1_from_q5_0(qt, keep_mins_row: int):
+    """The Q5_0 weights as Q5_1 blocks (m = -16 d, exact in fp16), except row ``keep_mins_row`` whose mins
+    are set to 0 so that the packer keeps stored mins instead of a zero point."""
+    n, k = qt.shape
+    b0 = qt.data.numpy().reshape(n, k // 32, 22)
+    d = b0[..., 0:2].copy().view(np.float16)
+    m = (-16 * d.astype(np.float32)).astype(np.float16)
+    m[keep_mins_row] = 0
+    b1 = np.concatenate([b0[..., 0:2], m.view(np.uint8), b0[..., 2:]], axis=-1)
+    data = torch.from_numpy(np.ascontiguousarray(b1).reshape(-1))
+    return QuantizedTensor("q5_1_copy", "Q5_1", (n, k), data, "test")
+
+
+@pytest.mark.parametrize("tokens", (1, 5))
+def test_zero_point_is_bit_identical_to_stored_mins(isa, tokens):
+    """Q5_0 packs with zero point 16 (no mins); the same weights as Q5_1 with one row breaking the pattern keep
+    their fp16 mins: every other row's outputs must be the same floats."""
+    q50 = random_blocks("Q5_0", (40, 512), seed=8)
+    q51 = q5_1_from_q5_0(q50, keep_mins_row=0)
+    ours_zp, _ = make_linear(q50)
+    ours_mins, _ = make_linear(q51)
+    assert ours_zp.weight.zero_point == 16 and ours_mins.weight.zero_point == 0
+    assert ours_zp.weight.nbytes < ours_mins.weight.nbytes
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(9))
+    y_zp, y_mins = ours_zp(x), ours_mins(x)
+    assert torch.equal(y_zp[:, 1:], y_mins[:, 1:])
+    assert not torch.equal(y_zp[:, 0], y_mins[:, 0])
 
 
 def test_linear_rejects_wrong_shape():
