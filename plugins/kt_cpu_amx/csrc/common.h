@@ -32,7 +32,7 @@ struct Buffer {
 // A weight matrix [n, k] (n output features, k inputs) in the kernels' layout: rows of groups along k, each
 // weight w = scale[g] * q + min[g] with an unsigned integer q.
 //   bits 4: groups of 32; 16 bytes per group, byte j holds element j (low nibble) and j + 16 (high nibble).
-//   bits 8: groups of 16; one byte per element.
+//   bits 8: groups of 16, or 32 where GGUF has one scale and min per 32 (Q5_0, Q5_1, Q8_0); one byte per element.
 // scales and mins are [n, k / group], float, or fp16 (half_scales) when every one of them is exactly an fp16
 // (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 always are): fewer bytes to stream in decode, same values.
 // zero_point > 0: no mins are stored, every min is -zero_point * scale (Q4_0: 8, Q5_0: 16, Q6_K: 32, Q8_0 and

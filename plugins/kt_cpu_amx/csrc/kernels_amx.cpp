@@ -77,11 +77,12 @@ void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 32 + 16), bf16x16(fh));
             }
         } else {
-            for (int g = 0; g < G; ++g) {
-                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
-                __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(s[g]),
-                                           _mm512_set1_ps(m[g]));
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + g * 16), bf16x16(f));
+            const int per = W.group / 16;  // groups of 16 or 32: pieces of 16 per group
+            for (int j = 0; j < k / 16; ++j) {
+                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * 16));
+                __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)), _mm512_set1_ps(s[j / per]),
+                                           _mm512_set1_ps(m[j / per]));
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j * 16), bf16x16(f));
             }
         }
     }

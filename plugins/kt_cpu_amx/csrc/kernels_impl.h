@@ -163,28 +163,26 @@ template <class Q, int P> static inline __m256 pair_scales(SubScales<Q, P> s) {
     return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
 }
 
-// 32 unsigned 8-bit weights (two groups of 16) x 32 int8 activations, scaled by the groups' scales
-// s[0], s[1] and the activation block scale, accumulated into acc.
-template <class S>
-static inline __m256 dot_u8_scaled(__m256i w, __m256i a, S s, __m256 dx, __m256 acc) {
+// 32 unsigned 8-bit weights x 32 int8 activations, scaled by sv (lanes 0-3: the scale of elements 0-15, lanes
+// 4-7: of elements 16-31) and the activation block scale, accumulated into acc.
+static inline __m256 dot_u8_scaled(__m256i w, __m256i a, __m256 sv, __m256 dx, __m256 acc) {
 #if KT_VNNI
-    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);  // lanes 0-3: group 0, 4-7: group 1
-    __m256 sv = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, dx), acc);
+    __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);  // lanes 0-3: elements 0-15, 4-7: 16-31
 #else
     // w = 16 * hi + lo with nibbles hi, lo: maddubs(nibble, a) cannot saturate (2 * 15 * 127 < 2^15), and
-    // lanes 0-3 / 4-7 of the int32 sums hold group 0 / 1, as with vpdpbusd
+    // lanes 0-3 / 4-7 of the int32 sums hold elements 0-15 / 16-31, as with vpdpbusd
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(w, m4), a);
     __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), a);
     __m256i p = _mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(16)), _mm256_madd_epi16(lo, _mm256_set1_epi16(1)));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(pair_scales(s), dx), acc);
 #endif
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, dx), acc);
 }
 
-template <int R, int T, class S>
+// 8-bit groups of GS = 16 (two scales per block of 32) or 32 (one).
+template <int R, int T, class S, int GS>
 static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
-    const int G32 = W.k / 32, G16 = W.k / 16;
+    const int G32 = W.k / 32;
     __m256 acc[R][T];
     for (int r = 0; r < R; ++r)
         for (int t = 0; t < T; ++t) acc[r][t] = _mm256_setzero_ps();
@@ -198,7 +196,7 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
         aq[t] = X.q + size_t(p) * X.k;
         ad[t] = X.d + size_t(p) * G32;
     }
-    // block g of 32 along k; s[r]: row r's scales from group 2g on
+    // block g of 32 along k; s[r]: row r's scales from block g's first group on
     auto block = [&](int g, const auto* s) {
         __m256i a[T];
         __m256 dx[T];
@@ -208,10 +206,12 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
         }
         for (int r = 0; r < R; ++r) {
             __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + g * 32));
-            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], s[r], dx[t], acc[r][t]);
+            __m256 sv = GS == 32 ? bcast(s[r], 0) : pair_scales(s[r]);
+            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], sv, dx[t], acc[r][t]);
         }
     };
     if constexpr (kSub<S>) {
+        static_assert(GS == 16, "two-level 8-bit scales come in groups of 16");
         // two-level scales to float once per 16 groups (8 blocks; k % 256 == 0 for them), vectorized: the same
         // products, fewer ops than one scalar product per group in the inner loop (Q6_K: 1.06x faster decode
         // than float scales on AVX2, 1.13x slower without)
@@ -230,14 +230,14 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
     } else {
         for (int g = 0; g < G32; ++g) {
             typename ScaleOf<S>::type s[R];
-            for (int r = 0; r < R; ++r) s[r] = ws[r] + 2 * g;
+            for (int r = 0; r < R; ++r) s[r] = ws[r] + g * (32 / GS);
             block(g, s);
         }
     }
     for (int t = 0; t < T; ++t) {
-        const float* asum = X.s16 + size_t(X.phys(m + t)) * G16;
+        const float* asum = (GS == 32 ? X.s32 : X.s16) + size_t(X.phys(m + t)) * (W.k / GS);
         for (int r = 0; r < R; ++r)
-            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + min_term<S>(W, n + r, asum, G16);
+            Y[size_t(m + t) * ldy + n + r] = hsum(acc[r][t]) + min_term<S>(W, n + r, asum, W.k / GS);
     }
 }
 
@@ -247,15 +247,18 @@ static void rows_all_tokens(const PackedMatrix& W, int n, const QAct& X, int M, 
     if constexpr (std::is_same_v<S, Sub8>) {  // 4-bit only
         for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
         for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
-    } else if constexpr (std::is_same_v<S, Sub16>) {  // 8-bit only
-        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q8<R, 1, S>(W, n, X, m, Y, ldy);
+    } else if constexpr (std::is_same_v<S, Sub16>) {  // 8-bit groups of 16 only
+        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S, 16>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q8<R, 1, S, 16>(W, n, X, m, Y, ldy);
     } else if (W.bits == 4) {
         for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
         for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
+    } else if (W.group == 32) {
+        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S, 32>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q8<R, 1, S, 32>(W, n, X, m, Y, ldy);
     } else {
-        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q8<R, 1, S>(W, n, X, m, Y, ldy);
+        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S, 16>(W, n, X, m, Y, ldy);
+        for (; m < M; ++m) tile_q8<R, 1, S, 16>(W, n, X, m, Y, ldy);
     }
 }
 

@@ -132,6 +132,25 @@ float PackedMatrix::min_at(int r, int g) const {
     return half_scales ? fp16_to_fp32(mins.as<uint16_t>()[i]) : mins.as<float>()[i];
 }
 
+// 8-bit groups of 16 whose pairs share their scale and min (Q5_0, Q5_1, Q8_0: one per GGUF block of 32) become
+// groups of 32: half the scales and mins to stream.
+static void maybe_pair_groups(PackedMatrix& m) {
+    if (m.bits != 8 || m.group != 16 || m.groups() % 2) return;
+    const size_t pairs = size_t(m.n) * m.groups() / 2;
+    const uint32_t* sb = m.scales.as<uint32_t>();  // bits: -0 and +0 stay apart
+    const uint32_t* mb = m.mins.as<uint32_t>();
+    for (size_t i = 0; i < pairs; ++i)
+        if (sb[2 * i] != sb[2 * i + 1] || mb[2 * i] != mb[2 * i + 1]) return;
+    Buffer s(pairs * sizeof(float), true), mn(pairs * sizeof(float), true);
+    for (size_t i = 0; i < pairs; ++i) {
+        s.as<uint32_t>()[i] = sb[2 * i];
+        mn.as<uint32_t>()[i] = mb[2 * i];
+    }
+    m.scales = std::move(s);
+    m.mins = std::move(mn);
+    m.group = 32;
+}
+
 // Drop the mins when every one is -zp * scale for one zero point zp (the type's, e.g. 128 for Q8_0). zp is a
 // power of two, so the kernels' -zp * sum_g(scale * asum) is the stored mins' sum_g(min * asum) bit for bit.
 static void maybe_zero_point(PackedMatrix& m) {
@@ -424,6 +443,7 @@ void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, i
             for (int i = 0; i < ng; ++i) store_group(out, r, gi++, g[i]);
         }
     }
+    maybe_pair_groups(out);
     maybe_zero_point(out);
     maybe_halve(out);
 }
@@ -465,7 +485,7 @@ void unpack_to_float(const PackedMatrix& m, float* out) {
             float s = m.scale_at(r, gi), mn = m.min_at(r, gi);
             for (int j = 0; j < m.group; ++j) {
                 int v = m.bits == 4 ? (j < 16 ? q[gi * 16 + j] & 0xF : q[gi * 16 + j - 16] >> 4)
-                                    : q[gi * 16 + j];
+                                    : q[gi * m.group + j];
                 y[gi * m.group + j] = s * float(v) + mn;
             }
         }

@@ -24,8 +24,8 @@ ZERO_POINTS = {"Q4_0": 8, "Q5_0": 16, "Q6_K": 32, "Q8_0": 128}
 # packed bytes per 256 weights: quants + scales (+ mins) (+ floats per super-block)
 PACKED_BYTES_PER_256 = {
     "Q4_0": 128 + 8 * 2, "Q4_1": 128 + 8 * 2 * 2, "Q4_K": 128 + 8 + 8 + 2 * 4,
-    "Q5_0": 256 + 16 * 2, "Q5_1": 256 + 16 * 2 * 2, "Q5_K": 256 + 16 + 16 + 2 * 4,
-    "Q6_K": 256 + 16 + 4, "Q8_0": 256 + 16 * 2,
+    "Q5_0": 256 + 8 * 2, "Q5_1": 256 + 8 * 2 * 2, "Q5_K": 256 + 16 + 16 + 2 * 4,
+    "Q6_K": 256 + 16 + 4, "Q8_0": 256 + 8 * 2,
 }
 
 
@@ -34,6 +34,8 @@ def test_repack_is_exact(type_name):
     qt = random_blocks(type_name, (40, 512), seed=1, centered=False)
     (pm,) = repack.pack_matrices(qt)
     assert pm.bits == (4 if type_name in repack.EXACT_4BIT else 8)
+    # 8-bit groups are 16 wide, or 32 where GGUF has one scale (and min) per 32: Q8_0 streams GGUF's 1.0625 B/weight
+    assert pm.group == (16 if type_name in ("Q5_K", "Q6_K") else 32)
     # one fp16 scale per block: the group scales and mins are fp16 too; K-quants' products are not
     assert pm.half_scales == (type_name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
     # K-quants keep their integer sub-scales under one float per super-block: Q4_K (8 groups of 32) 4.75 bits
