@@ -159,10 +159,6 @@ static inline __m256 pair_scales(const uint16_t* s) {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-template <class Q, int P> static inline __m256 pair_scales(SubScales<Q, P> s) {
-    return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(scalar(s, 0))), _mm_set1_ps(scalar(s, 1)), 1);
-}
-
 // 32 unsigned 8-bit weights x 32 int8 activations, scaled by sv (lanes 0-3: the scale of elements 0-15, lanes
 // 4-7: of elements 16-31) and the activation block scale, accumulated into acc.
 static inline __m256 dot_u8_scaled(__m256i w, __m256i a, __m256 sv, __m256 dx, __m256 acc) {
