@@ -114,8 +114,8 @@ def table(rows, bandwidth, args) -> str:
     title = (f"threads={args.threads}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok  "
              f"repeats={args.repeats} (medians, {'sequential' if args.sequential else 'alternating'})  "
              f"rules={args.rules or 'shipped default'}")
-    ratios = [f"{r['model']}: ktcore/llama.cpp decode, median of {r['rounds']} per-round ratios: {r['decode_ratio']:.2f}"
-              for r in rows if r["rounds"] > 1]
+    ratios = [f"{r['model']}: ktcore/llama.cpp decode, median of {r['rounds']} per-round ratios: "
+              f"{r['decode_ratio']:.2f}" for r in rows if r["rounds"] > 1]
     return "\n".join([title, format_table(flat, bandwidth), *ratios])
 
 
