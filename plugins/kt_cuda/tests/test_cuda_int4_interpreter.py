@@ -85,6 +85,12 @@ def test_int8_activation_kernel_in_triton_interpreter():
 
 
 def _run_interpreted(script: str) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        # the tier exists for CPU-only CI; on a GPU the kernels run compiled in test_cuda_int4_matmul.py (and
+        # Triton 3.6's interpreter, shipped with torch 2.11, trips over NumPy >= 2.4 there, as in test_cuda_mla.py)
+        pytest.skip("CUDA is available: the kernels are tested compiled on the GPU instead of interpreted")
     plugin = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env["PYTHONPATH"] = os.pathsep.join([str(plugin), env.get("PYTHONPATH", "")])
