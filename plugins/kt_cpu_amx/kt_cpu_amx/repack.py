@@ -1,7 +1,9 @@
 """From ``QuantizedTensor`` to the kernels' ``PackedMatrix``.
 
-Exact (no information lost): Q4_0, Q4_1, Q4_K -> 4-bit groups of 32 with a float scale and min;
-Q5_0, Q5_1, Q5_K, Q6_K, Q8_0 -> 8-bit groups of 16 with a float scale and min. Float weights
+Exact (no information lost): Q4_0, Q4_1, Q4_K -> 4-bit groups of 32; Q5_0, Q5_1, Q8_0 -> 8-bit groups
+of 32; Q5_K, Q6_K -> 8-bit groups of 16. Each group is ``w = scale * q + min`` with the GGUF's own scale
+structure kept (fp16 scales, K-quants' two levels, no mins where min = -zero_point * scale: the table in
+the plugin's README). Float weights
 (F32/F16/BF16) are quantized online to int8 (symmetric, groups of 16) or int4 (asymmetric, groups of 32);
 any other GGML type is dequantized first and then quantized online the same way (lossy: say so).
 """
