@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <stdexcept>
 
 namespace kt {
 
@@ -59,12 +60,20 @@ Pool::~Pool() {
     controller_.join();
 }
 
+// ticket_: generation (20 bits, compared for equality only) | task count (22 bits) | next index (22 bits).
+constexpr int kIdxBits = 22;
+constexpr uint64_t kIdxMask = (uint64_t(1) << kIdxBits) - 1;
+constexpr uint64_t kGenMask = (uint64_t(1) << (64 - 2 * kIdxBits)) - 1;
+static inline uint64_t pack_ticket(uint64_t gen, int n) {
+    return ((gen & kGenMask) << (2 * kIdxBits)) | (uint64_t(n) << kIdxBits);
+}
+
 void Pool::run_tasks(uint64_t gen, int thread) {
     for (;;) {
         uint64_t v = ticket_.load(std::memory_order_acquire);
-        if ((v >> 32) != gen) return;  // a newer phase started: this one is over
-        const int n = ntasks_.load(std::memory_order_relaxed);
-        const int idx = int(v & 0xffffffffu);
+        if ((v >> (2 * kIdxBits)) != (gen & kGenMask)) return;  // a newer phase started: this one is over
+        const int n = int((v >> kIdxBits) & kIdxMask);
+        const int idx = int(v & kIdxMask);
         if (idx >= n) return;
         if (!ticket_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) continue;
         // claimed task idx of phase gen: the phase cannot end before done_ counts it, so fn_ is its fn
@@ -98,11 +107,11 @@ void Pool::parallel_for(int ntasks, const std::function<void(int, int)>& fn) {
         for (int t = 0; t < ntasks; ++t) fn(t, 0);
         return;
     }
+    if (uint64_t(ntasks) > kIdxMask) throw std::length_error("kt_cpu_amx: too many tasks in one parallel phase");
     const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
     fn_ = &fn;
-    ntasks_.store(ntasks, std::memory_order_relaxed);
     done_.store(0, std::memory_order_relaxed);
-    ticket_.store(gen << 32, std::memory_order_release);
+    ticket_.store(pack_ticket(gen, ntasks), std::memory_order_release);
     generation_.store(gen, std::memory_order_release);
     {
         std::lock_guard<std::mutex> l(mu_);  // a worker between its check and its wait holds this lock

@@ -52,14 +52,15 @@ private:
 
     std::mutex mu_;
     std::condition_variable work_cv_, done_cv_;
-    // A phase: generation_ says a new one started; ticket_ = generation << 32 | next task index, claimed
-    // by compare-exchange, so a worker that wakes late (descheduled on a busy machine) finds the phase
-    // over and never holds it up: the controller waits for tasks done, not for workers.
+    // A phase: generation_ says a new one started; ticket_ packs (generation, task count, next task index)
+    // (pack_ticket), claimed by compare-exchange, so a worker that wakes late (descheduled on a busy machine)
+    // finds the phase over and never holds it up: the controller waits for tasks done, not for workers. The
+    // count sits in the same word as the index: a worker still in the previous phase must not read the next
+    // phase's count beside its own index (it would claim a task twice and done_ would pass the count).
     std::atomic<uint64_t> generation_{0};
     std::atomic<uint64_t> ticket_{0};
     std::atomic<int> done_{0};
     const std::function<void(int, int)>* fn_ = nullptr;
-    std::atomic<int> ntasks_{0};
     std::atomic<bool> stop_{false};
     int spin_us_ = 50;
     std::atomic<int> linger_us_{-1};  // < 0: spin_us_
