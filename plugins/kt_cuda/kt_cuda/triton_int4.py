@@ -484,9 +484,11 @@ def _moe_dense_kernel(
 class Int4Config:
     """One launch. ``kernel``: ``wgemv`` (CUDA cores over int32 words, ``block_m`` rows per program sharing
     each unpacked tile), ``wdot`` (tensor cores over int32 words, ``block_m`` >= 16 rows), ``gemv`` / ``gemm``
-    (the byte-load kernels: any layout, K-major bytes too), or ``dense`` (expand the weight, then torch's
-    GEMM). ``prefetch`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need
-    N-major packed bytes."""
+    (the byte-load kernels: any layout, K-major bytes too), ``dense`` (expand the weight, then torch's
+    GEMM), ``a8gemv`` (``triton_w4a8``) or ``wtc`` (``triton_w4_tc``: pipelined tensor-core tiles for 5-32
+    rows, split K reduced inside the kernel; ``unpack``: ``f32`` / ``half`` / ``group``, see there).
+    ``prefetch`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need N-major
+    packed bytes."""
 
     kernel: str
     block_n: int = 32
@@ -497,18 +499,22 @@ class Int4Config:
     block_m: int = 16
     prefetch: bool = True
     swap: bool = False
+    unpack: str = "f32"
 
     def label(self) -> str:
         if self.kernel == "dense":
             return "dense"
         name = self.kernel
-        if self.kernel in (*WORD_KERNELS, "a8gemv"):
+        if self.kernel == "wtc":
+            name += f"{_UNPACK_TAG[self.unpack]}{'T' if self.swap else ''}"
+        elif self.kernel in (*WORD_KERNELS, "a8gemv"):
             name += f"{'' if self.prefetch else '0'}{'T' if self.swap else ''}"
         m = f"m{self.block_m}" if self.kernel != "gemv" else ""
         return f"{name}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
 
 
 WORD_KERNELS = ("wgemv", "wdot")
+_UNPACK_TAG = {"f32": "", "half": "H", "group": "G"}  # wtc labels: wtc / wtcH / wtcG (+T: swapped operands)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -633,6 +639,10 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         from .triton_w4a8 import w4a8_matmul
 
         return w4a8_matmul(x, w, bias, cfg)
+    if cfg.kernel == "wtc":
+        from .triton_w4_tc import w4_tc_matmul
+
+        return w4_tc_matmul(x, w, bias, cfg)
     if cfg.block_k % w.group_size:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {w.group_size}")
     split = cfg.split_k
@@ -666,7 +676,7 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K, x.stride(0), *strides,
                                 BLOCK_M=cfg.block_m, **common)
     else:
-        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, a8gemv, gemv, gemm, dense")
+        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, wtc, a8gemv, gemv, gemm, dense")
     return y if split == 1 else y.to(x.dtype)
 
 
