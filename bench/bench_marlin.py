@@ -6,6 +6,8 @@
     python bench/bench_marlin.py --precompile 15 --kernels --skip-table --sweep-tsv sweep.tsv
                                                  # every word-kernel config (kernel_configs), compiled first
                                                  # in 15 processes; best five per case, all timings in the TSV
+    python bench/bench_marlin.py --precompile 15 --kernels --skip-table --batches 16 --only wtc,wdot \
+        --sweep-tsv sweep.tsv                    # the same for 16 rows and the tensor-core kernels only
 
 Shapes are ``in x out`` (K x N). Each case times, with CUDA events:
 - ``graph``: the median over replays of a CUDA graph holding ``--calls`` calls, rotating among enough
@@ -207,11 +209,42 @@ def kernel_configs(M: int):
                 [(8, 1024, 4, False), (16, 512, 8, False), (8, 1024, 8, True), (16, 512, 8, True), (8, 512, 4, True),
                  (16, 1024, 8, True)]]
     else:
-        out = [C("wdot", bn, bk, sk, 4, 3, block_m=16, swap=sw) for bn, bk, sk, sw in
+        bm = 16 if M <= 16 else 32
+        out = [C("wdot", bn, bk, sk, 4, 3, block_m=bm, swap=sw) for bn, bk, sk, sw in
                [(32, 256, 2, False), (64, 256, 1, True), (32, 256, 1, False)]]
-        out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm) for bn, bk, nw, bm in
-                [(8, 512, 4, 8), (16, 256, 4, 8), (16, 256, 4, 16), (8, 512, 8, 16), (16, 512, 8, 16), (32, 256, 8, 16)]]
+        if M <= 16:
+            out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm) for bn, bk, nw, bm in
+                    [(8, 512, 4, 8), (16, 256, 4, 8), (16, 256, 4, 16), (8, 512, 8, 16), (16, 512, 8, 16), (32, 256, 8, 16)]]
+        out += wtc_configs(M)
     return out
+
+
+# wtc tiles (block_n, block_k, split_k, num_warps, num_stages, swap): swapped operands (weight rows as the
+# wgmma M side, 64-128 per program) and plain ones (16-64 weight rows as the mma N side), split K 1-8.
+WTC_TILES = [
+    (64, 256, 4, 4, 4, True), (64, 256, 2, 4, 4, True), (64, 128, 4, 4, 6, True), (64, 512, 2, 4, 3, True),
+    (128, 256, 4, 8, 4, True), (128, 128, 8, 8, 4, True), (64, 256, 8, 4, 3, True),
+    (32, 256, 2, 4, 4, False), (32, 256, 4, 4, 4, False), (16, 256, 4, 2, 4, False), (32, 512, 1, 4, 3, False),
+    (16, 512, 2, 2, 3, False), (64, 256, 2, 4, 4, False),
+]
+WTC_GROUP_TILES = [0, 1, 2, 7, 8, 9]  # the per-group-dot unpack on these WTC_TILES
+
+
+def wtc_configs(M: int):
+    """``wtc`` (``kt_cuda.triton_w4_tc``) configs for 5-32 rows: every tile with the half and f32 unpacks,
+    some with the per-group dots."""
+    from kt_cuda.triton_int4 import Int4Config as C
+
+    bm = 16 if M <= 16 else 32
+    out = []
+    for unpack, tiles in (("half", WTC_TILES), ("f32", WTC_TILES), ("group", [WTC_TILES[i] for i in WTC_GROUP_TILES])):
+        out += [C("wtc", bn, bk, sk, nw, st, block_m=bm, swap=sw, unpack=unpack) for bn, bk, sk, nw, st, sw in tiles]
+    return out
+
+
+def _selected(configs, kernels):
+    """``configs`` whose kernel is in ``kernels`` (None: all)."""
+    return [c for c in configs if kernels is None or c.kernel in kernels]
 
 
 def _compile_jobs(jobs):
@@ -235,16 +268,17 @@ def _compile_jobs(jobs):
     return failed
 
 
-def precompile(workers: int = 14) -> list[str]:
-    """Compile every configuration the sweep and the table can launch, in parallel processes."""
+def precompile(workers: int = 14, batches=None, kernels=None, table: bool = True) -> list[str]:
+    """Compile every configuration the sweep (``kernels``: only those kernels) and, with ``table``, the
+    table can launch, in parallel processes."""
     import multiprocessing as mp
 
     from kt_cuda.triton_int4 import candidates
 
     jobs = []
-    for M in BATCHES:
-        jobs += [("q4k16", M, c) for c in kernel_configs(M)]
-        for name in ("g128", "q4k", "q4k16", "q4k16K"):
+    for M in batches or BATCHES:
+        jobs += [("q4k16", M, c) for c in _selected(kernel_configs(M), kernels)]
+        for name in ("g128", "q4k", "q4k16", "q4k16K") if table else ():
             g = 128 if name == "g128" else 32
             jobs += [(name, M, c) for c in candidates(M, g, name.endswith("K")) if c.kernel != "dense"]
     chunks = [jobs[i::workers] for i in range(workers)]
@@ -265,12 +299,12 @@ def kernel_sweep(args, device) -> list[str]:
         dense = [base] + [base.clone() for _ in range(_copies(base.numel() * 2) - 1)]
         w = q4k_weight(N, K, device, torch.float16)
         copies = [w] + [_clone(w) for _ in range(_copies(w.nbytes()) - 1)]
-        for M in BATCHES:
+        for M in args.batches or BATCHES:
             x = torch.randn(M, K, device=device, dtype=torch.float16)
             t16 = time_graph([lambda d=d: F.linear(x, d) for d in dense], 20, 7)
             ref = F.linear(x.float(), w.dequantize(torch.float32))
             results = []
-            for cfg in kernel_configs(M):
+            for cfg in _selected(kernel_configs(M), args.only):
                 try:
                     err = ((int4_matmul(x, w, None, cfg).float() - ref).norm() / ref.norm()).item()
                     t = time_graph([lambda c=c, cfg=cfg: int4_matmul(x, c, None, cfg) for c in copies], 20, 7)
@@ -399,6 +433,10 @@ def main() -> int:
     parser.add_argument("--kernels", action="store_true", help="time every word-kernel config (kernel_configs)")
     parser.add_argument("--precompile", type=int, default=0, help="compile all configs first in N processes")
     parser.add_argument("--sweep-tsv", default=None, help="--kernels: write every timing here")
+    parser.add_argument("--batches", default=None, type=lambda s: [int(v) for v in s.split(",")],
+                        help="--kernels / --precompile: only these row counts (e.g. 16 or 16,32)")
+    parser.add_argument("--only", default=None, type=lambda s: set(s.split(",")),
+                        help="--kernels / --precompile: only these kernels (e.g. wtc,wdot); fp16 is always timed")
     parser.add_argument("--out", default=None, help="also write the report to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -412,7 +450,7 @@ def main() -> int:
     lines = [f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}"]
     print(lines[0], flush=True)
     if args.precompile:
-        lines += precompile(args.precompile)
+        lines += precompile(args.precompile, args.batches, args.only, table=not args.skip_table)
         print("\n".join(lines[1:]), flush=True)
     if args.kernels:
         lines += kernel_sweep(args, device)

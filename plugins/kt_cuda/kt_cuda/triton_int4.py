@@ -537,8 +537,9 @@ def _byte_candidates(M: int) -> list["Int4Config"]:
 
 def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = False) -> list[Int4Config]:
     """Configs worth timing for ``M`` rows, most likely first (H200 sweeps, ``bench_marlin.py --kernels``:
-    notes/h200-int4-words-2026-11-28.md). Up to 16 rows of N-major bytes run the word kernels; K-major
-    bytes and larger batches keep the byte kernels / dense expansion. ``act_int8``: up to 4 rows may round
+    notes/h200-int4-words-2026-11-28.md). Up to 16 rows of N-major bytes run the word kernels (5-32 rows
+    also ``wtc``, appended after the swept defaults); K-major bytes and larger batches keep the byte kernels
+    / dense expansion. ``act_int8``: up to 4 rows may round
     the activations to int8 blocks (``a8gemv``, fastest at 1-4 rows on an H200)."""
     C = Int4Config
     if act_int8 and not k_major and M <= 4:
@@ -546,8 +547,10 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
         out = [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm, prefetch=pf) for bn, bk, nw, pf in
                [(8, 1024, 8, False), (4, 1024, 4, False), (16, 512, 8, False), (8, 512, 4, False),
                 (8, 1024, 8, True), (4, 1024, 4, True)]]
-    elif k_major or M > 16:
+    elif k_major or M > 32:
         out = _byte_candidates(M)
+    elif M > 16:  # the byte GEMM tiles of 17-255 rows, then the pipelined tensor-core kernel (not yet swept)
+        out = _byte_candidates(M) + wtc_candidates(M)
     elif M == 1:  # graph-timed, weights past L2: each within 3% of the best on the three shapes
         out = [C("wgemv", 4, 1024, 1, 2, 3, block_m=1), C("wgemv", 8, 1024, 1, 4, 3, block_m=1),
                C("wgemv", 16, 512, 1, 4, 3, block_m=1)]
@@ -556,8 +559,19 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
         out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm)]
     else:  # split K fastest on 4096x4096 and 14336x4096, swapped operands on 4096x14336
         out = [C("wdot", 32, 256, 2, 4, 3, block_m=16), C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True),
-               C("wdot", 32, 256, 1, 4, 3, block_m=16)]
+               C("wdot", 32, 256, 1, 4, 3, block_m=16)] + wtc_candidates(M)
     return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
+
+
+def wtc_candidates(M: int) -> list[Int4Config]:
+    """A few ``wtc`` tiles for 5-32 rows (pipelined tensor-core kernel, ``triton_w4_tc``), timed by
+    ``tuned_config`` beside the kernels above until an H200 sweep (``bench_marlin.py --kernels``) ranks them:
+    swapped 64-row weight tiles with split K 4, plain 32-row tiles with split K 2."""
+    C = Int4Config
+    bm = 16 if M <= 16 else 32
+    return [C("wtc", 64, 256, 4, 4, 4, block_m=bm, swap=True, unpack="half"),
+            C("wtc", 32, 256, 2, 4, 4, block_m=bm, unpack="half"),
+            C("wtc", 64, 256, 2, 4, 4, block_m=bm, swap=True, unpack="f32")]
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device: torch.device, k_major: bool = False,
@@ -567,7 +581,7 @@ def default_config(M: int, N: int, K: int, group_size: int, device: torch.device
 
 
 def _m_bucket(M: int) -> int:
-    return M if M <= 16 else (64 if M < 256 else 256)
+    return M if M <= 16 else (32 if M <= 32 else (64 if M < 256 else 256))
 
 
 _TUNED: dict[tuple, Int4Config] = {}
