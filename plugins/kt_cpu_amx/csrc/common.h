@@ -92,6 +92,13 @@ struct BAct {
     const uint16_t* v = nullptr;
 };
 
+// Group g's scale (or min) under two-level K-quant scales (PackedMatrix::sub8_scales, sub16_scales): the
+// integer sub-scale times the float of its `per` groups. Packing, the slow accessors and every kernel use this
+// one float product (the kernels' vectorized forms compute the same product lane by lane).
+template <class Q> KT_INLINE float two_level_scale(const Q* sub, const float* sup, int per, int g) {
+    return sup[g / per] * float(sub[g]);
+}
+
 uint32_t fp16_to_fp32_bits(uint16_t h);
 float fp16_to_fp32(uint16_t h);
 // h = f exactly, or false when f is no fp16.

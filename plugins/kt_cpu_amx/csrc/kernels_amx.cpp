@@ -33,7 +33,7 @@ constexpr int kMaxGroups = 2048;  // k up to 32768 (8-bit groups of 16)
 
 // Two-level scales to float: out[g] = sup[g / per] * sub[g] (PackedMatrix::sub8_scales, sub16_scales).
 template <class Q> void expand_sub(const Q* sub, const float* sup, int per, int G, float* out) {
-    for (int g = 0; g < G; ++g) out[g] = sup[g / per] * float(sub[g]);
+    for (int g = 0; g < G; ++g) out[g] = two_level_scale(sub, sup, per, g);
 }
 
 // Dequantize rows n0..n0+31 of W into out[32][k] bf16.

@@ -49,8 +49,7 @@ template <class Q, int P> struct SubScales {
 using Sub8 = SubScales<uint8_t, 8>;    // Q4_K
 using Sub16 = SubScales<int8_t, 16>;   // Q5_K, Q6_K
 template <class Q, int P> static inline float scalar(SubScales<Q, P> p, int i) {
-    const int g = p.g0 + i;
-    return p.sup[g / P] * float(p.q[g]);
+    return two_level_scale(p.q, p.sup, P, p.g0 + i);
 }
 template <class Q, int P> static inline __m256 bcast(SubScales<Q, P> p, int i) { return _mm256_set1_ps(scalar(p, i)); }
 // 8 groups from g0, a multiple of 8: under one float
@@ -108,6 +107,15 @@ static inline __m256i unpack_nibbles(const uint8_t* p) {
     return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
 }
 
+// Two consecutive groups from one 32-byte load: the same vectors as unpack_nibbles(p), unpack_nibbles(p + 16).
+static inline void unpack_nibbles2(const uint8_t* p, __m256i& w0, __m256i& w1) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+    w0 = _mm256_inserti128_si256(lo, _mm256_castsi256_si128(hi), 1);
+    w1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+}
+
 // ---------------------------------------------------------------------------------------------- 4-bit
 template <int R, int T, class S>
 static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
@@ -125,7 +133,35 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
         aq[t] = X.q + size_t(p) * X.k;
         ad[t] = X.d + size_t(p) * G;
     }
-    for (int g = 0; g < G; ++g) {
+    // Per 8 groups, each group's scale times each token's block scale, 8 at a time, into a small array the
+    // group loop broadcasts from: the same float products as scale * dx per group, without the per group and
+    // row scale conversion (two-level: load, convert, multiply) and multiply.
+    alignas(32) float sdx[R][T][8];
+    int g = 0;
+    for (; g + 8 <= G; g += 8) {
+        for (int r = 0; r < R; ++r) {
+            __m256 s = load8(ws[r] + g);
+            for (int t = 0; t < T; ++t) _mm256_store_ps(sdx[r][t], _mm256_mul_ps(s, _mm256_loadu_ps(ad[t] + g)));
+        }
+        for (int j = 0; j < 8; j += 2) {  // two groups per 32 bytes of each row
+            __m256i a0[T], a1[T];
+            for (int t = 0; t < T; ++t) {
+                a0[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + (g + j) * 32));
+                a1[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + (g + j) * 32 + 32));
+            }
+            for (int r = 0; r < R; ++r) {
+                __m256i w0, w1;
+                unpack_nibbles2(wq[r] + (g + j) * 16, w0, w1);
+                for (int t = 0; t < T; ++t)
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4(w0, a0[t])),
+                                                _mm256_broadcast_ss(&sdx[r][t][j]), acc[r][t]);
+                for (int t = 0; t < T; ++t)
+                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4(w1, a1[t])),
+                                                _mm256_broadcast_ss(&sdx[r][t][j + 1]), acc[r][t]);
+            }
+        }
+    }
+    for (; g < G; ++g) {  // k not a multiple of 256 (Q4_0, Q4_1)
         __m256i a[T];
         __m256 dx[T];
         for (int t = 0; t < T; ++t) {

@@ -118,18 +118,16 @@ bool fp32_to_fp16_exact(float f, uint16_t& h) {
 }
 
 float PackedMatrix::scale_at(int r, int g) const {
-    size_t i = size_t(r) * groups() + g;
-    if (sub8_scales) return row_sup_s(r)[g / 8] * float(scales.as<uint8_t>()[i]);
-    if (sub16_scales) return row_sup_s(r)[g / 16] * float(scales.as<int8_t>()[i]);
-    return half_scales ? fp16_to_fp32(scales.as<uint16_t>()[i]) : scales.as<float>()[i];
+    if (sub8_scales) return two_level_scale(row_s<uint8_t>(r), row_sup_s(r), 8, g);
+    if (sub16_scales) return two_level_scale(row_s<int8_t>(r), row_sup_s(r), 16, g);
+    return half_scales ? fp16_to_fp32(row_s<uint16_t>(r)[g]) : row_s<float>(r)[g];
 }
 
 float PackedMatrix::min_at(int r, int g) const {
     if (zero_point) return -float(zero_point) * scale_at(r, g);
-    size_t i = size_t(r) * groups() + g;
-    if (sub8_scales) return row_sup_m(r)[g / 8] * float(mins.as<uint8_t>()[i]);
-    if (sub16_scales) return row_sup_m(r)[g / 16] * float(mins.as<int8_t>()[i]);
-    return half_scales ? fp16_to_fp32(mins.as<uint16_t>()[i]) : mins.as<float>()[i];
+    if (sub8_scales) return two_level_scale(row_m<uint8_t>(r), row_sup_m(r), 8, g);
+    if (sub16_scales) return two_level_scale(row_m<int8_t>(r), row_sup_m(r), 16, g);
+    return half_scales ? fp16_to_fp32(row_m<uint16_t>(r)[g]) : row_m<float>(r)[g];
 }
 
 // 8-bit groups of 16 whose pairs share their scale and min (Q5_0, Q5_1, Q8_0: one per GGUF block of 32) become
@@ -194,14 +192,17 @@ static inline float rd_half(const uint8_t* p) {
 // One decoded group: unsigned values and the affine map w = scale * q + min.
 struct Group { uint8_t q[32]; float scale, min; };
 
-// The 6-bit scale and min of sub-block j of a Q4_K / Q5_K super-block (llama.cpp's get_scale_min_k4).
-static inline void scale_min_k4(int j, const uint8_t* s, int& sc, int& m) {
-    if (j < 4) {
-        sc = s[j] & 63;
-        m = s[j + 4] & 63;
-    } else {
-        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+// The 6-bit scales and mins of the 8 sub-blocks of a Q4_K / Q5_K super-block from its 12 packed bytes s
+// (llama.cpp's get_scale_min_k4): the one reader for decoding and for both sub-scale packers.
+static void scales_mins_k4(const uint8_t* s, uint8_t sc[8], uint8_t m[8]) {
+    for (int j = 0; j < 8; ++j) {
+        if (j < 4) {
+            sc[j] = s[j] & 63;
+            m[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
     }
 }
 
@@ -270,11 +271,12 @@ static int decode_block(const TypeInfo& ti, const uint8_t* b, Group* g) {
         const uint8_t* sc = b + 4;
         const uint8_t* qh = b + 16;
         const uint8_t* qs = b + (q5 ? 48 : 16);
+        uint8_t sc6[8], m6[8];
+        scales_mins_k4(sc, sc6, m6);
         int ng = 0;
         for (int j = 0; j < 4; ++j) {          // 64 elements: sub-blocks 2j (low nibbles), 2j+1 (high)
             for (int half = 0; half < 2; ++half) {
-                int sub = 2 * j + half, s, m;
-                scale_min_k4(sub, sc, s, m);
+                const int sub = 2 * j + half, s = sc6[sub], m = m6[sub];
                 uint8_t v[32];
                 for (int l = 0; l < 32; ++l) {
                     uint8_t x = half ? qs[32 * j + l] >> 4 : qs[32 * j + l] & 0xF;
@@ -369,11 +371,8 @@ static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
             decode_block(ti, blk, g);
             ss[b] = rd_half(blk);
             sm[b] = -rd_half(blk + 2);
+            scales_mins_k4(blk + 4, sc + 8 * b, mn + 8 * b);
             for (int j = 0; j < 8; ++j) {
-                int s6, m6;
-                scale_min_k4(j, blk + 4, s6, m6);
-                sc[8 * b + j] = uint8_t(s6);
-                mn[8 * b + j] = uint8_t(m6);
                 uint8_t* qg = q + size_t(8 * b + j) * 16;
                 for (int l = 0; l < 16; ++l) qg[l] = uint8_t(g[j].q[l] | (g[j].q[l + 16] << 4));
             }
@@ -412,11 +411,11 @@ static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
             } else {
                 ss[b] = rd_half(blk);
                 sm[b] = -rd_half(blk + 2);
-                for (int j = 0; j < 8; ++j) {
-                    int s6, m6;
-                    scale_min_k4(j, blk + 4, s6, m6);
-                    sc[16 * b + 2 * j] = sc[16 * b + 2 * j + 1] = int8_t(s6);
-                    mn[16 * b + 2 * j] = mn[16 * b + 2 * j + 1] = int8_t(m6);
+                uint8_t s6[8], m6[8];
+                scales_mins_k4(blk + 4, s6, m6);
+                for (int j = 0; j < 8; ++j) {  // one 6-bit pair per two groups of 16
+                    sc[16 * b + 2 * j] = sc[16 * b + 2 * j + 1] = int8_t(s6[j]);
+                    mn[16 * b + 2 * j] = mn[16 * b + 2 * j + 1] = int8_t(m6[j]);
                 }
             }
             for (int j = 0; j < 16; ++j) std::memcpy(q + size_t(16 * b + j) * 16, g[j].q, 16);

@@ -1,0 +1,96 @@
+"""In-cache decode GEMV (one token) of kt-cpu-amx's integer-dot kernels on one 4-bit K-quant matrix.
+
+The matrix is small enough to stay in L2 (default Q4_K 256 x 2048: 288 KiB packed), so the figure is the
+kernel's instruction cost per weight, not memory bandwidth. One pool thread (no other thread takes rows),
+``--repeats`` calls of ``Runtime.linear`` with m = 1 (activation quantization included: 2048 values, small
+next to 524288 weights), median over ``--rounds`` rounds.
+
+    python bench/bench_cpu_gemv.py [--qtype Q4_K] [--rows 256] [--k 2048] [--isa avx2] [--save y.pt | --check y.pt]
+
+``--save`` writes the outputs of a fixed input, ``--check`` compares this build's outputs to such a file bit
+for bit (for a kernel change that must not change any float).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("KT_CPU_PIN", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kt_cpu_amx import repack  # noqa: E402
+from kt_cpu_amx.runtime import kernels, select_isa  # noqa: E402
+from ktcore.weights.quant_fields import F16_SCALE_FIELDS  # noqa: E402
+from ktcore.weights.quants import ggml_type  # noqa: E402
+from ktcore.weights.tensor import QuantizedTensor  # noqa: E402
+
+
+def random_matrix(type_name: str, n: int, k: int, seed: int = 0) -> QuantizedTensor:
+    """Random quant bits and sub-scales, fp16 super-block scales in a sane range."""
+    t = ggml_type(type_name)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(n * k // t.block_size, t.type_size), dtype=np.uint8)
+    for off in F16_SCALE_FIELDS[type_name]:
+        v = (rng.uniform(0.2, 1.0, size=blocks.shape[0]) * 0.02).astype(np.float16)
+        blocks[:, off:off + 2] = v.view(np.uint8).reshape(-1, 2)
+    return QuantizedTensor(f"bench.{type_name}", type_name, (n, k), torch.from_numpy(blocks.reshape(-1)), "bench")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--qtype", default="Q4_K")
+    ap.add_argument("--rows", type=int, default=256)
+    ap.add_argument("--k", type=int, default=2048)
+    ap.add_argument("--isa", default=None, help="avx2, avx512 (default: the best the CPU has, AMX excluded)")
+    ap.add_argument("--repeats", type=int, default=200, help="calls per round")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--save", help="write the outputs of a fixed input here")
+    ap.add_argument("--check", help="compare the outputs of that fixed input to this file, bit for bit")
+    args = ap.parse_args()
+
+    isa = args.isa or select_isa()
+    if isa == "amx":
+        isa = "avx512"  # decode (m = 1) runs the integer-dot kernels anyway
+    rt = kernels().Runtime(1, isa, False)
+    (pm,) = repack.pack_matrices(random_matrix(args.qtype, args.rows, args.k))
+    gen = torch.Generator().manual_seed(1)
+
+    # fixed inputs for --save / --check: m = 1 (decode) and m = 4 (the token tiles)
+    outs = {}
+    for m in (1, 3, 4):
+        x = torch.randn(m, args.k, generator=gen)
+        y = torch.empty(m, args.rows)
+        rt.linear(pm, m, x.data_ptr(), y.data_ptr())
+        outs[m] = y
+    if args.save:
+        torch.save(outs, args.save)
+    if args.check:
+        ref = torch.load(args.check)
+        same = all(torch.equal(outs[m], ref[m]) for m in ref)
+        diff = max(float((outs[m] - ref[m]).abs().max()) for m in ref)
+        print(f"outputs vs {args.check}: {'bit-identical' if same else f'DIFFER (max abs diff {diff:.3g})'}")
+
+    x = torch.randn(1, args.k, generator=gen)
+    y = torch.empty(1, args.rows)
+    xp, yp = x.data_ptr(), y.data_ptr()
+    for _ in range(args.repeats):
+        rt.linear(pm, 1, xp, yp)
+    per_call = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter_ns()
+        for _ in range(args.repeats):
+            rt.linear(pm, 1, xp, yp)
+        per_call.append((time.perf_counter_ns() - t0) / args.repeats)
+    ns = statistics.median(per_call)
+    print(f"{args.qtype} {args.rows} x {args.k}, isa {rt.isa}, 1 thread, packed {pm.nbytes / 1024:.0f} KiB: "
+          f"{ns / 1000:.1f} us per call (min {min(per_call) / 1000:.1f}), {ns / args.rows:.1f} ns per row, "
+          f"{args.rows * args.k / ns:.2f} weights per ns")
+
+
+if __name__ == "__main__":
+    main()
