@@ -45,13 +45,22 @@ def _magic(w, T: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
+def _magic_pair(w, T: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
+    """Nibbles ``T`` and ``T + 4`` of int32 words as ``BIAS + q`` in ``DT``, from one shift and one AND/OR
+    that fill both 16-bit halves of a register (``0x000F000F``, ``MAGIC * 0x10001``)."""
+    v = ((w >> (4 * T)) & 0x000F000F) | (MAGIC * 0x10001)
+    return v.to(tl.int16).to(DT, bitcast=True), (v >> 16).to(tl.int16).to(DT, bitcast=True)
+
+
+@triton.jit
 def _magic_natural(w, MAGIC: tl.constexpr, DT: tl.constexpr):
     """Words ``[..., W]`` -> ``[..., W, 2, 2, 2]`` values ``BIAS + q`` whose trailing three indices
     ``(i, s, r)`` are nibble ``4i + 2s + r``: flattened, the weights of each word in K order."""
-    return tl.join(tl.join(tl.join(_magic(w, 0, MAGIC, DT), _magic(w, 4, MAGIC, DT)),
-                           tl.join(_magic(w, 2, MAGIC, DT), _magic(w, 6, MAGIC, DT))),
-                   tl.join(tl.join(_magic(w, 1, MAGIC, DT), _magic(w, 5, MAGIC, DT)),
-                           tl.join(_magic(w, 3, MAGIC, DT), _magic(w, 7, MAGIC, DT))))
+    h0, h4 = _magic_pair(w, 0, MAGIC, DT)
+    h1, h5 = _magic_pair(w, 1, MAGIC, DT)
+    h2, h6 = _magic_pair(w, 2, MAGIC, DT)
+    h3, h7 = _magic_pair(w, 3, MAGIC, DT)
+    return tl.join(tl.join(tl.join(h0, h4), tl.join(h2, h6)), tl.join(tl.join(h1, h5), tl.join(h3, h7)))
 
 
 @triton.jit
