@@ -226,8 +226,12 @@ WTC_TILES = [
     (128, 256, 4, 8, 4, True), (128, 128, 8, 8, 4, True), (64, 256, 8, 4, 3, True),
     (32, 256, 2, 4, 4, False), (32, 256, 4, 4, 4, False), (16, 256, 4, 2, 4, False), (32, 512, 1, 4, 3, False),
     (16, 512, 2, 2, 3, False), (64, 256, 2, 4, 4, False),
+    # 128-wide K tiles: about half the registers of the 256-wide ones (98-126 against 150-226 for sm_90 in
+    # Triton 3.9), so 3-4 programs per SM instead of 2
+    (64, 128, 2, 4, 6, True), (64, 128, 8, 4, 4, True), (128, 128, 4, 8, 5, True), (32, 128, 2, 4, 6, False),
+    (32, 128, 4, 4, 6, False),
 ]
-WTC_GROUP_TILES = [0, 1, 2, 7, 8, 9]  # the per-group-dot unpack on these WTC_TILES
+WTC_GROUP_TILES = [0, 1, 2, 7, 8, 9, 13, 16]  # the per-group-dot unpack on these WTC_TILES
 
 
 def wtc_configs(M: int):

@@ -566,12 +566,13 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
 def wtc_candidates(M: int) -> list[Int4Config]:
     """A few ``wtc`` tiles for 5-32 rows (pipelined tensor-core kernel, ``triton_w4_tc``), timed by
     ``tuned_config`` beside the kernels above until an H200 sweep (``bench_marlin.py --kernels``) ranks them:
-    swapped 64-row weight tiles with split K 4, plain 32-row tiles with split K 2."""
+    swapped 64-row weight tiles (wgmma) with split K 4, plain 32-row tiles with split K 2, one per-group dot."""
     C = Int4Config
     bm = 16 if M <= 16 else 32
     return [C("wtc", 64, 256, 4, 4, 4, block_m=bm, swap=True, unpack="half"),
+            C("wtc", 64, 128, 4, 4, 6, block_m=bm, swap=True, unpack="half"),
             C("wtc", 32, 256, 2, 4, 4, block_m=bm, unpack="half"),
-            C("wtc", 64, 256, 2, 4, 4, block_m=bm, swap=True, unpack="f32")]
+            C("wtc", 64, 256, 4, 4, 4, block_m=bm, swap=True, unpack="group")]
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device: torch.device, k_major: bool = False,

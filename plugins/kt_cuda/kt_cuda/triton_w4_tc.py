@@ -212,6 +212,7 @@ def _finish(out, offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, WS_PLANE
 
 
 _SCRATCH: dict = {}
+_RETIRED: list = []  # outgrown buffers: a captured CUDA graph may still point at them, so never freed
 
 
 def _split_scratch(device: torch.device, floats: int, tiles: int):
@@ -222,9 +223,11 @@ def _split_scratch(device: torch.device, floats: int, tiles: int):
     key = (device.type, device.index, stream)
     ws, cnt = _SCRATCH.get(key, (None, None))
     if ws is None or ws.numel() < floats:
-        ws = torch.empty(max(floats, 1 << 20), device=device, dtype=torch.float32)
+        _RETIRED.append(ws)
+        ws = torch.empty(max(floats, 1 << 20, 2 * (0 if ws is None else ws.numel())), device=device, dtype=torch.float32)
     if cnt is None or cnt.numel() < tiles:
-        cnt = torch.zeros(max(tiles, 1 << 14), device=device, dtype=torch.int32)
+        _RETIRED.append(cnt)
+        cnt = torch.zeros(max(tiles, 1 << 14, 2 * (0 if cnt is None else cnt.numel())), device=device, dtype=torch.int32)
     _SCRATCH[key] = (ws, cnt)
     return ws, cnt
 

@@ -86,6 +86,20 @@ def test_wtc_labels_and_candidates():
     assert not any(c.kernel == "wtc" for c in candidates(16, 32, k_major=True))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_split_scratch_grows_without_freeing():
+    """An outgrown workspace stays allocated (a captured CUDA graph may still use it); counters start zeroed."""
+    from kt_cuda.triton_w4_tc import _RETIRED, _split_scratch
+
+    dev = torch.device("cpu")
+    ws, cnt = _split_scratch(dev, 10, 10)
+    assert ws.numel() >= 10 and cnt.numel() >= 10 and int(cnt.abs().sum()) == 0
+    assert _split_scratch(dev, 10, 10)[0] is ws  # reused
+    bigger, cnt2 = _split_scratch(dev, ws.numel() + 1, cnt.numel() + 1)
+    assert bigger.numel() > ws.numel() and cnt2.numel() > cnt.numel() and int(cnt2.abs().sum()) == 0
+    assert any(t is ws for t in _RETIRED) and any(t is cnt for t in _RETIRED)
+
+
 def _reference(x, w, bias):
     y = x.double().cpu() @ w.dequantize(torch.float64).cpu().T
     return y + bias.double().cpu() if bias is not None else y
