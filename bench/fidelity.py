@@ -8,13 +8,24 @@ For each model:
 
     python bench/fidelity.py --threads 2
     python bench/fidelity.py --models smollm2 --rules my-rules.yaml
+
+llama.cpp's quantized kernels differ between its builds (AVX2, AVX512, ...), so on a quantized file no
+build is *the* reference. ``--llama-libs`` scores ktcore against several builds (each a directory holding
+its ``libllama.so``, loaded in a subprocess of its own) and the builds against each other:
+
+    python bench/fidelity.py --threads 16 --no-transformers --llama-libs /opt/llama-avx2,/opt/llama-avx512
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +136,49 @@ def evaluate(name: str, threads: int, rules=None, max_tokens: int = 512, with_tr
     return result
 
 
+def logits_from_build(lib_dir: str, path, ids: list[int], threads: int) -> np.ndarray:
+    """llama.cpp's teacher-forced logits from the build whose libraries are in ``lib_dir`` (a subprocess:
+    a process can load one ``libllama`` only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file, out = Path(tmp) / "ids.json", Path(tmp) / "logits.npy"
+        ids_file.write_text(json.dumps(ids))
+        env = {**os.environ, "LLAMA_CPP_LIB_PATH": lib_dir,
+               "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [lib_dir, os.environ.get("LD_LIBRARY_PATH")]))}
+        cmd = [sys.executable, __file__, "--dump-logits", str(path), str(ids_file), str(out), "--threads", str(threads)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"llama.cpp build {lib_dir} failed on {path}:\n{done.stderr[-2000:]}")
+        return np.load(out)
+
+
+def compare_builds(name: str, threads: int, rules, max_tokens: int, lib_dirs: list[str]) -> list[str]:
+    """Rows: ktcore against each llama.cpp build, then each pair of builds against each other."""
+    path = MODELS[name]()
+    gen, _ = load_ktcore(path, rules=rules, threads=threads, max_context=max(1024, max_tokens + 64))
+    llm = load_llamacpp(path, threads=threads, n_ctx=max_tokens + 64)
+    ids = llamacpp_tokens(llm, fixed_text())[:max_tokens]
+    del llm
+    ours = gen.score(ids)
+    refs = {d: logits_from_build(d, path, ids, threads) for d in lib_dirs}
+    rows = []
+    for d, ref in refs.items():
+        st = teacher_forced_stats(ours, ref, ids)
+        rows.append(f"{name:<9} ktcore vs {d}: top-1 {st['agreement']:.2%}, mean KL {st['mean_kl']:.5f}, "
+                    f"ppl {st['ppl_ktcore']:.3f} vs {st['ppl_llamacpp']:.3f}")
+    for a, b in itertools.combinations(lib_dirs, 2):
+        st = teacher_forced_stats(torch.from_numpy(refs[b]).log_softmax(-1), refs[a], ids)
+        rows.append(f"{name:<9} {b} vs {a}: top-1 {st['agreement']:.2%}, mean KL {st['mean_kl']:.5f}, "
+                    f"ppl {st['ppl_ktcore']:.3f} vs {st['ppl_llamacpp']:.3f}")
+    return rows
+
+
+def _dump_logits(path: str, ids_file: str, out: str, threads: int) -> int:
+    ids = json.loads(Path(ids_file).read_text())
+    llm = load_llamacpp(path, threads=threads, n_ctx=len(ids) + 64, logits_all=True, exact_kv=True)
+    np.save(out, llamacpp_logits(llm, ids))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,gemma3", help="comma-separated: " + ", ".join(MODELS))
@@ -132,8 +186,21 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default=None, help="rule file for ktcore (default: the shipped one)")
     ap.add_argument("--tokens", type=int, default=512, help="teacher-forced text length in tokens")
     ap.add_argument("--no-transformers", action="store_true", help="skip the plain-Transformers greedy check")
+    ap.add_argument("--llama-libs", default=None,
+                    help="comma-separated directories of llama.cpp builds: score ktcore against each, and the builds "
+                         "against each other (teacher forcing only)")
+    ap.add_argument("--dump-logits", nargs=3, metavar=("GGUF", "IDS_JSON", "OUT_NPY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.dump_logits:
+        return _dump_logits(*args.dump_logits, threads=args.threads)
+    if args.llama_libs:
+        for name in args.models.split(","):
+            try:
+                print("\n".join(compare_builds(name, args.threads, args.rules, args.tokens, args.llama_libs.split(","))))
+            except ModelUnavailable as exc:
+                print(f"{name:<9} skipped: {exc}")
+        return 0
     header = f"{'model':<9} {'tokens':>6} {'top-1 agree':>11} {'mean KL':>9} {'ppl ktcore':>10} {'ppl llama.cpp':>13} " \
              f"{'ppl diff':>8} {'greedy = HF':>11} {'prefix = llama.cpp':>18}"
     lines, ok = [header, "-" * len(header)], True
