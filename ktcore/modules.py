@@ -207,13 +207,16 @@ class KModule(nn.Module):
 
     # -- calls ---------------------------------------------------------------------------------------
 
+    def _pick(self, tokens_per_sequence: int) -> tuple[Op, bool]:
+        """The op for a call of that many tokens per sequence, and whether outputs stay where it computes."""
+        generate, prefill, threshold, keeps_device = self.__dict__.get("_plan") or self._call_plan()
+        return (generate if tokens_per_sequence <= threshold else prefill), keeps_device
+
     def pick(self, tokens_per_sequence: int) -> Op:
-        generate, prefill, threshold, _ = self._call_plan()
-        return generate if tokens_per_sequence <= threshold else prefill
+        return self._pick(tokens_per_sequence)[0]
 
     def _run(self, tokens: int, out_like: torch.Tensor, *args, **kwargs):
-        generate, prefill, threshold, keeps_device = self._call_plan()
-        op = generate if tokens <= threshold else prefill
+        op, keeps_device = self._pick(tokens)
         device = op.device
         if keeps_device and out_like.device == device and _all_on(args, device) and _all_on(kwargs.values(), device):
             # the common case (a decode step makes hundreds of these calls): nothing to move, no module hooks
@@ -266,8 +269,7 @@ class KLinear(KModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[-2] if x.dim() >= 2 else 1
-        generate, prefill, threshold, keeps_device = self.__dict__.get("_plan") or self._call_plan()
-        op = generate if tokens <= threshold else prefill
+        op, keeps_device = self._pick(tokens)
         if keeps_device and (x.is_cpu if op.device.type == "cpu" else x.device == op.device):
             return op.forward(x)  # nothing to move (the decode path: hundreds of calls per step)
         return self._run(tokens, x, x)
