@@ -12,6 +12,8 @@ Byte kernels, any layout (K-major bytes too) and larger batches:
 - ``_int4_to_dense_kernel``: expands the weight for torch's GEMM (large batches).
 - ``_moe_int4_kernel``: the GEMM over token-expert pairs sorted by expert (``KExpertsGPU``).
 - ``a8gemv`` (``triton_w4a8``): 1-4 rows rounded to int8 blocks, two ``dp4a`` per weight word (opt-in).
+- ``wtc`` (``triton_w4_tc``): 5-32 rows, tiles fed to ``tl.dot`` by plain loads that Triton's pipeliner
+  stages through shared memory; split K reduced inside the kernel (one launch, output in the input dtype).
 Kernels split K over a third grid axis when asked (fp32 atomics). Which kernel and tile runs is timed
 once per problem among ``candidates`` (``tuned_config``; H200 sweeps in notes/h200-int4-words-2026-11-28.md).
 """

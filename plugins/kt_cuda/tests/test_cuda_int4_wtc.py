@@ -116,14 +116,18 @@ GPU_CONFIGS = [  # every unpack, plain and swapped, split K 1-4 (3 of them with 
 ]
 
 
+# (rows, symmetric, dtype) per config: each combination is its own compilation, so a few per config
+ROWS = [(5, False, torch.float16), (16, True, torch.bfloat16), (32, False, torch.float16), (32, True, torch.float16)]
+
+
 @pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-@pytest.mark.parametrize("M", [5, 16, 32])
-@pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("dtype", half_dtypes())
+@pytest.mark.parametrize("M,symmetric,dtype", ROWS, ids=lambda v: str(v).replace("torch.", ""))
 def test_wtc_configs(device, cfg, M, symmetric, dtype):
     from kt_cuda.triton_int4 import Int4Config, int4_matmul
     from kt_cuda.triton_w4_tc import _SCRATCH
 
+    if dtype not in half_dtypes():
+        pytest.skip(f"{dtype} is not tested here (Triton's interpreter: numpy has no bfloat16)")
     torch.manual_seed(M + 3 * symmetric)
     N, K = 61, 640  # K not a multiple of 256, N not of any block
     w = int4.quantize(torch.randn(N, K), 32, symmetric=symmetric).to(device)
@@ -145,7 +149,7 @@ def test_wtc_group_sizes_and_fp32_scales(device, group_size, scales_dtype):
     N, K = 40, 1024
     w = int4.quantize(torch.randn(N, K), group_size, scales_dtype=scales_dtype).to(device)
     x = torch.randn(16, K, device=device).half()
-    for unpack in ("f32", "half", "group"):
+    for unpack in ("f32", "half", "group") if scales_dtype == torch.float32 else ("half",):
         out = int4_matmul(x, w, None, Int4Config("wtc", 32, 256, 2, swap=True, unpack=unpack))
         assert rel_err(out.cpu(), _reference(x, w, None)) < TOL[torch.float16], unpack
 
@@ -166,7 +170,7 @@ def test_wtc_rejects_bad_inputs(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-@pytest.mark.parametrize("M", [8, 16, 24])
+@pytest.mark.parametrize("M", [16, 24])
 def test_wtc_candidates_on_gpu(M):
     """Every ``wtc`` tile the autotuner may pick compiles on this GPU and is correct on a shape with
     several K tiles per split."""
