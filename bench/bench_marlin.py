@@ -230,6 +230,9 @@ WTC_TILES = [
     # Triton 3.9), so 3-4 programs per SM instead of 2
     (64, 128, 2, 4, 6, True), (64, 128, 8, 4, 4, True), (128, 128, 4, 8, 5, True), (32, 128, 2, 4, 6, False),
     (32, 128, 4, 4, 6, False),
+    # every program reads the activation tile of its K range from L2: 128 weight rows per program halve
+    # that traffic against 64 (and quarter it against 32)
+    (128, 128, 4, 4, 4, True), (64, 128, 4, 4, 8, True), (128, 128, 2, 8, 6, True),
 ]
 WTC_GROUP_TILES = [0, 1, 2, 7, 8, 9, 13, 16]  # the per-group-dot unpack on these WTC_TILES
 
