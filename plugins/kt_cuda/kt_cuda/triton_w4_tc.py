@@ -39,12 +39,6 @@ UNPACKS = {"f32": 0, "half": 1, "group": 2}
 
 
 @triton.jit
-def _magic(w, T: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
-    """Nibble ``T`` of int32 words as ``BIAS + q`` in ``DT``: the nibble ORed into the mantissa of BIAS."""
-    return (((w >> (4 * T)) & 0xF) | MAGIC).to(tl.int16).to(DT, bitcast=True)
-
-
-@triton.jit
 def _magic_pair(w, T: tl.constexpr, MAGIC: tl.constexpr, DT: tl.constexpr):
     """Nibbles ``T`` and ``T + 4`` of int32 words as ``BIAS + q`` in ``DT``, from one shift and one AND/OR
     that fill both 16-bit halves of a register (``0x000F000F``, ``MAGIC * 0x10001``)."""
