@@ -195,9 +195,13 @@ static inline __m256 pair_scales(const uint16_t* s) {
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
 
-// 32 unsigned 8-bit weights x 32 int8 activations, scaled by sv (lanes 0-3: the scale of elements 0-15, lanes
-// 4-7: of elements 16-31) and the activation block scale, accumulated into acc.
-static inline __m256 dot_u8_scaled(__m256i w, __m256i a, __m256 sv, __m256 dx, __m256 acc) {
+template <class Q, int P> static inline __m256 pair_scales(SubScales<Q, P> s) {
+    return _mm256_setr_m128(_mm_set1_ps(scalar(s, 0)), _mm_set1_ps(scalar(s, 1)));
+}
+
+// 32 unsigned 8-bit weights x 32 int8 activations, scaled by sdx (lanes 0-3: the scale of elements 0-15, lanes
+// 4-7: of elements 16-31, times the activation block scale), accumulated into acc.
+static inline __m256 dot_u8_scaled(__m256i w, __m256i a, __m256 sdx, __m256 acc) {
 #if KT_VNNI
     __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, a);  // lanes 0-3: elements 0-15, 4-7: 16-31
 #else
@@ -208,7 +212,7 @@ static inline __m256 dot_u8_scaled(__m256i w, __m256i a, __m256 sv, __m256 dx, _
     __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), m4), a);
     __m256i p = _mm256_add_epi32(_mm256_madd_epi16(hi, _mm256_set1_epi16(16)), _mm256_madd_epi16(lo, _mm256_set1_epi16(1)));
 #endif
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(sv, dx), acc);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), sdx, acc);
 }
 
 // 8-bit groups of GS = 16 (two scales per block of 32) or 32 (one).
@@ -228,43 +232,49 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
         aq[t] = X.q + size_t(p) * X.k;
         ad[t] = X.d + size_t(p) * G32;
     }
-    // block g of 32 along k; s[r]: row r's scales from block g's first group on
-    auto block = [&](int g, const auto* s) {
+    // block g of 32 along k; sx(r, t): row r's scales of the block (pair_scales' lanes) times token t's dx
+    auto block = [&](int g, auto sx) {
         __m256i a[T];
-        __m256 dx[T];
-        for (int t = 0; t < T; ++t) {
-            a[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + g * 32));
-            dx[t] = _mm256_broadcast_ss(ad[t] + g);
-        }
+        for (int t = 0; t < T; ++t) a[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + g * 32));
         for (int r = 0; r < R; ++r) {
             __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + g * 32));
-            __m256 sv = GS == 32 ? bcast(s[r], 0) : pair_scales(s[r]);
-            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], sv, dx[t], acc[r][t]);
+            for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], sx(r, t), acc[r][t]);
         }
     };
-    if constexpr (kSub<S>) {
-        static_assert(GS == 16, "two-level 8-bit scales come in groups of 16");
-        // two-level scales to float once per 16 groups (8 blocks; k % 256 == 0 for them), vectorized: the same
-        // products, fewer ops than one scalar product per group in the inner loop (Q6_K: 1.06x faster decode
-        // than float scales on AVX2, 1.13x slower without)
-        alignas(32) float sf[R][16];
-        for (int g8 = 0; g8 < G32; g8 += 8) {
-            for (int r = 0; r < R; ++r) {
-                _mm256_store_ps(sf[r], load8(ws[r] + 2 * g8));
-                _mm256_store_ps(sf[r] + 8, load8(ws[r] + 2 * g8 + 8));
-            }
-            for (int g = g8; g < g8 + 8; ++g) {
-                const float* s[R];
-                for (int r = 0; r < R; ++r) s[r] = sf[r] + 2 * (g - g8);
-                block(g, s);
+    // Per 8 blocks, the group scales (two-level ones expanded to float) times the blocks' dx, vectorized, into a
+    // small array: the same float products as scale * dx per block and row, fewer ops (Sub16: the expansion
+    // alone made Q6_K decode 1.06x faster than float scales on AVX2, 1.13x slower without).
+    constexpr int PB = 32 / GS;  // groups per block
+    alignas(32) float sdx[R][T][8 * PB];
+    int g = 0;
+    for (; g + 8 <= G32; g += 8) {
+        for (int r = 0; r < R; ++r) {
+            if constexpr (GS == 16) {  // group 2j and 2j + 1 under block j's dx
+                __m256 s0 = load8(ws[r] + 2 * g), s1 = load8(ws[r] + 2 * g + 8);
+                for (int t = 0; t < T; ++t) {
+                    __m256 d = _mm256_loadu_ps(ad[t] + g);
+                    __m256 d0 = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+                    __m256 d1 = _mm256_permutevar8x32_ps(d, _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7));
+                    _mm256_store_ps(sdx[r][t], _mm256_mul_ps(s0, d0));
+                    _mm256_store_ps(sdx[r][t] + 8, _mm256_mul_ps(s1, d1));
+                }
+            } else {
+                __m256 s0 = load8(ws[r] + g);
+                for (int t = 0; t < T; ++t) _mm256_store_ps(sdx[r][t], _mm256_mul_ps(s0, _mm256_loadu_ps(ad[t] + g)));
             }
         }
-    } else {
-        for (int g = 0; g < G32; ++g) {
-            typename ScaleOf<S>::type s[R];
-            for (int r = 0; r < R; ++r) s[r] = ws[r] + g * (32 / GS);
-            block(g, s);
-        }
+        for (int j = 0; j < 8; ++j)
+            block(g + j, [&](int r, int t) {
+                return GS == 32 ? _mm256_broadcast_ss(&sdx[r][t][j]) : pair_scales(&sdx[r][t][2 * j]);
+            });
+    }
+    for (; g < G32; ++g) {  // k not a multiple of 256 (never with two-level scales)
+        __m256 dx[T];
+        for (int t = 0; t < T; ++t) dx[t] = _mm256_broadcast_ss(ad[t] + g);
+        block(g, [&](int r, int t) {
+            __m256 sv = GS == 32 ? bcast(ws[r], g) : pair_scales(ws[r] + 2 * g);
+            return _mm256_mul_ps(sv, dx[t]);
+        });
     }
     for (int t = 0; t < T; ++t) {
         const float* asum = (GS == 32 ? X.s32 : X.s16) + size_t(X.phys(m + t)) * (W.k / GS);
