@@ -95,10 +95,11 @@ def test_q4k_decode_matches_emulation_bit_for_bit(isa, n, k):
         assert np.array_equal(y, ref), f"max abs diff {np.abs(y - ref).max():.3g}"
 
 
-@pytest.mark.parametrize("type_name,k", [("Q4_K", 512), ("Q4_0", 288), ("Q4_1", 1024)])
+@pytest.mark.parametrize("type_name,k", [("Q4_K", 512), ("Q4_0", 288), ("Q4_1", 1024), ("Q5_K", 512),
+                                         ("Q6_K", 256), ("Q8_0", 288), ("Q5_1", 512)])
 def test_decode_outputs_do_not_depend_on_token_tile(isa, type_name, k):
     """One token alone (tile of one token) and the same token among 2-5 (tiles of 2 or 4 plus remainders):
-    the same floats. Q4_0 at k = 288: 9 groups, 8 in the scale-expanded loop and one after it."""
+    the same floats. k = 288: 9 blocks of 32, 8 in the scale-expanded loop and one after it."""
     qt = random_blocks(type_name, (38, k), seed=13)
     op = make_linear(qt)
     x = torch.randn(5, k, generator=torch.Generator().manual_seed(14))
