@@ -12,6 +12,7 @@ Byte kernels, any layout (K-major bytes too) and larger batches:
 - ``_int4_to_dense_kernel``: expands the weight for torch's GEMM (large batches).
 - ``_moe_int4_kernel``: the GEMM over token-expert pairs sorted by expert (``KExpertsGPU``).
 - ``a8gemv`` (``triton_w4a8``): 1-4 rows rounded to int8 blocks, two ``dp4a`` per weight word (opt-in).
+- ``a8one`` (``triton_w4_one``): the same product in one launch (rounding and split K inside the kernel).
 - ``wtc`` (``triton_w4_tc``): 5-32 rows, tiles fed to ``tl.dot`` by plain loads that Triton's pipeliner
   stages through shared memory; split K reduced inside the kernel (one launch, output in the input dtype).
 Kernels split K over a third grid axis when asked (fp32 atomics). Which kernel and tile runs is timed
@@ -487,8 +488,8 @@ class Int4Config:
     """One launch. ``kernel``: ``wgemv`` (CUDA cores over int32 words, ``block_m`` rows per program sharing
     each unpacked tile), ``wdot`` (tensor cores over int32 words, ``block_m`` >= 16 rows), ``gemv`` / ``gemm``
     (the byte-load kernels: any layout, K-major bytes too), ``dense`` (expand the weight, then torch's
-    GEMM), ``a8gemv`` (``triton_w4a8``) or ``wtc`` (``triton_w4_tc``: pipelined tensor-core tiles for 5-32
-    rows, split K reduced inside the kernel; ``unpack``: ``f32`` / ``half`` / ``group``, see there).
+    GEMM), ``a8gemv`` (``triton_w4a8``), ``a8one`` (``triton_w4_one``: ``a8gemv`` in one launch) or ``wtc``
+    (``triton_w4_tc``: pipelined tensor-core tiles for 5-32 rows, split K reduced inside the kernel; ``unpack``: ``f32`` / ``half`` / ``group``, see there).
     ``prefetch`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need N-major
     packed bytes."""
 
@@ -509,7 +510,7 @@ class Int4Config:
         name = self.kernel
         if self.kernel == "wtc":
             name += f"{_UNPACK_TAG[self.unpack]}{'T' if self.swap else ''}"
-        elif self.kernel in (*WORD_KERNELS, "a8gemv"):
+        elif self.kernel in (*WORD_KERNELS, "a8gemv", "a8one"):
             name += f"{'' if self.prefetch else '0'}{'T' if self.swap else ''}"
         m = f"m{self.block_m}" if self.kernel != "gemv" else ""
         return f"{name}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
@@ -549,6 +550,7 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
         out = [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm, prefetch=pf) for bn, bk, nw, pf in
                [(8, 1024, 8, False), (4, 1024, 4, False), (16, 512, 8, False), (8, 512, 4, False),
                 (8, 1024, 8, True), (4, 1024, 4, True)]]
+        out += a8one_candidates(M)  # one launch (rounding and split K inside), after the swept a8gemv tiles
     elif k_major or M > 32:
         out = _byte_candidates(M)
     elif M > 16:  # the byte GEMM tiles of 17-255 rows, then the pipelined tensor-core kernel (not yet swept)
@@ -563,6 +565,15 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
         out = [C("wdot", 32, 256, 2, 4, 3, block_m=16), C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True),
                C("wdot", 32, 256, 1, 4, 3, block_m=16)] + wtc_candidates(M)
     return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
+
+
+def a8one_candidates(M: int) -> list[Int4Config]:
+    """A few ``a8one`` tiles for 1-4 rows (``triton_w4_one``: activations rounded inside the GEMV, split K
+    reduced inside; one launch), timed by ``tuned_config`` beside ``a8gemv`` until an H200 sweep ranks them."""
+    C = Int4Config
+    bm = _pow2_at_least(M)
+    return [C("a8one", bn, bk, sk, nw, 3, block_m=bm, prefetch=True) for bn, bk, sk, nw in
+            [(8, 1024, 1, 4), (16, 1024, 1, 8), (8, 1024, 2, 4), (16, 512, 2, 8), (32, 1024, 4, 8)]]
 
 
 def wtc_candidates(M: int) -> list[Int4Config]:
@@ -656,6 +667,10 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         from .triton_w4a8 import w4a8_matmul
 
         return w4a8_matmul(x, w, bias, cfg)
+    if cfg.kernel == "a8one":
+        from .triton_w4_one import w4a8_one_matmul
+
+        return w4a8_one_matmul(x, w, bias, cfg)
     if cfg.kernel == "wtc":
         from .triton_w4_tc import w4_tc_matmul
 
@@ -693,7 +708,8 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K, x.stride(0), *strides,
                                 BLOCK_M=cfg.block_m, **common)
     else:
-        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, wtc, a8gemv, gemv, gemm, dense")
+        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, wtc, a8gemv, a8one, gemv, gemm, "
+                         "dense")
     return y if split == 1 else y.to(x.dtype)
 
 

@@ -1,0 +1,148 @@
+"""Int4 weights x int8 activations for 1-4 rows in ONE launch (the ``a8one`` kernel of ``Int4Config``).
+
+``a8gemv`` (``triton_w4a8``) first rounds the activations to int8 blocks in a separate kernel, then runs the
+dp4a GEMV; with split K it also needs a zeroed fp32 output and a cast back (up to four launches, ~1-2 us
+each inside a CUDA graph against a ~7 us GEMV). Here a single kernel does everything:
+
+- each program rounds the activation blocks of its own K range itself (the activations are a few KB and sit
+  in L2; the programs along N repeat that work, which costs less than a launch). The rounding is that of
+  ``_quant_act_kernel`` (scale ``amax/127``, round half away from zero), so the products equal
+  ``a8gemv``'s: the same int8 activations meet the same int4 weights in the same order;
+- split K is reduced inside the kernel through ``triton_w4_tc``'s workspace and per-tile counters (the last
+  split to arrive sums the fp32 partials in split order, adds the bias, stores ``x.dtype``): deterministic;
+- ``PREFETCH``: the next tile's weight words and activations are requested before this tile is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int4 import Int4Weight
+from .triton_w4_tc import _finish, _split_scratch
+from .triton_w4a8 import ACT_BLOCK, _dp4a, _emulate, _load_words
+
+
+@triton.jit
+def _load_x(x_rows, tile, t_end, offs_k, m_mask, BLOCK_K: tl.constexpr, K):
+    """Activations ``[BLOCK_M, BLOCK_K]`` (float32) of K tile ``tile``; zeros past ``K`` and past ``t_end``."""
+    k = tile * BLOCK_K + offs_k
+    k_mask = k < tl.minimum(K, t_end * BLOCK_K)
+    return tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _round_blocks(x, BLOCK_M: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr):
+    """``x [BLOCK_M, 32*NB]`` -> int8 values in dp4a words (``lo``/``hi`` ``[BLOCK_M, NW]``), block scales
+    ``dx`` and ``dx * sum(xq)`` ``[BLOCK_M, NB]``: the arithmetic of ``_quant_act_kernel``."""
+    xb = tl.reshape(x, [BLOCK_M, NB, 32])
+    amax = tl.max(tl.abs(xb), axis=2)
+    d = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    v = xb * inv[:, :, None]
+    q = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5)).to(tl.int32)
+    xs = d * tl.sum(q, axis=2).to(tl.float32)
+    q4 = tl.reshape(q, [BLOCK_M, NW, 4, 2])  # position k = 8*word + 2*byte + half
+    shift = (8 * tl.arange(0, 4))[None, None, :, None]
+    packed = tl.sum((q4 & 0xFF) << shift, axis=2)  # disjoint bit fields
+    lo, hi = tl.split(packed)
+    return lo, hi, d, xs
+
+
+@triton.jit
+def _w4a8_one_kernel(
+    x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym, ws_plane,
+    ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """``BLOCK_M`` rows x ``BLOCK_N`` outputs per program over K split ``program_id(2)``; the dot product of
+    ``_w4a8_gemv_kernel`` with the activations rounded here, per tile."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    NW: tl.constexpr = BLOCK_K // 8  # words per tile
+    NB: tl.constexpr = BLOCK_K // 32  # activation blocks per tile
+    NG: tl.constexpr = BLOCK_K // GROUP  # weight groups per tile
+    BPG: tl.constexpr = GROUP // 32  # activation blocks per weight group
+    n_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_w = tl.arange(0, NW)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, NG)
+    q_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
+    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NG], dtype=tl.float32)
+    w = _load_words(q_rows, t_begin, t_end, offs_w, n_mask, NW, K)
+    xf = _load_x(x_rows, t_begin, t_end, offs_k, m_mask, BLOCK_K, K)
+    for tile in range(t_begin, t_end):
+        if PREFETCH:
+            w_next = _load_words(q_rows, tile + 1, t_end, offs_w, n_mask, NW, K)
+            x_next = _load_x(x_rows, tile + 1, t_end, offs_k, m_mask, BLOCK_K, K)
+        g0 = tile * NG
+        gm = n_mask[:, None] & (g0 + offs_g < K // GROUP)[None, :]
+        s = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
+        else:
+            mn = s * ZP
+        xl, xh, dx, xs = _round_blocks(xf, BLOCK_M, NB, NW)
+        lo = (w & 0x0F0F0F0F)[None, :, :]
+        hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :]
+        zero = tl.zeros([BLOCK_M, BLOCK_N, NW], dtype=tl.int32)
+        dot = _dp4a(hi + zero, xh[:, None, :] + zero, _dp4a(lo + zero, xl[:, None, :] + zero, zero, EMULATE), EMULATE)
+        blk = tl.sum(tl.reshape(dot, [BLOCK_M, BLOCK_N, NB, 4]), axis=3).to(tl.float32) * dx[:, None, :]
+        grp = tl.sum(tl.reshape(blk, [BLOCK_M, BLOCK_N, NG, BPG]), axis=3)
+        xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
+        acc += s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
+        if PREFETCH:
+            w = w_next
+            xf = x_next
+        else:
+            w = _load_words(q_rows, tile + 1, t_end, offs_w, n_mask, NW, K)
+            xf = _load_x(x_rows, tile + 1, t_end, offs_k, m_mask, BLOCK_K, K)
+    _finish(tl.sum(acc, axis=2), offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, ws_plane, cnt_ptr,
+            pid_n, pid_m, pid_k, HAS_BIAS, SPLIT_K)
+
+
+def w4a8_one_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` in ``x.dtype``, ``x`` rounded to int8 blocks of 32 inside the kernel; ``cfg``: an
+    ``Int4Config`` of kernel ``a8one`` (``block_m`` rows, ``block_n`` x ``block_k`` tiles, ``split_k``)."""
+    N, K = w.shape
+    M = x.shape[0]
+    if w.qweight.stride(-1) != 1:
+        raise ValueError("int4 kernel 'a8one' reads int32 words along K: it needs N-major packed bytes "
+                         "(int4.with_layout(w, k_major=False))")
+    if K % ACT_BLOCK:
+        raise ValueError(f"int8 activations come in blocks of {ACT_BLOCK}; got {K} features")
+    if cfg.block_k % w.group_size or cfg.block_k % ACT_BLOCK:
+        raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {w.group_size} and of 32")
+    if cfg.block_m not in (1, 2, 4):
+        raise ValueError(f"'a8one' takes block_m 1, 2 or 4 rows per program, got {cfg.block_m}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    qw = w.qweight.view(torch.int32)
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    if cfg.split_k > 1:
+        ws, cnt = _split_scratch(x.device, cfg.split_k * M * N, grid[0] * grid[1])
+    else:
+        ws, cnt = y, y  # not read
+    mins = w.mins if w.mins is not None else w.scales
+    b = bias if bias is not None else w.scales
+    _w4a8_one_kernel[grid](x, qw, w.scales, mins, b, y, ws, cnt, M, N, K, x.stride(0), qw.stride(0),
+                           w.scales.stride(0), y.stride(0), M * N,
+                           ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None,
+                           HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch, EMULATE=_emulate(),
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
