@@ -11,6 +11,12 @@ median wall time is printed beside it).
 
 ``--save`` writes the outputs of a fixed input, ``--check`` compares this build's outputs to such a file bit
 for bit (for a kernel change that must not change any float).
+
+Measured (2026-11-29, the 2-core shared AMD EPYC dev VM, AVX2; old and new builds alternated 12 times, each run
+11 rounds of 100 calls): Q4_K 256 x 2048 before the 8-group scale expansion (b062b65) 50.5 us per call
+(median of medians; best 32.8 us, 16.0 weights/ns), after 36.0 us (best 23.4 us, 22.4 weights/ns), paired
+ratio 1.42x (range 1.00-2.33 on this noisy machine); about 2-4 us of each call is the Python call, the
+activation quantization and the pool (4 x 2048: 1.8-4 us).
 """
 
 from __future__ import annotations
