@@ -203,11 +203,13 @@ def kernel_configs(M: int):
                 [(4, 1024, 1, 4, False), (8, 1024, 1, 8, False), (8, 512, 1, 4, False), (4, 1024, 1, 4, True),
                  (8, 1024, 1, 8, True), (8, 512, 1, 4, True), (16, 512, 1, 8, True), (4, 2048, 1, 4, True),
                  (8, 2048, 1, 8, True), (2, 2048, 1, 4, True), (16, 1024, 1, 8, True), (32, 512, 1, 8, True)]]
+        out += a8one_configs(1)
     elif M <= 4:
         out = [C("wgemv", 8, 512, 1, 4, 3, block_m=4)]
         out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=4, prefetch=pf) for bn, bk, nw, pf in
                 [(8, 1024, 4, False), (16, 512, 8, False), (8, 1024, 8, True), (16, 512, 8, True), (8, 512, 4, True),
                  (16, 1024, 8, True)]]
+        out += a8one_configs(4)
     else:
         bm = 16 if M <= 16 else 32
         out = [C("wdot", bn, bk, sk, 4, 3, block_m=bm, swap=sw) for bn, bk, sk, sw in
@@ -217,6 +219,30 @@ def kernel_configs(M: int):
                     [(8, 512, 4, 8), (16, 256, 4, 8), (16, 256, 4, 16), (8, 512, 8, 16), (16, 512, 8, 16), (32, 256, 8, 16)]]
         out += wtc_configs(M)
     return out
+
+
+# a8one tiles (block_n, block_k, split_k, num_warps, prefetch): the activation rounding is repeated by every
+# program along N, block_m * block_k values per tile against block_n * block_k / 8 weight words, so wide N
+# tiles (16-64) with split K (in-kernel, still one launch) to keep enough programs, and a few narrow ones
+A8ONE_TILES = {
+    1: [(8, 1024, 1, 4, True), (16, 1024, 1, 8, True), (16, 512, 1, 4, True), (32, 512, 1, 8, True),
+        (32, 512, 2, 8, True), (32, 1024, 2, 8, True), (32, 512, 4, 8, True), (16, 512, 2, 4, True),
+        (16, 1024, 2, 8, True), (8, 1024, 2, 4, True), (8, 2048, 2, 8, True), (4, 2048, 1, 4, True),
+        (4, 1024, 2, 2, True), (16, 2048, 4, 8, True), (32, 1024, 4, 8, True), (8, 512, 4, 4, True),
+        (64, 512, 4, 8, True), (32, 2048, 8, 8, True), (16, 1024, 1, 8, False), (32, 512, 2, 8, False)],
+    4: [(8, 1024, 1, 4, True), (16, 512, 1, 8, True), (16, 1024, 1, 8, True), (32, 512, 1, 8, True),
+        (32, 512, 2, 8, True), (16, 512, 2, 4, True), (8, 1024, 2, 4, True), (32, 1024, 2, 8, True),
+        (16, 1024, 4, 8, True), (32, 512, 4, 8, True), (64, 512, 2, 8, True), (8, 512, 1, 4, True),
+        (16, 512, 1, 8, False)],
+}
+
+
+def a8one_configs(M: int):
+    """``a8one`` (``kt_cuda.triton_w4_one``: rounding and split K inside one launch) configs for 1-4 rows."""
+    from kt_cuda.triton_int4 import Int4Config as C
+
+    bm = 1 if M == 1 else 4
+    return [C("a8one", bn, bk, sk, nw, 3, block_m=bm, prefetch=pf) for bn, bk, sk, nw, pf in A8ONE_TILES[bm]]
 
 
 # wtc tiles (block_n, block_k, split_k, num_warps, num_stages, swap): swapped operands (weight rows as the
@@ -322,7 +348,7 @@ def kernel_sweep(args, device) -> list[str]:
                 results.append((t, cfg, err))
                 tsv.append(f"{K}\t{N}\t{M}\t{cfg.label()}\t{t:.2f}\t{t16:.2f}\t{t16 / t:.3f}\t{err:.1e}")
             results.sort(key=lambda r: r[0])
-            bad = [f"{c.label()} e{e:.0e}" for _, c, e in results if not e < (2e-2 if c.kernel == "a8gemv" else 5e-3)]
+            bad = [f"{c.label()} e{e:.0e}" for _, c, e in results if not e < (2e-2 if c.kernel in ("a8gemv", "a8one") else 5e-3)]
             gbs = w.nbytes() / (results[0][0] * 1e-6) / 1e9 if results else 0.0
             line = (f"kern {K:>5}x{N:<5} M={M:<2} fp16 {t16:6.1f}us | " +
                     "; ".join(f"{c.label()} {t:.1f}us {t16 / t:.2f}x" for t, c, e in results[:5])

@@ -41,7 +41,8 @@ def _round_blocks(x, BLOCK_M: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr):
     d = amax / 127.0
     inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
     v = xb * inv[:, :, None]
-    q = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5)).to(tl.int32)
+    # round half away from zero: the sum rounds as floor(v + 0.5) / ceil(v - 0.5) do, the conversion truncates
+    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
     xs = d * tl.sum(q, axis=2).to(tl.float32)
     q4 = tl.reshape(q, [BLOCK_M, NW, 4, 2])  # position k = 8*word + 2*byte + half
     shift = (8 * tl.arange(0, 4))[None, None, :, None]
