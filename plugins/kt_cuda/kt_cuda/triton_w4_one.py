@@ -10,7 +10,10 @@ each inside a CUDA graph against a ~7 us GEMV). Here a single kernel does everyt
   ``a8gemv``'s: the same int8 activations meet the same int4 weights in the same order;
 - split K is reduced inside the kernel through ``triton_w4_tc``'s workspace and per-tile counters (the last
   split to arrive sums the fp32 partials in split order, adds the bias, stores ``x.dtype``): deterministic;
-- ``PREFETCH``: the next tile's weight words and activations are requested before this tile is computed.
+- ``PREFETCH``: the next tile's weight words, activations and group factors are requested before this tile
+  is computed; with ``EVEN_K`` (K a multiple of BLOCK_K) no load is masked (rows and tiles are clamped to
+  valid ones instead), so weights and activations arrive in 16-byte vectors (``a8gemv``'s masked loads
+  compile to 4-byte ones).
 """
 
 from __future__ import annotations
@@ -21,15 +24,37 @@ import triton.language as tl
 
 from .int4 import Int4Weight
 from .triton_w4_tc import _finish, _split_scratch
-from .triton_w4a8 import ACT_BLOCK, _dp4a, _emulate, _load_words
+from .triton_w4a8 import ACT_BLOCK, _dp4a, _emulate
 
 
 @triton.jit
-def _load_x(x_rows, tile, t_end, offs_k, m_mask, BLOCK_K: tl.constexpr, K):
-    """Activations ``[BLOCK_M, BLOCK_K]`` (float32) of K tile ``tile``; zeros past ``K`` and past ``t_end``."""
+def _tile_loads(q_rows, x_rows, s_rows, s_ptr, m_ptr, tile, offs_w, offs_k, offs_g, K, n_groups,
+                NW: tl.constexpr, BLOCK_K: tl.constexpr, NG: tl.constexpr, ZP: tl.constexpr,
+                HAS_MIN: tl.constexpr, EVEN_K: tl.constexpr):
+    """K tile ``tile``: weight words ``[BLOCK_N, NW]``, activations ``[BLOCK_M, BLOCK_K]`` (float32) and
+    group scales / mins ``[BLOCK_N, NG]``. Rows are clamped by the caller and ``tile`` to a valid tile, so
+    with ``EVEN_K`` nothing is masked and the loads stay 16-byte vectors; otherwise only K is masked."""
+    kw = tile * NW + offs_w
     k = tile * BLOCK_K + offs_k
-    k_mask = k < tl.minimum(K, t_end * BLOCK_K)
-    return tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+    g = tile * NG + offs_g
+    if EVEN_K:
+        w = tl.load(q_rows + kw[None, :], eviction_policy="evict_first")
+        x = tl.load(x_rows + k[None, :])
+        s = tl.load(s_ptr + s_rows + g[None, :])
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_rows + g[None, :])
+    else:
+        w = tl.load(q_rows + kw[None, :], mask=(kw < K // 8)[None, :], other=0, eviction_policy="evict_first")
+        x = tl.load(x_rows + k[None, :], mask=(k < K)[None, :], other=0.0)
+        s = tl.load(s_ptr + s_rows + g[None, :], mask=(g < n_groups)[None, :], other=0.0)
+        if HAS_MIN:
+            mn = tl.load(m_ptr + s_rows + g[None, :], mask=(g < n_groups)[None, :], other=0.0)
+    s = s.to(tl.float32)
+    if HAS_MIN:
+        mn = mn.to(tl.float32)
+    else:
+        mn = s * ZP
+    return w, x.to(tl.float32), s, mn
 
 
 @triton.jit
@@ -57,7 +82,7 @@ def _w4a8_one_kernel(
     M, N, K, stride_xm, stride_qn, stride_sn, stride_ym, ws_plane,
     ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr, EMULATE: tl.constexpr,
+    PREFETCH: tl.constexpr, EVEN_K: tl.constexpr, EMULATE: tl.constexpr,
 ):
     """``BLOCK_M`` rows x ``BLOCK_N`` outputs per program over K split ``program_id(2)``; the dot product of
     ``_w4a8_gemv_kernel`` with the activations rounded here, per tile."""
@@ -73,29 +98,27 @@ def _w4a8_one_kernel(
     t_begin = pid_k * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    # rows past M / N read the last valid row (no masks on loads) and are dropped at the store
+    rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
+    rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
     offs_w = tl.arange(0, NW)
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, NG)
-    q_rows = qw_ptr + offs_n.to(tl.int64)[:, None] * stride_qn
-    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    q_rows = qw_ptr + rows_n[:, None] * stride_qn
+    s_rows = rows_n[:, None] * stride_sn
+    x_rows = x_ptr + rows_m[:, None] * stride_xm
+    n_groups = K // GROUP
     acc = tl.zeros([BLOCK_M, BLOCK_N, NG], dtype=tl.float32)
-    w = _load_words(q_rows, t_begin, t_end, offs_w, n_mask, NW, K)
-    xf = _load_x(x_rows, t_begin, t_end, offs_k, m_mask, BLOCK_K, K)
+    # tile indices are clamped to the last tile: the prefetch past a split's end (and an empty split) read
+    # valid memory whose values are never used
+    w, xf, s, mn = _tile_loads(q_rows, x_rows, s_rows, s_ptr, m_ptr, tl.minimum(t_begin, n_tiles - 1), offs_w,
+                               offs_k, offs_g, K, n_groups, NW, BLOCK_K, NG, ZP, HAS_MIN, EVEN_K)
     for tile in range(t_begin, t_end):
         if PREFETCH:
-            w_next = _load_words(q_rows, tile + 1, t_end, offs_w, n_mask, NW, K)
-            x_next = _load_x(x_rows, tile + 1, t_end, offs_k, m_mask, BLOCK_K, K)
-        g0 = tile * NG
-        gm = n_mask[:, None] & (g0 + offs_g < K // GROUP)[None, :]
-        s = tl.load(s_ptr + s_rows + (g0 + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
-        if HAS_MIN:
-            mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
-        else:
-            mn = s * ZP
+            w_next, x_next, s_next, mn_next = _tile_loads(q_rows, x_rows, s_rows, s_ptr, m_ptr,
+                                                          tl.minimum(tile + 1, n_tiles - 1), offs_w, offs_k, offs_g,
+                                                          K, n_groups, NW, BLOCK_K, NG, ZP, HAS_MIN, EVEN_K)
         xl, xh, dx, xs = _round_blocks(xf, BLOCK_M, NB, NW)
         lo = (w & 0x0F0F0F0F)[None, :, :]
         hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :]
@@ -106,11 +129,10 @@ def _w4a8_one_kernel(
         xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
         acc += s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
         if PREFETCH:
-            w = w_next
-            xf = x_next
+            w, xf, s, mn = w_next, x_next, s_next, mn_next
         else:
-            w = _load_words(q_rows, tile + 1, t_end, offs_w, n_mask, NW, K)
-            xf = _load_x(x_rows, tile + 1, t_end, offs_k, m_mask, BLOCK_K, K)
+            w, xf, s, mn = _tile_loads(q_rows, x_rows, s_rows, s_ptr, m_ptr, tl.minimum(tile + 1, n_tiles - 1), offs_w,
+                                       offs_k, offs_g, K, n_groups, NW, BLOCK_K, NG, ZP, HAS_MIN, EVEN_K)
     _finish(tl.sum(acc, axis=2), offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, ws_plane, cnt_ptr,
             pid_n, pid_m, pid_k, HAS_BIAS, SPLIT_K)
 
@@ -144,6 +166,7 @@ def w4a8_one_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
                            w.scales.stride(0), y.stride(0), M * N,
                            ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None,
                            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch, EMULATE=_emulate(),
+                           BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch,
+                           EVEN_K=K % cfg.block_k == 0, EMULATE=_emulate(),
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
