@@ -40,10 +40,11 @@ cases = [  # group, symmetric, M, bias, config
     (64, True, 2, True, C("a8one", 8, 256, 3, block_m=2, prefetch=False)),  # a split with no K tile
     (128, False, 4, False, C("a8one", 32, 128, 3, block_m=4)),
     (128, True, 2, True, C("a8one", 8, 128, 1, block_m=1)),  # two row programs
+    (32, False, 2, True, C("a8one", 8, 128, 2, block_m=2)),  # float32 activations (below)
 ]
-for group, symmetric, M, with_bias, cfg in cases:
+for i, (group, symmetric, M, with_bias, cfg) in enumerate(cases):
     w = int4.quantize(torch.randn(N, K), group, symmetric=symmetric)
-    x = torch.randn(M, K).half()
+    x = torch.randn(M, K) if i == len(cases) - 1 else torch.randn(M, K).half()
     bias = torch.randn(N) if with_bias else None
     lo, hi, dx, xs = quantize_activations(x)
     x_hat = dequantize_activations(dx, lo, hi).double()
@@ -56,7 +57,7 @@ for group, symmetric, M, with_bias, cfg in cases:
     ref = int4_matmul(x, w, bias, twin)
     diff = (out.float() - ref.float()).abs().max().item()
     print(cfg.label(), group, symmetric, M, f"{err:.1e} {diff:.1e}")
-    assert out.shape == (M, N) and out.dtype == torch.float16
+    assert out.shape == (M, N) and out.dtype == x.dtype
     assert err < 2e-3, (cfg.label(), group, symmetric, M, err)
     if cfg.split_k == 1:
         assert torch.equal(out, ref), (cfg.label(), diff)  # the same rounding, the same sums in the same order
