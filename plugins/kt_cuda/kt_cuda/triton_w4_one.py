@@ -16,8 +16,8 @@ each inside a CUDA graph against a ~7 us GEMV). Here a single kernel does everyt
   split to arrive sums the fp32 partials in split order, adds the bias, stores ``x.dtype``): deterministic;
 - ``PREFETCH``: the next tile's weight words, activations and group factors are requested before this tile
   is computed; with ``EVEN_K`` (K a multiple of BLOCK_K) no load is masked (rows and tiles are clamped to
-  valid ones instead), so weights and activations arrive in 16-byte vectors (``a8gemv``'s masked loads
-  compile to 4-byte ones).
+  valid ones instead), so weights and activations arrive in 16-byte vectors (sm_90 SASS: ``LDG.128``;
+  ``a8gemv``'s K-masked word loads compile to 8-byte ones).
 """
 
 from __future__ import annotations
