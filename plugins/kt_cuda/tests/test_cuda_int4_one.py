@@ -98,7 +98,7 @@ print("ok")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (its interpreter runs the kernels on CPU)")
-def test_a8one_in_triton_interpreter():
+def test_one_launch_kernels_in_triton_interpreter():
     if torch.cuda.is_available():
         # for CPU-only CI; on a GPU the kernel runs compiled below (and Triton 3.6's interpreter trips over
         # NumPy >= 2.4 there, see test_cuda_int4_interpreter.py)
@@ -111,7 +111,7 @@ def test_a8one_in_triton_interpreter():
     assert run.stdout.strip().endswith("ok")
 
 
-def test_a8one_labels_and_candidates():
+def test_one_launch_labels_and_candidates():
     from kt_cuda.triton_int4 import Int4Config as C, candidates
 
     assert C("a8one", 8, 1024, 2, 4, block_m=1).label() == "a8one:m1n8k1024s2w4st3"
@@ -275,7 +275,7 @@ def test_one_kernel_per_call(kernel, split_k):
     assert len(kernels) == 1 and "one" in kernels[0], kernels
 
 
-def test_a8one_rejects_bad_inputs(device):
+def test_one_launch_rejects_bad_inputs(device):
     from kt_cuda.triton_int4 import Int4Config, int4_matmul
 
     w = int4.quantize(torch.randn(32, 256), 32).to(device)
