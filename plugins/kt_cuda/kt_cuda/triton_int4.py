@@ -548,11 +548,12 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
     the activations to int8 blocks (``a8gemv``, fastest at 1-4 rows on an H200)."""
     C = Int4Config
     if act_int8 and not k_major and M <= 4:
+        # one launch (rounding and split K inside) first: the fastest at 1 and 4 rows on all three shapes of
+        # the H200 sweep (notes/h200-int4-one-wtc-2026-11-29.md), then the two-launch a8gemv tiles
         bm = _pow2_at_least(M)
-        out = [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm, prefetch=pf) for bn, bk, nw, pf in
-               [(8, 1024, 8, False), (4, 1024, 4, False), (16, 512, 8, False), (8, 512, 4, False),
-                (8, 1024, 8, True), (4, 1024, 4, True)]]
-        out += a8one_candidates(M)  # one launch (rounding and split K inside), after the swept a8gemv tiles
+        out = a8one_candidates(M)
+        out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=bm, prefetch=pf) for bn, bk, nw, pf in
+                [(8, 1024, 8, False), (4, 1024, 4, False), (16, 512, 8, False), (8, 512, 4, False)]]
     elif k_major or M > 32:
         out = _byte_candidates(M)
     elif M > 16:  # the byte GEMM tiles of 17-255 rows, then the pipelined tensor-core kernel (not yet swept)
@@ -563,9 +564,9 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
     elif M <= 4:  # n8k512 fastest at 4 rows on all three shapes
         bm = _pow2_at_least(M)
         out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm)] + wone_candidates(M)
-    else:  # split K fastest on 4096x4096 and 14336x4096, swapped operands on 4096x14336
-        out = [C("wdot", 32, 256, 2, 4, 3, block_m=16), C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True),
-               C("wdot", 32, 256, 1, 4, 3, block_m=16)] + wtc_candidates(M)
+    else:  # wtc first: 1.4-1.7x wdot at 16 rows on the three shapes of the H200 sweep; wdot after
+        out = wtc_candidates(M) + [C("wdot", 32, 256, 2, 4, 3, block_m=16),
+                                   C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True)]
     return [c for c in out if c.kernel == "dense" or c.block_k % group_size == 0] or [C("dense")]
 
 
@@ -574,8 +575,11 @@ def a8one_candidates(M: int) -> list[Int4Config]:
     reduced inside; one launch), timed by ``tuned_config`` beside ``a8gemv`` until an H200 sweep ranks them."""
     C = Int4Config
     bm = _pow2_at_least(M)
-    return [C("a8one", bn, bk, sk, nw, 3, block_m=bm, prefetch=True) for bn, bk, sk, nw in
-            [(8, 1024, 1, 4), (16, 1024, 1, 8), (8, 1024, 2, 4), (16, 512, 2, 8), (32, 1024, 4, 8)]]
+    if M == 1:  # n8k1024 best on all three shapes (1.82-1.96x fp16), the others within 10 %
+        tiles = [(8, 1024, 1, 4), (16, 1024, 1, 8), (16, 512, 1, 4), (32, 1024, 2, 8)]
+    else:  # 4 rows: n16 tiles best, split 2 on the long K
+        tiles = [(16, 1024, 1, 8), (16, 512, 1, 8), (32, 512, 2, 8), (8, 1024, 1, 4)]
+    return [C("a8one", bn, bk, sk, nw, 3, block_m=bm, prefetch=True) for bn, bk, sk, nw in tiles]
 
 
 def wone_candidates(M: int) -> list[Int4Config]:
@@ -587,15 +591,15 @@ def wone_candidates(M: int) -> list[Int4Config]:
 
 
 def wtc_candidates(M: int) -> list[Int4Config]:
-    """A few ``wtc`` tiles for 5-32 rows (pipelined tensor-core kernel, ``triton_w4_tc``), timed by
-    ``tuned_config`` beside the kernels above until an H200 sweep (``bench_marlin.py --kernels``) ranks them:
-    swapped 64-row weight tiles (wgmma) with split K 4, plain 32-row tiles with split K 2, one per-group dot."""
+    """``wtc`` tiles for 5-32 rows (pipelined tensor-core kernel, ``triton_w4_tc``). At 16 rows on an H200
+    (``bench_marlin.py --kernels``) the swapped 64x128 tile with split K 8 won on all three shapes, the f32
+    and half unpacks within 5 % of each other; the per-group dot lost everywhere. 17-32 rows: not swept."""
     C = Int4Config
     bm = 16 if M <= 16 else 32
-    return [C("wtc", 64, 256, 4, 4, 4, block_m=bm, swap=True, unpack="half"),
-            C("wtc", 64, 128, 4, 4, 6, block_m=bm, swap=True, unpack="half"),
-            C("wtc", 32, 256, 2, 4, 4, block_m=bm, unpack="half"),
-            C("wtc", 64, 256, 4, 4, 4, block_m=bm, swap=True, unpack="group")]
+    return [C("wtc", 64, 128, 8, 4, 4, block_m=bm, swap=True, unpack="f32"),
+            C("wtc", 64, 128, 8, 4, 4, block_m=bm, swap=True, unpack="half"),
+            C("wtc", 64, 256, 4, 4, 4, block_m=bm, swap=True, unpack="half"),
+            C("wtc", 32, 256, 2, 4, 4, block_m=bm, unpack="half")]
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device: torch.device, k_major: bool = False,
