@@ -162,3 +162,25 @@ def test_klinear_marlin_rejects_wrong_shape(device):
     op = KLinearMarlin(_linear(256, 48, False), device)
     with pytest.raises(ValueError, match="blk.3.attn_q.weight"):
         op.load({"weight": qt})
+
+
+def test_klinear_marlin_dense_fallback_computes_in_a_half_dtype(device):
+    """A float32 model (what GGUF files give) keeps non-int4 weights in bfloat16, as the int4 kernels compute;
+    a half model keeps its own dtype; an explicit dtype wins."""
+    from kt_cuda.ops import KLinearMarlin
+
+    qt, ref_w = ggml_tensor((40, 256), "Q8_0", seed=14)
+    x = torch.randn(3, 256, device=device)
+    ref = x.double().cpu() @ ref_w.double().T
+    with torch.device("meta"):
+        fp32_module = nn.Linear(256, 40, bias=False)
+    for dtype, want in ((None, torch.bfloat16), ("float32", torch.float32), ("float16", torch.float16)):
+        op = KLinearMarlin(fp32_module, device, dtype=dtype)
+        op.load({"weight": qt})
+        assert op.weight.dtype == want
+        y = op(x)
+        assert y.dtype == torch.float32  # the input's dtype
+        assert rel_err(y.cpu(), ref) < (1e-5 if want == torch.float32 else TOL.get(want, 1e-2))
+    half = KLinearMarlin(_linear(256, 40, False), device)
+    half.load({"weight": qt})
+    assert half.weight.dtype == torch.float16

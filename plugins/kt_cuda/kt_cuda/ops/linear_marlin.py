@@ -14,6 +14,8 @@ from .. import int4
 from ..ggml_blocks import INT4_TYPES
 from ._common import DEFAULT_LAYOUT, check_shape, module_dtype, parse_dtype, parse_layout, parse_scales_dtype, tensor_label
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 class KLinearMarlin(Op):
     """``x @ W.T + b`` with ``W`` kept as int4 groups on the GPU (the Marlin idea, written in Triton).
@@ -22,7 +24,9 @@ class KLinearMarlin(Op):
     Weights of other GGML types are, by default, dequantized once and multiplied with torch
     (``requantize: true`` instead rounds them to int4 with ``group_size`` 32, 64 or 128, asymmetric).
 
-    Options: ``dtype`` (storage of dequantized weights and bias; default the model's dtype),
+    Options: ``dtype`` (storage of dequantized weights and bias, and what they compute in; default the
+    model's dtype where it is float16 or bfloat16, else bfloat16, as the int4 kernels compute: a float32
+    model, which is what a GGUF file gives, would otherwise read 4 bytes per weight every step),
     ``scales_dtype`` (``auto``: float16 where lossless, else float32; ``float16`` trades Q4_K's exactness
     for 1/6 fewer bytes), ``requantize``, ``group_size``, ``layout`` (``n_major`` or ``k_major``: how the
     packed bytes are stored; up to 16 rows, ``n_major`` bytes run the int32-word kernels, measured
@@ -47,7 +51,8 @@ class KLinearMarlin(Op):
         self.in_features = module.in_features
         self.out_features = module.out_features
         self.has_bias = module.bias is not None
-        self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
+        model_dtype = module_dtype(module)
+        self.dtype = parse_dtype(dtype, self.name) or (model_dtype if model_dtype in HALF_DTYPES else torch.bfloat16)
         self.scales_dtype = parse_scales_dtype(scales_dtype, self.name)
         self.requantize = bool(requantize)
         if group_size not in int4.GROUP_SIZES:
@@ -99,8 +104,7 @@ class KLinearMarlin(Op):
         else:
             from ..triton_int4 import int4_matmul
 
-            half = (torch.float16, torch.bfloat16)
-            compute = x2.dtype if x2.dtype in half else (self.dtype if self.dtype in half else torch.bfloat16)
+            compute = x2.dtype if x2.dtype in HALF_DTYPES else (self.dtype if self.dtype in HALF_DTYPES else torch.bfloat16)
             y = int4_matmul(x2.to(compute), self.weight_int4, self.bias, self.int4_config(x2.shape[0]),
                             act_int8=self.act_int8).to(x.dtype)
         return y.reshape(*lead, self.out_features)
