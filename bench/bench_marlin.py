@@ -203,13 +203,13 @@ def kernel_configs(M: int):
                 [(4, 1024, 1, 4, False), (8, 1024, 1, 8, False), (8, 512, 1, 4, False), (4, 1024, 1, 4, True),
                  (8, 1024, 1, 8, True), (8, 512, 1, 4, True), (16, 512, 1, 8, True), (4, 2048, 1, 4, True),
                  (8, 2048, 1, 8, True), (2, 2048, 1, 4, True), (16, 1024, 1, 8, True), (32, 512, 1, 8, True)]]
-        out += a8one_configs(1) + wone_configs(1)
+        out += a8one_configs(1)
     elif M <= 4:
         out = [C("wgemv", 8, 512, 1, 4, 3, block_m=4)]
         out += [C("a8gemv", bn, bk, 1, nw, 3, block_m=4, prefetch=pf) for bn, bk, nw, pf in
                 [(8, 1024, 4, False), (16, 512, 8, False), (8, 1024, 8, True), (16, 512, 8, True), (8, 512, 4, True),
                  (16, 1024, 8, True)]]
-        out += a8one_configs(4) + wone_configs(4)
+        out += a8one_configs(4)
     else:
         bm = 16 if M <= 16 else 32
         out = [C("wdot", bn, bk, sk, 4, 3, block_m=bm, swap=sw) for bn, bk, sk, sw in
@@ -243,22 +243,6 @@ def a8one_configs(M: int):
 
     bm = 1 if M == 1 else 4
     return [C("a8one", bn, bk, sk, nw, 3, block_m=bm, prefetch=pf) for bn, bk, sk, nw, pf in A8ONE_TILES[bm]]
-
-
-# wone tiles (block_n, block_k, split_k, num_warps): wgemv's loop, split K inside the launch
-WONE_TILES = {
-    1: [(4, 1024, 1, 2), (8, 1024, 1, 4), (8, 1024, 2, 4), (16, 512, 2, 4), (16, 1024, 2, 8), (16, 1024, 4, 8),
-        (32, 512, 4, 8), (8, 512, 4, 4)],
-    4: [(8, 512, 1, 4), (8, 512, 2, 4), (16, 512, 2, 4), (16, 512, 4, 8), (8, 1024, 2, 8)],
-}
-
-
-def wone_configs(M: int):
-    """``wone`` (``kt_cuda.triton_w4_one``: wgemv's exact product, split K inside one launch) for 1-4 rows."""
-    from kt_cuda.triton_int4 import Int4Config as C
-
-    bm = 1 if M == 1 else 4
-    return [C("wone", bn, bk, sk, nw, 3, block_m=bm) for bn, bk, sk, nw in WONE_TILES[bm]]
 
 
 # wtc tiles (block_n, block_k, split_k, num_warps, num_stages, swap): swapped operands (weight rows as the

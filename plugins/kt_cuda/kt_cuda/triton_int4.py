@@ -13,7 +13,6 @@ Byte kernels, any layout (K-major bytes too) and larger batches:
 - ``_moe_int4_kernel``: the GEMM over token-expert pairs sorted by expert (``KExpertsGPU``).
 - ``a8gemv`` (``triton_w4a8``): 1-4 rows rounded to int8 blocks, two ``dp4a`` per weight word (opt-in).
 - ``a8one`` (``triton_w4_one``): the same product in one launch (rounding and split K inside the kernel).
-- ``wone`` (``triton_w4_one``): ``wgemv``'s exact product with split K reduced inside the kernel (one launch).
 - ``wtc`` (``triton_w4_tc``): 5-32 rows, tiles fed to ``tl.dot`` by plain loads that Triton's pipeliner
   stages through shared memory; split K reduced inside the kernel (one launch, output in the input dtype).
 Kernels split K over a third grid axis when asked (fp32 atomics). Which kernel and tile runs is timed
@@ -489,8 +488,8 @@ class Int4Config:
     """One launch. ``kernel``: ``wgemv`` (CUDA cores over int32 words, ``block_m`` rows per program sharing
     each unpacked tile), ``wdot`` (tensor cores over int32 words, ``block_m`` >= 16 rows), ``gemv`` / ``gemm``
     (the byte-load kernels: any layout, K-major bytes too), ``dense`` (expand the weight, then torch's
-    GEMM), ``a8gemv`` (``triton_w4a8``), ``a8one`` / ``wone`` (``triton_w4_one``: ``a8gemv`` / ``wgemv`` in one
-    launch, split K reduced inside) or ``wtc``
+    GEMM), ``a8gemv`` (``triton_w4a8``), ``a8one`` (``triton_w4_one``: ``a8gemv`` in one launch,
+    split K reduced inside) or ``wtc``
     (``triton_w4_tc``: pipelined tensor-core tiles for 5-32 rows, split K reduced inside the kernel; ``unpack``: ``f32`` / ``half`` / ``group``, see there).
     ``prefetch`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need N-major
     packed bytes."""
@@ -512,7 +511,7 @@ class Int4Config:
         name = self.kernel
         if self.kernel == "wtc":
             name += f"{_UNPACK_TAG[self.unpack]}{'T' if self.swap else ''}"
-        elif self.kernel in (*WORD_KERNELS, "a8gemv", "a8one", "wone"):
+        elif self.kernel in (*WORD_KERNELS, "a8gemv", "a8one"):
             name += f"{'' if self.prefetch else '0'}{'T' if self.swap else ''}"
         m = f"m{self.block_m}" if self.kernel != "gemv" else ""
         return f"{name}:{m}n{self.block_n}k{self.block_k}s{self.split_k}w{self.num_warps}st{self.num_stages}"
@@ -560,10 +559,10 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
         out = _byte_candidates(M) + wtc_candidates(M)
     elif M == 1:  # graph-timed, weights past L2: each within 3% of the best on the three shapes
         out = [C("wgemv", 4, 1024, 1, 2, 3, block_m=1), C("wgemv", 8, 1024, 1, 4, 3, block_m=1),
-               C("wgemv", 16, 512, 1, 4, 3, block_m=1)] + wone_candidates(M)
+               C("wgemv", 16, 512, 1, 4, 3, block_m=1)]
     elif M <= 4:  # n8k512 fastest at 4 rows on all three shapes
         bm = _pow2_at_least(M)
-        out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm)] + wone_candidates(M)
+        out = [C("wgemv", 8, 512, 1, 4, 3, block_m=bm), C("wgemv", 16, 512, 1, 4, 3, block_m=bm)]
     else:  # wtc first: 1.4-1.7x wdot at 16 rows on the three shapes of the H200 sweep; wdot after
         out = wtc_candidates(M) + [C("wdot", 32, 256, 2, 4, 3, block_m=16),
                                    C("wdot", 64, 256, 1, 4, 3, block_m=16, swap=True)]
@@ -580,14 +579,6 @@ def a8one_candidates(M: int) -> list[Int4Config]:
     else:  # 4 rows: n16 tiles best, split 2 on the long K
         tiles = [(16, 1024, 1, 8), (16, 512, 1, 8), (32, 512, 2, 8), (8, 1024, 1, 4)]
     return [C("a8one", bn, bk, sk, nw, 3, block_m=bm, prefetch=True) for bn, bk, sk, nw in tiles]
-
-
-def wone_candidates(M: int) -> list[Int4Config]:
-    """``wone`` tiles for 1-4 rows (``triton_w4_one``: ``wgemv``'s product, split K inside one launch), timed
-    by ``tuned_config`` after the swept ``wgemv`` tiles until an H200 sweep ranks them."""
-    C = Int4Config
-    bm = _pow2_at_least(M)
-    return [C("wone", bn, bk, sk, nw, 3, block_m=bm) for bn, bk, sk, nw in [(8, 1024, 2, 4), (16, 512, 2, 4), (16, 1024, 4, 8)]]
 
 
 def wtc_candidates(M: int) -> list[Int4Config]:
@@ -685,10 +676,6 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         from .triton_w4_one import w4a8_one_matmul
 
         return w4a8_one_matmul(x, w, bias, cfg)
-    if cfg.kernel == "wone":
-        from .triton_w4_one import w4_one_matmul
-
-        return w4_one_matmul(x, w, bias, cfg)
     if cfg.kernel == "wtc":
         from .triton_w4_tc import w4_tc_matmul
 
@@ -726,7 +713,7 @@ def _launch(x: torch.Tensor, w: Int4Weight, bias, cfg: Int4Config) -> torch.Tens
         _int4_gemm_kernel[grid](x, w.qweight, w.scales, mins, b, y, M, N, K, x.stride(0), *strides,
                                 BLOCK_M=cfg.block_m, **common)
     else:
-        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wone, wdot, wtc, a8gemv, a8one, gemv, "
+        raise ValueError(f"unknown int4 kernel {cfg.kernel!r}; kernels: wgemv, wdot, wtc, a8gemv, a8one, gemv, "
                          "gemm, dense")
     return y if split == 1 else y.to(x.dtype)
 

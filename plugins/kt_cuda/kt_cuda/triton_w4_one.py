@@ -1,8 +1,4 @@
-"""Int4 GEMV for 1-4 rows in ONE launch: ``a8one`` (int8 activations) and ``wone`` (float activations).
-
-``wone`` is ``wgemv``'s exact float32 product (``triton_int4._w4_gemv_kernel``: nibbles as ``1 + q/16``
-units, scale and min once per group) with split K reduced inside the kernel as below, so that split-K
-tiles cost no memset and no cast. The rest of this docstring is about ``a8one``.
+"""Int4 GEMV for 1-4 rows in ONE launch with int8 activations: ``a8one``.
 
 ``a8gemv`` (``triton_w4a8``) first rounds the activations to int8 blocks in a separate kernel, then runs the
 dp4a GEMV; with split K it also needs a zeroed fp32 output and a cast back (up to four launches, ~1-2 us
@@ -27,7 +23,6 @@ import triton
 import triton.language as tl
 
 from .int4 import Int4Weight
-from .triton_int4 import _row_groups, _units_natural, _word_tile, _x_groups
 from .triton_w4_tc import _finish, _split_scratch
 from .triton_w4a8 import ACT_BLOCK, _dp4a, _emulate
 
@@ -176,120 +171,3 @@ def w4a8_one_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
-
-@triton.jit
-def _w4_one_kernel(
-    x_ptr, qw_ptr, s_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym, ws_plane,
-    ZP: tl.constexpr, GROUP: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    PREFETCH: tl.constexpr,
-):
-    """``wone``: the loop of ``_w4_gemv_kernel`` (its helpers, one accumulator per activation row, 1/2/4
-    rows) over K split ``program_id(2)``, then the in-kernel split-K epilogue of ``triton_w4_tc``."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    NG: tl.constexpr = BLOCK_K // GROUP
-    W: tl.constexpr = GROUP // 8
-    n_groups = K // GROUP
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_g = tl.arange(0, NG)
-    word = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [NG, W] word index in the tile
-    elem = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]
-    n_tiles = tl.cdiv(n_groups, NG)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
-    q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
-    s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
-    row0 = pid_m * BLOCK_M
-    xr = x_ptr + row0.to(tl.int64) * stride_xm
-    g_lim = tl.where(t_begin < t_end, n_groups, 0)  # 0: read nothing
-    g0 = t_begin * NG
-    w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, g0, offs_g, word, n_mask, g_lim, W, ZP, HAS_MIN)
-    x0 = _x_groups(xr, elem, g0, offs_g, tl.where(row0 < M, g_lim, 0), GROUP)
-    acc0 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    if BLOCK_M > 1:
-        x1 = _x_groups(xr + stride_xm, elem, g0, offs_g, tl.where(row0 + 1 < M, g_lim, 0), GROUP)
-        acc1 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    if BLOCK_M > 2:
-        x2 = _x_groups(xr + 2 * stride_xm, elem, g0, offs_g, tl.where(row0 + 2 < M, g_lim, 0), GROUP)
-        x3 = _x_groups(xr + 3 * stride_xm, elem, g0, offs_g, tl.where(row0 + 3 < M, g_lim, 0), GROUP)
-        acc2 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-        acc3 = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
-    for tile in range(t_begin, t_end):
-        gn = (tile + 1) * NG
-        n_lim = tl.where(tile + 1 < t_end, n_groups, 0)
-        if PREFETCH:
-            wn, an, bn = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_lim, W, ZP, HAS_MIN)
-            xn0 = _x_groups(xr, elem, gn, offs_g, tl.where(row0 < M, n_lim, 0), GROUP)
-            if BLOCK_M > 1:
-                xn1 = _x_groups(xr + stride_xm, elem, gn, offs_g, tl.where(row0 + 1 < M, n_lim, 0), GROUP)
-            if BLOCK_M > 2:
-                xn2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, tl.where(row0 + 2 < M, n_lim, 0), GROUP)
-                xn3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, tl.where(row0 + 3 < M, n_lim, 0), GROUP)
-        units = _units_natural(w, BLOCK_N, NG, GROUP)
-        acc0 += _row_groups(units, x0, a, b)
-        if BLOCK_M > 1:
-            acc1 += _row_groups(units, x1, a, b)
-        if BLOCK_M > 2:
-            acc2 += _row_groups(units, x2, a, b)
-            acc3 += _row_groups(units, x3, a, b)
-        if PREFETCH:
-            w, a, b, x0 = wn, an, bn, xn0
-            if BLOCK_M > 1:
-                x1 = xn1
-            if BLOCK_M > 2:
-                x2, x3 = xn2, xn3
-        else:
-            w, a, b = _word_tile(q_rows, s_ptr, m_ptr, s_rows, gn, offs_g, word, n_mask, n_lim, W, ZP, HAS_MIN)
-            x0 = _x_groups(xr, elem, gn, offs_g, tl.where(row0 < M, n_lim, 0), GROUP)
-            if BLOCK_M > 1:
-                x1 = _x_groups(xr + stride_xm, elem, gn, offs_g, tl.where(row0 + 1 < M, n_lim, 0), GROUP)
-            if BLOCK_M > 2:
-                x2 = _x_groups(xr + 2 * stride_xm, elem, gn, offs_g, tl.where(row0 + 2 < M, n_lim, 0), GROUP)
-                x3 = _x_groups(xr + 3 * stride_xm, elem, gn, offs_g, tl.where(row0 + 3 < M, n_lim, 0), GROUP)
-    # the rows' sums as one [BLOCK_M, BLOCK_N] tile: joined along a trailing axis, then transposed
-    if BLOCK_M == 1:
-        out = tl.sum(acc0, axis=1)[None, :]
-    elif BLOCK_M == 2:
-        out = tl.trans(tl.join(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1)))
-    else:  # [BLOCK_N, i, j] = row 2i + j
-        o = tl.join(tl.join(tl.sum(acc0, axis=1), tl.sum(acc2, axis=1)),
-                    tl.join(tl.sum(acc1, axis=1), tl.sum(acc3, axis=1)))
-        out = tl.trans(tl.reshape(o, [BLOCK_N, 4]))
-    offs_m = row0 + tl.arange(0, BLOCK_M)
-    _finish(out, offs_m, offs_n, M, N, b_ptr, y_ptr, stride_ym, ws_ptr, ws_plane, cnt_ptr,
-            pid_n, pid_m, pid_k, HAS_BIAS, SPLIT_K)
-
-
-def w4_one_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
-    """``x @ w.T (+ bias)`` in ``x.dtype`` with float32 products (exact as ``wgemv``) in one launch; ``cfg``: an
-    ``Int4Config`` of kernel ``wone`` (``block_m`` 1/2/4 rows, ``block_n`` x ``block_k`` tiles, ``split_k``)."""
-    N, K = w.shape
-    M = x.shape[0]
-    if w.qweight.stride(-1) != 1:
-        raise ValueError("int4 kernel 'wone' reads int32 words along K: it needs N-major packed bytes "
-                         "(int4.with_layout(w, k_major=False))")
-    if cfg.block_k % w.group_size:
-        raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {w.group_size}")
-    if cfg.block_m not in (1, 2, 4):
-        raise ValueError(f"'wone' takes block_m 1, 2 or 4 rows per program, got {cfg.block_m}")
-    qw = w.qweight.view(torch.int32)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
-    if cfg.split_k > 1:
-        ws, cnt = _split_scratch(x.device, cfg.split_k * M * N, grid[0] * grid[1])
-    else:
-        ws, cnt = y, y  # not read
-    mins = w.mins if w.mins is not None else w.scales
-    b = bias if bias is not None else w.scales
-    _w4_one_kernel[grid](x, qw, w.scales, mins, b, y, ws, cnt, M, N, K, x.stride(0), qw.stride(0),
-                         w.scales.stride(0), y.stride(0), M * N,
-                         ZP=w.zero_point, GROUP=w.group_size, HAS_MIN=w.mins is not None,
-                         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                         BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.prefetch,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y
