@@ -137,6 +137,15 @@ def _row_groups(units, xg, a, b):
 
 
 @triton.jit
+def _split_tiles(n_tiles, pid_k, SPLIT_K: tl.constexpr):
+    """K tiles ``[t_begin, t_end)`` of split ``pid_k``: ``SPLIT_K`` runs of ``ceil(n_tiles / SPLIT_K)`` tiles
+    (the last ones short or empty)."""
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_begin = pid_k * per_split
+    return t_begin, tl.minimum(t_begin + per_split, n_tiles)
+
+
+@triton.jit
 def _gemv_store(y_ptr, row, stride_ym, offs_n, n_mask, acc_g, bias, M, pid_k, HAS_BIAS: tl.constexpr,
                 SPLIT_K: tl.constexpr):
     out = tl.sum(acc_g, axis=1)
@@ -194,9 +203,7 @@ def _w4_gemv_kernel(
     word = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [NG, W] word index in the tile
     elem = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # [NG, GROUP]
     n_tiles = tl.cdiv(n_groups, NG)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    t_begin, t_end = _split_tiles(n_tiles, pid_k, SPLIT_K)
     q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     row0 = pid_m * BLOCK_M
@@ -283,9 +290,7 @@ def _w4_dot_kernel(
     word = offs_g[:, None] * W + tl.arange(0, W)[None, :]
     offs_k = tl.arange(0, BLOCK_K)
     n_tiles = tl.cdiv(n_groups, NG)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    t_begin, t_end = _split_tiles(n_tiles, pid_k, SPLIT_K)
     q_rows = qw_ptr + offs_n.to(tl.int64)[:, None, None] * stride_qn
     s_rows = offs_n.to(tl.int64)[:, None] * stride_sn
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm

@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 from .int4 import Int4Weight
-from .triton_w4_tc import _finish, _split_scratch
-from .triton_w4a8 import ACT_BLOCK, _dp4a, _emulate
+from .triton_w4_tc import _finish, _split_k_launch
+from .triton_int4 import _split_tiles
+from .triton_w4a8 import ACT_BLOCK, _dp4a_groups, _emulate
 
 
 @triton.jit
@@ -92,11 +93,8 @@ def _w4a8_one_kernel(
     NW: tl.constexpr = BLOCK_K // 8  # words per tile
     NB: tl.constexpr = BLOCK_K // 32  # activation blocks per tile
     NG: tl.constexpr = BLOCK_K // GROUP  # weight groups per tile
-    BPG: tl.constexpr = GROUP // 32  # activation blocks per weight group
     n_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    t_begin, t_end = _split_tiles(n_tiles, pid_k, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows past M / N read the last valid row (no masks on loads) and are dropped at the store
@@ -120,14 +118,7 @@ def _w4a8_one_kernel(
                                                           tl.minimum(tile + 1, n_tiles - 1), offs_w, offs_k, offs_g,
                                                           K, n_groups, NW, BLOCK_K, NG, ZP, HAS_MIN, EVEN_K)
         xl, xh, dx, xs = _round_blocks(xf, BLOCK_M, NB, NW)
-        lo = (w & 0x0F0F0F0F)[None, :, :]
-        hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :]
-        zero = tl.zeros([BLOCK_M, BLOCK_N, NW], dtype=tl.int32)
-        dot = _dp4a(hi + zero, xh[:, None, :] + zero, _dp4a(lo + zero, xl[:, None, :] + zero, zero, EMULATE), EMULATE)
-        blk = tl.sum(tl.reshape(dot, [BLOCK_M, BLOCK_N, NB, 4]), axis=3).to(tl.float32) * dx[:, None, :]
-        grp = tl.sum(tl.reshape(blk, [BLOCK_M, BLOCK_N, NG, BPG]), axis=3)
-        xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
-        acc += s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
+        acc += _dp4a_groups(w, xl, xh, dx, xs, s, mn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, EMULATE)
         if PREFETCH:
             w, xf, s, mn = w_next, x_next, s_next, mn_next
         else:
@@ -154,12 +145,7 @@ def w4a8_one_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     qw = w.qweight.view(torch.int32)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
-    if cfg.split_k > 1:
-        ws, cnt = _split_scratch(x.device, cfg.split_k * M * N, grid[0] * grid[1])
-    else:
-        ws, cnt = y, y  # not read
+    y, grid, ws, cnt = _split_k_launch(x, N, cfg)
     mins = w.mins if w.mins is not None else w.scales
     b = bias if bias is not None else w.scales
     _w4a8_one_kernel[grid](x, qw, w.scales, mins, b, y, ws, cnt, M, N, K, x.stride(0), qw.stride(0),

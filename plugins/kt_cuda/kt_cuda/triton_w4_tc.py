@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .int4 import Int4Weight
-from .triton_int4 import _units_natural
+from .triton_int4 import _split_tiles, _units_natural
 
 UNPACKS = {"f32": 0, "half": 1, "group": 2}
 
@@ -83,9 +83,7 @@ def _w4_tc_kernel(
     rows_n = tl.minimum(offs_n, N - 1).to(tl.int64)
     rows_m = tl.minimum(offs_m, M - 1).to(tl.int64)
     n_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    t_begin, t_end = _split_tiles(n_tiles, pid_k, SPLIT_K)
     x_rows = x_ptr + rows_m[:, None] * stride_xm  # [BLOCK_M, 1]
     if SWAP:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -226,6 +224,19 @@ def _split_scratch(device: torch.device, floats: int, tiles: int):
     return ws, cnt
 
 
+def _split_k_launch(x: torch.Tensor, N: int, cfg):
+    """For a kernel that reduces split K itself (``_finish``): the output ``[M, N]`` in ``x.dtype``, the grid
+    ``(N tiles, M tiles, cfg.split_k)`` and the workspace and counters (with one split: the output, not read)."""
+    M = x.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    if cfg.split_k > 1:
+        ws, cnt = _split_scratch(x.device, cfg.split_k * M * N, grid[0] * grid[1])
+    else:
+        ws, cnt = y, y
+    return y, grid, ws, cnt
+
+
 def w4_tc_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
     """``x [M, K] @ w.T (+ bias)`` in ``x.dtype`` (float16 or bfloat16); ``cfg``: an ``Int4Config`` of kernel
     ``wtc`` (``block_m`` x ``block_n`` x ``block_k`` tiles, ``split_k``, ``swap``, ``unpack``)."""
@@ -243,12 +254,7 @@ def w4_tc_matmul(x: torch.Tensor, w: Int4Weight, bias, cfg) -> torch.Tensor:
     if min(cfg.block_m, cfg.block_n) < 16:
         raise ValueError(f"'wtc' feeds tl.dot: block_m and block_n must be at least 16, got {cfg.block_m}, {cfg.block_n}")
     qw = w.qweight.view(torch.int32)
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
-    if cfg.split_k > 1:
-        ws, cnt = _split_scratch(x.device, cfg.split_k * M * N, grid[0] * grid[1])
-    else:
-        ws, cnt = y, y  # not read
+    y, grid, ws, cnt = _split_k_launch(x, N, cfg)
     mins = w.mins if w.mins is not None else w.scales
     b = bias if bias is not None else w.scales
     _w4_tc_kernel[grid](x, qw, w.scales, mins, b, y, ws, cnt,

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .int4 import Int4Weight
-from .triton_int4 import _store_rows
+from .triton_int4 import _split_tiles, _store_rows
 
 ACT_BLOCK = 32  # activations per int8 scale
 
@@ -37,6 +37,27 @@ def _dp4a(a, b, c, EMULATE: tl.constexpr):
     else:
         return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
                                          dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dp4a_groups(w, xl, xh, dx, xs, s, mn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr, EMULATE: tl.constexpr):
+    """Per-group sums ``[BLOCK_M, BLOCK_N, BLOCK_K/GROUP]`` of one K tile, ``scale * sum_blocks(dx * int_dot)
+    - min * sum(x_hat)``: weight words ``w [BLOCK_N, BLOCK_K/8]`` against int8 activations in dp4a order
+    ``xl`` / ``xh [BLOCK_M, BLOCK_K/8]`` (two dp4a per word), block scales ``dx`` and sums ``xs [BLOCK_M,
+    BLOCK_K/32]``, group scales ``s`` and mins ``mn [BLOCK_N, BLOCK_K/GROUP]``."""
+    NW: tl.constexpr = BLOCK_K // 8  # words per tile
+    NB: tl.constexpr = BLOCK_K // 32  # activation blocks per tile
+    NG: tl.constexpr = BLOCK_K // GROUP  # weight groups per tile
+    BPG: tl.constexpr = GROUP // 32  # activation blocks per weight group
+    lo = (w & 0x0F0F0F0F)[None, :, :]
+    hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :]
+    zero = tl.zeros([BLOCK_M, BLOCK_N, NW], dtype=tl.int32)
+    dot = _dp4a(hi + zero, xh[:, None, :] + zero, _dp4a(lo + zero, xl[:, None, :] + zero, zero, EMULATE), EMULATE)
+    blk = tl.sum(tl.reshape(dot, [BLOCK_M, BLOCK_N, NB, 4]), axis=3).to(tl.float32) * dx[:, None, :]
+    grp = tl.sum(tl.reshape(blk, [BLOCK_M, BLOCK_N, NG, BPG]), axis=3)
+    xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
+    return s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
 
 
 @triton.jit
@@ -95,11 +116,8 @@ def _w4a8_gemv_kernel(
     NW: tl.constexpr = BLOCK_K // 8  # words per tile
     NB: tl.constexpr = BLOCK_K // 32  # activation blocks per tile
     NG: tl.constexpr = BLOCK_K // GROUP  # weight groups per tile
-    BPG: tl.constexpr = GROUP // 32  # activation blocks per weight group
     n_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(n_tiles, SPLIT_K)
-    t_begin = pid_k * per_split
-    t_end = tl.minimum(t_begin + per_split, n_tiles)
+    t_begin, t_end = _split_tiles(n_tiles, pid_k, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,14 +149,7 @@ def _w4a8_gemv_kernel(
             mn = tl.load(m_ptr + s_rows + (g0 + offs_g)[None, :], mask=gm, other=0.0).to(tl.float32)
         else:
             mn = s * ZP
-        lo = (w & 0x0F0F0F0F)[None, :, :]
-        hi = ((w >> 4) & 0x0F0F0F0F)[None, :, :]
-        zero = tl.zeros([BLOCK_M, BLOCK_N, NW], dtype=tl.int32)
-        dot = _dp4a(hi + zero, xh[:, None, :] + zero, _dp4a(lo + zero, xl[:, None, :] + zero, zero, EMULATE), EMULATE)
-        blk = tl.sum(tl.reshape(dot, [BLOCK_M, BLOCK_N, NB, 4]), axis=3).to(tl.float32) * dx[:, None, :]
-        grp = tl.sum(tl.reshape(blk, [BLOCK_M, BLOCK_N, NG, BPG]), axis=3)
-        xg = tl.sum(tl.reshape(xs, [BLOCK_M, NG, BPG]), axis=2)
-        acc += s[None, :, :] * grp - mn[None, :, :] * xg[:, None, :]
+        acc += _dp4a_groups(w, xl, xh, dx, xs, s, mn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP, EMULATE)
         if PREFETCH:
             w = w_next
         else:
