@@ -4,12 +4,9 @@ without prefetch, 1-4 rows per program, split K, swapped operands, partial tiles
 groups of 32/64/128, against a float64 product of the same int4 weights. Skips where Triton is absent."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cuda_test_helpers import run_interpreted
 
 SCRIPT = r"""
 import torch
@@ -74,26 +71,11 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (its interpreter runs the kernels on CPU)")
 def test_word_kernels_in_triton_interpreter():
-    _run_interpreted(SCRIPT)
+    run_interpreted(SCRIPT)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (its interpreter runs the kernels on CPU)")
 def test_int8_activation_kernel_in_triton_interpreter():
     """``a8gemv``: activations rounded to int8 per block of 32 (each within half a step), then the exact
     product with the int4 weights (dp4a emulated), within 2e-2 of the float product."""
-    _run_interpreted(A8_SCRIPT)
-
-
-def _run_interpreted(script: str) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        # the tier exists for CPU-only CI; on a GPU the kernels run compiled in test_cuda_int4_matmul.py (and
-        # Triton 3.6's interpreter, shipped with torch 2.11, trips over NumPy >= 2.4 there, as in test_cuda_mla.py)
-        pytest.skip("CUDA is available: the kernels are tested compiled on the GPU instead of interpreted")
-    plugin = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join([str(plugin), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok")
+    run_interpreted(A8_SCRIPT)

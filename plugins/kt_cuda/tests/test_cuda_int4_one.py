@@ -12,15 +12,11 @@ Two tiers as in ``test_cuda_int4_wtc.py``: Triton's interpreter on CPU (a subpro
 (float16 and bfloat16, the autotuner's candidates, a CUDA-graph replay of split K)."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from cuda_test_helpers import rel_err
+from cuda_test_helpers import rel_err, run_interpreted
 
 from kt_cuda import int4
 
@@ -72,16 +68,7 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (its interpreter runs the kernels on CPU)")
 def test_one_launch_kernels_in_triton_interpreter():
-    if torch.cuda.is_available():
-        # for CPU-only CI; on a GPU the kernel runs compiled below (and Triton 3.6's interpreter trips over
-        # NumPy >= 2.4 there, see test_cuda_int4_interpreter.py)
-        pytest.skip("CUDA is available: the kernel is tested compiled on the GPU instead of interpreted")
-    plugin = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join([str(plugin), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    assert run.stdout.strip().endswith("ok")
+    run_interpreted(INTERPRETED)
 
 
 def test_one_launch_labels_and_candidates():
