@@ -546,10 +546,10 @@ def _byte_candidates(M: int) -> list["Int4Config"]:
 
 def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = False) -> list[Int4Config]:
     """Configs worth timing for ``M`` rows, most likely first (H200 sweeps, ``bench_marlin.py --kernels``:
-    notes/h200-int4-words-2026-11-28.md). Up to 16 rows of N-major bytes run the word kernels (5-32 rows
-    also ``wtc``, appended after the swept defaults); K-major bytes and larger batches keep the byte kernels
-    / dense expansion. ``act_int8``: up to 4 rows may round
-    the activations to int8 blocks (``a8gemv``, fastest at 1-4 rows on an H200)."""
+    notes/h200-int4-words-2026-11-28.md, h200-int4-one-wtc-2026-11-29.md). N-major bytes: 1-4 rows run
+    ``wgemv``, 5-16 ``wtc`` then ``wdot``, 17-32 the byte kernels then ``wtc`` (not swept); K-major bytes and
+    larger batches keep the byte kernels / dense expansion. ``act_int8``: up to 4 rows round the activations
+    to int8 blocks (``a8one``, then ``a8gemv``: the fastest at 1-4 rows on an H200)."""
     C = Int4Config
     if act_int8 and not k_major and M <= 4:
         # one launch (rounding and split K inside) first: the fastest at 1 and 4 rows on all three shapes of
@@ -575,8 +575,8 @@ def candidates(M: int, group_size: int, k_major: bool = False, act_int8: bool = 
 
 
 def a8one_candidates(M: int) -> list[Int4Config]:
-    """A few ``a8one`` tiles for 1-4 rows (``triton_w4_one``: activations rounded inside the GEMV, split K
-    reduced inside; one launch), timed by ``tuned_config`` beside ``a8gemv`` until an H200 sweep ranks them."""
+    """``a8one`` tiles for 1-4 rows (``triton_w4_one``: activations rounded inside the GEMV, split K reduced
+    inside; one launch), best first in the H200 sweep."""
     C = Int4Config
     bm = _pow2_at_least(M)
     if M == 1:  # n8k1024 best on all three shapes (1.82-1.96x fp16), the others within 10 %

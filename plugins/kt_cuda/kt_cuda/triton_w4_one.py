@@ -25,7 +25,7 @@ import triton.language as tl
 from .int4 import Int4Weight
 from .triton_w4_tc import _finish, _split_k_launch
 from .triton_int4 import _split_tiles
-from .triton_w4a8 import ACT_BLOCK, _dp4a_groups, _emulate
+from .triton_w4a8 import ACT_BLOCK, _dp4a_groups, _emulate, _round_blocks
 
 
 @triton.jit
@@ -56,25 +56,6 @@ def _tile_loads(q_rows, x_rows, s_rows, s_ptr, m_ptr, tile, offs_w, offs_k, offs
     else:
         mn = s * ZP
     return w, x.to(tl.float32), s, mn
-
-
-@triton.jit
-def _round_blocks(x, BLOCK_M: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr):
-    """``x [BLOCK_M, 32*NB]`` -> int8 values in dp4a words (``lo``/``hi`` ``[BLOCK_M, NW]``), block scales
-    ``dx`` and ``dx * sum(xq)`` ``[BLOCK_M, NB]``: the arithmetic of ``_quant_act_kernel``."""
-    xb = tl.reshape(x, [BLOCK_M, NB, 32])
-    amax = tl.max(tl.abs(xb), axis=2)
-    d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    v = xb * inv[:, :, None]
-    # round half away from zero: the sum rounds as floor(v + 0.5) / ceil(v - 0.5) do, the conversion truncates
-    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
-    xs = d * tl.sum(q, axis=2).to(tl.float32)
-    q4 = tl.reshape(q, [BLOCK_M, NW, 4, 2])  # position k = 8*word + 2*byte + half
-    shift = (8 * tl.arange(0, 4))[None, None, :, None]
-    packed = tl.sum((q4 & 0xFF) << shift, axis=2)  # disjoint bit fields
-    lo, hi = tl.split(packed)
-    return lo, hi, d, xs
 
 
 @triton.jit

@@ -61,34 +61,41 @@ def _dp4a_groups(w, xl, xh, dx, xs, s, mn, BLOCK_M: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
+def _round_blocks(x, BLOCK_M: tl.constexpr, NB: tl.constexpr, NW: tl.constexpr):
+    """``x [BLOCK_M, 32*NB]`` (float32) -> int8 values in dp4a words (``lo``: even positions of each 8, ``hi``:
+    odd; ``[BLOCK_M, NW]``), block scales ``dx`` (``amax/127``) and ``dx * sum(xq)`` ``[BLOCK_M, NB]``. The one
+    rounding of both int8-activation kernels (``_quant_act_kernel`` for ``a8gemv``, ``a8one`` per tile)."""
+    xb = tl.reshape(x, [BLOCK_M, NB, 32])
+    amax = tl.max(tl.abs(xb), axis=2)
+    d = amax / 127.0
+    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
+    v = xb * inv[:, :, None]
+    # round half away from zero: the sum rounds as floor(v + 0.5) / ceil(v - 0.5) do, the conversion truncates
+    q = (v + tl.where(v >= 0, 0.5, -0.5)).to(tl.int32)
+    xs = d * tl.sum(q, axis=2).to(tl.float32)
+    q4 = tl.reshape(q, [BLOCK_M, NW, 4, 2])  # position k = 8*word + 2*byte + half
+    shift = (8 * tl.arange(0, 4))[None, None, :, None]
+    packed = tl.sum((q4 & 0xFF) << shift, axis=2)  # disjoint bit fields
+    lo, hi = tl.split(packed)
+    return lo, hi, d, xs
+
+
+@triton.jit
 def _quant_act_kernel(x_ptr, lo_ptr, hi_ptr, d_ptr, s_ptr, K, stride_xm,
                       BLOCK_B: tl.constexpr):
     """Row ``program_id(1)``, blocks of 32 from ``program_id(0) * BLOCK_B``: int8 values packed four to a word
-    in dp4a order (``lo``: even positions of each 8, ``hi``: odd), the block scale and the block sum of the
-    rounded values (``dx * sum(xq)``)."""
-    row = tl.program_id(1)
+    in dp4a order, the block scale and the block sum of the rounded values (``_round_blocks``)."""
+    row = tl.program_id(1).to(tl.int64)
     b0 = tl.program_id(0) * BLOCK_B
-    offs_b = b0 + tl.arange(0, BLOCK_B)
-    b_mask = offs_b < K // 32
-    offs = offs_b[:, None] * 32 + tl.arange(0, 32)[None, :]
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs, mask=b_mask[:, None], other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=1)
-    d = amax / 127.0
-    inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, 1e-30), 0.0)
-    v = x * inv[:, None]
-    q = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5)).to(tl.int32)
-    # position k = 8*word + 2*byte + half
-    q4 = tl.reshape(q, [BLOCK_B, 4, 4, 2])
-    shift = (8 * tl.arange(0, 4))[None, None, :, None]
-    packed = tl.sum((q4 & 0xFF) << shift, axis=2)  # [BLOCK_B, 4 words, 2 halves], disjoint bit fields
-    lo, hi = tl.split(packed)
-    words = offs_b[:, None] * 4 + tl.arange(0, 4)[None, :]
-    out = row.to(tl.int64) * (K // 8) + words
-    tl.store(lo_ptr + out, lo, mask=b_mask[:, None])
-    tl.store(hi_ptr + out, hi, mask=b_mask[:, None])
-    blk = row.to(tl.int64) * (K // 32) + offs_b
-    tl.store(d_ptr + blk, d, mask=b_mask)
-    tl.store(s_ptr + blk, d * tl.sum(q, axis=1).to(tl.float32), mask=b_mask)
+    offs = b0 * 32 + tl.arange(0, BLOCK_B * 32)[None, :]
+    x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+    lo, hi, d, xs = _round_blocks(x, 1, BLOCK_B, BLOCK_B * 4)
+    words = b0 * 4 + tl.arange(0, BLOCK_B * 4)[None, :]
+    tl.store(lo_ptr + row * (K // 8) + words, lo, mask=words < K // 8)
+    tl.store(hi_ptr + row * (K // 8) + words, hi, mask=words < K // 8)
+    blk = b0 + tl.arange(0, BLOCK_B)[None, :]
+    tl.store(d_ptr + row * (K // 32) + blk, d, mask=blk < K // 32)
+    tl.store(s_ptr + row * (K // 32) + blk, xs, mask=blk < K // 32)
 
 
 @triton.jit
