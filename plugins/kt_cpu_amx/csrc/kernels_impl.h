@@ -283,25 +283,28 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
     }
 }
 
+// One register tile of R rows x T tokens: 4-bit (GS = 0) or 8-bit groups of GS.
+template <int R, int T, class S, int GS>
+static inline void tile(const PackedMatrix& W, int n, const QAct& X, int m, float* Y, int ldy) {
+    if constexpr (GS == 0) tile_q4<R, T, S>(W, n, X, m, Y, ldy);
+    else tile_q8<R, T, S, GS>(W, n, X, m, Y, ldy);
+}
+
+// Rows [n, n + R) for all M tokens: tiles of kTileToks tokens, then the rest one token at a time.
+template <int R, class S, int GS>
+static void tokens_in_tiles(const PackedMatrix& W, int n, const QAct& X, int M, float* Y, int ldy) {
+    int m = 0;
+    for (; m + kTileToks <= M; m += kTileToks) tile<R, kTileToks, S, GS>(W, n, X, m, Y, ldy);
+    for (; m < M; ++m) tile<R, 1, S, GS>(W, n, X, m, Y, ldy);
+}
+
 template <int R, class S>
 static void rows_all_tokens(const PackedMatrix& W, int n, const QAct& X, int M, float* Y, int ldy) {
-    int m = 0;
-    if constexpr (std::is_same_v<S, Sub8>) {  // 4-bit only
-        for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
-    } else if constexpr (std::is_same_v<S, Sub16>) {  // 8-bit groups of 16 only
-        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S, 16>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q8<R, 1, S, 16>(W, n, X, m, Y, ldy);
-    } else if (W.bits == 4) {
-        for (; m + kTileToks <= M; m += kTileToks) tile_q4<R, kTileToks, S>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q4<R, 1, S>(W, n, X, m, Y, ldy);
-    } else if (W.group == 32) {
-        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S, 32>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q8<R, 1, S, 32>(W, n, X, m, Y, ldy);
-    } else {
-        for (; m + kTileToks <= M; m += kTileToks) tile_q8<R, kTileToks, S, 16>(W, n, X, m, Y, ldy);
-        for (; m < M; ++m) tile_q8<R, 1, S, 16>(W, n, X, m, Y, ldy);
-    }
+    if constexpr (std::is_same_v<S, Sub8>) tokens_in_tiles<R, S, 0>(W, n, X, M, Y, ldy);  // 4-bit only
+    else if constexpr (std::is_same_v<S, Sub16>) tokens_in_tiles<R, S, 16>(W, n, X, M, Y, ldy);  // 8-bit groups of 16 only
+    else if (W.bits == 4) tokens_in_tiles<R, S, 0>(W, n, X, M, Y, ldy);
+    else if (W.group == 32) tokens_in_tiles<R, S, 32>(W, n, X, M, Y, ldy);
+    else tokens_in_tiles<R, S, 16>(W, n, X, M, Y, ldy);
 }
 
 template <class S>
