@@ -260,18 +260,16 @@ WTC_TILES = [
     # that traffic against 64 (and quarter it against 32)
     (128, 128, 4, 4, 4, True), (64, 128, 4, 4, 8, True), (128, 128, 2, 8, 6, True),
 ]
-WTC_GROUP_TILES = [0, 1, 2, 7, 8, 9, 13, 16]  # the per-group-dot unpack on these WTC_TILES
 
 
 def wtc_configs(M: int):
-    """``wtc`` (``kt_cuda.triton_w4_tc``) configs for 5-32 rows: every tile with the half and f32 unpacks,
-    some with the per-group dots."""
+    """``wtc`` (``kt_cuda.triton_w4_tc``) configs for 5-32 rows: every tile with the half and f32 unpacks."""
     from kt_cuda.triton_int4 import Int4Config as C
 
     bm = 16 if M <= 16 else 32
     out = []
-    for unpack, tiles in (("half", WTC_TILES), ("f32", WTC_TILES), ("group", [WTC_TILES[i] for i in WTC_GROUP_TILES])):
-        out += [C("wtc", bn, bk, sk, nw, st, block_m=bm, swap=sw, unpack=unpack) for bn, bk, sk, nw, st, sw in tiles]
+    for unpack in ("half", "f32"):
+        out += [C("wtc", bn, bk, sk, nw, st, block_m=bm, swap=sw, unpack=unpack) for bn, bk, sk, nw, st, sw in WTC_TILES]
     return out
 
 

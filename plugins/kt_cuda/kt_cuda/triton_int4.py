@@ -495,7 +495,7 @@ class Int4Config:
     (the byte-load kernels: any layout, K-major bytes too), ``dense`` (expand the weight, then torch's
     GEMM), ``a8gemv`` (``triton_w4a8``), ``a8one`` (``triton_w4_one``: ``a8gemv`` in one launch,
     split K reduced inside) or ``wtc``
-    (``triton_w4_tc``: pipelined tensor-core tiles for 5-32 rows, split K reduced inside the kernel; ``unpack``: ``f32`` / ``half`` / ``group``, see there).
+    (``triton_w4_tc``: pipelined tensor-core tiles for 5-32 rows, split K reduced inside the kernel; ``unpack``: ``f32`` / ``half``, see there).
     ``prefetch`` / ``swap``: see ``_w4_gemv_kernel`` and ``_w4_dot_kernel``. The word kernels need N-major
     packed bytes."""
 
@@ -523,7 +523,7 @@ class Int4Config:
 
 
 WORD_KERNELS = ("wgemv", "wdot")
-_UNPACK_TAG = {"f32": "", "half": "H", "group": "G"}  # wtc labels: wtc / wtcH / wtcG (+T: swapped operands)
+_UNPACK_TAG = {"f32": "", "half": "H"}  # wtc labels: wtc / wtcH (+T: swapped operands)
 
 
 def _pow2_at_least(n: int) -> int:

@@ -14,16 +14,16 @@ mins is ~3.2x fewer bytes than fp16), so the kernel is built to keep many weight
 - ``SWAP``: the weight tile is the left ``tl.dot`` operand (``[BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]``):
   64+ weight rows per warp group can use Hopper's wgmma with the small activation side as its N.
 
-Three ways from nibbles to the tensor-core operand (``UNPACK``):
+Two ways from nibbles to the tensor-core operand (``UNPACK``):
 
 - ``0`` (``f32``): a nibble moved into the mantissa of 1.0 (``1 + q/16``, ``triton_int4._unit``), one
   float32 FMA with the group factors, rounded to the activation dtype (as ``wdot``, the most exact);
 - ``1`` (``half``): the "magic number" expansion in the activation dtype: ``q | 0x6400`` is the float16
   ``1024 + q`` (``q | 0x4300`` the bfloat16 ``128 + q``), so integer ops alone give the value; then
-  ``(v - 1024) * scale - min`` in float16 (the subtraction is exact; one rounding per multiply/add);
-- ``2`` (``group``): scale and min after the dot: per group of ``GROUP`` weights one ``tl.dot`` of the
-  activations with the exact integers ``q`` (or ``q - zero_point``), then
-  ``acc += scale * dot - min * sum(x)`` in float32: no per-weight float math, but one small dot per group.
+  ``(v - 1024) * scale - min`` in float16 (the subtraction is exact; one rounding per multiply/add).
+
+(A third, scale and min applied after one small ``tl.dot`` per group of 32, ran at 0.31-0.55x fp16 on an
+H200 against 0.72-0.91x for these, and was removed.)
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import triton.language as tl
 from .int4 import Int4Weight
 from .triton_int4 import _split_tiles, _units_natural
 
-UNPACKS = {"f32": 0, "half": 1, "group": 2}
+UNPACKS = {"f32": 0, "half": 1}
 
 
 @triton.jit
@@ -89,85 +89,46 @@ def _w4_tc_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if UNPACK == 2:
-        q_rows2 = qw_ptr + rows_n[:, None] * stride_qn  # [BLOCK_N, 1]
-        s_rows1 = s_ptr + rows_n * stride_sn  # [BLOCK_N]
-        m_rows1 = m_ptr + rows_n * stride_sn
-        offs_w = tl.arange(0, W)
-        offs_e = tl.arange(0, GROUP)
-        for tile in range(t_begin, t_end):
-            for g in tl.static_range(NG):
-                kw = tile * KW + g * W + offs_w  # [W]
-                ke = tile * BLOCK_K + g * GROUP + offs_e  # [GROUP]
-                gi = tile * NG + g + tl.zeros([BLOCK_N], dtype=tl.int32)  # a vector: see _gemv_store
-                if EVEN_K:
-                    wg = tl.load(q_rows2 + kw[None, :])
-                    xg = tl.load(x_rows + ke[None, :])
-                    s = tl.load(s_rows1 + gi).to(tl.float32)
-                    if HAS_MIN:
-                        mn = tl.load(m_rows1 + gi).to(tl.float32)
-                else:
-                    wg = tl.load(q_rows2 + kw[None, :], mask=(kw < K_WORDS)[None, :], other=0)
-                    xg = tl.load(x_rows + ke[None, :], mask=(ke < K)[None, :], other=0.0)
-                    s = tl.load(s_rows1 + gi, mask=gi < N_GROUPS, other=0.0).to(tl.float32)
-                    if HAS_MIN:
-                        mn = tl.load(m_rows1 + gi, mask=gi < N_GROUPS, other=0.0).to(tl.float32)
-                v = tl.reshape(_magic_natural(wg, MAGIC, DT), [BLOCK_N, GROUP])
-                if HAS_MIN:
-                    q = v - BIAS  # exact: the integers 0..15
-                else:
-                    q = v - (BIAS + ZP)  # exact: q - zero_point
-                if SWAP:
-                    part = tl.dot(q, tl.trans(xg))  # [BLOCK_N, BLOCK_M]
-                    acc += part * s[:, None]
-                    if HAS_MIN:
-                        acc -= mn[:, None] * tl.sum(xg.to(tl.float32), axis=1)[None, :]
-                else:
-                    part = tl.dot(xg, tl.trans(q))  # [BLOCK_M, BLOCK_N]
-                    acc += part * s[None, :]
-                    if HAS_MIN:
-                        acc -= tl.sum(xg.to(tl.float32), axis=1)[:, None] * mn[None, :]
-    else:
-        offs_g = tl.arange(0, NG)
-        word = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [NG, W]
-        offs_k = tl.arange(0, BLOCK_K)
-        q_rows = qw_ptr + rows_n[:, None, None] * stride_qn  # [BLOCK_N, 1, 1]
-        s_rows = s_ptr + rows_n[:, None] * stride_sn  # [BLOCK_N, 1]
-        m_rows = m_ptr + rows_n[:, None] * stride_sn
-        for tile in range(t_begin, t_end):
-            kw = tile * KW + word  # [NG, W]
-            gi = tile * NG + offs_g  # [NG]
-            ke = tile * BLOCK_K + offs_k  # [BLOCK_K]
-            if EVEN_K:
-                w = tl.load(q_rows + kw[None, :, :])
-                x = tl.load(x_rows + ke[None, :])
-                s = tl.load(s_rows + gi[None, :])
-                if HAS_MIN:
-                    mn = tl.load(m_rows + gi[None, :])
+    offs_g = tl.arange(0, NG)
+    word = offs_g[:, None] * W + tl.arange(0, W)[None, :]  # [NG, W]
+    offs_k = tl.arange(0, BLOCK_K)
+    q_rows = qw_ptr + rows_n[:, None, None] * stride_qn  # [BLOCK_N, 1, 1]
+    s_rows = s_ptr + rows_n[:, None] * stride_sn  # [BLOCK_N, 1]
+    m_rows = m_ptr + rows_n[:, None] * stride_sn
+    for tile in range(t_begin, t_end):
+        kw = tile * KW + word  # [NG, W]
+        gi = tile * NG + offs_g  # [NG]
+        ke = tile * BLOCK_K + offs_k  # [BLOCK_K]
+        if EVEN_K:
+            w = tl.load(q_rows + kw[None, :, :])
+            x = tl.load(x_rows + ke[None, :])
+            s = tl.load(s_rows + gi[None, :])
+            if HAS_MIN:
+                mn = tl.load(m_rows + gi[None, :])
+        else:
+            w = tl.load(q_rows + kw[None, :, :], mask=(kw < K_WORDS)[None, :, :], other=0)
+            x = tl.load(x_rows + ke[None, :], mask=(ke < K)[None, :], other=0.0)
+            s = tl.load(s_rows + gi[None, :], mask=(gi < N_GROUPS)[None, :], other=0.0)
+            if HAS_MIN:
+                mn = tl.load(m_rows + gi[None, :], mask=(gi < N_GROUPS)[None, :], other=0.0)
+        if UNPACK == 0:  # w = a * (1 + q/16) - b in float32
+            a = s.to(tl.float32) * 16.0
+            if HAS_MIN:
+                b = a + mn.to(tl.float32)
             else:
-                w = tl.load(q_rows + kw[None, :, :], mask=(kw < K_WORDS)[None, :, :], other=0)
-                x = tl.load(x_rows + ke[None, :], mask=(ke < K)[None, :], other=0.0)
-                s = tl.load(s_rows + gi[None, :], mask=(gi < N_GROUPS)[None, :], other=0.0)
-                if HAS_MIN:
-                    mn = tl.load(m_rows + gi[None, :], mask=(gi < N_GROUPS)[None, :], other=0.0)
-            if UNPACK == 0:  # w = a * (1 + q/16) - b in float32
-                a = s.to(tl.float32) * 16.0
-                if HAS_MIN:
-                    b = a + mn.to(tl.float32)
-                else:
-                    b = a * (1.0 + ZP / 16.0)
-                wt = a[:, :, None] * _units_natural(w, BLOCK_N, NG, GROUP) - b[:, :, None]
-            else:  # w = (v - BIAS) * scale - min in the activation dtype
-                v = tl.reshape(_magic_natural(w, MAGIC, DT), [BLOCK_N, NG, GROUP])
-                if HAS_MIN:
-                    wt = (v - BIAS) * s.to(DT)[:, :, None] - mn.to(DT)[:, :, None]
-                else:
-                    wt = (v - (BIAS + ZP)) * s.to(DT)[:, :, None]
-            wt = tl.reshape(wt, [BLOCK_N, BLOCK_K]).to(DT)
-            if SWAP:
-                acc = tl.dot(wt, tl.trans(x), acc)
+                b = a * (1.0 + ZP / 16.0)
+            wt = a[:, :, None] * _units_natural(w, BLOCK_N, NG, GROUP) - b[:, :, None]
+        else:  # w = (v - BIAS) * scale - min in the activation dtype
+            v = tl.reshape(_magic_natural(w, MAGIC, DT), [BLOCK_N, NG, GROUP])
+            if HAS_MIN:
+                wt = (v - BIAS) * s.to(DT)[:, :, None] - mn.to(DT)[:, :, None]
             else:
-                acc = tl.dot(x, tl.trans(wt), acc)
+                wt = (v - (BIAS + ZP)) * s.to(DT)[:, :, None]
+        wt = tl.reshape(wt, [BLOCK_N, BLOCK_K]).to(DT)
+        if SWAP:
+            acc = tl.dot(wt, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(wt), acc)
     if SWAP:
         out = tl.trans(acc)
     else:

@@ -1,5 +1,5 @@
 """The pipelined tensor-core int4 kernel ``wtc`` (``kt_cuda.triton_w4_tc``) against a float64 product of the
-same int4 weights: every unpack (``f32``, ``half``, ``group``), plain and swapped operands, split K reduced
+same int4 weights: both unpacks (``f32``, ``half``), plain and swapped operands, split K reduced
 inside the kernel (including a split with no K tile), 5, 16 and 17-32 rows, odd N, K not a multiple of
 BLOCK_K, asymmetric and symmetric groups of 32/64/128, with and without bias.
 
@@ -32,9 +32,9 @@ cases = [  # group, symmetric, M, bias, config
     (32, False, 16, True, C("wtc", 32, 256, 3, block_m=16, swap=True, unpack="half")),  # 2 tiles, 3 splits
     (64, True, 5, True, C("wtc", 16, 128, 1, block_m=16, unpack="half")),
     (128, False, 17, True, C("wtc", 16, 128, 3, block_m=16, unpack="half")),  # two row blocks
-    (32, True, 5, False, C("wtc", 16, 256, 1, block_m=16, unpack="group")),
-    (64, False, 16, True, C("wtc", 32, 128, 2, block_m=16, swap=True, unpack="group")),
-    (128, True, 32, True, C("wtc", 16, 256, 2, block_m=32, swap=True, unpack="group")),
+    (32, True, 5, False, C("wtc", 16, 256, 1, block_m=16, unpack="half")),
+    (64, False, 16, True, C("wtc", 32, 128, 2, block_m=16, swap=True, unpack="f32")),
+    (128, True, 32, True, C("wtc", 16, 256, 2, block_m=32, swap=True, unpack="half")),
 ]
 for group, symmetric, M, with_bias, cfg in cases:
     w = int4.quantize(torch.randn(N, K), group, symmetric=symmetric)
@@ -63,8 +63,8 @@ def test_wtc_in_triton_interpreter():
 def test_wtc_labels_and_candidates():
     from kt_cuda.triton_int4 import Int4Config as C, candidates
 
-    labels = {C("wtc", 64, 256, 4, swap=True, unpack=u).label() for u in ("f32", "half", "group")}
-    assert labels == {"wtcT:m16n64k256s4w4st3", "wtcHT:m16n64k256s4w4st3", "wtcGT:m16n64k256s4w4st3"}
+    labels = {C("wtc", 64, 256, 4, swap=True, unpack=u).label() for u in ("f32", "half")}
+    assert labels == {"wtcT:m16n64k256s4w4st3", "wtcHT:m16n64k256s4w4st3"}
     for M in (5, 16, 17, 32):
         wtc = [c for c in candidates(M, 32) if c.kernel == "wtc"]
         assert wtc and all(c.block_m == (16 if M <= 16 else 32) for c in wtc)
@@ -99,8 +99,8 @@ GPU_CONFIGS = [  # every unpack, plain and swapped, split K 1-4 (3 of them with 
     dict(block_n=32, block_k=256, split_k=2, unpack="half", num_stages=4),
     dict(block_n=64, block_k=256, split_k=4, swap=True, unpack="half", num_stages=4),
     dict(block_n=128, block_k=128, split_k=3, swap=True, unpack="half", num_warps=8),
-    dict(block_n=16, block_k=256, split_k=2, unpack="group", num_warps=2),
-    dict(block_n=64, block_k=128, split_k=4, swap=True, unpack="group", num_stages=5),
+    dict(block_n=16, block_k=256, split_k=2, unpack="f32", num_warps=2),
+    dict(block_n=64, block_k=128, split_k=4, swap=True, unpack="half", num_stages=5),
 ]
 
 
@@ -137,7 +137,7 @@ def test_wtc_group_sizes_and_fp32_scales(device, group_size, scales_dtype):
     N, K = 40, 1024
     w = int4.quantize(torch.randn(N, K), group_size, scales_dtype=scales_dtype).to(device)
     x = torch.randn(16, K, device=device).half()
-    for unpack in ("f32", "half", "group") if scales_dtype == torch.float32 else ("half",):
+    for unpack in ("f32", "half") if scales_dtype == torch.float32 else ("half",):
         out = int4_matmul(x, w, None, Int4Config("wtc", 32, 256, 2, swap=True, unpack=unpack))
         assert rel_err(out.cpu(), _reference(x, w, None)) < TOL[torch.float16], unpack
 
