@@ -17,6 +17,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=10002)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API call")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages at ORIGIN (e.g. https://app.example.com; '*': any) call the API; pages "
+                        "on this machine (localhost, 127.0.0.1) always may. Repeatable")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="serve requests whose Host header names NAME ('*': any); IP addresses, localhost, this "
+                        "machine's names and --host are always served. Repeatable")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="refuse larger request bodies (413)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client may take to send a request's headers")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds a client may take to send a body")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections and running requests; further requests get 503")
     p.add_argument("--web", action="store_true", help="serve the chat web UI at /web")
     p.add_argument("--db", default=None, help="SQLite file of the Assistants API (default: in the user data dir)")
     p.add_argument("--no-assistants", action="store_true", help="turn the Assistants API (and its database) off")
@@ -38,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ktcore.server import create_app, default_db_path
     from ktcore.server.engine import Engine
+    from ktcore.server.guard import AccessPolicy
     from ktcore.server.loading import load_for_serving
+    from ktcore.server.runner import ConnectionLimits, uvicorn_config
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
@@ -48,11 +62,16 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, tokenizer, max_context=args.max_context, max_concurrency=args.max_concurrency,
                     batching=False if args.no_batching else None)
     db = None if args.no_assistants else (args.db or default_db_path())
-    app = create_app(engine, tokenizer, info, api_key=args.api_key, db_path=db, web=args.web)
+    access = AccessPolicy(api_key=args.api_key, bound_host=args.host, allow_hosts=args.allow_host,
+                          allow_origins=args.allow_origin)
+    app = create_app(engine, tokenizer, info, access=access, db_path=db, web=args.web,
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)))
     logging.getLogger("ktcore.server").info(
         "serving %s on http://%s:%d (batched decode: %s, assistants db: %s)", info.name, args.host, args.port,
         engine.batched, db)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    limits = ConnectionLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                              max_connections=args.max_connections)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level=args.log_level.lower())).run()
     return 0
 
 

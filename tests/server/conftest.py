@@ -12,6 +12,7 @@ import torch  # noqa: E402
 
 from ktcore.server.app import create_app  # noqa: E402
 from ktcore.server.engine import Engine  # noqa: E402
+from ktcore.server.guard import AccessPolicy  # noqa: E402
 from ktcore.server.loading import load_for_serving  # noqa: E402
 from ktcore.server.runner import ServerThread  # noqa: E402
 
@@ -41,7 +42,7 @@ def server(tiny, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny, tmp_path_factory):
-    srv = _serve(tiny, tmp_path_factory, api_key=API_KEY)
+    srv = _serve(tiny, tmp_path_factory, access=AccessPolicy(api_key=API_KEY))
     yield srv
     srv.stop()
 
