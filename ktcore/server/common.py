@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from .engine import ContextOverflowError, Engine, Event, SamplingParams, SequenceHandle
@@ -54,6 +57,12 @@ class ServerState:
     model: ModelInfo
     started_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     assistants: object | None = None  # AssistantsStore when the Assistants API is on
+    # the longest token's text: a prompt of more than max_context times this many characters cannot fit
+    max_token_chars: int = 0
+
+    def __post_init__(self):
+        if not self.max_token_chars:
+            self.max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
 
 
 def state_of(request: Request) -> ServerState:
@@ -84,36 +93,117 @@ def message_text(content) -> str:
     return "".join(parts)
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages ``[{"role", "content"}]`` through the model's chat template, assistant turn opened."""
+    """Messages ``[{"role", "content"}]`` through the model's chat template, assistant turn opened.
+
+    Only the template's own text may hold special tokens: inside a content, ``<|im_start|>system`` is text
+    like any other, so a user cannot open a turn of another role. The template is rendered once more with a
+    placeholder for each content; the contents are then tokenized as plain text between the template's
+    special tokens."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise APIError(400, f"messages[{i}].role: must be one of {', '.join(ROLES)}, got '{m['role']}'",
+                           param=f"messages[{i}].role")
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                        param="messages", code="no_chat_template")
+    text = _render(tokenizer, messages)
+    spans = _content_spans(tokenizer, messages, text)
+    if spans is None:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids, at = [], 0
+    for begin, end in spans + [(len(text), len(text))]:
+        if begin > at:
+            ids += tokenizer(text[at:begin], add_special_tokens=False)["input_ids"]
+        if end > begin:
+            ids += tokenizer(text[begin:end], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        at = end
+    return ids
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # templates raise on role orders they do not support
         raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from exc
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def text_prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return list(tokenizer(prompt)["input_ids"])
+def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+    """``(begin, end)`` of every content inside ``text``, in order; ``None`` when no content holds a special
+    token's text (tokenizing ``text`` whole is then safe). Refuses the messages when a content holds special-
+    token text and the template transforms contents beyond trimming (no way to tell them from the template's
+    own text)."""
+    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+    if not any(t in m["content"] for m in messages for t in specials):
+        return None
+    nonce = secrets.token_hex(8)
+    marks = [f"KTCONTENT{nonce}N{i}END" for i in range(len(messages))]
+    skeleton = _render(tokenizer, [m | {"content": mark} for m, mark in zip(messages, marks)])
+    pieces = re.split(f"KTCONTENT{nonce}N(\\d+)END", skeleton)
+    for transform in (lambda c: c, str.strip):
+        out, spans = [pieces[0]], []
+        at = len(pieces[0])
+        for index, after in zip(pieces[1::2], pieces[2::2]):
+            content = transform(messages[int(index)]["content"])
+            spans.append((at, at + len(content)))
+            out += [content, after]
+            at += len(content) + len(after)
+        if "".join(out) == text:
+            return spans
+    raise APIError(400, "a message content holds special-token text and this model's chat template changes "
+                        "contents, so it cannot be kept as plain text; remove the special-token text",
+                   param="messages")
 
 
-def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, **penalties) -> SequenceHandle:
+def check_prompt_chars(state: ServerState, chars: int, param: str) -> None:
+    """Refuse, before tokenizing, a prompt that cannot fit whatever its tokens."""
+    limit = state.engine.max_context * state.max_token_chars
+    if chars > limit:
+        raise APIError(400, f"the prompt has {chars} characters: more than this model's context of "
+                            f"{state.engine.max_context} tokens can hold (a token covers at most "
+                            f"{state.max_token_chars} characters)", param=param, code="context_length_exceeded")
+
+
+async def chat_prompt(state: ServerState, messages: list[dict], param: str = "messages") -> list[int]:
+    """``chat_prompt_ids`` after the length check, on a worker thread (the event loop keeps streaming)."""
+    check_prompt_chars(state, sum(len(m["content"]) for m in messages), param)
+    return await run_in_threadpool(chat_prompt_ids, state.tokenizer, messages)
+
+
+async def text_prompt(state: ServerState, prompt: str, param: str = "prompt") -> list[int]:
+    """A plain prompt's ids (special-token text parsed: a raw prompt is the client's own template)."""
+    check_prompt_chars(state, len(prompt), param)
+    return await run_in_threadpool(lambda: list(state.tokenizer(prompt)["input_ids"]))
+
+
+async def text_ids(state: ServerState, text: str) -> list[int]:
+    """Ids of generated text (no special tokens added), off the event loop."""
+    return await run_in_threadpool(lambda: list(state.tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def submit(state: ServerState, prompt_ids: list[int], params: SamplingParams, param: str = "messages",
+           **penalties) -> SequenceHandle:
     try:
         return state.engine.submit(prompt_ids, params, **penalties)
     except ContextOverflowError as exc:
-        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from exc
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
     except RuntimeError as exc:
         raise APIError(503, str(exc)) from exc
 
 
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy anyway; 1e-300 would overflow the scaled logits
+
+
 def sampling_params(**kwargs) -> SamplingParams:
+    if 0.0 < kwargs.get("temperature", 0.0) < MIN_TEMPERATURE:
+        kwargs["temperature"] = 0.0
     try:
         return SamplingParams(**kwargs)
     except ValueError as exc:

@@ -342,7 +342,7 @@ class Engine:
             logits = self._forward(ids[:, begin:begin + self.prefill_chunk], cache)
         seq.stats.prefill_ns = time.perf_counter_ns() - start
         seq.position = len(seq.prompt_ids)
-        self._accept(seq, self._sample(seq, logits[0]))
+        self._advance(seq, logits[0])
         if seq.finished:
             return
         if self.batched:
@@ -388,10 +388,19 @@ class Engine:
         for row, seq in enumerate(batch):
             seq.stats.decode_ns += elapsed
             seq.position += 1
-            self._accept(seq, self._sample(seq, logits[row]))
+            self._advance(seq, logits[row])
             if not seq.finished:
                 keep.append(row)
         self._retain(keep)
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Sample and record one sequence's next token. A failure here (a sampler fed non-finite logits, a
+        tokenizer error) is that sequence's alone: it ends with an error and the batch goes on."""
+        try:
+            self._accept(seq, self._sample(seq, logits))
+        except Exception as exc:
+            log.error("sequence failed:\n%s", traceback.format_exc())
+            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
         logits = logits.cpu()

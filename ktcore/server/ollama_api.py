@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +18,7 @@ from ktcore import __version__ as ktcore_version
 from .common import (
     ServerState,
     StreamThenRelease,
-    chat_prompt_ids,
+    chat_prompt,
     collect_unless_disconnected,
     raise_for_engine_error,
     require_model,
@@ -26,9 +26,11 @@ from .common import (
     sampling_params,
     state_of,
     submit,
-    text_prompt_ids,
+    text_ids,
+    text_prompt,
 )
 from .errors import APIError
+from .schema import Penalty, RepeatPenalty, Seed, Temperature, TopP, check_token_ids, stop_strings
 
 router = APIRouter()
 
@@ -37,20 +39,23 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+MAX_STOPS = 16  # Ollama documents no limit; clients send a model's few stop words, FIM tools a dozen
+
+
 class Options(_Lenient):
     num_predict: int | None = None
-    temperature: float | None = Field(default=None, ge=0.0)
+    temperature: Temperature | None = None
     top_k: int | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
     stop: list[str] | str | None = None
-    repeat_penalty: float | None = Field(default=None, gt=0.0)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    repeat_penalty: RepeatPenalty | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
 
 
 class Message(_Lenient):
-    role: str
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
 
 
@@ -81,7 +86,7 @@ def _params(state: ServerState, options: Options | None):
     predict = o.num_predict
     if predict is not None and predict < -2:
         raise APIError(400, f"options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, got {predict}")
-    stops = (o.stop,) if isinstance(o.stop, str) else tuple(o.stop or ())
+    stops = stop_strings(o.stop, most=MAX_STOPS, param="options.stop")
     return sampling_params(
         max_new_tokens=state.engine.max_context if predict is None or predict < 0 else predict,
         temperature=0.8 if o.temperature is None else o.temperature,
@@ -89,7 +94,7 @@ def _params(state: ServerState, options: Options | None):
         top_p=0.9 if o.top_p is None else o.top_p,
         repetition_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
         seed=o.seed,
-        stop=tuple(s for s in stops if s),
+        stop=stops,
     ), {"presence_penalty": o.presence_penalty or 0.0, "frequency_penalty": o.frequency_penalty or 0.0}
 
 
@@ -127,14 +132,18 @@ def _require(state: ServerState, name: str | None) -> None:
         raise
 
 
-async def _reply(request: Request, handle, head: dict, piece, final_extra=lambda full_text: {}):
-    """NDJSON stream or one JSON object; ``piece(text)`` is what a chunk carries for ``text``;
-    ``final_extra(full_text)`` adds fields to the last object."""
+async def _no_extra(full_text: str) -> dict:
+    return {}
 
-    def final_body(final, text: str, full_text: str) -> dict:
+
+async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_extra):
+    """NDJSON stream or one JSON object; ``piece(text)`` is what a chunk carries for ``text``;
+    ``await final_extra(full_text)`` adds fields to the last object."""
+
+    async def final_body(final, text: str, full_text: str) -> dict:
         return head | {"created_at": rfc3339_now()} | piece(text) | {
-            "done": True, "done_reason": _done_reason(final.finish_reason)} | _timings(final.stats) | final_extra(
-            full_text)
+            "done": True, "done_reason": _done_reason(final.finish_reason)} | _timings(final.stats) | (
+            await final_extra(full_text))
 
     if request.state.ollama_stream:
         async def lines():
@@ -148,7 +157,7 @@ async def _reply(request: Request, handle, head: dict, piece, final_extra=lambda
                     if event.finish_reason == "error":
                         yield json.dumps({"error": f"generation failed: {event.error}"}) + "\n"
                     elif event.finish_reason is not None:
-                        yield json.dumps(final_body(event, "", "".join(parts)), ensure_ascii=False) + "\n"
+                        yield json.dumps(await final_body(event, "", "".join(parts)), ensure_ascii=False) + "\n"
             finally:
                 handle.cancel()
 
@@ -159,7 +168,7 @@ async def _reply(request: Request, handle, head: dict, piece, final_extra=lambda
         return None
     text, final = result
     raise_for_engine_error(final)
-    return final_body(final, text, text)
+    return await final_body(final, text, text)
 
 
 @router.get("/api/version")
@@ -206,19 +215,24 @@ async def generate(req: GenerateRequest, request: Request):
     head = {"model": req.model}
     if not req.prompt:  # Ollama: an empty prompt only loads the model
         return head | {"created_at": rfc3339_now(), "response": "", "done": True, "done_reason": "load"}
+    if req.context:
+        if len(req.context) >= state.engine.max_context:
+            raise APIError(400, f"context: {len(req.context)} tokens, and this model's context holds "
+                                f"{state.engine.max_context}")
+        check_token_ids(req.context, state.engine.vocab_size, "context")
     if req.raw or getattr(state.tokenizer, "chat_template", None) is None:
-        prompt = text_prompt_ids(state.tokenizer, req.prompt)
+        prompt = await text_prompt(state, req.prompt)
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else [])
-        prompt = chat_prompt_ids(state.tokenizer, messages + [{"role": "user", "content": req.prompt}])
+        prompt = await chat_prompt(state, messages + [{"role": "user", "content": req.prompt}], param="prompt")
     if req.context:  # a previous reply's context continues the conversation
         prompt = list(req.context) + prompt
     params, penalties = _params(state, req.options)
     handle = submit(state, prompt, params, **penalties)
     request.state.ollama_stream = req.stream
 
-    def context(full_text: str) -> dict:
-        return {"context": prompt + list(state.tokenizer(full_text, add_special_tokens=False)["input_ids"])}
+    async def context(full_text: str) -> dict:
+        return {"context": prompt + await text_ids(state, full_text)}
 
     return await _reply(request, handle, head, lambda text: {"response": text}, context)
 
@@ -231,7 +245,7 @@ async def chat(req: ChatRequest, request: Request):
     if not req.messages:
         return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
                        "done": True, "done_reason": "load"}
-    prompt = chat_prompt_ids(state.tokenizer, [{"role": m.role, "content": m.content} for m in req.messages])
+    prompt = await chat_prompt(state, [{"role": m.role, "content": m.content} for m in req.messages])
     params, penalties = _params(state, req.options)
     handle = submit(state, prompt, params, **penalties)
     request.state.ollama_stream = req.stream

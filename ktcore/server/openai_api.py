@@ -7,12 +7,13 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from .common import (
     ServerState,
     StreamThenRelease,
-    chat_prompt_ids,
+    chat_prompt,
     collect_unless_disconnected,
     message_text,
     raise_for_engine_error,
@@ -21,9 +22,10 @@ from .common import (
     sse,
     state_of,
     submit,
-    text_prompt_ids,
+    text_prompt,
 )
 from .errors import APIError, openai_error_body
+from .schema import Penalty, Seed, Temperature, TopP, check_token_ids, stop_strings
 
 router = APIRouter()
 
@@ -44,15 +46,15 @@ class StreamOptions(_Lenient):
 class _Sampling(_Lenient):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: Seed | None = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
 
 
 class ChatCompletionRequest(_Sampling):
@@ -66,19 +68,12 @@ class CompletionRequest(_Sampling):
     echo: bool = False
 
 
-def _stops(stop) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > 4:
-        raise APIError(400, "stop: at most 4 stop sequences", param="stop")
-    return tuple(s for s in stops if s)
-
-
 def _params(state: ServerState, req: _Sampling, max_tokens: int | None):
     if req.n != 1:
         raise APIError(400, "n: only n=1 is supported", param="n")
     return sampling_params(
         max_new_tokens=max_tokens if max_tokens is not None else state.engine.max_context,
-        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=_stops(req.stop),
+        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop_strings(req.stop, most=4),
     )
 
 
@@ -145,7 +140,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     require_model(state, req.model)
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m.content)}
                 for m in req.messages]
-    prompt = chat_prompt_ids(state.tokenizer, messages)
+    prompt = await chat_prompt(state, messages)
     params = _params(state, req, req.max_completion_tokens or req.max_tokens)
     handle = submit(state, prompt, params, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty)
@@ -176,20 +171,22 @@ async def completions(req: CompletionRequest, request: Request):
     state = state_of(request)
     require_model(state, req.model)
     if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
-        prompt_ids, prompt_text = list(req.prompt), state.tokenizer.decode(req.prompt)
+        if len(req.prompt) >= state.engine.max_context:
+            raise APIError(400, f"the prompt has {len(req.prompt)} tokens and this model's context holds "
+                                f"{state.engine.max_context}", param="prompt", code="context_length_exceeded")
+        check_token_ids(req.prompt, state.engine.vocab_size, "prompt")
+        prompt_ids = list(req.prompt)
+        prompt_text = await run_in_threadpool(state.tokenizer.decode, prompt_ids) if req.echo else ""
     else:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) != 1:
             raise APIError(400, "prompt: exactly one prompt per request is supported", param="prompt")
         prompt_text = prompts[0]
-        prompt_ids = text_prompt_ids(state.tokenizer, prompt_text)
+        prompt_ids = await text_prompt(state, prompt_text)
     if not prompt_ids:
         raise APIError(400, "prompt: the prompt is empty", param="prompt")
-    if len(prompt_ids) >= state.engine.max_context:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens and this model's context holds "
-                            f"{state.engine.max_context}", param="prompt", code="context_length_exceeded")
-    handle = submit(state, prompt_ids, _params(state, req, req.max_tokens), presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty)
+    handle = submit(state, prompt_ids, _params(state, req, req.max_tokens), "prompt",
+                    presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
     ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": ident, "object": "text_completion", "created": created, "model": req.model}
     echo = prompt_text if req.echo else ""
