@@ -6,12 +6,15 @@ WAL with ``synchronous=NORMAL`` makes every committed transaction survive a cras
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Integer, String, Text, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .. import default_db_path
 
 
 class Base(DeclarativeBase):
@@ -80,10 +83,23 @@ class RunRow(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
 
 
+def _private(path: Path) -> None:
+    """Conversations are private: the database folder is created 0700, the database and its WAL and
+    shared-memory files are 0600 (SQLite gives the WAL and shm files the database file's mode)."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True)
+    elif path.parent == default_db_path().parent:  # ktcore's own folder, maybe made 0755 by an older version
+        path.parent.chmod(0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if file.exists():
+            file.chmod(0o600)
+
+
 def open_database(path: str | Path) -> Engine:
     """The SQLAlchemy engine of ``path`` (created with its tables if new), every connection in WAL mode."""
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private(path)
     engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False, "timeout": 30})
 
     @event.listens_for(engine, "connect")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..common import StreamThenRelease, require_model, state_of
 from ..errors import APIError, openai_error_body
+from ..schema import Metadata, Temperature, TopP
 from .store import AssistantsStore
 
 router = APIRouter(prefix="/v1")
@@ -30,28 +31,35 @@ class AssistantBody(_Lenient):
     description: str | None = None
     instructions: str | None = None
     tools: list[dict[str, Any]] = Field(default_factory=list)
-    metadata: dict[str, Any] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    metadata: Metadata | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
 
 
 class AssistantPatch(_Lenient):
     model: str | None = None
+    name: str | None = None
+    description: str | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    metadata: Metadata | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
 
 
 class MessageBody(_Lenient):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class ThreadBody(_Lenient):
     messages: list[MessageBody] = Field(default_factory=list)
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class MetadataBody(_Lenient):
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
 
 
 class RunBody(_Lenient):
@@ -60,10 +68,10 @@ class RunBody(_Lenient):
     instructions: str | None = None
     additional_instructions: str | None = None
     additional_messages: list[MessageBody] | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    metadata: dict[str, Any] | None = None
+    metadata: Metadata | None = None
     stream: bool = False
 
 
@@ -176,7 +184,8 @@ async def _start(request: Request, thread_id: str, body: RunBody):
     fields = body.model_dump(exclude_unset=True, exclude={"stream", "assistant_id", "additional_messages", "thread"})
     if body.additional_messages:
         fields["additional_messages"] = [m.model_dump() for m in body.additional_messages]
-    run = await run_in_threadpool(store.create_run, thread_id, body.assistant_id, **fields)
+    run = await run_in_threadpool(store.create_run, thread_id, body.assistant_id,
+                                  lambda name: require_model(state, name), **fields)
     if not body.stream:
         store.start_run_task(state, run["id"])
         return run

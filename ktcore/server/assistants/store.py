@@ -16,9 +16,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..common import ServerState, chat_prompt_ids, sampling_params, submit
+from ..common import ServerState, chat_prompt, sampling_params, submit
 from ..errors import APIError
 from .db import AssistantRow, MessageRow, RunRow, ThreadRow, open_database
 
@@ -190,6 +191,10 @@ class AssistantsStore:
     def delete_thread(self, ident: str) -> dict:
         with self.Session.begin() as s:
             self._get(s, ThreadRow, ident, "thread")
+            for run_id in s.scalars(select(RunRow.id).where(RunRow.thread_id == ident)):
+                handle = self.live.get(run_id)
+                if handle is not None:  # its run ends as cancelled, with nothing left to store
+                    handle.cancel()
             s.execute(delete(MessageRow).where(MessageRow.thread_id == ident))
             s.execute(delete(RunRow).where(RunRow.thread_id == ident))
             s.execute(delete(ThreadRow).where(ThreadRow.id == ident))
@@ -242,10 +247,12 @@ class AssistantsStore:
         return s.scalars(select(RunRow).where(RunRow.thread_id == thread_id,
                                               RunRow.status.in_(("queued", "in_progress", "cancelling")))).first()
 
-    def create_run(self, thread_id: str, assistant_id: str, **fields) -> dict:
+    def create_run(self, thread_id: str, assistant_id: str, check_model: Callable[[str], None], **fields) -> dict:
+        """A queued run; ``check_model(name)`` raises when the server does not serve the run's model."""
         with self.Session.begin() as s:
             self._get(s, ThreadRow, thread_id, "thread")
             a = self._get(s, AssistantRow, assistant_id, "assistant")
+            check_model(fields.get("model") or a.model)
             if self._active_run(s, thread_id) is not None:
                 raise APIError(400, f"Thread {thread_id} already has an active run", code="run_active")
             for m in fields.get("additional_messages") or []:
@@ -301,8 +308,13 @@ class AssistantsStore:
     def start_run_task(self, state: ServerState, run_id: str, emit: Emit | None = None) -> asyncio.Task:
         task = asyncio.ensure_future(self.execute_run(state, run_id, emit))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._task_done)
         return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a run failed", exc_info=task.exception())
 
     async def stop_runs(self) -> None:
         for handle in list(self.live.values()):
@@ -319,6 +331,8 @@ class AssistantsStore:
 
         with self.Session.begin() as s:
             r = s.get(RunRow, run_id)
+            if r is None:  # its thread was deleted before the run started
+                return {}
             if r.status == "cancelled":
                 await send("thread.run.cancelled", run_obj(r))
                 return run_obj(r)
@@ -330,24 +344,26 @@ class AssistantsStore:
             run = run_obj(r)
         await send("thread.run.in_progress", run)
         try:
-            if r.model and not state.model.accepts(r.model):
-                raise APIError(400, f"The model '{r.model}' does not exist; this server serves '{state.model.name}'",
-                               code="model_not_found")
-            prompt = chat_prompt_ids(state.tokenizer, conversation)
+            prompt = await chat_prompt(state, conversation)
             params = sampling_params(
                 max_new_tokens=r.max_completion_tokens or state.engine.max_context,
                 temperature=1.0 if r.temperature is None else r.temperature,
                 top_p=1.0 if r.top_p is None else r.top_p)
             handle = submit(state, prompt, params)
         except APIError as exc:
-            return await self._end_run(run_id, None, "failed", send, error={"code": exc.code or "invalid_prompt",
-                                                                            "message": exc.message})
+            return await self._end_run(run, None, "failed", send, error={"code": exc.code or "invalid_prompt",
+                                                                         "message": exc.message})
         self.live[run_id] = handle
-        with self.Session.begin() as s:
-            m = self._add_message(s, r.thread_id, "assistant", "", status="in_progress", assistant_id=r.assistant_id,
-                                  run_id=run_id)
-            message_id = m.id
-            created = message_obj(m)
+        try:
+            with self.Session.begin() as s:
+                m = self._add_message(s, r.thread_id, "assistant", "", status="in_progress",
+                                      assistant_id=r.assistant_id, run_id=run_id)
+                message_id = m.id
+                created = message_obj(m)
+        except IntegrityError:  # the thread was deleted meanwhile
+            handle.cancel()
+            self.live.pop(run_id, None)
+            return await self._end_run(run, None, "cancelled", send)
         await send("thread.message.created", created)
         await send("thread.message.in_progress", created)
         parts, last_save, final = [], time.monotonic(), None
@@ -377,36 +393,43 @@ class AssistantsStore:
             usage = {"prompt_tokens": final.stats.prompt_tokens, "completion_tokens": final.stats.completion_tokens,
                      "total_tokens": final.stats.prompt_tokens + final.stats.completion_tokens}
         error = {"code": "server_error", "message": final.error or "generation failed"} if status == "failed" else None
-        return await self._end_run(run_id, (message_id, "".join(parts)), status, send, usage=usage, error=error)
+        return await self._end_run(run, (message_id, "".join(parts)), status, send, usage=usage, error=error)
 
     def _save_reply(self, message_id: str, text: str) -> None:
         with self.Session.begin() as s:
-            s.get(MessageRow, message_id).content = text
+            m = s.get(MessageRow, message_id)
+            if m is not None:  # None: the thread was deleted during the run
+                m.content = text
 
-    async def _end_run(self, run_id: str, reply: tuple[str, str] | None, status: str, send, *, usage=None,
+    async def _end_run(self, run: dict, reply: tuple[str, str] | None, status: str, send, *, usage=None,
                        error=None) -> dict:
+        """Store how the run ended and send its last events. ``run``: the run as it started; when its thread
+        was deleted meanwhile, nothing is stored and the run ends as cancelled."""
+        message = None
         with self.Session.begin() as s:
-            r = s.get(RunRow, run_id)
-            r.status, r.usage, r.last_error = status, usage, error
-            stamp = now()
-            if status in ("completed", "incomplete"):
-                r.completed_at = stamp
-            elif status == "cancelled":
-                r.cancelled_at = stamp
+            r = s.get(RunRow, run["id"])
+            if r is None:
+                status, run = "cancelled", run | {"status": "cancelled", "cancelled_at": now()}
             else:
-                r.failed_at = stamp
-            message = None
-            if reply is not None:
-                m = s.get(MessageRow, reply[0])
-                m.content = reply[1]
-                if status == "completed":
-                    m.status, m.completed_at = "completed", stamp
+                r.status, r.usage, r.last_error = status, usage, error
+                stamp = now()
+                if status in ("completed", "incomplete"):
+                    r.completed_at = stamp
+                elif status == "cancelled":
+                    r.cancelled_at = stamp
                 else:
-                    m.status, m.incomplete_at = "incomplete", stamp
-                    m.incomplete_reason = {"incomplete": "max_tokens", "cancelled": "run_cancelled"}.get(
-                        status, "run_failed")
-                message = message_obj(m)
-            run = run_obj(r)
+                    r.failed_at = stamp
+                m = s.get(MessageRow, reply[0]) if reply is not None else None
+                if m is not None:  # None: no reply, or the reply was deleted during the run
+                    m.content = reply[1]
+                    if status == "completed":
+                        m.status, m.completed_at = "completed", stamp
+                    else:
+                        m.status, m.incomplete_at = "incomplete", stamp
+                        m.incomplete_reason = {"incomplete": "max_tokens", "cancelled": "run_cancelled"}.get(
+                            status, "run_failed")
+                    message = message_obj(m)
+                run = run_obj(r)
         if message is not None:
             await send("thread.message.completed" if message["status"] == "completed" else "thread.message.incomplete",
                        message)
