@@ -47,7 +47,7 @@ def create_app(engine: Engine, tokenizer, model: ModelInfo, *, access: AccessPol
             if manage_engine:
                 engine.shutdown()
 
-    app = FastAPI(title="ktcore", lifespan=lifespan, docs_url=None, redoc_url=None, max_body_size=max_body_bytes)
+    app = FastAPI(title="ktcore", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.kt = state
     install_error_handlers(app)
 
@@ -75,7 +75,7 @@ def create_app(engine: Engine, tokenizer, model: ModelInfo, *, access: AccessPol
 
         app.mount("/web/", StaticFiles(directory=STATIC_DIR, html=True), name="web")
 
-    app.add_middleware(RequestGuard, policy=access)
+    app.add_middleware(RequestGuard, policy=access, max_body_bytes=max_body_bytes)
     # added last, so outermost: a refusal carries CORS headers too
     app.add_middleware(CORSMiddleware, allow_methods=["*"], allow_headers=["*"], **access.cors_options())
     return app

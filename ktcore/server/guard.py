@@ -5,7 +5,8 @@ of a browser request (a page from elsewhere may not act on the server, not even 
 skips the CORS preflight), the API key, the content type of a body (JSON routes take JSON), then the body
 itself (no lone UTF-16 surrogates, which no encoder can write back). Every refusal is an error in the route's
 own schema. A route that raises is answered 500 here, without internal detail and with the connection kept.
-The body size limit is FastAPI's ``max_body_size``; this middleware renders its 413.
+The body size limit is checked here too, not with FastAPI's ``max_body_size``: that one answers a declared
+oversize body with its own plain-text 413 whatever the route.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import re
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
-
-from starlette.exceptions import HTTPException
 
 from .errors import APIError, error_response
 
@@ -93,10 +92,15 @@ def _lone_surrogate_path(value) -> str | None:
     return None
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class RequestGuard:
-    def __init__(self, app, policy: AccessPolicy):
+    def __init__(self, app, policy: AccessPolicy, max_body_bytes: int):
         self.app = app
         self.policy = policy
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -107,10 +111,10 @@ class RequestGuard:
             return await error_response(path, refusal)(scope, receive, send)
         if scope["method"] in _BODY_METHODS:
             try:
-                body = await self._read_body(receive)
-            except HTTPException as exc:  # FastAPI's body limit
-                err = APIError(exc.status_code, f"the request body is larger than the limit of "
-                                                f"{scope.get('starlette.max_body_size', '?')} bytes")
+                body = await self._read_body(scope, receive)
+            except _TooLarge:
+                err = APIError(413, f"the request body is larger than the limit of {self.max_body_bytes} bytes "
+                                    "(kt serve --max-body-mb)", code="request_too_large")
                 return await error_response(path, err)(scope, receive, send)
             if body is None:  # the client went away
                 return
@@ -172,14 +176,21 @@ class RequestGuard:
         return APIError(415, f"the request body must be JSON (Content-Type: application/json), got "
                              f"'{content_type or 'none'}'", code="unsupported_media_type")
 
-    @staticmethod
-    async def _read_body(receive) -> bytes | None:
-        chunks = []
+    async def _read_body(self, scope, receive) -> bytes | None:
+        """The whole body, ``None`` when the client goes away; raises ``_TooLarge`` past the limit (at once
+        when ``Content-Length`` says so, else once that much has come)."""
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _TooLarge
+        chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                raise _TooLarge
             if not message.get("more_body", False):
                 return b"".join(chunks)
 

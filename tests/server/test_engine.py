@@ -169,3 +169,28 @@ def test_sliding_window_model_decodes_per_sequence_and_matches_transformers():
 
     assert asyncio.run(run()) == expected
     assert engine.max_batch_seen == 2
+
+
+def test_a_failing_sequence_ends_alone(model_and_tokenizer):
+    """A sequence whose sampling fails (a -1e39 frequency penalty makes its logits non-finite, which the
+    HTTP routes refuse but the engine must survive) ends with an error; the batch it shared goes on and
+    its other sequence still gets the tokens it gets alone."""
+    model, tok = model_and_tokenizer
+    prompt = tok("the sea")["input_ids"]
+    expected = tok.decode(_reference(model, prompt, 20))
+
+    async def run():
+        engine = Engine(model, tok, max_concurrency=4)
+        engine.start()
+        try:
+            good = engine.submit(prompt, _greedy(20))
+            await asyncio.sleep(0.05)
+            bad = engine.submit(prompt, SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True),
+                                frequency_penalty=-1e39)
+            return await good.collect(), await bad.collect()
+        finally:
+            engine.shutdown()
+
+    (text, final), (_, bad_final) = asyncio.run(run())
+    assert bad_final.finish_reason == "error" and bad_final.error
+    assert final.finish_reason == "length" and text == expected
