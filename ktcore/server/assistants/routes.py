@@ -110,8 +110,8 @@ def get_assistant(assistant_id: str, request: Request):
 @router.post("/assistants/{assistant_id}")
 def modify_assistant(assistant_id: str, body: AssistantPatch, request: Request):
     fields = body.model_dump(exclude_unset=True)
-    if fields.get("model"):
-        require_model(state_of(request), fields["model"])
+    if "model" in fields:
+        require_model(state_of(request), fields["model"])  # null or "" included: an assistant needs a model
     return _store(request).modify_assistant(assistant_id, **fields)
 
 
