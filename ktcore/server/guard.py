@@ -41,14 +41,15 @@ class AccessPolicy:
     allow_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        names = {self.bound_host, socket.gethostname(), socket.getfqdn(), *self.allow_hosts}
+        machine = socket.gethostname()
+        names = {self.bound_host, machine, f"{machine}.local", socket.getfqdn(), *self.allow_hosts}
         self._host_names = {n.lower().strip("[]") for n in names if n}
         self._origins = {o.rstrip("/") for o in self.allow_origins}
         self._local_origin = re.compile(LOCAL_ORIGIN)
 
     def host_allowed(self, host_header: str) -> bool:
-        """IP literals (no DNS name to rebind), localhost names, this machine's names, the bound host and
-        ``allow_hosts``."""
+        """IP literals (no DNS name to rebind), localhost names, this machine's names (its mDNS ``.local``
+        name too), the bound host and ``allow_hosts``."""
         if "*" in self._host_names:
             return True
         host = urlsplit(f"//{host_header}").hostname or ""

@@ -235,9 +235,14 @@ async def create_run(thread_id: str, body: RunBody, request: Request):
 @router.post("/threads/runs")
 async def create_thread_and_run(body: ThreadAndRunBody, request: Request):
     thread_body = body.thread or ThreadBody()
-    thread = await run_in_threadpool(_store(request).create_thread, [m.model_dump() for m in thread_body.messages],
+    store = _store(request)
+    thread = await run_in_threadpool(store.create_thread, [m.model_dump() for m in thread_body.messages],
                                      thread_body.metadata)
-    return await _start(request, thread["id"], body)
+    try:
+        return await _start(request, thread["id"], body)
+    except APIError:  # no run (an unknown assistant or model, say): no thread left behind either
+        await run_in_threadpool(store.delete_thread, thread["id"])
+        raise
 
 
 @router.get("/threads/{thread_id}/runs")
