@@ -291,6 +291,10 @@ def test_5_every_limit_is_a_4xx_in_the_routes_schema(slow, http, model_name, tok
             "assistant_id": assistant["id"], "model": "gpt-17"}), 404)
         assert err["code"] == "model_not_found"
         assert http.get(f"/v1/threads/{thread['id']}/runs").json()["data"] == []
+        threads_before = http.get("/v1/threads", params={"limit": 100}).json()["data"]
+        _openai_error(http.post("/v1/threads/runs", json={"assistant_id": assistant["id"], "model": "gpt-17",
+                                                          "thread": {"messages": msgs}}), 404)
+        assert http.get("/v1/threads", params={"limit": 100}).json()["data"] == threads_before
     watch.assert_unaffected()
 
 
