@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .modules import KModule, declare_sibling_linears
-from .moe import LayerDevices, install_transfer_hooks, parse_transfer_map
+from .moe import LayerDevices, install_transfer_hooks, link_moe_blocks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
 from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
@@ -137,6 +137,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
     if build_ops:
         declare_sibling_linears(model)  # q/k/v, gate/up: an op may plan one fused call for its group
+        link_moe_blocks(model)  # KMoE blocks in order: expert deferral, streamed experts' prefetch
     if layer_devices is not None:
         for layer_name, device in layer_devices.moved_layers():
             placements.setdefault(layer_name, device)  # a moved layer's weights no rule placed
