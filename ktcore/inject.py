@@ -378,13 +378,15 @@ def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.
 
 def load_model(path_or_source: Any, rules: Any = None, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, *, registry: Registry | None = None, progress: bool = True,
-               transfer_map: dict | None = None):
+               transfer_map: dict | None = None, check_memory: bool = True):
     """Open weights, build the model on meta, inject the rules, load everything. Returns ``(model, report)``.
 
     ``path_or_source``: a path ``ktcore.weights.open_source`` can open (GGUF file, split GGUF, directory) or a
     ``WeightSource`` object. ``rules``: rule file path(s) or a ``RuleSet``; ``None`` picks the shipped rule
     file for the model type and this machine (see ``select_rule_file``). ``transfer_map``: ``{layer index:
     device}`` puts decoder layers from that index on onto that device (over the rule files' own entries).
+    ``check_memory``: refuse, before reading weights, a placement that does not fit in the devices' free memory
+    (``ktcore.placement.check_fit``).
     """
     registry = registry if registry is not None else get_registry()
     if isinstance(path_or_source, (str, Path)):
@@ -399,6 +401,13 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     ruleset = load_rules(rules, registry)  # validated before anything heavy happens
     model = build_meta_model(config, dtype)
     report = inject(model, ruleset, registry, transfer_map=transfer_map)
+    if check_memory:
+        from .placement import PlacementError, check_fit
+
+        try:
+            check_fit(model, source, dtype, device)
+        except PlacementError as exc:
+            raise LoadError(str(exc)) from exc
     load_weights(model, source, dtype=dtype, device=device, progress=progress)
     model.eval()
     if getattr(model, "generation_config", None) is not None:
