@@ -411,7 +411,9 @@ def suggest_placement(path: str | Path, vram: int, ram: int, *, context: int = 4
         raise PlacementError(f"the routed experts do not fit in RAM: cpu needs {gib(plain.total('cpu') + RESERVE['cpu'])}, "
                              f"{gib(ram)} given (short by {gib(-room(plain, 'cpu'))})")
     layers = _moe_layers(config, dtype)
-    streaming = bool(prefill_threshold)
+    all_on_gpu = usage_of(placement_rules(base_text, gpu_layers=layers, hot={}, prefill_threshold=None))
+    # streamed prefill first (it takes one layer's buffers), unless every layer's experts fit on the GPU
+    streaming = bool(prefill_threshold) and (room(all_on_gpu, "cuda:0") < 0 or room(all_on_gpu, "cpu") < 0)
     if streaming:
         streamed = usage_of(placement_rules(base_text, gpu_layers=[], hot={}, prefill_threshold=prefill_threshold))
         if room(streamed, "cuda:0") < 0 or room(streamed, "cpu") < 0:
