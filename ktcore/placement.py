@@ -138,13 +138,14 @@ def _component(qualname: str, role: str) -> str:
 def estimate_memory(model: nn.Module, source, dtype: torch.dtype | None = None,
                     default_device: torch.device | str | None = None, registry=None) -> MemoryUsage:
     """Bytes per device of an injected (meta) model once loaded (see the module docstring)."""
-    from .inject import _iter_modules, _placement
+    from .inject import _AliasSource, _iter_modules, _placement, _tied_aliases
     from .modules import KModule
-    from .moe import KMoE, PROJECTIONS
+    from .moe import KMoE
 
     dtype = dtype or torch.float32
     default_device = torch.device(default_device or "cpu")
     placements = getattr(model, "_ktcore_placements", {})
+    source = _AliasSource(source, _tied_aliases(model, source))  # tied weights read as loading reads them
     usage = MemoryUsage()
     counted: set[int] = set()
     stream_peak: dict[str, int] = {}
@@ -156,7 +157,10 @@ def estimate_memory(model: nn.Module, source, dtype: torch.dtype | None = None,
             if (module.generate_op_cls, module.generate_device) != ops[0]:
                 ops.append((module.generate_op_cls, module.generate_device))
             for local in module.weight_names():
-                qt = source.get(f"{qualname}.{local}")
+                try:
+                    qt = source.get(f"{qualname}.{local}")
+                except KeyError:
+                    continue  # loading reports it, with the file's name
                 for op_cls, device in ops:
                     usage.add(device, _component(qualname, module.role), weight_bytes(qt, op_cls, device, dtype))
         for local, tensor in (*module._parameters.items(), *module._buffers.items()):
