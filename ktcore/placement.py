@@ -340,10 +340,13 @@ def _layers_regex(layers: list[int]) -> str:
     return "(" + "|".join(str(i) for i in sorted(layers)) + ")"
 
 
-def placement_rules(base_text: str, *, gpu_layers: list[int], hot: Mapping[int, list[int]],
-                    prefill_threshold: int | None, gpu_op: str = "KExpertsGPU", header: str = "") -> str:
+def placement_rules(base_text: str, *, gpu_layers: list[int] = (), hot: Mapping[int, list[int]] | None = None,
+                    prefill_threshold: int | None = None, gpu_op: str = "KExpertsGPU", header: str = "",
+                    options: Mapping[str, Any] | None = None, device: str = "cuda") -> str:
     """A rule file: KMoE on every sparse block (with hot experts and streamed prefill on the CPU-expert
-    layers), the routed experts of ``gpu_layers`` on the GPU, then the base file's rules."""
+    layers, and any other KMoE ``options`` such as ``defer``/``top_k``), the routed experts of ``gpu_layers``
+    on the GPU, then the base file's rules (its own KMoE rule left out). ``device``: the KMoE blocks' own
+    placement (the router's device)."""
     import yaml
 
     rules = []
@@ -353,15 +356,15 @@ def placement_rules(base_text: str, *, gpu_layers: list[int], hot: Mapping[int, 
                                   "kwargs": {"op": gpu_op, "prefill_device": "cuda", "generate_device": "cuda"}},
                       "recursive": False})
         rules.append({"match": {"name": rf"^model\.layers\.{_layers_regex(gpu_layers)}\.mlp$", "class": "moe"},
-                      "replace": {"class": "KMoE", "device": "cuda"}, "optional": True})
-    kwargs: dict[str, Any] = {}
+                      "replace": {"class": "KMoE", "device": device}, "optional": True})
+    kwargs: dict[str, Any] = dict(options or {})
     if hot:
         kwargs["hot_experts"] = {int(layer): sorted(ids) for layer, ids in sorted(hot.items())}
     if prefill_threshold:
         kwargs["gpu_prefill_threshold"] = int(prefill_threshold)
-    if kwargs:
+    if hot or prefill_threshold:
         kwargs["gpu_op"] = gpu_op
-    kmoe = {"match": {"name": r"^model\.layers\.\d+\.mlp$", "class": "moe"}, "replace": {"class": "KMoE", "device": "cuda"},
+    kmoe = {"match": {"name": r"^model\.layers\.\d+\.mlp$", "class": "moe"}, "replace": {"class": "KMoE", "device": device},
             "optional": True}
     if kwargs:
         kmoe["replace"]["kwargs"] = kwargs
