@@ -379,13 +379,34 @@ def placement_rules(base_text: str, *, gpu_layers: list[int] = (), hot: Mapping[
     return header + yaml.safe_dump(rules, sort_keys=False, default_flow_style=None, width=120)
 
 
+def rules_usage(source, rules_text: str, *, context: int = 0, dtype: torch.dtype = torch.float32,
+                registry=None) -> MemoryUsage:
+    """The estimated memory of ``source``'s model under a rule file's text (devices checked by name only),
+    with the KV cache of ``context`` positions on the GPU."""
+    import tempfile
+
+    from .inject import build_meta_model, inject
+    from .registry import get_registry
+    from .rules import load_rules
+
+    registry = registry or get_registry()
+    config = source.config()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "placement-candidate.yaml"
+        path.write_text(rules_text)
+        model = build_meta_model(config, dtype)
+        inject(model, load_rules(path, registry, check_devices=False), registry, build_ops=False)
+    usage = estimate_memory(model, source, dtype, registry=registry)
+    if context:
+        usage.add("cuda:0", f"KV cache ({context} tokens)", kv_cache_bytes(config, context, dtype))
+    return usage
+
+
 def suggest_placement(path: str | Path, vram: int, ram: int, *, context: int = 4096, routing: Mapping | None = None,
                       prefill_threshold: int | None = GPU_PREFILL_THRESHOLD, dtype: torch.dtype = torch.float32,
                       rules: str | Path | None = None, registry=None) -> Plan:
     """A rule file that fits ``vram`` and ``ram`` bytes (see the module docstring)."""
-    from .inject import build_meta_model, inject
     from .registry import get_registry
-    from .rules import load_rules
     from .weights import open_source
 
     registry = registry or get_registry()
@@ -397,13 +418,7 @@ def suggest_placement(path: str | Path, vram: int, ram: int, *, context: int = 4
     notes = [f"planned from {base}"]
 
     def usage_of(text: str) -> MemoryUsage:
-        tmp = Path(_scratch_dir()) / "placement-candidate.yaml"
-        tmp.write_text(text)
-        model = build_meta_model(config, dtype)
-        inject(model, load_rules(tmp, registry, check_devices=False), registry, build_ops=False)
-        usage = estimate_memory(model, source, dtype, registry=registry)
-        usage.add("cuda:0", f"KV cache ({context} tokens)", kv_cache_bytes(config, context, dtype))
-        return usage
+        return rules_usage(source, text, context=context, dtype=dtype, registry=registry)
 
     def room(usage: MemoryUsage, device: str) -> int:
         return budgets[device] - RESERVE[torch.device(device).type] - usage.total(device)
@@ -473,12 +488,6 @@ def _header(path, vram, ram, context, usage: MemoryUsage, budgets, notes) -> str
     lines += [f"#   {line}" for line in usage.table(budgets).splitlines()]
     lines += [f"# note: {n}" for n in notes]
     return "\n".join(lines) + "\n"
-
-
-def _scratch_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
 
 
 def _moe_layers(config, dtype) -> list[int]:
