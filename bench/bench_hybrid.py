@@ -185,17 +185,17 @@ def run_llama_bench(path: Path, prompts: list[int], args, cpu_layers: list[int] 
 def planned_rules(path: Path, gpu_layers: int, moe_layers: list[int], args) -> Path:
     """The rule file ``kt rules suggest`` writes for a VRAM budget that holds ktcore's dense part, KV cache and
     streaming buffers plus the routed experts of ``gpu_layers`` MoE layers (the planner takes the last ones)."""
-    from ktcore.placement import RESERVE, free_memory, placement_rules, rules_usage, suggest_placement
+    from ktcore.placement import RESERVE, base_rule_file, free_memory, placement_rules, rules_usage, suggest_placement
     from ktcore.weights import open_source
 
     context = max(args.prompts) + args.gen_tokens + 16
     threshold = args.gpu_prefill_threshold or None
     source = open_source(str(path))
-    base = pick_rules("gpu-cpu").read_text()
+    base = base_rule_file("deepseek_v2").read_text()  # the file suggest_placement plans from
     wanted = moe_layers[len(moe_layers) - gpu_layers:] if gpu_layers else []
     streams = threshold if len(wanted) < len(moe_layers) else None
     usage = rules_usage(source, placement_rules(base, gpu_layers=wanted, prefill_threshold=streams), context=context)
-    vram = usage.total("cuda:0") + RESERVE["cuda"] + 2**24
+    vram = usage.total("cuda:0") + RESERVE["cuda"] + 4096  # the planner estimates with the same function
     ram = free_memory("cpu") or 2**40
     plan = suggest_placement(path, vram, ram, context=context, prefill_threshold=threshold)
     if plan.gpu_layers != wanted:
