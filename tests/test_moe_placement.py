@@ -339,3 +339,44 @@ def test_gpu_streamed_copy_runs_on_the_side_stream(tmp_path):
     side = copy_stream(torch.device("cuda", torch.cuda.current_device())).cuda_stream
     assert side != torch.cuda.current_stream().cuda_stream
     assert all(b._inflight is None for b in blocks(model))
+
+
+def greedy(model, ids, cuda_graph, n=8):
+    from ktcore.generate import Generator, SamplingParams
+
+    gen = Generator(model, None, max_context=48, cuda_graph=cuda_graph)
+    return list(gen.generate_ids(ids, SamplingParams(max_new_tokens=n, ignore_eos=True))), gen
+
+
+def test_generate_with_deferral_and_hot_experts_on_cpu(registry, tmp_path):
+    """Prefill and decode through the Generator with deferral and hot experts: the decode tokens are those
+    of the full forward of the same model on the growing sequence (no state leaks between steps)."""
+    hf = tiny_model("deepseek_v2", seed=0)
+    model = load(hf, rules_file(tmp_path, "{defer: 1, hot_experts: [1, 4], gpu_op: KExpertsTorch, gpu_device: cpu}"),
+                 registry)
+    ids = prompt(hf.config, length=6)[0].tolist()
+    tokens, _ = greedy(model, ids, cuda_graph=False, n=4)
+    seq = list(ids)
+    for _ in range(4):
+        seq.append(int(logits(model, torch.tensor([seq]))[0, -1].argmax()))
+    assert tokens == seq[len(ids):]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_gpu_graph_decode_with_hot_experts_and_deferral(tmp_path):
+    """CUDA-graph decode (routed experts on the CPU through the stream-ordered path, hot ones in KExpertsGPU,
+    deferral across blocks) gives the tokens eager decode gives."""
+    registry = cuda_registry()
+    hf = tiny_model("deepseek_v2", seed=0)
+    ops = ["KExpertsTorch"] + (["KExpertsCPU"] if "KExpertsCPU" in registry.ops("experts") else [])
+    ids = prompt(hf.config, length=6)[0].tolist()
+    for op in ops:
+        text = rules_file(tmp_path, "{defer: 1, hot_experts: [0, 3]}", device="cuda").read_text()
+        path = tmp_path / f"{op}.yaml"
+        path.write_text(text.replace("op: KExpertsTorch", f"op: {op}"))
+        model = load(hf, path, registry)
+        eager, _ = greedy(model, ids, cuda_graph=False)
+        graphed, gen = greedy(model, ids, cuda_graph=None)
+        if op == "KExpertsCPU":
+            assert gen.graph_problem is None, gen.graph_problem
+        assert graphed == eager, op
