@@ -23,59 +23,24 @@ from ktcore.registry import Registry
 from ktcore.rules import RuleError, load_rules
 from ktcore.testing import tiny_model
 from ktcore.weights.state_dict import StateDictSource
+from test_moe_hybrid import hybrid_rules, logits, prompt
 
 MOE_FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral")
 REL_TOL = 1e-5
 NO_CUDA = "CUDA is not available"
 
-RULES = r"""
-- match:
-    name: '^model\.layers\.\d+\.mlp\.experts$'
-    class: experts
-  replace:
-    class: KExperts
-    device: cpu
-    kwargs: {{op: KExpertsTorch, prefill_device: cpu, generate_device: cpu{out}}}
-  recursive: false
-- match:
-    name: '^model\.layers\.\d+\.mlp$'
-    class: moe
-  replace:
-    class: KMoE
-    device: {device}
-    kwargs: {kwargs}
-{rest}"""
-
-GPU_REST = r"""
-- match: {name: '^model\.rotary_emb$', class: rope}
-  replace: {class: KRoPE, device: cuda, kwargs: {op: KRoPETorch, prefill_device: cuda, generate_device: cuda}}
-- match: {name: '^(lm_head|model\.layers\.\d+\..+)$', class: linear}
-  replace: {class: KLinear, device: cuda, kwargs: {op: KLinearTorch, prefill_device: cuda, generate_device: cuda}}
-- match: {name: '^model\.(embed_tokens|norm|layers\.\d+)$'}
-  replace: {class: default, device: cuda}
-"""
-
-
 def rules_file(tmp_path, kwargs="{}", device="cpu", name="rules.yaml"):
-    path = tmp_path / name
-    cuda = device == "cuda"
-    path.write_text(RULES.format(out=", out_device: cuda" if cuda else "", device=device, kwargs=kwargs,
-                                 rest=GPU_REST if cuda else ""))
+    """test_moe_hybrid's rules (routed experts in KExpertsTorch on the CPU, KMoE on ``device``, the rest there)
+    with ``kwargs`` on the KMoE rule."""
+    path = hybrid_rules(tmp_path, device=device, name=name)
+    kmoe = f"    class: KMoE\n    device: {device}\n"
+    path.write_text(path.read_text().replace(kmoe, kmoe + f"    kwargs: {kwargs}\n"))
     return path
 
 
 @pytest.fixture(scope="module")
 def registry():
     return Registry(entrypoints=False)
-
-
-def prompt(config, length=16, seed=1):
-    return torch.randint(3, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids.to(next(model.parameters()).device)).logits.float().cpu()
 
 
 def blocks(model):
