@@ -404,8 +404,10 @@ def rules_usage(source, rules_text: str, *, context: int = 0, dtype: torch.dtype
 
 def suggest_placement(path: str | Path, vram: int, ram: int, *, context: int = 4096, routing: Mapping | None = None,
                       prefill_threshold: int | None = GPU_PREFILL_THRESHOLD, dtype: torch.dtype = torch.float32,
-                      rules: str | Path | None = None, registry=None) -> Plan:
-    """A rule file that fits ``vram`` and ``ram`` bytes (see the module docstring)."""
+                      rules: str | Path | None = None, registry=None, cpu_moe_layers: int | None = None) -> Plan:
+    """A rule file that fits ``vram`` and ``ram`` bytes (see the module docstring). ``cpu_moe_layers``: the
+    llama.cpp-style shortcut (its ``--n-cpu-moe``): the first N MoE layers' routed experts on the CPU, the
+    others' on the GPU (a number >= the MoE layers: all on the CPU); refused when it does not fit."""
     from .registry import get_registry
     from .weights import open_source
 
@@ -449,6 +451,24 @@ def suggest_placement(path: str | Path, vram: int, ram: int, *, context: int = 4
     gpu_layers: list[int] = []
     hot: dict[int, list[int]] = {}
     per_expert = per_layer / num_experts
+    if cpu_moe_layers is not None:
+        gpu_layers = layers[cpu_moe_layers:]
+        notes.append(f"--n-cpu-moe {cpu_moe_layers}: the routed experts of {len(gpu_layers)} of {len(layers)} MoE "
+                     "layers on the GPU, as asked")
+        streaming = bool(prefill_threshold) and len(gpu_layers) < len(layers)
+        text_body = placement_rules(base_text, gpu_layers=gpu_layers, prefill_threshold=prefill_threshold)
+        usage = usage_of(text_body)
+        if streaming and (room(usage, "cuda:0") < 0 or room(usage, "cpu") < 0):
+            streaming = False
+            notes.append("no GPU prefill of CPU experts: its pinned copy or its GPU buffers do not fit")
+            text_body = placement_rules(base_text, gpu_layers=gpu_layers)
+            usage = usage_of(text_body)
+        short = [d for d in ("cuda:0", "cpu") if room(usage, d) < 0]
+        if short:
+            raise PlacementError(f"--n-cpu-moe {cpu_moe_layers} does not fit: " + "; ".join(
+                f"{d} short by {gib(-room(usage, d))}" for d in short))
+        return Plan(_header(path, vram, ram, context, usage, budgets, notes) + text_body, usage, budgets,
+                    gpu_layers, {}, streaming, notes)
     if per_layer and free > 0:
         if routing:
             hot = _hottest(routing, int(free // per_expert), num_experts)

@@ -136,6 +136,17 @@ def test_planner_with_routing_picks_hot_experts(tiny_gguf):
     assert kmoe["replace"]["kwargs"]["hot_experts"] == {1: [0], 2: [1, 5]}
 
 
+def test_planner_n_cpu_moe_shortcut(tiny_gguf):
+    plan = plan_for(tiny_gguf, 64 * MIB, cpu_moe_layers=1)
+    assert plan.gpu_layers == [2] and plan.hot == {} and plan.streaming  # layer 1 streams for prefill
+    assert "gpu_prefill_threshold" in plan.rules_text
+    assert plan_for(tiny_gguf, 64 * MIB, cpu_moe_layers=99).gpu_layers == []  # all experts on the CPU
+    routed = plan_for(tiny_gguf, 64 * MIB).usage.parts["cuda:0"]["routed experts"]
+    fixed = plan_for(tiny_gguf, 64 * MIB, cpu_moe_layers=99).usage.total("cuda:0")
+    with pytest.raises(PlacementError, match=r"--n-cpu-moe 0 does not fit: cuda:0 short by"):
+        plan_for(tiny_gguf, fixed + routed // 2, cpu_moe_layers=0)
+
+
 def test_planner_refuses_what_cannot_fit(tiny_gguf):
     with pytest.raises(PlacementError, match=r"dense part alone does not fit the GPU: cuda:0 needs .*\(short by \d"):
         plan_for(tiny_gguf, 0)

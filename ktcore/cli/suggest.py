@@ -18,6 +18,7 @@ written to -o.
 
 examples:
   kt rules suggest DeepSeek-V2-Lite-Q4_K_M.gguf --vram 24GiB --ram 200GiB -o dsv2.yaml
+  kt rules suggest model.gguf --vram 24GiB --ram 64GiB --n-cpu-moe 20   # llama.cpp-style: layers 20.. on the GPU
   kt rules suggest model.gguf --vram 80GiB --ram 500GiB --context 32768 --calibrate "$(cat prompt.txt)"
 """
 
@@ -36,6 +37,9 @@ def add_parser(actions) -> argparse.ArgumentParser:
     parser.add_argument("--routing", type=Path, help="routing counts JSON ({layer: [count per expert]})")
     parser.add_argument("--calibrate", metavar="TEXT", help="measure routing on TEXT (loads the model on the CPU)")
     parser.add_argument("--save-routing", type=Path, help="write the measured routing counts here")
+    parser.add_argument("--n-cpu-moe", type=int, metavar="N",
+                        help="llama.cpp's shortcut: the first N MoE layers' routed experts on the CPU, the rest on "
+                             "the GPU (a large N: all on the CPU); refused if it does not fit")
     parser.add_argument("--rules", type=Path, help="the layout to plan from (default: the shipped gpu-cpu file)")
     parser.add_argument("-o", "--output", type=Path, help="write the rule file here")
     parser.set_defaults(func=run_suggest)
@@ -54,7 +58,8 @@ def run_suggest(args) -> int:
             args.save_routing.write_text(json.dumps(routing))
     threshold = GPU_PREFILL_THRESHOLD if args.prefill_threshold is None else args.prefill_threshold
     plan = suggest_placement(args.model, parse_size(args.vram), parse_size(args.ram), context=args.context,
-                             routing=routing, prefill_threshold=threshold or None, rules=args.rules)
+                             routing=routing, prefill_threshold=threshold or None, rules=args.rules,
+                             cpu_moe_layers=args.n_cpu_moe)
     print(plan.rules_text)
     if args.output:
         args.output.write_text(plan.rules_text)
