@@ -141,8 +141,9 @@ def test_planner_n_cpu_moe_shortcut(tiny_gguf):
     assert plan.gpu_layers == [2] and plan.hot == {} and plan.streaming  # layer 1 streams for prefill
     assert "gpu_prefill_threshold" in plan.rules_text
     assert plan_for(tiny_gguf, 64 * MIB, cpu_moe_layers=99).gpu_layers == []  # all experts on the CPU
-    routed = plan_for(tiny_gguf, 64 * MIB).usage.parts["cuda:0"]["routed experts"]
-    fixed = plan_for(tiny_gguf, 64 * MIB, cpu_moe_layers=99).usage.total("cuda:0")
+    full = plan_for(tiny_gguf, 64 * MIB).usage  # every layer's experts on the GPU, nothing streamed
+    routed = full.parts["cuda:0"]["routed experts"]
+    fixed = full.total("cuda:0") - routed
     with pytest.raises(PlacementError, match=r"--n-cpu-moe 0 does not fit: cuda:0 short by"):
         plan_for(tiny_gguf, fixed + routed // 2, cpu_moe_layers=0)
 
