@@ -435,7 +435,12 @@ class MoEChain:
         if pending is None:
             return None
         owner, work = pending
-        out = work.sync() if isinstance(work, KExperts) else work
+        if isinstance(work, KExperts):
+            if work._pending is None:  # dropped meanwhile (a CUDA graph capture that failed half-way)
+                return None
+            out = work.sync()
+        else:
+            out = work
         return out if self.position[id(owner)] + 1 == self.position[id(block)] else None
 
 
