@@ -94,8 +94,8 @@ class KMoE(KModule):
         self.gpu_op_cls = None  # resolved in build_ops when hot or streamed experts need it
         self.hot_op = None
         self._hot_maps: dict[torch.device, torch.Tensor] = {}  # expert id -> index in hot_op, or -1
-        self._host: dict[str, tuple[Any, torch.Tensor]] = {}  # streamed: projection -> (tensor, host bytes)
-        self._inflight = None  # a started copy of the streamed experts: ({projection: bytes}, event)
+        self._host = None  # streamed experts: (host bytes of the three projections, [(tensor, start, end)])
+        self._inflight = None  # a started copy of them: (bytes on gpu_device, event or None)
         self._chain: MoEChain | None = None  # the model's MoE blocks in order (link_moe_blocks)
 
     @classmethod
@@ -146,14 +146,16 @@ class KMoE(KModule):
         if self.hot_op is not None:
             self.hot_op.load({p: select_experts(weights[f"experts.{p}"], self.hot) for p in PROJECTIONS})
         if self.gpu_prefill_threshold:
-            pin = self.gpu_device.type == "cuda"
-            for p in PROJECTIONS:
-                qt = weights[f"experts.{p}"]
-                host = qt.data
-                if pin:  # asynchronous copies need page-locked memory
-                    host = torch.empty(qt.data.numel(), dtype=torch.uint8, pin_memory=True)
-                    host.copy_(qt.data)
-                self._host[p] = (qt, host)
+            # one buffer, one copy per call; page-locked on CUDA (asynchronous copies need it)
+            tensors = [weights[f"experts.{p}"] for p in PROJECTIONS]
+            spans, start = [], 0
+            for qt in tensors:
+                spans.append((qt, start, start + qt.data.numel()))
+                start += qt.data.numel()
+            host = torch.empty(start, dtype=torch.uint8, pin_memory=self.gpu_device.type == "cuda")
+            for qt, begin, end in spans:
+                host[begin:end].copy_(qt.data.reshape(-1))
+            self._host = (host, spans)
 
     def extra_repr(self) -> str:
         parts = [f"overlap={self.overlap}"]
@@ -280,17 +282,17 @@ class KMoE(KModule):
         """Start copying this block's routed experts to ``gpu_device`` (on a side stream on CUDA)."""
         if self._inflight is not None:
             return
-        if not self._host:
+        if self._host is None:
             raise RuntimeError(f"KMoE {self.qualname}: gpu_prefill_threshold set but no weights loaded")
-        device = self.gpu_device
+        device, host = self.gpu_device, self._host[0]
         if device.type == "cuda":
             stream = copy_stream(device)
             with torch.cuda.stream(stream):
-                data = {p: host.to(device, non_blocking=True) for p, (_, host) in self._host.items()}
+                data = host.to(device, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
         else:
-            data, event = {p: host.to(device) for p, (_, host) in self._host.items()}, None
+            data, event = host.to(device), None
         self._inflight = (data, event)
 
     def take_copy(self) -> dict:
@@ -305,10 +307,9 @@ class KMoE(KModule):
         if event is not None:
             stream = torch.cuda.current_stream(self.gpu_device)
             stream.wait_event(event)
-            for tensor in data.values():
-                tensor.record_stream(stream)  # allocated on the side stream, freed after this one used it
-        return {p: QuantizedTensor(qt.name, qt.ggml_type, tuple(qt.shape), data[p], qt.source)
-                for p, (qt, _) in self._host.items()}
+            data.record_stream(stream)  # allocated on the side stream, freed after this one used it
+        return {p: QuantizedTensor(qt.name, qt.ggml_type, tuple(qt.shape), data[begin:end], qt.source)
+                for p, (qt, begin, end) in zip(PROJECTIONS, self._host[1])}
 
     def streamed_experts(self, flat, top_k_index, top_k_weights) -> torch.Tensor:
         """All routed experts of this block on ``gpu_device``: this block's copy is taken, the next

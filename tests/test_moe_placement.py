@@ -297,7 +297,7 @@ def test_gpu_streamed_copy_runs_on_the_side_stream(tmp_path):
             seen.append((block.layer_index, torch.cuda.current_stream().cuda_stream))
             orig()
             data, event = block._inflight
-            assert event is not None and all(t.is_cuda for t in data.values())
+            assert event is not None and data.is_cuda
         b.start_copy = start
     logits(model, prompt(hf.config))
     assert len(seen) == len(blocks(model))
