@@ -317,22 +317,24 @@ class Plan:
 
 
 def base_rule_file(model_type: str, registry=None) -> Path:
-    """The shipped ``<model_type>-gpu-cpu.yaml`` whose ops are all registered (plugin directories first),
-    checked by name only: the planner may run on another machine than the model."""
+    """The shipped ``<model_type>-gpu-cpu.yaml`` to plan from (plugin directories first): the first one that
+    can run here, else (the planner may run on another machine than the model) the first whose ops are all
+    registered, checked by name only."""
     from .inject import rule_search_dirs
     from .registry import get_registry
     from .rules import RuleError, load_rules
 
     registry = registry or get_registry()
     tried = []
-    for directory in rule_search_dirs(registry):
-        path = Path(directory) / f"{model_type}-gpu-cpu.yaml"
-        if path.is_file():
-            try:
-                load_rules(path, registry, check_devices=False)
-                return path
-            except RuleError as exc:
-                tried.append(f"{path}: {exc.issues[0]}")
+    for check_devices in (True, False):
+        for directory in rule_search_dirs(registry):
+            path = Path(directory) / f"{model_type}-gpu-cpu.yaml"
+            if path.is_file():
+                try:
+                    load_rules(path, registry, check_devices=check_devices)
+                    return path
+                except RuleError as exc:
+                    tried.append(f"{path}: {exc.issues[0]}")
     raise PlacementError(f"no usable {model_type}-gpu-cpu.yaml rule file to plan from ({'; '.join(tried) or 'none shipped'})")
 
 
