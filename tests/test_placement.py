@@ -194,4 +194,4 @@ def test_gpu_planner_output_loads_and_fits_three_budgets(tiny_gguf, tmp_path):
             outputs.append(model(ids.cuda()).logits.float().cpu())
         del model
     for other in outputs[1:]:
-        assert float((other - outputs[0]).norm() / outputs[0].norm()) < 2e-2
+        assert float((other - outputs[0]).norm() / outputs[0].norm()) < 5e-2  # CPU int8 vs GPU bf16 experts
