@@ -4,7 +4,9 @@
 ``Qwen3MoeSparseMoeBlock``, ``MixtralSparseMoeBlock``, ...: a module with a ``gate`` router and an
 ``experts`` child). Its forward runs the router where the block lives, submits the routed experts (a
 ``KExperts`` wrapper, typically on the CPU) asynchronously, runs the shared experts meanwhile (on the GPU),
-then syncs and adds: the same arithmetic as the block's own forward, in an order that overlaps the two.
+then syncs and adds: the same arithmetic as the block's own forward, in an order that overlaps the two. Its
+rule options place experts elsewhere (hot experts on the GPU, routed experts streamed to the GPU for long
+prompts) and trade quality for speed (selective experts, expert deferral): see ``KMoE``.
 
 ``transfer_map`` (``{layer_index: device}``; a rule file entry ``- transfer_map: {30: "cuda:1"}`` or
 ``load_model(..., transfer_map=...)``) puts decoder layers ``i`` onward on the given device: inside those
