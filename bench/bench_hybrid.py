@@ -98,23 +98,15 @@ def tiny_gguf() -> Path:
     return path
 
 
-KMOE_RULE = r"""# bench_hybrid: KMoE on every sparse MoE block, ahead of the CPU layout's own rules
-- match:
-    name: '^model\.layers\.\d+\.mlp$'
-    class: moe
-  replace:
-    class: KMoE
-"""
+def with_kmoe(rules: Path, device: str) -> list[Path]:
+    """``rules`` with KMoE on every sparse MoE block, written as ``kt rules suggest`` writes it
+    (ktcore.placement.placement_rules, no placement option)."""
+    from ktcore.placement import placement_rules
 
-
-def with_kmoe(rules: Path) -> list[Path]:
-    """``rules`` preceded by a KMoE rule when it has none (the CPU layouts), so the smoke check runs KMoE."""
-    if "KMoE" in rules.read_text():
-        return [rules]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    snippet = CACHE_DIR / "bench-hybrid-kmoe.yaml"
-    snippet.write_text(KMOE_RULE)
-    return [snippet, rules]
+    out = CACHE_DIR / f"bench-hybrid-kmoe-{rules.stem}.yaml"
+    out.write_text(placement_rules(rules.read_text(), device=device))
+    return [out]
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -432,7 +424,8 @@ def main(argv=None) -> int:
     if args.tiny:
         args.layers = 27
     print(f"model: {path} ({gib(path.stat().st_size)}, ready in {time.perf_counter() - t0:.1f} s)")
-    rules = [Path(args.rules)] if args.rules else with_kmoe(pick_rules("gpu-cpu" if args.device == "cuda" else "cpu"))
+    rules = [Path(args.rules)] if args.rules else with_kmoe(pick_rules("gpu-cpu" if args.device == "cuda" else "cpu"),
+                                                            args.device)
     from gguf import GGUFReader
 
     vocab = int(GGUFReader(str(path)).fields["deepseek2.vocab_size"].contents())
