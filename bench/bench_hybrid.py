@@ -1,6 +1,22 @@
 """Hybrid CPU/GPU MoE speed: ktcore with attention, shared experts, norms and lm_head on the GPU and the routed
-experts on the CPU (KMoE overlapping the two), against llama.cpp on the CPU alone (n_gpu_layers=0), on the
-same GGUF, with the same thread count, in the same run.
+experts on the CPU (KMoE overlapping the two), against the peers a GPU owner would pick, on the same GGUF, with the
+same thread count, in the same run:
+
+- the main peer: llama.cpp built with CUDA (``--llama-bench PATH``: its ``llama-bench``, built as
+  ../shared/peers/README.md says; ``--peer-runner run-peer.sh`` finds the host's cuBLAS) running everything on
+  the GPU but the routed experts (``-ngl 999 -ot exps=CPU -fa 1``);
+- the VRAM curve (``--gpu-expert-layers 0,13,26``): at each point N, llama.cpp keeps the last N MoE layers' experts
+  on the GPU (``-ot`` sending the others' ``ffn_*_exps`` to the CPU) and ktcore runs the rule file that
+  ``kt rules suggest`` writes (ktcore.placement.suggest_placement, the CLI's code path) for a VRAM budget of its
+  dense part + KV cache + streaming buffers + N layers' experts, which places the same N layers' experts on the
+  GPU; with --gpu-prefill-threshold (default ktcore.placement.GPU_PREFILL_THRESHOLD, 0: off) longer prompts stream
+  the CPU-resident experts to the GPU;
+- llama.cpp on the CPU alone (llama-cpp-python, n_gpu_layers=0) as a second row, first prompt size only.
+
+The first ktcore row is the shipped gpu-cpu rule file with KMoE (all routed experts on the CPU), as before.
+``--find-threshold`` loads the N=0 plan and times prefill of 8..512-token prompts with the streamed GPU prefill on
+and off (the rule kwarg gpu_prefill_threshold set to 1 or beyond the prompt): the smallest size from which
+streaming wins is the threshold to write into the rules (``kt rules suggest --prefill-threshold``).
 
 Model: the DeepSeek-V2-Lite-shaped synthetic GGUF of ``ktcore.weights.gguf_writer.write_synthetic_moe_gguf``
 (27 layers by default: layer 0 dense, 26 MoE layers of 64 routed experts (6 active) + 2 shared, hidden 2048,
@@ -10,16 +26,16 @@ deepseek2 file without q_lora_rank only at V2-Lite's depth (it recognizes V2-Lit
 --layers time ktcore alone; --tiny keeps 27 layers at small widths (8 experts, 2 active, hidden 256) so the
 whole comparison runs in seconds on a CPU-only machine.
 
-Figures: prefill tok/s (a --prompt-tokens prompt into an empty cache) and decode tok/s (--gen-tokens greedy
-steps), medians over --repeats, ktcore's from its Generator's own timing; ratios to llama.cpp; the GPU memory
-ktcore used (torch.cuda.max_memory_allocated after loading and after the runs). --compare-overlap also
-times ktcore with KMoE's overlap switched off (routed experts finish before the shared experts start).
-Decode replays CUDA graphs by default on cuda (--no-cuda-graph: eager steps); --compare-graph times three
-decode modes: eager with the routed experts' synchronous submit/sync, eager with their stream-ordered path
-(host functions on the CUDA stream, no host wait), and CUDA graphs (the stream-ordered path captured);
---breakdown times the step with the routed experts zeroed and the CPU experts alone.
+Figures: prefill tok/s (each --prompt-tokens prompt into an empty cache) and decode tok/s (--gen-tokens greedy
+steps), medians over --repeats, ktcore's from its Generator's own timing; ratios to llama.cpp CUDA at the same
+point of the curve; the GPU memory ktcore used (torch.cuda.max_memory_allocated, load and runs).
+--compare-overlap also times ktcore with KMoE's overlap switched off. Decode replays CUDA graphs by default on
+cuda (--no-cuda-graph: eager steps); --compare-graph times three decode modes: eager with the routed experts'
+synchronous submit/sync, eager with their stream-ordered path, and CUDA graphs; --breakdown times the step with
+the routed experts zeroed and the CPU experts alone.
 
-    python bench/bench_hybrid.py --threads 16                          # GPU machine: full 27 layers
+    python bench/bench_hybrid.py --threads 16 --llama-bench /tmp/lcpp/llama-bench \\
+        --peer-runner ../shared/peers/run-peer.sh --prompt-tokens 512,2048 --gpu-expert-layers 0,13,26
     python bench/bench_hybrid.py --device cpu --tiny --threads 2       # smoke check without a GPU
     python bench/bench_hybrid.py --device cpu --layers 2 --threads 2   # ktcore alone, full widths, 2 layers
 """
@@ -28,9 +44,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,23 +98,15 @@ def tiny_gguf() -> Path:
     return path
 
 
-KMOE_RULE = r"""# bench_hybrid: KMoE on every sparse MoE block, ahead of the CPU layout's own rules
-- match:
-    name: '^model\.layers\.\d+\.mlp$'
-    class: moe
-  replace:
-    class: KMoE
-"""
+def with_kmoe(rules: Path, device: str) -> list[Path]:
+    """``rules`` with KMoE on every sparse MoE block, written as ``kt rules suggest`` writes it
+    (ktcore.placement.placement_rules, no placement option)."""
+    from ktcore.placement import placement_rules
 
-
-def with_kmoe(rules: Path) -> list[Path]:
-    """``rules`` preceded by a KMoE rule when it has none (the CPU layouts), so the smoke check runs KMoE."""
-    if "KMoE" in rules.read_text():
-        return [rules]
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    snippet = CACHE_DIR / "bench-hybrid-kmoe.yaml"
-    snippet.write_text(KMOE_RULE)
-    return [snippet, rules]
+    out = CACHE_DIR / f"bench-hybrid-kmoe-{rules.stem}.yaml"
+    out.write_text(placement_rules(rules.read_text(), device=device))
+    return [out]
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -116,6 +126,119 @@ def run_llamacpp(path: Path, ids: list[int], args) -> tuple[float, float]:
         gc.collect()
 
 
+# -- llama.cpp with CUDA (llama-bench) -------------------------------------------------------------------
+
+
+def moe_layers_of(path: Path) -> list[int]:
+    """Block indices of the GGUF's layers with routed experts (``blk.N.ffn_down_exps``)."""
+    from gguf import GGUFReader
+
+    names = (t.name for t in GGUFReader(str(path)).tensors)
+    return sorted({int(n.split(".")[1]) for n in names if n.endswith("ffn_down_exps.weight")})
+
+
+def cpu_experts_override(cpu_layers: list[int] | None) -> str | None:
+    """llama.cpp's ``-ot`` value that keeps ``cpu_layers``' routed experts on the CPU (``None``: all of them)."""
+    if cpu_layers is None:
+        return "exps=CPU"
+    if not cpu_layers:
+        return None
+    return rf"blk\.({'|'.join(str(i) for i in cpu_layers)})\.ffn_.*_exps=CPU"
+
+
+def run_llama_bench(path: Path, prompts: list[int], args, cpu_layers: list[int] | None) -> tuple[dict, float]:
+    """``({prompt tokens: prefill tok/s}, decode tok/s)`` of llama.cpp's CUDA build, all layers offloaded
+    (``-ngl 999 -fa 1``) but the routed experts of ``cpu_layers`` (``None``: every layer's)."""
+    binary = Path(args.llama_bench).resolve()
+    if args.peer_runner:
+        cmd = ["bash", str(Path(args.peer_runner).resolve()), str(binary.parent), binary.name]
+        env = os.environ
+    else:
+        cmd = [str(binary)]
+        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(binary.parent),
+                                                                             os.environ.get("LD_LIBRARY_PATH")]))}
+    cmd += ["-m", str(path), "-ngl", "999", "-fa", "1", "-t", str(args.threads), "-p", ",".join(map(str, prompts)),
+            "-n", str(args.gen_tokens), "-r", str(args.repeats), "-o", "json"]
+    override = cpu_experts_override(cpu_layers)
+    if override:
+        cmd += ["-ot", override]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise SystemExit(f"llama-bench failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    rows = json.loads(done.stdout)
+    prefill = {int(r["n_prompt"]): float(r["avg_ts"]) for r in rows if r["n_prompt"] and not r["n_gen"]}
+    decode = next(float(r["avg_ts"]) for r in rows if r["n_gen"] and not r["n_prompt"])
+    return prefill, decode
+
+
+# -- ktcore with the planner's rule files ----------------------------------------------------------------
+
+
+def planned_rules(path: Path, gpu_layers: int, moe_layers: list[int], args) -> Path:
+    """The rule file ``kt rules suggest`` writes for a VRAM budget that holds ktcore's dense part, KV cache and
+    streaming buffers plus the routed experts of ``gpu_layers`` MoE layers (the planner takes the last ones)."""
+    from ktcore.placement import RESERVE, base_rule_file, free_memory, placement_rules, rules_usage, suggest_placement
+    from ktcore.weights import open_source
+
+    context = max(args.prompts) + args.gen_tokens + 16
+    threshold = args.gpu_prefill_threshold or None
+    source = open_source(str(path))
+    base = base_rule_file("deepseek_v2").read_text()  # the file suggest_placement plans from
+    wanted = moe_layers[len(moe_layers) - gpu_layers:] if gpu_layers else []
+    streams = threshold if len(wanted) < len(moe_layers) else None
+    usage = rules_usage(source, placement_rules(base, gpu_layers=wanted, prefill_threshold=streams), context=context)
+    vram = usage.total("cuda:0") + RESERVE["cuda"] + 4096  # the planner estimates with the same function
+    ram = free_memory("cpu") or 2**40
+    plan = suggest_placement(path, vram, ram, context=context, prefill_threshold=threshold)
+    if plan.gpu_layers != wanted:
+        print(f"note: the planner put layers {plan.gpu_layers} on the GPU for {vram / 2**30:.2f} GiB (asked {wanted})")
+    out = CACHE_DIR / f"bench-hybrid-plan-{gpu_layers}.yaml"
+    out.write_text(plan.rules_text)
+    return out
+
+
+def bench_prompts(gen, ids, args) -> tuple[dict, float]:
+    """``({prompt tokens: prefill tok/s}, decode tok/s)``: decode after the first prompt size."""
+    prefill, decode = {}, None
+    for n in args.prompts:
+        p, d = bench_ktcore(gen, ids[:n], args.gen_tokens if decode is None else 1, args.repeats)
+        prefill[n] = p
+        decode = d if decode is None else decode
+    return prefill, decode
+
+
+def find_threshold(gen, ids, args) -> None:
+    """Prefill tok/s with the streamed GPU prefill on and off for growing prompts; the threshold to use."""
+    from ktcore.moe import KMoE
+
+    blocks = [m for m in gen.model.modules() if isinstance(m, KMoE) and m.gpu_prefill_threshold]
+    if not blocks:
+        print("--find-threshold: no KMoE block streams its experts (the plan gave it no room); nothing to measure")
+        return
+    rows, wins = [], []
+    for n in (8, 16, 32, 64, 128, 256, 512):
+        if n > len(ids):
+            break
+        times = {}
+        for on in (False, True):
+            for block in blocks:
+                block.gpu_prefill_threshold = 1 if on else 10**9
+            times[on] = bench_ktcore(gen, ids[:n], 1, args.repeats)[0]
+        rows.append(f"{n:>8} {times[False]:>16.1f} {times[True]:>16.1f} {times[True] / times[False]:>8.2f}")
+        wins.append((n, times[True] > times[False]))
+    for block in blocks:
+        block.gpu_prefill_threshold = args.gpu_prefill_threshold
+    print(f"{'tokens':>8} {'CPU experts':>16} {'streamed to GPU':>16} {'ratio':>8}   (prefill tok/s)")
+    print("\n".join(rows))
+    threshold = next((n for i, (n, _) in enumerate(wins) if all(w for _, w in wins[i:])), None)
+    if threshold is None:
+        print("streaming never wins up to the longest prompt measured")
+    else:
+        before = max((m for m, _ in wins if m < threshold), default=threshold - 1)
+        print(f"streaming wins from {threshold} tokens on: gpu_prefill_threshold {before} "
+              f"(kt rules suggest --prefill-threshold {before})")
+
+
 def load_ktcore(path: Path, rules: list[Path], args):
     from ktcore.generate import Generator
     from ktcore.inject import load_model
@@ -127,7 +250,7 @@ def load_ktcore(path: Path, rules: list[Path], args):
     source = open_source(str(path))
     model, report = load_model(source, rules=rules, progress=False)
     load_s = time.perf_counter() - t0
-    gen = Generator(model, source.tokenizer(), max_context=args.prompt_tokens + args.gen_tokens + 16,
+    gen = Generator(model, source.tokenizer(), max_context=max(args.prompts) + args.gen_tokens + 16,
                     cuda_graph=False if args.no_cuda_graph else None)
     return gen, report, load_s
 
@@ -256,6 +379,8 @@ def profile_gpu_side(gen, ids, args, top: int = 15) -> None:
 
 
 def main(argv=None) -> int:
+    from ktcore.placement import GPU_PREFILL_THRESHOLD
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=27, help="layers of the synthetic model (first dense; default 27)")
     ap.add_argument("--tiny", action="store_true", help="27 layers at small widths (smoke check; ignores --layers)")
@@ -264,9 +389,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rules", default=None, help="ktcore rule file (default: the shipped deepseek_v2 one for --device)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                     help="CPU threads for both engines (default: all this process may use)")
-    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--prompt-tokens", default="512", help="prompt sizes, comma-separated (default 512)")
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--llama-bench", default=None,
+                    help="llama-bench of a CUDA build of llama.cpp (../shared/peers/README.md): the main peer")
+    ap.add_argument("--peer-runner", default=None, help="script that runs it: run-peer.sh DIR llama-bench ARGS")
+    ap.add_argument("--gpu-expert-layers", default="0",
+                    help="VRAM curve: numbers of MoE layers whose routed experts live on the GPU (default 0)")
+    ap.add_argument("--gpu-prefill-threshold", type=int, default=GPU_PREFILL_THRESHOLD,
+                    help="planned rules: stream CPU experts to the GPU above this many tokens (0: never)")
+    ap.add_argument("--find-threshold", action="store_true",
+                    help="time prefill with the streamed GPU prefill on and off for 8..512 tokens")
+    ap.add_argument("--no-llamacpp-cpu", action="store_true", help="skip the llama.cpp CPU-only row")
     ap.add_argument("--compare-overlap", action="store_true", help="also time ktcore with KMoE overlap off")
     ap.add_argument("--no-llamacpp", action="store_true", help="time ktcore alone")
     ap.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly (default: CUDA graphs on cuda)")
@@ -277,6 +412,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compare-graph", action="store_true",
                     help="time decode eager (synchronous experts), eager (stream-ordered experts) and with graphs")
     args = ap.parse_args(argv)
+    args.prompts = [int(n) for n in str(args.prompt_tokens).split(",")]
+    curve = [int(n) for n in args.gpu_expert_layers.split(",")]
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available (use --device cpu for a smoke check)")
     torch.set_num_threads(args.threads)
@@ -287,34 +424,49 @@ def main(argv=None) -> int:
     if args.tiny:
         args.layers = 27
     print(f"model: {path} ({gib(path.stat().st_size)}, ready in {time.perf_counter() - t0:.1f} s)")
-    rules = [Path(args.rules)] if args.rules else with_kmoe(pick_rules("gpu-cpu" if args.device == "cuda" else "cpu"))
+    rules = [Path(args.rules)] if args.rules else with_kmoe(pick_rules("gpu-cpu" if args.device == "cuda" else "cpu"),
+                                                            args.device)
     from gguf import GGUFReader
 
     vocab = int(GGUFReader(str(path)).fields["deepseek2.vocab_size"].contents())
-    ids = prompt_ids(vocab, args.prompt_tokens)
+    ids = prompt_ids(vocab, max(args.prompts))
+    moe_layers = moe_layers_of(path)
+    first = args.prompts[0]
 
-    results = {}
-    if args.no_llamacpp:
-        pass
-    elif args.layers not in LLAMACPP_LITE_LAYERS:
+    rows = []  # (engine, expert layers on GPU, {prompt: prefill tok/s}, decode tok/s, VRAM peak)
+    peers = {}  # expert layers on GPU -> llama.cpp CUDA's ({prompt: prefill}, decode)
+    llama_ok = not args.no_llamacpp and args.layers in LLAMACPP_LITE_LAYERS
+    if not args.no_llamacpp and not llama_ok:
         print(f"llama.cpp skipped: it loads this q_lora_rank-free deepseek2 file only with {LLAMACPP_LITE_LAYERS} "
               "layers (use --tiny for a small comparison)")
-    else:
-        results["llama.cpp (CPU)"] = run_llamacpp(path, ids, args)
+    if llama_ok and args.llama_bench and args.device == "cuda":
+        for n in curve:
+            cpu_layers = None if n == 0 else moe_layers[: len(moe_layers) - n]
+            peers[n] = run_llama_bench(path, args.prompts, args, cpu_layers)
+            rows.append((f"llama.cpp CUDA, {'-ot exps=CPU' if n == 0 else f'{n} layers exps on GPU'}", n, *peers[n], None))
+    if llama_ok and not args.no_llamacpp_cpu:
+        prefill, decode = run_llamacpp(path, ids[:first], args)
+        rows.append(("llama.cpp (CPU only)", None, {first: prefill}, decode, None))
+
+    def ktcore_row(name, gen, n):
+        prefill, decode = bench_prompts(gen, ids, args)
+        peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
+        rows.append((name, n, prefill, decode, peak))
+
     gen, report, load_s = load_ktcore(path, rules, args)
-    vram_load = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
     print(f"ktcore: rules {', '.join(map(str, rules))}; loaded in {load_s:.1f} s; {layout_summary(gen.model)}")
-    label = "ktcore (GPU+CPU)" if args.device == "cuda" else "ktcore (CPU)"
+    label = "ktcore shipped rules (GPU+CPU)" if args.device == "cuda" else "ktcore (CPU)"
     if args.compare_graph and args.device == "cuda":
-        results.update(bench_decode_modes(gen, ids, args, label))
+        for name, (prefill, decode) in bench_decode_modes(gen, ids[:first], args, label).items():
+            rows.append((name, 0, {first: prefill}, decode, None))
     else:
-        results[label] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+        ktcore_row(label, gen, 0)
         if args.device == "cuda" and not args.no_cuda_graph:
             print(f"CUDA graphs: {'on' if gen.graph_problem is None else 'off: ' + str(gen.graph_problem)}")
     if args.breakdown:
-        breakdown(gen, ids, args)
+        breakdown(gen, ids[:first], args)
     if args.profile and args.device == "cuda":
-        profile_gpu_side(gen, ids, args)
+        profile_gpu_side(gen, ids[:first], args)
     if args.compare_overlap:
         from ktcore.moe import KMoE
 
@@ -324,22 +476,41 @@ def main(argv=None) -> int:
         for block in blocks:
             block.overlap = False
         if blocks:
-            results[label + " no overlap"] = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+            prefill, decode = bench_ktcore(gen, ids[:first], args.gen_tokens, args.repeats)
+            rows.append((label + " no overlap", 0, {first: prefill}, decode, None))
         for block in blocks:
             block.overlap = True
-    vram_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else 0
+    del gen
+    gc.collect()
 
-    print(f"threads={args.threads}  layers={args.layers}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok"
-          f"  repeats={args.repeats} (medians)")
-    ref = results.get("llama.cpp (CPU)")
-    head = f"{'engine':<34} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} {'x llama.cpp':>11}"
+    if args.device == "cuda" and args.rules is None:
+        for n in curve:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            plan = planned_rules(path, n, moe_layers, args)
+            gen, _, load_s = load_ktcore(path, [plan], args)
+            print(f"ktcore: {plan} ({n} MoE layers' experts on the GPU); loaded in {load_s:.1f} s; "
+                  f"{layout_summary(gen.model)}")
+            ktcore_row(f"ktcore planned, {n} layers exps on GPU", gen, n)
+            if args.find_threshold and n == curve[0]:
+                find_threshold(gen, ids, args)
+            del gen
+            gc.collect()
+
+    print(f"threads={args.threads}  layers={args.layers}  decode={args.gen_tokens} tok  repeats={args.repeats} (medians);"
+          " ratios to llama.cpp CUDA with the same MoE layers' experts on the GPU")
+    head = f"{'engine':<40}" + "".join(f" {f'prefill {n}':>12} {'x':>5}" for n in args.prompts) + \
+        f" {'decode tok/s':>12} {'x':>5} {'VRAM peak':>10}"
     print(head + "\n" + "-" * len(head))
-    for name, (prefill, decode) in results.items():
-        rp = f"{prefill / ref[0]:.2f}" if ref else "-"
-        rd = f"{decode / ref[1]:.2f}" if ref else "-"
-        print(f"{name:<34} {prefill:>13.1f} {rp:>11} {decode:>12.2f} {rd:>11}")
-    if args.device == "cuda":
-        print(f"GPU memory (torch.cuda.max_memory_allocated): {gib(vram_load)} after loading, {gib(vram_peak)} peak")
+    for name, n, prefill, decode, peak in rows:
+        peer = peers.get(n if n is not None else 0)
+        cells = ""
+        for p in args.prompts:
+            value = prefill.get(p)
+            ratio = f"{value / peer[0][p]:.2f}" if value and peer and peer[0].get(p) else "-"
+            cells += f" {value:>12.1f} {ratio:>5}" if value else f" {'-':>12} {'-':>5}"
+        ratio = f"{decode / peer[1]:.2f}" if peer else "-"
+        print(f"{name:<40}{cells} {decode:>12.2f} {ratio:>5} {gib(peak) if peak else '-':>10}")
     return 0
 
 

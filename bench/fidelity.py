@@ -14,6 +14,15 @@ build is *the* reference. ``--llama-libs`` scores ktcore against several builds 
 its ``libllama.so``, loaded in a subprocess of its own) and the builds against each other:
 
     python bench/fidelity.py --threads 16 --no-transformers --llama-libs /opt/llama-avx2,/opt/llama-avx512
+
+The quality cost of KMoE's speed options (expert deferral ``defer``, selective experts ``top_k``, see
+ktcore.moe) beside what they buy: ``--moe-options`` loads a MoE GGUF (``--model-path``; default the
+bench_hybrid synthetic DeepSeek-V2-Lite shape, ``--tiny`` its small widths) with the shipped rule file, once
+as is and once per variant (the same file with that KMoE option, written by ktcore.placement.placement_rules,
+as ``kt rules suggest`` writes it), and reports teacher-forced top-1 agreement and mean KL(full || variant)
+over ``--tokens`` positions, with each one's decode tok/s and the ratio:
+
+    python bench/fidelity.py --moe-options "defer=1;top_k=4;defer=1,top_k=5" --tiny --threads 2
 """
 
 from __future__ import annotations
@@ -179,6 +188,59 @@ def _dump_logits(path: str, ids_file: str, out: str, threads: int) -> int:
     return 0
 
 
+def parse_variants(text: str) -> list[dict]:
+    """``"defer=1;top_k=4;defer=1,top_k=5"`` -> ``[{"defer": 1}, {"top_k": 4}, {"defer": 1, "top_k": 5}]``."""
+    variants = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        options = {}
+        for item in part.split(","):
+            key, _, value = item.partition("=")
+            if not value:
+                raise SystemExit(f"--moe-options: {item!r} is not KEY=VALUE")
+            options[key.strip()] = int(value)
+        variants.append(options)
+    return variants
+
+
+def moe_option_cost(path, variants: list[dict], threads: int, tokens: int, gen_tokens: int, repeats: int,
+                    device: str) -> list[str]:
+    """Rows: each KMoE option variant against the full model (agreement, KL, decode speed)."""
+    from bench_hybrid import pick_rules, prompt_ids
+
+    from ktcore.cli.bench import bench_ktcore
+    from ktcore.placement import placement_rules
+
+    base = pick_rules("gpu-cpu" if device == "cuda" else "cpu")
+    rows = []
+    scratch = Path(tempfile.mkdtemp())
+
+    def load(options: dict):
+        rules = scratch / ("full.yaml" if not options else "_".join(f"{k}{v}" for k, v in options.items()) + ".yaml")
+        rules.write_text(placement_rules(base.read_text(), options=options, device=device))
+        return load_ktcore(path, rules=rules, threads=threads, max_context=max(1024, tokens + gen_tokens + 64),
+                           device=None)[0]
+
+    full = load({})
+    ids = prompt_ids(full.model.config.vocab_size, tokens)
+    reference = full.score(ids)
+    first_speed = bench_ktcore(full, ids[:64], gen_tokens, repeats)[1]
+    measured = []
+    for options in variants:
+        gen = load(options)
+        st = teacher_forced_stats(gen.score(ids), reference.float().numpy(), ids)
+        measured.append((options, st, bench_ktcore(gen, ids[:64], gen_tokens, repeats)[1]))
+        del gen
+    last_speed = bench_ktcore(full, ids[:64], gen_tokens, repeats)[1]  # again: no advantage to either order
+    full_speed = (first_speed + last_speed) / 2
+    rows.append(f"{'full model (before / after)':<34} {'-':>11} {'-':>9} {full_speed:>12.2f} {1.0:>8.2f}"
+                f"   ({first_speed:.2f} / {last_speed:.2f})")
+    for options, st, speed in measured:
+        label = ", ".join(f"{k}={v}" for k, v in options.items())
+        rows.append(f"{label:<34} {st['agreement']:>11.2%} {st['mean_kl']:>9.2e} {speed:>12.2f} {speed / full_speed:>8.2f}")
+    head = f"{'variant':<34} {'top-1 agree':>11} {'mean KL':>9} {'decode tok/s':>12} {'x full':>8}"
+    return [head, "-" * len(head), *rows]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,gemma3", help="comma-separated: " + ", ".join(MODELS))
@@ -189,11 +251,28 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-libs", default=None,
                     help="comma-separated directories of llama.cpp builds: score ktcore against each, and the builds "
                          "against each other (teacher forcing only)")
+    ap.add_argument("--moe-options", default=None,
+                    help="KMoE option variants to cost, ';'-separated, each KEY=VALUE[,KEY=VALUE] (defer, top_k)")
+    ap.add_argument("--model-path", default=None, help="MoE GGUF for --moe-options (default: the synthetic V2-Lite shape)")
+    ap.add_argument("--tiny", action="store_true", help="--moe-options on bench_hybrid's small-width synthetic model")
+    ap.add_argument("--gen-tokens", type=int, default=16, help="decode steps timed per variant (--moe-options)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="--moe-options: the gpu-cpu (cuda) or cpu shipped layout")
     ap.add_argument("--dump-logits", nargs=3, metavar=("GGUF", "IDS_JSON", "OUT_NPY"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.dump_logits:
         return _dump_logits(*args.dump_logits, threads=args.threads)
+    if args.moe_options:
+        from bench_hybrid import synthetic_moe_gguf, tiny_gguf
+
+        os.environ.setdefault("KT_CPU_THREADS", str(args.threads))
+        path = args.model_path or (tiny_gguf() if args.tiny else synthetic_moe_gguf(27))
+        print(f"model: {path}; teacher forcing over {args.tokens} positions, decode {args.gen_tokens} steps")
+        print("\n".join(moe_option_cost(path, parse_variants(args.moe_options), args.threads, args.tokens,
+                                        args.gen_tokens, args.repeats, args.device)))
+        return 0
     if args.llama_libs:
         for name in args.models.split(","):
             try:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .modules import KModule, declare_sibling_linears
-from .moe import LayerDevices, install_transfer_hooks, parse_transfer_map
+from .moe import LayerDevices, install_transfer_hooks, link_moe_blocks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
 from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
@@ -137,6 +137,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
     if build_ops:
         declare_sibling_linears(model)  # q/k/v, gate/up: an op may plan one fused call for its group
+        link_moe_blocks(model)  # KMoE blocks in order: expert deferral, streamed experts' prefetch
     if layer_devices is not None:
         for layer_name, device in layer_devices.moved_layers():
             placements.setdefault(layer_name, device)  # a moved layer's weights no rule placed
@@ -377,13 +378,15 @@ def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.
 
 def load_model(path_or_source: Any, rules: Any = None, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, *, registry: Registry | None = None, progress: bool = True,
-               transfer_map: dict | None = None):
+               transfer_map: dict | None = None, check_memory: bool = True):
     """Open weights, build the model on meta, inject the rules, load everything. Returns ``(model, report)``.
 
     ``path_or_source``: a path ``ktcore.weights.open_source`` can open (GGUF file, split GGUF, directory) or a
     ``WeightSource`` object. ``rules``: rule file path(s) or a ``RuleSet``; ``None`` picks the shipped rule
     file for the model type and this machine (see ``select_rule_file``). ``transfer_map``: ``{layer index:
     device}`` puts decoder layers from that index on onto that device (over the rule files' own entries).
+    ``check_memory``: refuse, before reading weights, a placement that does not fit in the devices' free memory
+    (``ktcore.placement.check_fit``).
     """
     registry = registry if registry is not None else get_registry()
     if isinstance(path_or_source, (str, Path)):
@@ -398,6 +401,13 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     ruleset = load_rules(rules, registry)  # validated before anything heavy happens
     model = build_meta_model(config, dtype)
     report = inject(model, ruleset, registry, transfer_map=transfer_map)
+    if check_memory:
+        from .placement import PlacementError, check_fit
+
+        try:
+            check_fit(model, source, dtype, device)
+        except PlacementError as exc:
+            raise LoadError(str(exc)) from exc
     load_weights(model, source, dtype=dtype, device=device, progress=progress)
     model.eval()
     if getattr(model, "generation_config", None) is not None:

@@ -67,6 +67,25 @@ def expert_slices(qt: "QuantizedTensor") -> list["QuantizedTensor"]:  # noqa: F8
     ]
 
 
+def select_experts(qt: "QuantizedTensor", experts: list[int], data: torch.Tensor | None = None) -> "QuantizedTensor":  # noqa: F821
+    """The experts ``experts`` (in that order) of an ``[E, ...]`` quantized tensor as an ``[n, ...]`` one.
+    ``data``: the bytes to slice instead of ``qt.data`` (a copy of them on another device or in pinned
+    memory); the result's bytes are a new tensor on that tensor's device, or a view for all experts in order."""
+    from ..weights.tensor import QuantizedTensor
+
+    raw = qt.data if data is None else data
+    count = qt.shape[0]
+    if raw.numel() % count:
+        raise ValueError(f"{qt.name}: {raw.numel()} bytes do not split into {count} experts")
+    bad = [e for e in experts if not 0 <= e < count]
+    if bad:
+        raise ValueError(f"{qt.name}: expert(s) {bad} outside 0..{count - 1}")
+    if list(experts) != list(range(count)):
+        per = raw.reshape(count, raw.numel() // count)
+        raw = per[torch.as_tensor(list(experts), dtype=torch.long, device=raw.device)].reshape(-1)
+    return QuantizedTensor(qt.name, qt.ggml_type, (len(experts), *qt.shape[1:]), raw, qt.source)
+
+
 def split_experts(op_name: str, weights: Mapping, projections: tuple[str, ...]) -> list[dict]:
     """``weights`` (each projection ``[E, ...]``) as E dicts ``{projection: that expert's QuantizedTensor}``."""
     missing = [p for p in projections if p not in weights]

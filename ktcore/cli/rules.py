@@ -55,6 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="shipped rule files (plugin directories first) and whether they can run here")
     listing.add_argument("--model-type", help="only files for this model type")
     listing.set_defaults(func=run_list)
+    from .suggest import add_parser as add_suggest
+
+    add_suggest(actions)
     return parser
 
 
