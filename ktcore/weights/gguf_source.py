@@ -133,6 +133,12 @@ class GGUFSource:
                 self._config = config_from_metadata(self.metadata, self._tensors.keys(), self.path)
         return self._config
 
+    def chat_template(self) -> str | None:
+        """The chat template the tokenizer will have, read without building it (GGUF metadata)."""
+        if self.model_path is not None:
+            return self.tokenizer().chat_template
+        return self.metadata.get("tokenizer.chat_template")
+
     def tokenizer(self):
         if self.model_path is not None:
             from transformers import AutoTokenizer
