@@ -3,12 +3,20 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .hookspecs import hookimpl
-from .ops import Op
 
 try:
     __version__ = version("ktcore")
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
+
+
+def __getattr__(name: str):
+    # ``Op`` imports torch: only when asked for, so `kt run` can print its first line before that import
+    if name == "Op":
+        from .ops import Op
+
+        return Op
+    raise AttributeError(f"module 'ktcore' has no attribute {name!r}")
 
 
 def load_model(path_or_source, rules=None, device=None, dtype=None, **kwargs):

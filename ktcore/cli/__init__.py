@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .run import user_errors
+
 SUBCOMMANDS = ["plugins", "rules", "run", "chat", "serve", "bench"]
 
 EPILOG = """\
@@ -47,15 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..inject import LoadError
-    from ..registry import RegistryError
-    from ..rules import RuleError
-    from ..weights.source import WeightError
-
-    return (RuleError, RegistryError, WeightError, LoadError, FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         status = func(args)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         print(f"kt {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0 if status is None else int(status)

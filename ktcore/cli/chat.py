@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .run import CLIError, EXIT_INTERRUPTED, add_model_args, add_sampling_args, load_generator, run_guarded, \
-    sampling_from_args
+from .run import EXIT_INTERRUPTED, add_model_args, add_sampling_args, context_limit_note, load_generator, \
+    run_guarded
 
 CHAT_HELP = """\
 Type a message and press Enter. A line ending with \\ continues on the next line; a line holding only
@@ -19,6 +19,7 @@ examples:
   kt chat model.gguf
   kt chat model.gguf --system "You answer in one sentence." --temperature 0.7 --seed 0
   kt chat model.gguf --rules my-rules.yaml --threads 8 --max-context 8192
+  printf 'Hi!\n' | kt chat model.gguf -q       replies only, nothing on stderr but errors
 
 in the chat:
 """ + CHAT_HELP
@@ -73,18 +74,15 @@ def run(args) -> int:
 
 
 def _chat(args) -> int:
-    params = sampling_from_args(args)
-    gen = load_generator(args)
-    if gen.tokenizer.chat_template is None:
-        raise CLIError(f"{args.model} has no chat template; use `kt run --raw` or pass --model-path DIR "
-                       "with a tokenizer that has one")
+    gen, params = load_generator(args, needs_chat_template=True)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    print(CHAT_HELP, file=sys.stderr)
+    if not args.quiet:
+        print(CHAT_HELP, file=sys.stderr)
     while True:
         try:
             text = read_message()
@@ -121,22 +119,25 @@ def _reply(gen, messages, params, args) -> str | None:
     from ktcore.generate import ContextOverflowError
 
     parts = []
+    timing = not (args.no_timing or args.quiet)
     try:
         for delta in gen.generate(messages, params):
             if delta.text:
                 parts.append(delta.text)
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
-            if delta.finish_reason and not args.no_timing:
+            if delta.finish_reason:
                 sys.stdout.write("\n")
-                print(f"[{delta.timing.summary()}]", file=sys.stderr)
+                sys.stdout.flush()
+                if timing:
+                    print(f"[{delta.timing.summary()}]", file=sys.stderr)
+                note = context_limit_note(delta, gen.max_context)
+                if note:
+                    print(f"({note}; /reset starts a new conversation)", file=sys.stderr)
     except KeyboardInterrupt:
         print("\n(reply interrupted)", file=sys.stderr)
         return "".join(parts) or None
     except ContextOverflowError as exc:
         print(f"\n{exc}; /reset starts a new conversation", file=sys.stderr)
         return None
-    if args.no_timing:
-        sys.stdout.write("\n")
-    sys.stdout.flush()
     return "".join(parts)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..ops import ROLES
-from ..registry import Registry, device_missing_reason, get_registry
-
 EPILOG = """\
 For every op the devices it runs on are checked: is the device present here, and does the op's own
 available() accept it (e.g. "this CPU has no AMX")?
@@ -38,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def op_status(op_cls) -> dict:
     """For the device types the op declares: where it runs here, which devices are absent (and why),
     and where the op itself refuses (its ``available()`` reason)."""
+    from ..registry import device_missing_reason
+
     runs_on, absent, refused = [], {}, {}
     for device in op_cls.devices:
         missing = device_missing_reason(device)
@@ -59,7 +58,7 @@ def _own_reason(op_cls, device: str) -> str | None:
         return f"available() raised {type(exc).__name__}: {exc}"
 
 
-def describe(registry: Registry) -> dict:
+def describe(registry) -> dict:
     plugins = []
     for info in registry.plugins.values():
         ops = []
@@ -74,6 +73,8 @@ def describe(registry: Registry) -> dict:
 
 
 def render(data: dict) -> str:
+    from ..ops import ROLES
+
     lines = []
     if not data["plugins"]:
         lines.append("no plugins loaded")
@@ -103,6 +104,8 @@ def render(data: dict) -> str:
 
 
 def run(args) -> int:
+    from ..registry import get_registry
+
     data = describe(get_registry())
     print(json.dumps(data, indent=2) if args.json else render(data))
     return 0

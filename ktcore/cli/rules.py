@@ -6,7 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..registry import get_registry
 
 EPILOG = """\
 The dry run builds the model on the meta device (no memory, no weights read), applies the rules exactly as
@@ -88,6 +87,8 @@ def run_check(args) -> int:
     from ..inject import build_meta_model, inject, select_rule_file
     from ..rules import load_rules
 
+    from ..registry import get_registry
+
     registry = get_registry()
     config = model_config(args.model)
     rule_paths = args.rules or [select_rule_file(config.model_type, registry)]
@@ -121,6 +122,8 @@ def _short_names(paths: list[str]) -> dict[str, str]:
 def run_list(args) -> int:
     from ..inject import rule_search_dirs
     from ..rules import RuleError, load_rules
+
+    from ..registry import get_registry
 
     registry = get_registry()
     found = False

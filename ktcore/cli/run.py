@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="rule file deciding which op runs each module (repeatable; default: the shipped "
                         "rule file for the model's architecture and this machine)")
     p.add_argument("--device", default=None,
-                   help="device for the modules the rules leave unplaced (default: what the rule file says)")
+                   help="device for the modules the rules leave unplaced: cpu, cuda, cuda:N, xpu, npu, mps "
+                        "(default: what the rule file says)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="stop after this many tokens (default 512)")
     p.add_argument("--max-context", type=int, default=4096,
@@ -46,6 +48,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
                    help="run decode steps eagerly (default on CUDA: replay a captured CUDA graph per step "
                         "when every op of the model allows it)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no loading messages and no timing line")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +72,9 @@ def sampling_from_args(args):
         raise CLIError(str(exc)) from None
 
 
-# ---------------------------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------------------------- checks
+
+DEVICE_RE = re.compile(r"^(cpu|cuda|xpu|npu|mps)(?::(\d+))?$")
 
 
 def check_model_path(path: str) -> None:
@@ -85,59 +90,152 @@ def check_model_path(path: str) -> None:
                 raise CLIError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
 
 
-def load_generator(args, quiet: bool = False, check=None):
-    """Load the model named by ``args`` and wrap it in a ``Generator``. ``check(tokenizer)`` runs before
-    the weights are read, to refuse bad input early."""
+def check_args(args) -> None:
+    """Every check that needs no torch: the model path, numbers, rule files, the device's spelling."""
     check_model_path(args.model)
     if args.max_context < 2:
         raise CLIError(f"--max-context must be at least 2, got {args.max_context}")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    for path in args.rules or []:
+        if not Path(path).is_file():
+            raise CLIError(f"--rules {path}: no such file")
+    if args.device is not None and not DEVICE_RE.match(args.device):
+        raise CLIError(f"--device {args.device}: not a device name; use cpu, cuda, cuda:N, xpu, npu or mps")
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` names a device this torch build has (after ``check_args``; imports torch)."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    kind, index = DEVICE_RE.match(device).groups()
+    backend = getattr(torch, kind, None)
+    if backend is None or not backend.is_available():
+        build = f"torch {torch.__version__}"
+        raise CLIError(f"--device {device}: this machine has no {kind} device for {build}"
+                       + (" (a CPU-only build of torch)" if kind == "cuda" and torch.version.cuda is None else ""))
+    if index is not None and int(index) >= backend.device_count():
+        raise CLIError(f"--device {device}: there are {backend.device_count()} {kind} device(s), numbered from 0")
+
+
+def say(args, message: str) -> None:
+    """A loading message on stderr (not with -q)."""
+    if not args.quiet:
+        print(f"kt {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+def warn(args, message: str) -> None:
+    """Something the user should know about the reply, on stderr even with -q."""
+    print(f"kt {args.command}: {message}", file=sys.stderr, flush=True)
+
+
+def context_limit_note(final, max_context: int) -> str | None:
+    """What to say when a reply ended because the KV cache was full (``None`` when it did not)."""
+    t = final.timing
+    if final.finish_reason != "length" or t is None or t.prompt_tokens + t.generated_tokens < max_context:
+        return None
+    return (f"the reply stopped at the context limit: {t.prompt_tokens} prompt + {t.generated_tokens} reply "
+            f"tokens fill the {max_context} of --max-context")
+
+
+def _size(path: str) -> str:
+    p = Path(path)
+    files = [p] if p.is_file() else list(p.glob("*.gguf")) or list(p.glob("*.safetensors"))
+    return f"{sum(f.stat().st_size for f in files) / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class Phases:
+    """What loading is doing now, on one line of a terminal that each phase overwrites (nothing with -q or
+    when stderr is no terminal: the "loading" line and the weights' progress bar are enough there)."""
+
+    def __init__(self, args):
+        self.on = not args.quiet and sys.stderr.isatty()
+
+    def __call__(self, text: str) -> None:
+        if self.on:
+            sys.stderr.write(f"\r\033[K  {text}...")
+            sys.stderr.flush()
+
+    def clear(self) -> None:
+        self("")
+        if self.on:
+            sys.stderr.write("\r\033[K")
+
+
+def load_generator(args, check=None, needs_chat_template: bool = False):
+    """Load the model named by ``args`` and wrap it in a ``Generator``; returns it with the sampling
+    parameters. Bad input is refused in order of cost, all before the weights are read: ``check_args`` (no
+    imports), the device and sampling options, rule files, a missing chat template when
+    ``needs_chat_template`` (from the metadata, before the tokenizer is built), then ``check(tokenizer)``."""
+    check_args(args)
+    say(args, f"loading {args.model} ({_size(args.model)})")
+    phase = Phases(args)
+    phase("importing torch")
     if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # torch and the CPU plugins' pools read it
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    check_device(args.device)
+    params = sampling_from_args(args)
     from ktcore.generate import Generator
-    from ktcore.inject import load_model
+    from ktcore.inject import load_model, select_rule_file
+    from ktcore.rules import load_rules
     from ktcore.weights import open_source
 
+    phase("reading the model's metadata and rule file")
     source = open_source(args.model, model_path=args.model_path)
+    ruleset = load_rules(args.rules or select_rule_file(source.config().model_type))
+    no_template = CLIError(f"{args.model} has no chat template; use `kt run --raw` or pass --model-path DIR "
+                           "with a tokenizer that has one")
+    if needs_chat_template and hasattr(source, "chat_template") and source.chat_template() is None:
+        raise no_template
+    phase("building the tokenizer")
     tokenizer = source.tokenizer()
     if tokenizer is None:
         raise CLIError(f"{args.model} carries no tokenizer; pass --model-path DIR with a Hugging Face tokenizer")
+    if needs_chat_template and tokenizer.chat_template is None:
+        raise no_template
     if check is not None:
         check(tokenizer)
-    rules = args.rules[0] if args.rules and len(args.rules) == 1 else args.rules
-    model, report = load_model(source, rules=rules, device=args.device, progress=not quiet)
-    if not quiet:
-        files = ", ".join(getattr(report, "rule_files", []) or [])
-        print(f"loaded {args.model}" + (f" with rules {files}" if files else ""), file=sys.stderr)
-    return Generator(model, tokenizer, max_context=args.max_context,
-                     cuda_graph=None if getattr(args, "cuda_graph", True) else False)
+    phase("building the model")
+    model, report = load_model(source, rules=ruleset, device=args.device, progress=not args.quiet)
+    phase.clear()
+    files = ", ".join(getattr(report, "rule_files", []) or [])
+    say(args, f"loaded {args.model}" + (f" with rules {files}" if files else ""))
+    gen = Generator(model, tokenizer, max_context=args.max_context,
+                    cuda_graph=None if getattr(args, "cuda_graph", True) else False)
+    return gen, params
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the user's to fix. Only modules already imported can have raised theirs, so this
+    imports none (``except user_errors()`` is evaluated when an exception is being matched)."""
+    known = [CLIError, FileNotFoundError, IsADirectoryError, PermissionError]
+    for module, name in (("ktcore.generate", "ContextOverflowError"), ("ktcore.inject", "LoadError"),
+                         ("ktcore.registry", "RegistryError"), ("ktcore.rules", "RuleError"),
+                         ("ktcore.weights.source", "WeightError")):
+        if module in sys.modules:
+            known.append(getattr(sys.modules[module], name))
+    return tuple(known)
 
 
 def run_guarded(body, args) -> int:
     """Run ``body(args)``; user errors become one line on stderr, Ctrl-C exits 130, no tracebacks."""
-    from ktcore.generate import ContextOverflowError
-
-    known = [CLIError, ContextOverflowError, FileNotFoundError, IsADirectoryError, PermissionError]
-    try:
-        from ktcore.inject import LoadError
-        from ktcore.registry import RegistryError
-        from ktcore.rules import RuleError
-        from ktcore.weights.source import WeightError
-
-        known += [LoadError, RegistryError, RuleError, WeightError]
-    except ImportError:  # a core piece is missing: its own import error will say so below
-        pass
     try:
         return body(args) or 0
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except tuple(known) as exc:
+    except user_errors() as exc:
         print(f"kt {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # e.g. `kt run ... | head`
@@ -160,7 +258,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", default=None, help="the prompt (default: read stdin)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--system", default=None, help="system message (chat template only)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no loading messages and no timing line")
     add_sampling_args(p)
     p.set_defaults(func=run, command="run")
     return p
@@ -171,25 +268,29 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    check_args(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise CLIError("the prompt is empty (pass -p TEXT or pipe it on stdin)")
-    params = sampling_from_args(args)
     request = prompt
 
     def check_prompt(tokenizer):
         nonlocal request
         from ktcore.generate import ContextOverflowError, encode_prompt
 
-        if not args.raw and tokenizer.chat_template is not None:
-            request = ([{"role": "system", "content": args.system}] if args.system else [])
-            request.append({"role": "user", "content": prompt})
+        if not args.raw:
+            if tokenizer.chat_template is None:
+                warn(args, f"{args.model} has no chat template, so the prompt goes to the model as plain text "
+                           "(as with --raw); --model-path DIR can supply a tokenizer that has one")
+            else:
+                request = ([{"role": "system", "content": args.system}] if args.system else [])
+                request.append({"role": "user", "content": prompt})
         n = len(encode_prompt(tokenizer, request))
         if n >= args.max_context:
             raise ContextOverflowError(f"the prompt has {n} tokens and the context holds {args.max_context} "
                                        "(shorten the prompt or raise --max-context)")
 
-    gen = load_generator(args, quiet=args.quiet, check=check_prompt)
+    gen, params = load_generator(args, check=check_prompt)
     final = None
     for delta in gen.generate(request, params):
         if delta.text:
@@ -198,6 +299,10 @@ def _run(args) -> int:
         final = delta
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if not args.quiet and final is not None:
-        print(f"[{final.timing.summary()} | finish: {final.finish_reason}]", file=sys.stderr)
+    if final is not None:
+        if not args.quiet:
+            print(f"[{final.timing.summary()} | finish: {final.finish_reason}]", file=sys.stderr)
+        note = context_limit_note(final, args.max_context)
+        if note:
+            warn(args, note)
     return 0

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import logging
+import os
+import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -45,6 +46,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    print(f"kt serve: loading {args.model}", file=sys.stderr, flush=True)  # before the imports take seconds
     import torch
     import uvicorn
 

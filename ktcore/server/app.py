@@ -62,7 +62,11 @@ def create_app(engine: Engine, tokenizer, model: ModelInfo, *, access: AccessPol
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model.name, "active": engine.active_count, "queued": engine.queued_count}
+        # the chat page reads what it can offer from here: stored conversations, chat at all, the context size
+        return {"status": "ok", "model": model.name, "active": engine.active_count, "queued": engine.queued_count,
+                "assistants": state.assistants is not None,
+                "chat_template": getattr(tokenizer, "chat_template", None) is not None,
+                "context_length": engine.max_context}
 
     @app.get("/")
     async def root():

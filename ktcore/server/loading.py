@@ -25,9 +25,11 @@ def _gguf_parameter_count(path: Path) -> int | None:
     if path.suffix != ".gguf":
         return None
     try:
-        from gguf import GGUFReader
+        from math import prod
 
-        return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+        from ktcore.weights.gguf_header import GGUFHeader  # lazy header: gguf.GGUFReader parses the vocabulary
+
+        return sum(prod(t.shape) for t in GGUFHeader(path).tensors.values())
     except Exception as exc:  # the count is informational only
         log.warning("cannot count the parameters of %s: %s", path, exc)
         return None
@@ -37,9 +39,10 @@ def _load_with_ktcore(path: str):
     from ktcore.inject import load_model
     from ktcore.weights import open_source
 
-    model, report = load_model(path)
+    source = open_source(path)
+    model, report = load_model(source)
     log.info("%s", report)
-    return model, open_source(path).tokenizer()
+    return model, source.tokenizer()
 
 
 def _load_with_transformers(path: str):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-from gguf import GGUFValueType
 from transformers import AutoConfig
 
 from .names import ARCH_TO_MODEL_TYPE
@@ -64,25 +62,17 @@ _DEFAULTS = {
 }
 
 
-def read_metadata(reader) -> dict:
-    """Scalar and short-array metadata of a ``gguf.GGUFReader`` (token tables are left out: they are
-    read by the tokenizer builder)."""
+def read_metadata(header) -> dict:
+    """Metadata of a ``GGUFHeader`` for the config: scalars and short arrays. The token tables are left in
+    the file (the tokenizer builder reads them); ``"<key>#len"`` holds their length."""
     out = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                                                             "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id",
-                                                             "tokenizer.ggml.model", "tokenizer.ggml.pre"):
-            out[key + "#len"] = len(fld.data)
-            continue
+    for key, value in header.fields.items():
         if key.startswith("GGUF."):
             continue
-        try:
-            value = fld.contents()
-        except Exception:  # noqa: BLE001 - exotic types stay unread
+        if key.startswith("tokenizer.ggml.") and not isinstance(value, (int, float, str)):
+            out[key + "#len"] = len(value)
             continue
-        if isinstance(value, float) and fld.types and fld.types[0] == GGUFValueType.FLOAT32:
-            value = float(str(np.float32(value)))  # 1e-05, not 9.999999747378752e-06
-        out[key] = value
+        out[key] = header.value(key)
     return out
 
 

@@ -1,6 +1,7 @@
 """``GGUFSource``: a GGUF file, a split set (``-00001-of-0000N.gguf``) or a directory holding one.
 
-Files are memory-mapped by ``gguf.GGUFReader``; ``get()`` hands out views on the mapping (only the q/k
+Files are memory-mapped and their headers read lazily (``gguf_header.py``: the vocabulary is decoded
+only when the tokenizer is built); ``get()`` hands out views on the mapping (only the q/k
 row permutation of llama-arch files, fused gate+up concatenation and Gemma's norm offset copy data, and
 the latter two are small or cannot be avoided). Names are those of the Transformers model the file's
 metadata describes (see ``names.py``).
@@ -17,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .gguf_header import GGUF_MAGIC, GGUFHeader
 from .names import MODEL_TYPE_TO_ARCH, TensorRef, build_name_map, qk_row_permutation
 from .quants import GGML_TYPES_BY_ID
 from .source import MissingTensorError, WeightError
 from .tensor import QuantizedTensor
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$")
-GGUF_MAGIC = b"GGUF"
 
 
 def resolve_gguf_files(path: str | os.PathLike) -> list[Path]:
@@ -59,22 +60,6 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def _open_reader(path: Path):
-    import gguf
-
-    if path.stat().st_size < 24:
-        raise WeightError(f"{path}: too short to be a GGUF file ({path.stat().st_size} bytes)")
-    if not is_gguf_file(path):
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        raise WeightError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
-    try:
-        # copy-on-write mapping: writable views for torch, nothing ever reaches the file
-        return gguf.GGUFReader(path, "c")
-    except Exception as e:  # noqa: BLE001 - GGUFReader fails in many ways on a damaged file
-        raise WeightError(f"{path}: unreadable GGUF file (truncated or corrupt?): {type(e).__name__}: {e}") from e
-
-
 class _RawTensor:
     """One GGUF tensor: where it is and what it holds."""
 
@@ -97,11 +82,11 @@ class GGUFSource:
         self.files = resolve_gguf_files(path)
         self.path = str(self.files[0])
         self.model_path = str(model_path) if model_path is not None else None
-        self._readers = [_open_reader(f) for f in self.files]
+        self._readers = [GGUFHeader(f) for f in self.files]
         self._tensors: dict[str, _RawTensor] = {}
         for f, reader in zip(self.files, self._readers):
-            for t in reader.tensors:
-                self._tensors[t.name] = self._raw_tensor(t, f)
+            for t in reader.tensors.values():
+                self._tensors[t.name] = _RawTensor(t.name, GGML_TYPES_BY_ID[t.type_id].name, t.shape, t.data, f)
         from .gguf_config import read_metadata
 
         self.metadata = read_metadata(self._readers[0])
@@ -116,20 +101,6 @@ class GGUFSource:
         if p.is_dir():
             return any(f.suffix == ".gguf" for f in p.iterdir())
         return p.suffix == ".gguf" or is_gguf_file(p)
-
-    def _raw_tensor(self, t, file: Path) -> _RawTensor:
-        info = GGML_TYPES_BY_ID.get(int(t.tensor_type))
-        type_name = info.name if info else f"type {int(t.tensor_type)}"
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        n_elements = int(np.prod(shape)) if shape else 1
-        if info is not None:
-            expected = info.nbytes(n_elements)
-            if t.data.nbytes != expected:
-                raise WeightError(
-                    f"{file}: tensor {t.name!r} ({type_name} {shape}) needs {expected} bytes but the file holds "
-                    f"{t.data.nbytes} (truncated file?)"
-                )
-        return _RawTensor(t.name, type_name, shape, t.data, file)
 
     def gguf_names(self) -> list[str]:
         return list(self._tensors)
@@ -161,6 +132,12 @@ class GGUFSource:
 
                 self._config = config_from_metadata(self.metadata, self._tensors.keys(), self.path)
         return self._config
+
+    def chat_template(self) -> str | None:
+        """The chat template the tokenizer will have, read without building it (GGUF metadata)."""
+        if self.model_path is not None:
+            return self.tokenizer().chat_template
+        return self.metadata.get("tokenizer.chat_template")
 
     def tokenizer(self):
         if self.model_path is not None:

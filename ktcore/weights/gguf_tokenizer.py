@@ -8,7 +8,14 @@ own path needs a config it can derive, which it cannot for e.g. deepseek2).
 
 from __future__ import annotations
 
+import re
+
 from .source import WeightError
+
+# Modality markers of multimodal vocabularies (Gemma 3's <start_of_image>, <end_of_image>, [multimodal]): the
+# GGUF types them USER_DEFINED, which makes them ordinary text, but the model's own tokenizer marks them special.
+# A text-only run has nothing to show for them, so they are special here too (and left out of decoded replies).
+MODALITY_MARKER = re.compile(r"<(start|end)_of_(image|audio|video)>|<(image|audio|video)_soft_token>|\[multimodal\]")
 
 
 def tokenizer_class_for(model_type: str):
@@ -23,8 +30,8 @@ def tokenizer_class_for(model_type: str):
 
 
 def tokenizer_from_gguf(path: str, model_type: str, reader=None):
-    """``reader``: the file's open ``gguf.GGUFReader``, used where this Transformers reads no GGUF
-    tokenizer by itself (before 5.2x the converters lived in ``integrations.ggml``)."""
+    """``reader``: the file's ``GGUFHeader``, used where this Transformers reads no GGUF tokenizer by itself
+    (before 5.2x the converters lived in ``integrations.ggml``)."""
     try:
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:
@@ -45,28 +52,39 @@ def tokenizer_from_gguf(path: str, model_type: str, reader=None):
         raise WeightError(f"{path}: cannot build the tokenizer: {e}") from e
     cls = tokenizer_class_for(model_type)
     kwargs = dict(tokenizer_config) | dict(extra)
-    return cls(tokenizer_object=backend, **kwargs)
+    tokenizer = cls(tokenizer_object=backend, **kwargs)
+    _mark_modality_markers_special(tokenizer)
+    return tokenizer
+
+
+def _mark_modality_markers_special(tokenizer) -> None:
+    from tokenizers import AddedToken
+
+    markers = [AddedToken(t.content, normalized=False, special=True)
+               for t in tokenizer.added_tokens_decoder.values() if not t.special and MODALITY_MARKER.fullmatch(t.content)]
+    if markers:
+        tokenizer.add_special_tokens({"additional_special_tokens": markers}, replace_extra_special_tokens=False)
 
 
 def _open(path: str):
-    import gguf
+    from .gguf_header import GGUFHeader
 
-    return gguf.GGUFReader(path, "r")
+    return GGUFHeader(path)
 
 
 def _tokenizer_metadata(reader, model_type: str) -> tuple[str, dict, dict]:
-    """``(converter name, tokenizer_dict, tokenizer_config)`` from a reader's ``tokenizer.*`` fields, keyed
-    as Transformers' ``GGUF_TOKENIZER_MAPPING`` says (what newer Transformers' ``get_gguf_tokenizer`` does)."""
+    """``(converter name, tokenizer_dict, tokenizer_config)`` from a ``GGUFHeader``'s ``tokenizer.*`` fields,
+    keyed as Transformers' ``GGUF_TOKENIZER_MAPPING`` says (what newer Transformers' ``get_gguf_tokenizer`` does)."""
     from transformers.integrations.ggml import GGUF_TO_FAST_CONVERTERS, GGUF_TOKENIZER_MAPPING
 
     tokenizer_dict, tokenizer_config = {}, {}
-    for key, field in reader.fields.items():
+    for key in reader.fields:
         if not key.startswith("tokenizer."):
             continue
         suffix = key[len("tokenizer."):]
         for section, out in (("tokenizer", tokenizer_dict), ("tokenizer_config", tokenizer_config)):
             if suffix in GGUF_TOKENIZER_MAPPING[section]:
-                out[GGUF_TOKENIZER_MAPPING[section][suffix]] = field.contents()
+                out[GGUF_TOKENIZER_MAPPING[section][suffix]] = reader.value(key)
     kind = tokenizer_dict.get("tokenizer_type")
     converter = model_type if model_type in GGUF_TO_FAST_CONVERTERS else ("llama" if kind == "llama" else "gpt2")
     return converter, tokenizer_dict, tokenizer_config

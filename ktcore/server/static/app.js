@@ -1,9 +1,14 @@
-// ktcore web chat: conversations are Assistants API threads; replies stream from a run (SSE).
+// ktcore web chat: conversations are Assistants API threads; replies stream from a run (SSE). A server
+// without the Assistants API (kt serve --no-assistants) gets /v1/chat/completions over a conversation kept
+// in the page. What the server offers (Assistants, a chat template, the context size) comes from /health.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const WEB_ASSISTANT_TAG = "ktcore-web";
-const state = { model: null, assistantId: null, threadId: null, abort: null, runId: null };
+const state = {
+  model: null, assistantId: null, threadId: null, abort: null, runId: null,
+  assistants: true, contextLength: 0, history: [],  // history: the page's own conversation without Assistants
+};
 
 function apiKey() { return localStorage.getItem("ktcore-api-key") || ""; }
 
@@ -26,6 +31,31 @@ const getJSON = async (path) => (await api(path)).json();
 const postJSON = async (path, body) => (await api(path, { method: "POST", body: JSON.stringify(body) })).json();
 
 function setStatus(text) { $("status").textContent = text || ""; }
+
+// Sampling settings from the sidebar: {temperature, maxTokens}, or throws naming the bad field.
+function settings() {
+  const temperature = Number($("temperature").value);
+  const maxTokens = Number($("max-tokens").value);
+  if ($("temperature").value === "" || !(temperature >= 0 && temperature <= 2)) throw new Error("temperature must be between 0 and 2");
+  if (!Number.isInteger(maxTokens) || maxTokens < 1) throw new Error("max tokens must be a whole number of at least 1");
+  return { temperature, maxTokens };
+}
+
+// Says under a finished reply why it stopped when a limit, not the model, ended it.
+function noteStop(bubble, usage, hitLength, maxTokens) {
+  let text = null;
+  if (usage && state.contextLength && usage.prompt_tokens + usage.completion_tokens >= state.contextLength) {
+    text = `Stopped at the context limit (${state.contextLength} tokens): start a new chat to go on.`;
+  } else if (hitLength) {
+    text = `Stopped at the max-tokens limit (${maxTokens}).`;
+  }
+  if (!text) return;
+  const note = document.createElement("div");
+  note.className = "note";
+  note.textContent = text;
+  bubble.after(note);
+  bubble.dataset.stopped = text.includes("context") ? "context" : "max-tokens";
+}
 
 function addBubble(role, text) {
   const div = document.createElement("div");
@@ -75,13 +105,14 @@ async function openThread(id) {
 function newChat() {
   if (state.abort) return;
   state.threadId = null;
+  state.history = [];
   $("messages").innerHTML = "";
-  loadThreads();
+  if (state.assistants) loadThreads();
   $("prompt").focus();
 }
 
 function setBusy(busy) {
-  $("send").disabled = busy;
+  $("send").disabled = busy || $("prompt").disabled;
   $("stop").hidden = !busy;
 }
 
@@ -110,6 +141,8 @@ async function readEvents(response, onEvent) {
 
 async function send(text) {
   setStatus("");
+  const { temperature, maxTokens } = settings();
+  if (!state.assistants) return sendDirect(text, temperature, maxTokens);
   const assistantId = await ensureAssistant();
   if (!state.threadId) {
     const thread = await postJSON("/v1/threads", { metadata: { app: WEB_ASSISTANT_TAG, title: text.slice(0, 60) } });
@@ -125,13 +158,16 @@ async function send(text) {
   setBusy(true);
   try {
     const response = await api(`/v1/threads/${threadId}/runs`, {
-      method: "POST", body: JSON.stringify({ assistant_id: assistantId, stream: true }), signal: state.abort.signal,
+      method: "POST", signal: state.abort.signal,
+      body: JSON.stringify({ assistant_id: assistantId, stream: true, temperature, max_completion_tokens: maxTokens }),
     });
     await readEvents(response, (name, data) => {
       if (name === "thread.run.created") state.runId = data.id;
       else if (name === "thread.message.delta") {
         for (const part of data.delta.content || []) bubble.textContent += part.text ? part.text.value : "";
         $("messages").scrollTop = $("messages").scrollHeight;
+      } else if (name === "thread.run.completed" || name === "thread.run.incomplete") {
+        noteStop(bubble, data.usage, name === "thread.run.incomplete", maxTokens);
       } else if (name === "thread.run.failed") setStatus("run failed: " + (data.last_error || {}).message);
       else if (name === "error") setStatus(data.error ? data.error.message : "error");
     });
@@ -146,14 +182,66 @@ async function send(text) {
   }
 }
 
+// Without the Assistants API: the conversation lives in the page and goes to /v1/chat/completions whole.
+async function sendDirect(text, temperature, maxTokens) {
+  addBubble("user", text);
+  const bubble = addBubble("assistant", "");
+  bubble.classList.add("streaming");
+  state.abort = new AbortController();
+  setBusy(true);
+  const messages = [...state.history, { role: "user", content: text }];
+  let finish = null, usage = null;
+  try {
+    const response = await api("/v1/chat/completions", {
+      method: "POST", signal: state.abort.signal,
+      body: JSON.stringify({ model: state.model, messages, stream: true, stream_options: { include_usage: true },
+                             temperature, max_tokens: maxTokens }),
+    });
+    await readEvents(response, (name, data) => {
+      if (data.error) { setStatus(data.error.message || "error"); return; }
+      if (data.usage) usage = data.usage;
+      for (const choice of data.choices || []) {
+        if (choice.delta && choice.delta.content) bubble.textContent += choice.delta.content;
+        if (choice.finish_reason) finish = choice.finish_reason;
+      }
+      $("messages").scrollTop = $("messages").scrollHeight;
+    });
+    noteStop(bubble, usage, finish === "length", maxTokens);
+  } catch (err) {
+    if (err.name !== "AbortError") setStatus(err.message);
+  } finally {
+    if (bubble.textContent) state.history = [...messages, { role: "assistant", content: bubble.textContent }];
+    bubble.classList.remove("streaming");
+    bubble.dataset.done = "1";
+    state.abort = null;
+    setBusy(false);
+  }
+}
+
 async function stop() {
   const { runId, threadId, abort } = state;
   if (runId) { try { await postJSON(`/v1/threads/${threadId}/runs/${runId}/cancel`, {}); } catch (_) { /* already over */ } }
   if (abort) abort.abort();
 }
 
+function restoreSettings() {
+  for (const id of ["temperature", "max-tokens"]) {
+    const saved = localStorage.getItem("ktcore-" + id);
+    if (saved !== null) $(id).value = saved;
+    $(id).onchange = () => localStorage.setItem("ktcore-" + id, $(id).value);
+  }
+}
+
+// A model without a chat template cannot chat: say so and take the composer away.
+function refuseChat() {
+  setStatus("This model has no chat template, so this page cannot chat with it; send plain text to /v1/completions (or use kt run --raw).");
+  $("prompt").disabled = true;
+  $("send").disabled = true;
+}
+
 async function init() {
   $("api-key").value = apiKey();
+  restoreSettings();
   $("save-key").onclick = () => { localStorage.setItem("ktcore-api-key", $("api-key").value.trim()); location.reload(); };
   $("new-chat").onclick = newChat;
   $("stop").onclick = stop;
@@ -168,10 +256,15 @@ async function init() {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
   };
   try {
+    const health = await getJSON("/health");
+    state.assistants = health.assistants !== false;
+    state.contextLength = health.context_length || 0;
     const models = await getJSON("/v1/models");
     state.model = models.data[0].id;
     $("model-name").textContent = state.model;
-    await loadThreads();
+    if (health.chat_template === false) refuseChat();
+    if (state.assistants) await loadThreads();
+    else $("threads-off").hidden = false;
   } catch (err) {
     setStatus(err.message);
   }
