@@ -218,6 +218,46 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def encode(values: np.ndarray, qtype: str, name: str = "") -> np.ndarray:
+    """``values[..., n]`` as ``qtype`` bytes: quantized (``quantize``) where ktcore or gguf-py has a quantizer;
+    for the other types (the i-quants, whose llama.cpp quantizer needs an importance search) random valid
+    blocks whose dequantized values have the standard deviation of ``values``, seeded by ``name``: a
+    synthetic stand-in, so a test's reference must be the file's dequantized values, not ``values``."""
+    from .quantize import QUANTIZABLE
+
+    if qtype in QUANTIZABLE:
+        return quantize(values, qtype)
+    import zlib
+
+    from .dequant import dequantize_raw
+
+    info = GGML_TYPES[qtype]
+    n_blocks = values.size // info.block_size
+    seed = zlib.crc32(name.encode())
+
+    def blocks(scale: float) -> np.ndarray:
+        return random_valid_blocks(np.random.default_rng(seed), qtype, n_blocks, scale)
+
+    probe = dequantize_raw(torch.from_numpy(blocks(1.0).reshape(-1)), qtype, (values.size,)).std().item()
+    out = blocks(float(values.std()) / probe if probe > 0 else 1.0)
+    return out.reshape(*values.shape[:-1], -1)
+
+
+def random_valid_blocks(rng: np.random.Generator, type_name: str, n_blocks: int, scale: float) -> np.ndarray:
+    """``n_blocks`` random blocks of ``type_name`` (uint8 ``[n, type_size]``) with finite scales about ``scale``."""
+    from .dequant_lowbit import LOWBIT_SCALE_FIELDS, random_lowbit_blocks
+    from .quant_fields import F16_SCALE_FIELDS
+
+    if type_name in LOWBIT_SCALE_FIELDS:
+        return random_lowbit_blocks(rng, type_name, n_blocks, scale)
+    info = GGML_TYPES[type_name]
+    blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
+    for at in F16_SCALE_FIELDS[type_name]:
+        d = (scale * rng.uniform(0.5, 1.0, size=n_blocks)).astype(np.float16)
+        blocks[:, at : at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
+    return blocks
+
+
 def write_gguf(model, path: str | os.PathLike, qtypes: str | Mapping[str, str] = "F32", name: str | None = None) -> str:
     """Write the Transformers ``model`` as a GGUF file at ``path``; returns the path.
 
@@ -241,7 +281,7 @@ def write_gguf(model, path: str | os.PathLike, qtypes: str | Mapping[str, str] =
             elif qtype == "F16":
                 writer.add_tensor(gguf_name, values.astype(np.float16))
             else:
-                writer.add_tensor(gguf_name, quantize(values, qtype), raw_dtype=_ggml(qtype))
+                writer.add_tensor(gguf_name, encode(values, qtype, gguf_name), raw_dtype=_ggml(qtype))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -383,19 +423,13 @@ def _row_type(qtype: str, row: int) -> str:
 
 
 def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: str) -> np.ndarray:
-    """Random data of one tensor, produced in row chunks (a few MB at a time)."""
-    from .quant_fields import F16_SCALE_FIELDS
-
+    """Random data of one tensor (blocks with scales below 0.002)."""
     info = GGML_TYPES[type_name]
     if info.block_size == 1:
         values = (0.02 * rng.standard_normal(shape, dtype=np.float32))
         return values.astype(np.float32 if type_name == "F32" else np.float16)
     n_blocks = int(np.prod(shape)) // info.block_size
-    blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
-    for at in F16_SCALE_FIELDS[type_name]:
-        scales = (rng.random(n_blocks, dtype=np.float32) * 0.002).astype(np.float16)
-        blocks[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
-    return blocks.reshape(*shape[:-1], -1)
+    return random_valid_blocks(rng, type_name, n_blocks, 0.002).reshape(*shape[:-1], -1)
 
 
 def main(argv=None) -> int:
