@@ -23,7 +23,7 @@ IQ1_DELTA = 0.125
 
 
 @functools.lru_cache(maxsize=None)
-def _grid(type_name: str, device: str) -> torch.Tensor:
+def grid(type_name: str, device: str) -> torch.Tensor:
     """gguf-py's decoded lattice of ``type_name`` as float32 ``[n_points, point_len]``."""
     from gguf import quants
 
@@ -33,7 +33,7 @@ def _grid(type_name: str, device: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _ksigns(device: str) -> torch.Tensor:
+def ksigns(device: str) -> torch.Tensor:
     """ggml's ``ksigns_iq2xs``: 128 seven-bit sign patterns with their parity bit, as uint8 ``[128]``."""
     from gguf import quants
 
@@ -65,7 +65,7 @@ def _nibble_scales(scales: torch.Tensor) -> torch.Tensor:
 def _ksign_lookup(words: torch.Tensor) -> torch.Tensor:
     """The four 7-bit sign indices in bits 0-27 of each uint32 of ``words[n, g]``, as signs ``[n, g, 4, 8]``."""
     idx = (words.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=words.device)) & 0x7F
-    return _sign_bits(_ksigns(str(words.device))[idx])
+    return _sign_bits(ksigns(str(words.device))[idx])
 
 
 def iq2_xxs_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -75,8 +75,8 @@ def iq2_xxs_blocks(blocks: torch.Tensor) -> torch.Tensor:
     q = _words(blocks[:, 2:66], 4).reshape(n, 8, 2)
     db = (d * (0.5 + (q[..., 1] >> 28).to(torch.float32)) * 0.25).reshape(n, 8, 1, 1)
     signs = _ksign_lookup(q[..., 1])
-    grid = _grid("IQ2_XXS", str(blocks.device))[blocks[:, 2:66].reshape(n, 8, 8)[:, :, 0:4].to(torch.int64)]
-    return (db * grid * signs).reshape(n, QK_K)
+    points = grid("IQ2_XXS", str(blocks.device))[blocks[:, 2:66].reshape(n, 8, 8)[:, :, 0:4].to(torch.int64)]
+    return (db * points * signs).reshape(n, QK_K)
 
 
 def iq2_xs_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -85,9 +85,9 @@ def iq2_xs_blocks(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0)
     q = _words(blocks[:, 2:66], 2)
     db = (d * (0.5 + _nibble_scales(blocks[:, 66:74]).to(torch.float32)) * 0.25).reshape(n, 16, 1, 1)
-    signs = _sign_bits(_ksigns(str(blocks.device))[q >> 9]).reshape(n, 16, 2, 8)
-    grid = _grid("IQ2_XS", str(blocks.device))[q & 511].reshape(n, 16, 2, 8)
-    return (db * grid * signs).reshape(n, QK_K)
+    signs = _sign_bits(ksigns(str(blocks.device))[q >> 9]).reshape(n, 16, 2, 8)
+    points = grid("IQ2_XS", str(blocks.device))[q & 511].reshape(n, 16, 2, 8)
+    return (db * points * signs).reshape(n, QK_K)
 
 
 def iq2_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -99,8 +99,8 @@ def iq2_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
     signs = _sign_bits(blocks[:, 34:66]).reshape(n, 16, 2, 8)
     qh = ((blocks[:, 66:74].reshape(n, 8, 1) >> _shifts([0, 2, 4, 6], dev, (1, 1, 4))) & 3).reshape(n, 32)
     idx = blocks[:, 2:34].to(torch.int64) | (qh.to(torch.int64) << 8)
-    grid = _grid("IQ2_S", str(dev))[idx].reshape(n, 16, 2, 8)
-    return (db * grid * signs).reshape(n, QK_K)
+    points = grid("IQ2_S", str(dev))[idx].reshape(n, 16, 2, 8)
+    return (db * points * signs).reshape(n, QK_K)
 
 
 def iq3_xxs_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,8 @@ def iq3_xxs_blocks(blocks: torch.Tensor) -> torch.Tensor:
     s = _words(blocks[:, 66:98], 4)
     db = (d * (0.5 + (s >> 28).to(torch.float32)) * 0.5).reshape(n, 8, 1, 1)
     signs = _ksign_lookup(s)
-    grid = _grid("IQ3_XXS", str(blocks.device))[blocks[:, 2:66].to(torch.int64)].reshape(n, 8, 4, 8)
-    return (db * grid * signs).reshape(n, QK_K)
+    points = grid("IQ3_XXS", str(blocks.device))[blocks[:, 2:66].to(torch.int64)].reshape(n, 8, 4, 8)
+    return (db * points * signs).reshape(n, QK_K)
 
 
 def iq3_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -123,8 +123,8 @@ def iq3_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
     signs = _sign_bits(blocks[:, 74:106]).reshape(n, 8, 4, 8)
     qh = ((blocks[:, 66:74].reshape(n, 8, 1) >> _shifts(range(8), dev, (1, 1, 8))) & 1).reshape(n, 64)
     idx = blocks[:, 2:66].to(torch.int64) | (qh.to(torch.int64) << 8)
-    grid = _grid("IQ3_S", str(dev))[idx].reshape(n, 8, 4, 8)
-    return (db * grid * signs).reshape(n, QK_K)
+    points = grid("IQ3_S", str(dev))[idx].reshape(n, 8, 4, 8)
+    return (db * points * signs).reshape(n, QK_K)
 
 
 def iq1_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -136,8 +136,8 @@ def iq1_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
     delta = torch.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA).reshape(n, 8, 1, 1)
     high = (qh.unsqueeze(-1) >> torch.tensor([0, 3, 6, 9], device=blocks.device)) & 7
     idx = blocks[:, 2:34].to(torch.int64) | (high.reshape(n, 32) << 8)
-    grid = _grid("IQ1_S", str(blocks.device))[idx].reshape(n, 8, 4, 8)
-    return (dl * (grid + delta)).reshape(n, QK_K)
+    points = grid("IQ1_S", str(blocks.device))[idx].reshape(n, 8, 4, 8)
+    return (dl * (points + delta)).reshape(n, QK_K)
 
 
 def iq1_m_blocks(blocks: torch.Tensor) -> torch.Tensor:
@@ -154,8 +154,8 @@ def iq1_m_blocks(blocks: torch.Tensor) -> torch.Tensor:
     qh = (blocks[:, 32:48].reshape(n, 16, 1) >> _shifts([0, 4], dev, (1, 1, 2))).reshape(n, 32)
     idx = blocks[:, 0:32].to(torch.int64) | ((qh & 7).to(torch.int64) << 8)
     delta = torch.where((qh & 8) == 0, IQ1_DELTA, -IQ1_DELTA).reshape(n, 8, 2, 2, 1)
-    grid = _grid("IQ1_S", str(dev))[idx].reshape(n, 8, 2, 2, 8)
-    return (dl * (grid + delta)).reshape(n, QK_K)
+    points = grid("IQ1_S", str(dev))[idx].reshape(n, 8, 2, 2, 8)
+    return (dl * (points + delta)).reshape(n, QK_K)
 
 
 def _times_mod256(q: torch.Tensor, factors) -> torch.Tensor:
