@@ -405,6 +405,10 @@ class KAttention(KModule):
     def accepts(cls, module: nn.Module) -> bool:
         return True  # attention modules share no base class; a rule names them explicitly
 
+    def weight_names(self) -> list[str]:
+        # tensors of the attention module itself, not of its adopted children (GPT-OSS's sinks)
+        return [n for n, p in self.original._parameters.items() if p is not None]
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         tokens = hidden_states.shape[-2] if hidden_states.dim() >= 2 else 1
         return self._run(tokens, hidden_states, hidden_states, *args, **kwargs)

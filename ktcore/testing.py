@@ -29,9 +29,11 @@ from transformers import (
 from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+# Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "minimax_m2")
 
 # The model_type each family's config carries (the key of the shipped rule files).
-MODEL_TYPES = {family: family for family in FAMILIES} | {"gemma3": "gemma3_text"}
+MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text"}
 
 VOCAB = 512
 HIDDEN = 256
@@ -182,7 +184,35 @@ def tiny_config(family: str) -> PreTrainedConfig:
             rope_interleave=True,
             rope_parameters=dict(YARN_ROPE),
         )
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family in NEW_FAMILIES:
+        return _new_family_config(family)
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + NEW_FAMILIES)}")
+
+
+def _new_family_config(family: str) -> PreTrainedConfig:
+    from transformers import AutoConfig
+
+    dense = dict(_COMMON, intermediate_size=512, num_hidden_layers=2, num_key_value_heads=2)
+    if family == "qwen2":  # q/k/v with biases
+        return AutoConfig.for_model("qwen2", **dense, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    if family == "mistral":  # llama.cpp writes Mistral as the llama architecture; no sliding window (v0.2+)
+        return AutoConfig.for_model("mistral", **dense, head_dim=HEAD_DIM, sliding_window=None,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    if family == "glm4_moe":  # GLM-4.5/4.6/4.7: partial rotary, q/k/v biases, sigmoid routing with a bias, shared expert
+        return AutoConfig.for_model(
+            "glm4_moe", **(dense | {"num_hidden_layers": 3}), head_dim=HEAD_DIM, attention_bias=True,
+            moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            use_qk_norm=False, num_nextn_predict_layers=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
+        )
+    if family == "minimax_m2":  # q/k norms over the whole projection, partial rotary, sigmoid routing with a bias
+        return AutoConfig.for_model(
+            "minimax_m2", **(dense | {"intermediate_size": 256}), head_dim=HEAD_DIM, num_local_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
+        )
+    raise ValueError(family)
 
 
 def _fill_(name: str, tensor: torch.Tensor, generator: torch.Generator, zero_centered_norms: bool, tied: bool) -> None:

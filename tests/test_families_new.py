@@ -1,0 +1,156 @@
+"""The families added for the models people run today (``NEW_FAMILIES``): as ``test_families.py`` does for the
+first eight (the tiny Transformers model against the same weights through ktcore's shipped rule files, fp32,
+greedy tokens identical), plus the GGUF round trip through ktcore's writer: the file holds every tensor
+exactly, its metadata gives back the config, and the model loaded from it equals Transformers.
+
+Tolerance: fp32 logits within ``1e-4 * max |reference logit|`` (the GQA families run the same kernels as
+Transformers; measured 0 or within a few ulps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ktcore.inject import RULE_FILES_DIR, build_meta_model, inject, load_model
+from ktcore.modules import KAttention, KExperts, KLinear, KRoPE
+from ktcore.registry import Registry
+from ktcore.rules import load_rules
+from ktcore.testing import MODEL_TYPES, NEW_FAMILIES, tiny_config, tiny_model
+from ktcore.weights import open_source
+from ktcore.weights.gguf_writer import write_gguf
+from ktcore.weights.state_dict import StateDictSource
+
+torch.set_num_threads(2)
+
+FP32_REL_TOL = 1e-4
+MOE = {"glm4_moe", "minimax_m2", "gpt_oss"}
+BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KAttentionSDPA", "KRoPETorch"}
+GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Registry(entrypoints=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("families_new")
+
+
+def rule_file(family: str, layout: str = "cpu"):
+    return RULE_FILES_DIR / f"{MODEL_TYPES[family]}-{layout}.yaml"
+
+
+def prompt(seed: int = 0, length: int = 20) -> torch.Tensor:
+    return torch.randint(3, 512, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_greedy(model, reference, ids, **kwargs):
+    with torch.no_grad():
+        want = reference.generate(ids, **GEN)
+        got = model.generate(ids, **GEN, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, e) in enumerate(zip(got.logits, want.logits)):
+        assert (g - e).abs().max() <= FP32_REL_TOL * e.abs().max(), f"decode step {step}"
+
+
+def assert_same_logits(model, reference, ids):
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+    assert (got - want).abs().max() <= FP32_REL_TOL * want.abs().max()
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_tiny_model_is_informative(family):
+    model = tiny_model(family)
+    assert model.config.model_type == MODEL_TYPES[family]
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.out_features > 1:
+            assert m.in_features % 256 == 0, name
+    with torch.no_grad():
+        logits = model(prompt()).logits[0]
+    assert logits.std() > 0.5 and logits.argmax(-1).unique().numel() >= 10
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_fp32_logits_and_greedy_decode_match(family, registry):
+    reference = tiny_model(family)
+    model, report = load_model(StateDictSource(reference), rules=rule_file(family), dtype=torch.float32,
+                               registry=registry, progress=False)
+    wrappers = [m for m in model.modules() if isinstance(m, (KLinear, KAttention, KExperts, KRoPE))]
+    assert sum(isinstance(m, KAttention) for m in wrappers) == model.config.num_hidden_layers
+    assert any(isinstance(m, KExperts) for m in wrappers) == (family in MOE)
+    assert all({op.name for op in m.ops()} <= BUILTIN_OPS for m in wrappers)
+    assert [n for n, m in model.named_modules() if type(m) is nn.Linear and m.out_features > 1] == []
+    ids = prompt()
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
+    assert_same_greedy(model, reference, prompt(2), cache_implementation="static")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_chunked_prefill_with_ktcore_cache(family, registry):
+    from ktcore.generate import forward_step, new_cache
+
+    reference = tiny_model(family)
+    model, _ = load_model(StateDictSource(reference), rules=rule_file(family), dtype=torch.float32,
+                          registry=registry, progress=False)
+    ids = prompt(3, 24)
+    with torch.no_grad():
+        expected = reference(ids).logits
+        cache = new_cache(model, 64)
+        spans = [(0, 10), (10, 20)] + [(t, t + 1) for t in range(20, 24)]
+        got = torch.cat([forward_step(model, ids[:, a:b], cache, logits_to_keep=0) for a, b in spans], dim=1)
+    assert (got - expected).abs().max() <= FP32_REL_TOL * expected.abs().max()
+
+
+@pytest.mark.parametrize("layout", ["cpu", "gpu-cpu"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_shipped_rule_file_validates_and_matches(family, layout, registry):
+    rules = load_rules(rule_file(family, layout), registry, check_devices=(layout == "cpu"))
+    assert rules.op_names() <= BUILTIN_OPS
+    model = build_meta_model(tiny_config(family))
+    inject(model, rules, registry)  # raises on a rule that matches nothing
+    experts = [m for name, m in model.named_modules() if name.endswith(".experts")]
+    assert bool(experts) == (family in MOE)
+    for m in experts:
+        assert isinstance(m, KExperts) and m.generate_device.type == "cpu"
+        assert (m.out_device == torch.device("cuda")) == (layout == "gpu-cpu")
+    if layout == "gpu-cpu":
+        assert model.lm_head.prefill_device.type == "cuda"
+        assert model._ktcore_placements["model.embed_tokens"].type == "cuda"
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_gguf_roundtrip_and_loaded_model_equal_transformers(family, gguf_dir, registry):
+    reference = tiny_model(family)
+    path = write_gguf(reference, gguf_dir / f"{family}.gguf")
+    source = open_source(path)
+    assert source.missing() == []
+    for name, expected in reference.state_dict().items():
+        assert torch.equal(source.get(name).dequantize(), expected), name
+    got_cfg, want_cfg = source.config().to_dict(), reference.config.to_dict()
+    ignore = {"_name_or_path", "transformers_version", "dtype", "architectures", "model_type"}
+    assert {k: (want_cfg.get(k), got_cfg.get(k)) for k in set(want_cfg) & set(got_cfg)
+            if k not in ignore and want_cfg[k] != got_cfg[k]} == {}
+    model, _ = load_model(path, rules=rule_file(family), dtype=torch.float32, registry=registry, progress=False)
+    ids = prompt(4)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the gpu-cpu layout puts attention on the GPU")
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_gpu_cpu_layout_matches(family, registry):
+    reference = tiny_model(family)
+    model, _ = load_model(StateDictSource(reference), rules=rule_file(family, "gpu-cpu"), dtype=torch.float32,
+                          registry=registry, progress=False)
+    ids = prompt()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids.cuda()).logits.cpu()
+        assert (got - expected).abs().max() <= FP32_REL_TOL * expected.abs().max()
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids.cuda(), **gen).cpu(), reference.generate(ids, **gen))
