@@ -154,3 +154,21 @@ def test_family_gpu_cpu_layout_matches(family, registry):
         assert (got - expected).abs().max() <= FP32_REL_TOL * expected.abs().max()
         gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(ids.cuda(), **gen).cpu(), reference.generate(ids, **gen))
+
+
+@pytest.mark.parametrize("family", [f for f in NEW_FAMILIES if f in MOE])
+def test_config_from_plain_metadata_without_ktcore_extras(family, gguf_dir):
+    """The keys llama.cpp writes alone (no ktcore extras) give the dimensions, routing and rotary fraction."""
+    from ktcore.weights.gguf_config import EXTRAS_KEY, config_from_metadata
+
+    reference = tiny_model(family)
+    source = open_source(write_gguf(reference, gguf_dir / f"{family}-plain.gguf"))
+    meta = {k: v for k, v in source.metadata.items() if k != EXTRAS_KEY}
+    got, want = config_from_metadata(meta, source.gguf_names(), source.path), reference.config
+    assert got.model_type == want.model_type
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "num_experts_per_tok", "n_routed_experts", "num_local_experts", "n_shared_experts",
+                "first_k_dense_replace", "routed_scaling_factor", "norm_topk_prob", "attention_bias", "use_qk_norm"):
+        if hasattr(want, key):
+            assert getattr(got, key) == getattr(want, key), key
+    assert got.rope_parameters.get("partial_rotary_factor") == want.rope_parameters.get("partial_rotary_factor")

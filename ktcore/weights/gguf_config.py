@@ -56,6 +56,13 @@ _PER_MODEL_TYPE_KEYS = {
     },
 }
 _PER_MODEL_TYPE_KEYS["deepseek_v3"] = _PER_MODEL_TYPE_KEYS["deepseek_v2"]
+_PER_MODEL_TYPE_KEYS["glm4_moe"] = {
+    **{k: v for k, v in _PER_MODEL_TYPE_KEYS["deepseek_v2"].items() if not k.startswith(("attention.", "rope."))},
+    "attention.key_length": "head_dim",
+    "nextn_predict_layers": "num_nextn_predict_layers",
+}
+_PER_MODEL_TYPE_KEYS["minimax_m2"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
+                                      "expert_feed_forward_length": "intermediate_size"}
 
 # Transformers defaults llama.cpp assumes for these families
 _DEFAULTS = {
@@ -153,6 +160,8 @@ def config_dict_from_metadata(meta: dict, tensor_names, path: str) -> dict:
         cfg["shared_expert_intermediate_size"] = 0
     if model_type in ("qwen2", "qwen2_moe"):
         cfg.setdefault("qkv_bias", any(n.endswith("attn_q.bias") for n in tensor_names))
+    if model_type in _FAMILY_FIXUPS:
+        _FAMILY_FIXUPS[model_type](cfg, meta, arch, tensor_names)
 
     extras = meta.get(EXTRAS_KEY)
     if extras:
@@ -194,6 +203,32 @@ def _gemma3(cfg: dict, meta: dict, arch: str, rope: dict) -> None:
         cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
     local = {"rope_type": "default", "rope_theta": float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))}
     cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+
+
+def _partial_rotary(cfg: dict, meta: dict, arch: str) -> None:
+    """llama.cpp writes the rotated dims as ``rope.dimension_count``; Transformers wants the fraction."""
+    rot = meta.get(f"{arch}.rope.dimension_count")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if rot and int(rot) != head_dim:
+        cfg["rope_parameters"]["partial_rotary_factor"] = int(rot) / head_dim
+
+
+def _glm4_moe(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    names = set(tensor_names)
+    # block_count counts the multi-token-prediction layers llama.cpp appends; Transformers builds none
+    nextn = int(cfg.get("num_nextn_predict_layers") or 0)
+    cfg["num_hidden_layers"] -= nextn
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+    cfg["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names
+    _partial_rotary(cfg, meta, arch)
+
+
+def _minimax_m2(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    _partial_rotary(cfg, meta, arch)
+
+
+# model_type -> what its config needs beyond the key tables
+_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2}
 
 
 def config_from_metadata(meta: dict, tensor_names, path: str):

@@ -170,6 +170,8 @@ def _write_metadata(writer, config, arch: str, name: str) -> None:
         writer.add_key_length(c.qk_nope_head_dim + c.qk_rope_head_dim)
         writer.add_value_length(c.v_head_dim)
         writer.add_rope_dimension_count(c.qk_rope_head_dim)
+    if mt in _FAMILY_METADATA:
+        _FAMILY_METADATA[mt](writer, c, head_dim)
     if mt == "gemma3_text":
         writer.add_sliding_window(c.sliding_window)
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
@@ -177,6 +179,36 @@ def _write_metadata(writer, config, arch: str, name: str) -> None:
         writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
     extras = {k: v for k, v in c.to_dict().items() if k in _EXTRA_FIELDS and v is not None}
     writer.add_string(EXTRAS_KEY, json.dumps(extras, sort_keys=True))
+
+
+def _rotary_dims(c, head_dim: int) -> int:
+    return int(head_dim * _rope(c).get("partial_rotary_factor", 1.0))
+
+
+def _glm4_moe_metadata(writer, c, head_dim: int) -> None:
+    writer.add_leading_dense_block_count(c.first_k_dense_replace)
+    writer.add_expert_shared_count(c.n_shared_experts)
+    writer.add_expert_weights_scale(float(c.routed_scaling_factor))
+    writer.add_expert_weights_norm(bool(c.norm_topk_prob))
+    writer.add_expert_gating_func(_gating("sigmoid"))
+    writer.add_expert_group_count(c.n_group)
+    writer.add_expert_group_used_count(c.topk_group)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+    writer.add_nextn_predict_layers(int(c.num_nextn_predict_layers or 0))
+
+
+def _minimax_m2_metadata(writer, c, head_dim: int) -> None:
+    writer.add_expert_feed_forward_length(c.intermediate_size)
+    writer.add_expert_gating_func(_gating("sigmoid"))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+
+
+# model_type -> the keys llama.cpp's converter writes for it beyond the common ones
+_FAMILY_METADATA = {"glm4_moe": _glm4_moe_metadata, "minimax_m2": _minimax_m2_metadata}
 
 
 def _gating(name: str):

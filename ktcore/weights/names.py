@@ -22,6 +22,9 @@ ARCH_TO_MODEL_TYPE = {
     "qwen3moe": "qwen3_moe",
     "deepseek2": "deepseek_v2",  # "deepseek_v3" with sigmoid gating
     "gemma3": "gemma3_text",
+    "glm4moe": "glm4_moe",
+    "minimax-m2": "minimax_m2",
+    "gpt-oss": "gpt_oss",
 }
 MODEL_TYPE_TO_ARCH = {
     "llama": "llama",
@@ -35,6 +38,9 @@ MODEL_TYPE_TO_ARCH = {
     "deepseek_v3": "deepseek2",
     "gemma3_text": "gemma3",
     "gemma3": "gemma3",
+    "glm4_moe": "glm4moe",
+    "minimax_m2": "minimax-m2",
+    "gpt_oss": "gpt-oss",
 }
 
 # llama.cpp's converter permutes q/k rows of these architectures (rotary halves interleaved)
