@@ -291,13 +291,18 @@ class KExperts(KModule):
         self._stream_ok: dict[tuple, bool] = {}
 
     def weight_names(self) -> list[str]:
-        return ["gate_proj", "up_proj", "down_proj"]
+        names = ["gate_proj", "up_proj", "down_proj"]
+        if self.original._parameters.get("gate_up_proj_bias") is not None:  # GPT-OSS
+            names += ["gate_proj_bias", "up_proj_bias", "down_proj_bias"]
+        return names
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         params = self.original._parameters
         shapes = {}
-        if params.get("gate_up_proj") is not None:  # Transformers' fused [E, 2*I, H]
+        if params.get("gate_up_proj") is not None:  # Transformers' fused [E, 2*I, H] (GPT-OSS: [E, H, 2*I])
             experts, rows, hidden = params["gate_up_proj"].shape
+            if getattr(self.original, "is_transposed", False):
+                rows, hidden = hidden, rows
             shapes["gate_proj"] = shapes["up_proj"] = (experts, rows // 2, hidden)
         if params.get("down_proj") is not None:
             shapes["down_proj"] = tuple(params["down_proj"].shape)

@@ -30,7 +30,7 @@ from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
-NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "minimax_m2")
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2")
 
 # The model_type each family's config carries (the key of the shipped rule files).
 MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text"}
@@ -205,6 +205,13 @@ def _new_family_config(family: str) -> PreTrainedConfig:
             first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
             use_qk_norm=False, num_nextn_predict_layers=0,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
+        )
+    if family == "gpt_oss":  # attention sinks, a window on every other layer, biased experts with clamped SwiGLU
+        return AutoConfig.for_model(
+            "gpt_oss", **(dense | {"intermediate_size": 256}), head_dim=HEAD_DIM, num_local_experts=8,
+            num_experts_per_tok=2, attention_bias=True, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=dict(YARN_ROPE, rope_theta=150_000.0, truncate=False, mscale=None, mscale_all_dim=None),
         )
     if family == "minimax_m2":  # q/k norms over the whole projection, partial rotary, sigmoid routing with a bias
         return AutoConfig.for_model(

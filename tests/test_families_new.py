@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 
 FP32_REL_TOL = 1e-4
 MOE = {"glm4_moe", "minimax_m2", "gpt_oss"}
-BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KAttentionSDPA", "KRoPETorch"}
+BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KRoPETorch"}
 GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
 
 
@@ -172,3 +172,24 @@ def test_config_from_plain_metadata_without_ktcore_extras(family, gguf_dir):
         if hasattr(want, key):
             assert getattr(got, key) == getattr(want, key), key
     assert got.rope_parameters.get("partial_rotary_factor") == want.rope_parameters.get("partial_rotary_factor")
+
+
+def test_gpt_oss_mxfp4_experts_stay_quantized_and_match(gguf_dir, registry):
+    """GPT-OSS as its GGUFs ship: MXFP4 routed experts (gguf-py's quantizer), Q8_0 elsewhere. The experts op
+    reads them as stored (MXFP4, llama.cpp's [E, out, in]); the model equals Transformers on the weights
+    gguf-py dequantizes from the same file."""
+    from ktcore.weights.gguf_writer import write_dequantized_copy
+
+    path = write_gguf(tiny_model("gpt_oss"), gguf_dir / "gpt_oss-mxfp4.gguf", qtypes={r"_exps\.weight": "MXFP4", "default": "Q8_0"})
+    source = open_source(path)
+    gate = source.get("model.layers.1.mlp.experts.gate_proj")
+    assert gate.ggml_type == "MXFP4" and gate.shape == (8, 256, 256)
+    assert source.gguf_tensor("blk.1.ffn_down_exps.weight").ggml_type == "MXFP4"
+    assert source.gguf_tensor("blk.1.ffn_down_exps.bias").ggml_type == "F32"
+    reference = tiny_model("gpt_oss")
+    plain = open_source(write_dequantized_copy(path, gguf_dir / "gpt_oss-mxfp4-f32.gguf"))
+    reference.load_state_dict({n: plain.get(n).dequantize() for n in reference.state_dict()})
+    model, _ = load_model(path, rules=rule_file("gpt_oss"), dtype=torch.float32, registry=registry, progress=False)
+    ids = prompt(5)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)

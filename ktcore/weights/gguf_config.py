@@ -61,6 +61,9 @@ _PER_MODEL_TYPE_KEYS["glm4_moe"] = {
     "attention.key_length": "head_dim",
     "nextn_predict_layers": "num_nextn_predict_layers",
 }
+_PER_MODEL_TYPE_KEYS["gpt_oss"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
+                                   "expert_feed_forward_length": "intermediate_size",
+                                   "attention.sliding_window": "sliding_window"}
 _PER_MODEL_TYPE_KEYS["minimax_m2"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
                                       "expert_feed_forward_length": "intermediate_size"}
 
@@ -227,8 +230,16 @@ def _minimax_m2(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
     _partial_rotary(cfg, meta, arch)
 
 
+def _gpt_oss(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    # llama.cpp's GPT-OSS: even layers slide, odd layers attend fully; YaRN without truncation
+    cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])]
+    if cfg["rope_parameters"].get("rope_type") == "yarn":
+        cfg["rope_parameters"]["truncate"] = False
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in set(tensor_names)
+
+
 # model_type -> what its config needs beyond the key tables
-_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2}
+_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss}
 
 
 def config_from_metadata(meta: dict, tensor_names, path: str):

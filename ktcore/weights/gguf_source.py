@@ -222,6 +222,12 @@ class GGUFSource:
             qt = _concat_dim1(name, parts, ref.shape)
         elif found.kind == "kv_b":
             qt = self._kv_b(name, parts, ref.shape)
+        elif found.kind in _INTERLEAVED_LAYOUTS:
+            values = _INTERLEAVED_LAYOUTS[found.kind]([p.dequantize(torch.float32) for p in parts])
+            if tuple(values.shape) != tuple(ref.shape):
+                raise WeightError(f"{parts[0].source}: {name!r} from {[p.name for p in parts]} has shape "
+                                  f"{tuple(values.shape)}, needs {tuple(ref.shape)}")
+            qt = _f32_tensor(name, values, parts[0].source)
         else:
             qt = parts[0]
             if qt.shape != ref.shape:
@@ -323,6 +329,20 @@ def _squeezed(shape) -> tuple[int, ...]:
 def _f32_tensor(name: str, values: torch.Tensor, source: str) -> QuantizedTensor:
     values = values.to(torch.float32).contiguous()
     return QuantizedTensor(name, "F32", tuple(values.shape), values.view(torch.uint8).reshape(-1), source)
+
+
+def _interleave_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([a, b], dim=-1).flatten(-2)
+
+
+# GPT-OSS experts in Transformers' layout, from llama.cpp's [E, out, in] tensors (values, so F32: a
+# transpose or an interleave of quantized rows is not a whole-block operation). Experts ops read the
+# split names, which stay quantized.
+_INTERLEAVED_LAYOUTS = {
+    "interleave_t": lambda parts: _interleave_last(parts[0].transpose(1, 2), parts[1].transpose(1, 2)),
+    "interleave": lambda parts: _interleave_last(parts[0], parts[1]),
+    "transpose": lambda parts: parts[0].transpose(1, 2).contiguous(),
+}
 
 
 def _concat_dim1(name: str, parts: list[QuantizedTensor], shape) -> QuantizedTensor:

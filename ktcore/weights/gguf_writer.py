@@ -51,7 +51,7 @@ def pick_qtype(gguf_name: str, shape: tuple[int, ...], qtypes: str | Mapping[str
     else:
         wanted = next((t for pat, t in qtypes.items() if pat != "default" and re.search(pat, gguf_name)), None)
         wanted = wanted or qtypes.get("default", "F32")
-    if len(shape) == 1 or ".ffn_gate_inp" in gguf_name or "exp_probs_b" in gguf_name:
+    if len(shape) == 1 or ".ffn_gate_inp" in gguf_name or "exp_probs_b" in gguf_name or gguf_name.endswith(".bias"):
         return "F32" if wanted != "F16" or len(shape) == 1 else wanted
     if shape[-1] % GGML_TYPES[wanted].block_size:
         return "F32" if wanted == "F32" else "F16"
@@ -207,8 +207,15 @@ def _minimax_m2_metadata(writer, c, head_dim: int) -> None:
     writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
 
 
+def _gpt_oss_metadata(writer, c, head_dim: int) -> None:
+    writer.add_expert_feed_forward_length(c.intermediate_size)
+    writer.add_sliding_window(c.sliding_window)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+
+
 # model_type -> the keys llama.cpp's converter writes for it beyond the common ones
-_FAMILY_METADATA = {"glm4_moe": _glm4_moe_metadata, "minimax_m2": _minimax_m2_metadata}
+_FAMILY_METADATA = {"glm4_moe": _glm4_moe_metadata, "minimax_m2": _minimax_m2_metadata, "gpt_oss": _gpt_oss_metadata}
 
 
 def _gating(name: str):
@@ -238,6 +245,14 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
             half = t.shape[1] // 2
             out += [(ref.gguf[0], t[:, :half]), (ref.gguf[1], t[:, half:])]
             continue
+        if ref.kind in ("interleave_t", "interleave"):  # GPT-OSS: [E, H, 2I] -> [E, I, H] gate and up
+            gate, up = t[..., 0::2], t[..., 1::2]
+            if ref.kind == "interleave_t":
+                gate, up = gate.transpose(1, 2), up.transpose(1, 2)
+            out += [(ref.gguf[0], gate.contiguous()), (ref.gguf[1], up.contiguous())]
+            continue
+        if ref.kind == "transpose":
+            t = t.transpose(1, 2).contiguous()
         name = ref.gguf[0]
         if name == "output.weight" and getattr(config, "tie_word_embeddings", False):
             continue

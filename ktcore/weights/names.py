@@ -49,6 +49,10 @@ PERMUTED_QK_ARCHS = frozenset({"llama"})
 NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
 
 EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
+# model types whose fused experts are Transformers-transposed (``gate_up_proj [E, H, 2I]``, gate and up
+# interleaved along the last dim, ``down_proj [E, I, H]``) and carry biases: GPT-OSS
+INTERLEAVED_EXPERTS_MODEL_TYPES = frozenset({"gpt_oss"})
+_GPT_OSS_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 _EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|gate_proj|up_proj|down_proj)$")
 
 
@@ -57,7 +61,9 @@ class TensorRef:
     """How one Transformers tensor is read from GGUF tensors.
 
     ``kind``: ``direct`` (one tensor), ``concat`` (the ``gguf`` tensors joined along dim 1, e.g.
-    gate_up_proj) or ``kv_b`` (DeepSeek's kv_b_proj rebuilt from split ``attn_k_b``/``attn_v_b``).
+    gate_up_proj), ``kv_b`` (DeepSeek's kv_b_proj rebuilt from split ``attn_k_b``/``attn_v_b``), or GPT-OSS's
+    experts: ``interleave_t`` (gate_up_proj ``[E, H, 2I]`` from ``[E, I, H]`` gate and up), ``interleave``
+    (their biases) and ``transpose`` (down_proj ``[E, I, H]`` from ``[E, H, I]``).
     ``transform``: ``permute_q``/``permute_k`` (undo llama.cpp's rotary row order), ``minus_one`` (Gemma
     norms) or ``""``.
     """
@@ -84,6 +90,9 @@ def _gguf_base_name(name_map: gguf.TensorNameMap, hf_name: str) -> tuple[str | N
         m = re.search(r"layers\.(\d+)\.", hf_name)
         return (f"blk.{m.group(1)}.exp_probs_b" if m else None), ".bias"
     base, dot, suffix = hf_name.rpartition(".")
+    if suffix == "sinks":  # GPT-OSS: llama.cpp writes blk.N.attn_sinks.weight
+        name = name_map.get_name(hf_name)
+        return name, (".weight" if name else "")
     if suffix in ("weight", "bias"):
         return name_map.get_name(base), "." + suffix
     return name_map.get_name(hf_name), ""
@@ -97,7 +106,12 @@ def build_name_map(arch: str, config, hf_shapes: dict[str, tuple[int, ...]]) -> 
     """
     name_map = gguf.get_tensor_name_map(_arch_enum(arch), config.num_hidden_layers)
     refs: dict[str, TensorRef] = {}
+    interleaved = getattr(config, "model_type", "") in INTERLEAVED_EXPERTS_MODEL_TYPES
     for hf_name, shape in hf_shapes.items():
+        m = _GPT_OSS_EXPERTS_RE.match(hf_name) if interleaved else None
+        if m:
+            refs.update(_interleaved_expert_refs(hf_name, shape, m))
+            continue
         m = _EXPERTS_RE.match(hf_name)
         if m:
             bid, part, prefix = m["bid"], m["part"], m["prefix"]
@@ -129,6 +143,22 @@ def build_name_map(arch: str, config, hf_shapes: dict[str, tuple[int, ...]]) -> 
             alternatives = (TensorRef(hf_name, (f"{blk}.attn_k_b.weight", f"{blk}.attn_v_b.weight"), shape, "kv_b"),)
         refs[hf_name] = TensorRef(hf_name, (gguf_name,), shape, "direct", transform, alternatives)
     return refs
+
+
+def _interleaved_expert_refs(hf_name: str, shape: tuple[int, ...], m: re.Match) -> dict[str, TensorRef]:
+    """GPT-OSS experts: llama.cpp stores gate, up and down as ``[E, out, in]`` (biases ``[E, out]``); the
+    split names ``<p>.gate_proj``/``up_proj`` (and ``*_bias``) read them as stored."""
+    blk, prefix, suffix = f"blk.{m['bid']}", m["prefix"], ".bias" if m["bias"] else ".weight"
+    bias = m["bias"] or ""
+    if m["part"] == "down_proj":
+        return {hf_name: TensorRef(hf_name, (f"{blk}.ffn_down_exps{suffix}",), shape, "transpose" if not bias else "direct")}
+    gate, up = f"{blk}.ffn_gate_exps{suffix}", f"{blk}.ffn_up_exps{suffix}"
+    half = (shape[0], shape[-1] // 2) if bias else (shape[0], shape[2] // 2, shape[1])
+    return {
+        hf_name: TensorRef(hf_name, (gate, up), shape, "interleave" if bias else "interleave_t"),
+        f"{prefix}.gate_proj{bias}": TensorRef(f"{prefix}.gate_proj{bias}", (gate,), half),
+        f"{prefix}.up_proj{bias}": TensorRef(f"{prefix}.up_proj{bias}", (up,), half),
+    }
 
 
 def qk_row_permutation(rows: int, n_head: int) -> list[int]:
