@@ -30,10 +30,10 @@ from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
-NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2")
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "kimi_k2")
 
 # The model_type each family's config carries (the key of the shipped rule files).
-MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text"}
+MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text", "kimi_k2": "deepseek_v3"}
 
 VOCAB = 512
 HIDDEN = 256
@@ -219,6 +219,11 @@ def _new_family_config(family: str) -> PreTrainedConfig:
             num_experts_per_tok=2,
             rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
         )
+    if family == "kimi_k2":  # Kimi-K2: DeepSeek-V3 at 384 routed experts, 8 active, one group, no q/k rope interleave change
+        config = tiny_config("deepseek_v3")
+        config.update(dict(n_routed_experts=384, num_experts_per_tok=8, n_group=1, topk_group=1,
+                           routed_scaling_factor=2.827, moe_intermediate_size=32, num_hidden_layers=2))
+        return config
     raise ValueError(family)
 
 

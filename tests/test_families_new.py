@@ -24,8 +24,8 @@ from ktcore.weights.state_dict import StateDictSource
 torch.set_num_threads(2)
 
 FP32_REL_TOL = 1e-4
-MOE = {"glm4_moe", "minimax_m2", "gpt_oss"}
-BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KRoPETorch"}
+MOE = {"glm4_moe", "minimax_m2", "gpt_oss", "kimi_k2"}
+BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KAttentionMLA", "KRoPETorch"}
 GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
 
 
@@ -67,7 +67,8 @@ def test_tiny_model_is_informative(family):
     model = tiny_model(family)
     assert model.config.model_type == MODEL_TYPES[family]
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and m.out_features > 1:
+        # kimi_k2's 384 experts (and its shared expert) are 32 wide to stay small: F32 and 32-blocks only
+        if isinstance(m, nn.Linear) and m.out_features > 1 and family != "kimi_k2":
             assert m.in_features % 256 == 0, name
     with torch.no_grad():
         logits = model(prompt()).logits[0]
@@ -193,3 +194,31 @@ def test_gpt_oss_mxfp4_experts_stay_quantized_and_match(gguf_dir, registry):
     ids = prompt(5)
     assert_same_logits(model, reference, ids)
     assert_same_greedy(model, reference, ids)
+
+
+def test_kimi_k2_config_and_tokenizer_from_gguf_metadata(gguf_dir):
+    """A Kimi-K2 file as llama.cpp writes it (deepseek2 arch, 384 experts, ``tokenizer.ggml.pre = kimi-k2``, its
+    BPE as tokens + merges): config and tokenizer come from the metadata alone. The pre-tokenizer split of
+    ``kimi-k2`` is not applied (Transformers' GGUF converter uses GPT-2's byte-level split for every BPE)."""
+    import gguf
+
+    written = gguf.GGUFReader(write_gguf(tiny_model("kimi_k2"), gguf_dir / "kimi-written.gguf", qtypes="F16"))
+    path = gguf_dir / "kimi.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    for key, field in written.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.ggml.pre"):
+            continue
+        kind = field.types[0]
+        w.add_key_value(key, field.contents(), kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    w.add_tokenizer_pre("kimi-k2")
+    for t in written.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    source = open_source(path)
+    config = source.config()
+    assert config.model_type == "deepseek_v3" and config.n_routed_experts == 384 and config.num_experts_per_tok == 8
+    tok = source.tokenizer()
+    text = "the quick brown fox, 12345"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < len(text)  # merges applied
+    assert tok.convert_ids_to_tokens(ids[0]) == "the"
