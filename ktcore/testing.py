@@ -30,7 +30,7 @@ from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
-NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "kimi_k2")
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "kimi_k2", "deepseek_v32")
 
 # The model_type each family's config carries (the key of the shipped rule files).
 MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text", "kimi_k2": "deepseek_v3"}
@@ -224,7 +224,21 @@ def _new_family_config(family: str) -> PreTrainedConfig:
         config.update(dict(n_routed_experts=384, num_experts_per_tok=8, n_group=1, topk_group=1,
                            routed_scaling_factor=2.827, moe_intermediate_size=32, num_hidden_layers=2))
         return config
+    if family == "deepseek_v32":  # DeepSeek-V3.2: V3's MLA plus the sparse-attention indexer (top 32 keys here)
+        from transformers import AutoConfig
+
+        v3 = {k: v for k, v in tiny_config("deepseek_v3").to_dict().items() if k in _V3_FIELDS}
+        return AutoConfig.for_model("deepseek_v32", **v3, index_topk=32, index_head_dim=64, index_n_heads=4)
     raise ValueError(family)
+
+
+_V3_FIELDS = (
+    "vocab_size", "hidden_size", "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+    "eos_token_id", "pad_token_id", "tie_word_embeddings", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_key_value_heads", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "n_group",
+    "topk_group", "norm_topk_prob", "routed_scaling_factor", "rope_parameters",
+)
 
 
 def _fill_(name: str, tensor: torch.Tensor, generator: torch.Generator, zero_centered_norms: bool, tied: bool) -> None:

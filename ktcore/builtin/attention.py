@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import Op
+from ..ops import Op, stream_capturing
 from ._common import TORCH_DEVICES, causal_mask, module_dtype, parse_dtype
 
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, keys and values are repeated
@@ -226,7 +226,9 @@ class KAttentionMLA(Op):
         self.v_head_dim = module.v_head_dim
         self.qk_head_dim = module.qk_head_dim
         self.scaling = float(module.scaling)
-        self.rope_interleave = bool(getattr(config, "rope_interleave", False))
+        # DeepSeek-V3.2 (a sparse-attention indexer) always rotates interleaved pairs
+        self.index_topk = int(config.index_topk) if getattr(module, "indexer", None) is not None else None
+        self.rope_interleave = bool(getattr(config, "rope_interleave", False)) or self.index_topk is not None
         self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
         self.query_chunk = int(query_chunk)
         self.register_buffer("w_k", None, persistent=False)  # [H, nope, r]
@@ -282,9 +284,28 @@ class KAttentionMLA(Op):
             latent, k_pe, mask = _without_mask(latent, k_pe, q_len)
         elif mask.shape[-1] != latent.shape[-2]:
             mask = mask[..., : latent.shape[-2]]
+        if self.index_topk is not None and not stream_capturing(latent):
+            self._check_dense_equals_sparse(latent, mask)
 
         out = self._attend(q_nope, q_pe, latent, k_pe, mask)
         return attn.o_proj(out.to(hidden_states.dtype)), None
+
+    def _check_dense_equals_sparse(self, latent, mask) -> None:
+        """DeepSeek-V3.2's indexer keeps each query's top ``index_topk`` keys; while a query sees at most that
+        many, it keeps them all and the sparse attention is this dense one. Beyond, the indexer would have to
+        run (and its key cache be kept from the first token), which this op does not do."""
+        if mask is None:
+            visible = latent.shape[-2]
+        elif mask.dtype == torch.bool:
+            visible = int(mask.sum(-1).max())
+        else:
+            visible = int((mask > torch.finfo(mask.dtype).min / 2).sum(-1).max())
+        if visible > self.index_topk:
+            raise NotImplementedError(
+                f"{self.name}: layer {self.layer_idx} is DeepSeek-V3.2 sparse attention; a query sees {visible} keys, "
+                f"more than index_topk={self.index_topk}, and the indexer that picks them is not implemented here "
+                f"(up to index_topk keys the sparse attention equals the dense one this op computes)"
+            )
 
     def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """The heads' outputs ``[B, S, H * v_head_dim]`` (in ``self.dtype``) of queries ``q_nope``
