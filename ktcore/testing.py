@@ -30,7 +30,7 @@ from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
-NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "kimi_k2", "deepseek_v32")
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "qwen3_next", "kimi_k2", "deepseek_v32")
 
 # The model_type each family's config carries (the key of the shipped rule files).
 MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text", "kimi_k2": "deepseek_v3"}
@@ -224,6 +224,14 @@ def _new_family_config(family: str) -> PreTrainedConfig:
         config.update(dict(n_routed_experts=384, num_experts_per_tok=8, n_group=1, topk_group=1,
                            routed_scaling_factor=2.827, moe_intermediate_size=32, num_hidden_layers=2))
         return config
+    if family == "qwen3_next":  # a gated-delta-net (linear attention) layer, then a gated full-attention layer
+        return AutoConfig.for_model(
+            "qwen3_next", **dense, head_dim=HEAD_DIM, layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+        )
     if family == "deepseek_v32":  # DeepSeek-V3.2: V3's MLA plus the sparse-attention indexer (top 32 keys here)
         from transformers import AutoConfig
 
