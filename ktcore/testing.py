@@ -337,3 +337,49 @@ def experts_loop_reference(weights, act, x: torch.Tensor, top_k_index: torch.Ten
                 h = act(gate[e] @ x[t]) * (up[e] @ x[t])
                 out[t] += top_k_weights[t, k] * (down[e] @ h)
     return out
+
+
+# The published widths of the models each new family stands for (config.json of the Hugging Face repos), on
+# top of the family's tiny config: for synthetic GGUFs at real widths (``gguf_writer --family``), benches only.
+_LONG_ROPE = dict(max_position_embeddings=131072)
+REAL_WIDTHS = {
+    "qwen2": dict(vocab_size=152064, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,  # Qwen2.5-7B
+                  intermediate_size=18944, num_hidden_layers=28, max_position_embeddings=32768),
+    "mistral": dict(vocab_size=32768, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,  # Mistral-7B v0.3
+                    head_dim=128, intermediate_size=14336, num_hidden_layers=32, max_position_embeddings=32768),
+    "glm4_moe": dict(vocab_size=151552, hidden_size=4096, num_attention_heads=96, num_key_value_heads=8,  # GLM-4.5-Air
+                     head_dim=128, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=128,
+                     num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+                     num_hidden_layers=46, **_LONG_ROPE),
+    "gpt_oss": dict(vocab_size=201088, hidden_size=2880, num_attention_heads=64, num_key_value_heads=8,  # gpt-oss-120b
+                    head_dim=64, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4,
+                    num_hidden_layers=36, sliding_window=128, **_LONG_ROPE,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=4096)),
+    "minimax_m2": dict(vocab_size=200064, hidden_size=3072, num_attention_heads=48, num_key_value_heads=8,  # MiniMax-M2
+                       head_dim=128, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
+                       num_hidden_layers=62, max_position_embeddings=196608),
+    "kimi_k2": dict(vocab_size=163840, hidden_size=7168, num_attention_heads=64, num_key_value_heads=64,  # Kimi-K2
+                    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,
+                    n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=61, **_LONG_ROPE,
+                    rope_parameters=dict(YARN_ROPE, rope_theta=50000.0, factor=32.0, beta_fast=1.0,
+                                         original_max_position_embeddings=4096)),
+}
+
+
+def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfig:
+    """``family``'s config at its real model's widths (``REAL_WIDTHS``), with ``layers`` decoder layers if given."""
+    if family not in REAL_WIDTHS:
+        raise ValueError(f"no real widths for {family!r}; known: {', '.join(REAL_WIDTHS)}")
+    config = tiny_config(family)
+    config.update(REAL_WIDTHS[family])
+    if family in ("qwen2",):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if layers is not None:
+        config.num_hidden_layers = int(layers)
+        if hasattr(config, "first_k_dense_replace"):
+            config.first_k_dense_replace = min(config.first_k_dense_replace, max(int(layers) - 1, 0))
+    if getattr(config, "layer_types", None) is not None:  # GPT-OSS: even layers slide
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+    return config

@@ -238,3 +238,21 @@ def test_deepseek_v32_beyond_index_topk_is_a_clear_error(registry):
                           registry=registry, progress=False)
     with torch.no_grad(), pytest.raises(NotImplementedError, match=r"sees 40 keys, more than index_topk=32"):
         model(prompt(6, 40))
+
+
+@pytest.mark.parametrize("family,experts_type", [("glm4_moe", "IQ2_XXS"), ("gpt_oss", "MXFP4"), ("kimi_k2", "TQ2_0")])
+def test_synthetic_family_gguf_loads_and_runs(family, experts_type, gguf_dir, registry):
+    """The streamed random-weights writer (what ``gguf_writer --family`` writes at real widths for the GPU
+    benches) makes files the loader takes: here at the tiny widths, through the cpu rule file."""
+    from ktcore.testing import real_width_config
+    from ktcore.weights.gguf_writer import write_synthetic_family_gguf
+
+    assert real_width_config(family, layers=3).num_hidden_layers == 3
+    path = write_synthetic_family_gguf(gguf_dir / f"{family}-synthetic.gguf", tiny_config(family),
+                                       {r"_exps\.": experts_type, "default": "Q8_0"})
+    source = open_source(path)
+    assert source.missing() == []
+    assert source.gguf_tensor("blk.1.ffn_up_exps.weight").ggml_type == experts_type
+    model, _ = load_model(path, rules=rule_file(family), dtype=torch.float32, registry=registry, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(prompt(7)).logits).all()

@@ -231,7 +231,8 @@ def _rope_scaling_type(name: str):
 
 
 def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, float32 tensor in torch order) for every tensor llama.cpp's converter would write."""
+    """(GGUF name, float32 tensor in torch order) for every tensor llama.cpp's converter would write (of a
+    model on the meta device: the names and shapes alone)."""
     config = model.config
     state = {n: t for n, t in model.state_dict().items()}
     refs = build_name_map(arch, config, {n: tuple(t.shape) for n, t in state.items()})
@@ -240,7 +241,8 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
         ref = refs.get(hf_name)
         if ref is None:
             raise ValueError(f"write_gguf: no GGUF name for {hf_name!r} ({arch})")
-        t = tensor.detach().to(torch.float32).cpu()
+        t = tensor.detach().to(torch.float32)
+        t = t if t.is_meta else t.cpu()
         if ref.kind == "concat":  # gate_up_proj -> ffn_gate_exps, ffn_up_exps
             half = t.shape[1] // 2
             out += [(ref.gguf[0], t[:, :half]), (ref.gguf[1], t[:, half:])]
@@ -416,19 +418,52 @@ def write_synthetic_moe_gguf(
         writer.add_rope_dimension_count(qk_rope)
         tok_config = type("C", (), {"vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
         _write_tokenizer(writer, tok_config)
-        for gguf_name, shape, t in tensors:
-            info = GGML_TYPES[t]
-            n = int(np.prod(shape))
-            nbytes = info.nbytes(n)
-            byte_shape = (*shape[:-1], shape[-1] // info.block_size * info.type_size)
-            writer.add_tensor_info(gguf_name, byte_shape if info.block_size > 1 else shape,
-                                   np.dtype(np.uint8) if info.block_size > 1 else np.dtype(np.float32 if t == "F32" else np.float16),
-                                   nbytes, raw_dtype=_ggml(t) if info.block_size > 1 else None)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for gguf_name, shape, t in tensors:
-            writer.write_tensor_data(_random_tensor(rng, shape, t))
+        _write_random_tensors(writer, tensors, rng)
+    finally:
+        writer.close()
+    return str(path)
+
+
+def _write_random_tensors(writer, tensors: list[tuple[str, tuple[int, ...], str]], rng: np.random.Generator) -> None:
+    """Header, metadata and random tensors ``(GGUF name, shape, type)``, streamed one tensor at a time."""
+    for gguf_name, shape, t in tensors:
+        info = GGML_TYPES[t]
+        n = int(np.prod(shape))
+        nbytes = info.nbytes(n)
+        byte_shape = (*shape[:-1], shape[-1] // info.block_size * info.type_size)
+        writer.add_tensor_info(gguf_name, byte_shape if info.block_size > 1 else shape,
+                               np.dtype(np.uint8) if info.block_size > 1 else np.dtype(np.float32 if t == "F32" else np.float16),
+                               nbytes, raw_dtype=_ggml(t) if info.block_size > 1 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for gguf_name, shape, t in tensors:
+        writer.write_tensor_data(_random_tensor(rng, shape, t))
+
+
+def write_synthetic_family_gguf(path: str | os.PathLike, config, qtypes: str | Mapping[str, str] = "Q4_K",
+                                seed: int = 0) -> str:
+    """A model of ``config`` (any family ``write_gguf`` writes; real widths, as few layers as the config says)
+    written straight to GGUF with random valid blocks, one tensor at a time (never built in memory): for
+    speed and memory measurements at a real model's widths. ``qtypes`` as for ``write_gguf``."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    arch = MODEL_TYPE_TO_ARCH[config.model_type]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = []
+    for gguf_name, t in _gguf_tensors(model, arch):
+        shape = tuple(t.shape)
+        qtype = pick_qtype(gguf_name, shape, qtypes)
+        if qtype == "F16" and len(shape) > 1:  # a row the asked type's blocks do not divide (as llama.cpp falls back)
+            qtype = _row_type("Q8_0", shape[-1]) if shape[-1] % 32 == 0 else "F16"
+        tensors.append((gguf_name, shape, qtype))
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        _write_metadata(writer, config, arch, f"ktcore-synthetic-{config.model_type}")
+        _write_tokenizer(writer, config)
+        _write_random_tensors(writer, tensors, np.random.default_rng(seed))
     finally:
         writer.close()
     return str(path)
@@ -490,9 +525,19 @@ def main(argv=None) -> int:
     parser.add_argument("--dense-qtype", default="Q8_0")
     parser.add_argument("--experts", type=int, default=64)
     parser.add_argument("--experts-used", type=int, default=6)
+    parser.add_argument("--family", default=None,
+                        help="write this family at its real widths instead (ktcore.testing.REAL_WIDTHS: "
+                             "glm4_moe, gpt_oss, minimax_m2, kimi_k2, qwen2, mistral, ...); --layers, --qtype and "
+                             "--dense-qtype apply, --experts/--experts-used do not")
     args = parser.parse_args(argv)
-    path = write_synthetic_moe_gguf(args.path, layers=args.layers, qtype=args.qtype, dense_qtype=args.dense_qtype,
-                                    experts=args.experts, experts_used=args.experts_used)
+    if args.family:
+        from ktcore.testing import real_width_config
+
+        config = real_width_config(args.family, layers=args.layers)
+        path = write_synthetic_family_gguf(args.path, config, {r"_exps\.": args.qtype, "default": args.dense_qtype})
+    else:
+        path = write_synthetic_moe_gguf(args.path, layers=args.layers, qtype=args.qtype, dense_qtype=args.dense_qtype,
+                                        experts=args.experts, experts_used=args.experts_used)
     print(f"{path}: {os.path.getsize(path) / 2**20:.0f} MiB")
     return 0
 
