@@ -99,18 +99,10 @@ def test_family_fp32_logits_and_greedy_decode_match(family, registry):
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_family_chunked_prefill_with_ktcore_cache(family, registry):
-    from ktcore.generate import forward_step, new_cache
+    """ktcore's generator cache, prefill in chunks, then single tokens (the first families' test, as is)."""
+    import test_families
 
-    reference = tiny_model(family)
-    model, _ = load_model(StateDictSource(reference), rules=rule_file(family), dtype=torch.float32,
-                          registry=registry, progress=False)
-    ids = prompt(3, 24)
-    with torch.no_grad():
-        expected = reference(ids).logits
-        cache = new_cache(model, 64)
-        spans = [(0, 10), (10, 20)] + [(t, t + 1) for t in range(20, 24)]
-        got = torch.cat([forward_step(model, ids[:, a:b], cache, logits_to_keep=0) for a, b in spans], dim=1)
-    assert (got - expected).abs().max() <= FP32_REL_TOL * expected.abs().max()
+    test_families.test_family_chunked_prefill_with_ktcore_cache_matches(family, registry)
 
 
 @pytest.mark.parametrize("layout", ["cpu", "gpu-cpu"])

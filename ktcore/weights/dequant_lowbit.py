@@ -62,6 +62,15 @@ def _nibble_scales(scales: torch.Tensor) -> torch.Tensor:
     return ((scales.reshape(n, -1, 1) >> _shifts([0, 4], scales.device, (1, 1, 2))) & 0x0F).reshape(n, -1).to(torch.int64)
 
 
+def _grid_index(low: torch.Tensor, qh: torch.Tensor, bits: int) -> torch.Tensor:
+    """Lattice indices: the bytes ``low[n, k]`` plus, as bits 8 and up, the ``bits``-wide fields of the bytes
+    ``qh[n, k * bits / 8]`` (lowest field first): int64 ``[n, k]``."""
+    n = low.shape[0]
+    fields = _shifts(range(0, 8, bits), qh.device, (1, 1, 8 // bits))
+    high = ((qh.reshape(n, -1, 1) >> fields) & ((1 << bits) - 1)).reshape(n, -1)
+    return low.to(torch.int64) | (high.to(torch.int64) << 8)
+
+
 def _ksign_lookup(words: torch.Tensor) -> torch.Tensor:
     """The four 7-bit sign indices in bits 0-27 of each uint32 of ``words[n, g]``, as signs ``[n, g, 4, 8]``."""
     idx = (words.unsqueeze(-1) >> torch.tensor([0, 7, 14, 21], device=words.device)) & 0x7F
@@ -97,9 +106,7 @@ def iq2_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0)
     db = (d * (0.5 + _nibble_scales(blocks[:, 74:82]).to(torch.float32)) * 0.25).reshape(n, 16, 1, 1)
     signs = _sign_bits(blocks[:, 34:66]).reshape(n, 16, 2, 8)
-    qh = ((blocks[:, 66:74].reshape(n, 8, 1) >> _shifts([0, 2, 4, 6], dev, (1, 1, 4))) & 3).reshape(n, 32)
-    idx = blocks[:, 2:34].to(torch.int64) | (qh.to(torch.int64) << 8)
-    points = grid("IQ2_S", str(dev))[idx].reshape(n, 16, 2, 8)
+    points = grid("IQ2_S", str(dev))[_grid_index(blocks[:, 2:34], blocks[:, 66:74], 2)].reshape(n, 16, 2, 8)
     return (db * points * signs).reshape(n, QK_K)
 
 
@@ -121,9 +128,7 @@ def iq3_s_blocks(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0)
     db = (d * (1 + 2 * _nibble_scales(blocks[:, 106:110])).to(torch.float32)).reshape(n, 8, 1, 1)
     signs = _sign_bits(blocks[:, 74:106]).reshape(n, 8, 4, 8)
-    qh = ((blocks[:, 66:74].reshape(n, 8, 1) >> _shifts(range(8), dev, (1, 1, 8))) & 1).reshape(n, 64)
-    idx = blocks[:, 2:66].to(torch.int64) | (qh.to(torch.int64) << 8)
-    points = grid("IQ3_S", str(dev))[idx].reshape(n, 8, 4, 8)
+    points = grid("IQ3_S", str(dev))[_grid_index(blocks[:, 2:66], blocks[:, 66:74], 1)].reshape(n, 8, 4, 8)
     return (db * points * signs).reshape(n, QK_K)
 
 

@@ -149,6 +149,13 @@ def _byte_sign(base, off, bit):
 
 
 @triton.jit
+def _nibble_scale(base, off, e, d):
+    """IQ2_XS/IQ2_S: ``d * (0.5 + s) * 0.25`` with ``s`` the 4-bit scale of element ``e``'s 16-value group."""
+    sc = (tl.load(base + off + e // 32) >> (((e // 16) % 2) * 4)) & 0xF
+    return d * (0.5 + sc.to(tl.float32)) * 0.25
+
+
+@triton.jit
 def _dq_iq2_xxs(raw, out, n_blocks, grid, ksigns, BB: tl.constexpr):
     blk, mask, e = _tile(tl.program_id(0), n_blocks, 66, BB, 256)
     base = raw + blk[:, None] * 66
@@ -170,8 +177,7 @@ def _dq_iq2_xs(raw, out, n_blocks, grid, ksigns, BB: tl.constexpr):
     d = _half(base, 0)
     i = e // 8
     q = tl.load(base + 2 + 2 * i).to(tl.int32) | (tl.load(base + 3 + 2 * i).to(tl.int32) << 8)
-    sc = (tl.load(base + 66 + e // 32) >> (((e // 16) % 2) * 4)) & 0xF
-    db = d * (0.5 + sc.to(tl.float32)) * 0.25
+    db = _nibble_scale(base, 66, e, d)
     g = tl.load(grid + (q & 511) * 8 + e % 8)
     w = db * g * _sign(ksigns, q >> 9, e % 8)
     _store(out, blk, e, mask, w, 256)
@@ -183,8 +189,7 @@ def _dq_iq2_s(raw, out, n_blocks, grid, BB: tl.constexpr):
     base = raw + blk[:, None] * 82
     d = _half(base, 0)
     i = e // 8
-    sc = (tl.load(base + 74 + e // 32) >> (((e // 16) % 2) * 4)) & 0xF
-    db = d * (0.5 + sc.to(tl.float32)) * 0.25
+    db = _nibble_scale(base, 74, e, d)
     qh = (tl.load(base + 66 + i // 4) >> ((i % 4) * 2)) & 3
     idx = tl.load(base + 2 + i).to(tl.int32) | (qh.to(tl.int32) << 8)
     g = tl.load(grid + idx * 8 + e % 8)
