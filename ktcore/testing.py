@@ -359,6 +359,12 @@ REAL_WIDTHS = {
     "minimax_m2": dict(vocab_size=200064, hidden_size=3072, num_attention_heads=48, num_key_value_heads=8,  # MiniMax-M2
                        head_dim=128, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
                        num_hidden_layers=62, max_position_embeddings=196608),
+    "qwen3_next": dict(vocab_size=151936, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,  # Qwen3-Next-80B-A3B
+                       head_dim=256, intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                       num_experts=512, num_experts_per_tok=10, num_hidden_layers=48, linear_key_head_dim=128,
+                       linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                       max_position_embeddings=262144,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}),
     "kimi_k2": dict(vocab_size=163840, hidden_size=7168, num_attention_heads=64, num_key_value_heads=64,  # Kimi-K2
                     q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,
@@ -380,6 +386,9 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
         config.num_hidden_layers = int(layers)
         if hasattr(config, "first_k_dense_replace"):
             config.first_k_dense_replace = min(config.first_k_dense_replace, max(int(layers) - 1, 0))
-    if getattr(config, "layer_types", None) is not None:  # GPT-OSS: even layers slide
-        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(config.num_hidden_layers)]
+    n = config.num_hidden_layers
+    if family == "gpt_oss":  # even layers slide
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if family == "qwen3_next":  # every fourth layer full attention, the rest gated delta nets
+        config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
     return config

@@ -61,6 +61,11 @@ _PER_MODEL_TYPE_KEYS["glm4_moe"] = {
     "attention.key_length": "head_dim",
     "nextn_predict_layers": "num_nextn_predict_layers",
 }
+_PER_MODEL_TYPE_KEYS["qwen3_next"] = {
+    "expert_count": "num_experts", "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    "attention.key_length": "head_dim", "ssm.conv_kernel": "linear_conv_kernel_dim", "ssm.state_size": "linear_key_head_dim",
+    "ssm.group_count": "linear_num_key_heads", "ssm.time_step_rank": "linear_num_value_heads",
+}
 _PER_MODEL_TYPE_KEYS["gpt_oss"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
                                    "expert_feed_forward_length": "intermediate_size",
                                    "attention.sliding_window": "sliding_window"}
@@ -238,8 +243,17 @@ def _gpt_oss(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
     cfg["attention_bias"] = "blk.0.attn_q.bias" in set(tensor_names)
 
 
+def _qwen3_next(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    cfg["linear_value_head_dim"] = int(meta[f"{arch}.ssm.inner_size"]) // int(cfg["linear_num_value_heads"])
+    interval = int(meta.get(f"{arch}.full_attention_interval", 4))
+    cfg["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                          for i in range(cfg["num_hidden_layers"])]
+    cfg.setdefault("norm_topk_prob", True)
+    _partial_rotary(cfg, meta, arch)
+
+
 # model_type -> what its config needs beyond the key tables
-_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss}
+_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "qwen3_next": _qwen3_next}
 
 
 def config_from_metadata(meta: dict, tensor_names, path: str):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .names import MODEL_TYPE_TO_ARCH, TensorRef, build_name_map, qk_row_permutation
+from .names import MODEL_TYPE_TO_ARCH, TensorRef, build_name_map, qk_row_permutation, qkvz_row_permutation
 from .quants import GGML_TYPES_BY_ID
 from .source import MissingTensorError, WeightError
 from .tensor import QuantizedTensor
@@ -222,6 +222,8 @@ class GGUFSource:
             qt = _concat_dim1(name, parts, ref.shape)
         elif found.kind == "kv_b":
             qt = self._kv_b(name, parts, ref.shape)
+        elif found.kind == "qkvz":
+            qt = self._qkvz(name, parts, ref.shape)
         elif found.kind in _INTERLEAVED_LAYOUTS:
             values = _INTERLEAVED_LAYOUTS[found.kind]([p.dequantize(torch.float32) for p in parts])
             if tuple(values.shape) != tuple(ref.shape):
@@ -251,7 +253,23 @@ class GGUFSource:
         if transform == "minus_one":
             values = qt.dequantize(torch.float32) - 1.0
             return _f32_tensor(name, values, qt.source)
+        if transform == "log_neg":  # Qwen3-Next's A_log, stored as -exp(A_log)
+            return _f32_tensor(name, torch.log(-qt.dequantize(torch.float32)), qt.source)
         return qt
+
+    def _qkvz(self, name: str, parts: list[QuantizedTensor], shape) -> QuantizedTensor:
+        """Qwen3-Next's ``in_proj_qkvz`` from ``attn_qkv`` + ``attn_gate``: a row permutation, of whole rows of
+        blocks (kept quantized) when both share a type."""
+        qkv, gate = parts
+        perm = torch.tensor(qkvz_row_permutation(self.config()))
+        rows = qkv.shape[0] + gate.shape[0]
+        if (rows, *qkv.shape[1:]) != tuple(shape):
+            raise WeightError(f"{qkv.source}: {name!r} from {qkv.name!r} + {gate.name!r} has {rows} rows, needs {tuple(shape)}")
+        if qkv.ggml_type == gate.ggml_type:
+            raw = torch.cat([qkv.data.reshape(qkv.shape[0], -1), gate.data.reshape(gate.shape[0], -1)])
+            return QuantizedTensor(name, qkv.ggml_type, tuple(shape), raw[perm].reshape(-1), qkv.source)
+        values = torch.cat([qkv.dequantize(torch.float32), gate.dequantize(torch.float32)])
+        return _f32_tensor(name, values[perm], qkv.source)
 
     def _kv_b(self, name: str, parts: list[QuantizedTensor], shape) -> QuantizedTensor:
         # llama.cpp split kv_b_proj [H*(nope+v), rank] into k_b [H, rank, nope] (transposed) and v_b [H, v, rank]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .gguf_config import EXTRAS_KEY
-from .names import MODEL_TYPE_TO_ARCH, build_name_map, forward_qk_row_permutation
+from .names import MODEL_TYPE_TO_ARCH, build_name_map, forward_qk_row_permutation, qkvz_row_permutation
 from .quantize import quantize
 from .quants import GGML_TYPES
 
@@ -207,6 +207,20 @@ def _minimax_m2_metadata(writer, c, head_dim: int) -> None:
     writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
 
 
+def _qwen3_next_metadata(writer, c, head_dim: int) -> None:
+    writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    writer.add_ssm_conv_kernel(c.linear_conv_kernel_dim)
+    writer.add_ssm_state_size(c.linear_key_head_dim)
+    writer.add_ssm_group_count(c.linear_num_key_heads)
+    writer.add_ssm_time_step_rank(c.linear_num_value_heads)
+    writer.add_ssm_inner_size(c.linear_value_head_dim * c.linear_num_value_heads)
+    full = [i for i, t in enumerate(c.layer_types) if t == "full_attention"]
+    writer.add_full_attention_interval(full[0] + 1 if full else c.num_hidden_layers + 1)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+
+
 def _gpt_oss_metadata(writer, c, head_dim: int) -> None:
     writer.add_expert_feed_forward_length(c.intermediate_size)
     writer.add_sliding_window(c.sliding_window)
@@ -215,7 +229,8 @@ def _gpt_oss_metadata(writer, c, head_dim: int) -> None:
 
 
 # model_type -> the keys llama.cpp's converter writes for it beyond the common ones
-_FAMILY_METADATA = {"glm4_moe": _glm4_moe_metadata, "minimax_m2": _minimax_m2_metadata, "gpt_oss": _gpt_oss_metadata}
+_FAMILY_METADATA = {"glm4_moe": _glm4_moe_metadata, "minimax_m2": _minimax_m2_metadata, "gpt_oss": _gpt_oss_metadata,
+                    "qwen3_next": _qwen3_next_metadata}
 
 
 def _gating(name: str):
@@ -255,10 +270,20 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
             continue
         if ref.kind == "transpose":
             t = t.transpose(1, 2).contiguous()
+        if ref.kind == "qkvz":  # Qwen3-Next: rows per key head (q, k, v, z) -> attn_qkv (all q, k, v) + attn_gate (all z)
+            rows = torch.empty_like(t)
+            rows[torch.tensor(qkvz_row_permutation(config))] = t
+            n_qkv = t.shape[0] - config.linear_num_value_heads * config.linear_value_head_dim
+            out += [(ref.gguf[0], rows[:n_qkv]), (ref.gguf[1], rows[n_qkv:])]
+            continue
         name = ref.gguf[0]
         if name == "output.weight" and getattr(config, "tie_word_embeddings", False):
             continue
-        if ref.transform in ("permute_q", "permute_k"):
+        if name.endswith(".ssm_conv1d.weight"):
+            t = t.squeeze(1)  # llama.cpp: [channels, kernel]
+        if ref.transform == "log_neg":
+            t = -torch.exp(t)
+        elif ref.transform in ("permute_q", "permute_k"):
             heads = config.num_attention_heads if ref.transform == "permute_q" else config.num_key_value_heads
             t = t[torch.tensor(forward_qk_row_permutation(t.shape[0], heads))]
         elif ref.transform == "minus_one":
@@ -438,7 +463,10 @@ def _write_random_tensors(writer, tensors: list[tuple[str, tuple[int, ...], str]
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for gguf_name, shape, t in tensors:
-        writer.write_tensor_data(_random_tensor(rng, shape, t))
+        data = _random_tensor(rng, shape, t)
+        if gguf_name.endswith(".ssm_a"):  # Qwen3-Next's -exp(A_log): a decay, negative
+            data = -np.abs(data) - np.float32(0.5)
+        writer.write_tensor_data(data)
 
 
 def write_synthetic_family_gguf(path: str | os.PathLike, config, qtypes: str | Mapping[str, str] = "Q4_K",

@@ -25,6 +25,7 @@ ARCH_TO_MODEL_TYPE = {
     "glm4moe": "glm4_moe",
     "minimax-m2": "minimax_m2",
     "gpt-oss": "gpt_oss",
+    "qwen3next": "qwen3_next",
 }
 MODEL_TYPE_TO_ARCH = {
     "llama": "llama",
@@ -41,12 +42,13 @@ MODEL_TYPE_TO_ARCH = {
     "glm4_moe": "glm4moe",
     "minimax_m2": "minimax-m2",
     "gpt_oss": "gpt-oss",
+    "qwen3_next": "qwen3next",
 }
 
 # llama.cpp's converter permutes q/k rows of these architectures (rotary halves interleaved)
 PERMUTED_QK_ARCHS = frozenset({"llama"})
-# llama.cpp stores Gemma's RMSNorm gains as (1 + w)
-NORM_PLUS_ONE_ARCHS = frozenset({"gemma3"})
+# llama.cpp stores Gemma's (and Qwen3-Next's, but for its gated-delta-net norm) RMSNorm gains as (1 + w)
+NORM_PLUS_ONE_ARCHS = frozenset({"gemma3", "qwen3next"})
 
 EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps"}
 # model types whose fused experts are Transformers-transposed (``gate_up_proj [E, H, 2I]``, gate and up
@@ -89,6 +91,8 @@ def _gguf_base_name(name_map: gguf.TensorNameMap, hf_name: str) -> tuple[str | N
         # llama.cpp renames the DeepSeek-V3 router bias to exp_probs_b.bias
         m = re.search(r"layers\.(\d+)\.", hf_name)
         return (f"blk.{m.group(1)}.exp_probs_b" if m else None), ".bias"
+    if hf_name.endswith(".dt_bias"):  # Qwen3-Next: llama.cpp writes it as ssm_dt.bias
+        return name_map.get_name(hf_name[: -len(".dt_bias")] + ".dt_proj"), ".bias"
     base, dot, suffix = hf_name.rpartition(".")
     if suffix == "sinks":  # GPT-OSS: llama.cpp writes blk.N.attn_sinks.weight
         name = name_map.get_name(hf_name)
@@ -133,8 +137,13 @@ def build_name_map(arch: str, config, hf_shapes: dict[str, tuple[int, ...]]) -> 
                 transform = "permute_q"
             elif base.endswith(".attn_k"):
                 transform = "permute_k"
-        if arch in NORM_PLUS_ONE_ARCHS and base.endswith("norm") and suffix == ".weight":
+        if arch in NORM_PLUS_ONE_ARCHS and base.endswith("norm") and not base.endswith("ssm_norm") and suffix == ".weight":
             transform = "minus_one"
+        if arch == "qwen3next":
+            special = _qwen3next_ref(hf_name, shape, base)
+            if special is not None:
+                refs[hf_name] = special
+                continue
         alternatives: tuple[TensorRef, ...] = ()
         if base == "output":  # tied head: the file has only token_embd
             alternatives = (TensorRef(hf_name, ("token_embd.weight",), shape),)
@@ -143,6 +152,29 @@ def build_name_map(arch: str, config, hf_shapes: dict[str, tuple[int, ...]]) -> 
             alternatives = (TensorRef(hf_name, (f"{blk}.attn_k_b.weight", f"{blk}.attn_v_b.weight"), shape, "kv_b"),)
         refs[hf_name] = TensorRef(hf_name, (gguf_name,), shape, "direct", transform, alternatives)
     return refs
+
+
+def _qwen3next_ref(hf_name: str, shape: tuple[int, ...], base: str) -> TensorRef | None:
+    """Qwen3-Next's gated-delta-net tensors as llama.cpp's converter writes them: ``A_log`` as ``ssm_a =
+    -exp(A_log)``, ``in_proj_qkvz`` split into ``attn_qkv`` (q, k, v of all heads) and ``attn_gate`` (z)."""
+    blk = base.rsplit(".", 1)[0]
+    if hf_name.endswith(".A_log"):
+        return TensorRef(hf_name, (base,), shape, "direct", "log_neg")
+    if hf_name.endswith(".in_proj_qkvz.weight"):
+        return TensorRef(hf_name, (f"{blk}.attn_qkv.weight", f"{blk}.attn_gate.weight"), shape, "qkvz")
+    return None
+
+
+def qkvz_row_permutation(config) -> list[int]:
+    """Row ``i`` of Transformers' ``in_proj_qkvz`` (per key head: q, k, v, z) is row ``perm[i]`` of llama.cpp's
+    ``attn_qkv`` rows followed by ``attn_gate``'s (q of all heads, then k, v, z)."""
+    nk, dk = config.linear_num_key_heads, config.linear_key_head_dim
+    dv = config.linear_num_value_heads // nk * config.linear_value_head_dim
+    perm = []
+    for h in range(nk):
+        for start, width in ((0, dk), (nk * dk, dk), (2 * nk * dk, dv), (2 * nk * dk + nk * dv, dv)):
+            perm += range(start + h * width, start + (h + 1) * width)
+    return perm
 
 
 def _interleaved_expert_refs(hf_name: str, shape: tuple[int, ...], m: re.Match) -> dict[str, TensorRef]:
