@@ -253,3 +253,17 @@ def test_synthetic_family_gguf_loads_and_runs(family, experts_type, gguf_dir, re
     model, _ = load_model(path, rules=rule_file(family), dtype=torch.float32, registry=registry, progress=False)
     with torch.no_grad():
         assert torch.isfinite(model(prompt(7)).logits).all()
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_gpu_cpu_rule_file_logic_on_the_cpu(family, registry, tmp_path):
+    """The gpu-cpu rule file with every ``cuda`` read as ``cpu``: what it builds (KMoE blocks, experts wrappers
+    handing their output over, placements) computes what Transformers computes, on a machine without a GPU."""
+    text = rule_file(family, "gpu-cpu").read_text().replace("cuda", "cpu")
+    rules = tmp_path / f"{family}-gpu-cpu-on-cpu.yaml"
+    rules.write_text(text)
+    reference = tiny_model(family)
+    model, _ = load_model(StateDictSource(reference), rules=rules, dtype=torch.float32, registry=registry, progress=False)
+    ids = prompt(8)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
