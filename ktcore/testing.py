@@ -30,10 +30,11 @@ from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
 # Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
-NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "qwen3_next", "kimi_k2", "deepseek_v32")
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "llama4", "qwen3_next", "kimi_k2", "deepseek_v32")
 
 # The model_type each family's config carries (the key of the shipped rule files).
-MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text", "kimi_k2": "deepseek_v3"}
+MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text", "kimi_k2": "deepseek_v3",
+                                                                    "llama4": "llama4_text"}
 
 VOCAB = 512
 HIDDEN = 256
@@ -224,6 +225,14 @@ def _new_family_config(family: str) -> PreTrainedConfig:
         config.update(dict(n_routed_experts=384, num_experts_per_tok=8, n_group=1, topk_group=1,
                            routed_scaling_factor=2.827, moe_intermediate_size=32, num_hidden_layers=2))
         return config
+    if family == "llama4":  # Llama 4 text: every 4th layer without rope, chunked attention, L2 q/k norm, top-1 sigmoid routing
+        return AutoConfig.for_model(
+            "llama4_text", **(dense | {"num_hidden_layers": 4, "intermediate_size": 256}), head_dim=HEAD_DIM,
+            intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            attention_chunk_size=8, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        )
     if family == "qwen3_next":  # a gated-delta-net (linear attention) layer, then a gated full-attention layer
         return AutoConfig.for_model(
             "qwen3_next", **dense, head_dim=HEAD_DIM, layer_types=["linear_attention", "full_attention"],
@@ -389,6 +398,14 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
     n = config.num_hidden_layers
     if family == "gpt_oss":  # even layers slide
         config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if family == "llama4":  # Llama 4 text: every 4th layer without rope, chunked attention, L2 q/k norm, top-1 sigmoid routing
+        return AutoConfig.for_model(
+            "llama4_text", **(dense | {"num_hidden_layers": 4, "intermediate_size": 256}), head_dim=HEAD_DIM,
+            intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            attention_chunk_size=8, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        )
     if family == "qwen3_next":  # every fourth layer full attention, the rest gated delta nets
         config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
     return config

@@ -24,11 +24,12 @@ from ktcore.weights.state_dict import StateDictSource
 torch.set_num_threads(2)
 
 FP32_REL_TOL = 1e-4
-MOE = {"glm4_moe", "minimax_m2", "gpt_oss", "kimi_k2", "deepseek_v32", "qwen3_next"}
+MOE = {"glm4_moe", "minimax_m2", "gpt_oss", "kimi_k2", "deepseek_v32", "qwen3_next", "llama4"}
 # attention left to Transformers' own modules (linear attention with its recurrent state; gated full attention)
-TRANSFORMERS_ATTENTION = {"qwen3_next"}
-# gguf-py (llama.cpp's tensor and key names) has no DeepSeek-V3.2 architecture (its indexer tensors)
-GGUF_FAMILIES = tuple(f for f in NEW_FAMILIES if f != "deepseek_v32")
+TRANSFORMERS_ATTENTION = {"qwen3_next", "llama4"}
+# gguf-py (llama.cpp's tensor and key names) has no DeepSeek-V3.2 architecture (its indexer tensors); Llama 4's
+# GGUF mapping is not done yet
+GGUF_FAMILIES = tuple(f for f in NEW_FAMILIES if f not in ("deepseek_v32", "llama4"))
 BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KAttentionMLA", "KRoPETorch"}
 GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
 

@@ -54,6 +54,8 @@ EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_pr
 # model types whose fused experts are Transformers-transposed (``gate_up_proj [E, H, 2I]``, gate and up
 # interleaved along the last dim, ``down_proj [E, I, H]``) and carry biases: GPT-OSS
 INTERLEAVED_EXPERTS_MODEL_TYPES = frozenset({"gpt_oss"})
+# ... transposed with gate and up as halves of the last dim, no biases: Llama 4
+TRANSPOSED_EXPERTS_MODEL_TYPES = frozenset({"llama4_text"})
 _GPT_OSS_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 _EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|gate_proj|up_proj|down_proj)$")
 

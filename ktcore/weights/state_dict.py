@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
-from .names import INTERLEAVED_EXPERTS_MODEL_TYPES
+from .names import INTERLEAVED_EXPERTS_MODEL_TYPES, TRANSPOSED_EXPERTS_MODEL_TYPES
 from .source import MissingTensorError
 from .tensor import QuantizedTensor
 
@@ -65,9 +65,13 @@ class StateDictSource:
                         self._split[f"{prefix}.{part}{bias}"] = (name, half)
 
     def _part(self, fused: torch.Tensor, half: int) -> torch.Tensor:
-        if getattr(self._config, "model_type", "") in INTERLEAVED_EXPERTS_MODEL_TYPES:
+        model_type = getattr(self._config, "model_type", "")
+        if model_type in INTERLEAVED_EXPERTS_MODEL_TYPES:
             part = fused[..., half::2]
             return part.transpose(1, 2) if part.dim() == 3 else part
+        if model_type in TRANSPOSED_EXPERTS_MODEL_TYPES:  # [E, H, 2I] -> [E, I, H]
+            cols = fused.shape[-1] // 2
+            return fused[..., half * cols : (half + 1) * cols].transpose(1, 2)
         rows = fused.shape[1] // 2
         return fused[:, half * rows : (half + 1) * rows, :]
 
