@@ -368,6 +368,12 @@ REAL_WIDTHS = {
     "minimax_m2": dict(vocab_size=200064, hidden_size=3072, num_attention_heads=48, num_key_value_heads=8,  # MiniMax-M2
                        head_dim=128, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
                        num_hidden_layers=62, max_position_embeddings=196608),
+    "llama4": dict(vocab_size=202048, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,  # Llama-4-Scout-17B-16E
+                   head_dim=128, intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=16,
+                   num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=48, attention_chunk_size=8192,
+                   floor_scale=8192, **_LONG_ROPE,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
     "qwen3_next": dict(vocab_size=151936, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,  # Qwen3-Next-80B-A3B
                        head_dim=256, intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
                        num_experts=512, num_experts_per_tok=10, num_hidden_layers=48, linear_key_head_dim=128,
@@ -396,16 +402,14 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
         if hasattr(config, "first_k_dense_replace"):
             config.first_k_dense_replace = min(config.first_k_dense_replace, max(int(layers) - 1, 0))
     n = config.num_hidden_layers
+    if getattr(config, "layer_types", None):  # the tiny model's pattern, repeated
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(n)]
     if family == "gpt_oss":  # even layers slide
         config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
-    if family == "llama4":  # Llama 4 text: every 4th layer without rope, chunked attention, L2 q/k norm, top-1 sigmoid routing
-        return AutoConfig.for_model(
-            "llama4_text", **(dense | {"num_hidden_layers": 4, "intermediate_size": 256}), head_dim=HEAD_DIM,
-            intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
-            attention_chunk_size=8, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
-            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                             "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
-        )
+    if family == "llama4":  # every fourth layer: full attention without rope; the rest chunked with rope
+        config.no_rope_layers = [0 if (i + 1) % 4 == 0 else 1 for i in range(n)]
+        config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "chunked_attention" for i in range(n)]
+        config.moe_layers = list(range(config.interleave_moe_layer_step - 1, n, config.interleave_moe_layer_step))
     if family == "qwen3_next":  # every fourth layer full attention, the rest gated delta nets
         config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
     return config

@@ -27,9 +27,8 @@ FP32_REL_TOL = 1e-4
 MOE = {"glm4_moe", "minimax_m2", "gpt_oss", "kimi_k2", "deepseek_v32", "qwen3_next", "llama4"}
 # attention left to Transformers' own modules (linear attention with its recurrent state; gated full attention)
 TRANSFORMERS_ATTENTION = {"qwen3_next", "llama4"}
-# gguf-py (llama.cpp's tensor and key names) has no DeepSeek-V3.2 architecture (its indexer tensors); Llama 4's
-# GGUF mapping is not done yet
-GGUF_FAMILIES = tuple(f for f in NEW_FAMILIES if f not in ("deepseek_v32", "llama4"))
+# gguf-py (llama.cpp's tensor and key names) has no DeepSeek-V3.2 architecture (its indexer tensors)
+GGUF_FAMILIES = tuple(f for f in NEW_FAMILIES if f != "deepseek_v32")
 BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KAttentionMLA", "KRoPETorch"}
 GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
 
@@ -237,7 +236,7 @@ def test_deepseek_v32_beyond_index_topk_is_a_clear_error(registry):
         model(prompt(6, 40))
 
 
-@pytest.mark.parametrize("family,experts_type", [("glm4_moe", "IQ2_XXS"), ("gpt_oss", "MXFP4"), ("kimi_k2", "TQ2_0"),
+@pytest.mark.parametrize("family,experts_type", [("glm4_moe", "IQ2_XXS"), ("gpt_oss", "MXFP4"), ("kimi_k2", "TQ2_0"), ("llama4", "IQ1_M"),
                                                  ("qwen3_next", "IQ3_S")])
 def test_synthetic_family_gguf_loads_and_runs(family, experts_type, gguf_dir, registry):
     """The streamed random-weights writer (what ``gguf_writer --family`` writes at real widths for the GPU

@@ -66,6 +66,11 @@ _PER_MODEL_TYPE_KEYS["qwen3_next"] = {
     "attention.key_length": "head_dim", "ssm.conv_kernel": "linear_conv_kernel_dim", "ssm.state_size": "linear_key_head_dim",
     "ssm.group_count": "linear_num_key_heads", "ssm.time_step_rank": "linear_num_value_heads",
 }
+_PER_MODEL_TYPE_KEYS["llama4_text"] = {
+    "expert_count": "num_local_experts", "expert_feed_forward_length": "intermediate_size",
+    "feed_forward_length": "intermediate_size_mlp", "interleave_moe_layer_step": "interleave_moe_layer_step",
+    "rope.dimension_count": "head_dim",
+}
 _PER_MODEL_TYPE_KEYS["gpt_oss"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
                                    "expert_feed_forward_length": "intermediate_size",
                                    "attention.sliding_window": "sliding_window"}
@@ -252,8 +257,21 @@ def _qwen3_next(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
     _partial_rotary(cfg, meta, arch)
 
 
+def _llama4(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    # llama.cpp's Llama 4: a sliding_window of 0 means full attention with rope everywhere; otherwise chunks of
+    # 8192 on three layers of four, the fourth without rope and with attention temperature tuning
+    layers = cfg["num_hidden_layers"]
+    if meta.get(f"{arch}.attention.sliding_window") == 0:
+        cfg.update(attention_chunk_size=None, no_rope_layers=[1] * layers)
+    else:
+        cfg.update(attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1,
+                   no_rope_layers=[0 if (i + 1) % 4 == 0 else 1 for i in range(layers)])
+    cfg["use_qk_norm"] = cfg.get("num_local_experts") != 128  # llama.cpp: all but the 128-expert Maverick
+
+
 # model_type -> what its config needs beyond the key tables
-_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "qwen3_next": _qwen3_next}
+_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "qwen3_next": _qwen3_next,
+                  "llama4_text": _llama4}
 
 
 def config_from_metadata(meta: dict, tensor_names, path: str):

@@ -353,13 +353,14 @@ def _interleave_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([a, b], dim=-1).flatten(-2)
 
 
-# GPT-OSS experts in Transformers' layout, from llama.cpp's [E, out, in] tensors (values, so F32: a
+# GPT-OSS's and Llama 4's experts in Transformers' layout, from llama.cpp's [E, out, in] tensors (values, so F32: a
 # transpose or an interleave of quantized rows is not a whole-block operation). Experts ops read the
 # split names, which stay quantized.
 _INTERLEAVED_LAYOUTS = {
     "interleave_t": lambda parts: _interleave_last(parts[0].transpose(1, 2), parts[1].transpose(1, 2)),
     "interleave": lambda parts: _interleave_last(parts[0], parts[1]),
     "transpose": lambda parts: parts[0].transpose(1, 2).contiguous(),
+    "concat_t": lambda parts: torch.cat(parts, dim=1).transpose(1, 2).contiguous(),  # Llama 4
 }
 
 

@@ -27,7 +27,8 @@ _EXTRA_FIELDS = (
     "rope_parameters", "layer_types", "query_pre_attn_scalar", "norm_topk_prob", "rope_interleave", "topk_method",
     "sliding_window", "final_logit_softcapping", "attn_logit_softcapping", "hidden_activation", "hidden_act",
     "qkv_bias", "attention_bias", "decoder_sparse_step", "mlp_only_layers", "routed_scaling_factor", "n_group", "topk_group",
-    "head_dim",
+    "head_dim", "attention_chunk_size", "floor_scale", "attn_scale", "no_rope_layers", "use_qk_norm",
+    "attn_temperature_tuning",
 )
 
 CHATML_TEMPLATE = (
@@ -125,7 +126,7 @@ def _write_metadata(writer, config, arch: str, name: str) -> None:
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
-    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_feed_forward_length(getattr(c, "intermediate_size_mlp", None) or c.intermediate_size)  # Llama 4: the dense MLP's
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(getattr(c, "num_key_value_heads", c.num_attention_heads))
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -228,9 +229,17 @@ def _gpt_oss_metadata(writer, c, head_dim: int) -> None:
     writer.add_value_length(head_dim)
 
 
+def _llama4_metadata(writer, c, head_dim: int) -> None:
+    writer.add_interleave_moe_layer_step(c.interleave_moe_layer_step)
+    writer.add_expert_feed_forward_length(c.intermediate_size)
+    writer.add_rope_dimension_count(head_dim)
+    if not c.attention_chunk_size:
+        writer.add_sliding_window(0)  # llama.cpp: no chunked attention, rope on every layer
+
+
 # model_type -> the keys llama.cpp's converter writes for it beyond the common ones
 _FAMILY_METADATA = {"glm4_moe": _glm4_moe_metadata, "minimax_m2": _minimax_m2_metadata, "gpt_oss": _gpt_oss_metadata,
-                    "qwen3_next": _qwen3_next_metadata}
+                    "qwen3_next": _qwen3_next_metadata, "llama4_text": _llama4_metadata}
 
 
 def _gating(name: str):
@@ -266,6 +275,10 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
             gate, up = t[..., 0::2], t[..., 1::2]
             if ref.kind == "interleave_t":
                 gate, up = gate.transpose(1, 2), up.transpose(1, 2)
+            out += [(ref.gguf[0], gate.contiguous()), (ref.gguf[1], up.contiguous())]
+            continue
+        if ref.kind == "concat_t":  # Llama 4: [E, H, 2I] -> [E, I, H] gate and up
+            gate, up = t.transpose(1, 2).chunk(2, dim=1)
             out += [(ref.gguf[0], gate.contiguous()), (ref.gguf[1], up.contiguous())]
             continue
         if ref.kind == "transpose":

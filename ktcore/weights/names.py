@@ -26,6 +26,7 @@ ARCH_TO_MODEL_TYPE = {
     "minimax-m2": "minimax_m2",
     "gpt-oss": "gpt_oss",
     "qwen3next": "qwen3_next",
+    "llama4": "llama4_text",
 }
 MODEL_TYPE_TO_ARCH = {
     "llama": "llama",
@@ -43,6 +44,7 @@ MODEL_TYPE_TO_ARCH = {
     "minimax_m2": "minimax-m2",
     "gpt_oss": "gpt-oss",
     "qwen3_next": "qwen3next",
+    "llama4_text": "llama4",
 }
 
 # llama.cpp's converter permutes q/k rows of these architectures (rotary halves interleaved)
@@ -56,7 +58,7 @@ EXPERT_PARTS = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_pr
 INTERLEAVED_EXPERTS_MODEL_TYPES = frozenset({"gpt_oss"})
 # ... transposed with gate and up as halves of the last dim, no biases: Llama 4
 TRANSPOSED_EXPERTS_MODEL_TYPES = frozenset({"llama4_text"})
-_GPT_OSS_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|down_proj)(?P<bias>_bias)?$")
+_TRANSPOSED_EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|down_proj)(?P<bias>_bias)?$")
 _EXPERTS_RE = re.compile(r"^(?P<prefix>.*\.layers\.(?P<bid>\d+)\..*experts)\.(?P<part>gate_up_proj|gate_proj|up_proj|down_proj)$")
 
 
@@ -112,11 +114,12 @@ def build_name_map(arch: str, config, hf_shapes: dict[str, tuple[int, ...]]) -> 
     """
     name_map = gguf.get_tensor_name_map(_arch_enum(arch), config.num_hidden_layers)
     refs: dict[str, TensorRef] = {}
-    interleaved = getattr(config, "model_type", "") in INTERLEAVED_EXPERTS_MODEL_TYPES
+    model_type = getattr(config, "model_type", "")
+    transposed = model_type in INTERLEAVED_EXPERTS_MODEL_TYPES | TRANSPOSED_EXPERTS_MODEL_TYPES
     for hf_name, shape in hf_shapes.items():
-        m = _GPT_OSS_EXPERTS_RE.match(hf_name) if interleaved else None
+        m = _TRANSPOSED_EXPERTS_RE.match(hf_name) if transposed else None
         if m:
-            refs.update(_interleaved_expert_refs(hf_name, shape, m))
+            refs.update(_transposed_expert_refs(hf_name, shape, m, model_type in INTERLEAVED_EXPERTS_MODEL_TYPES))
             continue
         m = _EXPERTS_RE.match(hf_name)
         if m:
@@ -179,9 +182,10 @@ def qkvz_row_permutation(config) -> list[int]:
     return perm
 
 
-def _interleaved_expert_refs(hf_name: str, shape: tuple[int, ...], m: re.Match) -> dict[str, TensorRef]:
-    """GPT-OSS experts: llama.cpp stores gate, up and down as ``[E, out, in]`` (biases ``[E, out]``); the
-    split names ``<p>.gate_proj``/``up_proj`` (and ``*_bias``) read them as stored."""
+def _transposed_expert_refs(hf_name: str, shape: tuple[int, ...], m: re.Match, interleaved: bool) -> dict[str, TensorRef]:
+    """GPT-OSS (gate and up interleaved) and Llama 4 (halves) experts: llama.cpp stores gate, up and down as
+    ``[E, out, in]`` (biases ``[E, out]``); the split names ``<p>.gate_proj``/``up_proj`` (and ``*_bias``) read
+    them as stored."""
     blk, prefix, suffix = f"blk.{m['bid']}", m["prefix"], ".bias" if m["bias"] else ".weight"
     bias = m["bias"] or ""
     if m["part"] == "down_proj":
@@ -189,7 +193,7 @@ def _interleaved_expert_refs(hf_name: str, shape: tuple[int, ...], m: re.Match) 
     gate, up = f"{blk}.ffn_gate_exps{suffix}", f"{blk}.ffn_up_exps{suffix}"
     half = (shape[0], shape[-1] // 2) if bias else (shape[0], shape[2] // 2, shape[1])
     return {
-        hf_name: TensorRef(hf_name, (gate, up), shape, "interleave" if bias else "interleave_t"),
+        hf_name: TensorRef(hf_name, (gate, up), shape, ("interleave" if bias else "interleave_t") if interleaved else "concat_t"),
         f"{prefix}.gate_proj{bias}": TensorRef(f"{prefix}.gate_proj{bias}", (gate,), half),
         f"{prefix}.up_proj{bias}": TensorRef(f"{prefix}.up_proj{bias}", (up,), half),
     }
