@@ -267,3 +267,41 @@ def test_gpu_cpu_rule_file_logic_on_the_cpu(family, registry, tmp_path):
     ids = prompt(8)
     assert_same_logits(model, reference, ids)
     assert_same_greedy(model, reference, ids)
+
+
+def _llamacpp_constants(family: str):
+    """The tiny model, with the values llama.cpp fixes where the tiny config differs: Llama 4's 8192-token
+    chunks and temperature floor (llama.cpp hard-codes them), and YaRN's integer correction range (llama.cpp
+    always truncates; GPT-OSS's config says truncate=False, which only Transformers and ktcore follow)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    config = tiny_config(family)
+    if family == "llama4":
+        config.attention_chunk_size, config.floor_scale = 8192, 8192
+    elif family == "gpt_oss":
+        config.rope_parameters = dict(config.rope_parameters, truncate=True)
+    else:
+        return model
+    adjusted = AutoModelForCausalLM.from_config(config)
+    adjusted.load_state_dict(model.state_dict())
+    return adjusted.eval()
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_llamacpp_computes_the_written_file_as_transformers(family, gguf_dir):
+    """llama.cpp (llama-cpp-python) reads each file ktcore's writer makes as the model it is: its logits equal
+    Transformers' within its activation rounding (measured 1.8e-4 to 4.2e-4 of the largest logit)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = _llamacpp_constants(family)
+    path = write_gguf(model, gguf_dir / f"{family}-llamacpp.gguf")
+    ids = prompt(9, 12)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids[0].tolist())
+    got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
+    with torch.no_grad():
+        want = model(ids).logits[0]
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

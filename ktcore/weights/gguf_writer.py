@@ -10,6 +10,7 @@ for (rope variants, Gemma's layer pattern, routing flags) go to the ``ktcore.con
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -302,7 +303,26 @@ def _gguf_tensors(model, arch: str) -> list[tuple[str, torch.Tensor]]:
         elif ref.transform == "minus_one":
             t = t + 1.0
         out.append((name, t))
+    factors = _llama3_rope_factors(config) if arch in ("llama", "llama4") else None
+    if factors is not None:
+        out.append(("rope_freqs.weight", factors))
     return out
+
+
+def _llama3_rope_factors(config) -> torch.Tensor | None:
+    """llama.cpp's ``rope_freqs`` for llama3 rope scaling (it has no metadata key for it): per frequency, 1 for
+    short wavelengths, ``factor`` for long ones, a smooth blend between; as its converter computes them."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low) if high != low else torch.zeros_like(wavelen)
+    blend = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, factor, blend)).to(torch.float32)
 
 
 def encode(values: np.ndarray, qtype: str, name: str = "") -> np.ndarray:
