@@ -187,6 +187,13 @@ def _rotary_dims(c, head_dim: int) -> int:
     return int(head_dim * _rope(c).get("partial_rotary_factor", 1.0))
 
 
+def _head_dims(writer, c, head_dim: int) -> None:
+    """key/value lengths and the rotated dims (partial rotary), as llama.cpp's converters write them."""
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+
+
 def _glm4_moe_metadata(writer, c, head_dim: int) -> None:
     writer.add_leading_dense_block_count(c.first_k_dense_replace)
     writer.add_expert_shared_count(c.n_shared_experts)
@@ -195,18 +202,14 @@ def _glm4_moe_metadata(writer, c, head_dim: int) -> None:
     writer.add_expert_gating_func(_gating("sigmoid"))
     writer.add_expert_group_count(c.n_group)
     writer.add_expert_group_used_count(c.topk_group)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+    _head_dims(writer, c, head_dim)
     writer.add_nextn_predict_layers(int(c.num_nextn_predict_layers or 0))
 
 
 def _minimax_m2_metadata(writer, c, head_dim: int) -> None:
     writer.add_expert_feed_forward_length(c.intermediate_size)
     writer.add_expert_gating_func(_gating("sigmoid"))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+    _head_dims(writer, c, head_dim)
 
 
 def _qwen3_next_metadata(writer, c, head_dim: int) -> None:
@@ -218,9 +221,7 @@ def _qwen3_next_metadata(writer, c, head_dim: int) -> None:
     writer.add_ssm_inner_size(c.linear_value_head_dim * c.linear_num_value_heads)
     full = [i for i, t in enumerate(c.layer_types) if t == "full_attention"]
     writer.add_full_attention_interval(full[0] + 1 if full else c.num_hidden_layers + 1)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(_rotary_dims(c, head_dim))
+    _head_dims(writer, c, head_dim)
 
 
 def _gpt_oss_metadata(writer, c, head_dim: int) -> None:
