@@ -291,13 +291,18 @@ class KExperts(KModule):
         self._stream_ok: dict[tuple, bool] = {}
 
     def weight_names(self) -> list[str]:
-        return ["gate_proj", "up_proj", "down_proj"]
+        names = ["gate_proj", "up_proj", "down_proj"]
+        if self.original._parameters.get("gate_up_proj_bias") is not None:  # GPT-OSS
+            names += ["gate_proj_bias", "up_proj_bias", "down_proj_bias"]
+        return names
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         params = self.original._parameters
         shapes = {}
-        if params.get("gate_up_proj") is not None:  # Transformers' fused [E, 2*I, H]
+        if params.get("gate_up_proj") is not None:  # Transformers' fused [E, 2*I, H] (GPT-OSS: [E, H, 2*I])
             experts, rows, hidden = params["gate_up_proj"].shape
+            if getattr(self.original, "is_transposed", False):
+                rows, hidden = hidden, rows
             shapes["gate_proj"] = shapes["up_proj"] = (experts, rows // 2, hidden)
         if params.get("down_proj") is not None:
             shapes["down_proj"] = tuple(params["down_proj"].shape)
@@ -404,6 +409,10 @@ class KAttention(KModule):
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         return True  # attention modules share no base class; a rule names them explicitly
+
+    def weight_names(self) -> list[str]:
+        # tensors of the attention module itself, not of its adopted children (GPT-OSS's sinks)
+        return [n for n, p in self.original._parameters.items() if p is not None]
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         tokens = hidden_states.shape[-2] if hidden_states.dim() >= 2 else 1

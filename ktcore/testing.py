@@ -29,9 +29,12 @@ from transformers import (
 from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+# Families added for the models people run today (tests/test_families_new.py); same contract as FAMILIES.
+NEW_FAMILIES = ("qwen2", "mistral", "glm4_moe", "gpt_oss", "minimax_m2", "llama4", "qwen3_next", "kimi_k2", "deepseek_v32")
 
 # The model_type each family's config carries (the key of the shipped rule files).
-MODEL_TYPES = {family: family for family in FAMILIES} | {"gemma3": "gemma3_text"}
+MODEL_TYPES = {family: family for family in FAMILIES + NEW_FAMILIES} | {"gemma3": "gemma3_text", "kimi_k2": "deepseek_v3",
+                                                                    "llama4": "llama4_text"}
 
 VOCAB = 512
 HIDDEN = 256
@@ -182,7 +185,77 @@ def tiny_config(family: str) -> PreTrainedConfig:
             rope_interleave=True,
             rope_parameters=dict(YARN_ROPE),
         )
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if family in NEW_FAMILIES:
+        return _new_family_config(family)
+    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + NEW_FAMILIES)}")
+
+
+def _new_family_config(family: str) -> PreTrainedConfig:
+    from transformers import AutoConfig
+
+    dense = dict(_COMMON, intermediate_size=512, num_hidden_layers=2, num_key_value_heads=2)
+    if family == "qwen2":  # q/k/v with biases
+        return AutoConfig.for_model("qwen2", **dense, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    if family == "mistral":  # llama.cpp writes Mistral as the llama architecture; no sliding window (v0.2+)
+        return AutoConfig.for_model("mistral", **dense, head_dim=HEAD_DIM, sliding_window=None,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    if family == "glm4_moe":  # GLM-4.5/4.6/4.7: partial rotary, q/k/v biases, sigmoid routing with a bias, shared expert
+        return AutoConfig.for_model(
+            "glm4_moe", **(dense | {"num_hidden_layers": 3}), head_dim=HEAD_DIM, attention_bias=True,
+            moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+            use_qk_norm=False, num_nextn_predict_layers=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "partial_rotary_factor": 0.5},
+        )
+    if family == "gpt_oss":  # attention sinks, a window on every other layer, biased experts with clamped SwiGLU
+        return AutoConfig.for_model(
+            "gpt_oss", **(dense | {"intermediate_size": 256}), head_dim=HEAD_DIM, num_local_experts=8,
+            num_experts_per_tok=2, attention_bias=True, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters=dict(YARN_ROPE, rope_theta=150_000.0, truncate=False, mscale=None, mscale_all_dim=None),
+        )
+    if family == "minimax_m2":  # q/k norms over the whole projection, partial rotary, sigmoid routing with a bias
+        return AutoConfig.for_model(
+            "minimax_m2", **(dense | {"intermediate_size": 256}), head_dim=HEAD_DIM, num_local_experts=8,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
+        )
+    if family == "kimi_k2":  # Kimi-K2: DeepSeek-V3 at 384 routed experts, 8 active, one group, no q/k rope interleave change
+        config = tiny_config("deepseek_v3")
+        config.update(dict(n_routed_experts=384, num_experts_per_tok=8, n_group=1, topk_group=1,
+                           routed_scaling_factor=2.827, moe_intermediate_size=32, num_hidden_layers=2))
+        return config
+    if family == "llama4":  # Llama 4 text: every 4th layer without rope, chunked attention, L2 q/k norm, top-1 sigmoid routing
+        return AutoConfig.for_model(
+            "llama4_text", **(dense | {"num_hidden_layers": 4, "intermediate_size": 256}), head_dim=HEAD_DIM,
+            intermediate_size_mlp=512, num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2,
+            attention_chunk_size=8, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8, attn_scale=0.1,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 128},
+        )
+    if family == "qwen3_next":  # a gated-delta-net (linear attention) layer, then a gated full-attention layer
+        return AutoConfig.for_model(
+            "qwen3_next", **dense, head_dim=HEAD_DIM, layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256, shared_expert_intermediate_size=256,
+            norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+        )
+    if family == "deepseek_v32":  # DeepSeek-V3.2: V3's MLA plus the sparse-attention indexer (top 32 keys here)
+        from transformers import AutoConfig
+
+        v3 = {k: v for k, v in tiny_config("deepseek_v3").to_dict().items() if k in _V3_FIELDS}
+        return AutoConfig.for_model("deepseek_v32", **v3, index_topk=32, index_head_dim=64, index_n_heads=4)
+    raise ValueError(family)
+
+
+_V3_FIELDS = (
+    "vocab_size", "hidden_size", "num_attention_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+    "eos_token_id", "pad_token_id", "tie_word_embeddings", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_key_value_heads", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "first_k_dense_replace", "n_group",
+    "topk_group", "norm_topk_prob", "routed_scaling_factor", "rope_parameters",
+)
 
 
 def _fill_(name: str, tensor: torch.Tensor, generator: torch.Generator, zero_centered_norms: bool, tied: bool) -> None:
@@ -273,3 +346,70 @@ def experts_loop_reference(weights, act, x: torch.Tensor, top_k_index: torch.Ten
                 h = act(gate[e] @ x[t]) * (up[e] @ x[t])
                 out[t] += top_k_weights[t, k] * (down[e] @ h)
     return out
+
+
+# The published widths of the models each new family stands for (config.json of the Hugging Face repos), on
+# top of the family's tiny config: for synthetic GGUFs at real widths (``gguf_writer --family``), benches only.
+_LONG_ROPE = dict(max_position_embeddings=131072)
+REAL_WIDTHS = {
+    "qwen2": dict(vocab_size=152064, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,  # Qwen2.5-7B
+                  intermediate_size=18944, num_hidden_layers=28, max_position_embeddings=32768),
+    "mistral": dict(vocab_size=32768, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,  # Mistral-7B v0.3
+                    head_dim=128, intermediate_size=14336, num_hidden_layers=32, max_position_embeddings=32768),
+    "glm4_moe": dict(vocab_size=151552, hidden_size=4096, num_attention_heads=96, num_key_value_heads=8,  # GLM-4.5-Air
+                     head_dim=128, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=128,
+                     num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.0,
+                     num_hidden_layers=46, **_LONG_ROPE),
+    "gpt_oss": dict(vocab_size=201088, hidden_size=2880, num_attention_heads=64, num_key_value_heads=8,  # gpt-oss-120b
+                    head_dim=64, intermediate_size=2880, num_local_experts=128, num_experts_per_tok=4,
+                    num_hidden_layers=36, sliding_window=128, **_LONG_ROPE,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=4096)),
+    "minimax_m2": dict(vocab_size=200064, hidden_size=3072, num_attention_heads=48, num_key_value_heads=8,  # MiniMax-M2
+                       head_dim=128, intermediate_size=1536, num_local_experts=256, num_experts_per_tok=8,
+                       num_hidden_layers=62, max_position_embeddings=196608),
+    "llama4": dict(vocab_size=202048, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,  # Llama-4-Scout-17B-16E
+                   head_dim=128, intermediate_size=8192, intermediate_size_mlp=16384, num_local_experts=16,
+                   num_experts_per_tok=1, interleave_moe_layer_step=1, num_hidden_layers=48, attention_chunk_size=8192,
+                   floor_scale=8192, **_LONG_ROPE,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
+    "qwen3_next": dict(vocab_size=151936, hidden_size=2048, num_attention_heads=16, num_key_value_heads=2,  # Qwen3-Next-80B-A3B
+                       head_dim=256, intermediate_size=5120, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                       num_experts=512, num_experts_per_tok=10, num_hidden_layers=48, linear_key_head_dim=128,
+                       linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
+                       max_position_embeddings=262144,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}),
+    "kimi_k2": dict(vocab_size=163840, hidden_size=7168, num_attention_heads=64, num_key_value_heads=64,  # Kimi-K2
+                    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                    intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,
+                    n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=61, **_LONG_ROPE,
+                    rope_parameters=dict(YARN_ROPE, rope_theta=50000.0, factor=32.0, beta_fast=1.0,
+                                         original_max_position_embeddings=4096)),
+}
+
+
+def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfig:
+    """``family``'s config at its real model's widths (``REAL_WIDTHS``), with ``layers`` decoder layers if given."""
+    if family not in REAL_WIDTHS:
+        raise ValueError(f"no real widths for {family!r}; known: {', '.join(REAL_WIDTHS)}")
+    config = tiny_config(family)
+    config.update(REAL_WIDTHS[family])
+    if family in ("qwen2",):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if layers is not None:
+        config.num_hidden_layers = int(layers)
+        if hasattr(config, "first_k_dense_replace"):
+            config.first_k_dense_replace = min(config.first_k_dense_replace, max(int(layers) - 1, 0))
+    n = config.num_hidden_layers
+    if getattr(config, "layer_types", None):  # the tiny model's pattern, repeated
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(n)]
+    if family == "gpt_oss":  # even layers slide
+        config.layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if family == "llama4":  # every fourth layer: full attention without rope; the rest chunked with rope
+        config.no_rope_layers = [0 if (i + 1) % 4 == 0 else 1 for i in range(n)]
+        config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "chunked_attention" for i in range(n)]
+        config.moe_layers = list(range(config.interleave_moe_layer_step - 1, n, config.interleave_moe_layer_step))
+    if family == "qwen3_next":  # every fourth layer full attention, the rest gated delta nets
+        config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+    return config

@@ -7,6 +7,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from ktcore.weights.dequant import dequantize
+from ktcore.weights.dequant_lowbit import LOWBIT_DEQUANTIZERS, random_lowbit_blocks
 from ktcore.weights.quants import DEQUANTIZABLE, GGML_TYPES
 from ktcore.weights.source import WeightError
 from ktcore.weights.tensor import QuantizedTensor
@@ -29,6 +30,8 @@ def random_blocks(type_name: str, n_blocks: int, seed: int = 0) -> np.ndarray:
     if type_name == "BF16":
         bits = (rng.standard_normal(n_blocks).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
         return bits.view(np.uint8)
+    if type_name in LOWBIT_DEQUANTIZERS:
+        return random_lowbit_blocks(rng, type_name, n_blocks, scale=2.0, signed=True).reshape(-1)
     blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
     for at in F16_FIELDS[type_name]:
         scales = rng.uniform(-2, 2, size=n_blocks).astype(np.float16)
@@ -52,7 +55,8 @@ def test_bit_exact_with_gguf(type_name):
 
 
 def test_every_supported_type_is_in_the_table():
-    wanted = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}
+    wanted = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS",
+              "IQ4_NL", "MXFP4", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0"}
     assert wanted <= DEQUANTIZABLE
     for name, info in GGML_TYPES.items():
         assert GGMLQuantizationType[name].value == info.type_id
@@ -71,8 +75,8 @@ def test_output_dtype_and_3d_shape():
 
 
 def test_unsupported_type_names_tensor_type_and_file():
-    qt = QuantizedTensor("blk.0.ffn_up.weight", "IQ2_XXS", (1, 256), torch.zeros(66, dtype=torch.uint8), "model.gguf")
-    with pytest.raises(WeightError, match=r"blk\.0\.ffn_up\.weight.*model\.gguf.*IQ2_XXS"):
+    qt = QuantizedTensor("blk.0.ffn_up.weight", "NVFP4", (1, 64), torch.zeros(36, dtype=torch.uint8), "model.gguf")
+    with pytest.raises(WeightError, match=r"blk\.0\.ffn_up\.weight.*model\.gguf.*NVFP4.*nearest supported type: MXFP4"):
         dequantize(qt)
 
 

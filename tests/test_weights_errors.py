@@ -118,17 +118,17 @@ def test_shape_mismatch_names_both(good, tmp_path):
 def test_unsupported_ggml_type_names_tensor_type_and_file(tmp_path):
     import gguf
 
-    path = tmp_path / "iq2.gguf"
+    path = tmp_path / "q8k.gguf"
     w = gguf.GGUFWriter(str(path), "qwen3")
     w.add_block_count(1)
-    w.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 66), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((4, 292), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q8_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     qt = open_source(path).gguf_tensor("blk.0.ffn_up.weight")
-    assert qt.ggml_type == "IQ2_XXS" and qt.shape == (4, 256)
-    with pytest.raises(WeightError, match=r"blk\.0\.ffn_up\.weight.*iq2\.gguf.*IQ2_XXS.*not supported"):
+    assert qt.ggml_type == "Q8_K" and qt.shape == (4, 256)
+    with pytest.raises(WeightError, match=r"blk\.0\.ffn_up\.weight.*q8k\.gguf.*Q8_K.*not supported; nearest supported type: Q8_0"):
         qt.dequantize()
 
 

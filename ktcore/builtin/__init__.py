@@ -4,10 +4,11 @@
 from ..hookspecs import hookimpl
 from .attention import KAttentionMLA, KAttentionSDPA
 from .experts import KExpertsTorch
+from .experts_gpt_oss import KExpertsGptOssTorch
 from .linear import KLinearTorch
 from .rope import KRoPETorch
 
-__all__ = ["KAttentionMLA", "KAttentionSDPA", "KExpertsTorch", "KLinearTorch", "KRoPETorch"]
+__all__ = ["KAttentionMLA", "KAttentionSDPA", "KExpertsGptOssTorch", "KExpertsTorch", "KLinearTorch", "KRoPETorch"]
 
 
 @hookimpl
@@ -18,6 +19,7 @@ def register_linear_ops(register):
 @hookimpl
 def register_experts_ops(register):
     register(KExpertsTorch)
+    register(KExpertsGptOssTorch)
 
 
 @hookimpl

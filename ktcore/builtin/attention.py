@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import Op
+from ..ops import Op, stream_capturing
 from ._common import TORCH_DEVICES, causal_mask, module_dtype, parse_dtype
 
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, keys and values are repeated
@@ -32,7 +32,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Half-split rotary embedding on ``[B, heads, S, D]`` with ``cos``/``sin`` ``[B, S, D]``."""
+    """Half-split rotary embedding on ``[B, heads, S, D]`` with ``cos``/``sin`` ``[B, S, R]``; with ``R < D``
+    (partial rotary: GLM-4.5, MiniMax-M2) the first ``R`` dims rotate and the rest pass through."""
+    rot = cos.shape[-1]
+    if rot < q.shape[-1]:
+        q_rot, k_rot = apply_rope(q[..., :rot], k[..., :rot], cos, sin)
+        return torch.cat([q_rot, q[..., rot:]], dim=-1), torch.cat([k_rot, k[..., rot:]], dim=-1)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -85,11 +90,14 @@ class KAttentionSDPA(Op):
     """Self-attention of the GQA families (Llama, Qwen2/3(-MoE), Mixtral, Gemma 3, ...): q/k/v projections,
     optional per-head ``q_norm``/``k_norm``, half-split rotary, cache through ``cache.update``, then
     ``scaled_dot_product_attention`` with the model's mask (causal, sliding window) and ``enable_gqa``;
-    logit soft-capping (which SDPA lacks) takes an explicit path.
+    logit soft-capping and attention sinks (GPT-OSS: one learnt logit per head that joins the softmax and
+    attends to nothing), which SDPA lacks, take an explicit path. q/k norms apply per head, or to the whole
+    projection where their weight spans all heads (MiniMax-M2).
     """
 
     name = "KAttentionSDPA"
     graph_capturable = True
+    computes_sinks = True  # a subclass whose own ``_attend`` handles ``self.sinks`` says so in its class body
     role = "attention"
     devices = TORCH_DEVICES
 
@@ -108,16 +116,32 @@ class KAttentionSDPA(Op):
         self.softcap = getattr(module, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
         self.is_causal = bool(getattr(module, "is_causal", True))
         self.has_qk_norm = getattr(module, "q_norm", None) is not None
+        # a norm over the whole projection (MiniMax-M2) instead of each head's
+        self.qk_norm_whole = self.has_qk_norm and tuple(getattr(module.q_norm, "weight", torch.empty(0)).shape) != (self.head_dim,)
+        self.has_sinks = isinstance(getattr(module, "sinks", None), torch.Tensor)
+        self.register_buffer("sinks", None, persistent=False)  # [heads] float32, from load()
+        attend_owner = next(c for c in type(self).__mro__ if "_attend" in vars(c))
+        if self.has_sinks and not vars(attend_owner).get("computes_sinks", False):
+            raise ValueError(f"{self.name}: {type(module).__name__} has attention sinks (GPT-OSS), which this op's "
+                             f"kernel does not compute; use KAttentionSDPA for it")
+
+    def load(self, weights) -> None:
+        if self.has_sinks:
+            if "sinks" not in weights:
+                raise KeyError(f"{self.name}: {type(self.attn).__name__} has attention sinks; no 'sinks' tensor given")
+            self.sinks = weights["sinks"].dequantize(torch.float32, self.device).reshape(self.num_heads)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         cache = _cache_of(kwargs)
         attn = self.attn
         batch, q_len = hidden_states.shape[:-1]
         shape = (batch, q_len, -1, self.head_dim)
-        q = attn.q_proj(hidden_states).view(shape)
-        k = attn.k_proj(hidden_states).view(shape)
+        q, k = attn.q_proj(hidden_states), attn.k_proj(hidden_states)
+        if self.qk_norm_whole:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.view(shape), k.view(shape)
         v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
-        if self.has_qk_norm:
+        if self.has_qk_norm and not self.qk_norm_whole:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
@@ -127,7 +151,7 @@ class KAttentionSDPA(Op):
         mask, is_causal = attention_mask, False
         if mask is None and self.is_causal:
             k, v, mask = _without_mask(k, v, q_len)
-            if mask is not None and self.softcap is None:
+            if mask is not None and self.softcap is None and not self.has_sinks:
                 mask, is_causal = None, True  # square causal: SDPA's own flag keeps its fast kernels
         elif mask is not None and mask.shape[-1] != k.shape[-2]:
             mask = mask[..., : k.shape[-2]]
@@ -138,8 +162,8 @@ class KAttentionSDPA(Op):
     def _attend(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         """Attention of ``q`` ``[B, H, S, D]`` over the cached ``k``/``v`` ``[B, KVH, T, D]`` with the prepared
         mask (or ``is_causal`` for a square causal call): ``[B, H, S, D]``. Subclasses swap the kernel here."""
-        if self.softcap is not None:
-            return self._softcapped(q, k, v, mask)
+        if self.softcap is not None or self.has_sinks:
+            return self._explicit(q, k, v, mask)
         gqa = {}
         if self.num_kv_heads != self.num_heads:
             if SDPA_HAS_GQA:
@@ -149,12 +173,21 @@ class KAttentionSDPA(Op):
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling, **gqa)
 
-    def _softcapped(self, q, k, v, mask):
+    def _explicit(self, q, k, v, mask):
+        """Attention with soft-capped logits and/or sinks, as Transformers' eager path computes it."""
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling
-        scores = torch.tanh(scores / self.softcap) * self.softcap
-        probs = torch.softmax(_add_mask(scores, mask), dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = _add_mask(scores, mask)
+        if not self.has_sinks:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(probs, v)
+        sinks = self.sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        both = torch.cat([scores, sinks], dim=-1)
+        both = both - both.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(both, dim=-1, dtype=both.dtype)[..., :-1].to(v.dtype)
         return torch.matmul(probs, v)
 
 
@@ -193,7 +226,9 @@ class KAttentionMLA(Op):
         self.v_head_dim = module.v_head_dim
         self.qk_head_dim = module.qk_head_dim
         self.scaling = float(module.scaling)
-        self.rope_interleave = bool(getattr(config, "rope_interleave", False))
+        # DeepSeek-V3.2 (a sparse-attention indexer) always rotates interleaved pairs
+        self.index_topk = int(config.index_topk) if getattr(module, "indexer", None) is not None else None
+        self.rope_interleave = bool(getattr(config, "rope_interleave", False)) or self.index_topk is not None
         self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
         self.query_chunk = int(query_chunk)
         self.register_buffer("w_k", None, persistent=False)  # [H, nope, r]
@@ -249,9 +284,28 @@ class KAttentionMLA(Op):
             latent, k_pe, mask = _without_mask(latent, k_pe, q_len)
         elif mask.shape[-1] != latent.shape[-2]:
             mask = mask[..., : latent.shape[-2]]
+        if self.index_topk is not None and not stream_capturing(latent):
+            self._check_dense_equals_sparse(latent, mask)
 
         out = self._attend(q_nope, q_pe, latent, k_pe, mask)
         return attn.o_proj(out.to(hidden_states.dtype)), None
+
+    def _check_dense_equals_sparse(self, latent, mask) -> None:
+        """DeepSeek-V3.2's indexer keeps each query's top ``index_topk`` keys; while a query sees at most that
+        many, it keeps them all and the sparse attention is this dense one. Beyond, the indexer would have to
+        run (and its key cache be kept from the first token), which this op does not do."""
+        if mask is None:
+            visible = latent.shape[-2]
+        elif mask.dtype == torch.bool:
+            visible = int(mask.sum(-1).max())
+        else:
+            visible = int((mask > torch.finfo(mask.dtype).min / 2).sum(-1).max())
+        if visible > self.index_topk:
+            raise NotImplementedError(
+                f"{self.name}: layer {self.layer_idx} is DeepSeek-V3.2 sparse attention; a query sees {visible} keys, "
+                f"more than index_topk={self.index_topk}, and the indexer that picks them is not implemented here "
+                f"(up to index_topk keys the sparse attention equals the dense one this op computes)"
+            )
 
     def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """The heads' outputs ``[B, S, H * v_head_dim]`` (in ``self.dtype``) of queries ``q_nope``

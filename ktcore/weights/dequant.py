@@ -216,10 +216,13 @@ def dequantize_raw(
 
     info = GGML_TYPES.get(ggml_type)
     if info is None or info.dequantize_blocks is None:
+        from .dequant_lowbit import NEAREST_SUPPORTED
         from .quants import DEQUANTIZABLE
 
+        nearest = NEAREST_SUPPORTED.get(ggml_type)
+        hint = f"; nearest supported type: {nearest} (re-quantize this tensor to it)" if nearest else ""
         raise WeightError(
-            f"{what}: GGML type {ggml_type} is not supported (supported: {', '.join(sorted(DEQUANTIZABLE))})"
+            f"{what}: GGML type {ggml_type} is not supported{hint} (supported: {', '.join(sorted(DEQUANTIZABLE))})"
         )
     n_elements = 1
     for s in shape:

@@ -54,6 +54,26 @@ _PER_MODEL_TYPE_KEYS = {
     },
 }
 _PER_MODEL_TYPE_KEYS["deepseek_v3"] = _PER_MODEL_TYPE_KEYS["deepseek_v2"]
+_PER_MODEL_TYPE_KEYS["glm4_moe"] = {
+    **{k: v for k, v in _PER_MODEL_TYPE_KEYS["deepseek_v2"].items() if not k.startswith(("attention.", "rope."))},
+    "attention.key_length": "head_dim",
+    "nextn_predict_layers": "num_nextn_predict_layers",
+}
+_PER_MODEL_TYPE_KEYS["qwen3_next"] = {
+    "expert_count": "num_experts", "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
+    "attention.key_length": "head_dim", "ssm.conv_kernel": "linear_conv_kernel_dim", "ssm.state_size": "linear_key_head_dim",
+    "ssm.group_count": "linear_num_key_heads", "ssm.time_step_rank": "linear_num_value_heads",
+}
+_PER_MODEL_TYPE_KEYS["llama4_text"] = {
+    "expert_count": "num_local_experts", "expert_feed_forward_length": "intermediate_size",
+    "feed_forward_length": "intermediate_size_mlp", "interleave_moe_layer_step": "interleave_moe_layer_step",
+    "rope.dimension_count": "head_dim",
+}
+_PER_MODEL_TYPE_KEYS["gpt_oss"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
+                                   "expert_feed_forward_length": "intermediate_size",
+                                   "attention.sliding_window": "sliding_window"}
+_PER_MODEL_TYPE_KEYS["minimax_m2"] = {"expert_count": "num_local_experts", "attention.key_length": "head_dim",
+                                      "expert_feed_forward_length": "intermediate_size"}
 
 # Transformers defaults llama.cpp assumes for these families
 _DEFAULTS = {
@@ -143,6 +163,8 @@ def config_dict_from_metadata(meta: dict, tensor_names, path: str) -> dict:
         cfg["shared_expert_intermediate_size"] = 0
     if model_type in ("qwen2", "qwen2_moe"):
         cfg.setdefault("qkv_bias", any(n.endswith("attn_q.bias") for n in tensor_names))
+    if model_type in _FAMILY_FIXUPS:
+        _FAMILY_FIXUPS[model_type](cfg, meta, arch, tensor_names)
 
     extras = meta.get(EXTRAS_KEY)
     if extras:
@@ -184,6 +206,62 @@ def _gemma3(cfg: dict, meta: dict, arch: str, rope: dict) -> None:
         cfg["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
     local = {"rope_type": "default", "rope_theta": float(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))}
     cfg["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+
+
+def _partial_rotary(cfg: dict, meta: dict, arch: str) -> None:
+    """llama.cpp writes the rotated dims as ``rope.dimension_count``; Transformers wants the fraction."""
+    rot = meta.get(f"{arch}.rope.dimension_count")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    if rot and int(rot) != head_dim:
+        cfg["rope_parameters"]["partial_rotary_factor"] = int(rot) / head_dim
+
+
+def _glm4_moe(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    names = set(tensor_names)
+    # block_count counts the multi-token-prediction layers llama.cpp appends; Transformers builds none
+    nextn = int(cfg.get("num_nextn_predict_layers") or 0)
+    cfg["num_hidden_layers"] -= nextn
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in names
+    cfg["use_qk_norm"] = "blk.0.attn_q_norm.weight" in names
+    _partial_rotary(cfg, meta, arch)
+
+
+def _minimax_m2(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    _partial_rotary(cfg, meta, arch)
+
+
+def _gpt_oss(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    # llama.cpp's GPT-OSS: even layers slide, odd layers attend fully; YaRN without truncation
+    cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(cfg["num_hidden_layers"])]
+    if cfg["rope_parameters"].get("rope_type") == "yarn":
+        cfg["rope_parameters"]["truncate"] = False
+    cfg["attention_bias"] = "blk.0.attn_q.bias" in set(tensor_names)
+
+
+def _qwen3_next(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    cfg["linear_value_head_dim"] = int(meta[f"{arch}.ssm.inner_size"]) // int(cfg["linear_num_value_heads"])
+    interval = int(meta.get(f"{arch}.full_attention_interval", 4))
+    cfg["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                          for i in range(cfg["num_hidden_layers"])]
+    cfg.setdefault("norm_topk_prob", True)
+    _partial_rotary(cfg, meta, arch)
+
+
+def _llama4(cfg: dict, meta: dict, arch: str, tensor_names) -> None:
+    # llama.cpp's Llama 4: a sliding_window of 0 means full attention with rope everywhere; otherwise chunks of
+    # 8192 on three layers of four, the fourth without rope and with attention temperature tuning
+    layers = cfg["num_hidden_layers"]
+    if meta.get(f"{arch}.attention.sliding_window") == 0:
+        cfg.update(attention_chunk_size=None, no_rope_layers=[1] * layers)
+    else:
+        cfg.update(attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1,
+                   no_rope_layers=[0 if (i + 1) % 4 == 0 else 1 for i in range(layers)])
+    cfg["use_qk_norm"] = cfg.get("num_local_experts") != 128  # llama.cpp: all but the 128-expert Maverick
+
+
+# model_type -> what its config needs beyond the key tables
+_FAMILY_FIXUPS = {"glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2, "gpt_oss": _gpt_oss, "qwen3_next": _qwen3_next,
+                  "llama4_text": _llama4}
 
 
 def config_from_metadata(meta: dict, tensor_names, path: str):

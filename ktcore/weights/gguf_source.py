@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .gguf_header import GGUF_MAGIC, GGUFHeader
-from .names import MODEL_TYPE_TO_ARCH, TensorRef, build_name_map, qk_row_permutation
+from .names import MODEL_TYPE_TO_ARCH, TensorRef, build_name_map, qk_row_permutation, qkvz_row_permutation
 from .quants import GGML_TYPES_BY_ID
 from .source import MissingTensorError, WeightError
 from .tensor import QuantizedTensor
@@ -199,6 +199,14 @@ class GGUFSource:
             qt = _concat_dim1(name, parts, ref.shape)
         elif found.kind == "kv_b":
             qt = self._kv_b(name, parts, ref.shape)
+        elif found.kind == "qkvz":
+            qt = self._qkvz(name, parts, ref.shape)
+        elif found.kind in _INTERLEAVED_LAYOUTS:
+            values = _INTERLEAVED_LAYOUTS[found.kind]([p.dequantize(torch.float32) for p in parts])
+            if tuple(values.shape) != tuple(ref.shape):
+                raise WeightError(f"{parts[0].source}: {name!r} from {[p.name for p in parts]} has shape "
+                                  f"{tuple(values.shape)}, needs {tuple(ref.shape)}")
+            qt = _f32_tensor(name, values, parts[0].source)
         else:
             qt = parts[0]
             if qt.shape != ref.shape:
@@ -222,7 +230,23 @@ class GGUFSource:
         if transform == "minus_one":
             values = qt.dequantize(torch.float32) - 1.0
             return _f32_tensor(name, values, qt.source)
+        if transform == "log_neg":  # Qwen3-Next's A_log, stored as -exp(A_log)
+            return _f32_tensor(name, torch.log(-qt.dequantize(torch.float32)), qt.source)
         return qt
+
+    def _qkvz(self, name: str, parts: list[QuantizedTensor], shape) -> QuantizedTensor:
+        """Qwen3-Next's ``in_proj_qkvz`` from ``attn_qkv`` + ``attn_gate``: a row permutation, of whole rows of
+        blocks (kept quantized) when both share a type."""
+        qkv, gate = parts
+        perm = torch.tensor(qkvz_row_permutation(self.config()))
+        rows = qkv.shape[0] + gate.shape[0]
+        if (rows, *qkv.shape[1:]) != tuple(shape):
+            raise WeightError(f"{qkv.source}: {name!r} from {qkv.name!r} + {gate.name!r} has {rows} rows, needs {tuple(shape)}")
+        if qkv.ggml_type == gate.ggml_type:
+            raw = torch.cat([qkv.data.reshape(qkv.shape[0], -1), gate.data.reshape(gate.shape[0], -1)])
+            return QuantizedTensor(name, qkv.ggml_type, tuple(shape), raw[perm].reshape(-1), qkv.source)
+        values = torch.cat([qkv.dequantize(torch.float32), gate.dequantize(torch.float32)])
+        return _f32_tensor(name, values[perm], qkv.source)
 
     def _kv_b(self, name: str, parts: list[QuantizedTensor], shape) -> QuantizedTensor:
         # llama.cpp split kv_b_proj [H*(nope+v), rank] into k_b [H, rank, nope] (transposed) and v_b [H, v, rank]
@@ -300,6 +324,21 @@ def _squeezed(shape) -> tuple[int, ...]:
 def _f32_tensor(name: str, values: torch.Tensor, source: str) -> QuantizedTensor:
     values = values.to(torch.float32).contiguous()
     return QuantizedTensor(name, "F32", tuple(values.shape), values.view(torch.uint8).reshape(-1), source)
+
+
+def _interleave_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.stack([a, b], dim=-1).flatten(-2)
+
+
+# GPT-OSS's and Llama 4's experts in Transformers' layout, from llama.cpp's [E, out, in] tensors (values, so F32: a
+# transpose or an interleave of quantized rows is not a whole-block operation). Experts ops read the
+# split names, which stay quantized.
+_INTERLEAVED_LAYOUTS = {
+    "interleave_t": lambda parts: _interleave_last(parts[0].transpose(1, 2), parts[1].transpose(1, 2)),
+    "interleave": lambda parts: _interleave_last(parts[0], parts[1]),
+    "transpose": lambda parts: parts[0].transpose(1, 2).contiguous(),
+    "concat_t": lambda parts: torch.cat(parts, dim=1).transpose(1, 2).contiguous(),  # Llama 4
+}
 
 
 def _concat_dim1(name: str, parts: list[QuantizedTensor], shape) -> QuantizedTensor:

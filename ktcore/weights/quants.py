@@ -13,6 +13,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import dequant as _dq
+from .dequant_lowbit import LOWBIT_DEQUANTIZERS
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ _DEQUANTIZERS = {
     "Q6_K": _dq.q6_k_blocks,
     "IQ4_NL": _dq.iq4_nl_blocks,
     "IQ4_XS": _dq.iq4_xs_blocks,
+    **LOWBIT_DEQUANTIZERS,
 }
 
 GGML_TYPES: dict[str, GGMLType] = {

@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .names import INTERLEAVED_EXPERTS_MODEL_TYPES, TRANSPOSED_EXPERTS_MODEL_TYPES
 from .source import MissingTensorError
 from .tensor import QuantizedTensor
 
@@ -42,6 +43,9 @@ class StateDictSource:
             raise ValueError("StateDictSource needs the model's config (pass config=...)")
         self._config = config
         self._split = {}  # derived name -> (fused name, half)
+        if getattr(config, "model_type", "") in INTERLEAVED_EXPERTS_MODEL_TYPES:
+            self._split_interleaved()
+            return
         for name, tensor in self._tensors.items():
             if name.endswith(_SPLIT_SUFFIX) and tensor.dim() == 3:
                 prefix = name[: -len(_SPLIT_SUFFIX)]
@@ -49,6 +53,27 @@ class StateDictSource:
                     derived = f"{prefix}.{part}"
                     if derived not in self._tensors:
                         self._split[derived] = (name, half)
+
+    def _split_interleaved(self) -> None:
+        """GPT-OSS: ``gate_up_proj [E, H, 2I]`` (gate, up interleaved on the last dim) and its bias ``[E, 2I]``
+        offered as ``gate_proj``/``up_proj`` ``[E, I, H]`` and ``gate_proj_bias``/``up_proj_bias`` ``[E, I]``."""
+        for name in list(self._tensors):
+            for fused, bias in ((".gate_up_proj", ""), (".gate_up_proj_bias", "_bias")):
+                if name.endswith(fused):
+                    prefix = name[: -len(fused)]
+                    for half, part in enumerate(("gate_proj", "up_proj")):
+                        self._split[f"{prefix}.{part}{bias}"] = (name, half)
+
+    def _part(self, fused: torch.Tensor, half: int) -> torch.Tensor:
+        model_type = getattr(self._config, "model_type", "")
+        if model_type in INTERLEAVED_EXPERTS_MODEL_TYPES:
+            part = fused[..., half::2]
+            return part.transpose(1, 2) if part.dim() == 3 else part
+        if model_type in TRANSPOSED_EXPERTS_MODEL_TYPES:  # [E, H, 2I] -> [E, I, H]
+            cols = fused.shape[-1] // 2
+            return fused[..., half * cols : (half + 1) * cols].transpose(1, 2)
+        rows = fused.shape[1] // 2
+        return fused[:, half * rows : (half + 1) * rows, :]
 
     def names(self) -> Iterator[str]:
         yield from self._tensors
@@ -59,9 +84,7 @@ class StateDictSource:
             return as_quantized(name, self._tensors[name], self.path)
         if name in self._split:
             fused_name, half = self._split[name]
-            fused = self._tensors[fused_name]
-            rows = fused.shape[1] // 2
-            return as_quantized(name, fused[:, half * rows : (half + 1) * rows, :], self.path)
+            return as_quantized(name, self._part(self._tensors[fused_name], half), self.path)
         raise MissingTensorError(f"tensor '{name}' is not in {self.path}")
 
     def config(self):

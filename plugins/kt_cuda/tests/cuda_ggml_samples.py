@@ -12,6 +12,8 @@ from ktcore.weights.tensor import QuantizedTensor
 
 # offsets of the float16 super-block scales that random bytes must not turn into inf/nan
 _HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,)}
+# i-quants gguf-py cannot quantize: random valid blocks (ktcore's helper sets their scale fields)
+_RANDOM_LOWBIT = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")
 
 
 def ggml_tensor(shape, ggml_type: str, seed: int = 0, name: str = "w") -> tuple[QuantizedTensor, torch.Tensor]:
@@ -31,6 +33,11 @@ def ggml_tensor(shape, ggml_type: str, seed: int = 0, name: str = "w") -> tuple[
         for off in _HALF_FIELDS[ggml_type]:
             raw[:, off:off + 2] = rng.uniform(1e-4, 2e-3, size=n_blocks).astype(np.float16).view(np.uint8).reshape(-1, 2)
         raw = raw.reshape(-1)
+    elif ggml_type in _RANDOM_LOWBIT:
+        from ktcore.weights.dequant_lowbit import random_lowbit_blocks
+
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = random_lowbit_blocks(rng, ggml_type, int(np.prod(shape)) // block, scale=1e-3, signed=True).reshape(-1)
     else:
         raw = quants.quantize(rng.standard_normal(shape).astype(np.float32), qtype).reshape(-1)
     ref = torch.from_numpy(quants.dequantize(raw, qtype).reshape(shape).copy())

@@ -1,12 +1,38 @@
 """Triton GGUF dequantizers: bit-exact with gguf.quants in float32, and with ktcore's torch dequantizers."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
-from cuda_test_helpers import half_dtypes
+from cuda_test_helpers import half_dtypes, run_interpreted
 from cuda_ggml_samples import ggml_tensor
 
-TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+LOWBIT = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "TQ1_0", "TQ2_0", "MXFP4"]
+TYPES = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", *LOWBIT]
+
+INTERPRETED = r"""
+import sys
+sys.path.insert(0, %r)
+import torch
+from cuda_ggml_samples import ggml_tensor
+from kt_cuda.triton_dequant import dequantize
+
+for ggml_type in %r:
+    for shape in [(3, 512), (9, 256)]:  # 9 rows: a partial last program
+        qt, ref = ggml_tensor(shape, ggml_type, seed=shape[0])
+        out = dequantize(qt.data, ggml_type, shape, torch.float32)
+        assert torch.equal(out, ref), (ggml_type, shape, (out != ref).sum().item())
+    print(ggml_type)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_lowbit_kernels_bit_exact_interpreted():
+    """The low-bit kernels (lattice lookups, packed signs, split scales) in Triton's interpreter on the CPU."""
+    run_interpreted(INTERPRETED % (str(Path(__file__).parent), LOWBIT))
 
 
 @pytest.mark.parametrize("ggml_type", TYPES)

@@ -120,13 +120,14 @@ class KAttentionFlashGQA(KAttentionSDPA):
     Options: ``kernel``: ``"decode"`` (default: Triton for single-token calls that carry a mask, as a
     static cache's decode does; SDPA otherwise), ``"masked"`` (Triton for every call with a mask: for
     torch versions whose SDPA falls back to repeating heads under a mask) or ``"triton"`` (every call).
-    Logit soft-capping and non-causal modules stay in SDPA's op.
+    Logit soft-capping, attention sinks and non-causal modules stay in SDPA's op.
     """
 
     name = "KAttentionFlashGQA"
     role = "attention"
     devices = ("cuda",)
     graph_capturable = True
+    computes_sinks = True  # calls with sinks (GPT-OSS) take KAttentionSDPA's explicit path
 
     def __init__(self, module: torch.nn.Module, device="cuda", kernel: str = "decode", **kwargs):
         super().__init__(module, device, **kwargs)
@@ -153,7 +154,7 @@ class KAttentionFlashGQA(KAttentionSDPA):
         # without a mask the call is square causal or a single query over all keys: the kernel's own
         # bottom-right causal bound covers both
         use = {"decode": mask is not None and q.shape[2] == 1, "masked": mask is not None, "triton": True}[self.kernel]
-        if use and self.softcap is None and self.is_causal:
+        if use and self.softcap is None and self.is_causal and not self.has_sinks:
             from ..triton_mla import flash_attention
 
             return flash_attention(q, k, v, scale=self.scaling, mask=mask)

@@ -1,0 +1,307 @@
+"""The families added for the models people run today (``NEW_FAMILIES``): as ``test_families.py`` does for the
+first eight (the tiny Transformers model against the same weights through ktcore's shipped rule files, fp32,
+greedy tokens identical), plus the GGUF round trip through ktcore's writer: the file holds every tensor
+exactly, its metadata gives back the config, and the model loaded from it equals Transformers.
+
+Tolerance: fp32 logits within ``1e-4 * max |reference logit|`` (the GQA families run the same kernels as
+Transformers; measured 0 or within a few ulps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ktcore.inject import RULE_FILES_DIR, build_meta_model, inject, load_model
+from ktcore.modules import KAttention, KExperts, KLinear, KRoPE
+from ktcore.registry import Registry
+from ktcore.rules import load_rules
+from ktcore.testing import MODEL_TYPES, NEW_FAMILIES, tiny_config, tiny_model
+from ktcore.weights import open_source
+from ktcore.weights.gguf_writer import write_gguf
+from ktcore.weights.state_dict import StateDictSource
+
+torch.set_num_threads(2)
+
+FP32_REL_TOL = 1e-4
+MOE = {"glm4_moe", "minimax_m2", "gpt_oss", "kimi_k2", "deepseek_v32", "qwen3_next", "llama4"}
+# attention left to Transformers' own modules (linear attention with its recurrent state; gated full attention)
+TRANSFORMERS_ATTENTION = {"qwen3_next", "llama4"}
+# gguf-py (llama.cpp's tensor and key names) has no DeepSeek-V3.2 architecture (its indexer tensors)
+GGUF_FAMILIES = tuple(f for f in NEW_FAMILIES if f != "deepseek_v32")
+BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KAttentionMLA", "KRoPETorch"}
+GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return Registry(entrypoints=False)
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("families_new")
+
+
+def rule_file(family: str, layout: str = "cpu"):
+    return RULE_FILES_DIR / f"{MODEL_TYPES[family]}-{layout}.yaml"
+
+
+def prompt(seed: int = 0, length: int = 20) -> torch.Tensor:
+    return torch.randint(3, 512, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_greedy(model, reference, ids, **kwargs):
+    with torch.no_grad():
+        want = reference.generate(ids, **GEN)
+        got = model.generate(ids, **GEN, **kwargs)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, e) in enumerate(zip(got.logits, want.logits)):
+        assert (g - e).abs().max() <= FP32_REL_TOL * e.abs().max(), f"decode step {step}"
+
+
+def assert_same_logits(model, reference, ids):
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+    assert (got - want).abs().max() <= FP32_REL_TOL * want.abs().max()
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_tiny_model_is_informative(family):
+    model = tiny_model(family)
+    assert model.config.model_type == MODEL_TYPES[family]
+    for name, m in model.named_modules():
+        # kimi_k2's 384 experts (and its shared expert) are 32 wide to stay small: F32 and 32-blocks only
+        if isinstance(m, nn.Linear) and m.out_features > 1 and family != "kimi_k2":
+            assert m.in_features % 256 == 0, name
+    with torch.no_grad():
+        logits = model(prompt()).logits[0]
+    assert logits.std() > 0.5 and logits.argmax(-1).unique().numel() >= 10
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_fp32_logits_and_greedy_decode_match(family, registry):
+    reference = tiny_model(family)
+    model, report = load_model(StateDictSource(reference), rules=rule_file(family), dtype=torch.float32,
+                               registry=registry, progress=False)
+    wrappers = [m for m in model.modules() if isinstance(m, (KLinear, KAttention, KExperts, KRoPE))]
+    n_attention = 0 if family in TRANSFORMERS_ATTENTION else model.config.num_hidden_layers
+    assert sum(isinstance(m, KAttention) for m in wrappers) == n_attention
+    assert any(isinstance(m, KExperts) for m in wrappers) == (family in MOE)
+    assert all({op.name for op in m.ops()} <= BUILTIN_OPS for m in wrappers)
+    assert [n for n, m in model.named_modules() if type(m) is nn.Linear and m.out_features > 1] == []
+    ids = prompt()
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
+    assert_same_greedy(model, reference, prompt(2), cache_implementation="static")
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_chunked_prefill_with_ktcore_cache(family, registry):
+    """ktcore's generator cache, prefill in chunks, then single tokens (the first families' test, as is)."""
+    import test_families
+
+    test_families.test_family_chunked_prefill_with_ktcore_cache_matches(family, registry)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "gpu-cpu"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_shipped_rule_file_validates_and_matches(family, layout, registry):
+    rules = load_rules(rule_file(family, layout), registry, check_devices=(layout == "cpu"))
+    assert rules.op_names() <= BUILTIN_OPS
+    model = build_meta_model(tiny_config(family))
+    inject(model, rules, registry)  # raises on a rule that matches nothing
+    experts = [m for name, m in model.named_modules() if name.endswith(".experts")]
+    assert bool(experts) == (family in MOE)
+    for m in experts:
+        assert isinstance(m, KExperts) and m.generate_device.type == "cpu"
+        assert (m.out_device == torch.device("cuda")) == (layout == "gpu-cpu")
+    if layout == "gpu-cpu":
+        assert model.lm_head.prefill_device.type == "cuda"
+        assert model._ktcore_placements["model.embed_tokens"].type == "cuda"
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_gguf_roundtrip_and_loaded_model_equal_transformers(family, gguf_dir, registry):
+    reference = tiny_model(family)
+    path = write_gguf(reference, gguf_dir / f"{family}.gguf")
+    source = open_source(path)
+    assert source.missing() == []
+    for name, expected in reference.state_dict().items():
+        got = source.get(name).dequantize()
+        if name.endswith("A_log") or (family == "qwen3_next" and name.endswith("norm.weight") and "linear_attn" not in name):
+            # stored as -exp(A_log) and as 1 + w (llama.cpp's forms): back within float32 rounding
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1.2e-7)
+        else:
+            assert torch.equal(got, expected), name
+    got_cfg, want_cfg = source.config().to_dict(), reference.config.to_dict()
+    ignore = {"_name_or_path", "transformers_version", "dtype", "architectures", "model_type"}
+    assert {k: (want_cfg.get(k), got_cfg.get(k)) for k in set(want_cfg) & set(got_cfg)
+            if k not in ignore and want_cfg[k] != got_cfg[k]} == {}
+    model, _ = load_model(path, rules=rule_file(family), dtype=torch.float32, registry=registry, progress=False)
+    ids = prompt(4)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the gpu-cpu layout puts attention on the GPU")
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_gpu_cpu_layout_matches(family, registry):
+    reference = tiny_model(family)
+    model, _ = load_model(StateDictSource(reference), rules=rule_file(family, "gpu-cpu"), dtype=torch.float32,
+                          registry=registry, progress=False)
+    ids = prompt()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        got = model(ids.cuda()).logits.cpu()
+        assert (got - expected).abs().max() <= FP32_REL_TOL * expected.abs().max()
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(ids.cuda(), **gen).cpu(), reference.generate(ids, **gen))
+
+
+@pytest.mark.parametrize("family", [f for f in GGUF_FAMILIES if f in MOE])
+def test_config_from_plain_metadata_without_ktcore_extras(family, gguf_dir):
+    """The keys llama.cpp writes alone (no ktcore extras) give the dimensions, routing and rotary fraction."""
+    from ktcore.weights.gguf_config import EXTRAS_KEY, config_from_metadata
+
+    reference = tiny_model(family)
+    source = open_source(write_gguf(reference, gguf_dir / f"{family}-plain.gguf"))
+    meta = {k: v for k, v in source.metadata.items() if k != EXTRAS_KEY}
+    got, want = config_from_metadata(meta, source.gguf_names(), source.path), reference.config
+    assert got.model_type == want.model_type
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "num_experts_per_tok", "n_routed_experts", "num_local_experts", "n_shared_experts",
+                "first_k_dense_replace", "routed_scaling_factor", "norm_topk_prob", "attention_bias", "use_qk_norm"):
+        if hasattr(want, key):
+            assert getattr(got, key) == getattr(want, key), key
+    assert got.rope_parameters.get("partial_rotary_factor") == want.rope_parameters.get("partial_rotary_factor")
+
+
+def test_gpt_oss_mxfp4_experts_stay_quantized_and_match(gguf_dir, registry):
+    """GPT-OSS as its GGUFs ship: MXFP4 routed experts (gguf-py's quantizer), Q8_0 elsewhere. The experts op
+    reads them as stored (MXFP4, llama.cpp's [E, out, in]); the model equals Transformers on the weights
+    gguf-py dequantizes from the same file."""
+    from ktcore.weights.gguf_writer import write_dequantized_copy
+
+    path = write_gguf(tiny_model("gpt_oss"), gguf_dir / "gpt_oss-mxfp4.gguf", qtypes={r"_exps\.weight": "MXFP4", "default": "Q8_0"})
+    source = open_source(path)
+    gate = source.get("model.layers.1.mlp.experts.gate_proj")
+    assert gate.ggml_type == "MXFP4" and gate.shape == (8, 256, 256)
+    assert source.gguf_tensor("blk.1.ffn_down_exps.weight").ggml_type == "MXFP4"
+    assert source.gguf_tensor("blk.1.ffn_down_exps.bias").ggml_type == "F32"
+    reference = tiny_model("gpt_oss")
+    plain = open_source(write_dequantized_copy(path, gguf_dir / "gpt_oss-mxfp4-f32.gguf"))
+    reference.load_state_dict({n: plain.get(n).dequantize() for n in reference.state_dict()})
+    model, _ = load_model(path, rules=rule_file("gpt_oss"), dtype=torch.float32, registry=registry, progress=False)
+    ids = prompt(5)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
+
+
+def test_kimi_k2_config_and_tokenizer_from_gguf_metadata(gguf_dir):
+    """A Kimi-K2 file as llama.cpp writes it (deepseek2 arch, 384 experts, ``tokenizer.ggml.pre = kimi-k2``, its
+    BPE as tokens + merges): config and tokenizer come from the metadata alone. The pre-tokenizer split of
+    ``kimi-k2`` is not applied (Transformers' GGUF converter uses GPT-2's byte-level split for every BPE)."""
+    import gguf
+
+    written = gguf.GGUFReader(write_gguf(tiny_model("kimi_k2"), gguf_dir / "kimi-written.gguf", qtypes="F16"))
+    path = gguf_dir / "kimi.gguf"
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    for key, field in written.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.ggml.pre"):
+            continue
+        kind = field.types[0]
+        w.add_key_value(key, field.contents(), kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    w.add_tokenizer_pre("kimi-k2")
+    for t in written.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    source = open_source(path)
+    config = source.config()
+    assert config.model_type == "deepseek_v3" and config.n_routed_experts == 384 and config.num_experts_per_tok == 8
+    tok = source.tokenizer()
+    text = "the quick brown fox, 12345"
+    ids = tok(text)["input_ids"]
+    assert tok.decode(ids) == text and len(ids) < len(text)  # merges applied
+    assert tok.convert_ids_to_tokens(ids[0]) == "the"
+
+
+def test_deepseek_v32_beyond_index_topk_is_a_clear_error(registry):
+    """Up to index_topk (32 in the tiny model) visible keys V3.2's sparse attention is the dense one (tested
+    above against Transformers); a longer context names the limit instead of computing something else."""
+    reference = tiny_model("deepseek_v32")
+    model, _ = load_model(StateDictSource(reference), rules=rule_file("deepseek_v32"), dtype=torch.float32,
+                          registry=registry, progress=False)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"sees 40 keys, more than index_topk=32"):
+        model(prompt(6, 40))
+
+
+@pytest.mark.parametrize("family,experts_type", [("glm4_moe", "IQ2_XXS"), ("gpt_oss", "MXFP4"), ("kimi_k2", "TQ2_0"), ("llama4", "IQ1_M"),
+                                                 ("qwen3_next", "IQ3_S")])
+def test_synthetic_family_gguf_loads_and_runs(family, experts_type, gguf_dir, registry):
+    """The streamed random-weights writer (what ``gguf_writer --family`` writes at real widths for the GPU
+    benches) makes files the loader takes: here at the tiny widths, through the cpu rule file."""
+    from ktcore.testing import real_width_config
+    from ktcore.weights.gguf_writer import write_synthetic_family_gguf
+
+    assert real_width_config(family, layers=3).num_hidden_layers == 3
+    path = write_synthetic_family_gguf(gguf_dir / f"{family}-synthetic.gguf", tiny_config(family),
+                                       {r"_exps\.": experts_type, "default": "Q8_0"})
+    source = open_source(path)
+    assert source.missing() == []
+    assert source.gguf_tensor("blk.1.ffn_up_exps.weight").ggml_type == experts_type
+    model, _ = load_model(path, rules=rule_file(family), dtype=torch.float32, registry=registry, progress=False)
+    with torch.no_grad():
+        assert torch.isfinite(model(prompt(7)).logits).all()
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_gpu_cpu_rule_file_logic_on_the_cpu(family, registry, tmp_path):
+    """The gpu-cpu rule file with every ``cuda`` read as ``cpu``: what it builds (KMoE blocks, experts wrappers
+    handing their output over, placements) computes what Transformers computes, on a machine without a GPU."""
+    text = rule_file(family, "gpu-cpu").read_text().replace("cuda", "cpu")
+    rules = tmp_path / f"{family}-gpu-cpu-on-cpu.yaml"
+    rules.write_text(text)
+    reference = tiny_model(family)
+    model, _ = load_model(StateDictSource(reference), rules=rules, dtype=torch.float32, registry=registry, progress=False)
+    ids = prompt(8)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
+
+
+def _llamacpp_constants(family: str):
+    """The tiny model, with the values llama.cpp fixes where the tiny config differs: Llama 4's 8192-token
+    chunks and temperature floor (llama.cpp hard-codes them), and YaRN's integer correction range (llama.cpp
+    always truncates; GPT-OSS's config says truncate=False, which only Transformers and ktcore follow)."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family)
+    config = tiny_config(family)
+    if family == "llama4":
+        config.attention_chunk_size, config.floor_scale = 8192, 8192
+    elif family == "gpt_oss":
+        config.rope_parameters = dict(config.rope_parameters, truncate=True)
+    else:
+        return model
+    adjusted = AutoModelForCausalLM.from_config(config)
+    adjusted.load_state_dict(model.state_dict())
+    return adjusted.eval()
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_llamacpp_computes_the_written_file_as_transformers(family, gguf_dir):
+    """llama.cpp (llama-cpp-python) reads each file ktcore's writer makes as the model it is: its logits equal
+    Transformers' within its activation rounding (measured 1.8e-4 to 4.2e-4 of the largest logit)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = _llamacpp_constants(family)
+    path = write_gguf(model, gguf_dir / f"{family}-llamacpp.gguf")
+    ids = prompt(9, 12)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    llm.eval(ids[0].tolist())
+    got = torch.from_numpy(np.array(llm.scores[: ids.shape[1]], dtype=np.float32))
+    with torch.no_grad():
+        want = model(ids).logits[0]
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
