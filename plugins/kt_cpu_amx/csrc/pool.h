@@ -67,7 +67,9 @@ private:
     int idle_spin_us() const { int l = linger_us_.load(std::memory_order_relaxed); return l < 0 ? spin_us_ : l; }
 
     std::mutex job_mu_;
-    std::condition_variable job_cv_;
+    // job_cv_: the controller waits for a job (has_job_); slot_cv_: callers wait for the job slot (job_done_).
+    // Two variables, so that a blocking call's end (run) wakes no controller that has nothing to do.
+    std::condition_variable job_cv_, slot_cv_;
     std::function<void()> job_;
     std::atomic<bool> has_job_{false}, job_done_{true};  // written under job_mu_, also read by spinners
     std::exception_ptr job_error_;
