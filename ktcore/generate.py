@@ -355,6 +355,7 @@ class Generator:
         self.eos_token_ids = self._end_token_ids()
         self.cuda_graph = cuda_graph
         self._graphs = None
+        self._fused = None
 
     # -- inputs
 
@@ -399,14 +400,37 @@ class Generator:
         """Why decode steps run eagerly on this CUDA model (``None``: they replay graphs, or not decided yet)."""
         return None if self._graphs is None else self._graphs.problem
 
+    def _fused_runner(self):
+        """The fused-layer decode (``ktcore.fused_decode``) for one sequence on the CPU, where an op offers it."""
+        if self.device.type != "cpu":
+            return None
+        if self._fused is None:
+            from .decode_graphs import log_once
+            from .fused_decode import FusedDecode
+
+            self._fused = FusedDecode(self.model, self.cache)
+            if self._fused.problem is not None:
+                log_once(f"fused decode off: {self._fused.problem}")
+        return self._fused if self._fused.problem is None else None
+
+    @property
+    def fused_problem(self) -> str | None:
+        """Why CPU decode steps run module by module (``None``: fused, or not decided yet)."""
+        return None if self._fused is None else self._fused.problem
+
     def decode_step(self, step_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 1, V]`` for ``step_ids`` ``[B, 1]`` after what the cache holds, appending to it:
-        a graph replay where graphs are on, else an eager ``forward_step``."""
+        a graph replay where graphs are on, fused layers on the CPU where an op offers them, else an eager
+        ``forward_step``."""
         runner = self._graph_runner()
         if runner is not None:
             logits = runner.step(step_ids, cache_length(self.cache))
             if logits is not None:
                 return logits
+        if step_ids.shape[0] == 1:
+            fused = self._fused_runner()
+            if fused is not None:
+                return fused.step(step_ids)
         return forward_step(self.model, step_ids, self.cache)
 
     @torch.inference_mode()

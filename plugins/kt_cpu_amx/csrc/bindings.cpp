@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_features.h"
+#include "decoder.h"
 #include "engine.h"
 #include "pack.h"
 
@@ -138,10 +139,50 @@ PYBIND11_MODULE(_kernels, m) {
            py::arg("out_ptr"),
            "Start out[t, h] = sum_k w[t, k] * expert_idx[t, k](x[t]) on the pool and return at once; the buffers "
            "must stay alive until sync().")
+        .def("decoder_step", [](std::shared_ptr<Runtime> rt, const std::vector<std::shared_ptr<DecoderLayer>>& layers,
+                                uintptr_t x, uintptr_t cos, uintptr_t sin, int pos) {
+            std::vector<const DecoderLayer*> ls;
+            for (const auto& L : layers) {
+                if (!L->k_cache || !L->v_cache) throw std::invalid_argument("kt_cpu_amx: decoder layer without a cache");
+                ls.push_back(L.get());
+            }
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();
+            rt->pool().run([&] { r->decoder_step(ls, ptr<float>(x), ptr<const float>(cos), ptr<const float>(sin), pos); });
+        }, py::arg("layers"), py::arg("x_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("pos"),
+           "One decode step of one sequence through the layers: x[hidden] updated in place, keys and values written "
+           "at pos in each layer's cache; blocks.")
         .def("sync", [](std::shared_ptr<Runtime> rt) {
             py::gil_scoped_release nogil;
             rt->pool().sync();
         })
         .def_property_readonly("busy", [](std::shared_ptr<Runtime> rt) { return rt->pool().busy(); });
+    py::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
+        .def(py::init<>())
+        .def_readwrite("q", &DecoderLayer::q).def_readwrite("k", &DecoderLayer::k)
+        .def_readwrite("v", &DecoderLayer::v).def_readwrite("o", &DecoderLayer::o)
+        .def_readwrite("gate", &DecoderLayer::gate).def_readwrite("up", &DecoderLayer::up)
+        .def_readwrite("down", &DecoderLayer::down)
+        .def_readwrite("bq", &DecoderLayer::bq).def_readwrite("bk", &DecoderLayer::bk)
+        .def_readwrite("bv", &DecoderLayer::bv).def_readwrite("bo", &DecoderLayer::bo)
+        .def_readwrite("bgate", &DecoderLayer::bgate).def_readwrite("bup", &DecoderLayer::bup)
+        .def_readwrite("bdown", &DecoderLayer::bdown)
+        .def_readwrite("attn_norm", &DecoderLayer::attn_norm).def_readwrite("mlp_norm", &DecoderLayer::mlp_norm)
+        .def_readwrite("q_norm", &DecoderLayer::q_norm).def_readwrite("k_norm", &DecoderLayer::k_norm)
+        .def_readwrite("eps", &DecoderLayer::eps).def_readwrite("qk_eps", &DecoderLayer::qk_eps)
+        .def_readwrite("scaling", &DecoderLayer::scaling)
+        .def_readwrite("heads", &DecoderLayer::heads).def_readwrite("kv_heads", &DecoderLayer::kv_heads)
+        .def_readwrite("head_dim", &DecoderLayer::head_dim)
+        .def_property("act", [](const DecoderLayer& L) { return L.act == Activation::Silu ? "silu" : "gelu_tanh"; },
+                      [](DecoderLayer& L, const std::string& a) {
+                          if (a == "silu") L.act = Activation::Silu;
+                          else if (a == "gelu_tanh") L.act = Activation::GeluTanh;
+                          else throw std::invalid_argument("kt_cpu_amx: unsupported activation '" + a + "'");
+                      })
+        .def("check", &DecoderLayer::check, "Empty when the shapes agree, else what is wrong.")
+        .def("set_cache", [](DecoderLayer& L, uintptr_t k, uintptr_t v, int capacity) {
+            L.k_cache = ptr<float>(k); L.v_cache = ptr<float>(v); L.capacity = capacity;
+        }, py::arg("k_ptr"), py::arg("v_ptr"), py::arg("capacity"),
+           "Keys and values [kv_heads, capacity, head_dim] float32 that decoder_step writes and reads.");
     bind_host_launch(m);
 }

@@ -19,8 +19,8 @@ static Isa parse_isa(const std::string& s) {
 Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthreads, pin), isa_(parse_isa(isa)) {
     std::string why = isa_unavailable_reason(isa);
     if (!why.empty()) throw std::runtime_error("kt_cpu_amx: cannot use " + isa + ": " + why);
-    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; }
-    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; }
+    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; }
+    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; }
     amx_scratch_.resize(pool_.size());
     if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);
 }
@@ -35,13 +35,6 @@ bool Runtime::use_amx(const PackedMatrix& W, int rows) const {
 
 uint16_t* Runtime::amx_scratch(int thread, int k) { return amx_scratch_[thread].get<uint16_t>(size_t(32) * k); }
 
-static inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-// Row chunks of a matrix with n rows: multiples of 32 (the AMX block), about 4 per thread or smaller.
-static int chunk_rows(int n, int threads) {
-    int c = round_up(std::max(1, n / (4 * threads)), 32);
-    return std::max(32, std::min(c, 256));
-}
 
 QAct Runtime::quantize_rows(const float* x, int M, int K) {
     act_.ensure(M, K);
@@ -100,10 +93,6 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
     });
 }
 
-static inline float silu(float v) { return v / (1.f + std::exp(-v)); }
-static inline float gelu_tanh(float v) {
-    return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
 
 void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
     linger_after(T);

@@ -1,5 +1,7 @@
 // The runtime (pool, chosen ISA, workspaces) and the two operations: quantized linear and fused MoE experts.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -20,6 +22,21 @@ struct Scratch {
 };
 
 enum class Activation : int { Silu = 0, GeluTanh = 1 };
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+inline float gelu_tanh(float v) {
+    return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+inline float activate(Activation act, float v) { return act == Activation::Silu ? silu(v) : gelu_tanh(v); }
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+// Row chunks of a matrix with n rows: multiples of 32 (the AMX block), about 4 per thread or smaller.
+inline int chunk_rows(int n, int threads) {
+    int c = round_up(std::max(1, n / (4 * threads)), 32);
+    return std::max(32, std::min(c, 256));
+}
+
+struct DecoderLayer;  // decoder.h
 
 struct MoeLayer {
     std::vector<std::shared_ptr<PackedMatrix>> gate, up, down;  // per expert: [I, H], [I, H], [H, I]
@@ -46,6 +63,10 @@ public:
     // of all of them in one parallel phase (a decode step's q/k/v or gate/up: one dispatch instead of 3/2).
     void linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x, const std::vector<float*>& y);
     void moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out);
+    // One decode step of one sequence through the layers (decoder.cpp): x[hidden] is the residual stream, updated
+    // in place; cos/sin [head_dim] the rotary tables at position pos, where each layer writes its keys and values.
+    void decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos, const float* sin,
+                      int pos);
 
     Pool& pool() { return pool_; }
 
@@ -62,6 +83,9 @@ private:
     QuantActFn quant_;
     QActBuf act_, act2_;
     Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
+    Scratch dec_;  // decoder_step's vectors
+    QActBuf dec_act_;
+    AttendFn attend_;
     std::vector<Scratch> amx_scratch_;
 };
 

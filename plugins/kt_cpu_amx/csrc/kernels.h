@@ -9,14 +9,22 @@ namespace kt {
 using GemmQ8Fn = void (*)(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 // Quantize rows r0..r1 of x[*, k] (row stride ldx) into buf (same row index).
 using QuantActFn = void (*)(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+// One query's attention over T cached positions: out[d] = sum_t softmax_t(scale * q . K[t]) * V[t][d], K and V
+// rows of d floats at a stride of ld floats; scores: T floats of scratch.
+using AttendFn = void (*)(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale,
+                          float* scores, float* out);
 
 namespace avx2 {
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out);
 }
 namespace avx512 {
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out);
 }
 namespace amx {
 // Per thread, before the first tile instruction; false when the kernel refuses AMX state.

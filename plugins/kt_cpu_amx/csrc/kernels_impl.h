@@ -365,5 +365,38 @@ void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActB
     }
 }
 
+// ---------------------------------------------------------------------------------------------- attention
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out) {
+    const int d8 = d & ~7;
+    float mx = -INFINITY;
+    for (int t = 0; t < T; ++t) {
+        const float* k = K + size_t(t) * ld;
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < d8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), acc);
+        float s = hsum(acc);
+        for (int i = d8; i < d; ++i) s += q[i] * k[i];
+        s *= scale;
+        scores[t] = s;
+        mx = s > mx ? s : mx;
+    }
+    float sum = 0.f;
+    for (int t = 0; t < T; ++t) {
+        float e = std::exp(scores[t] - mx);
+        scores[t] = e;
+        sum += e;
+    }
+    const float inv = 1.f / sum;
+    for (int i = 0; i < d; ++i) out[i] = 0.f;
+    for (int t = 0; t < T; ++t) {
+        const float* v = V + size_t(t) * ld;
+        const float p = scores[t] * inv;
+        const __m256 vp = _mm256_set1_ps(p);
+        for (int i = 0; i < d8; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+        for (int i = d8; i < d; ++i) out[i] += p * v[i];
+    }
+}
+
 }  // namespace KT_NS
 }  // namespace kt
