@@ -4,8 +4,8 @@ A decode step of a small model on a few CPU cores spends more time in Python (ab
 forty torch ops per layer) than in its kernels. An op whose plugin can run a whole decoder layer natively
 offers that through a class attribute ``fuse_decoder_layers(layers, cache_layers)`` (duck-typed, like the
 experts' ``submit``/``sync``): given the model's decoder layers and their ``PrefixKVLayer`` caches, it returns
-an object with ``step(hidden, cos, sin, position)`` that runs every layer on ``hidden`` ``[1, 1, H]`` (float32,
-contiguous, updated in place) with the rotary tables ``cos``/``sin`` ``[1, 1, head_dim]`` of ``position``,
+an object with ``step(hidden, position_embeddings, position)`` that runs every layer on ``hidden`` ``[1, 1, H]``
+(float32, contiguous, updated in place) with what the model's rotary module returns for ``position``,
 writing each layer's keys and values at ``position`` of its cache storage; or a string saying why it cannot.
 
 ``FusedDecode`` then runs a step as: embedding -> rotary tables -> the fused layers -> final norm -> head, each
@@ -23,7 +23,8 @@ from .modules import KModule
 
 # Causal LMs whose forward for one new token is: embed_tokens -> rotary_emb -> layers (pre-norm, full
 # attention through the cache) -> norm -> lm_head, nothing else (no embedding scale, logit soft-capping, ...).
-PLAIN_CAUSAL_LMS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+PLAIN_CAUSAL_LMS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                              "DeepseekV2ForCausalLM"})
 
 
 def fusing_provider(layer: nn.Module):
@@ -87,8 +88,7 @@ class FusedDecode:
         if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
             hidden = hidden.to(torch.float32).contiguous()
         self._position_ids.fill_(position)
-        cos, sin = base.rotary_emb(hidden, self._position_ids)
-        self.fused.step(hidden, cos.contiguous(), sin.contiguous(), position)
+        self.fused.step(hidden, base.rotary_emb(hidden, self._position_ids), position)
         for layer in cache_layers:
             layer.length = position + 1
         return model.lm_head(base.norm(hidden)).float()

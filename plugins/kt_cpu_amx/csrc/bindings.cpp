@@ -173,6 +173,18 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readwrite("scaling", &DecoderLayer::scaling)
         .def_readwrite("heads", &DecoderLayer::heads).def_readwrite("kv_heads", &DecoderLayer::kv_heads)
         .def_readwrite("head_dim", &DecoderLayer::head_dim)
+        .def_property("kind", [](const DecoderLayer& L) { return L.kind == AttentionKind::Gqa ? "gqa" : "mla"; },
+                      [](DecoderLayer& L, const std::string& k) {
+                          if (k == "gqa") L.kind = AttentionKind::Gqa;
+                          else if (k == "mla") L.kind = AttentionKind::Mla;
+                          else throw std::invalid_argument("kt_cpu_amx: unknown attention kind '" + k + "' (gqa, mla)");
+                      })
+        .def_readwrite("wkt", &DecoderLayer::wkt).def_readwrite("kv_norm", &DecoderLayer::kv_norm)
+        .def_readwrite("kv_eps", &DecoderLayer::kv_eps).def_readwrite("nope", &DecoderLayer::nope)
+        .def_readwrite("rope_dim", &DecoderLayer::rope_dim).def_readwrite("v_dim", &DecoderLayer::v_dim)
+        .def_readwrite("rank", &DecoderLayer::rank).def_readwrite("experts", &DecoderLayer::experts)
+        .def_readwrite("router", &DecoderLayer::router).def_readwrite("top_k", &DecoderLayer::top_k)
+        .def_readwrite("routed_scale", &DecoderLayer::routed_scale)
         .def_property("act", [](const DecoderLayer& L) { return L.act == Activation::Silu ? "silu" : "gelu_tanh"; },
                       [](DecoderLayer& L, const std::string& a) {
                           if (a == "silu") L.act = Activation::Silu;
@@ -183,6 +195,7 @@ PYBIND11_MODULE(_kernels, m) {
         .def("set_cache", [](DecoderLayer& L, uintptr_t k, uintptr_t v, int capacity) {
             L.k_cache = ptr<float>(k); L.v_cache = ptr<float>(v); L.capacity = capacity;
         }, py::arg("k_ptr"), py::arg("v_ptr"), py::arg("capacity"),
-           "Keys and values [kv_heads, capacity, head_dim] float32 that decoder_step writes and reads.");
+           "The cache decoder_step writes and reads (float32): keys and values [kv_heads, capacity, head_dim], or "
+           "for latent attention latents [capacity, rank] and rotary keys [capacity, rope_dim].");
     bind_host_launch(m);
 }

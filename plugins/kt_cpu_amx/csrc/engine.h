@@ -86,6 +86,7 @@ private:
     Scratch dec_;  // decoder_step's vectors
     QActBuf dec_act_;
     AttendFn attend_;
+    AttendLatentFn attend_latent_;
     std::vector<Scratch> amx_scratch_;
 };
 

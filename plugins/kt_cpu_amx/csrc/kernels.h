@@ -13,18 +13,26 @@ using QuantActFn = void (*)(const float* x, int r0, int r1, int k, size_t ldx, c
 // rows of d floats at a stride of ld floats; scores: T floats of scratch.
 using AttendFn = void (*)(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale,
                           float* scores, float* out);
+// Multi-head latent attention of one head over T positions: scores from two parts (q . K[t] over d floats and
+// qr . R[t] over dr floats; rows at strides ld and ldr), values the K rows themselves: out[d].
+using AttendLatentFn = void (*)(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R,
+                                int dr, size_t ldr, int T, float scale, float* scores, float* out);
 
 namespace avx2 {
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
 void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
             float* out);
+void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
+                   size_t ldr, int T, float scale, float* scores, float* out);
 }
 namespace avx512 {
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
 void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
             float* out);
+void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
+                   size_t ldr, int T, float scale, float* scores, float* out);
 }
 namespace amx {
 // Per thread, before the first tile instruction; false when the kernel refuses AMX state.

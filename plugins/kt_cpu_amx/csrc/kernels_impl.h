@@ -366,20 +366,19 @@ void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActB
 }
 
 // ---------------------------------------------------------------------------------------------- attention
-void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
-            float* out) {
+static inline float dot_f32(const float* a, const float* b, int d) {
     const int d8 = d & ~7;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < d8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (int i = d8; i < d; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// scores[0..T) -> softmax weights in place (max subtracted, then normalized as Transformers' softmax does)
+static inline void softmax_inplace(float* scores, int T) {
     float mx = -INFINITY;
-    for (int t = 0; t < T; ++t) {
-        const float* k = K + size_t(t) * ld;
-        __m256 acc = _mm256_setzero_ps();
-        for (int i = 0; i < d8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), acc);
-        float s = hsum(acc);
-        for (int i = d8; i < d; ++i) s += q[i] * k[i];
-        s *= scale;
-        scores[t] = s;
-        mx = s > mx ? s : mx;
-    }
+    for (int t = 0; t < T; ++t) mx = scores[t] > mx ? scores[t] : mx;
     float sum = 0.f;
     for (int t = 0; t < T; ++t) {
         float e = std::exp(scores[t] - mx);
@@ -387,15 +386,35 @@ void attend(const float* q, const float* K, const float* V, int T, int d, size_t
         sum += e;
     }
     const float inv = 1.f / sum;
+    for (int t = 0; t < T; ++t) scores[t] *= inv;
+}
+
+// out[d] = sum_t p[t] * V[t]
+static inline void weighted_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
+    const int d8 = d & ~7;
     for (int i = 0; i < d; ++i) out[i] = 0.f;
     for (int t = 0; t < T; ++t) {
         const float* v = V + size_t(t) * ld;
-        const float p = scores[t] * inv;
-        const __m256 vp = _mm256_set1_ps(p);
+        const __m256 vp = _mm256_set1_ps(p[t]);
         for (int i = 0; i < d8; i += 8)
             _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
-        for (int i = d8; i < d; ++i) out[i] += p * v[i];
+        for (int i = d8; i < d; ++i) out[i] += p[t] * v[i];
     }
+}
+
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out) {
+    for (int t = 0; t < T; ++t) scores[t] = dot_f32(q, K + size_t(t) * ld, d) * scale;
+    softmax_inplace(scores, T);
+    weighted_rows(scores, V, T, d, ld, out);
+}
+
+void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
+                   size_t ldr, int T, float scale, float* scores, float* out) {
+    for (int t = 0; t < T; ++t)
+        scores[t] = (dot_f32(q, K + size_t(t) * ld, d) + dot_f32(qr, R + size_t(t) * ldr, dr)) * scale;
+    softmax_inplace(scores, T);
+    weighted_rows(scores, K, T, d, ld, out);
 }
 
 }  // namespace KT_NS

@@ -2,7 +2,13 @@
 native call per step against the module-by-module decode of the same injected model, from the same cache state.
 The GEMMs are the same kernels on the same quantized activations; norms, rotary, softmax and residual adds run
 in another order, so logits agree to float rounding: relative error <= 1e-5 per step (3e-7 measured), keys and values written
-to the cache within 1e-4, and the same greedy tokens. Each ISA path this CPU has."""
+to the cache within 1e-4, and the same greedy tokens. Each ISA path this CPU has.
+
+DeepSeek-V2 (latent attention absorbed, MoE): the fused layer takes each head's query to latent space through
+W_k quantized to int8 and its int8-quantized activations (the module path: float32 einsums), so it is held to
+plain Transformers instead, teacher-forced: its relative logits error at most 1.25x the module path's + 5e-3
+(both about 2e-2 on the random tiny model, from int8 activations), and the same greedy tokens at >= 7 of 8 steps.
+"""
 
 from __future__ import annotations
 
@@ -91,3 +97,35 @@ def test_fused_decode_declines_with_reasons(monkeypatch):
     with torch.inference_mode():
         forward_step(torch_llama, torch.tensor([[4, 5, 6]]), cache)
     assert "fuse_decoder_layers" in FusedDecode(torch_llama, cache).problem
+
+
+def test_fused_deepseek_v2_against_transformers(isa):
+    hf = tiny_model("deepseek_v2", seed=0)
+    model, _ = load_model(StateDictSource(hf), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
+                          progress=False)
+    seq = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    fused_cache, module_cache = new_cache(model, 64), new_cache(model, 64)
+    with torch.inference_mode():
+        forward_step(model, seq, fused_cache)
+        token = forward_step(model, seq, module_cache)[:, -1:].argmax(-1)
+    fused = FusedDecode(model, fused_cache)
+    assert fused.problem is None, fused.problem
+    errors, same = [], 0
+    for _ in range(8):
+        got = fused.step(token)
+        with torch.inference_mode():
+            want = forward_step(model, token, module_cache)
+            seq = torch.cat([seq, token], 1)
+            ref = hf(seq).logits[:, -1:]
+        errors.append((_rel(got, ref), _rel(want, ref)))
+        same += int(got.argmax()) == int(want.argmax())
+        token = want[:, -1:].argmax(-1)
+    fused_err = sum(e[0] for e in errors) / len(errors)
+    module_err = sum(e[1] for e in errors) / len(errors)
+    assert fused_err <= 1.25 * module_err + 5e-3, (fused_err, module_err)
+    assert same >= 7
+    for i, (a, b) in enumerate(zip(fused_cache.layers, module_cache.layers)):
+        assert a.length == b.length == 20
+        tol = 1e-4 if i == 0 else 3e-2  # layer 0 reads the same embeddings; later ones the layers' outputs
+        assert _rel(a.keys[:, :, : a.length], b.keys[:, :, : b.length]) < tol  # latents
+        assert _rel(a.values[:, :, : a.length], b.values[:, :, : b.length]) < tol  # rotary keys
