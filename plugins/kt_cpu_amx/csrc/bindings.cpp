@@ -99,7 +99,10 @@ PYBIND11_MODULE(_kernels, m) {
             if (W->k % 32) throw std::invalid_argument("kt_cpu_amx: linear input size must be a multiple of 32");
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
-            rt->pool().run([&] { r->linear(*W, M, ptr<const float>(x), ptr<float>(y)); });
+            rt->pool().run([&] {
+                Runtime::Timed timed(r, Phase::Dense);
+                r->linear(*W, M, ptr<const float>(x), ptr<float>(y));
+            });
         }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"),
            "y[m, n] = x[m, k] @ weight.T (float32 buffers); runs on the calling thread and the pool, blocks.")
         .def("linear_multi", [](std::shared_ptr<Runtime> rt, std::vector<std::shared_ptr<PackedMatrix>> W, int M,
@@ -116,7 +119,10 @@ PYBIND11_MODULE(_kernels, m) {
             }
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
-            rt->pool().run([&] { r->linear_multi(ws, M, ptr<const float>(x), ys); });
+            rt->pool().run([&] {
+                Runtime::Timed timed(r, Phase::Dense);
+                r->linear_multi(ws, M, ptr<const float>(x), ys);
+            });
         }, py::arg("weights"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptrs"),
            "y_ptrs[i][m, n_i] = x[m, k] @ weights[i].T, the input quantized once, one parallel phase.")
         .def("moe", [](std::shared_ptr<Runtime> rt, std::shared_ptr<MoeLayer> L, int T, int K, uintptr_t x,
@@ -124,6 +130,7 @@ PYBIND11_MODULE(_kernels, m) {
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
             rt->pool().run([&] {
+                Runtime::Timed timed(r, Phase::Experts);
                 r->moe(*L, T, K, ptr<const float>(x), ptr<const int64_t>(idx), ptr<const float>(w), ptr<float>(out));
             });
         }, py::arg("layer"), py::arg("t"), py::arg("k"), py::arg("x_ptr"), py::arg("idx_ptr"), py::arg("w_ptr"),
@@ -152,6 +159,15 @@ PYBIND11_MODULE(_kernels, m) {
         }, py::arg("layers"), py::arg("x_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("pos"),
            "One decode step of one sequence through the layers: x[hidden] updated in place, keys and values written "
            "at pos in each layer's cache; blocks.")
+        .def("profile", [](std::shared_ptr<Runtime> rt) {
+            std::vector<double> p = rt->profile();
+            py::dict d;
+            const char* names[] = {"dense", "experts", "attention", "small", "waiting"};
+            for (size_t i = 0; i < p.size(); ++i) d[names[i]] = p[i];
+            return d;
+        }, "Seconds of blocking calls on the calling thread since reset_profile(): dense linears, routed experts, "
+           "attention, small ops (norms, residuals, routing), and the pool's barrier waits (left out of the others).")
+        .def("reset_profile", [](std::shared_ptr<Runtime> rt) { rt->reset_profile(); })
         .def("sync", [](std::shared_ptr<Runtime> rt) {
             py::gil_scoped_release nogil;
             rt->pool().sync();

@@ -130,13 +130,14 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
     for (const DecoderLayer* Lp : layers) {
         const DecoderLayer& L = *Lp;
         if (pos >= L.capacity) throw std::out_of_range("kt_cpu_amx: decoder_step past the cache's capacity");
-        rms_norm(x, L.attn_norm.data(), H, L.eps, xn);
+        { Timed t(this, Phase::Small); rms_norm(x, L.attn_norm.data(), H, L.eps, xn); }
         chunks(L.q.get(), q, 0);
         chunks(L.k.get(), kv_k, 0);
         if (L.kind == AttentionKind::Gqa) {
             const int D = L.head_dim, group = L.heads / L.kv_heads;
             chunks(L.v.get(), kv_v, 0);
-            run_tasks(quantized(xn, 1, H));
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H)); }
+            Timed t(this, Phase::Attention);
             add(q, L.bq), add(kv_k, L.bk), add(kv_v, L.bv);
             for (int h = 0; h < L.heads; ++h) {
                 float* qh = q + size_t(h) * D;
@@ -158,7 +159,8 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
             });
         } else {
             const int R = L.rank, P = L.rope_dim, N = L.nope, V = L.v_dim, QD = N + P;
-            run_tasks(quantized(xn, 1, H));
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H)); }
+            Timed t(this, Phase::Attention);
             // the latent (normalized) and the rotary key, written at pos; the queries' rotary parts
             float* latent = L.k_cache + size_t(pos) * R;
             float* kpe = L.v_cache + size_t(pos) * P;
@@ -187,8 +189,12 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
             for (int h = 0; h < L.heads; ++h)
                 std::memcpy(att + size_t(h) * V, y + size_t(h) * (N + V) + N, sizeof(float) * V);
         }
-        chunks(L.o.get(), y, 0);
-        run_tasks(quantized(att, 1, L.o->k));
+        {
+            Timed t(this, Phase::Dense);
+            chunks(L.o.get(), y, 0);
+            run_tasks(quantized(att, 1, L.o->k));
+        }
+        Timed small(this, Phase::Small);
         add(y, L.bo);
         for (int i = 0; i < H; ++i) x[i] += y[i];
 
@@ -217,11 +223,15 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
                 idx[s] = order[s];
                 route[s] = prob[order[s]] * L.routed_scale;
             }
-            moe(*L.experts, 1, K, xn, idx, route, y);
-            linger_after(1);
+            {
+                Timed t(this, Phase::Experts);
+                moe(*L.experts, 1, K, xn, idx, route, y);
+                linger_after(1);
+            }
             for (int i = 0; i < H; ++i) x[i] += y[i];
         }
         if (L.gate) {
+            Timed t(this, Phase::Dense);
             const int I = L.inter();
             const QAct a = quantized(xn, 1, H);
             const int chunk = chunk_rows(I, threads());

@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
@@ -23,6 +24,43 @@ Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthread
     else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; attend_latent_ = avx512::attend_latent; }
     amx_scratch_.resize(pool_.size());
     if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);
+}
+
+static uint64_t now_ns() {
+    return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+void Runtime::charge_open() {
+    const uint64_t t = now_ns(), w = pool_.wait_ns();
+    if (open_phase_ >= 0) {
+        const uint64_t spent = t - open_t0_, waited = w - open_w0_;
+        prof_ns_[open_phase_] += spent > waited ? spent - waited : 0;
+    }
+    open_t0_ = t;
+    open_w0_ = w;
+}
+
+Runtime::Timed::Timed(Runtime* rt, Phase p) : rt_(rt), parent_(rt->open_phase_) {
+    rt_->charge_open();
+    rt_->open_phase_ = int(p);
+}
+
+Runtime::Timed::~Timed() {
+    rt_->charge_open();
+    rt_->open_phase_ = parent_;
+}
+
+std::vector<double> Runtime::profile() const {
+    std::vector<double> out;
+    for (uint64_t ns : prof_ns_) out.push_back(double(ns) * 1e-9);
+    out.push_back(double(pool_.wait_ns() - wait0_) * 1e-9);
+    return out;
+}
+
+void Runtime::reset_profile() {
+    for (uint64_t& ns : prof_ns_) ns = 0;
+    wait0_ = pool_.wait_ns();
 }
 
 std::string Runtime::isa_name() const {

@@ -38,6 +38,12 @@ inline int chunk_rows(int n, int threads) {
 
 struct DecoderLayer;  // decoder.h
 
+// Where a blocking call's time goes, summed on the calling thread (Runtime::profile): dense linears (GEMMs and
+// activation quantization), routed experts, attention (rotary, cache writes, scores), small ops (norms, residual
+// adds, routing); the pool's barrier waits are counted apart (Pool::wait_ns) and left out of these.
+enum class Phase : int { Dense = 0, Experts = 1, Attention = 2, Small = 3 };
+constexpr int kPhases = 4;
+
 struct MoeLayer {
     std::vector<std::shared_ptr<PackedMatrix>> gate, up, down;  // per expert: [I, H], [I, H], [H, I]
     Activation act = Activation::Silu;
@@ -70,6 +76,20 @@ public:
 
     Pool& pool() { return pool_; }
 
+    // Seconds per Phase, then the barrier waits, since construction or reset_profile().
+    std::vector<double> profile() const;
+    void reset_profile();
+    // Adds the time from its construction to its destruction, less the barrier waits meanwhile and the time of
+    // Timed scopes nested in it, to a Phase (on the thread making the blocking call).
+    class Timed {
+    public:
+        Timed(Runtime* rt, Phase p);
+        ~Timed();
+    private:
+        Runtime* rt_;
+        int parent_;
+    };
+
 private:
     void linger_after(int rows) { pool_.set_linger(rows <= decode_rows ? decode_spin_us : -1); }
     bool use_amx(const PackedMatrix& W, int rows) const;
@@ -83,6 +103,11 @@ private:
     QuantActFn quant_;
     QActBuf act_, act2_;
     Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
+    uint64_t prof_ns_[kPhases] = {};
+    uint64_t wait0_ = 0;  // pool wait_ns at the last reset
+    int open_phase_ = -1;                  // the innermost Timed scope's phase
+    uint64_t open_t0_ = 0, open_w0_ = 0;   // since when it counts: clock and pool wait_ns
+    void charge_open();
     Scratch dec_;  // decoder_step's vectors
     QActBuf dec_act_;
     AttendFn attend_;

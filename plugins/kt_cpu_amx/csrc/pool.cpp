@@ -119,10 +119,14 @@ void Pool::parallel_for(int ntasks, const std::function<void(int, int)>& fn) {
     work_cv_.notify_all();
     run_tasks(gen, 0);
     auto done = [&] { return done_.load(std::memory_order_acquire) == ntasks; };
+    if (done()) return;
+    const auto t0 = std::chrono::steady_clock::now();
     if (!spin_until(done, spin_us_)) {
         std::unique_lock<std::mutex> l(mu_);
         done_cv_.wait(l, done);
     }
+    wait_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count()),
+                       std::memory_order_relaxed);
 }
 
 void Pool::controller_loop() {
