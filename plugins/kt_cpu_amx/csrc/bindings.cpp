@@ -93,6 +93,7 @@ PYBIND11_MODULE(_kernels, m) {
         .def_property_readonly("isa", &Runtime::isa_name)
         .def_property_readonly("threads", &Runtime::threads)
         .def_readwrite("amx_min_rows", &Runtime::amx_min_rows)
+        .def_readwrite("amx_min_expert_rows", &Runtime::amx_min_expert_rows)
         .def_readwrite("decode_rows", &Runtime::decode_rows)
         .def_readwrite("decode_spin_us", &Runtime::decode_spin_us)
         .def("linear", [](std::shared_ptr<Runtime> rt, std::shared_ptr<PackedMatrix> W, int M, uintptr_t x, uintptr_t y) {

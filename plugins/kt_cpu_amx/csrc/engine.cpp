@@ -67,8 +67,8 @@ std::string Runtime::isa_name() const {
     return isa_ == Isa::Avx2 ? "avx2" : isa_ == Isa::Avx512 ? "avx512" : "amx";
 }
 
-bool Runtime::use_amx(const PackedMatrix& W, int rows) const {
-    return isa_ == Isa::Amx && rows >= amx_min_rows && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
+bool Runtime::use_amx(const PackedMatrix& W, int rows, int min_rows) const {
+    return isa_ == Isa::Amx && rows >= min_rows && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
 }
 
 uint16_t* Runtime::amx_scratch(int thread, int k) { return amx_scratch_[thread].get<uint16_t>(size_t(32) * k); }
@@ -88,7 +88,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
     const int N = W.n, K = W.k;
     const int chunk = chunk_rows(N, threads());
     const int nchunks = (N + chunk - 1) / chunk;
-    if (use_amx(W, M)) {
+    if (use_amx(W, M, amx_min_rows)) {
         BAct b;
         b.k = K; b.m = M; b.m_pad = round_up(M, 32);
         uint16_t* v = bf_x_.get<uint16_t>(size_t(b.m_pad) * K);
@@ -113,7 +113,7 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
     linger_after(M);
     const int K = W[0]->k;
     bool amx_any = false;
-    for (const PackedMatrix* w : W) amx_any = amx_any || use_amx(*w, M);
+    for (const PackedMatrix* w : W) amx_any = amx_any || use_amx(*w, M, amx_min_rows);
     if (amx_any || W.size() == 1) {  // prefill-sized: the matrices' own phases are long enough
         for (size_t i = 0; i < W.size(); ++i) linear(*W[i], M, x, y[i]);
         return;
@@ -158,7 +158,7 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         int ne = off[e + 1] - off[e];
         if (!ne) continue;
         active.push_back(e);
-        amx[e] = use_amx(*L.gate[e], ne) && use_amx(*L.down[e], ne);
+        amx[e] = use_amx(*L.gate[e], ne, amx_min_expert_rows) && use_amx(*L.down[e], ne, amx_min_expert_rows);
     }
     // bf16 activations of the AMX experts: rows of expert e start at token block bstart[e] (blocks of 16,
     // each expert padded to 32 rows).
