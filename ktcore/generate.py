@@ -384,16 +384,25 @@ class Generator:
             logits = forward_step(self.model, ids[:, start : start + self.prefill_chunk], self.cache, logits_to_keep)
         return logits
 
+    def _plan(self, attr: str, build, what: str):
+        """The decode plan in ``attr`` (built once by ``build()``), or ``None`` where it declined (logged once)."""
+        plan = getattr(self, attr)
+        if plan is None:
+            from .decode_graphs import log_once
+
+            plan = build()
+            setattr(self, attr, plan)
+            if plan.problem is not None:
+                log_once(f"{what} off: {plan.problem}")
+        return plan if plan.problem is None else None
+
     def _graph_runner(self):
         if self.cuda_graph is False or self.device.type != "cuda":
             return None
-        if self._graphs is None:
-            from .decode_graphs import DecodeGraphs, log_once
+        from .decode_graphs import DecodeGraphs
 
-            self._graphs = DecodeGraphs(self.model, self.cache, self.max_context, self.device, _cache_kwarg(self.model))
-            if self._graphs.problem is not None:
-                log_once(f"CUDA graphs off: {self._graphs.problem}")
-        return self._graphs if self._graphs.problem is None else None
+        return self._plan("_graphs", lambda: DecodeGraphs(self.model, self.cache, self.max_context, self.device,
+                                                          _cache_kwarg(self.model)), "CUDA graphs")
 
     @property
     def graph_problem(self) -> str | None:
@@ -404,14 +413,9 @@ class Generator:
         """The fused-layer decode (``ktcore.fused_decode``) for one sequence on the CPU, where an op offers it."""
         if self.device.type != "cpu":
             return None
-        if self._fused is None:
-            from .decode_graphs import log_once
-            from .fused_decode import FusedDecode
+        from .fused_decode import FusedDecode
 
-            self._fused = FusedDecode(self.model, self.cache)
-            if self._fused.problem is not None:
-                log_once(f"fused decode off: {self._fused.problem}")
-        return self._fused if self._fused.problem is None else None
+        return self._plan("_fused", lambda: FusedDecode(self.model, self.cache), "fused decode")
 
     @property
     def fused_problem(self) -> str | None:

@@ -14,6 +14,27 @@ namespace kt { void bind_host_launch(py::module_& m); }  // host_launch.cpp
 
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 
+// A property reading and writing an enum field by name.
+template <class C, class E>
+static void enum_property(py::class_<C, std::shared_ptr<C>>& cls, const char* name, E C::*field,
+                          std::vector<std::pair<std::string, E>> names) {
+    cls.def_property(
+        name,
+        [field, names](const C& c) {
+            for (const auto& [n, v] : names)
+                if (c.*field == v) return n;
+            return std::string("?");
+        },
+        [field, names, name](C& c, const std::string& s) {
+            std::string known;
+            for (const auto& [n, v] : names) {
+                if (n == s) { c.*field = v; return; }
+                known += (known.empty() ? "" : ", ") + n;
+            }
+            throw std::invalid_argument(std::string("kt_cpu_amx: unknown ") + name + " '" + s + "' (" + known + ")");
+        });
+}
+
 PYBIND11_MODULE(_kernels, m) {
     m.doc() = "kt_cpu_amx CPU kernels: quantized linear and fused MoE experts";
 
@@ -174,7 +195,12 @@ PYBIND11_MODULE(_kernels, m) {
             rt->pool().sync();
         })
         .def_property_readonly("busy", [](std::shared_ptr<Runtime> rt) { return rt->pool().busy(); });
-    py::class_<DecoderLayer, std::shared_ptr<DecoderLayer>>(m, "DecoderLayer")
+    py::class_<DecoderLayer, std::shared_ptr<DecoderLayer>> decoder_layer(m, "DecoderLayer");
+    enum_property(decoder_layer, "kind", &DecoderLayer::kind,
+                  {{"gqa", AttentionKind::Gqa}, {"mla", AttentionKind::Mla}});
+    enum_property(decoder_layer, "act", &DecoderLayer::act,
+                  {{"silu", Activation::Silu}, {"gelu_tanh", Activation::GeluTanh}});
+    decoder_layer
         .def(py::init<>())
         .def_readwrite("q", &DecoderLayer::q).def_readwrite("k", &DecoderLayer::k)
         .def_readwrite("v", &DecoderLayer::v).def_readwrite("o", &DecoderLayer::o)
@@ -190,24 +216,12 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readwrite("scaling", &DecoderLayer::scaling)
         .def_readwrite("heads", &DecoderLayer::heads).def_readwrite("kv_heads", &DecoderLayer::kv_heads)
         .def_readwrite("head_dim", &DecoderLayer::head_dim)
-        .def_property("kind", [](const DecoderLayer& L) { return L.kind == AttentionKind::Gqa ? "gqa" : "mla"; },
-                      [](DecoderLayer& L, const std::string& k) {
-                          if (k == "gqa") L.kind = AttentionKind::Gqa;
-                          else if (k == "mla") L.kind = AttentionKind::Mla;
-                          else throw std::invalid_argument("kt_cpu_amx: unknown attention kind '" + k + "' (gqa, mla)");
-                      })
         .def_readwrite("wkt", &DecoderLayer::wkt).def_readwrite("kv_norm", &DecoderLayer::kv_norm)
         .def_readwrite("kv_eps", &DecoderLayer::kv_eps).def_readwrite("nope", &DecoderLayer::nope)
         .def_readwrite("rope_dim", &DecoderLayer::rope_dim).def_readwrite("v_dim", &DecoderLayer::v_dim)
         .def_readwrite("rank", &DecoderLayer::rank).def_readwrite("experts", &DecoderLayer::experts)
         .def_readwrite("router", &DecoderLayer::router).def_readwrite("top_k", &DecoderLayer::top_k)
         .def_readwrite("routed_scale", &DecoderLayer::routed_scale)
-        .def_property("act", [](const DecoderLayer& L) { return L.act == Activation::Silu ? "silu" : "gelu_tanh"; },
-                      [](DecoderLayer& L, const std::string& a) {
-                          if (a == "silu") L.act = Activation::Silu;
-                          else if (a == "gelu_tanh") L.act = Activation::GeluTanh;
-                          else throw std::invalid_argument("kt_cpu_amx: unsupported activation '" + a + "'");
-                      })
         .def("check", &DecoderLayer::check, "Empty when the shapes agree, else what is wrong.")
         .def("set_cache", [](DecoderLayer& L, uintptr_t k, uintptr_t v, int capacity) {
             L.k_cache = ptr<float>(k); L.v_cache = ptr<float>(v); L.capacity = capacity;
