@@ -26,7 +26,8 @@ std::string DecoderLayer::check() const {
         if (q->n != heads * (nope + rope_dim) || k->n != rank + rope_dim || k->k != H || v->n != heads * (nope + v_dim) ||
             v->k != rank || o->k != heads * v_dim)
             return "the latent attention matrices' shapes do not chain";
-        if (int(wkt.size()) != heads) return "one absorbed key matrix per head is needed";
+        if (wkt.empty() ? !axpy_rows_fits(*v) : int(wkt.size()) != heads)
+            return "one absorbed key matrix per head is needed (kv_b's format cannot be read row by row)";
         for (const auto& w : wkt)
             if (!w || w->n != rank || w->k != nope) return "an absorbed key matrix is not [rank, nope]";
         if (int(kv_norm.size()) != rank) return "the latent norm does not have the rank's size";
@@ -171,23 +172,37 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
                 rope_pairs(q + size_t(h) * QD + N, cos, P);
                 std::memcpy(kv_v + size_t(h) * N, q + size_t(h) * QD, sizeof(float) * N);  // q_nope rows
             }
-            // q_nope[h] to latent space: lat[h] = W_k[h].T-rows @ q_nope[h]
-            for (int h = 0; h < L.heads; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * R, h);
-            run_tasks(quantized(kv_v, L.heads, N));
+            // q_nope[h] to latent space: lat[h] = sum_n q_nope[h][n] * W_k[h][n] (kv_b's key rows of head h)
+            if (L.wkt.empty()) {
+                pool_.parallel_for(L.heads, [&](int h, int) {
+                    float* out = lat + size_t(h) * R;
+                    std::fill(out, out + R, 0.f);
+                    axpy_rows_(*L.v, h * (N + V), N, kv_v + size_t(h) * N, out);
+                });
+            } else {
+                for (int h = 0; h < L.heads; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * R, h);
+                run_tasks(quantized(kv_v, L.heads, N));
+            }
             pool_.parallel_for(L.heads, [&](int h, int) {
                 attend_latent_(lat + size_t(h) * R, L.k_cache, R, R, q + size_t(h) * QD + N, L.v_cache, P, P, T,
                                L.scaling, scores + size_t(h) * T, kv_v + size_t(h) * R);
             });
-            // back through kv_b's value rows of each head: rows h * (N + V) + N .. + V, token h
-            const QAct a = quantized(kv_v, L.heads, R);
-            for (int h = 0; h < L.heads; ++h) {
-                const int r0 = h * (N + V) + N;
-                const int chunk = chunk_rows(V, threads());
-                for (int n0 = r0; n0 < r0 + V; n0 += chunk) tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h});
+            // back through kv_b's value rows of each head: rows h * (N + V) + N .. + V
+            if (L.wkt.empty()) {  // float, as the rows stream
+                pool_.parallel_for(L.heads, [&](int h, int) {
+                    dot_rows_(*L.v, h * (N + V) + N, V, kv_v + size_t(h) * R, att + size_t(h) * V);
+                });
+            } else {  // int8 activations, token h for head h
+                const QAct a = quantized(kv_v, L.heads, R);
+                for (int h = 0; h < L.heads; ++h) {
+                    const int r0 = h * (N + V) + N, chunk = chunk_rows(V, threads());
+                    for (int n0 = r0; n0 < r0 + V; n0 += chunk)
+                        tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h});
+                }
+                run_tasks(a);
+                for (int h = 0; h < L.heads; ++h)
+                    std::memcpy(att + size_t(h) * V, y + size_t(h) * (N + V) + N, sizeof(float) * V);
             }
-            run_tasks(a);
-            for (int h = 0; h < L.heads; ++h)
-                std::memcpy(att + size_t(h) * V, y + size_t(h) * (N + V) + N, sizeof(float) * V);
         }
         {
             Timed t(this, Phase::Dense);

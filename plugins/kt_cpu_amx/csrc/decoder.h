@@ -13,8 +13,10 @@ namespace kt {
 
 // Attention kinds: grouped-query (Llama, Qwen, ...) or DeepSeek's multi-head latent attention without q LoRA,
 // absorbed: the cache holds the normalized latent (k_cache, [capacity, rank]) and the shared rotary key (v_cache,
-// [capacity, rope_dim]); each head's query is taken to latent space by wkt[h] ([rank, nope], W_k[h] transposed
-// and quantized at load), and its attention-weighted latent back by kv_b's value rows (v_dim per head).
+// [capacity, rope_dim]); each head's query is taken to latent space through kv_b's key rows (float, the packed
+// rows dequantized as they stream: axpy_rows) where their format allows, else by wkt[h] ([rank, nope], W_k[h]
+// transposed and quantized at load), and its attention-weighted latent back by kv_b's value rows (v_dim per head;
+// float as they stream too, else int8 activations).
 enum class AttentionKind : int { Gqa = 0, Mla = 1 };
 
 struct DecoderLayer {
@@ -24,7 +26,7 @@ struct DecoderLayer {
     std::shared_ptr<PackedMatrix> q, k, v, o, gate, up, down;
     std::vector<float> bq, bk, bv, bo, bgate, bup, bdown;  // biases; empty: none
     // MLA
-    std::vector<std::shared_ptr<PackedMatrix>> wkt;  // per head [rank, nope]
+    std::vector<std::shared_ptr<PackedMatrix>> wkt;  // per head [rank, nope]; empty: kv_b's rows (axpy_rows_fits)
     std::vector<float> kv_norm;                        // RMSNorm of the latent [rank]
     float kv_eps = 1e-6f;
     int nope = 0, rope_dim = 0, v_dim = 0, rank = 0;

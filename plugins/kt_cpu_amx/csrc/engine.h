@@ -115,6 +115,8 @@ private:
     QActBuf dec_act_;
     AttendFn attend_;
     AttendLatentFn attend_latent_;
+    AxpyRowsFn axpy_rows_;
+    DotRowsFn dot_rows_;
     std::vector<Scratch> amx_scratch_;
 };
 

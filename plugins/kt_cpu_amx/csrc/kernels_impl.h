@@ -417,5 +417,61 @@ void attend_latent(const float* q, const float* K, int d, size_t ld, const float
     weighted_rows(scores, K, T, d, ld, out);
 }
 
+template <class S>
+static void axpy_rows_t(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out) {
+    const int G = W.k / 32;
+    for (int i = 0; i < nrows; ++i) {
+        const int r = r0 + i;
+        const float c = coef[i];
+        const uint8_t* q = W.row_q(r);
+        const S* s = W.row_s<S>(r);
+        const S* mins = W.zero_point ? nullptr : W.row_m<S>(r);
+        for (int g = 0; g < G; ++g) {
+            // c * (scale * u + min) with min = -zero_point * scale where no mins are stored
+            const float sc = scalar(s, g) * c;
+            const float off = (mins ? scalar(mins, g) : -float(W.zero_point) * scalar(s, g)) * c;
+            const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
+            for (int j = 0; j < 32; j += 8) {
+                const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + j));
+                const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                float* o = out + g * 32 + j;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_fmadd_ps(w, vs, vo)));
+            }
+        }
+    }
+}
+
+template <class S>
+static void dot_rows_t(const PackedMatrix& W, int r0, int nrows, const float* x, float* out) {
+    const int G = W.k / 32;
+    for (int i = 0; i < nrows; ++i) {
+        const int r = r0 + i;
+        const uint8_t* q = W.row_q(r);
+        const S* s = W.row_s<S>(r);
+        const S* mins = W.zero_point ? nullptr : W.row_m<S>(r);
+        __m256 acc = _mm256_setzero_ps();
+        for (int g = 0; g < G; ++g) {
+            const float sc = scalar(s, g), off = mins ? scalar(mins, g) : -float(W.zero_point) * sc;
+            const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
+            for (int j = 0; j < 32; j += 8) {
+                const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + j));
+                const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), vs, vo);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + g * 32 + j), acc);
+            }
+        }
+        out[i] = hsum(acc);
+    }
+}
+
+void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out) {
+    if (W.half_scales) dot_rows_t<uint16_t>(W, r0, nrows, x, out);
+    else dot_rows_t<float>(W, r0, nrows, x, out);
+}
+
+void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out) {
+    if (W.half_scales) axpy_rows_t<uint16_t>(W, r0, nrows, coef, out);
+    else axpy_rows_t<float>(W, r0, nrows, coef, out);
+}
+
 }  // namespace KT_NS
 }  // namespace kt

@@ -5,9 +5,10 @@ A layer qualifies when it is the pre-norm layer of the Llama / Mistral / Qwen2 /
 with every linear on ``KLinearCPU`` (one runtime) and its norms RMSNorms (checked by running them:
 ``w * x / rms(x)``), and
 - its attention is Transformers' own or ``KAttentionSDPA``, without soft-capping or a sliding window; or
-  ``KAttentionMLA`` without q LoRA (DeepSeek-V2-Lite), absorbed: each head's ``W_k`` transposed and quantized to
-  int8 at fuse time (online, groups of 16: the one place the fused path is not on the GGUF's own values),
-  ``W_v`` read from ``kv_b_proj``'s packed rows;
+  ``KAttentionMLA`` without q LoRA (DeepSeek-V2-Lite), absorbed: each head's query goes to latent space through
+  ``kv_b_proj``'s packed key rows, dequantized in float as they stream (8-bit rows in groups of 32: Q8_0, Q5_0,
+  Q5_1), or, for other formats, through ``W_k`` transposed and quantized to int8 at fuse time (online, groups of
+  16: then not on the GGUF's own values); ``W_v`` is read from ``kv_b_proj``'s packed rows;
 - its MLP is gated (SiLU or GELU-tanh), or a DeepSeek-V2 MoE block (greedy softmax top-k routing, routed experts
   on ``KExpertsCPU``, shared experts on ``KLinearCPU``).
 The layer then runs as ``Runtime.decoder_step`` (csrc/decoder.cpp) on the same packed weights: the same
@@ -122,6 +123,9 @@ def _mla(L, attn, op, ops: dict, where: str) -> None:
     L.heads, L.nope, L.rope_dim = op.num_heads, op.qk_nope_head_dim, op.qk_rope_head_dim
     L.v_dim, L.rank, L.scaling = op.v_head_dim, op.kv_lora_rank, op.scaling
     L.kv_norm, L.kv_eps = _rms_norm(attn.kv_a_layernorm, L.rank, f"{where} kv_a_layernorm")
+    v = L.v
+    if v.bits == 8 and v.group == 32 and not v.sub8_scales and not v.sub16_scales:
+        return  # W_k read from kv_b's packed rows as they are (csrc: axpy_rows)
     packed = kernels().PackedMatrix
     wkt = []
     for h in range(L.heads):

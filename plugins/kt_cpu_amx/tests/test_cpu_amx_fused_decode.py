@@ -4,10 +4,13 @@ The GEMMs are the same kernels on the same quantized activations; norms, rotary,
 in another order, so logits agree to float rounding: relative error <= 1e-5 per step (3e-7 measured), keys and values written
 to the cache within 1e-4, and the same greedy tokens. Each ISA path this CPU has.
 
-DeepSeek-V2 (latent attention absorbed, MoE): the fused layer takes each head's query to latent space through
-W_k quantized to int8 and its int8-quantized activations (the module path: float32 einsums), so it is held to
-plain Transformers instead, teacher-forced: its relative logits error at most 1.25x the module path's + 5e-3
-(both about 2e-2 on the random tiny model, from int8 activations), and the same greedy tokens at >= 7 of 8 steps.
+DeepSeek-V2 (latent attention absorbed, MoE), written as Q8_0 GGUF: the fused layer reads W_k and W_v from
+kv_b_proj's packed rows in float, as the module path's einsums do with the absorbed float weights: logits within
+1e-5 of the module path (3.5e-7 measured), caches within 1e-4. With float weights (quantized online to int8 in
+groups of 16, which the rows cannot be read from) it takes W_k transposed and quantized to int8 and int8
+activations for both absorbed products, so it is held to plain Transformers instead, teacher-forced: relative
+logits error at most 1.25x the module path's + 5e-3 (both about 2e-2 on the random tiny model), the same greedy
+tokens at >= 7 of 8 steps.
 """
 
 from __future__ import annotations
@@ -99,7 +102,34 @@ def test_fused_decode_declines_with_reasons(monkeypatch):
     assert "fuse_decoder_layers" in FusedDecode(torch_llama, cache).problem
 
 
-def test_fused_deepseek_v2_against_transformers(isa):
+def test_fused_deepseek_v2_q8_0_matches_module_path(isa, tmp_path):
+    from ktcore.weights import open_source
+    from ktcore.weights.gguf_writer import write_gguf
+
+    path = write_gguf(tiny_model("deepseek_v2", seed=0), tmp_path / "deepseek_v2.gguf", "Q8_0")
+    model, _ = load_model(open_source(str(path)), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
+                          progress=False)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    fused_cache, module_cache = new_cache(model, 64), new_cache(model, 64)
+    with torch.inference_mode():
+        forward_step(model, prompt, fused_cache)
+        token = forward_step(model, prompt, module_cache)[:, -1:].argmax(-1)
+    fused = FusedDecode(model, fused_cache)
+    assert fused.problem is None, fused.problem
+    assert all(len(layer.wkt) == 0 for layer in fused.fused.layers)  # kv_b's own rows
+    for step in range(STEPS):
+        got = fused.step(token)
+        with torch.inference_mode():
+            want = forward_step(model, token, module_cache)
+        assert _rel(got, want) < 1e-5, f"step {step}: {_rel(got, want)}"
+        token = want[:, -1:].argmax(-1)
+    for a, b in zip(fused_cache.layers, module_cache.layers):
+        assert a.length == b.length == 12 + STEPS
+        assert _rel(a.keys[:, :, : a.length], b.keys[:, :, : b.length]) < 1e-4
+        assert _rel(a.values[:, :, : a.length], b.values[:, :, : b.length]) < 1e-4
+
+
+def test_fused_deepseek_v2_float_weights_against_transformers(isa):
     hf = tiny_model("deepseek_v2", seed=0)
     model, _ = load_model(StateDictSource(hf), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
                           progress=False)
