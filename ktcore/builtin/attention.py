@@ -244,7 +244,10 @@ class KAttentionMLA(Op):
         # a plain nn.Linear takes inputs of its own dtype and device; a linear wrapper converts them
         plain = next(kv_b.parameters(), None)
         where = dict(dtype=plain.dtype, device=plain.device) if plain is not None else dict(dtype=self.dtype, device=self.device)
-        w_t = kv_b(torch.eye(r, **where)).to(device=self.device, dtype=self.dtype)  # eye @ W.T = W.T: [r, H*(nope+v)]
+        # eye @ W.T = W.T: [r, H*(nope+v)], one row per call: a call of r rows would be prefill-sized, and a
+        # prefill path may round the weights (kt-cpu-amx's AMX tiles take them as bf16)
+        eye = torch.eye(r, **where)
+        w_t = torch.cat([kv_b(eye[i : i + 1]) for i in range(r)]).to(device=self.device, dtype=self.dtype)
         bias = kv_b(torch.zeros(1, r, **where))
         if bool(bias.abs().max() > 0):
             raise ValueError(f"{self.name}: layer {self.layer_idx} kv_b_proj has a bias, which absorption does not support")

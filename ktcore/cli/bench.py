@@ -123,11 +123,12 @@ def _llamacpp_next_token(llm) -> int:
     return int(np.argmax(logits))
 
 
-def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
+def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool = True) -> tuple[float, float]:
     """Median (prefill tok/s, decode tok/s) of llama.cpp doing the same: prompt, then greedy steps."""
 
-    llm.reset()
-    llm.eval(prompt_ids[:8])  # warm-up
+    if warm_up:
+        llm.reset()
+        llm.eval(prompt_ids[:8])
     prefill, decode = [], []
     for _ in range(repeats):
         llm.reset()
@@ -153,7 +154,7 @@ def load_llamacpp(path, threads: int, n_ctx: int, logits_all: bool = False):
 def format_table(rows, bandwidth: float) -> str:
     """``rows``: dicts with model, engine, prefill, decode, bytes, and the llama.cpp row's figures as
     ``ref`` (or None)."""
-    head = (f"{'model':<10} {'engine':<10} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} "
+    head = (f"{'model':<10} {'engine':<14} {'prefill tok/s':>13} {'x llama.cpp':>11} {'decode tok/s':>12} "
             f"{'x llama.cpp':>11} {'MB/token':>9} {'bound tok/s':>11} {'% of bound':>10}")
     out = [f"memory copy bandwidth: {bandwidth / 1e9:.2f} GB/s (torch copy, read + write)", head, "-" * len(head)]
     for r in rows:
@@ -161,7 +162,7 @@ def format_table(rows, bandwidth: float) -> str:
         bound = bandwidth / r["bytes"]
         ratio_p = f"{r['prefill'] / ref[0]:.2f}" if ref else "-"
         ratio_d = f"{r['decode'] / ref[1]:.2f}" if ref else "-"
-        out.append(f"{r['model']:<10} {r['engine']:<10} {r['prefill']:>13.1f} {ratio_p:>11} {r['decode']:>12.2f} "
+        out.append(f"{r['model']:<10} {r['engine']:<14} {r['prefill']:>13.1f} {ratio_p:>11} {r['decode']:>12.2f} "
                    f"{ratio_d:>11} {r['bytes'] / 1e6:>9.1f} {bound:>11.1f} {r['decode'] / bound:>10.0%}")
     return "\n".join(out)
 

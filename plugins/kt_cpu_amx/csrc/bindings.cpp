@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_features.h"
+#include "decoder.h"
 #include "engine.h"
 #include "pack.h"
 
@@ -12,6 +13,27 @@ using namespace kt;
 namespace kt { void bind_host_launch(py::module_& m); }  // host_launch.cpp
 
 template <class T> static T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+// A property reading and writing an enum field by name.
+template <class C, class E>
+static void enum_property(py::class_<C, std::shared_ptr<C>>& cls, const char* name, E C::*field,
+                          std::vector<std::pair<std::string, E>> names) {
+    cls.def_property(
+        name,
+        [field, names](const C& c) {
+            for (const auto& [n, v] : names)
+                if (c.*field == v) return n;
+            return std::string("?");
+        },
+        [field, names, name](C& c, const std::string& s) {
+            std::string known;
+            for (const auto& [n, v] : names) {
+                if (n == s) { c.*field = v; return; }
+                known += (known.empty() ? "" : ", ") + n;
+            }
+            throw std::invalid_argument(std::string("kt_cpu_amx: unknown ") + name + " '" + s + "' (" + known + ")");
+        });
+}
 
 PYBIND11_MODULE(_kernels, m) {
     m.doc() = "kt_cpu_amx CPU kernels: quantized linear and fused MoE experts";
@@ -92,13 +114,17 @@ PYBIND11_MODULE(_kernels, m) {
         .def_property_readonly("isa", &Runtime::isa_name)
         .def_property_readonly("threads", &Runtime::threads)
         .def_readwrite("amx_min_rows", &Runtime::amx_min_rows)
+        .def_readwrite("amx_min_expert_rows", &Runtime::amx_min_expert_rows)
         .def_readwrite("decode_rows", &Runtime::decode_rows)
         .def_readwrite("decode_spin_us", &Runtime::decode_spin_us)
         .def("linear", [](std::shared_ptr<Runtime> rt, std::shared_ptr<PackedMatrix> W, int M, uintptr_t x, uintptr_t y) {
             if (W->k % 32) throw std::invalid_argument("kt_cpu_amx: linear input size must be a multiple of 32");
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
-            rt->pool().run([&] { r->linear(*W, M, ptr<const float>(x), ptr<float>(y)); });
+            rt->pool().run([&] {
+                Runtime::Timed timed(r, Phase::Dense);
+                r->linear(*W, M, ptr<const float>(x), ptr<float>(y));
+            });
         }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"),
            "y[m, n] = x[m, k] @ weight.T (float32 buffers); runs on the calling thread and the pool, blocks.")
         .def("linear_multi", [](std::shared_ptr<Runtime> rt, std::vector<std::shared_ptr<PackedMatrix>> W, int M,
@@ -115,7 +141,10 @@ PYBIND11_MODULE(_kernels, m) {
             }
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
-            rt->pool().run([&] { r->linear_multi(ws, M, ptr<const float>(x), ys); });
+            rt->pool().run([&] {
+                Runtime::Timed timed(r, Phase::Dense);
+                r->linear_multi(ws, M, ptr<const float>(x), ys);
+            });
         }, py::arg("weights"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptrs"),
            "y_ptrs[i][m, n_i] = x[m, k] @ weights[i].T, the input quantized once, one parallel phase.")
         .def("moe", [](std::shared_ptr<Runtime> rt, std::shared_ptr<MoeLayer> L, int T, int K, uintptr_t x,
@@ -123,6 +152,7 @@ PYBIND11_MODULE(_kernels, m) {
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
             rt->pool().run([&] {
+                Runtime::Timed timed(r, Phase::Experts);
                 r->moe(*L, T, K, ptr<const float>(x), ptr<const int64_t>(idx), ptr<const float>(w), ptr<float>(out));
             });
         }, py::arg("layer"), py::arg("t"), py::arg("k"), py::arg("x_ptr"), py::arg("idx_ptr"), py::arg("w_ptr"),
@@ -138,10 +168,65 @@ PYBIND11_MODULE(_kernels, m) {
            py::arg("out_ptr"),
            "Start out[t, h] = sum_k w[t, k] * expert_idx[t, k](x[t]) on the pool and return at once; the buffers "
            "must stay alive until sync().")
+        .def("decoder_step", [](std::shared_ptr<Runtime> rt, const std::vector<std::shared_ptr<DecoderLayer>>& layers,
+                                uintptr_t x, uintptr_t cos, uintptr_t sin, int pos) {
+            std::vector<const DecoderLayer*> ls;
+            for (const auto& L : layers) {
+                if (!L->k_cache || !L->v_cache) throw std::invalid_argument("kt_cpu_amx: decoder layer without a cache");
+                ls.push_back(L.get());
+            }
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();
+            rt->pool().run([&] { r->decoder_step(ls, ptr<float>(x), ptr<const float>(cos), ptr<const float>(sin), pos); });
+        }, py::arg("layers"), py::arg("x_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("pos"),
+           "One decode step of one sequence through the layers: x[hidden] updated in place, keys and values written "
+           "at pos in each layer's cache; blocks.")
+        .def("profile", [](std::shared_ptr<Runtime> rt) {
+            std::vector<double> p = rt->profile();
+            py::dict d;
+            const char* names[] = {"dense", "experts", "attention", "small", "waiting"};
+            for (size_t i = 0; i < p.size(); ++i) d[names[i]] = p[i];
+            return d;
+        }, "Seconds of blocking calls on the calling thread since reset_profile(): dense linears, routed experts, "
+           "attention, small ops (norms, residuals, routing), and the pool's barrier waits (left out of the others).")
+        .def("reset_profile", [](std::shared_ptr<Runtime> rt) { rt->reset_profile(); })
         .def("sync", [](std::shared_ptr<Runtime> rt) {
             py::gil_scoped_release nogil;
             rt->pool().sync();
         })
         .def_property_readonly("busy", [](std::shared_ptr<Runtime> rt) { return rt->pool().busy(); });
+    py::class_<DecoderLayer, std::shared_ptr<DecoderLayer>> decoder_layer(m, "DecoderLayer");
+    enum_property(decoder_layer, "kind", &DecoderLayer::kind,
+                  {{"gqa", AttentionKind::Gqa}, {"mla", AttentionKind::Mla}});
+    enum_property(decoder_layer, "act", &DecoderLayer::act,
+                  {{"silu", Activation::Silu}, {"gelu_tanh", Activation::GeluTanh}});
+    decoder_layer
+        .def(py::init<>())
+        .def_readwrite("q", &DecoderLayer::q).def_readwrite("k", &DecoderLayer::k)
+        .def_readwrite("v", &DecoderLayer::v).def_readwrite("o", &DecoderLayer::o)
+        .def_readwrite("gate", &DecoderLayer::gate).def_readwrite("up", &DecoderLayer::up)
+        .def_readwrite("down", &DecoderLayer::down)
+        .def_readwrite("bq", &DecoderLayer::bq).def_readwrite("bk", &DecoderLayer::bk)
+        .def_readwrite("bv", &DecoderLayer::bv).def_readwrite("bo", &DecoderLayer::bo)
+        .def_readwrite("bgate", &DecoderLayer::bgate).def_readwrite("bup", &DecoderLayer::bup)
+        .def_readwrite("bdown", &DecoderLayer::bdown)
+        .def_readwrite("attn_norm", &DecoderLayer::attn_norm).def_readwrite("mlp_norm", &DecoderLayer::mlp_norm)
+        .def_readwrite("q_norm", &DecoderLayer::q_norm).def_readwrite("k_norm", &DecoderLayer::k_norm)
+        .def_readwrite("eps", &DecoderLayer::eps).def_readwrite("qk_eps", &DecoderLayer::qk_eps)
+        .def_readwrite("scaling", &DecoderLayer::scaling)
+        .def_readwrite("heads", &DecoderLayer::heads).def_readwrite("kv_heads", &DecoderLayer::kv_heads)
+        .def_readwrite("head_dim", &DecoderLayer::head_dim)
+        .def_readwrite("wkt", &DecoderLayer::wkt).def_readwrite("kv_norm", &DecoderLayer::kv_norm)
+        .def_readwrite("kv_eps", &DecoderLayer::kv_eps).def_readwrite("nope", &DecoderLayer::nope)
+        .def_readwrite("rope_dim", &DecoderLayer::rope_dim).def_readwrite("v_dim", &DecoderLayer::v_dim)
+        .def_readwrite("rank", &DecoderLayer::rank).def_readwrite("experts", &DecoderLayer::experts)
+        .def_readwrite("router", &DecoderLayer::router).def_readwrite("top_k", &DecoderLayer::top_k)
+        .def_readwrite("routed_scale", &DecoderLayer::routed_scale)
+        .def("check", &DecoderLayer::check, "Empty when the shapes agree, else what is wrong.")
+        .def("set_cache", [](DecoderLayer& L, uintptr_t k, uintptr_t v, int capacity) {
+            L.k_cache = ptr<float>(k); L.v_cache = ptr<float>(v); L.capacity = capacity;
+        }, py::arg("k_ptr"), py::arg("v_ptr"), py::arg("capacity"),
+           "The cache decoder_step writes and reads (float32): keys and values [kv_heads, capacity, head_dim], or "
+           "for latent attention latents [capacity, rank] and rotary keys [capacity, rope_dim].");
     bind_host_launch(m);
 }

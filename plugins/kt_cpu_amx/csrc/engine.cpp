@@ -1,6 +1,7 @@
 #include "engine.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
@@ -19,29 +20,59 @@ static Isa parse_isa(const std::string& s) {
 Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthreads, pin), isa_(parse_isa(isa)) {
     std::string why = isa_unavailable_reason(isa);
     if (!why.empty()) throw std::runtime_error("kt_cpu_amx: cannot use " + isa + ": " + why);
-    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; }
-    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; }
+    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; attend_latent_ = avx2::attend_latent; axpy_rows_ = avx2::axpy_rows; dot_rows_ = avx2::dot_rows; }
+    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; attend_latent_ = avx512::attend_latent; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
     amx_scratch_.resize(pool_.size());
     if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);
+}
+
+static uint64_t now_ns() {
+    return uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+void Runtime::charge_open() {
+    const uint64_t t = now_ns(), w = pool_.wait_ns();
+    if (open_phase_ >= 0) {
+        const uint64_t spent = t - open_t0_, waited = w - open_w0_;
+        prof_ns_[open_phase_] += spent > waited ? spent - waited : 0;
+    }
+    open_t0_ = t;
+    open_w0_ = w;
+}
+
+Runtime::Timed::Timed(Runtime* rt, Phase p) : rt_(rt), parent_(rt->open_phase_) {
+    rt_->charge_open();
+    rt_->open_phase_ = int(p);
+}
+
+Runtime::Timed::~Timed() {
+    rt_->charge_open();
+    rt_->open_phase_ = parent_;
+}
+
+std::vector<double> Runtime::profile() const {
+    std::vector<double> out;
+    for (uint64_t ns : prof_ns_) out.push_back(double(ns) * 1e-9);
+    out.push_back(double(pool_.wait_ns() - wait0_) * 1e-9);
+    return out;
+}
+
+void Runtime::reset_profile() {
+    for (uint64_t& ns : prof_ns_) ns = 0;
+    wait0_ = pool_.wait_ns();
 }
 
 std::string Runtime::isa_name() const {
     return isa_ == Isa::Avx2 ? "avx2" : isa_ == Isa::Avx512 ? "avx512" : "amx";
 }
 
-bool Runtime::use_amx(const PackedMatrix& W, int rows) const {
-    return isa_ == Isa::Amx && rows >= amx_min_rows && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
+bool Runtime::use_amx(const PackedMatrix& W, int rows, int min_rows) const {
+    return isa_ == Isa::Amx && rows >= min_rows && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
 }
 
 uint16_t* Runtime::amx_scratch(int thread, int k) { return amx_scratch_[thread].get<uint16_t>(size_t(32) * k); }
 
-static inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
-
-// Row chunks of a matrix with n rows: multiples of 32 (the AMX block), about 4 per thread or smaller.
-static int chunk_rows(int n, int threads) {
-    int c = round_up(std::max(1, n / (4 * threads)), 32);
-    return std::max(32, std::min(c, 256));
-}
 
 QAct Runtime::quantize_rows(const float* x, int M, int K) {
     act_.ensure(M, K);
@@ -57,7 +88,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
     const int N = W.n, K = W.k;
     const int chunk = chunk_rows(N, threads());
     const int nchunks = (N + chunk - 1) / chunk;
-    if (use_amx(W, M)) {
+    if (use_amx(W, M, amx_min_rows)) {
         BAct b;
         b.k = K; b.m = M; b.m_pad = round_up(M, 32);
         uint16_t* v = bf_x_.get<uint16_t>(size_t(b.m_pad) * K);
@@ -82,7 +113,7 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
     linger_after(M);
     const int K = W[0]->k;
     bool amx_any = false;
-    for (const PackedMatrix* w : W) amx_any = amx_any || use_amx(*w, M);
+    for (const PackedMatrix* w : W) amx_any = amx_any || use_amx(*w, M, amx_min_rows);
     if (amx_any || W.size() == 1) {  // prefill-sized: the matrices' own phases are long enough
         for (size_t i = 0; i < W.size(); ++i) linear(*W[i], M, x, y[i]);
         return;
@@ -100,10 +131,6 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
     });
 }
 
-static inline float silu(float v) { return v / (1.f + std::exp(-v)); }
-static inline float gelu_tanh(float v) {
-    return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
 
 void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
     linger_after(T);
@@ -131,7 +158,7 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         int ne = off[e + 1] - off[e];
         if (!ne) continue;
         active.push_back(e);
-        amx[e] = use_amx(*L.gate[e], ne) && use_amx(*L.down[e], ne);
+        amx[e] = use_amx(*L.gate[e], ne, amx_min_expert_rows) && use_amx(*L.down[e], ne, amx_min_expert_rows);
     }
     // bf16 activations of the AMX experts: rows of expert e start at token block bstart[e] (blocks of 16,
     // each expert padded to 32 rows).

@@ -1,5 +1,7 @@
 // The runtime (pool, chosen ISA, workspaces) and the two operations: quantized linear and fused MoE experts.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,6 +23,27 @@ struct Scratch {
 
 enum class Activation : int { Silu = 0, GeluTanh = 1 };
 
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+inline float gelu_tanh(float v) {
+    return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+inline float activate(Activation act, float v) { return act == Activation::Silu ? silu(v) : gelu_tanh(v); }
+
+inline int round_up(int v, int m) { return (v + m - 1) / m * m; }
+// Row chunks of a matrix with n rows: multiples of 32 (the AMX block), about 4 per thread or smaller.
+inline int chunk_rows(int n, int threads) {
+    int c = round_up(std::max(1, n / (4 * threads)), 32);
+    return std::max(32, std::min(c, 256));
+}
+
+struct DecoderLayer;  // decoder.h
+
+// Where a blocking call's time goes, summed on the calling thread (Runtime::profile): dense linears (GEMMs and
+// activation quantization), routed experts, attention (rotary, cache writes, scores), small ops (norms, residual
+// adds, routing); the pool's barrier waits are counted apart (Pool::wait_ns) and left out of these.
+enum class Phase : int { Dense = 0, Experts = 1, Attention = 2, Small = 3 };
+constexpr int kPhases = 4;
+
 struct MoeLayer {
     std::vector<std::shared_ptr<PackedMatrix>> gate, up, down;  // per expert: [I, H], [I, H], [H, I]
     Activation act = Activation::Silu;
@@ -36,6 +59,9 @@ public:
     int threads() const { return pool_.size(); }
     // Fewest rows (tokens) for which the AMX path is used instead of the integer-dot path.
     int amx_min_rows = 16;
+    // The same for one expert's rows inside moe(): 8, measured on a DeepSeek-V2-Lite-shaped layer (2 threads, Q4_K):
+    // a 128-token call (about 12 rows per expert) took 145 ms instead of 183 with 16, 512 tokens about 215 ms either way.
+    int amx_min_expert_rows = 8;
     // Calls of at most decode_rows rows (tokens) leave the workers spinning decode_spin_us (KT_CPU_DECODE_SPIN_US,
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
     int decode_rows = 8;
@@ -46,12 +72,30 @@ public:
     // of all of them in one parallel phase (a decode step's q/k/v or gate/up: one dispatch instead of 3/2).
     void linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x, const std::vector<float*>& y);
     void moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out);
+    // One decode step of one sequence through the layers (decoder.cpp): x[hidden] is the residual stream, updated
+    // in place; cos/sin [head_dim] the rotary tables at position pos, where each layer writes its keys and values.
+    void decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos, const float* sin,
+                      int pos);
 
     Pool& pool() { return pool_; }
 
+    // Seconds per Phase, then the barrier waits, since construction or reset_profile().
+    std::vector<double> profile() const;
+    void reset_profile();
+    // Adds the time from its construction to its destruction, less the barrier waits meanwhile and the time of
+    // Timed scopes nested in it, to a Phase (on the thread making the blocking call).
+    class Timed {
+    public:
+        Timed(Runtime* rt, Phase p);
+        ~Timed();
+    private:
+        Runtime* rt_;
+        int parent_;
+    };
+
 private:
     void linger_after(int rows) { pool_.set_linger(rows <= decode_rows ? decode_spin_us : -1); }
-    bool use_amx(const PackedMatrix& W, int rows) const;
+    bool use_amx(const PackedMatrix& W, int rows, int min_rows) const;
     // x's M rows of K floats quantized into act_ (int8 per group) by the pool: the view the GEMMs read.
     QAct quantize_rows(const float* x, int M, int K);
     uint16_t* amx_scratch(int thread, int k);
@@ -62,6 +106,17 @@ private:
     QuantActFn quant_;
     QActBuf act_, act2_;
     Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
+    uint64_t prof_ns_[kPhases] = {};
+    uint64_t wait0_ = 0;  // pool wait_ns at the last reset
+    int open_phase_ = -1;                  // the innermost Timed scope's phase
+    uint64_t open_t0_ = 0, open_w0_ = 0;   // since when it counts: clock and pool wait_ns
+    void charge_open();
+    Scratch dec_;  // decoder_step's vectors
+    QActBuf dec_act_;
+    AttendFn attend_;
+    AttendLatentFn attend_latent_;
+    AxpyRowsFn axpy_rows_;
+    DotRowsFn dot_rows_;
     std::vector<Scratch> amx_scratch_;
 };
 

@@ -9,14 +9,41 @@ namespace kt {
 using GemmQ8Fn = void (*)(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 // Quantize rows r0..r1 of x[*, k] (row stride ldx) into buf (same row index).
 using QuantActFn = void (*)(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+// One query's attention over T cached positions: out[d] = sum_t softmax_t(scale * q . K[t]) * V[t][d], K and V
+// rows of d floats at a stride of ld floats; scores: T floats of scratch.
+using AttendFn = void (*)(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale,
+                          float* scores, float* out);
+// Multi-head latent attention of one head over T positions: scores from two parts (q . K[t] over d floats and
+// qr . R[t] over dr floats; rows at strides ld and ldr), values the K rows themselves: out[d].
+// out[0..k) += sum_i coef[i] * W[r0 + i] (rows dequantized in float): 8-bit rows in groups of 32 (axpy_rows_fits).
+using AxpyRowsFn = void (*)(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
+// out[i] = W[r0 + i] . x (rows dequantized in float), i < nrows; the same formats.
+using DotRowsFn = void (*)(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
+inline bool axpy_rows_fits(const PackedMatrix& W) {
+    return W.bits == 8 && W.group == 32 && !W.sub8_scales && !W.sub16_scales;
+}
+using AttendLatentFn = void (*)(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R,
+                                int dr, size_t ldr, int T, float scale, float* scores, float* out);
 
 namespace avx2 {
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out);
+void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
+                   size_t ldr, int T, float scale, float* scores, float* out);
+void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
+void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }
 namespace avx512 {
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out);
+void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
+                   size_t ldr, int T, float scale, float* scores, float* out);
+void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
+void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }
 namespace amx {
 // Per thread, before the first tile instruction; false when the kernel refuses AMX state.

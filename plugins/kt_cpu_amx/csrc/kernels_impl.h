@@ -365,5 +365,113 @@ void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActB
     }
 }
 
+// ---------------------------------------------------------------------------------------------- attention
+static inline float dot_f32(const float* a, const float* b, int d) {
+    const int d8 = d & ~7;
+    __m256 acc = _mm256_setzero_ps();
+    for (int i = 0; i < d8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum(acc);
+    for (int i = d8; i < d; ++i) s += a[i] * b[i];
+    return s;
+}
+
+// scores[0..T) -> softmax weights in place (max subtracted, then normalized as Transformers' softmax does)
+static inline void softmax_inplace(float* scores, int T) {
+    float mx = -INFINITY;
+    for (int t = 0; t < T; ++t) mx = scores[t] > mx ? scores[t] : mx;
+    float sum = 0.f;
+    for (int t = 0; t < T; ++t) {
+        float e = std::exp(scores[t] - mx);
+        scores[t] = e;
+        sum += e;
+    }
+    const float inv = 1.f / sum;
+    for (int t = 0; t < T; ++t) scores[t] *= inv;
+}
+
+// out[d] = sum_t p[t] * V[t]
+static inline void weighted_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
+    const int d8 = d & ~7;
+    for (int i = 0; i < d; ++i) out[i] = 0.f;
+    for (int t = 0; t < T; ++t) {
+        const float* v = V + size_t(t) * ld;
+        const __m256 vp = _mm256_set1_ps(p[t]);
+        for (int i = 0; i < d8; i += 8)
+            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+        for (int i = d8; i < d; ++i) out[i] += p[t] * v[i];
+    }
+}
+
+void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
+            float* out) {
+    for (int t = 0; t < T; ++t) scores[t] = dot_f32(q, K + size_t(t) * ld, d) * scale;
+    softmax_inplace(scores, T);
+    weighted_rows(scores, V, T, d, ld, out);
+}
+
+void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
+                   size_t ldr, int T, float scale, float* scores, float* out) {
+    for (int t = 0; t < T; ++t)
+        scores[t] = (dot_f32(q, K + size_t(t) * ld, d) + dot_f32(qr, R + size_t(t) * ldr, dr)) * scale;
+    softmax_inplace(scores, T);
+    weighted_rows(scores, K, T, d, ld, out);
+}
+
+template <class S>
+static void axpy_rows_t(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out) {
+    const int G = W.k / 32;
+    for (int i = 0; i < nrows; ++i) {
+        const int r = r0 + i;
+        const float c = coef[i];
+        const uint8_t* q = W.row_q(r);
+        const S* s = W.row_s<S>(r);
+        const S* mins = W.zero_point ? nullptr : W.row_m<S>(r);
+        for (int g = 0; g < G; ++g) {
+            // c * (scale * u + min) with min = -zero_point * scale where no mins are stored
+            const float sc = scalar(s, g) * c;
+            const float off = (mins ? scalar(mins, g) : -float(W.zero_point) * scalar(s, g)) * c;
+            const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
+            for (int j = 0; j < 32; j += 8) {
+                const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + j));
+                const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+                float* o = out + g * 32 + j;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_fmadd_ps(w, vs, vo)));
+            }
+        }
+    }
+}
+
+template <class S>
+static void dot_rows_t(const PackedMatrix& W, int r0, int nrows, const float* x, float* out) {
+    const int G = W.k / 32;
+    for (int i = 0; i < nrows; ++i) {
+        const int r = r0 + i;
+        const uint8_t* q = W.row_q(r);
+        const S* s = W.row_s<S>(r);
+        const S* mins = W.zero_point ? nullptr : W.row_m<S>(r);
+        __m256 acc = _mm256_setzero_ps();
+        for (int g = 0; g < G; ++g) {
+            const float sc = scalar(s, g), off = mins ? scalar(mins, g) : -float(W.zero_point) * sc;
+            const __m256 vs = _mm256_set1_ps(sc), vo = _mm256_set1_ps(off);
+            for (int j = 0; j < 32; j += 8) {
+                const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + g * 32 + j));
+                const __m256 w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)), vs, vo);
+                acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + g * 32 + j), acc);
+            }
+        }
+        out[i] = hsum(acc);
+    }
+}
+
+void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out) {
+    if (W.half_scales) dot_rows_t<uint16_t>(W, r0, nrows, x, out);
+    else dot_rows_t<float>(W, r0, nrows, x, out);
+}
+
+void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out) {
+    if (W.half_scales) axpy_rows_t<uint16_t>(W, r0, nrows, coef, out);
+    else axpy_rows_t<float>(W, r0, nrows, coef, out);
+}
+
 }  // namespace KT_NS
 }  // namespace kt

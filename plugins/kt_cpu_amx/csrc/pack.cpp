@@ -55,7 +55,7 @@ Buffer& Buffer::operator=(Buffer&& o) noexcept {
 
 void QActBuf::ensure(int m_, int k_) {
     size_t need_q = size_t(m_) * k_;
-    if (k_ != k || need_q > q.bytes) {
+    if (need_q > q.bytes) {  // d, s16 and s32 follow q's capacity, whatever k
         size_t cap = std::max(need_q, q.bytes);
         q = Buffer(cap);
         d = Buffer(cap / 32 * sizeof(float) + 64);

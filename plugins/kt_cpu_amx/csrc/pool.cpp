@@ -119,10 +119,14 @@ void Pool::parallel_for(int ntasks, const std::function<void(int, int)>& fn) {
     work_cv_.notify_all();
     run_tasks(gen, 0);
     auto done = [&] { return done_.load(std::memory_order_acquire) == ntasks; };
+    if (done()) return;
+    const auto t0 = std::chrono::steady_clock::now();
     if (!spin_until(done, spin_us_)) {
         std::unique_lock<std::mutex> l(mu_);
         done_cv_.wait(l, done);
     }
+    wait_ns_.fetch_add(uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count()),
+                       std::memory_order_relaxed);
 }
 
 void Pool::controller_loop() {
@@ -148,13 +152,13 @@ void Pool::controller_loop() {
             job_error_ = err;
             job_done_ = true;
         }
-        job_cv_.notify_all();
+        slot_cv_.notify_all();
     }
 }
 
 void Pool::submit(std::function<void()> job) {
     std::unique_lock<std::mutex> l(job_mu_);
-    job_cv_.wait(l, [&] { return job_done_.load(); });  // one job in flight
+    slot_cv_.wait(l, [&] { return job_done_.load(); });  // one job in flight
     job_ = std::move(job);
     job_done_ = false;
     has_job_ = true;
@@ -166,7 +170,7 @@ void Pool::submit(std::function<void()> job) {
 void Pool::sync() {
     spin_until([&] { return job_done_.load(std::memory_order_acquire); }, spin_us_);
     std::unique_lock<std::mutex> l(job_mu_);
-    job_cv_.wait(l, [&] { return job_done_.load(); });
+    slot_cv_.wait(l, [&] { return job_done_.load(); });
     if (job_error_) {
         auto e = job_error_;
         job_error_ = nullptr;
@@ -177,7 +181,7 @@ void Pool::sync() {
 void Pool::run(const std::function<void()>& job) {
     {
         std::unique_lock<std::mutex> l(job_mu_);
-        job_cv_.wait(l, [&] { return job_done_.load(); });  // the job slot: one job in flight
+        slot_cv_.wait(l, [&] { return job_done_.load(); });  // the job slot: one job in flight
         job_done_ = false;
     }
     struct Release {
@@ -187,7 +191,7 @@ void Pool::run(const std::function<void()>& job) {
                 std::lock_guard<std::mutex> l(p->job_mu_);
                 p->job_done_ = true;
             }
-            p->job_cv_.notify_all();
+            p->slot_cv_.notify_all();
         }
     } release{this};
     job();

@@ -37,6 +37,9 @@ public:
     // that does not ask again. Ignored inside submitted jobs (only run() jobs linger).
     void set_linger(int us);
     int spin_us() const { return spin_us_; }
+    // Nanoseconds the thread calling parallel_for spent waiting for the other threads' tasks (after finishing what it
+    // could claim), summed over all calls: the barrier cost a decode profile reports as waiting.
+    uint64_t wait_ns() const { return wait_ns_.load(std::memory_order_relaxed); }
 
 private:
     void worker_loop(int id);
@@ -63,11 +66,14 @@ private:
     const std::function<void(int, int)>* fn_ = nullptr;
     std::atomic<bool> stop_{false};
     int spin_us_ = 50;
+    std::atomic<uint64_t> wait_ns_{0};
     std::atomic<int> linger_us_{-1};  // < 0: spin_us_
     int idle_spin_us() const { int l = linger_us_.load(std::memory_order_relaxed); return l < 0 ? spin_us_ : l; }
 
     std::mutex job_mu_;
-    std::condition_variable job_cv_;
+    // job_cv_: the controller waits for a job (has_job_); slot_cv_: callers wait for the job slot (job_done_).
+    // Two variables, so that a blocking call's end (run) wakes no controller that has nothing to do.
+    std::condition_variable job_cv_, slot_cv_;
     std::function<void()> job_;
     std::atomic<bool> has_job_{false}, job_done_{true};  // written under job_mu_, also read by spinners
     std::exception_ptr job_error_;

@@ -122,6 +122,13 @@ class KLinearCPU(Op):
             runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr())
         return self._finish(y, x.dtype)
 
+    @staticmethod
+    def fuse_decoder_layers(layers: list, cache_layers: list):
+        """Whole decoder layers in one native call per decode step, or why not (see ``decoder.py``)."""
+        from .decoder import fuse_decoder_layers
+
+        return fuse_decoder_layers(layers, cache_layers)
+
     def _finish(self, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self._bias is not None:
             y += self._bias

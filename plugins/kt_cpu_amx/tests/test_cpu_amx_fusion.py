@@ -173,6 +173,9 @@ def test_decode_of_injected_model_is_bit_identical_to_unfused(family, monkeypatc
     from ktcore.testing import tiny_model
     from ktcore.weights.state_dict import StateDictSource
 
+    # the module path (whole-layer fusion, test_cpu_amx_fused_decode.py, would take these decode steps)
+    monkeypatch.setattr("kt_cpu_amx.decoder.fuse_decoder_layers", lambda *args: "off: this test runs modules")
+
     def decode_logits(enabled: bool):
         monkeypatch.setattr(fusion, "ENABLED", enabled)
         model, _ = load_model(StateDictSource(tiny_model(family, seed=0)), RULE_DIR / f"{family}-cpu.yaml",

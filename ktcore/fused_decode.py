@@ -1,0 +1,94 @@
+"""Decode steps through fused decoder layers: the CPU's counterpart of ``decode_graphs``.
+
+A decode step of a small model on a few CPU cores spends more time in Python (about ten module calls and
+forty torch ops per layer) than in its kernels. An op whose plugin can run a whole decoder layer natively
+offers that through a class attribute ``fuse_decoder_layers(layers, cache_layers)`` (duck-typed, like the
+experts' ``submit``/``sync``): given the model's decoder layers and their ``PrefixKVLayer`` caches, it returns
+an object with ``step(hidden, position_embeddings, position)`` that runs every layer on ``hidden`` ``[1, 1, H]``
+(float32, contiguous, updated in place) with what the model's rotary module returns for ``position``,
+writing each layer's keys and values at ``position`` of its cache storage; or a string saying why it cannot.
+
+``FusedDecode`` then runs a step as: embedding -> rotary tables -> the fused layers -> final norm -> head, each
+of the first and last a plain module call, and advances the cache lengths. It applies where the model's forward
+is exactly that (``PLAIN_CAUSAL_LMS``), for one sequence, on the CPU; else the ``Generator`` calls the model as
+usual and logs the reason once. The first op found inside layer 0 that offers ``fuse_decoder_layers`` is asked.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .modules import KModule
+
+# Causal LMs whose forward for one new token is: embed_tokens -> rotary_emb -> layers (pre-norm, full
+# attention through the cache) -> norm -> lm_head, nothing else (no embedding scale, logit soft-capping, ...).
+PLAIN_CAUSAL_LMS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                              "DeepseekV2ForCausalLM"})
+
+
+def fusing_provider(layer: nn.Module):
+    """``fuse_decoder_layers`` of the first generate op inside ``layer`` that offers it, or ``None``."""
+    for module in layer.modules():
+        if isinstance(module, KModule) and "generate_op" in module._modules:
+            fuse = getattr(type(module._modules["generate_op"]), "fuse_decoder_layers", None)
+            if callable(fuse):
+                return fuse
+    return None
+
+
+class FusedDecode:
+    """Decode steps of ``model`` over ``cache`` through fused layers; ``problem`` says why not (then unused)."""
+
+    def __init__(self, model: nn.Module, cache):
+        self.model = model
+        self.cache = cache
+        self.fused = None
+        self.problem = self._plan()
+        self._position_ids = torch.zeros((1, 1), dtype=torch.long)
+
+    def _plan(self) -> str | None:
+        from .generate import PrefixKVLayer
+
+        model = self.model
+        if type(model).__name__ not in PLAIN_CAUSAL_LMS:
+            return f"{type(model).__name__} is not among the models fused decoding knows ({sorted(PLAIN_CAUSAL_LMS)})"
+        if getattr(model, "_ktcore_transfer_hooks", None):
+            return "the model moves layers between devices (transfer_map)"
+        base = model.model
+        layers = list(base.layers[: model.config.num_hidden_layers])
+        if not layers:
+            return "the model has no layers"
+        cache_layers = list(getattr(self.cache, "layers", ()))
+        if len(cache_layers) != len(layers) or any(type(c) is not PrefixKVLayer for c in cache_layers):
+            return "the cache is not one full-attention PrefixKVLayer per layer"
+        if any(p.device.type != "cpu" for p in model.parameters()):
+            return "the model has parameters off the CPU"
+        provider = fusing_provider(layers[0])
+        if provider is None:
+            return "no op of the first decoder layer offers fuse_decoder_layers"
+        fused = provider(layers, cache_layers)
+        if isinstance(fused, str):
+            return fused
+        self.fused = fused
+        return None
+
+    @torch.inference_mode()
+    def step(self, step_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[1, 1, V]`` (float32) for ``step_ids`` ``[1, 1]`` after what the cache holds."""
+        model, base = self.model, self.model.model
+        cache_layers = self.cache.layers
+        position = cache_layers[0].length
+        if position >= cache_layers[0].max_cache_len:
+            from .generate import ContextOverflowError
+
+            raise ContextOverflowError(f"the KV cache holds {cache_layers[0].max_cache_len} positions and this call "
+                                       f"needs {position + 1} (raise --max-context)")
+        hidden = base.embed_tokens(step_ids)
+        if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
+            hidden = hidden.to(torch.float32).contiguous()
+        self._position_ids.fill_(position)
+        self.fused.step(hidden, base.rotary_emb(hidden, self._position_ids), position)
+        for layer in cache_layers:
+            layer.length = position + 1
+        return model.lm_head(base.norm(hidden)).float()

@@ -1,0 +1,273 @@
+#include "decoder.h"
+
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+namespace kt {
+
+std::string DecoderLayer::check() const {
+    for (const auto* m : {&q, &k, &v, &o})
+        if (!*m) return "an attention matrix is missing";
+    if (!gate != !up || !gate != !down) return "the MLP needs gate, up and down";
+    if (!gate && !experts) return "the layer has neither an MLP nor experts";
+    const int H = hidden(), I = inter();
+    if (kind == AttentionKind::Gqa) {
+        if (heads <= 0 || kv_heads <= 0 || heads % kv_heads || head_dim <= 0 || head_dim % 2)
+            return "bad head counts or head size";
+        if (q->n != heads * head_dim || k->n != kv_heads * head_dim || v->n != kv_heads * head_dim)
+            return "q/k/v sizes do not match the heads";
+        if (k->k != H || v->k != H || o->k != heads * head_dim) return "the attention matrices' shapes do not chain";
+        if ((!q_norm.empty() && int(q_norm.size()) != head_dim) || (!k_norm.empty() && int(k_norm.size()) != head_dim))
+            return "q/k norm weights do not have the head size";
+    } else {
+        if (heads <= 0 || nope <= 0 || rope_dim <= 0 || rope_dim % 2 || v_dim <= 0 || rank <= 0)
+            return "bad latent attention sizes";
+        if (q->n != heads * (nope + rope_dim) || k->n != rank + rope_dim || k->k != H || v->n != heads * (nope + v_dim) ||
+            v->k != rank || o->k != heads * v_dim)
+            return "the latent attention matrices' shapes do not chain";
+        if (wkt.empty() ? !axpy_rows_fits(*v) : int(wkt.size()) != heads)
+            return "one absorbed key matrix per head is needed (kv_b's format cannot be read row by row)";
+        for (const auto& w : wkt)
+            if (!w || w->n != rank || w->k != nope) return "an absorbed key matrix is not [rank, nope]";
+        if (int(kv_norm.size()) != rank) return "the latent norm does not have the rank's size";
+        if (nope % 32 || rank % 32) return "nope and rank must be multiples of 32";
+        if (!bq.empty() || !bk.empty() || !bv.empty()) return "latent attention projections with biases";
+    }
+    if (o->n != H || o->k % 32) return "o's output is not the hidden size, or its input no multiple of 32";
+    if (gate && (gate->k != H || up->k != H || up->n != I || down->k != I || down->n != H))
+        return "the MLP matrices' shapes do not chain";
+    if (experts) {
+        if (experts->hidden() != H || int(router.size()) != experts->experts() * H || top_k <= 0 ||
+            top_k > experts->experts() || top_k > 64)
+            return "the experts or router do not match the hidden size";
+    }
+    if (H % 32 || I % 32) return "hidden and intermediate sizes must be multiples of 32";
+    if (int(attn_norm.size()) != H || int(mlp_norm.size()) != H) return "norm weights do not have the hidden size";
+    auto bias_ok = [](const std::vector<float>& b, int n) { return b.empty() || int(b.size()) == n; };
+    if (!bias_ok(bq, q->n) || !bias_ok(bk, k->n) || !bias_ok(bv, v->n) || !bias_ok(bo, H) || !bias_ok(bgate, I) ||
+        !bias_ok(bup, I) || !bias_ok(bdown, H))
+        return "a bias does not have its matrix's output size";
+    return "";
+}
+
+// Transformers' RMSNorm: w * (x * rsqrt(mean(x^2) + eps)).
+static void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+    const float r = 1.f / std::sqrt(ss / float(n) + eps);
+    for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+// Half-split rotary embedding in place: x * cos + rotate_half(x) * sin.
+static void rope_half(float* x, const float* cos, const float* sin, int d) {
+    const int h = d / 2;
+    for (int i = 0; i < h; ++i) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+// Rotary embedding as a complex product over adjacent pairs (DeepSeek-V2): cs holds (cos, sin) per pair.
+static void rope_pairs(float* x, const float* cs, int d) {
+    for (int i = 0; i < d / 2; ++i) {
+        const float a = x[2 * i], b = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+        x[2 * i] = a * c - b * s;
+        x[2 * i + 1] = a * s + b * c;
+    }
+}
+
+static void add(float* y, const std::vector<float>& b) {
+    for (size_t i = 0; i < b.size(); ++i) y[i] += b[i];
+}
+
+void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos,
+                           const float* sin, int pos) {
+    if (layers.empty()) return;
+    linger_after(1);
+    const int H = layers[0]->hidden(), T = pos + 1;
+    size_t wide = H;
+    int most_inter = 0, most_heads = 0;
+    for (const DecoderLayer* L : layers) {
+        most_inter = std::max(most_inter, L->inter());
+        most_heads = std::max(most_heads, L->heads);
+        for (const auto& m : {L->q, L->k, L->v, L->o}) wide = std::max(wide, size_t(m->n));
+        wide = std::max(wide, size_t(L->heads) * L->rank);
+    }
+    // xn, q, k, v, att, y, lat [wide], g, u [inter], scores [heads, T], idx/weights [experts]
+    const size_t need = 7 * wide + size_t(2) * most_inter + size_t(most_heads) * T + 512;
+    float* xn = dec_.get<float>(need);
+    float *q = xn + wide, *kv_k = q + wide, *kv_v = kv_k + wide, *att = kv_v + wide, *y = att + wide;
+    float *lat = y + wide, *g = lat + wide, *u = g + most_inter, *scores = u + most_inter;
+    float* route = scores + size_t(most_heads) * T;  // top-k weights, then probabilities
+
+    struct Task { const PackedMatrix* w; float* y; int n0, n1, tok; };
+    std::vector<Task> tasks;
+    auto chunks = [&](const PackedMatrix* w, float* out, int tok) {
+        const int chunk = chunk_rows(w->n, threads());
+        for (int n0 = 0; n0 < w->n; n0 += chunk) tasks.push_back({w, out, n0, std::min(w->n, n0 + chunk), tok});
+    };
+    // the queued tasks in one parallel phase: rows n0..n1 of w for token tok of a
+    auto run_tasks = [&](const QAct& a) {
+        pool_.parallel_for(int(tasks.size()), [&](int i, int) {
+            const Task& t = tasks[i];
+            QAct at = a;
+            at.rows = nullptr;
+            at.q += size_t(t.tok) * a.k;
+            at.d += size_t(t.tok) * (a.k / 32);
+            at.s16 += size_t(t.tok) * (a.k / 16);
+            at.s32 += size_t(t.tok) * (a.k / 32);
+            gemm_(*t.w, t.n0, t.n1, at, 1, t.y, t.w->n);
+        });
+        tasks.clear();
+    };
+    auto quantized = [&](const float* v, int rows, int k) {
+        dec_act_.ensure(rows, k);
+        quant_(v, 0, rows, k, k, dec_act_);
+        return dec_act_.view();
+    };
+
+    for (const DecoderLayer* Lp : layers) {
+        const DecoderLayer& L = *Lp;
+        if (pos >= L.capacity) throw std::out_of_range("kt_cpu_amx: decoder_step past the cache's capacity");
+        { Timed t(this, Phase::Small); rms_norm(x, L.attn_norm.data(), H, L.eps, xn); }
+        chunks(L.q.get(), q, 0);
+        chunks(L.k.get(), kv_k, 0);
+        if (L.kind == AttentionKind::Gqa) {
+            const int D = L.head_dim, group = L.heads / L.kv_heads;
+            chunks(L.v.get(), kv_v, 0);
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H)); }
+            Timed t(this, Phase::Attention);
+            add(q, L.bq), add(kv_k, L.bk), add(kv_v, L.bv);
+            for (int h = 0; h < L.heads; ++h) {
+                float* qh = q + size_t(h) * D;
+                if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
+                rope_half(qh, cos, sin, D);
+            }
+            for (int h = 0; h < L.kv_heads; ++h) {
+                float* kh = kv_k + size_t(h) * D;
+                if (!L.k_norm.empty()) rms_norm(kh, L.k_norm.data(), D, L.qk_eps, kh);
+                rope_half(kh, cos, sin, D);
+                const size_t at = (size_t(h) * L.capacity + pos) * D;
+                std::memcpy(L.k_cache + at, kh, sizeof(float) * D);
+                std::memcpy(L.v_cache + at, kv_v + size_t(h) * D, sizeof(float) * D);
+            }
+            pool_.parallel_for(L.heads, [&](int h, int) {
+                const size_t base = size_t(h / group) * L.capacity * D;
+                attend_(q + size_t(h) * D, L.k_cache + base, L.v_cache + base, T, D, D, L.scaling,
+                        scores + size_t(h) * T, att + size_t(h) * D);
+            });
+        } else {
+            const int R = L.rank, P = L.rope_dim, N = L.nope, V = L.v_dim, QD = N + P;
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H)); }
+            Timed t(this, Phase::Attention);
+            // the latent (normalized) and the rotary key, written at pos; the queries' rotary parts
+            float* latent = L.k_cache + size_t(pos) * R;
+            float* kpe = L.v_cache + size_t(pos) * P;
+            rms_norm(kv_k, L.kv_norm.data(), R, L.kv_eps, latent);
+            std::memcpy(kpe, kv_k + R, sizeof(float) * P);
+            rope_pairs(kpe, cos, P);
+            for (int h = 0; h < L.heads; ++h) {
+                rope_pairs(q + size_t(h) * QD + N, cos, P);
+                std::memcpy(kv_v + size_t(h) * N, q + size_t(h) * QD, sizeof(float) * N);  // q_nope rows
+            }
+            // q_nope[h] to latent space: lat[h] = sum_n q_nope[h][n] * W_k[h][n] (kv_b's key rows of head h)
+            if (L.wkt.empty()) {
+                pool_.parallel_for(L.heads, [&](int h, int) {
+                    float* out = lat + size_t(h) * R;
+                    std::fill(out, out + R, 0.f);
+                    axpy_rows_(*L.v, h * (N + V), N, kv_v + size_t(h) * N, out);
+                });
+            } else {
+                for (int h = 0; h < L.heads; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * R, h);
+                run_tasks(quantized(kv_v, L.heads, N));
+            }
+            pool_.parallel_for(L.heads, [&](int h, int) {
+                attend_latent_(lat + size_t(h) * R, L.k_cache, R, R, q + size_t(h) * QD + N, L.v_cache, P, P, T,
+                               L.scaling, scores + size_t(h) * T, kv_v + size_t(h) * R);
+            });
+            // back through kv_b's value rows of each head: rows h * (N + V) + N .. + V
+            if (L.wkt.empty()) {  // float, as the rows stream
+                pool_.parallel_for(L.heads, [&](int h, int) {
+                    dot_rows_(*L.v, h * (N + V) + N, V, kv_v + size_t(h) * R, att + size_t(h) * V);
+                });
+            } else {  // int8 activations, token h for head h
+                const QAct a = quantized(kv_v, L.heads, R);
+                for (int h = 0; h < L.heads; ++h) {
+                    const int r0 = h * (N + V) + N, chunk = chunk_rows(V, threads());
+                    for (int n0 = r0; n0 < r0 + V; n0 += chunk)
+                        tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h});
+                }
+                run_tasks(a);
+                for (int h = 0; h < L.heads; ++h)
+                    std::memcpy(att + size_t(h) * V, y + size_t(h) * (N + V) + N, sizeof(float) * V);
+            }
+        }
+        {
+            Timed t(this, Phase::Dense);
+            chunks(L.o.get(), y, 0);
+            run_tasks(quantized(att, 1, L.o->k));
+        }
+        Timed small(this, Phase::Small);
+        add(y, L.bo);
+        for (int i = 0; i < H; ++i) x[i] += y[i];
+
+        // MLP: routed experts (DeepSeek-V2 greedy routing) and / or a gated MLP (the shared experts)
+        rms_norm(x, L.mlp_norm.data(), H, L.eps, xn);
+        if (L.experts) {
+            const int E = L.experts->experts(), K = L.top_k;
+            float* prob = route + K;
+            float mx = -INFINITY;
+            for (int e = 0; e < E; ++e) {
+                const float* w = L.router.data() + size_t(e) * H;
+                float s = 0.f;
+                for (int i = 0; i < H; ++i) s += w[i] * xn[i];
+                prob[e] = s;
+                mx = std::max(mx, s);
+            }
+            float sum = 0.f;
+            for (int e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - mx));
+            for (int e = 0; e < E; ++e) prob[e] /= sum;
+            int64_t idx[64];
+            std::vector<int> order(E);
+            std::iota(order.begin(), order.end(), 0);
+            std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                              [&](int a, int b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
+            for (int s = 0; s < K; ++s) {
+                idx[s] = order[s];
+                route[s] = prob[order[s]] * L.routed_scale;
+            }
+            {
+                Timed t(this, Phase::Experts);
+                moe(*L.experts, 1, K, xn, idx, route, y);
+                linger_after(1);
+            }
+            for (int i = 0; i < H; ++i) x[i] += y[i];
+        }
+        if (L.gate) {
+            Timed t(this, Phase::Dense);
+            const int I = L.inter();
+            const QAct a = quantized(xn, 1, H);
+            const int chunk = chunk_rows(I, threads());
+            for (int n0 = 0; n0 < I; n0 += chunk) tasks.push_back({nullptr, nullptr, n0, std::min(I, n0 + chunk), 0});
+            pool_.parallel_for(int(tasks.size()), [&](int i, int) {
+                const int n0 = tasks[i].n0, n1 = tasks[i].n1;
+                gemm_(*L.gate, n0, n1, a, 1, g, I);
+                gemm_(*L.up, n0, n1, a, 1, u, I);
+                for (int j = n0; j < n1; ++j) {
+                    const float gj = L.bgate.empty() ? g[j] : g[j] + L.bgate[j];
+                    const float uj = L.bup.empty() ? u[j] : u[j] + L.bup[j];
+                    g[j] = activate(L.act, gj) * uj;
+                }
+            });
+            tasks.clear();
+            chunks(L.down.get(), y, 0);
+            run_tasks(quantized(g, 1, I));
+            add(y, L.bdown);
+            for (int i = 0; i < H; ++i) x[i] += y[i];
+        }
+    }
+}
+
+}  // namespace kt
