@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .weights.tensor import QuantizedTensor
 
 ROLES = ("linear", "experts", "attention", "rope")
+ANY_DEVICE: tuple[str, ...] = ()  # ``Op.devices`` of an op that runs on any device torch has
 
 
 class Op(nn.Module):
@@ -36,6 +37,10 @@ class Op(nn.Module):
     role: ClassVar[str] = ""
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     ggml_types: ClassVar[frozenset[str] | None] = None
+    # False: tensors of a type outside ``ggml_types`` are refused (``kt rules check`` says so before loading)
+    dequantizes_others: ClassVar[bool] = True
+    aliases: ClassVar[tuple[str, ...]] = ()
+    preference: ClassVar[int] = 0
     plugin: ClassVar[str] = ""
     # True when ``forward`` on a CUDA device can be captured into a CUDA graph: no host synchronization
     # (``.item()``, ``.cpu()``, ``int(tensor)``), no shape that depends on tensor values, every kernel on

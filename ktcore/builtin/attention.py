@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import Op
-from ._common import TORCH_DEVICES, causal_mask, module_dtype, parse_dtype
+from ..ops import ANY_DEVICE, Op
+from ._common import causal_mask, module_dtype, parse_dtype
 
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, keys and values are repeated
 SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -91,7 +91,7 @@ class KAttentionSDPA(Op):
     name = "KAttentionSDPA"
     graph_capturable = True
     role = "attention"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", **kwargs):
         super().__init__(module, device, **kwargs)
@@ -176,7 +176,7 @@ class KAttentionMLA(Op):
     name = "KAttentionMLA"
     graph_capturable = True
     role = "attention"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, query_chunk: int = 256, **kwargs):
         super().__init__(module, device, **kwargs)

@@ -91,7 +91,9 @@ class KAttentionAscend(KAttentionSDPA):
     """Self-attention of the GQA families on an Ascend NPU. Options: ``compute_dtype`` (``float16`` default,
     or ``bfloat16``): the kernels' dtype when the model runs in float32."""
 
-    name = "KAttentionAscend"
+    name = "KAttentionSDPA"
+    aliases = ("KAttentionAscend",)  # its name before ops had backends
+    preference = 10  # the NPU's fused attention before the torch code
     devices = ("npu",)
 
     def __init__(self, module: torch.nn.Module, device="npu", compute_dtype: str = "float16", **kwargs):

@@ -17,7 +17,8 @@ class KExpertsAscend(KExpertsByMatrix):
     ``compute_dtype`` (``float16`` default, or ``bfloat16``). ``kernels`` None: the vendor kernels of
     ``device``; tests pass reference kernels."""
 
-    name = "KExpertsAscend"
+    name = "KExpertsGPU"
+    aliases = ("KExpertsAscend",)
     devices = ("npu",)
     ggml_types = AFFINE_TYPES
     matrix_type = NPUQuantMatrix

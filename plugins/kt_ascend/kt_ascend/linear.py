@@ -20,7 +20,8 @@ class KLinearAscend(KLinearByMatrix):
     which every Atlas product takes, or ``bfloat16``).
     """
 
-    name = "KLinearAscend"
+    name = "KLinearGPU"
+    aliases = ("KLinearAscend",)  # its name before ops had backends
     devices = ("npu",)
     matrix_type = NPUQuantMatrix
     ggml_types = AFFINE_TYPES  # consumed without dequantizing; others are dequantized

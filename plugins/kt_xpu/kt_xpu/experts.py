@@ -15,7 +15,8 @@ class KExpertsXPU(KExpertsByMatrix):
     ``compute_dtype`` (``float16`` default, or ``bfloat16``). ``kernels`` None: torch's XPU kernels when
     present; tests pass reference kernels."""
 
-    name = "KExpertsXPU"
+    name = "KExpertsGPU"
+    aliases = ("KExpertsXPU",)
     devices = ("xpu",)
     ggml_types = INT4_TYPES
     matrix_type = XPUQuantMatrix

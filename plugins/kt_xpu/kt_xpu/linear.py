@@ -15,7 +15,8 @@ class KLinearXPU(KLinearByMatrix):
     kernels, runs as a dense matmul of the dequantized weight. Options: ``compute_dtype`` (``float16``,
     the default, or ``bfloat16``)."""
 
-    name = "KLinearXPU"
+    name = "KLinearGPU"
+    aliases = ("KLinearXPU",)  # its name before ops had backends
     devices = ("xpu",)
     matrix_type = XPUQuantMatrix
     ggml_types = INT4_TYPES

@@ -37,7 +37,7 @@ class KLinearMarlin(Op):
     The output has the input's dtype.
     """
 
-    name = "KLinearMarlin"
+    name = "KLinearGPU"  # KTransformers' spelling KLinearMarlin is declared by ktcore
     graph_capturable = True
     role = "linear"
     devices = ("cuda",)
