@@ -110,7 +110,7 @@ class Backend:
     def problem(self, device: torch.device) -> str | None:
         """Why this backend cannot run on ``device`` here, or ``None``."""
         if not self.serves(device.type):
-            return f"runs on {', '.join(self.devices)}, not {device.type}"
+            return f"runs on {', '.join(self.devices)}, not on '{device.type}'"
         try:
             return self.cls.available(device)
         except Exception as exc:  # noqa: BLE001 - a plugin's check failing is itself the reason
@@ -257,8 +257,9 @@ class Registry:
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
+            message = self._unknown_hook_message(plugin)
             self.pm.unregister(name=name)
-            return self._refuse(label, self._unknown_hook_message(plugin), strict, exc)
+            return self._refuse(label, message, strict, exc)
         info = PluginInfo(name=name, module=plugin, distribution=distribution)
         try:
             for caller in self.pm.get_hookcallers(plugin) or []:
@@ -274,8 +275,7 @@ class Registry:
         for backend in info.backends:
             self._backends.setdefault((backend.role, backend.op), []).append(backend)
             self._backends[backend.role, backend.op].sort(key=lambda b: -b.preference)
-            if not vars(backend.cls).get("plugin"):
-                backend.cls.plugin = name
+            backend.cls.plugin = name  # the plugin that registered the class (one per class in a registry)
         self._aliases.update(info.aliases)
         return info
 
@@ -329,7 +329,7 @@ class Registry:
                 f"plugin '{info.name}' registered op '{op_cls.name}' (role {op_cls.role!r}) through the {role} hook; "
                 f"set `role = {role!r}` or register it through the hook of its role"
             )
-        owner = vars(op_cls).get("plugin")  # set on the class itself, not inherited from a base op
+        owner = next((b.plugin for bs in self._backends.values() for b in bs if b.cls is op_cls), None)
         if owner and owner != info.name:
             raise RegistryError(f"plugin '{info.name}' registered {op_cls.__qualname__}, which plugin "
                                 f"'{owner}' already registered; subclass it to register your own backend")
@@ -428,7 +428,7 @@ class Registry:
         op = self.canonical(name)
         result = Resolution(op, role, device, None)
         if not any(b.serves(device.type) for b in candidates):
-            result.passed_over = [(b, f"runs on {', '.join(b.devices)}") for b in candidates]
+            result.passed_over = [(b, f"runs on {', '.join(b.devices)}, not on '{device.type}'") for b in candidates]
             return result
         for b in candidates:
             if not b.serves(device.type):
@@ -449,7 +449,7 @@ class Registry:
         resolution = self.resolution(role, name, device, backend)
         missing = device_missing_reason(device)
         if missing:
-            hint = self._device_hint(device.type)
+            hint = self.device_hint(device.type)
             raise OpUnavailableError(
                 f"op '{name}' was asked to run on device '{device}', which is not present: {missing}"
                 + (f"; ops for '{device.type}' come from {hint}" if hint else ""))
@@ -457,7 +457,8 @@ class Registry:
             raise OpUnavailableError(f"op '{name}' cannot run on '{device}' here: " + resolution.explain())
         return resolution.chosen.cls
 
-    def _device_hint(self, device_type: str) -> str:
+    def device_hint(self, device_type: str) -> str:
+        """Which installed plugins, or not-installed first-party distributions, bring ops for ``device_type``."""
         installed = [f"plugin '{b.plugin}'" for bs in self._backends.values() for b in bs
                      if b.devices and device_type in b.devices]
         offered = [f"{e['distribution']} ({e['description']})" for e in catalog()
