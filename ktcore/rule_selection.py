@@ -68,24 +68,23 @@ def is_shipped(path: str | Path, registry: Registry) -> bool:
 
 def layered(paths: str | Path | Iterable[str | Path], model_type: str, registry: Registry | None = None, *,
             layout: str | None = None, check_devices: bool = True) -> RuleSet:
-    """A user's rule files over the shipped default for ``model_type``: their rules first, then the
-    default's, which are optional here (first match wins, so one user rule replaces what it matches and
-    the default decides the rest). Not layered: shipped files (complete by themselves), files that say
-    ``- extends: none``, and model types without a shipped file."""
+    """Rule files as given, plus layering: a file that says ``- extends: default`` is followed by the shipped
+    file for ``model_type`` (and ``layout``); the rules of a shipped file that comes after a user's file
+    (listed, or added that way) are optional. First match wins, so one user rule replaces what it matches
+    and the shipped file decides the rest."""
     registry = registry if registry is not None else get_registry()
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     user = load_rules(paths, registry, check_devices=check_devices)
-    if not user.extends_default or any(is_shipped(p, registry) for p in paths):
-        return user
-    from .inject import LoadError
-
-    try:
-        default_path = select_rule_file(model_type, registry, layout)
-    except LoadError:
-        return user
-    default = load_rules(default_path, registry, check_devices=check_devices)
-    for rule in default.rules:
-        rule.optional = True
-        rule.layer = "default"
-    return RuleSet(user.rules + default.rules, user.files + default.files,
-                   {**default.transfer_map, **user.transfer_map})
+    rules, files, transfer_map = list(user.rules), list(user.files), dict(user.transfer_map)
+    if user.extends_default and not any(is_shipped(p, registry) for p in paths):
+        default = load_rules(select_rule_file(model_type, registry, layout), registry, check_devices=check_devices)
+        rules += default.rules
+        files += default.files
+        transfer_map = {**default.transfer_map, **transfer_map}
+    first_user = next((f for f in files if not is_shipped(f, registry)), None)
+    if first_user is not None:
+        for rule in rules:
+            if is_shipped(rule.file, registry) and files.index(rule.file) > files.index(first_user):
+                rule.optional = True
+                rule.layer = "default"
+    return RuleSet(rules, files, transfer_map)

@@ -28,13 +28,13 @@
     class: KMoE                                      # routed experts submitted, shared experts overlapped
     device: cuda                                     # (no ops; kwargs: overlap: true/false)
 - transfer_map: {30: "cuda:1"}                       # decoder layers 30.. on cuda:1 (see ktcore.moe)
-- extends: none                                      # this file does not build on the shipped default
+- extends: default                                   # build on the shipped file for the model (layered)
 ```
 
 An op name is resolved per device by the registry: the most preferred backend that serves the device and
 whose ``available()`` accepts it (``Rule.resolutions`` keeps the explanation ``kt rules check`` prints).
-A user's rule file extends the shipped default for its model (``ktcore.rule_selection.layered``): its
-rules first, then the default's, which are optional there.
+A user's rule file that says ``- extends: default`` builds on the shipped file for its model
+(``ktcore.rule_selection.layered``): its rules first, then the default's, which are optional there.
 
 Everything is validated when the file is loaded, before any weight is read; every problem of the file is
 reported at once, each with the file, line, rule number and field.
@@ -206,7 +206,7 @@ class RuleSet:
     rules: list[Rule]
     files: list[str]
     transfer_map: dict[int, torch.device] = field(default_factory=dict)  # layer index -> device (ktcore.moe)
-    extends_default: bool = True  # False when a file says `- extends: none`
+    extends_default: bool = False  # True when a file says `- extends: default`
 
     def first_match(self, qualname: str, module: nn.Module) -> Rule | None:
         for rule in self.rules:
@@ -258,7 +258,7 @@ def load_rules(
         issues.extend(file_issues)
     if issues:
         raise RuleError(issues)
-    return RuleSet(rules, files, transfer_map, extends_default=settings.get("extends", "default") == "default")
+    return RuleSet(rules, files, transfer_map, extends_default=settings.get("extends") == "default")
 
 
 def parse_rules(
