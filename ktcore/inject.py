@@ -180,6 +180,28 @@ def _devices_label(prefill: torch.device, generate: torch.device) -> str:
     return str(prefill) if prefill == generate else f"{prefill} / {generate}"
 
 
+def weight_type_problems(model: nn.Module, source, report: InjectReport) -> list[RuleIssue]:
+    """Each tensor an op would load whose GGML type that op cannot take (``Op.ggml_type_problem``), found
+    from the source's tensor headers before anything is loaded; each issue names the rule that chose it."""
+    rules = {row.module: row.rule for row in report.rows}
+    issues = []
+    for qualname, wrapper in _iter_modules(model):
+        if not isinstance(wrapper, KModule) or not wrapper.uses_ops:
+            continue
+        file, _, line = rules.get(qualname, ":0").rpartition(":")
+        for local in wrapper.weight_names():
+            try:
+                ggml_type = source.get(f"{qualname}.{local}").ggml_type
+            except KeyError:
+                continue  # reported by loading, with the file's own words
+            for which, op_cls in (("prefill_op", wrapper.prefill_op_cls), ("generate_op", wrapper.generate_op_cls)):
+                why = op_cls.ggml_type_problem(ggml_type)
+                if why:
+                    issues.append(RuleIssue(file, int(line or 0), None, f"replace.kwargs.{which}",
+                                            f"tensor '{qualname}.{local}': {why}"))
+    return list(dict.fromkeys(issues))
+
+
 # -- loading ---------------------------------------------------------------------------------------------
 
 

@@ -58,6 +58,22 @@ class Op(nn.Module):
         """``None`` when this op can run here (on ``device`` if given), else the reason it cannot."""
         return None
 
+    @classmethod
+    def ggml_type_problem(cls, ggml_type: str) -> str | None:
+        """Why this op cannot take a tensor of ``ggml_type`` (``None``: it can): a type outside ``ggml_types``
+        must be one ktcore dequantizes, and the op must accept dequantized weights (``dequantizes_others``)."""
+        from .weights.quants import DEQUANTIZABLE
+
+        if cls.ggml_types is not None and ggml_type in cls.ggml_types:
+            return None
+        taken = f"takes {', '.join(sorted(cls.ggml_types))} as stored" if cls.ggml_types else "dequantizes its weights"
+        if not cls.dequantizes_others:
+            return f"op '{cls.name}' ({cls.plugin}) {taken} and refuses other types, not {ggml_type}"
+        if ggml_type not in DEQUANTIZABLE:
+            return (f"op '{cls.name}' ({cls.plugin}) {taken}, but ktcore has no dequantizer for {ggml_type} "
+                    f"(it dequantizes {', '.join(sorted(DEQUANTIZABLE))})")
+        return None
+
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:
         """Take this module's tensors (Transformers names, local to the module) and keep them as the
         kernel wants them: as they are, repacked, or dequantized."""
