@@ -229,10 +229,12 @@ def load_rules(
     registry: Registry | None = None,
     *,
     check_devices: bool = True,
+    gpu: str | None = None,
 ) -> RuleSet:
     """Load and validate one or more rule files (concatenated in order: first match wins across them).
 
-    ``check_devices=False`` checks ops and devices by name only (for files meant for another machine).
+    ``check_devices=False`` checks ops and devices by name only (for files meant for another machine);
+    ``gpu``: the device type the device name ``gpu`` stands for (default: the accelerator torch has here).
     """
     if isinstance(paths, RuleSet):
         return paths
@@ -253,7 +255,7 @@ def load_rules(
             issues.append(RuleIssue(str(path), 0, None, "file", f"cannot read rule file: {exc}"))
             continue
         file_rules, file_issues = parse_rules(text, str(path), registry, check_devices=check_devices,
-                                              transfer_map=transfer_map, settings=settings)
+                                              transfer_map=transfer_map, settings=settings, gpu=gpu)
         rules.extend(file_rules)
         issues.extend(file_issues)
     if issues:
@@ -264,6 +266,7 @@ def load_rules(
 def parse_rules(
     text: str, filename: str, registry: Registry, *, check_devices: bool = True,
     transfer_map: dict[int, torch.device] | None = None, settings: dict[str, Any] | None = None,
+    gpu: str | None = None,
 ) -> tuple[list[Rule], list[RuleIssue]]:
     """Parse rule-file text; returns the rules and every problem found (both lists may be non-empty).
     ``- transfer_map: {...}`` entries are merged into ``transfer_map``, ``- extends: default|none`` goes to
@@ -293,7 +296,7 @@ def parse_rules(
             issues.extend(_check_transfer_map(entry, filename, index, check_devices,
                                               transfer_map if transfer_map is not None else {}))
             continue
-        checker = _RuleChecker(filename, index, entry, registry, check_devices)
+        checker = _RuleChecker(filename, index, entry, registry, check_devices, gpu)
         rule = checker.check()
         issues.extend(checker.issues)
         if rule is not None and not checker.issues:
@@ -325,7 +328,9 @@ def _check_transfer_map(entry: dict, filename: str, index: int, check_devices: b
 class _RuleChecker:
     """Validates one rule entry, collecting every problem instead of stopping at the first."""
 
-    def __init__(self, filename: str, index: int, entry: Any, registry: Registry, check_devices: bool):
+    def __init__(self, filename: str, index: int, entry: Any, registry: Registry, check_devices: bool,
+                 gpu: str | None = None):
+        self.gpu = gpu
         self.filename = filename
         self.index = index
         self.entry = entry
@@ -520,11 +525,11 @@ class _RuleChecker:
 
     def device(self, value: Any, field_name: str, line: int) -> torch.device | None:
         if isinstance(value, str) and value.partition(":")[0] == GPU:
-            if self.check_devices and not accelerator_present():
+            if self.check_devices and self.gpu is None and not accelerator_present():
                 self.add(field_name, f"device '{value}' is not present: torch has no accelerator on this machine "
                          "(no CUDA, ROCm, XPU or NPU)", line)
                 return None
-            value = accelerator_type() + value[len(GPU):]
+            value = (self.gpu or accelerator_type()) + value[len(GPU):]
         try:
             device = torch.device(str(value) if isinstance(value, int) else value)
         except (RuntimeError, TypeError):
