@@ -42,14 +42,15 @@ def torch_gpu_rules(tmp_path: Path, model_type: str, **replace: str) -> Path:
     take the given op: the reference layout around one kt-cuda op under test."""
     from ktcore.rule_selection import RULE_FILES_DIR
 
-    lines = []
+    lines, named = [], set()
     for line in (RULE_FILES_DIR / f"{model_type}-gpu-cpu.yaml").read_text().splitlines():
         key, _, op = line.strip().partition(": ")
         if key in ("op", "prefill_op", "generate_op"):
+            named.add(op)
             indent = line[: len(line) - len(line.lstrip())]
             line = f"{indent}{key}: {replace[op]}" if op in replace else f"{line}\n{indent}backend: torch"
         lines.append(line)
-    assert set(replace) <= {line.strip().partition(": ")[2] for line in lines} | set(replace.values()), replace
+    assert set(replace) <= named, f"{model_type}-gpu-cpu.yaml names none of {sorted(set(replace) - named)}"
     path = tmp_path / f"{model_type}-torch-gpu-cpu.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
