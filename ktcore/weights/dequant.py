@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from gguf.constants import QK_K
 
 from .source import WeightError
 from .tensor import QuantizedTensor
 
-QK_K = 256
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 

@@ -384,15 +384,13 @@ def _row_type(qtype: str, row: int) -> str:
 
 def _random_tensor(rng: np.random.Generator, shape: tuple[int, ...], type_name: str) -> np.ndarray:
     """Random data of one tensor, produced in row chunks (a few MB at a time)."""
-    from .quant_fields import F16_SCALE_FIELDS
-
     info = GGML_TYPES[type_name]
     if info.block_size == 1:
         values = (0.02 * rng.standard_normal(shape, dtype=np.float32))
         return values.astype(np.float32 if type_name == "F32" else np.float16)
     n_blocks = int(np.prod(shape)) // info.block_size
     blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
-    for at in F16_SCALE_FIELDS[type_name]:
+    for at in info.scale_fields:
         scales = (rng.random(n_blocks, dtype=np.float32) * 0.002).astype(np.float16)
         blocks[:, at : at + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return blocks.reshape(*shape[:-1], -1)

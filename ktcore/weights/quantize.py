@@ -8,8 +8,7 @@ blocks that dequantize to a close approximation, not llama.cpp's error-minimizin
 from __future__ import annotations
 
 import numpy as np
-
-QK_K = 256
+from gguf.constants import QK_K
 GGUF_QUANTIZABLE = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"})
 OWN_QUANTIZABLE = frozenset({"Q4_K", "Q6_K"})
 QUANTIZABLE = GGUF_QUANTIZABLE | OWN_QUANTIZABLE

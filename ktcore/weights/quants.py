@@ -1,7 +1,10 @@
-"""The one table of GGML tensor types: block geometry and the torch dequantizer of each.
+"""The one table of GGML tensor types: every per-type fact loaders, dequantizers and kernels use.
 
-Every other module (sources, writer, ops) reads block sizes and type sizes from here. The numeric ids
-are GGML's (``gguf.GGMLQuantizationType``); the names are the keys used in ``QuantizedTensor.ggml_type``.
+Block geometry comes from gguf-py (``gguf.constants.GGML_QUANT_SIZES``, ``QK_K``: the format's reference);
+the rest is ktcore's: the torch dequantizer, where a block's float16 scales sit, and whether (with how many
+bits) its weights are ``scale * code + bias`` per 32 (``affine_bits``: what weight-only-quantized GEMMs take
+as they are). Every other module, and every plugin (through ``ktcore.sdk``), reads these facts from here.
+The numeric ids are GGML's; the names are the keys used in ``QuantizedTensor.ggml_type``.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
 
 from . import dequant as _dq
 
@@ -23,12 +26,19 @@ class GGMLType:
     type_size: int  # bytes per block
     # blocks[n_blocks, type_size] (uint8) -> float32 [n_blocks, block_size]; None: no dequantizer
     dequantize_blocks: Callable[[torch.Tensor], torch.Tensor] | None
+    scale_fields: tuple[int, ...] = ()  # byte offsets of the float16 scales (d, dmin) inside one block
+    affine_bits: int | None = None  # weights are scale * code + bias per 32, codes of this many bits
 
     def nbytes(self, n_elements: int) -> int:
         return n_elements // self.block_size * self.type_size
 
 
-QK_K = 256
+# ggml's block_* structs (ggml-common.h): where the float16 scales sit
+_SCALE_FIELDS = {
+    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "IQ4_NL": (0,),
+    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_XS": (0,),
+}
+_AFFINE_BITS = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q8_0": 8}
 
 # Block geometry comes from gguf-py (the format's reference); the dequantizers are ours.
 _DEQUANTIZERS = {
@@ -50,7 +60,8 @@ _DEQUANTIZERS = {
 }
 
 GGML_TYPES: dict[str, GGMLType] = {
-    t.name: GGMLType(t.name, int(t.value), *GGML_QUANT_SIZES[t], _DEQUANTIZERS.get(t.name))
+    t.name: GGMLType(t.name, int(t.value), *GGML_QUANT_SIZES[t], _DEQUANTIZERS.get(t.name),
+                     _SCALE_FIELDS.get(t.name, ()), _AFFINE_BITS.get(t.name))
     for t in GGMLQuantizationType
     if t in GGML_QUANT_SIZES
 }
@@ -58,6 +69,8 @@ GGML_TYPES: dict[str, GGMLType] = {
 GGML_TYPES_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values()}
 
 DEQUANTIZABLE: frozenset[str] = frozenset(n for n, t in GGML_TYPES.items() if t.dequantize_blocks is not None)
+AFFINE_TYPES: frozenset[str] = frozenset(n for n, t in GGML_TYPES.items() if t.affine_bits is not None)
+INT4_TYPES: frozenset[str] = frozenset(n for n, t in GGML_TYPES.items() if t.affine_bits == 4)
 
 
 def ggml_type(name_or_id: str | int) -> GGMLType:

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ktcore.builtin import KAttentionSDPA
-from ktcore.builtin.attention import apply_rope
-from ktcore.weights.affine import compute_dtype as parse_compute_dtype
+from ktcore.sdk import KAttentionSDPA, apply_rope
+from ktcore.sdk import compute_dtype as parse_compute_dtype
 
 from ._env import device_type, npu_unavailable_reason, require_torch_npu_for, torch_npu
 

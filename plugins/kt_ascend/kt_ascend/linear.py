@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ktcore.builtin.matrix_ops import KLinearByMatrix
-from ktcore.weights.affine import AFFINE_TYPES
+from ktcore.sdk import AFFINE_TYPES, KLinearByMatrix
 
 from ._env import npu_unavailable_reason, require_torch_npu_for
 from .quant_matrix import NPUQuantMatrix

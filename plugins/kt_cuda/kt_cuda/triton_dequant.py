@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.sdk import ggml_type as ggml_type_info
+
 
 @triton.jit
 def _half(base, off):
@@ -123,20 +125,21 @@ def _dq_q6_k(raw, out, n_blocks, BB: tl.constexpr):
     _store(out, blk, e, mask, w, 256)
 
 
-# type -> (kernel, weights per block, bytes per block, blocks per program)
+# type -> (kernel, blocks per program); block geometry from ktcore's GGML type table
 _KERNELS = {
-    "Q4_0": (_dq_q4_0, 32, 18, 64),
-    "Q4_1": (_dq_q4_1, 32, 20, 64),
-    "Q8_0": (_dq_q8_0, 32, 34, 64),
-    "Q4_K": (_dq_q4_k, 256, 144, 8),
-    "Q5_K": (_dq_q5_k, 256, 176, 8),
-    "Q6_K": (_dq_q6_k, 256, 210, 8),
+    "Q4_0": (_dq_q4_0, 64),
+    "Q4_1": (_dq_q4_1, 64),
+    "Q8_0": (_dq_q8_0, 64),
+    "Q4_K": (_dq_q4_k, 8),
+    "Q5_K": (_dq_q5_k, 8),
+    "Q6_K": (_dq_q6_k, 8),
 }
 
 
 def dequantize(raw: torch.Tensor, ggml_type: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Raw GGML blocks (1-D uint8 on a CUDA device) -> ``dtype`` tensor of ``shape`` on that device."""
-    kernel, per_block, type_size, bb = _KERNELS[ggml_type]
+    kernel, bb = _KERNELS[ggml_type]
+    per_block, type_size = ggml_type_info(ggml_type).block_size, ggml_type_info(ggml_type).type_size
     count = 1
     for s in shape:
         count *= int(s)

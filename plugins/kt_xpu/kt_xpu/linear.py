@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ktcore.builtin.matrix_ops import KLinearByMatrix
-from ktcore.weights.affine import INT4_TYPES
+from ktcore.sdk import INT4_TYPES, KLinearByMatrix
 
 from ._env import xpu_unavailable_reason
 from .quant_matrix import XPUQuantMatrix

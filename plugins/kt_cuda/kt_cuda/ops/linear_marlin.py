@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ktcore.ops import Op
+from ktcore.sdk import Op
 
 from .._env import cuda_unavailable_reason
 from .. import int4
