@@ -28,7 +28,7 @@ from fidelity import (  # noqa: E402
 )
 from models import ModelUnavailable, fixed_text, gemma3_gguf, llamacpp_tokens, load_ktcore, load_llamacpp, smollm2_gguf  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.peer]
 
 THREADS = 2
 MODELS = {

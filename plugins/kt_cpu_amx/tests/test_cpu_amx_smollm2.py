@@ -82,6 +82,7 @@ def smollm2_scores(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.peer
 def test_smollm2_matches_torch_on_same_weights(smollm2_scores, tmp_path):
     path, ids, got = smollm2_scores
     rules = tmp_path / "torch.yaml"
@@ -94,6 +95,7 @@ def test_smollm2_matches_torch_on_same_weights(smollm2_scores, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.peer
 def test_smollm2_matches_llama_cpp(smollm2_scores):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     path, ids, got = smollm2_scores
