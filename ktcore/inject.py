@@ -199,7 +199,7 @@ def weight_type_problems(model: nn.Module, source, report: InjectReport) -> list
                 if why:
                     issues.append(RuleIssue(file, int(line or 0), None, f"replace.kwargs.{which}",
                                             f"tensor '{qualname}.{local}': {why}"))
-    return list(dict.fromkeys(issues))
+    return [issue for i, issue in enumerate(issues) if issue not in issues[:i]]
 
 
 # -- loading ---------------------------------------------------------------------------------------------
