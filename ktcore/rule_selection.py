@@ -30,9 +30,11 @@ def default_layouts() -> list[str]:
     return (["gpu-cpu"] if accelerator_present() else []) + ["cpu"]
 
 
-def select_rule_file(model_type: str, registry: Registry | None = None, layout: str | None = None) -> Path:
+def select_rule_file(model_type: str, registry: Registry | None = None, layout: str | None = None, *,
+                     check_devices: bool = True, gpu: str | None = None) -> Path:
     """The first shipped rule file for ``model_type`` that can run here, for ``layout`` (else the default
-    layouts in order); for each layout, plugin rule directories first, then ktcore's."""
+    layouts in order); for each layout, plugin rule directories first, then ktcore's. ``check_devices``
+    and ``gpu`` as for ``load_rules`` (a file for another machine)."""
     from .inject import LoadError  # loading's error type; inject imports this module
 
     registry = registry if registry is not None else get_registry()
@@ -48,7 +50,7 @@ def select_rule_file(model_type: str, registry: Registry | None = None, layout: 
             if not path.is_file():
                 continue
             try:
-                load_rules(path, registry)
+                load_rules(path, registry, check_devices=check_devices, gpu=gpu)
             except RuleError as exc:
                 tried.append(f"{path}: {exc.issues[0]}")
                 continue
@@ -67,17 +69,18 @@ def is_shipped(path: str | Path, registry: Registry) -> bool:
 
 
 def layered(paths: str | Path | Iterable[str | Path], model_type: str, registry: Registry | None = None, *,
-            layout: str | None = None, check_devices: bool = True) -> RuleSet:
+            layout: str | None = None, check_devices: bool = True, gpu: str | None = None) -> RuleSet:
     """Rule files as given, plus layering: a file that says ``- extends: default`` is followed by the shipped
     file for ``model_type`` (and ``layout``); the rules of a shipped file that comes after a user's file
     (listed, or added that way) are optional. First match wins, so one user rule replaces what it matches
     and the shipped file decides the rest."""
     registry = registry if registry is not None else get_registry()
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    user = load_rules(paths, registry, check_devices=check_devices)
+    user = load_rules(paths, registry, check_devices=check_devices, gpu=gpu)
     rules, files, transfer_map = list(user.rules), list(user.files), dict(user.transfer_map)
     if user.extends_default and not any(is_shipped(p, registry) for p in paths):
-        default = load_rules(select_rule_file(model_type, registry, layout), registry, check_devices=check_devices)
+        default_path = select_rule_file(model_type, registry, layout, check_devices=check_devices, gpu=gpu)
+        default = load_rules(default_path, registry, check_devices=check_devices, gpu=gpu)
         rules += default.rules
         files += default.files
         transfer_map = {**default.transfer_map, **transfer_map}

@@ -30,7 +30,8 @@ examples:
   kt rules check my-rules.yaml --model ./DeepSeek-V3-config/
   kt rules check gpu-rules.yaml --model qwen3_moe --any-device    # a file meant for another machine
   kt rules check --model qwen3_moe          # the shipped rule file this machine would pick
-  kt rules check --model qwen3_moe --layout gpu --any-device   # the shipped gpu layout, by name only
+  kt rules check --model qwen3_moe --layout gpu --any-device   # the shipped gpu layout, by device type only
+  kt rules check --model qwen3_moe --layout gpu --any-device --gpu xpu   # ... as on an Intel GPU machine
   kt rules list                             # shipped rule files and whether they can run here
 """
 
@@ -58,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="config directory, GGUF file or model type (e.g. qwen3_moe)")
     check.add_argument("--any-device", action="store_true",
                        help="do not require the rule file's devices to exist here (check ops by name only)")
+    check.add_argument("--gpu", metavar="DEVICE_TYPE",
+                       help="the device type the rule files' device 'gpu' stands for (default: the accelerator "
+                       "torch has here); e.g. --gpu xpu --any-device for an Intel GPU machine")
     check.add_argument("--layout", choices=LAYOUTS,
                        help="which shipped layout to use or extend (default: gpu-cpu with an accelerator, else cpu)")
     check.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -100,8 +104,9 @@ def run_check(args) -> int:
 
     registry = get_registry()
     config, source = model_config(args.model)
-    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout)]
-    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, check_devices=not args.any_device)
+    devices = dict(check_devices=not args.any_device, gpu=args.gpu)
+    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, **devices)]
+    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, **devices)
     model = build_meta_model(config)
     report = inject(model, ruleset, registry, build_ops=False)
     if source is not None:

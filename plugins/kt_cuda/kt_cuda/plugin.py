@@ -16,17 +16,20 @@ from .ops import KExpertsGPU, KLinearFP8, KLinearMarlin
 from .ops.attention import KAttentionFlashGQA, KMLAAttention
 
 TRITON_ATTENTION = 10  # preferred over ktcore's torch attention on CUDA
+# kt-rocm's backends of the same ops also serve the 'cuda' device type (at preference 0); each refuses the
+# other's torch build, and a file checked by device type alone gets NVIDIA's
+NVIDIA_FIRST = 1
 
 
 @hookimpl
 def register_linear_ops(register):
-    register(KLinearMarlin)
+    register(KLinearMarlin, preference=NVIDIA_FIRST)
     register(KLinearFP8)
 
 
 @hookimpl
 def register_experts_ops(register):
-    register(KExpertsGPU)
+    register(KExpertsGPU, preference=NVIDIA_FIRST)
 
 
 @hookimpl

@@ -17,7 +17,6 @@ class KLinearROCm(KLinearMarlin):
     """``KLinearMarlin`` on an AMD GPU (same options and formats): int4 Triton GEMV/GEMM, HIP tiles."""
 
     aliases = ("KLinearROCm",)  # its name before ops had backends
-    preference = 1  # kt-cuda's backend serves 'cuda' too (and refuses a ROCm torch): never a tie
 
     @classmethod
     def available(cls, device=None) -> str | None:
@@ -31,7 +30,6 @@ class KExpertsROCm(KExpertsGPU):
     """``KExpertsGPU`` on an AMD GPU (same options and formats): Triton grouped GEMM, HIP launches."""
 
     aliases = ("KExpertsROCm",)
-    preference = 1
     moe_launch = HIP_MOE_LAUNCH
 
     @classmethod

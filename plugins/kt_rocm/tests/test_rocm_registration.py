@@ -76,12 +76,19 @@ def test_on_cuda_the_choice_explains_why_rocm_was_not_taken(registry):
 
 
 @pytest.mark.parametrize("path", sorted(RULE_FILES_DIR.glob("*-gpu*.yaml")), ids=lambda p: p.name)
-def test_shipped_accelerator_layouts_resolve_to_rocm_by_device_type(path, registry):
-    """Checked by device type alone (this machine has no AMD GPU): kt-rocm's backends are the most preferred
-    for 'cuda' (kt-cuda's refuse a ROCm torch), and every rule matches a module of the family."""
-    rules = load_rules(path, registry, check_devices=False, gpu="cuda")
+def test_shipped_accelerator_layouts_resolve_to_rocm_on_a_rocm_torch(path, registry, monkeypatch):
+    """As on a ROCm torch (kt-cuda's backends refuse it, kt-rocm's accept): the shipped files' linears and
+    accelerator experts run on kt-rocm, attention on ktcore's SDPA (ROCm's flash attention), and every rule
+    matches a module of the family."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for backends in [registry.backends(*role) for role in OPS.items()] + [registry.backends("attention", "KAttentionSDPA")]:
+        for b in backends:
+            if b.plugin in ("rocm", "cuda"):
+                why = None if b.plugin == "rocm" else "this is a ROCm build of torch"
+                monkeypatch.setattr(b.cls, "available", classmethod(lambda cls, device=None, _why=why: _why))
+    rules = load_rules(path, registry, gpu="cuda")
     chosen = {r.op_names[1]: r.options["generate_op"].plugin for r in rules if r.op_names}
-    assert chosen["KLinearGPU"] == "rocm"
+    assert chosen["KLinearGPU"] == "rocm" and chosen.get("KAttentionSDPA", "torch") == "torch"
     if "KExpertsGPU" in chosen:
         assert chosen["KExpertsGPU"] == "rocm"
     model_type = path.name.rsplit("-gpu", 1)[0]
