@@ -23,10 +23,12 @@ ANY_DEVICE: tuple[str, ...] = ()  # ``Op.devices`` of an op that runs on any dev
 class Op(nn.Module):
     """An implementation of one role.
 
-    Subclasses set ``name`` (unique across all plugins, e.g. ``KLinearTorch``), ``role`` (one of
-    ``ROLES``), ``devices`` (torch device types it runs on) and ``ggml_types`` (the GGML type names it
-    consumes without dequantizing; ``None`` means it accepts any type by dequantizing it).
-    The registry fills ``plugin`` with the name of the plugin that registered it.
+    A subclass is one plugin's *backend* of the op ``name`` (several plugins may implement one op, e.g.
+    ``KLinearGPU``) and sets ``role`` (one of ``ROLES``), ``devices`` (torch device types it runs on;
+    ``ANY_DEVICE``: any), ``preference`` (the highest available backend of an op wins on a device),
+    ``aliases`` (other spellings of its op), ``ggml_types`` (GGML types it consumes as stored) and
+    ``dequantizes_others`` (whether other types are dequantized for it, or refused). The registry fills
+    ``plugin`` with the name of the plugin that registered it. docs/ARCHITECTURE.md has the full contract.
 
     Lifecycle: ``Op(module, device, **kwargs)`` with the original Transformers module (on the meta
     device: read shapes and config from it, never data), then ``load(weights)`` once with the module's
