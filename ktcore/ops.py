@@ -64,7 +64,7 @@ class Op(nn.Module):
     def ggml_type_problem(cls, ggml_type: str) -> str | None:
         """Why this op cannot take a tensor of ``ggml_type`` (``None``: it can): a type outside ``ggml_types``
         must be one ktcore dequantizes, and the op must accept dequantized weights (``dequantizes_others``)."""
-        from .weights.quants import DEQUANTIZABLE
+        from .weights.quants import DEQUANTIZABLE, GGML_TYPES
 
         if cls.ggml_types is not None and ggml_type in cls.ggml_types:
             return None
@@ -72,7 +72,9 @@ class Op(nn.Module):
         if not cls.dequantizes_others:
             return f"op '{cls.name}' ({cls.plugin}) {taken} and refuses other types, not {ggml_type}"
         if ggml_type not in DEQUANTIZABLE:
-            return (f"op '{cls.name}' ({cls.plugin}) {taken}, but ktcore has no dequantizer for {ggml_type} "
+            nearest = getattr(GGML_TYPES.get(ggml_type), "nearest_supported", None)
+            hint = f"; nearest supported type: {nearest}" if nearest else ""
+            return (f"op '{cls.name}' ({cls.plugin}) {taken}, but ktcore has no dequantizer for {ggml_type}{hint} "
                     f"(it dequantizes {', '.join(sorted(DEQUANTIZABLE))})")
         return None
 

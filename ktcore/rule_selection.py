@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the registry and rules import torch; the CLI reads LAYOUTS before that import
     from .registry import Registry
-    from .rules import RuleSet
+    from .rules import RuleSet  # noqa: F401 (annotations)
 
 RULE_FILES_DIR = Path(__file__).parent / "rule_files"
 LAYOUTS = ("cpu", "gpu-cpu", "gpu")
@@ -81,7 +81,7 @@ def layered(paths: str | Path | Iterable[str | Path], model_type: str, registry:
     (listed, or added that way) are optional. First match wins, so one user rule replaces what it matches
     and the shipped file decides the rest."""
     from .registry import get_registry
-    from .rules import load_rules
+    from .rules import RuleSet, load_rules
 
     registry = registry if registry is not None else get_registry()
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)

@@ -373,7 +373,7 @@ def test_an_op_that_cannot_take_a_tensor_type_is_rejected_before_loading(tmp_pat
     layer_ones = [i for i in issues if "model.layers.1.mlp.down_proj.weight" in i.message]
     assert layer_ones and "op 'KLinearQ8Only' (q8) takes Q8_0 as stored and refuses other types, not Q4_K" in layer_ones[0].message
     assert Q8Only.ggml_type_problem("Q8_0") is None
-    assert "no dequantizer for TQ1_0" in CountingLinear.ggml_type_problem("TQ1_0")
+    assert "no dequantizer for Q8_K; nearest supported type: Q8_0" in CountingLinear.ggml_type_problem("Q8_K")
 
 
 def test_rules_check_json_rows_carry_role_class_backend_and_explanation(monkeypatch, write_rules, capsys):
