@@ -23,7 +23,7 @@ from ..builtin.linear import KLinearTorch
 from ..ops import Op
 from ..testing import MODEL_TYPES, gguf_reference, quantized_moe_weights, quantized_sample, tiny_config
 
-__all__ = ["check_op", "config_for", "gguf_reference", "quantized_moe_weights", "quantized_sample"]
+__all__ = ["check_op", "chosen_backends", "config_for", "gguf_reference", "quantized_moe_weights", "quantized_sample"]
 
 # the torch op that defines each weight-carrying role's result
 REFERENCES: dict[str, type[Op]] = {"linear": KLinearTorch, "experts": KExpertsTorch}
@@ -59,3 +59,18 @@ def config_for(model_type: str):
     if family is not None:
         return tiny_config(family)
     return AutoConfig.for_model(model_type, num_hidden_layers=2)
+
+
+def chosen_backends(path, registry, **load_options) -> dict[str, str]:
+    """``{op name: plugin}`` of the backends a rule file's rules choose for their generate ops, after checking
+    that every rule matches a module of a meta model of the file's model type (``<model_type>-<layout>.yaml``).
+    ``load_options`` go to ``load_rules`` (``check_devices=False, gpu="xpu"``: as on another machine)."""
+    from ..inject import build_meta_model, inject
+    from ..rule_selection import LAYOUTS
+    from ..rules import load_rules
+
+    rules = load_rules(path, registry, **load_options)
+    model_type = next(path.name[: -len(f"-{lay}.yaml")] for lay in sorted(LAYOUTS, key=len, reverse=True)
+                      if path.name.endswith(f"-{lay}.yaml"))
+    inject(build_meta_model(config_for(model_type)), rules, registry, build_ops=False)  # raises on a rule matching nothing
+    return {r.op_names[1]: r.options["generate_op"].plugin for r in rules if r.op_names}
