@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
 from gguf.constants import QK_K
 
 from .dequant import _f16, _shifts
@@ -250,4 +249,3 @@ def random_lowbit_blocks(rng, type_name: str, n_blocks: int, scale: float = 1.0,
     if type_name == "MXFP4":  # e8m0 exponent: values are 2^(e-128) times the doubled e2m1 table
         blocks[:, 0] = np.clip(np.rint(128 + np.log2(np.abs(d).astype(np.float32))), 2, 250).astype(np.uint8)
     return blocks
-
