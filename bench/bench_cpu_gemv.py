@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from kt_cpu_amx import repack  # noqa: E402
 from kt_cpu_amx.runtime import kernels, select_isa  # noqa: E402
-from ktcore.weights.quant_fields import F16_SCALE_FIELDS  # noqa: E402
+from ktcore.weights.quants import ggml_type  # noqa: E402
 from ktcore.weights.quants import ggml_type  # noqa: E402
 from ktcore.weights.tensor import QuantizedTensor  # noqa: E402
 
@@ -43,7 +43,7 @@ def random_matrix(type_name: str, n: int, k: int, seed: int = 0) -> QuantizedTen
     t = ggml_type(type_name)
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(n * k // t.block_size, t.type_size), dtype=np.uint8)
-    for off in F16_SCALE_FIELDS[type_name]:
+    for off in ggml_type(type_name).scale_fields:
         v = (rng.uniform(0.2, 1.0, size=blocks.shape[0]) * 0.02).astype(np.float16)
         blocks[:, off:off + 2] = v.view(np.uint8).reshape(-1, 2)
     return QuantizedTensor(f"bench.{type_name}", type_name, (n, k), torch.from_numpy(blocks.reshape(-1)), "bench")

@@ -63,22 +63,10 @@ from ktcore.cli.bench import bench_ktcore, bench_llamacpp  # noqa: E402
 
 
 def pick_rules(layout: str) -> Path:
-    """The first usable shipped ``deepseek_v2-<layout>.yaml`` (plugin directories first, as load_model does)."""
-    from ktcore.inject import rule_search_dirs
-    from ktcore.registry import get_registry
-    from ktcore.rules import RuleError, load_rules
+    """The shipped ``deepseek_v2-<layout>.yaml``, as load_model selects it."""
+    from ktcore.rule_selection import select_rule_file
 
-    registry = get_registry()
-    problems = []
-    for directory in rule_search_dirs(registry):
-        path = Path(directory) / f"deepseek_v2-{layout}.yaml"
-        if path.is_file():
-            try:
-                load_rules(path, registry)
-                return path
-            except RuleError as exc:
-                problems.append(f"{path}: {exc.issues[0]}")
-    raise SystemExit(f"no usable deepseek_v2-{layout}.yaml rule file: {problems or 'none found'}")
+    return select_rule_file("deepseek_v2", layout=layout)
 
 
 LLAMACPP_LITE_LAYERS = (26, 27)

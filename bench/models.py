@@ -56,8 +56,9 @@ def gemma3_gguf() -> Path:
 # ---------------------------------------------------------------------------------------------- engines
 
 
-def load_ktcore(path, rules=None, threads: int | None = None, max_context: int = 2048, device=None):
-    """``(Generator, load seconds)`` for ktcore's injected model."""
+def load_ktcore(path, rules=None, threads: int | None = None, max_context: int = 2048, device=None, registry=None):
+    """``(Generator, load seconds)`` for ktcore's injected model (``registry``: the installed plugins'
+    by default; a test of ktcore's own torch backends passes ``Registry(entrypoints=False)``)."""
     import torch
 
     from ktcore.generate import Generator
@@ -69,7 +70,7 @@ def load_ktcore(path, rules=None, threads: int | None = None, max_context: int =
     t0 = time.perf_counter()
     source = open_source(str(path))
     tokenizer = source.tokenizer()
-    model, _ = load_model(source, rules=rules, device=device, progress=False)
+    model, _ = load_model(source, rules=rules, device=device, progress=False, registry=registry)
     return Generator(model, tokenizer, max_context=max_context), time.perf_counter() - t0
 
 

@@ -10,13 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import KModule, declare_sibling_linears
+from .modules import KModule, declare_sibling_linears, module_role
 from .moe import LayerDevices, install_transfer_hooks, link_moe_blocks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
+from .rule_selection import RULE_FILES_DIR, layered, rule_search_dirs, select_rule_file  # noqa: F401 (re-exported)
 from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
-
-RULE_FILES_DIR = Path(__file__).parent / "rule_files"
 
 # GGML float types that are plain little-endian values: read them without the dequantizer table
 _PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -40,11 +39,16 @@ def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
 @dataclass
 class ReportRow:
     module: str
-    rule: str  # "file:line"
+    rule: str  # "file:line" of the rule that decided the module
     wrapper: str
     prefill_op: str = ""
     generate_op: str = ""
     device: str = ""
+    role: str = ""  # linear / experts / attention / rope / moe, "" for a module kept as it is
+    module_class: str = ""  # the Transformers class it replaced (or kept)
+    prefill_backend: str = ""  # the plugin whose backend runs the op ("torch", "cpu_amx", ...)
+    generate_backend: str = ""
+    explain: list[str] = field(default_factory=list)  # per op: the registry's reasons for its choice
 
 
 @dataclass
@@ -54,7 +58,9 @@ class InjectReport:
 
     def table(self) -> str:
         header = ("module", "rule", "wrapper", "prefill op", "generate op", "device")
-        data = [(r.module, r.rule, r.wrapper, r.prefill_op, r.generate_op, r.device) for r in self.rows]
+        op = lambda name, backend: f"{name} ({backend})" if name and backend else name  # noqa: E731
+        data = [(r.module, r.rule, r.wrapper, op(r.prefill_op, r.prefill_backend), op(r.generate_op, r.generate_backend),
+                 r.device) for r in self.rows]
         widths = [max(len(h), *(len(d[i]) for d in data)) if data else len(h) for i, h in enumerate(header)]
         line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         out = [line(header), line(["-" * w for w in widths])]
@@ -101,6 +107,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             target = layer_devices.target(qualname) if layer_devices is not None else None
             if rule is not None:
                 rule.matched += 1
+                original_class = type(child).__name__
                 if rule.device is not None:
                     placements[qualname] = LayerDevices.remap(rule.device, target)
                 if rule.wrapper is not None:
@@ -109,15 +116,19 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
                     wrappers.append((wrapper, rule))
                     child = wrapper
                     if wrapper.uses_ops:
-                        report.rows.append(ReportRow(qualname, rule.location, rule.wrapper_name,
-                                                     wrapper.prefill_op_cls.name, wrapper.generate_op_cls.name,
-                                                     _devices_label(wrapper.prefill_device, wrapper.generate_device)))
+                        report.rows.append(ReportRow(
+                            qualname, rule.location, rule.wrapper_name, rule.op_names[0], rule.op_names[1],
+                            _devices_label(wrapper.prefill_device, wrapper.generate_device), wrapper.role,
+                            original_class, wrapper.prefill_op_cls.plugin, wrapper.generate_op_cls.plugin,
+                            list(dict.fromkeys(r.explain() for r in rule.resolutions.values()))))
                     else:
                         report.rows.append(ReportRow(qualname, rule.location, rule.wrapper_name, "", "",
-                                                     str(placements.get(qualname, ""))))
+                                                     str(placements.get(qualname, "")), wrapper.role,
+                                                     original_class))
                 else:
                     report.rows.append(ReportRow(qualname, rule.location, "default", "", "",
-                                                 str(rule.device) if rule.device else ""))
+                                                 str(rule.device) if rule.device else "", module_role(child) or "",
+                                                 original_class))
                 if not rule.recursive:
                     continue
             walk(child, qualname + ".")
@@ -168,6 +179,28 @@ def _layer_devices(model: nn.Module, rules: RuleSet, transfer_map: dict | None, 
 
 def _devices_label(prefill: torch.device, generate: torch.device) -> str:
     return str(prefill) if prefill == generate else f"{prefill} / {generate}"
+
+
+def weight_type_problems(model: nn.Module, source, report: InjectReport) -> list[RuleIssue]:
+    """Each tensor an op would load whose GGML type that op cannot take (``Op.ggml_type_problem``), found
+    from the source's tensor headers before anything is loaded; each issue names the rule that chose it."""
+    rules = {row.module: row.rule for row in report.rows}
+    issues = []
+    for qualname, wrapper in _iter_modules(model):
+        if not isinstance(wrapper, KModule) or not wrapper.uses_ops:
+            continue
+        file, _, line = rules.get(qualname, ":0").rpartition(":")
+        for local in wrapper.weight_names():
+            try:
+                ggml_type = source.get(f"{qualname}.{local}").ggml_type
+            except KeyError:
+                continue  # reported by loading, with the file's own words
+            for which, op_cls in (("prefill_op", wrapper.prefill_op_cls), ("generate_op", wrapper.generate_op_cls)):
+                why = op_cls.ggml_type_problem(ggml_type)
+                if why:
+                    issues.append(RuleIssue(file, int(line or 0), None, f"replace.kwargs.{which}",
+                                            f"tensor '{qualname}.{local}': {why}"))
+    return [issue for i, issue in enumerate(issues) if issue not in issues[:i]]
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -378,12 +411,13 @@ def _init_remaining_buffers(model: nn.Module, placements, default_device: torch.
 
 def load_model(path_or_source: Any, rules: Any = None, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, *, registry: Registry | None = None, progress: bool = True,
-               transfer_map: dict | None = None, check_memory: bool = True):
+               transfer_map: dict | None = None, layout: str | None = None, check_memory: bool = True):
     """Open weights, build the model on meta, inject the rules, load everything. Returns ``(model, report)``.
 
     ``path_or_source``: a path ``ktcore.weights.open_source`` can open (GGUF file, split GGUF, directory) or a
-    ``WeightSource`` object. ``rules``: rule file path(s) or a ``RuleSet``; ``None`` picks the shipped rule
-    file for the model type and this machine (see ``select_rule_file``). ``transfer_map``: ``{layer index:
+    ``WeightSource`` object. ``rules``: rule file path(s), layered over the shipped default for the model
+    (``ktcore.rule_selection.layered``), or a ``RuleSet`` taken as it is; ``None`` picks the shipped rule
+    file for the model type and this machine (``select_rule_file``; ``layout``: ``cpu``, ``gpu-cpu``, ``gpu``). ``transfer_map``: ``{layer index:
     device}`` puts decoder layers from that index on onto that device (over the rule files' own entries).
     ``check_memory``: refuse, before reading weights, a placement that does not fit in the devices' free memory
     (``ktcore.placement.check_fit``).
@@ -397,7 +431,9 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
         source = path_or_source
     config = source.config()
     if rules is None:
-        rules = select_rule_file(config.model_type, registry)
+        rules = select_rule_file(config.model_type, registry, layout)
+    elif not isinstance(rules, RuleSet):
+        rules = layered(rules, config.model_type, registry, layout=layout)
     ruleset = load_rules(rules, registry)  # validated before anything heavy happens
     model = build_meta_model(config, dtype)
     report = inject(model, ruleset, registry, transfer_map=transfer_map)
@@ -415,38 +451,3 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
         # C++/Triton calls; ktcore's Generator captures CUDA graphs itself (ktcore/decode_graphs.py).
         model.generation_config.disable_compile = True
     return model, report
-
-
-def rule_search_dirs(registry: Registry) -> list[Path]:
-    return [*registry.rule_dirs(), RULE_FILES_DIR]
-
-
-def _accelerator_present() -> bool:
-    return any(getattr(torch, kind, None) is not None and getattr(torch, kind).is_available() for kind in ("cuda", "xpu", "npu"))
-
-
-def select_rule_file(model_type: str, registry: Registry | None = None) -> Path:
-    """The first shipped rule file for ``model_type`` that can run here: layouts ``gpu-cpu`` (only with an
-    accelerator: CUDA/ROCm, XPU or NPU; which vendor's file fits is for its ops' ``available()`` to say)
-    then ``cpu``; for each, plugin rule directories first, then ktcore's ``rule_files/``."""
-    registry = registry if registry is not None else get_registry()
-    layouts = (["gpu-cpu"] if _accelerator_present() else []) + ["cpu"]
-    tried = []
-    for layout in layouts:
-        for directory in rule_search_dirs(registry):
-            path = Path(directory) / f"{model_type}-{layout}.yaml"
-            if not path.is_file():
-                continue
-            try:
-                load_rules(path, registry)
-            except RuleError as exc:
-                tried.append(f"{path}: {exc.issues[0]}")
-                continue
-            return path
-    searched = ", ".join(str(d) for d in rule_search_dirs(registry))
-    detail = ("\n  " + "\n  ".join(tried)) if tried else ""
-    raise LoadError(
-        f"no usable rule file for model type '{model_type}' (looked for "
-        f"{' then '.join(f'{model_type}-{lay}.yaml' for lay in layouts)} in {searched}){detail}\n"
-        "Pass a rule file of your own (load_model(..., rules=PATH); on the command line a RULES argument)."
-    )

@@ -17,15 +17,18 @@ if TYPE_CHECKING:
     from .weights.tensor import QuantizedTensor
 
 ROLES = ("linear", "experts", "attention", "rope")
+ANY_DEVICE: tuple[str, ...] = ()  # ``Op.devices`` of an op that runs on any device torch has
 
 
 class Op(nn.Module):
     """An implementation of one role.
 
-    Subclasses set ``name`` (unique across all plugins, e.g. ``KLinearTorch``), ``role`` (one of
-    ``ROLES``), ``devices`` (torch device types it runs on) and ``ggml_types`` (the GGML type names it
-    consumes without dequantizing; ``None`` means it accepts any type by dequantizing it).
-    The registry fills ``plugin`` with the name of the plugin that registered it.
+    A subclass is one plugin's *backend* of the op ``name`` (several plugins may implement one op, e.g.
+    ``KLinearGPU``) and sets ``role`` (one of ``ROLES``), ``devices`` (torch device types it runs on;
+    ``ANY_DEVICE``: any), ``preference`` (the highest available backend of an op wins on a device),
+    ``aliases`` (other spellings of its op), ``ggml_types`` (GGML types it consumes as stored) and
+    ``dequantizes_others`` (whether other types are dequantized for it, or refused). The registry fills
+    ``plugin`` with the name of the plugin that registered it. docs/ARCHITECTURE.md has the full contract.
 
     Lifecycle: ``Op(module, device, **kwargs)`` with the original Transformers module (on the meta
     device: read shapes and config from it, never data), then ``load(weights)`` once with the module's
@@ -36,6 +39,10 @@ class Op(nn.Module):
     role: ClassVar[str] = ""
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     ggml_types: ClassVar[frozenset[str] | None] = None
+    # False: tensors of a type outside ``ggml_types`` are refused (``kt rules check`` says so before loading)
+    dequantizes_others: ClassVar[bool] = True
+    aliases: ClassVar[tuple[str, ...]] = ()
+    preference: ClassVar[int] = 0
     plugin: ClassVar[str] = ""
     # True when ``forward`` on a CUDA device can be captured into a CUDA graph: no host synchronization
     # (``.item()``, ``.cpu()``, ``int(tensor)``), no shape that depends on tensor values, every kernel on
@@ -51,6 +58,24 @@ class Op(nn.Module):
     @classmethod
     def available(cls, device: torch.device | str | None = None) -> str | None:
         """``None`` when this op can run here (on ``device`` if given), else the reason it cannot."""
+        return None
+
+    @classmethod
+    def ggml_type_problem(cls, ggml_type: str) -> str | None:
+        """Why this op cannot take a tensor of ``ggml_type`` (``None``: it can): a type outside ``ggml_types``
+        must be one ktcore dequantizes, and the op must accept dequantized weights (``dequantizes_others``)."""
+        from .weights.quants import DEQUANTIZABLE, GGML_TYPES
+
+        if cls.ggml_types is not None and ggml_type in cls.ggml_types:
+            return None
+        taken = f"takes {', '.join(sorted(cls.ggml_types))} as stored" if cls.ggml_types else "dequantizes its weights"
+        if not cls.dequantizes_others:
+            return f"op '{cls.name}' ({cls.plugin}) {taken} and refuses other types, not {ggml_type}"
+        if ggml_type not in DEQUANTIZABLE:
+            nearest = getattr(GGML_TYPES.get(ggml_type), "nearest_supported", None)
+            hint = f"; nearest supported type: {nearest}" if nearest else ""
+            return (f"op '{cls.name}' ({cls.plugin}) {taken}, but ktcore has no dequantizer for {ggml_type}{hint} "
+                    f"(it dequantizes {', '.join(sorted(DEQUANTIZABLE))})")
         return None
 
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:

@@ -7,7 +7,8 @@
   replace:
     class: KExperts                                  # KLinear/KExperts/KAttention/KRoPE, a wrapper's import
                                                      # path, or "default" (keep the module, place it on device)
-    device: cpu                                      # where its weights (and its children's) are loaded
+    device: cpu                                      # where its weights (and its children's) are loaded;
+                                                     # "gpu" names the accelerator torch has (cuda, xpu, npu)
     kwargs:                                          # wrapper options (KTransformers spellings)
       prefill_op: KExpertsTorch                      # op names from the registry; `op` sets both
       generate_op: KExpertsCPU
@@ -16,6 +17,8 @@
       out_device: cpu                                # where the output goes (default: where the input was)
       prefill_threshold: 1                           # at most this many tokens per sequence -> generate op
       op_kwargs: {}                                  # passed to the op constructors
+      backend: torch                                 # pin a backend (plugin, distribution or package name);
+                                                     # or prefill_backend / generate_backend for one op
   recursive: false                                   # do not apply rules inside the matched module
   optional: true                                     # matching nothing is not an error
 - match:
@@ -25,7 +28,13 @@
     class: KMoE                                      # routed experts submitted, shared experts overlapped
     device: cuda                                     # (no ops; kwargs: overlap: true/false)
 - transfer_map: {30: "cuda:1"}                       # decoder layers 30.. on cuda:1 (see ktcore.moe)
+- extends: default                                   # build on the shipped file for the model (layered)
 ```
+
+An op name is resolved per device by the registry: the most preferred backend that serves the device and
+whose ``available()`` accepts it (``Rule.resolutions`` keeps the explanation ``kt rules check`` prints).
+A user's rule file that says ``- extends: default`` builds on the shipped file for its model
+(``ktcore.rule_selection.layered``): its rules first, then the default's, which are optional there.
 
 Everything is validated when the file is loaded, before any weight is read; every problem of the file is
 reported at once, each with the file, line, rule number and field.
@@ -48,9 +57,11 @@ from torch import nn
 from .modules import WRAPPERS, KModule, module_role
 from .moe import KMoE, parse_transfer_map
 from .ops import ROLES
-from .registry import DEVICE_PLUGINS, RegistryError, Registry, device_missing_reason, get_registry
+from .registry import RegistryError, Registry, Resolution, accelerator_present, device_missing_reason, get_registry
 
 RULE_FIELDS = ("match", "replace", "recursive", "optional")
+GPU = "gpu"  # a device name in rule files: the accelerator torch has here (cuda for CUDA and ROCm, xpu, npu, ...)
+BACKEND_OPTIONS = ("backend", "prefill_backend", "generate_backend")  # taken by the loader, not the wrapper
 MATCH_FIELDS = ("name", "class")
 REPLACE_FIELDS = ("class", "device", "kwargs")
 DEFAULT_CLASS_OPTIONS = ("generate_device", "prefill_device")  # "default" keeps the module: only placement
@@ -134,6 +145,10 @@ class Rule:
     device: torch.device | None = None  # placement of the module's (and its children's) plain weights
     options: dict[str, Any] = field(default_factory=dict)  # wrapper constructor arguments, ops resolved
     op_names: tuple[str, str] | None = None  # (prefill, generate)
+    backends: tuple[str | None, str | None] = (None, None)  # pinned (prefill, generate) backend, if any
+    resolutions: dict[str, Resolution] = field(default_factory=dict)  # "prefill"/"generate" -> the choice
+    layer: str = "user"  # "default" for the rules of the shipped file a user file extends
+    registry: Registry | None = None  # the registry its ops were resolved in
     recursive: bool = True
     optional: bool = False
     matched: int = 0
@@ -175,13 +190,14 @@ class Rule:
             for key in ("prefill_device", "generate_device", "out_device"):
                 if options.get(key) is not None and options[key].type != "cpu":
                     options[key] = target
-            for which in ("prefill", "generate"):
-                op_cls, device = options[f"{which}_op"], options[f"{which}_device"]
-                why = (f"it runs on {', '.join(op_cls.devices)}" if op_cls.devices and device.type not in op_cls.devices
-                       else op_cls.available(device) if check_target else None)
-                if why:
+            for i, which in enumerate(("prefill", "generate")):
+                device = options[f"{which}_device"]
+                resolution = self.registry.resolution(self.wrapper.role, self.op_names[i], device, self.backends[i],
+                                                      check=check_target)
+                if resolution.chosen is None:
                     raise self.issue(f"replace.kwargs.{which}_op", f"transfer_map puts '{qualname}' on {device}, "
-                                     f"where op '{op_cls.name}' cannot run: {why}")
+                                     f"where op '{self.op_names[i]}' cannot run: {resolution.explain()}")
+                options[f"{which}_op"] = resolution.chosen.cls
         return self.wrapper(module, name=qualname, build=False, **options)
 
 
@@ -190,6 +206,7 @@ class RuleSet:
     rules: list[Rule]
     files: list[str]
     transfer_map: dict[int, torch.device] = field(default_factory=dict)  # layer index -> device (ktcore.moe)
+    extends_default: bool = False  # True when a file says `- extends: default`
 
     def first_match(self, qualname: str, module: nn.Module) -> Rule | None:
         for rule in self.rules:
@@ -212,10 +229,12 @@ def load_rules(
     registry: Registry | None = None,
     *,
     check_devices: bool = True,
+    gpu: str | None = None,
 ) -> RuleSet:
     """Load and validate one or more rule files (concatenated in order: first match wins across them).
 
-    ``check_devices=False`` checks ops and devices by name only (for files meant for another machine).
+    ``check_devices=False`` checks ops and devices by name only (for files meant for another machine);
+    ``gpu``: the device type the device name ``gpu`` stands for (default: the accelerator torch has here).
     """
     if isinstance(paths, RuleSet):
         return paths
@@ -226,6 +245,7 @@ def load_rules(
     issues: list[RuleIssue] = []
     files = []
     transfer_map: dict[int, torch.device] = {}
+    settings: dict[str, Any] = {}
     for path in paths:
         path = Path(path)
         files.append(str(path))
@@ -235,20 +255,22 @@ def load_rules(
             issues.append(RuleIssue(str(path), 0, None, "file", f"cannot read rule file: {exc}"))
             continue
         file_rules, file_issues = parse_rules(text, str(path), registry, check_devices=check_devices,
-                                              transfer_map=transfer_map)
+                                              transfer_map=transfer_map, settings=settings, gpu=gpu)
         rules.extend(file_rules)
         issues.extend(file_issues)
     if issues:
         raise RuleError(issues)
-    return RuleSet(rules, files, transfer_map)
+    return RuleSet(rules, files, transfer_map, extends_default=settings.get("extends") == "default")
 
 
 def parse_rules(
     text: str, filename: str, registry: Registry, *, check_devices: bool = True,
-    transfer_map: dict[int, torch.device] | None = None,
+    transfer_map: dict[int, torch.device] | None = None, settings: dict[str, Any] | None = None,
+    gpu: str | None = None,
 ) -> tuple[list[Rule], list[RuleIssue]]:
     """Parse rule-file text; returns the rules and every problem found (both lists may be non-empty).
-    ``- transfer_map: {...}`` entries are merged into ``transfer_map`` (when given)."""
+    ``- transfer_map: {...}`` entries are merged into ``transfer_map``, ``- extends: default|none`` goes to
+    ``settings["extends"]`` (when given)."""
     try:
         data = yaml.load(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as exc:
@@ -262,11 +284,19 @@ def parse_rules(
         return [], [RuleIssue(filename, line, None, "file", "a rule file is a YAML list of rules (`- match: ...`)")]
     rules, issues = [], []
     for index, entry in enumerate(data, start=1):
+        if isinstance(entry, dict) and "extends" in entry:
+            line = _line_of(entry, "extends", getattr(entry, "line", 0))
+            if entry["extends"] not in ("default", "none") or len(entry) != 1:
+                issues.append(RuleIssue(filename, line, index, "extends",
+                                        f"'- extends: default' or '- extends: none' alone, got {dict(entry)!r}"))
+            elif settings is not None:
+                settings["extends"] = entry["extends"]
+            continue
         if isinstance(entry, dict) and "transfer_map" in entry:
             issues.extend(_check_transfer_map(entry, filename, index, check_devices,
                                               transfer_map if transfer_map is not None else {}))
             continue
-        checker = _RuleChecker(filename, index, entry, registry, check_devices)
+        checker = _RuleChecker(filename, index, entry, registry, check_devices, gpu)
         rule = checker.check()
         issues.extend(checker.issues)
         if rule is not None and not checker.issues:
@@ -298,7 +328,9 @@ def _check_transfer_map(entry: dict, filename: str, index: int, check_devices: b
 class _RuleChecker:
     """Validates one rule entry, collecting every problem instead of stopping at the first."""
 
-    def __init__(self, filename: str, index: int, entry: Any, registry: Registry, check_devices: bool):
+    def __init__(self, filename: str, index: int, entry: Any, registry: Registry, check_devices: bool,
+                 gpu: str | None = None):
+        self.gpu = gpu
         self.filename = filename
         self.index = index
         self.entry = entry
@@ -392,7 +424,8 @@ class _RuleChecker:
             self.add("replace.kwargs", f"must be a mapping, got {kwargs!r}", _line_of(replace, "kwargs", self.line))
             return
         kw_line = lambda key: _line_of(kwargs, key, _line_of(replace, "kwargs", self.line))  # noqa: E731
-        allowed = DEFAULT_CLASS_OPTIONS if wrapper is None else wrapper.rule_options
+        allowed = DEFAULT_CLASS_OPTIONS if wrapper is None else (
+            (*wrapper.rule_options, *BACKEND_OPTIONS) if wrapper.uses_ops else wrapper.rule_options)
         for key in kwargs:
             if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
@@ -425,10 +458,11 @@ class _RuleChecker:
             rule.options = {k: v for k, v in kwargs.items() if k in allowed}
             return
         names = {}
-        for key in ("op", "prefill_op", "generate_op"):
+        for key in ("op", "prefill_op", "generate_op", *BACKEND_OPTIONS):
             if key in kwargs:
                 if not isinstance(kwargs[key], str):
-                    self.add(f"replace.kwargs.{key}", f"must be an op name, got {kwargs[key]!r}", kw_line(key))
+                    what = "an op name" if key.endswith("op") else "a backend (plugin) name"
+                    self.add(f"replace.kwargs.{key}", f"must be {what}, got {kwargs[key]!r}", kw_line(key))
                 else:
                     names[key] = kwargs[key]
         prefill_name = names.get("prefill_op") or names.get("op") or names.get("generate_op")
@@ -439,9 +473,13 @@ class _RuleChecker:
             return
         prefill_key = "prefill_op" if "prefill_op" in names else ("op" if "op" in names else "generate_op")
         generate_key = "generate_op" if "generate_op" in names else ("op" if "op" in names else "prefill_op")
-        prefill_cls = self.op(wrapper.role, prefill_name, prefill_device, f"replace.kwargs.{prefill_key}", kw_line(prefill_key))
-        generate_cls = self.op(wrapper.role, generate_name, generate_device, f"replace.kwargs.{generate_key}", kw_line(generate_key))
-        rule.op_names = (prefill_name, generate_name)
+        rule.backends = (names.get("prefill_backend", names.get("backend")),
+                         names.get("generate_backend", names.get("backend")))
+        rule.registry = self.registry
+        prefill_cls = self.op(rule, "prefill", wrapper.role, prefill_name, prefill_device, prefill_key, kw_line(prefill_key))
+        generate_cls = self.op(rule, "generate", wrapper.role, generate_name, generate_device, generate_key,
+                               kw_line(generate_key))
+        rule.op_names = (self.registry.canonical(prefill_name), self.registry.canonical(generate_name))
 
         threshold = kwargs.get("prefill_threshold", 1)
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
@@ -449,7 +487,14 @@ class _RuleChecker:
         op_kwargs = kwargs.get("op_kwargs") or {}
         if not isinstance(op_kwargs, dict):
             self.add("replace.kwargs.op_kwargs", f"must be a mapping, got {op_kwargs!r}", kw_line("op_kwargs"))
+        handled = {"op", "prefill_op", "generate_op", "prefill_device", "generate_device", "out_device",
+                   "prefill_threshold", "op_kwargs", *BACKEND_OPTIONS}
+        for key in kwargs:  # a wrapper's own options (e.g. KExperts placement) go to it as they are
+            problem = wrapper.check_option(key, kwargs[key]) if key in allowed and key not in handled else None
+            if problem:
+                self.add(f"replace.kwargs.{key}", problem, kw_line(key))
         rule.options = {
+            **{k: v for k, v in kwargs.items() if k in allowed and k not in handled},
             "prefill_op": prefill_cls,
             "generate_op": generate_cls,
             "prefill_device": prefill_device,
@@ -479,11 +524,17 @@ class _RuleChecker:
         return cls
 
     def device(self, value: Any, field_name: str, line: int) -> torch.device | None:
+        if isinstance(value, str) and value.partition(":")[0] == GPU:
+            if self.check_devices and self.gpu is None and not accelerator_present():
+                self.add(field_name, f"device '{value}' is not present: torch has no accelerator on this machine "
+                         "(no CUDA, ROCm, XPU or NPU)", line)
+                return None
+            value = (self.gpu or accelerator_type()) + value[len(GPU):]
         try:
             device = torch.device(str(value) if isinstance(value, int) else value)
         except (RuntimeError, TypeError):
             kind = str(value).split(":")[0]
-            provider = DEVICE_PLUGINS.get(kind)
+            provider = self.registry.device_hint(kind)
             why = (f"this torch build does not know the device type '{kind}'; it comes with {provider}"
                    if provider else "not a torch device such as cpu, cuda, cuda:1, xpu")
             self.add(field_name, f"device {value!r}: {why}", line)
@@ -495,17 +546,30 @@ class _RuleChecker:
                 self.absent_devices.add(device)
         return device
 
-    def op(self, role: str, name: str, device: torch.device, field_name: str, line: int):
+    def op(self, rule: Rule, which: str, role: str, name: str, device: torch.device, key: str, line: int):
+        """The class of the backend that runs op ``name`` on ``device`` (by device type alone when devices
+        are not checked or the device is absent); the choice is kept in ``rule.resolutions``."""
+        field_name = f"replace.kwargs.{key}"
+        pinned = rule.backends[0 if which == "prefill" else 1]
+        check = self.check_devices and device not in self.absent_devices
         try:
-            if self.check_devices and device not in self.absent_devices:
-                return self.registry.resolve(role, name, device)
-            op_cls = self.registry.get(role, name)
-            if op_cls.devices and device.type not in op_cls.devices:
-                raise RegistryError(f"op '{name}' (plugin '{op_cls.plugin}') runs on {', '.join(op_cls.devices)}, not on '{device}'")
-            return op_cls
+            if check:
+                self.registry.resolve(role, name, device, pinned)  # raises with the device's own problem
+            resolution = self.registry.resolution(role, name, device, pinned, check=check)
         except RegistryError as exc:
             self.add(field_name, str(exc), line)
             return None
+        if resolution.chosen is None:
+            self.add(field_name, f"op '{name}' cannot run on '{device}': {resolution.explain()}", line)
+            return None
+        rule.resolutions[which] = resolution
+        return resolution.chosen.cls
+
+
+def accelerator_type() -> str:
+    """The device type ``gpu`` means here; ``cuda`` where torch has no accelerator (checks by name only)."""
+    accelerator = torch.accelerator.current_accelerator()
+    return accelerator.type if accelerator is not None else "cuda"
 
 
 def _import_object(path: str) -> Any:

@@ -26,6 +26,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
+from .weights.quants import GGML_TYPES
 from .weights.tensor import QuantizedTensor
 
 FAMILIES = ("llama", "qwen3", "gemma3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
@@ -295,8 +296,7 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     return model.eval()
 
 
-# K-quant layouts: bytes per 256-weight block and where its float16 d (and dmin) sit
-_K_HALVES = {"Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,)), "Q2_K": (84, (80, 82)), "Q3_K": (110, (108,))}
+_K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # gguf.quants cannot quantize these
 
 
 def quantized_sample(ggml_type: str, shape: tuple[int, ...], seed: int = 0, name: str = "w") -> QuantizedTensor:
@@ -304,8 +304,8 @@ def quantized_sample(ggml_type: str, shape: tuple[int, ...], seed: int = 0, name
     scales (``gguf.quants`` only dequantizes the K-quants). Its reference values are ``gguf_reference``."""
     rng = np.random.default_rng(seed)
     qtype = GGMLQuantizationType[ggml_type]
-    if ggml_type in _K_HALVES:
-        nbytes, halves = _K_HALVES[ggml_type]
+    if ggml_type in _K_TYPES:
+        nbytes, halves = GGML_TYPES[ggml_type].type_size, GGML_TYPES[ggml_type].scale_fields
         blocks = rng.integers(0, 256, size=(int(np.prod(shape)) // 256, nbytes), dtype=np.uint8)
         for at in halves:
             blocks[:, at : at + 2] = (rng.uniform(1e-4, 1e-3, size=(blocks.shape[0], 1))).astype(np.float16).view(np.uint8)

@@ -76,7 +76,8 @@ def test_rules_check_prints_what_each_module_becomes(use_registry, config_dir, w
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out
     row = next(x for x in out.splitlines() if x.startswith("model.layers.1.mlp.up_proj"))
-    assert row.split() == ["model.layers.1.mlp.up_proj", "rules.yaml:1", "KLinear", "KLinearTest", "KLinearTestB", "cpu"]
+    assert row.split() == ["model.layers.1.mlp.up_proj", "rules.yaml:1", "KLinear", "KLinearTest", "(testplugin)",
+                           "KLinearTestB", "(testplugin)", "cpu"]
     assert any(x.split()[:3] == ["lm_head", "rules.yaml:3", "default"] for x in out.splitlines())
     assert f"rules: {path}" in out
     assert "4 module(s) replaced by wrappers, 1 kept (default)" in out

@@ -30,6 +30,8 @@ TRANSFORMERS_ATTENTION = {"qwen3_next", "llama4"}
 # gguf-py (llama.cpp's tensor and key names) has no DeepSeek-V3.2 architecture (its indexer tensors)
 GGUF_FAMILIES = tuple(f for f in NEW_FAMILIES if f != "deepseek_v32")
 BUILTIN_OPS = {"KLinearTorch", "KExpertsTorch", "KExpertsGptOssTorch", "KAttentionSDPA", "KAttentionMLA", "KRoPETorch"}
+# every shipped (family, layout): MoE families also have the all-accelerator layout "gpu"
+LAYOUTS = [(f, layout) for f in NEW_FAMILIES for layout in ("cpu", "gpu-cpu", "gpu") if layout != "gpu" or f in MOE]
 GEN = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
 
 
@@ -104,19 +106,19 @@ def test_family_chunked_prefill_with_ktcore_cache(family, registry):
     test_families.test_family_chunked_prefill_with_ktcore_cache_matches(family, registry)
 
 
-@pytest.mark.parametrize("layout", ["cpu", "gpu-cpu"])
-@pytest.mark.parametrize("family", NEW_FAMILIES)
+@pytest.mark.parametrize("family,layout", LAYOUTS)
 def test_shipped_rule_file_validates_and_matches(family, layout, registry):
     rules = load_rules(rule_file(family, layout), registry, check_devices=(layout == "cpu"))
-    assert rules.op_names() <= BUILTIN_OPS
+    # the files name role ops; on the built-in plugin alone each resolves to its torch backend
+    assert {op.name for r in rules for op in (r.options.get("prefill_op"), r.options.get("generate_op")) if op} <= BUILTIN_OPS
     model = build_meta_model(tiny_config(family))
     inject(model, rules, registry)  # raises on a rule that matches nothing
     experts = [m for name, m in model.named_modules() if name.endswith(".experts")]
     assert bool(experts) == (family in MOE)
     for m in experts:
-        assert isinstance(m, KExperts) and m.generate_device.type == "cpu"
+        assert isinstance(m, KExperts) and m.generate_device.type == ("cuda" if layout == "gpu" else "cpu")
         assert (m.out_device == torch.device("cuda")) == (layout == "gpu-cpu")
-    if layout == "gpu-cpu":
+    if layout != "cpu":
         assert model.lm_head.prefill_device.type == "cuda"
         assert model._ktcore_placements["model.embed_tokens"].type == "cuda"
 
@@ -255,13 +257,12 @@ def test_synthetic_family_gguf_loads_and_runs(family, experts_type, gguf_dir, re
         assert torch.isfinite(model(prompt(7)).logits).all()
 
 
-@pytest.mark.parametrize("family", NEW_FAMILIES)
-def test_gpu_cpu_rule_file_logic_on_the_cpu(family, registry, tmp_path):
-    """The gpu-cpu rule file with every ``cuda`` read as ``cpu``: what it builds (KMoE blocks, experts wrappers
-    handing their output over, placements) computes what Transformers computes, on a machine without a GPU."""
-    text = rule_file(family, "gpu-cpu").read_text().replace("cuda", "cpu")
-    rules = tmp_path / f"{family}-gpu-cpu-on-cpu.yaml"
-    rules.write_text(text)
+@pytest.mark.parametrize("family,layout", [(f, layout) for f, layout in LAYOUTS if layout != "cpu"])
+def test_gpu_rule_file_logic_on_the_cpu(family, layout, registry):
+    """The gpu-cpu and gpu rule files with their device ``gpu`` read as ``cpu``: what they build (KMoE blocks,
+    experts wrappers handing their output over, placements) computes what Transformers computes, on a machine
+    without a GPU."""
+    rules = load_rules(rule_file(family, layout), registry, gpu="cpu")
     reference = tiny_model(family)
     model, _ = load_model(StateDictSource(reference), rules=rules, dtype=torch.float32, registry=registry, progress=False)
     ids = prompt(8)

@@ -28,7 +28,7 @@ from fidelity import (  # noqa: E402
 )
 from models import ModelUnavailable, fixed_text, gemma3_gguf, llamacpp_tokens, load_ktcore, load_llamacpp, smollm2_gguf  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.peer]
 
 THREADS = 2
 MODELS = {
@@ -42,6 +42,7 @@ TEXT_TOKENS = 320  # >= 256 positions; Gemma's 262k vocabulary makes every posit
 def loaded(request):
     """``(name, gguf path, Generator over ktcore's torch ops)``, one model at a time."""
     from ktcore.inject import RULE_FILES_DIR
+    from ktcore.registry import Registry
 
     find, rule_file = MODELS[request.param]
     try:
@@ -49,7 +50,10 @@ def loaded(request):
     except ModelUnavailable as exc:
         pytest.skip(str(exc))
     torch.set_num_threads(THREADS)
-    gen, _ = load_ktcore(path, rules=RULE_FILES_DIR / rule_file, threads=THREADS, max_context=512)
+    # ktcore's torch backends (kt-cpu-amx, when installed, would back the file's KLinearCPU; its own tests
+    # compare it with llama.cpp)
+    gen, _ = load_ktcore(path, rules=RULE_FILES_DIR / rule_file, threads=THREADS, max_context=512,
+                         registry=Registry(entrypoints=False))
     yield request.param, path, gen
     del gen
 
@@ -115,23 +119,25 @@ def test_teacher_forced_against_llamacpp(loaded, tmp_path_factory):
 
 
 def _gpu_rule_files():
-    """``(model, rule file)`` pairs for a CUDA GPU: ktcore's own gpu-cpu files (dequantized weights, torch
-    ops) and, for llama, kt-cuda's (int4 KLinearMarlin, Triton GQA decode)."""
+    """``(model, rule file, backends)`` for a CUDA GPU: the shipped gpu-cpu files on ktcore's torch backends
+    (dequantized weights) and, for llama with kt-cuda installed, on the installed backends (int4 KLinearGPU,
+    Triton GQA decode)."""
+    import importlib.util
+
     from ktcore.inject import RULE_FILES_DIR
 
-    pairs = [("smollm2", RULE_FILES_DIR / "llama-gpu-cpu.yaml"), ("gemma3", RULE_FILES_DIR / "gemma3_text-gpu-cpu.yaml")]
-    try:
-        from kt_cuda.plugin import RULE_DIR
-    except ImportError:
+    pairs = [("smollm2", RULE_FILES_DIR / "llama-gpu-cpu.yaml", "torch"),
+             ("gemma3", RULE_FILES_DIR / "gemma3_text-gpu-cpu.yaml", "torch")]
+    if importlib.util.find_spec("kt_cuda") is None:
         return pairs
-    return pairs + [("smollm2", RULE_DIR / "llama-gpu-cpu.yaml")]
+    return pairs + [("smollm2", RULE_FILES_DIR / "llama-gpu-cpu.yaml", "installed")]
 
 
 # Measured on the H200 host (GPU rules, 320 tokens, F32 KV cache) against two builds of the same llama.cpp
 # sources, the AVX2 one (what llama-cpp-python builds on the dev and CI machines) and an AVX512 one:
 #                                              AVX2 build                    AVX512 build
-#   smollm2, ktcore llama-gpu-cpu.yaml (fp32)  95.61 %, ppl +0.46 %          94.67 %, ppl +0.01 %
-#   smollm2, kt-cuda llama-gpu-cpu.yaml (int4) 94.67 %, ppl +1.32 %          94.98 %, ppl +0.19 %
+#   smollm2, llama-gpu-cpu.yaml, torch (fp32)  95.61 %, ppl +0.46 %          94.67 %, ppl +0.01 %
+#   smollm2, llama-gpu-cpu.yaml, kt-cuda (int4) 94.67 %, ppl +1.32 %         94.98 %, ppl +0.19 %
 #   gemma3 Q4_K_M, ktcore gemma3 gpu-cpu       88.40 %, ppl -5.38 %          90.60 %, ppl -4.53 %
 #   gemma3 on its F32 copy                     100.0 %, ppl -0.04 %          99.69 %, ppl -0.03 %
 #   the two llama.cpp builds against each other: smollm2 96.24 %, gemma3 90.60 % (bench/fidelity.py --llama-libs)
@@ -142,8 +148,8 @@ def _gpu_rule_files():
 GPU_Q4_FLOOR = 0.94
 
 
-@pytest.mark.parametrize("name,rule_file", _gpu_rule_files(), ids=lambda v: v if isinstance(v, str) else f"{v.parent.parent.name}-{v.name}")
-def test_gpu_rules_teacher_forced_against_llamacpp(name, rule_file, tmp_path):
+@pytest.mark.parametrize("name,rule_file,backends", _gpu_rule_files(), ids=lambda v: v if isinstance(v, str) else v.name)
+def test_gpu_rules_teacher_forced_against_llamacpp(name, rule_file, backends, tmp_path):
     """The GPU rule files on a real model, teacher-forced against llama.cpp (CPU) over the same text."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (the GPU rule files)")
@@ -153,7 +159,10 @@ def test_gpu_rules_teacher_forced_against_llamacpp(name, rule_file, tmp_path):
         path = find()
     except ModelUnavailable as exc:
         pytest.skip(str(exc))
-    gen, _ = load_ktcore(path, rules=rule_file, threads=THREADS, max_context=512)
+    from ktcore.registry import Registry
+
+    registry = Registry(entrypoints=False) if backends == "torch" else None
+    gen, _ = load_ktcore(path, rules=rule_file, threads=THREADS, max_context=512, registry=registry)
     assert any(t.device.type == "cuda" for t in [*gen.model.parameters(), *gen.model.buffers()])
     stats = _teacher_forced(path, gen)
     print(f"\n{name} on {rule_file}: {stats}")

@@ -285,8 +285,11 @@ def _injected(family, seed):
     from ktcore.weights.state_dict import StateDictSource
 
     ref = tiny_model(family, seed=seed)
-    rules = RULE_FILES_DIR / f"{MODEL_TYPES[family]}-cpu.yaml"  # the core's torch ops, whatever is installed
-    model, report = load_model(StateDictSource(ref), rules=rules, progress=False)
+    from ktcore.registry import Registry
+
+    rules = RULE_FILES_DIR / f"{MODEL_TYPES[family]}-cpu.yaml"
+    # the core's torch ops, whatever is installed (kt-cpu-amx would back KLinearCPU/KExpertsCPU)
+    model, report = load_model(StateDictSource(ref), rules=rules, progress=False, registry=Registry(entrypoints=False))
     assert len(report.rows) > 0
     return ref, model
 

@@ -114,7 +114,7 @@ def test_missing_device_names_device_and_plugin(monkeypatch):
 def test_available_reason_is_reported():
     op = make_op("KLinearPicky", reason="this CPU has no AMX")
     reg = Registry(builtin=False, entrypoints=False, plugins={"picky": plugin_with(linear=[op])})
-    with pytest.raises(OpUnavailableError, match="'KLinearPicky' \\(plugin 'picky'\\) cannot run on 'cpu' here: this CPU has no AMX"):
+    with pytest.raises(OpUnavailableError, match="'KLinearPicky' cannot run on 'cpu' here: .*picky: this CPU has no AMX"):
         reg.resolve("linear", "KLinearPicky", "cpu")
 
 
@@ -173,19 +173,124 @@ def test_get_registry_is_process_wide(monkeypatch):
     assert get_registry() is first and ktcore.get_registry() is first
 
 
-def test_first_party_table_matches_the_plugins_in_this_tree():
-    """Every op a first-party plugin in plugins/ defines is in the pip-hint table, under its distribution."""
-    import re
+def test_catalog_matches_the_installed_first_party_plugins():
+    """rules/backends.yaml (install hints) names, per first-party plugin, exactly the ops and spellings it
+    registers (besides KTransformers' spellings, which ktcore declares)."""
+    from ktcore.registry import catalog
 
-    from ktcore.registry import FIRST_PARTY_OPS
+    registry = Registry()
+    checked = 0
+    for entry in catalog():
+        info = registry.plugins.get(entry["plugin"])
+        if info is None:
+            continue
+        assert info.distribution.split(" ")[0] == entry["distribution"]
+        registered = {b.op for b in info.backends} | set(info.aliases)
+        assert set(entry["ops"]) - {"KLinearMarlin", "KExpertsMarlin"} == registered, entry["distribution"]
+        assert {d for b in info.backends for d in b.devices} == set(entry["devices"])
+        checked += 1
+    if not checked:
+        pytest.skip("no first-party plugin installed")
 
-    root = Path(__file__).resolve().parents[1] / "plugins"
-    found = {}
-    for pyproject in root.glob("*/pyproject.toml"):
-        dist = re.search(r'^name\s*=\s*"([^"]+)"', pyproject.read_text(), re.M).group(1)
-        for source in pyproject.parent.glob("kt_*/**/*.py"):
-            for op_name in re.findall(r'^\s+name = "(K[A-Za-z0-9]+)"', source.read_text(), re.M):
-                found[op_name] = dist
-    if not found:
-        pytest.skip("no first-party plugin sources under plugins/ in this tree")
-    assert {name: FIRST_PARTY_OPS.get(name) for name in found} == found
+
+# -- backends ---------------------------------------------------------------------------------------------
+
+
+def backend_op(name, devices, reason=None, preference=0, role="linear"):
+    return type(name, (ktcore.Op,), {"name": "KLinearRole", "role": role, "devices": devices, "preference": preference,
+                                      "available": classmethod(lambda cls, device=None: reason)})
+
+
+def test_op_resolves_to_the_preferred_available_backend_and_explains_the_rest():
+    fast = backend_op("FastLinear", ("cpu",), reason="this CPU has no AMX", preference=10)
+    portable = backend_op("PortableLinear", ())
+    reg = Registry(builtin=False, entrypoints=False,
+                   plugins={"fast": plugin_with(linear=[fast]), "portable": plugin_with(linear=[portable])})
+    assert [b.plugin for b in reg.backends("linear", "KLinearRole")] == ["fast", "portable"]
+    resolution = reg.resolution("linear", "KLinearRole", "cpu")
+    assert resolution.chosen.cls is portable and reg.resolve("linear", "KLinearRole", "cpu") is portable
+    assert resolution.explain() == "KLinearRole -> portable on cpu; fast: this CPU has no AMX"
+    # a pinned backend is taken or refused with its own reason, never replaced by another
+    with pytest.raises(OpUnavailableError, match="fast: this CPU has no AMX"):
+        reg.resolve("linear", "KLinearRole", "cpu", backend="fast")
+    with pytest.raises(UnknownOpError, match="has no backend 'nosuch'; its backends here: fast, portable"):
+        reg.resolve("linear", "KLinearRole", "cpu", backend="nosuch")
+    # without the availability check (a rule file for another machine): the most preferred for the device type
+    assert reg.resolution("linear", "KLinearRole", "cpu", check=False).chosen.cls is fast
+
+
+def test_equal_preference_for_one_device_is_ambiguous_and_names_both():
+    with pytest.raises(DuplicateOpError, match="plugin 'alpha'.*plugin 'beta'.*preference"):
+        Registry(builtin=False, entrypoints=False,
+                 plugins={"alpha": plugin_with(linear=[backend_op("A", ("cpu",))]),
+                          "beta": plugin_with(linear=[backend_op("B", ("cpu", "cuda"))])})
+    # distinct device types do not collide
+    reg = Registry(builtin=False, entrypoints=False,
+                   plugins={"alpha": plugin_with(linear=[backend_op("A", ("cpu",))]),
+                            "beta": plugin_with(linear=[backend_op("B", ("cuda",))])})
+    assert len(reg.backends("linear", "KLinearRole")) == 2
+
+
+def test_builtin_backs_the_plugin_ops_and_ktransformers_spellings():
+    reg = Registry(entrypoints=False)
+    for role, op in (("linear", "KLinearCPU"), ("linear", "KLinearGPU"), ("experts", "KExpertsCPU"),
+                     ("experts", "KExpertsGPU")):
+        resolution = reg.resolution(role, op, "cpu")
+        assert resolution.chosen.plugin == "torch" and resolution.chosen.preference < 0, resolution.explain()
+    assert reg.canonical("KLinearMarlin") == "KLinearGPU" and reg.canonical("KExpertsMarlin") == "KExpertsGPU"
+    assert reg.get("linear", "KLinearMarlin").name == "KLinearTorch"
+    assert reg.weight_sources() and {c.__name__ for c in reg.weight_sources()} == {"GGUFSource", "SafetensorsSource"}
+
+
+def test_misspelled_hook_is_a_problem_and_the_plugin_is_not_loaded():
+    class Typo:
+        @ktcore.hookimpl
+        def register_linear_opz(self, register):
+            register(make_op("KLinearTypo"))
+
+    reg = Registry(builtin=False, entrypoints=False)
+    assert reg.add_plugin(Typo(), "typo", strict=False) is None
+    assert "typo" not in reg.plugins and "KLinearTypo" not in reg.ops()
+    (problem,) = reg.problems
+    assert "plugin 'typo'" in problem and "'register_linear_opz' (did you mean 'register_linear_ops'?)" in problem
+    with pytest.raises(RegistryError, match="register_linear_opz"):  # strict (a plugin handed in by code)
+        reg.add_plugin(Typo(), "typo2")
+
+
+def test_raising_hook_is_isolated_and_registers_nothing():
+    class Raises:
+        @ktcore.hookimpl
+        def register_linear_ops(self, register):
+            register(make_op("KLinearHalfway"))
+
+        @ktcore.hookimpl
+        def register_experts_ops(self, register):
+            raise ImportError("libvendor.so: cannot open shared object file")
+
+    reg = Registry(builtin=False, entrypoints=False, plugins={"good": plugin_with(linear=[make_op("KLinearGood")])})
+    assert reg.add_plugin(Raises(), "raises", strict=False) is None
+    assert set(reg.ops()) == {"KLinearGood"}  # nothing of the failed plugin, the other one intact
+    assert any("plugin 'raises'" in p and "ImportError: libvendor.so" in p for p in reg.problems)
+    assert reg.add_plugin(plugin_with(linear=[make_op("KLinearLater")]), "later")  # later plugins still load
+
+
+def test_weight_sources_and_dequantizers_are_collected_with_the_ops():
+    class Source:
+        @staticmethod
+        def can_open(path):
+            return False
+
+    def fast(raw, shape, dtype):
+        raise AssertionError("not called")
+
+    class Weights:
+        @ktcore.hookimpl
+        def register_weight_sources(self, register):
+            register(Source)
+
+        @ktcore.hookimpl
+        def register_dequantizers(self, register):
+            register("Q4_K", "cuda", fast)
+
+    reg = Registry(builtin=False, entrypoints=False, plugins={"w": Weights()})
+    assert reg.weight_sources() == [Source] and reg.dequantizers() == [("Q4_K", "cuda", fast)]

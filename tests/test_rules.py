@@ -245,3 +245,158 @@ def test_device_type_torch_does_not_know_names_the_backend(registry, write_rules
     issue = err.value.issues[0]
     assert (issue.line, issue.field) == (2, "replace.device")
     assert "device 'npu'" in issue.message and "kt-ascend" in issue.message and "torch-npu" in issue.message
+
+
+# -- backends, layering, the 'gpu' device, GGML types ------------------------------------------------------
+
+
+def backends_registry():
+    """ktcore's own plugin plus a test backend of KLinearCPU that is never preferred (preference -200)."""
+    import ktcore
+    from ktcore.registry import Registry
+    from core_test_helpers import CountingLinear
+
+    class Slow(CountingLinear):
+        name = "KLinearCPU"
+        preference = -200
+
+    class Plugin:
+        @ktcore.hookimpl
+        def register_linear_ops(self, register):
+            register(Slow)
+
+    return Registry(entrypoints=False, plugins={"slowpoke": Plugin()}), Slow
+
+
+def test_rule_resolves_its_op_per_device_and_may_pin_a_backend(write_rules):
+    registry, slow = backends_registry()
+    path = write_rules("""
+- match: {name: "mlp", class: linear}
+  replace: {class: KLinear, kwargs: {op: KLinearCPU, backend: slowpoke}}
+- match: {class: linear}
+  replace: {class: KLinear, kwargs: {op: KLinearCPU, generate_backend: torch}}
+""")
+    pinned, free = load_rules(path, registry).rules
+    assert pinned.options["prefill_op"] is slow and pinned.options["generate_op"] is slow
+    assert free.options["prefill_op"].__name__ == "KLinearTorch" == free.options["generate_op"].__name__
+    assert pinned.resolutions["generate"].explain() == "KLinearCPU -> slowpoke on cpu"
+    assert free.resolutions["prefill"].explain() == (  # the hint: this registry lacks kt-cpu-amx
+        "KLinearCPU -> torch (KLinearTorch) on cpu; slowpoke: preference -200 < -100; pip install kt-cpu-amx adds "
+        "a backend of KLinearCPU (C++ CPU kernels on GGUF blocks, AMX / AVX-512 / AVX2)")
+    with pytest.raises(RuleError) as err:
+        load_rules(write_rules("""
+- match: {class: linear}
+  replace: {class: KLinear, kwargs: {op: KLinearCPU, backend: nosuch}}
+""", name="bad.yaml"), registry)
+    issue = only_issue(err)
+    assert issue.field == "replace.kwargs.op" and "has no backend 'nosuch'; its backends here: torch, slowpoke" in issue.message
+
+
+def test_gpu_device_needs_an_accelerator_or_a_named_type(write_rules, registry, monkeypatch):
+    import ktcore.rules
+
+    monkeypatch.setattr(ktcore.rules, "accelerator_present", lambda: False)
+    path = write_rules("""
+- match: {class: linear}
+  replace: {class: KLinear, device: gpu, kwargs: {op: KLinearTestAnyDevice}}
+""")
+    with pytest.raises(RuleError, match="device 'gpu' is not present: torch has no accelerator on this machine"):
+        load_rules(path, registry)
+    (rule,) = load_rules(path, registry, check_devices=False, gpu="cuda").rules
+    assert rule.device == torch.device("cuda") and rule.options["generate_device"] == torch.device("cuda")
+
+
+def test_a_one_rule_file_extends_the_shipped_default(write_rules):
+    from ktcore.inject import RULE_FILES_DIR, build_meta_model, inject
+    from ktcore.registry import Registry
+    from ktcore.rule_selection import layered
+    from ktcore.testing import tiny_config
+
+    registry = Registry(entrypoints=False)
+    path = write_rules("""
+- extends: default
+- match: {name: "^lm_head$"}
+  replace: {class: KLinear, kwargs: {op: KLinearTorch, op_kwargs: {dtype: float64}}}
+""")
+    rules = layered(path, "llama", registry, layout="cpu")
+    shipped = str(RULE_FILES_DIR / "llama-cpu.yaml")
+    assert rules.files == [str(path), shipped]
+    assert all(r.optional and r.layer == "default" for r in rules if r.file == shipped)
+    model = build_meta_model(tiny_config("llama"))
+    rows = {row.module: row for row in inject(model, rules, registry, build_ops=False).rows}
+    assert rows["lm_head"].rule == f"{path}:2" and rows["lm_head"].generate_op == "KLinearTorch"
+    q = rows["model.layers.0.self_attn.q_proj"]
+    assert q.rule.startswith(shipped + ":") and (q.generate_op, q.generate_backend) == ("KLinearCPU", "torch")
+    assert (q.role, q.module_class) == ("linear", "Linear")
+    assert rows["model.layers.0.self_attn"].module_class == "LlamaAttention"
+    # without `- extends: default` a file stands alone (the rest stays Transformers modules)
+    alone = write_rules(path.read_text().replace("- extends: default\n", ""), name="alone.yaml")
+    assert layered(alone, "llama", registry).files == [str(alone)]
+    # a shipped file listed after a user's is its default: no "matched no module" for what the user took
+    both = layered([alone, shipped], "llama", registry)
+    assert len(inject(build_meta_model(tiny_config("llama")), both, registry, build_ops=False).rows) == len(rows)
+
+
+def test_an_op_that_cannot_take_a_tensor_type_is_rejected_before_loading(tmp_path, write_rules):
+    import ktcore
+    from core_test_helpers import CountingLinear
+    from ktcore.inject import build_meta_model, inject, weight_type_problems
+    from ktcore.registry import Registry
+    from ktcore.testing import tiny_model
+    from ktcore.weights import open_source
+    from ktcore.weights.gguf_writer import write_gguf
+
+    class Q8Only(CountingLinear):
+        name = "KLinearQ8Only"
+        ggml_types = frozenset({"Q8_0"})
+        dequantizes_others = False
+
+    class Plugin:
+        @ktcore.hookimpl
+        def register_linear_ops(self, register):
+            register(Q8Only)
+
+    registry = Registry(entrypoints=False, plugins={"q8": Plugin()})
+    hf = tiny_model("llama")
+    source = open_source(write_gguf(hf, tmp_path / "llama.gguf", qtypes="Q4_K"))
+    path = write_rules("""
+- match: {name: "^lm_head$"}
+  replace: {class: KLinear, kwargs: {op: KLinearTorch}}
+- match: {name: "mlp\\\\.down_proj$"}
+  replace: {class: KLinear, kwargs: {op: KLinearQ8Only}}
+""")
+    model = build_meta_model(hf.config)
+    report = inject(model, load_rules(path, registry), registry, build_ops=False)
+    issues = weight_type_problems(model, source, report)
+    assert {i.field for i in issues} == {"replace.kwargs.prefill_op", "replace.kwargs.generate_op"}
+    assert {(i.file, i.line) for i in issues} == {(str(path), 3)}
+    layer_ones = [i for i in issues if "model.layers.1.mlp.down_proj.weight" in i.message]
+    assert layer_ones and "op 'KLinearQ8Only' (q8) takes Q8_0 as stored and refuses other types, not Q4_K" in layer_ones[0].message
+    assert Q8Only.ggml_type_problem("Q8_0") is None
+    assert "no dequantizer for Q8_K; nearest supported type: Q8_0" in CountingLinear.ggml_type_problem("Q8_K")
+
+
+def test_rules_check_json_rows_carry_role_class_backend_and_explanation(monkeypatch, write_rules, capsys):
+    import json
+
+    import ktcore.registry
+    from ktcore.cli import main
+    from ktcore.registry import Registry
+
+    monkeypatch.setattr(ktcore.registry, "_REGISTRY", Registry(entrypoints=False))
+    path = write_rules("""
+- extends: default
+- match: {name: "^lm_head$"}
+  replace: {class: KLinear, kwargs: {op: KLinearTorch}}
+""")
+    assert main(["rules", "check", str(path), "--model", "llama", "--layout", "cpu", "--json"]) == 0
+    rows = {row["module"]: row for row in json.loads(capsys.readouterr().out)}
+    head, attn = rows["lm_head"], rows["model.layers.0.self_attn"]
+    assert (head["role"], head["class"], head["rule"]) == ("linear", "Linear", f"{path}:2")
+    assert (attn["role"], attn["class"], attn["generate_op"], attn["generate_backend"]) == (
+        "attention", "LlamaAttention", "KAttentionSDPA", "torch")
+    assert attn["rule"].endswith("llama-cpu.yaml:" + attn["rule"].rsplit(":", 1)[1])
+    assert rows["model.layers.0.mlp.up_proj"]["explain"][0].startswith("KLinearCPU -> torch (KLinearTorch) on cpu")
+    assert main(["rules", "check", str(path), "--model", "llama", "--layout", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "backends chosen" in out and "KLinearCPU -> torch (KLinearTorch) on cpu" in out

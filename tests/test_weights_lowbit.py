@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from ktcore.inject import RULE_FILES_DIR, load_model
+from ktcore.registry import Registry
 from ktcore.testing import tiny_model
 from ktcore.weights import open_source
 from ktcore.weights.dequant import dequantize_raw
@@ -103,13 +104,15 @@ def test_mixed_gguf_keeps_every_type_quantized(mixed):
 
 
 def test_mixed_gguf_forward_and_greedy_decode_match_transformers(mixed):
-    """ktcore loads the mixed file (the core's cpu rule file) and computes what plain Transformers computes
+    """ktcore loads the mixed file (the shipped cpu rule file on ktcore's torch backends: the kernels of an
+    installed plugin would add their own activation rounding) and computes what plain Transformers computes
     with the weights gguf-py dequantizes from the same file."""
     path, f32_copy = mixed
     reference = tiny_model("qwen3_moe", seed=0)
     plain = open_source(f32_copy)
     reference.load_state_dict({n: plain.get(n).dequantize() for n in reference.state_dict()})
-    model, _ = load_model(path, rules=RULE_FILES_DIR / "qwen3_moe-cpu.yaml", dtype=torch.float32, progress=False)
+    model, _ = load_model(path, rules=RULE_FILES_DIR / "qwen3_moe-cpu.yaml", dtype=torch.float32, progress=False,
+                          registry=Registry(entrypoints=False))
     ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = reference(ids).logits, model(ids).logits

@@ -1,5 +1,12 @@
 """ktcore's built-in plugin (registered as ``torch``): portable ops in plain PyTorch, so a bare
-``pip install ktcore`` runs every supported family on any device torch has."""
+``pip install ktcore`` runs every supported family on any device torch has.
+
+Besides its own ops it registers the fallback backend of the ops whose fast backends come from plugins
+(``KLinearCPU``, ``KExpertsCPU``: kt-cpu-amx; ``KLinearGPU``, ``KExpertsGPU``: kt-cuda, kt-rocm, kt-xpu,
+kt-ascend): the same torch code at the lowest preference, so a shipped rule file runs everywhere and
+installing a backend makes it faster without editing it. KTransformers' spellings of those ops
+(``KLinearMarlin``, ``KExpertsMarlin``) are declared here as well.
+"""
 
 from ..hookspecs import hookimpl
 from .attention import KAttentionMLA, KAttentionSDPA
@@ -8,18 +15,25 @@ from .experts_gpt_oss import KExpertsGptOssTorch
 from .linear import KLinearTorch
 from .rope import KRoPETorch
 
-__all__ = ["KAttentionMLA", "KAttentionSDPA", "KExpertsGptOssTorch", "KExpertsTorch", "KLinearTorch", "KRoPETorch"]
+__all__ = ["KAttentionMLA", "KAttentionSDPA", "KExpertsGptOssTorch", "KExpertsTorch", "KLinearTorch", "KRoPETorch",
+           "FALLBACK"]
+
+FALLBACK = -100  # the preference of the torch code standing in for a plugin's backend
 
 
 @hookimpl
 def register_linear_ops(register):
     register(KLinearTorch)
+    register(KLinearTorch, op="KLinearCPU", devices=("cpu",), preference=FALLBACK)
+    register(KLinearTorch, op="KLinearGPU", preference=FALLBACK, aliases=("KLinearMarlin",))
 
 
 @hookimpl
 def register_experts_ops(register):
     register(KExpertsTorch)
-    register(KExpertsGptOssTorch)
+    register(KExpertsTorch, op="KExpertsCPU", devices=("cpu",), preference=FALLBACK)
+    register(KExpertsTorch, op="KExpertsGPU", preference=FALLBACK, aliases=("KExpertsMarlin",))
+    register(KExpertsGptOssTorch)  # GPT-OSS's experts (biases, clamped SwiGLU): no plugin has a backend yet
 
 
 @hookimpl
@@ -31,3 +45,11 @@ def register_attention_ops(register):
 @hookimpl
 def register_rope_ops(register):
     register(KRoPETorch)
+
+
+@hookimpl
+def register_weight_sources(register):
+    from ..weights import builtin_source_classes
+
+    for cls in builtin_source_classes():
+        register(cls)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-# torch device types the portable ops run on (whatever torch itself supports there)
-TORCH_DEVICES = ("cpu", "cuda", "xpu", "mps", "npu", "hpu")
 
 
 def parse_dtype(value, op_name: str) -> torch.dtype | None:

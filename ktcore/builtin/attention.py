@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import Op, stream_capturing
-from ._common import TORCH_DEVICES, causal_mask, module_dtype, parse_dtype
+from ..ops import ANY_DEVICE, Op, stream_capturing
+from ._common import causal_mask, module_dtype, parse_dtype
 
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, keys and values are repeated
 SDPA_HAS_GQA = torch.__version__ >= "2.5"
@@ -99,7 +99,7 @@ class KAttentionSDPA(Op):
     graph_capturable = True
     computes_sinks = True  # a subclass whose own ``_attend`` handles ``self.sinks`` says so in its class body
     role = "attention"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", **kwargs):
         super().__init__(module, device, **kwargs)
@@ -209,7 +209,7 @@ class KAttentionMLA(Op):
     name = "KAttentionMLA"
     graph_capturable = True
     role = "attention"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, query_chunk: int = 256, **kwargs):
         super().__init__(module, device, **kwargs)

@@ -7,8 +7,8 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..ops import Op
-from ._common import TORCH_DEVICES, check_shape, module_dtype, parse_dtype
+from ..ops import ANY_DEVICE, Op
+from ._common import check_shape, module_dtype, parse_dtype
 
 
 def gated_experts_dims(op_name: str, module: torch.nn.Module) -> tuple[int, int, int]:
@@ -109,7 +109,7 @@ class KExpertsTorch(Op):
 
     name = "KExpertsTorch"
     role = "experts"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, **kwargs):
         super().__init__(module, device, **kwargs)

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ..ops import Op
-from ._common import TORCH_DEVICES, check_shape, module_dtype, parse_dtype
+from ..ops import ANY_DEVICE, Op
+from ._common import check_shape, module_dtype, parse_dtype
 
 
 class KLinearTorch(Op):
@@ -21,7 +21,7 @@ class KLinearTorch(Op):
     name = "KLinearTorch"
     graph_capturable = True
     role = "linear"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, **kwargs):
         super().__init__(module, device, **kwargs)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from ..ops import Op, stream_capturing
-from ._common import TORCH_DEVICES
+from ..ops import ANY_DEVICE, Op, stream_capturing
 
 # rope types whose frequencies depend only on the config (dynamic NTK and longrope change with the length)
 STATIC_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
@@ -56,7 +55,7 @@ class KRoPETorch(Op):
     name = "KRoPETorch"
     graph_capturable = True
     role = "rope"
-    devices = TORCH_DEVICES
+    devices = ANY_DEVICE
 
     def __init__(self, module: torch.nn.Module, device="cpu", form: str | None = None, table_positions: int = 4096, **kwargs):
         super().__init__(module, device, **kwargs)

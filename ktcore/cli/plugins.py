@@ -1,4 +1,5 @@
-"""``kt plugins``: installed plugins, their ops per role, and whether each can run on this machine."""
+"""``kt plugins``: installed plugins, the backends of ops each registers per role, whether each can run on
+this machine, and the plugins that failed the contract (a hook no spec defines, a hook that raised)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import argparse
 import json
 
 EPILOG = """\
-For every op the devices it runs on are checked: is the device present here, and does the op's own
-available() accept it (e.g. "this CPU has no AMX")?
+Each line is one plugin's backend of an op: a rule file names the op (KLinearGPU), the registry picks,
+per device, the backend with the highest preference that can run there. For every backend the devices it
+serves are checked: is the device present here, and does its own available() accept it (e.g. "this CPU
+has no AMX")? A plugin whose hooks do not follow the contract is not loaded and listed under problems.
 
 examples:
   kt plugins            table of plugins and ops
@@ -32,15 +35,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def op_status(op_cls) -> dict:
-    """For the device types the op declares: where it runs here, which devices are absent (and why),
-    and where the op itself refuses (its ``available()`` reason)."""
-    from ..registry import device_missing_reason
+def op_status(backend) -> dict:
+    """For the device types the backend serves (for one that serves any: the CPU and the accelerator torch
+    has here): where it runs here, which devices are absent (and why), and where it refuses (its reason)."""
+    import torch
 
+    from ..registry import accelerator_present, device_missing_reason
+
+    devices = list(backend.devices) or ["cpu"] + ([torch.accelerator.current_accelerator().type]
+                                                 if accelerator_present() else [])
     runs_on, absent, refused = [], {}, {}
-    for device in op_cls.devices:
+    for device in devices:
         missing = device_missing_reason(device)
-        reason = _own_reason(op_cls, device)
+        try:
+            reason = backend.problem(torch.device(device))
+        except RuntimeError:  # a device type this torch cannot even parse (npu without torch_npu)
+            reason = _own_reason(backend.cls, device)
         if missing:
             # the op's own words ("torch_npu is not installed") say more than "no npu device"
             absent[device] = reason or missing
@@ -54,7 +64,7 @@ def op_status(op_cls) -> dict:
 def _own_reason(op_cls, device: str) -> str | None:
     try:
         return op_cls.available(device)
-    except Exception as exc:  # a plugin's check failing is itself the reason
+    except Exception as exc:  # noqa: BLE001 - a plugin's check failing is itself the reason
         return f"available() raised {type(exc).__name__}: {exc}"
 
 
@@ -62,10 +72,11 @@ def describe(registry) -> dict:
     plugins = []
     for info in registry.plugins.values():
         ops = []
-        for op_cls in info.ops:
-            ops.append({"name": op_cls.name, "role": op_cls.role, "devices": list(op_cls.devices),
-                        "ggml_types": sorted(op_cls.ggml_types) if op_cls.ggml_types is not None else None,
-                        **op_status(op_cls)})
+        for b in info.backends:
+            ggml = b.cls.ggml_types
+            ops.append({"name": b.op, "class": b.cls.name, "role": b.role, "devices": list(b.devices),
+                        "preference": b.preference, "ggml_types": sorted(ggml) if ggml is not None else None,
+                        "aliases": sorted(a for a, op in info.aliases.items() if op == b.op), **op_status(b)})
         plugins.append({"name": info.name, "distribution": info.distribution,
                         "module": getattr(info.module, "__name__", type(info.module).__name__),
                         "rule_dirs": [str(d) for d in info.rule_dirs], "ops": ops})
@@ -91,6 +102,12 @@ def render(data: dict) -> str:
                     details += [f"not available: {r}" for r in dict.fromkeys(op["absent_devices"].values())]
                 if op["ggml_types"]:
                     details.append("takes " + ", ".join(op["ggml_types"]) + " as stored")
+                if op["class"] != op["name"]:
+                    details.insert(0, f"as {op['class']}")
+                if op["preference"]:
+                    details.append(f"preference {op['preference']}")
+                if op["aliases"]:
+                    details.append("also spelled " + ", ".join(op["aliases"]))
                 lines.append(f"  {role:<10} {op['name']:<22} {state}" + (f"; {'; '.join(details)}" if details else ""))
         if not plugin["ops"]:
             lines.append("  (registers no ops)")

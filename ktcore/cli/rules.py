@@ -6,12 +6,19 @@ import argparse
 import json
 from pathlib import Path
 
+from ..rule_selection import LAYOUTS
 
 EPILOG = """\
 The dry run builds the model on the meta device (no memory, no weights read), applies the rules exactly as
 loading would (first matching rule wins, `recursive: false` respected) and prints what each matched
-module becomes. Every problem of the rule file (unknown op or kwarg, absent device, bad regex, a rule
-that matches nothing) is reported with file, line, rule number and field.
+module becomes: which file and line decided it, which op runs it and which backend (plugin) of that op
+was chosen on its device, and why the others were not. Every problem of the rule file (unknown op or
+kwarg, absent device, bad regex, a rule that matches nothing) is reported with file, line, rule number
+and field. With a GGUF file as --model, every tensor's GGML type is checked against the op that would
+load it, before anything is loaded.
+
+A rule file with the entry `- extends: default` builds on the shipped file for the model: its rules
+first, then the shipped file's (first match wins), so one rule is enough to change one op.
 
 --model takes a Transformers config directory (with config.json), a GGUF file (its metadata gives the
 config) or a model type such as llama, qwen3_moe, deepseek_v3 (Transformers' default config of that type:
@@ -22,6 +29,8 @@ examples:
   kt rules check my-rules.yaml --model ./DeepSeek-V3-config/
   kt rules check gpu-rules.yaml --model qwen3_moe --any-device    # a file meant for another machine
   kt rules check --model qwen3_moe          # the shipped rule file this machine would pick
+  kt rules check --model qwen3_moe --layout gpu --any-device   # the shipped gpu layout, by device type only
+  kt rules check --model qwen3_moe --layout gpu --any-device --gpu xpu   # ... as on an Intel GPU machine
   kt rules list                             # shipped rule files and whether they can run here
 """
 
@@ -49,6 +58,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="config directory, GGUF file or model type (e.g. qwen3_moe)")
     check.add_argument("--any-device", action="store_true",
                        help="do not require the rule file's devices to exist here (check ops by name only)")
+    check.add_argument("--gpu", metavar="DEVICE_TYPE",
+                       help="the device type the rule files' device 'gpu' stands for (default: the accelerator "
+                       "torch has here); e.g. --gpu xpu --any-device for an Intel GPU machine")
+    check.add_argument("--layout", choices=LAYOUTS,
+                       help="which shipped layout to use or extend (default: gpu-cpu with an accelerator, else cpu)")
     check.add_argument("--json", action="store_true", help="print the rows as JSON")
     check.set_defaults(func=run_check)
     listing = actions.add_parser("list", help="shipped rule files (plugin directories first) and whether they can run here")
@@ -61,21 +75,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def model_config(spec: str):
-    """A Transformers config from a config directory / config.json, a weight file, or a model type."""
+    """A Transformers config from a config directory / config.json, a weight file, or a model type; and the
+    weight source when ``spec`` is a weight file (``None`` otherwise)."""
     from transformers import AutoConfig
 
     path = Path(spec)
     if path.is_dir() and (path / "config.json").is_file():
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True), None
     if path.is_file() and path.suffix == ".json":
         values = json.loads(path.read_text())
-        return AutoConfig.for_model(values.pop("model_type"), **values)
+        return AutoConfig.for_model(values.pop("model_type"), **values), None
     if path.exists():
         from ..weights import open_source  # GGUF and other weight formats
 
-        return open_source(str(path)).config()
+        source = open_source(str(path))
+        return source.config(), source
     try:
-        return AutoConfig.for_model(spec)
+        return AutoConfig.for_model(spec), None
     except ValueError as exc:
         raise FileNotFoundError(
             f"--model {spec!r} is neither a config directory, a GGUF/weight file, nor a model type known to "
@@ -84,24 +100,29 @@ def model_config(spec: str):
 
 
 def run_check(args) -> int:
-    from ..inject import build_meta_model, inject, select_rule_file
-    from ..rules import load_rules
-
+    from ..inject import build_meta_model, inject, weight_type_problems
     from ..registry import get_registry
+    from ..rule_selection import layered, select_rule_file
+    from ..rules import RuleError
 
     registry = get_registry()
-    config = model_config(args.model)
-    rule_paths = args.rules or [select_rule_file(config.model_type, registry)]
-    ruleset = load_rules(rule_paths, registry, check_devices=not args.any_device)
+    config, source = model_config(args.model)
+    devices = dict(check_devices=not args.any_device, gpu=args.gpu)
+    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, **devices)]
+    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, **devices)
     model = build_meta_model(config)
     report = inject(model, ruleset, registry, build_ops=False)
+    if source is not None:
+        problems = weight_type_problems(model, source, report)
+        if problems:
+            raise RuleError(problems)
     if args.json:
-        print(json.dumps([row.__dict__ for row in report.rows], indent=2))
+        print(json.dumps([_json_row(row) for row in report.rows], indent=2))
         return 0
     print(f"model: {type(model).__name__} (model_type {config.model_type})")
-    print(f"rules: {', '.join(str(p) for p in rule_paths)}")
+    print(f"rules: {', '.join(ruleset.files)}")
     print()
-    short = _short_names([str(p) for p in rule_paths])
+    short = _short_names(ruleset.files)
     for row in report.rows:
         path, _, line = row.rule.rpartition(":")
         row.rule = f"{short.get(path, path)}:{line}"
@@ -110,7 +131,18 @@ def run_check(args) -> int:
     print()
     print(f"{replaced} module(s) replaced by wrappers, {len(report.rows) - replaced} kept (default); "
           f"every other module keeps its Transformers implementation")
+    choices = list(dict.fromkeys(line for row in report.rows for line in row.explain))
+    if choices:
+        print()
+        print("backends chosen (op -> plugin on device; the others and why not):")
+        print("\n".join(f"  {line}" for line in choices))
     return 0
+
+
+def _json_row(row) -> dict:
+    data = dict(row.__dict__)
+    data["class"] = data.pop("module_class")
+    return data
 
 
 def _short_names(paths: list[str]) -> dict[str, str]:
@@ -120,10 +152,9 @@ def _short_names(paths: list[str]) -> dict[str, str]:
 
 
 def run_list(args) -> int:
-    from ..inject import rule_search_dirs
-    from ..rules import RuleError, load_rules
-
     from ..registry import get_registry
+    from ..rule_selection import rule_search_dirs
+    from ..rules import RuleError, load_rules
 
     registry = get_registry()
     found = False

@@ -3,7 +3,9 @@ from . import hookspec
 
 @hookspec
 def register_attention_ops(register):
-    """Register op classes for the ``attention`` role: ``register(OpClass)``.
+    """Register backends of ``attention`` ops: ``register(OpClass, *, op=None, preference=None, devices=None,
+    aliases=())`` (see the package docstring). The shipped rule files name ``KAttentionSDPA`` and
+    ``KAttentionMLA``; a vendor's faster kernel registers as their backend for its device type.
 
     An attention op computes one layer's self-attention. It is built with the wrapper that took the
     original attention module's place (its projections and norms stay there as children, possibly

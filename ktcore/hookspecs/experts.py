@@ -3,7 +3,8 @@ from . import hookspec
 
 @hookspec
 def register_experts_ops(register):
-    """Register op classes for the ``experts`` role: ``register(OpClass)``.
+    """Register backends of ``experts`` ops: ``register(OpClass, *, op=None, preference=None, devices=None,
+    aliases=())`` (see the package docstring). The shipped rule files name ``KExpertsCPU`` and ``KExpertsGPU``.
 
     An experts op replaces the routed experts of one MoE layer (Transformers 5's fused experts module,
     e.g. ``Qwen3MoeExperts``). ``load()`` receives ``{"gate_proj", "up_proj", "down_proj"}``, each a

@@ -37,27 +37,19 @@ BUILTIN_SOURCES = ("ktcore.weights.gguf_source:GGUFSource", "ktcore.weights.safe
 
 def _registered_source_classes() -> list[type]:
     """Source classes plugins registered (``register_weight_sources``); plugin dequantizers
-    (``register_dequantizers``) are installed on the way."""
+    (``register_dequantizers``) are installed on the way. Both come from the registry, which collects
+    everything plugins register."""
     try:
         from ..registry import get_registry
 
         registry = get_registry()
-    except Exception:  # noqa: BLE001 - no registry yet, or a broken plugin: plain loading still works
+    except Exception:  # noqa: BLE001 - no registry yet: plain loading still works
         return []
-    classes = getattr(registry, "weight_sources", None)
-    if callable(classes):
-        classes = classes()
-    if classes is not None:
-        return list(classes)
-    pm = getattr(registry, "pm", None)
-    if pm is None:
-        return []
-    found: list[type] = []
     from .dequant import register_dequantizer
 
-    pm.hook.register_weight_sources(register=found.append)
-    pm.hook.register_dequantizers(register=register_dequantizer)
-    return found
+    for ggml_type, device_type, fn in registry.dequantizers():
+        register_dequantizer(ggml_type, device_type, fn)
+    return registry.weight_sources()
 
 
 def open_source(path: str | os.PathLike, model_path: str | os.PathLike | None = None) -> WeightSource:

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .quants import AFFINE_TYPES, INT4_TYPES  # noqa: F401 (re-exported)
 from .quants import ggml_type as _type_entry
 
 GROUP = 32
-INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
-AFFINE_TYPES = frozenset(INT4_TYPES | {"Q5_0", "Q5_1", "Q5_K", "Q8_0"})
 
 COMPUTE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

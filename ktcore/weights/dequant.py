@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from gguf.constants import QK_K
 
 from .source import WeightError
 from .tensor import QuantizedTensor
 
-QK_K = 256
 IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -216,10 +216,9 @@ def dequantize_raw(
 
     info = GGML_TYPES.get(ggml_type)
     if info is None or info.dequantize_blocks is None:
-        from .dequant_lowbit import NEAREST_SUPPORTED
         from .quants import DEQUANTIZABLE
 
-        nearest = NEAREST_SUPPORTED.get(ggml_type)
+        nearest = info.nearest_supported if info is not None else None
         hint = f"; nearest supported type: {nearest} (re-quantize this tensor to it)" if nearest else ""
         raise WeightError(
             f"{what}: GGML type {ggml_type} is not supported{hint} (supported: {', '.join(sorted(DEQUANTIZABLE))})"

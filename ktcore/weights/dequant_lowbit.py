@@ -5,8 +5,8 @@ Same contract as ``dequant``'s: ``blocks[n_blocks, type_size]`` (uint8) -> float
 bit-exact with ``gguf.quants.dequantize`` (float products in gguf-py's order). The lattice grids and sign
 table are not re-typed: they are read from gguf-py's own classes (``gguf.quants.IQ2_XXS.grid`` ...).
 
-Every per-type fact of these types is in this module; ``LOWBIT_DEQUANTIZERS`` and ``LOWBIT_SCALE_FIELDS``
-are what the type table and the random-block writer read.
+``LOWBIT_DEQUANTIZERS`` is what the GGML type table (``quants``) reads; the per-type facts of these types
+(scale fields, lookup tables) are rows of that table.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from gguf.constants import QK_K
 
 from .dequant import _f16, _shifts
 
-QK_K = 256
 MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # e2m1, doubled (ggml's kvalues_mxfp4)
 IQ1_DELTA = 0.125
 
@@ -38,6 +38,15 @@ def ksigns(device: str) -> torch.Tensor:
     from gguf import quants
 
     return torch.frombuffer(bytearray(quants.IQ2_XXS.ksigns), dtype=torch.uint8).to(device)
+
+
+def lookup_tables(type_name: str, device: torch.device | str) -> list[torch.Tensor]:
+    """The lookup tables ``type_name``'s blocks index (its ``lookup_tables`` in the GGML type table), on
+    ``device``: ``grid(...)`` for a lattice, ``ksigns(...)`` for the sign table; ``[]`` for other types."""
+    from .quants import GGML_TYPES
+
+    device = str(device)
+    return [ksigns(device) if t == "ksigns" else grid(t, device) for t in GGML_TYPES[type_name].lookup_tables]
 
 
 def _words(raw: torch.Tensor, width: int) -> torch.Tensor:
@@ -214,14 +223,6 @@ LOWBIT_DEQUANTIZERS = {
     "MXFP4": mxfp4_blocks,
 }
 
-# Byte offsets of each type's f16 scale fields (random valid blocks get finite scales there). IQ1_M has
-# none: its f16 scale is spread over the top nibbles of bytes 48-55 (see ``random_lowbit_blocks``); MXFP4's
-# scale is one e8m0 byte at 0.
-LOWBIT_SCALE_FIELDS = {
-    "IQ1_S": (0,), "IQ1_M": (), "IQ2_XXS": (0,), "IQ2_XS": (0,), "IQ2_S": (0,), "IQ3_XXS": (0,), "IQ3_S": (0,),
-    "TQ1_0": (52,), "TQ2_0": (64,), "MXFP4": (),
-}
-
 
 def random_lowbit_blocks(rng, type_name: str, n_blocks: int, scale: float = 1.0, signed: bool = False):
     """Random bytes of ``n_blocks`` valid blocks of ``type_name`` (numpy uint8 ``[n, type_size]``) whose
@@ -238,7 +239,7 @@ def random_lowbit_blocks(rng, type_name: str, n_blocks: int, scale: float = 1.0,
     if signed:
         d *= rng.choice([-1.0, 1.0], size=n_blocks)
     d = d.astype(np.float16)
-    for at in LOWBIT_SCALE_FIELDS[type_name]:
+    for at in info.scale_fields:
         blocks[:, at : at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
     if type_name == "IQ1_M":  # nibble k of the f16 goes to the top nibble of scale word k (bytes 49, 51, 53, 55)
         bits = d.view(np.uint16).astype(np.uint16)
@@ -248,11 +249,3 @@ def random_lowbit_blocks(rng, type_name: str, n_blocks: int, scale: float = 1.0,
     if type_name == "MXFP4":  # e8m0 exponent: values are 2^(e-128) times the doubled e2m1 table
         blocks[:, 0] = np.clip(np.rint(128 + np.log2(np.abs(d).astype(np.float32))), 2, 250).astype(np.uint8)
     return blocks
-
-
-# The supported type closest to each GGML type ktcore cannot read (named in the error, so the user knows
-# what to re-quantize the tensor to: ``llama-quantize --tensor-type NAME=TYPE``).
-NEAREST_SUPPORTED = {
-    "Q8_1": "Q8_0", "Q8_K": "Q8_0", "NVFP4": "MXFP4", "Q1_0": "IQ1_S",
-    "F64": "F32", "I8": "F16", "I16": "F32", "I32": "F32", "I64": "F32",
-}

@@ -353,14 +353,13 @@ def encode(values: np.ndarray, qtype: str, name: str = "") -> np.ndarray:
 
 def random_valid_blocks(rng: np.random.Generator, type_name: str, n_blocks: int, scale: float) -> np.ndarray:
     """``n_blocks`` random blocks of ``type_name`` (uint8 ``[n, type_size]``) with finite scales about ``scale``."""
-    from .dequant_lowbit import LOWBIT_SCALE_FIELDS, random_lowbit_blocks
-    from .quant_fields import F16_SCALE_FIELDS
+    from .dequant_lowbit import LOWBIT_DEQUANTIZERS, random_lowbit_blocks
 
-    if type_name in LOWBIT_SCALE_FIELDS:
+    if type_name in LOWBIT_DEQUANTIZERS:
         return random_lowbit_blocks(rng, type_name, n_blocks, scale)
     info = GGML_TYPES[type_name]
     blocks = rng.integers(0, 256, size=(n_blocks, info.type_size), dtype=np.uint8)
-    for at in F16_SCALE_FIELDS[type_name]:
+    for at in info.scale_fields:
         d = (scale * rng.uniform(0.5, 1.0, size=n_blocks)).astype(np.float16)
         blocks[:, at : at + 2] = d.view(np.uint8).reshape(n_blocks, 2)
     return blocks

@@ -1,15 +1,16 @@
 """Quantizing float tensors to GGML blocks, for the writer and tests.
 
 ``gguf.quants.quantize`` (llama.cpp's reference rounding) does F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1,
-Q8_0, the ternary TQ1_0/TQ2_0 and MXFP4. It cannot produce K-quants, so Q4_K and Q6_K are done here with a plain min/max scale search (valid
-blocks that dequantize to a close approximation, not llama.cpp's error-minimizing search).
+Q8_0, the ternary TQ1_0/TQ2_0 and MXFP4. It cannot produce K-quants, so Q4_K and Q6_K are done here with a
+plain min/max scale search (valid blocks that dequantize to a close approximation, not llama.cpp's
+error-minimizing search).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from gguf.constants import QK_K
 
-QK_K = 256
 GGUF_QUANTIZABLE = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "TQ1_0", "TQ2_0", "MXFP4"})
 OWN_QUANTIZABLE = frozenset({"Q4_K", "Q6_K"})
 QUANTIZABLE = GGUF_QUANTIZABLE | OWN_QUANTIZABLE

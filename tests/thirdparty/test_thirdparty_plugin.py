@@ -15,29 +15,42 @@ from pathlib import Path
 PLUGIN_DIR = Path(__file__).parent / "kt_example_plugin"
 
 SCRIPT = r'''
-import json, sys
+import io, json, sys
+from contextlib import redirect_stdout
 import torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM, LlamaConfig
 from ktcore import get_registry, load_model
+from ktcore.cli import main
 from ktcore.weights.state_dict import StateDictSource
 
 registry = get_registry()  # the process-wide one: built-in plugin plus installed entry points
 op = registry.get("linear", "KLinearExample")
-config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+config = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 torch.manual_seed(0)
 reference = AutoModelForCausalLM.from_config(config).eval()
-model, report = load_model(StateDictSource(reference), sys.argv[1], progress=False)
-ids = torch.tensor([[1, 5, 9, 33, 2]])
-with torch.no_grad():
-    diff = (model(ids).logits - reference(ids).logits).abs().max().item()
+out = {"plugin": op.plugin, "module": op.__module__, "problems": registry.problems,
+       "loaded": sorted(registry.plugins)}
+for rules in sys.argv[1:]:
+    op.calls = 0
+    model, report = load_model(StateDictSource(reference), rules, progress=False)
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        expected = reference(ids).logits
+        rel = ((model(ids).logits - expected).norm() / expected.norm()).item()
+    out[rules] = {"calls": op.calls, "rel": rel, "files": report.rule_files,
+                  "rows": [[r.module, r.rule, r.generate_op, r.generate_backend] for r in report.rows]}
+text = io.StringIO()
+with redirect_stdout(text):
+    main(["plugins"])
+out["kt_plugins"] = text.getvalue()
 import kt_example_plugin
-print(json.dumps({"plugin": op.plugin, "module": op.__module__, "calls": kt_example_plugin.KLinearExample.calls,
-                  "rows": len(report.rows), "ops": sorted({r.prefill_op for r in report.rows}), "max_diff": diff,
-                  "file": kt_example_plugin.__file__}))
+out["file"] = kt_example_plugin.__file__
+print(json.dumps(out))
 '''
 
+# the plugin's own op, named in a rule file of its own
 RULES = r"""
 - match:
     name: "^model\\.layers\\.\\d+\\.(mlp|self_attn)\\.\\w+_proj$"
@@ -46,6 +59,18 @@ RULES = r"""
     class: KLinear
     kwargs:
       op: KLinearExample
+"""
+
+# one rule over the shipped default: the MLP projections on the plugin's backend of KLinearCPU, pinned
+LAYERED = r"""
+- extends: default
+- match:
+    name: "^model\\.layers\\.\\d+\\.mlp\\.\\w+_proj$"
+  replace:
+    class: KLinear
+    kwargs:
+      op: KLinearCPU
+      backend: kt-example-plugin
 """
 
 
@@ -64,22 +89,49 @@ def make_venv(path: Path) -> Path:
     return path / "bin" / "python"
 
 
-def test_pip_installed_plugin_op_is_selected_by_a_rule_file(tmp_path):
+def test_pip_installed_plugin_is_loaded_checked_and_selected(tmp_path):
     python = make_venv(tmp_path / "venv")
     plugin_copy = tmp_path / "kt_example_plugin"  # build outside the source tree (no build/ or egg-info there)
     shutil.copytree(PLUGIN_DIR, plugin_copy)
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                     str(plugin_copy)], check=True, timeout=300)
-    rules = tmp_path / "example-rules.yaml"
-    rules.write_text(textwrap.dedent(RULES))
-    result = subprocess.run([str(python), "-c", SCRIPT, str(rules)], capture_output=True, text=True, timeout=300)
+    own, layered = tmp_path / "example-rules.yaml", tmp_path / "one-rule.yaml"
+    own.write_text(textwrap.dedent(RULES))
+    layered.write_text(textwrap.dedent(LAYERED))
+    result = subprocess.run([str(python), "-c", SCRIPT, str(own), str(layered)], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["plugin"] == "example" and data["module"] == "kt_example_plugin"
     assert str(tmp_path / "venv") in data["file"]  # imported from the scratch venv's install
-    assert data["ops"] == ["KLinearExample"] and data["rows"] == 2 * 7  # q,k,v,o + gate,up,down per layer
-    assert data["calls"] == 2 * 7  # one prefill pass through every wrapped projection
-    assert data["max_diff"] < 1e-5
+
+    # the contract: the misspelled hook and the raising hook are reported, those plugins are not loaded,
+    # the example plugin (same distribution) and every other plugin are
+    assert "example" in data["loaded"] and "torch" in data["loaded"]
+    assert "example_typo" not in data["loaded"] and "example_raises" not in data["loaded"]
+    typo = next(p for p in data["problems"] if "example_typo" in p)
+    assert "'register_linear_opz' (did you mean 'register_linear_ops'?)" in typo
+    raises = next(p for p in data["problems"] if "example_raises" in p)
+    assert "OSError: libexample_vendor.so" in raises
+    assert "problems:" in data["kt_plugins"] and "register_linear_opz" in data["kt_plugins"]
+    assert "libexample_vendor.so" in data["kt_plugins"]
+
+    # its own op from its own rule file (modules no rule names stay Transformers modules)
+    run = data[str(own)]
+    assert {r[2] for r in run["rows"]} == {"KLinearExample"} and len(run["rows"]) == 2 * 7  # q,k,v,o + gate,up,down
+    assert run["calls"] == 2 * 7 and run["rel"] < 1e-5  # one prefill pass through every wrapped projection
+
+    # one rule extending the shipped default: it decides the MLP projections (pinned to the plugin's backend
+    # of KLinearCPU), the shipped llama-cpu.yaml decides the rest, each row naming its file and line
+    run = data[str(layered)]
+    assert run["files"] == [str(layered), run["files"][1]] and run["files"][1].endswith("llama-cpu.yaml")
+    rows = {r[0]: r for r in run["rows"]}
+    assert rows["model.layers.1.mlp.up_proj"][1:] == [f"{layered}:3", "KLinearCPU", "example"]
+    q = rows["model.layers.1.self_attn.q_proj"]
+    assert q[1].startswith(run["files"][1] + ":") and q[2] == "KLinearCPU" and q[3] != "example"
+    assert rows["model.layers.0.self_attn"][1].startswith(run["files"][1] + ":")
+    assert run["calls"] == 2 * 3
+    assert run["rel"] < 5e-2  # the other linears on the installed CPU backend (kt-cpu-amx rounds activations)
 
     # the running interpreter does not have it: the plugin lives only in the scratch environment
     from ktcore.registry import Registry

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ktcore.builtin import KAttentionSDPA
-from ktcore.builtin.attention import apply_rope
-from ktcore.weights.affine import compute_dtype as parse_compute_dtype
+from ktcore.sdk import KAttentionSDPA, apply_rope
+from ktcore.sdk import compute_dtype as parse_compute_dtype
 
 from ._env import device_type, npu_unavailable_reason, require_torch_npu_for, torch_npu
 
@@ -91,7 +90,9 @@ class KAttentionAscend(KAttentionSDPA):
     """Self-attention of the GQA families on an Ascend NPU. Options: ``compute_dtype`` (``float16`` default,
     or ``bfloat16``): the kernels' dtype when the model runs in float32."""
 
-    name = "KAttentionAscend"
+    name = "KAttentionSDPA"
+    aliases = ("KAttentionAscend",)  # its name before ops had backends
+    preference = 10  # the NPU's fused attention before the torch code
     devices = ("npu",)
 
     def __init__(self, module: torch.nn.Module, device="npu", compute_dtype: str = "float16", **kwargs):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ktcore.builtin.matrix_ops import KExpertsByMatrix
-from ktcore.weights.affine import AFFINE_TYPES
+from ktcore.sdk import AFFINE_TYPES, KExpertsByMatrix
 
 from ._env import npu_unavailable_reason, require_torch_npu_for
 from .quant_matrix import NPUQuantMatrix
@@ -17,7 +16,8 @@ class KExpertsAscend(KExpertsByMatrix):
     ``compute_dtype`` (``float16`` default, or ``bfloat16``). ``kernels`` None: the vendor kernels of
     ``device``; tests pass reference kernels."""
 
-    name = "KExpertsAscend"
+    name = "KExpertsGPU"
+    aliases = ("KExpertsAscend",)
     devices = ("npu",)
     ggml_types = AFFINE_TYPES
     matrix_type = NPUQuantMatrix

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ktcore.builtin.matrix_ops import KLinearByMatrix
-from ktcore.weights.affine import AFFINE_TYPES
+from ktcore.sdk import AFFINE_TYPES, KLinearByMatrix
 
 from ._env import npu_unavailable_reason, require_torch_npu_for
 from .quant_matrix import NPUQuantMatrix
@@ -20,7 +19,8 @@ class KLinearAscend(KLinearByMatrix):
     which every Atlas product takes, or ``bfloat16``).
     """
 
-    name = "KLinearAscend"
+    name = "KLinearGPU"
+    aliases = ("KLinearAscend",)  # its name before ops had backends
     devices = ("npu",)
     matrix_type = NPUQuantMatrix
     ggml_types = AFFINE_TYPES  # consumed without dequantizing; others are dequantized

@@ -1,8 +1,7 @@
-"""The ``ktcore`` entry point of kt-ascend: its ops and its rule files."""
+"""The ``ktcore`` entry point of kt-ascend: its backends for Ascend NPUs (device type ``npu``) of
+``KLinearGPU``, ``KExpertsGPU`` and ``KAttentionSDPA``."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from ktcore.hookspecs import hookimpl
 
@@ -10,8 +9,6 @@ from ._env import _import_torch_npu
 from .attention import KAttentionAscend
 from .experts import KExpertsAscend
 from .linear import KLinearAscend
-
-RULE_DIR = Path(__file__).parent / "rule_files"
 
 # torch.device("npu") parses only after torch_npu has registered the device name, and rule files name
 # that device: import it now when it is installed (a failure is kept and reported by available()).
@@ -32,7 +29,3 @@ def register_experts_ops(register):
 def register_attention_ops(register):
     register(KAttentionAscend)
 
-
-@hookimpl
-def register_rule_dirs(register):
-    register(RULE_DIR)

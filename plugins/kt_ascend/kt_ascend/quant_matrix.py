@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ktcore.weights.affine import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups
+from ktcore.sdk import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups
 
 from ._env import torch_npu
 
 if TYPE_CHECKING:
-    from ktcore.weights.tensor import QuantizedTensor
+    from ktcore.sdk import QuantizedTensor
 
 # npu_weight_quant_batchmatmul's per-group mode: group size a multiple of 32 and below K
 MIN_GROUP = 32

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ktcore.builtin.experts import gated_experts_dims
-from ktcore.ops import Op
+from ktcore.sdk import Op, check_shape, gated_experts_dims
 
 from . import fusion, repack
 from .runtime import DECODE_ROWS, get_runtime, select_isa, share_cores, torch_decode_threads, unavailable_reason
@@ -25,12 +24,6 @@ def _cpu_reason(name: str, device) -> str | None:
     except (ValueError, RuntimeError) as exc:
         return str(exc)
     return None
-
-
-def _check_shape(op: str, qt, expected: tuple[int, ...]) -> None:
-    if tuple(qt.shape) != tuple(expected):
-        where = f" in {qt.source}" if getattr(qt, "source", "") else ""
-        raise ValueError(f"{op}: tensor '{qt.name}'{where} has shape {tuple(qt.shape)}, expected {tuple(expected)}")
 
 
 class KLinearCPU(Op):
@@ -64,7 +57,7 @@ class KLinearCPU(Op):
         if "weight" not in weights:
             raise KeyError(f"{self.name}: no 'weight' tensor given (got {sorted(weights)})")
         qt = weights["weight"]
-        _check_shape(self.name, qt, (self.out_features, self.in_features))
+        check_shape(self.name, qt, (self.out_features, self.in_features))
         if self.in_features % 32:
             raise ValueError(f"{self.name}: tensor '{qt.name}' has {self.in_features} inputs, not a multiple of 32")
         self.ggml_type = qt.ggml_type
@@ -190,7 +183,7 @@ class KExpertsCPU(Op):
         for name, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
             if name not in weights:
                 raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
-            _check_shape(self.name, weights[name], shape)
+            check_shape(self.name, weights[name], shape)
             packed[name] = repack.pack_matrices(weights[name], self.float_bits)
         self.ggml_types_loaded = {n: weights[n].ggml_type for n in packed}
         self.layer = repack.kernels().MoeLayer(packed["gate_proj"], packed["up_proj"], packed["down_proj"],

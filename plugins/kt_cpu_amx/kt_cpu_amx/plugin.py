@@ -1,10 +1,7 @@
-"""The ``ktcore`` entry point of kt-cpu-amx: its ops and its rule files."""
-
-from pathlib import Path
+"""The ``ktcore`` entry point of kt-cpu-amx: its backends of ``KLinearCPU`` and ``KExpertsCPU``, which the
+shipped rule files' ``cpu`` (and ``gpu-cpu``) layouts name, so installing it speeds up every model."""
 
 from ktcore.hookspecs import hookimpl
-
-RULE_DIR = Path(__file__).parent / "rule_files"
 
 
 @hookimpl
@@ -19,8 +16,3 @@ def register_experts_ops(register):
     from .ops import KExpertsCPU
 
     register(KExpertsCPU)
-
-
-@hookimpl
-def register_rule_dirs(register):
-    register(RULE_DIR)

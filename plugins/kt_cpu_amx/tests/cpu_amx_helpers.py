@@ -8,7 +8,9 @@ import torch
 from ktcore.weights.quants import ggml_type
 from ktcore.weights.tensor import QuantizedTensor
 
-from ktcore.weights.quant_fields import F16_SCALE_FIELDS as HALF_FIELDS  # noqa: E402
+from ktcore.sdk import GGML_TYPES  # noqa: E402
+
+HALF_FIELDS = {name: t.scale_fields for name, t in GGML_TYPES.items() if t.scale_fields}
 
 # the GGML types the kernels take without loss, and some they requantize to int8 after dequantizing
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")

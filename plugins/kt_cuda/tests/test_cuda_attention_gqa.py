@@ -155,16 +155,17 @@ def test_tiny_model_injected_on_gpu_matches_transformers(tmp_path, family):
     cache (masked calls in Triton) and greedy decoding with a static cache (masked single tokens) give
     Transformers' logits and tokens."""
     from ktcore.generate import forward_step, new_cache
-    from ktcore.inject import RULE_FILES_DIR, load_model
+    from ktcore.inject import load_model
     from ktcore.modules import KAttention
     from ktcore.registry import Registry
     from ktcore.testing import MODEL_TYPES, tiny_model
     from ktcore.weights.state_dict import StateDictSource
 
-    text = (RULE_FILES_DIR / f"{MODEL_TYPES[family]}-gpu-cpu.yaml").read_text()
-    assert "op: KAttentionSDPA" in text
+    from cuda_test_helpers import torch_gpu_rules
+
+    path = torch_gpu_rules(tmp_path, MODEL_TYPES[family], KAttentionSDPA="KAttentionFlashGQA")
     rules = tmp_path / "rules.yaml"
-    rules.write_text(text.replace("op: KAttentionSDPA", "op: KAttentionFlashGQA\n      op_kwargs: {kernel: masked}"))
+    rules.write_text(path.read_text().replace("op: KAttentionFlashGQA", "op: KAttentionFlashGQA\n      op_kwargs: {kernel: masked}"))
     reference = tiny_model(family)
     model, _ = load_model(StateDictSource(reference), rules=rules, dtype=torch.float32, registry=Registry(), progress=False)
     ops = [m.generate_op for m in model.modules() if isinstance(m, KAttention)]

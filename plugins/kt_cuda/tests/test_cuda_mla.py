@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import DynamicCache
 
 from kt_cuda._env import cuda_unavailable_reason
@@ -363,26 +362,24 @@ def test_tiny_model_matches_transformers_interpreted(interpreter, family):
 
 
 def test_shipped_deepseek_rules_use_the_op(tmp_path):
-    """kt-cuda's DeepSeek gpu-cpu files put KMLAAttention on every layer's attention (their attention rule
-    injected into a meta model: no GPU, and no need for the CPU experts op the other rules name)."""
+    """The shipped DeepSeek gpu and gpu-cpu files name KAttentionMLA, whose most preferred CUDA backend is
+    KMLAAttention (checked by device type: no GPU needed); ktcore's torch op stays the backend elsewhere."""
     import kt_cuda.plugin as plugin
-    from ktcore.inject import build_meta_model, inject
+    from kt_cuda.ops.attention import KMLAAttention
+    from ktcore.inject import RULE_FILES_DIR, build_meta_model, inject
     from ktcore.registry import Registry
     from ktcore.rules import load_rules
     from ktcore.testing import tiny_config
 
     registry = Registry(entrypoints=False, plugins={"cuda": plugin})
     for family in ("deepseek_v2", "deepseek_v3"):
-        shipped = yaml.safe_load((plugin.RULE_DIR / f"{family}-gpu-cpu.yaml").read_text())
-        attention_rules = [r for r in shipped if r["match"].get("class") == "attention"]
-        assert [r["replace"]["kwargs"]["op"] for r in attention_rules] == ["KMLAAttention"]
-        path = tmp_path / f"{family}-attention.yaml"
-        path.write_text(yaml.safe_dump(attention_rules))
-        rules = load_rules(path, registry, check_devices=False)
-        report = inject(build_meta_model(tiny_config(family)), rules, registry, build_ops=False)
-        ops = {row.module: row.generate_op for row in report.rows}
-        layers = tiny_config(family).num_hidden_layers
-        assert [ops.get(f"model.layers.{i}.self_attn") for i in range(layers)] == ["KMLAAttention"] * layers
+        for layout in ("gpu-cpu", "gpu"):
+            rules = load_rules(RULE_FILES_DIR / f"{family}-{layout}.yaml", registry, check_devices=False, gpu="cuda")
+            model = build_meta_model(tiny_config(family))
+            inject(model, rules, registry, build_ops=False)
+            layers = tiny_config(family).num_hidden_layers
+            assert [model.model.layers[i].self_attn.generate_op_cls for i in range(layers)] == [KMLAAttention] * layers
+    assert registry.resolution("attention", "KAttentionMLA", "cpu").chosen.plugin == "torch"
 
 
 # -- GPU: DeepSeek sizes ----------------------------------------------------------------------------------------
@@ -445,13 +442,9 @@ def test_decode_replays_in_a_cuda_graph():
 
 def gpu_rules(tmp_path, family):
     """ktcore's gpu-cpu rule file for ``family`` with KMLAAttention for attention (all other ops ktcore's)."""
-    from ktcore.inject import RULE_FILES_DIR
+    from cuda_test_helpers import torch_gpu_rules
 
-    text = (RULE_FILES_DIR / f"{family}-gpu-cpu.yaml").read_text()
-    assert "op: KAttentionMLA" in text
-    path = tmp_path / f"{family}-mla.yaml"
-    path.write_text(text.replace("op: KAttentionMLA", "op: KMLAAttention"))
-    return path
+    return torch_gpu_rules(tmp_path, family, KAttentionMLA="KMLAAttention")
 
 
 @needs_cuda
@@ -489,15 +482,18 @@ def test_tiny_model_injected_on_gpu_matches_transformers(tmp_path, family):
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_tiny_model_bf16_on_gpu_close_to_core_op(tmp_path, family):
     """In bf16 the Triton op is as close to the fp32 model as ktcore's torch op (same weights, same GPU)."""
-    from ktcore.inject import RULE_FILES_DIR, load_model
+    from ktcore.inject import load_model
     from ktcore.registry import Registry
     from ktcore.testing import tiny_model
     from ktcore.weights.state_dict import StateDictSource
 
+    (tmp_path / "core").mkdir()
     truth = tiny_model(family)
     ids = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(1))
     errors = {}
-    for name, rules in (("core", RULE_FILES_DIR / f"{family}-gpu-cpu.yaml"), ("triton", gpu_rules(tmp_path, family))):
+    from cuda_test_helpers import torch_gpu_rules
+
+    for name, rules in (("core", torch_gpu_rules(tmp_path / "core", family)), ("triton", gpu_rules(tmp_path, family))):
         model, _ = load_model(StateDictSource(tiny_model(family, dtype=torch.bfloat16)), rules=rules,
                               dtype=torch.bfloat16, registry=Registry(), progress=False)
         with torch.no_grad():

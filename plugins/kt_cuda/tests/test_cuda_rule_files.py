@@ -1,89 +1,56 @@
-"""The shipped gpu-cpu rule files: valid for ktcore's rule checker and matching the modules of tiny
-models of each family (meta device, so they run everywhere)."""
-
-import re
+"""The shipped rules/ files with kt-cuda installed, checked by device type on a meta model (so it runs
+everywhere): on 'cuda' the dense linears resolve to kt-cuda's KLinearGPU (int4 GEMM), attention to its
+Triton backends, routed experts to the CPU (gpu-cpu) or to its fused MoE (gpu); DeepSeek's kv_b_proj stays
+a dense torch linear (absorbed into the attention products)."""
 
 import pytest
-import yaml
 from torch import nn
 
 import kt_cuda.plugin as plugin
-from ktcore.inject import build_meta_model, inject
-from ktcore.ops import ROLES
+from kt_cuda.ops import KExpertsGPU, KLinearMarlin
+from kt_cuda.ops.attention import KAttentionFlashGQA, KMLAAttention
+from ktcore.builtin import KLinearTorch
+from ktcore.inject import RULE_FILES_DIR, build_meta_model, inject
+from ktcore.modules import KAttention, KExperts, KLinear
 from ktcore.registry import Registry
 from ktcore.rules import load_rules
 from ktcore.testing import tiny_config
 
-FAMILIES = ["qwen3_moe", "deepseek_v2", "deepseek_v3"]
+FAMILIES = ["llama", "qwen3_moe", "deepseek_v2", "deepseek_v3"]
 
 
-def _rules(family):
-    return yaml.safe_load((plugin.RULE_DIR / f"{family}-gpu-cpu.yaml").read_text())
+@pytest.fixture(scope="module")
+def registry():
+    return Registry(entrypoints=False, plugins={"cuda": plugin})  # ktcore's backends and kt-cuda's only
 
 
-def _op_of(rule):
-    kw = rule["replace"].get("kwargs", {})
-    return kw.get("op") or kw.get("generate_op")
-
-
-def _first_match(rules, qualname, module):
-    from ktcore.modules import module_role
-
-    for rule in rules:
-        m = rule["match"]
-        if "name" in m and not re.search(m["name"], qualname):
-            continue
-        if "class" in m and m["class"] in ROLES and module_role(module) != m["class"]:
-            continue
-        return rule
-    return None
+def injected(registry, family, layout):
+    path = RULE_FILES_DIR / f"{tiny_config(family).model_type}-{layout}.yaml"
+    model = build_meta_model(tiny_config(family))
+    inject(model, load_rules(path, registry, check_devices=False, gpu="cuda"), registry, build_ops=False)
+    return model
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dense_linears_get_marlin_and_experts_the_cpu(family):
-    rules = _rules(family)
-    model = build_meta_model(tiny_config(family))
+def test_gpu_cpu_layout_resolves_to_kt_cuda_on_cuda(family, registry):
+    model = injected(registry, family, "gpu-cpu")
     linears = experts = 0
     for name, module in model.named_modules():
-        rule = _first_match(rules, name, module)
-        if isinstance(module, nn.Linear) and name.startswith("model.layers."):
+        if isinstance(module, KLinear):
             linears += 1
-            expected = "KLinearTorch" if name.endswith("kv_b_proj") else "KLinearMarlin"
-            assert rule is not None and _op_of(rule) == expected, name
-            assert rule["replace"]["device"] == "cuda"
-        if name.endswith("mlp.experts"):
+            expected = KLinearTorch if name.endswith("kv_b_proj") else KLinearMarlin
+            assert module.generate_op_cls is expected and module.generate_device.type == "cuda", name
+        if isinstance(module, KExperts):
             experts += 1
-            assert _op_of(rule) == "KExpertsCPU" and rule["replace"]["device"] == "cpu"
-            assert rule["replace"]["kwargs"]["out_device"] == "cuda"
-    assert linears > 0 and experts > 0
+            assert module.generate_device.type == "cpu" and module.out_device.type == "cuda", name
+        if isinstance(module, KAttention):
+            assert module.generate_op_cls is (KMLAAttention if family.startswith("deepseek") else KAttentionFlashGQA)
+    assert linears > 0 and (experts > 0) == (family != "llama")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_ktcore_accepts_the_file(family):
-    registry = Registry()
-    if "cuda" not in registry.plugins:
-        registry.add_plugin(plugin, "cuda")
-    path = plugin.RULE_DIR / f"{family}-gpu-cpu.yaml"
-    names = {_op_of(r) for r in _rules(family) if r["replace"]["class"] != "default"}
-    known = {n for role in ROLES for n in registry.ops(role)}
-    missing = sorted(names - known)
-    if missing:
-        pytest.skip(f"ops {missing} are not registered here (KExpertsCPU comes from kt-cpu-amx)")
-    rules = load_rules(path, registry, check_devices=False)
-    report = inject(build_meta_model(tiny_config(family)), rules, registry, build_ops=False)
-    ops = {row.module: row.generate_op for row in report.rows}
-    assert ops["model.layers.1.self_attn.o_proj"] == "KLinearMarlin"
-    assert ops["model.layers.1.mlp.experts"] == "KExpertsCPU"
-
-
-def test_llama_file_puts_every_linear_on_marlin_and_attention_on_flash_gqa():
-    registry = Registry()
-    if "cuda" not in registry.plugins:
-        registry.add_plugin(plugin, "cuda")
-    rules = load_rules(plugin.RULE_DIR / "llama-gpu-cpu.yaml", registry, check_devices=False)
-    model = build_meta_model(tiny_config("llama"))
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    report = inject(model, rules, registry, build_ops=False)
-    ops = {row.module: row.generate_op for row in report.rows}
-    assert linears and all(ops.get(n) == "KLinearMarlin" for n in linears), ops
-    assert ops["model.layers.0.self_attn"] == "KAttentionFlashGQA"
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v2"])
+def test_gpu_layout_puts_the_experts_on_the_fused_moe(family, registry):
+    model = injected(registry, family, "gpu")
+    experts = [m for m in model.modules() if isinstance(m, KExperts)]
+    assert experts and all(m.generate_op_cls is KExpertsGPU and m.generate_device.type == "cuda" for m in experts)
+    assert not any(isinstance(m, nn.Linear) for n, m in model.named_modules() if n.startswith("model.layers."))

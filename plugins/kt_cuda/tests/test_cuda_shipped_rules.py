@@ -1,6 +1,7 @@
-"""kt-cuda's shipped gpu-cpu rule files end to end on tiny models written to GGUF (Q4_K: the int4 path of
-``KLinearMarlin``, ``KExpertsCPU`` on the CPU, ``KMLAAttention`` / ``KAttentionFlashGQA``), against the same
-GGUF through ktcore's own CPU rule files (torch ops on the dequantized weights, float32) as the reference.
+"""The shipped gpu-cpu rule files end to end with kt-cuda installed, on tiny models written to GGUF (Q4_K:
+the int4 path of kt-cuda's ``KLinearGPU``, ``KExpertsCPU`` on the CPU, ``KMLAAttention`` /
+``KAttentionFlashGQA`` as the CUDA backends of ``KAttentionMLA`` / ``KAttentionSDPA``), against the same GGUF
+through the shipped cpu rule files on ktcore's torch backends alone (dequantized weights, float32).
 
 Tolerance: relative Frobenius error of the prefill logits and of the Generator's teacher-forced
 log-probabilities (greedy steps then run in CUDA graphs): 5e-2 (half-precision activations on the GPU,
@@ -23,7 +24,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shipped_gpu_rules_match_the_cpu_reference(family, tmp_path):
-    import kt_cuda.plugin as plugin
     from ktcore.generate import Generator, SamplingParams
     from ktcore.inject import RULE_FILES_DIR, load_model
     from ktcore.registry import Registry
@@ -32,15 +32,15 @@ def test_shipped_gpu_rules_match_the_cpu_reference(family, tmp_path):
     from ktcore.weights.gguf_writer import write_gguf
 
     registry = Registry()
-    shipped = plugin.RULE_DIR / f"{MODEL_TYPES[family]}-gpu-cpu.yaml"
+    shipped = RULE_FILES_DIR / f"{MODEL_TYPES[family]}-gpu-cpu.yaml"
     if family != "llama" and "KExpertsCPU" not in registry.ops("experts"):
         pytest.skip("kt-cpu-amx (KExpertsCPU) is not installed")
     path = write_gguf(tiny_model(family, seed=0), tmp_path / f"{family}.gguf", qtypes="Q4_K")
     ref, _ = load_model(open_source(path), rules=RULE_FILES_DIR / f"{MODEL_TYPES[family]}-cpu.yaml",
-                        dtype=torch.float32, registry=registry, progress=False)
+                        dtype=torch.float32, registry=Registry(entrypoints=False), progress=False)
     model, report = load_model(open_source(path), rules=shipped, registry=registry, progress=False)
-    ops = {row.generate_op for row in report.rows}
-    assert "KLinearMarlin" in ops and (family == "llama" or "KExpertsCPU" in ops), ops
+    ops = {(row.generate_op, row.generate_backend) for row in report.rows}
+    assert ("KLinearGPU", "cuda") in ops and (family == "llama" or ("KExpertsCPU", "cpu_amx") in ops), ops
     tol = TOL.get(family, DEFAULT_TOL)
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -5,7 +5,6 @@ Ops (entry point ``rocm`` -> ``kt_rocm.plugin``):
 - ``KLinearROCm`` (linear): kt-cuda's Triton int4 GEMV/GEMM over GGUF Q4_0/Q4_1/Q4_K (repacked exactly),
   launched with HIP tile configs (``hip_configs``); other types dequantized.
 - ``KExpertsROCm`` (experts): kt-cuda's Triton grouped MoE GEMM with HIP launch parameters.
-- ``KAttentionROCm`` (attention): ktcore's SDPA attention (ROCm torch runs it on AOTriton/CK kernels).
 
 The Triton kernels are kt-cuda's (pure Triton, no TMA/wgmma/Hopper-only code); this package adds the ROCm
 availability checks and the wavefront-64 launch configurations.

@@ -1,15 +1,13 @@
-"""The ``ktcore`` entry point of kt-rocm: its ops and its rule files. (GGUF dequantizers for GPU tensors
-come from kt-cuda, whose Triton kernels register for the 'cuda' device type, which ROCm shares.)"""
+"""The ``ktcore`` entry point of kt-rocm: its backends of ``KLinearGPU`` and ``KExpertsGPU`` for AMD GPUs
+(ROCm builds of torch use the ``cuda`` device type). Attention runs in ktcore's ``KAttentionSDPA``, which
+ROCm torch computes with its own flash attention. GGUF dequantizers for GPU tensors come from kt-cuda,
+whose Triton kernels register for the 'cuda' device type."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ktcore.hookspecs import hookimpl
 
-from .ops import KAttentionROCm, KExpertsROCm, KLinearROCm
-
-RULE_DIR = Path(__file__).parent / "rule_files"
+from .ops import KExpertsROCm, KLinearROCm
 
 
 @hookimpl
@@ -20,13 +18,3 @@ def register_linear_ops(register):
 @hookimpl
 def register_experts_ops(register):
     register(KExpertsROCm)
-
-
-@hookimpl
-def register_attention_ops(register):
-    register(KAttentionROCm)
-
-
-@hookimpl
-def register_rule_dirs(register):
-    register(RULE_DIR)

@@ -8,7 +8,7 @@ from rocm_samples import rel_err
 from torch import nn
 
 from kt_rocm._env import rocm_unavailable_reason
-from kt_rocm.ops import KAttentionROCm, KExpertsROCm, KLinearROCm
+from kt_rocm.ops import KExpertsROCm, KLinearROCm
 from ktcore.testing import gguf_reference as reference, quantized_sample as quantized
 
 REASON = rocm_unavailable_reason("cuda")
@@ -19,9 +19,10 @@ def test_ops_are_available_and_resolved_by_the_registry():
     from ktcore.registry import Registry
 
     registry = Registry()
-    for role, op in (("linear", KLinearROCm), ("experts", KExpertsROCm), ("attention", KAttentionROCm)):
+    for role, op in (("linear", KLinearROCm), ("experts", KExpertsROCm)):
         assert op.available("cuda") is None
-        assert registry.resolve(role, op.name, "cuda") is op
+        assert registry.resolve(role, op.name, "cuda") is op  # preferred over kt-cuda's and torch's backends
+    assert registry.resolution("attention", "KAttentionSDPA", "cuda").chosen.plugin == "torch"  # ROCm's own SDPA
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

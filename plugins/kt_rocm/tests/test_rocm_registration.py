@@ -1,5 +1,5 @@
-"""What runs on every machine: the entry point, the registered ops, their available() reasons and the
-shipped rule files (validated by name and matched against each family's tiny model)."""
+"""What runs on every machine: the entry point, the backends kt-rocm registers, their available() reasons,
+and the shipped rule files resolving to them (by device type) on the 'cuda' device type."""
 
 import importlib.metadata
 from types import SimpleNamespace
@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from kt_rocm import _env
-from kt_rocm.ops import KAttentionROCm, KExpertsROCm, KLinearROCm
-from kt_rocm.plugin import RULE_DIR
-from ktcore.inject import build_meta_model, inject
+from kt_rocm.ops import KExpertsROCm, KLinearROCm
 from ktcore.registry import OpUnavailableError, Registry
-from ktcore.rules import RuleError, load_rules
-from ktcore.testing import tiny_config
+from ktcore.rule_selection import RULE_FILES_DIR
+from ktcore.sdk.testing import chosen_backends
 
-OPS = {"linear": "KLinearROCm", "experts": "KExpertsROCm", "attention": "KAttentionROCm"}
+OPS = {"linear": "KLinearGPU", "experts": "KExpertsGPU"}
 IS_ROCM = torch.version.hip is not None
 
 
@@ -29,19 +27,19 @@ def test_entry_point_is_declared():
     assert eps["rocm"].value == "kt_rocm.plugin" and eps["rocm"].dist.name == "kt-rocm"
 
 
-def test_registry_finds_the_plugin_its_ops_and_rule_dir(registry):
+def test_registry_finds_the_plugin_and_its_backends(registry):
     info = registry.plugins["rocm"]
     assert info.distribution.startswith("kt-rocm ")
-    assert {(op.role, op.name) for op in info.ops} == set(OPS.items())
-    for role, name in OPS.items():
-        assert registry.get(role, name).devices == ("cuda",)
-    assert RULE_DIR in info.rule_dirs and sorted(RULE_DIR.glob("*.yaml"))
+    assert {(b.role, b.op, b.devices) for b in info.backends} == {(r, n, ("cuda",)) for r, n in OPS.items()}
+    assert info.aliases == {"KLinearROCm": "KLinearGPU", "KExpertsROCm": "KExpertsGPU"}  # the old names still work
+    assert registry.get("linear", "KLinearROCm", backend="kt-rocm") is KLinearROCm
+    assert info.rule_dirs == []  # the shipped rules/ tree serves every vendor
 
 
 @pytest.mark.skipif(IS_ROCM, reason="this torch is a ROCm build")
 def test_on_a_cuda_or_cpu_torch_the_ops_say_it_is_not_rocm():
     expected = "this torch is not a ROCm build (torch.version.hip is None)"
-    assert KLinearROCm.available() == KExpertsROCm.available("cuda:0") == KAttentionROCm.available("cuda") == expected
+    assert KLinearROCm.available() == KExpertsROCm.available("cuda:0") == expected
 
 
 def test_reason_for_another_device():
@@ -64,29 +62,28 @@ def test_reasons_on_a_rocm_torch(monkeypatch):
     assert KLinearROCm.available("cuda:0") is None
 
 
-def test_resolving_for_the_cpu_names_the_op_and_its_devices(registry):
-    with pytest.raises(OpUnavailableError, match="op 'KLinearROCm' \\(plugin 'rocm'\\) runs on cuda, not on 'cpu'"):
-        registry.resolve("linear", "KLinearROCm", "cpu")
+def test_pinned_to_the_cpu_the_backend_names_its_device(registry):
+    with pytest.raises(OpUnavailableError, match="rocm: runs on cuda, not on 'cpu'"):
+        registry.resolve("linear", "KLinearGPU", "cpu", backend="rocm")
 
 
-def rule_files():
-    return sorted(RULE_DIR.glob("*.yaml"))
+@pytest.mark.skipif(IS_ROCM, reason="this torch is a ROCm build")
+def test_on_cuda_the_choice_explains_why_rocm_was_not_taken(registry):
+    explained = registry.resolution("linear", "KLinearGPU", "cuda:0").explain()
+    assert "rocm: this torch is not a ROCm build" in explained
 
 
-@pytest.mark.parametrize("path", rule_files(), ids=lambda p: p.name)
-def test_rule_files_validate_by_name_and_cover_their_family(path, registry):
-    rules = load_rules(path, registry, check_devices=False)
-    assert {"KLinearROCm", "KAttentionROCm"} <= rules.op_names()
-    family = path.name.rsplit("-gpu", 1)[0]
-    report = inject(build_meta_model(tiny_config(family)), rules, registry)  # a rule matching nothing raises
-    assert len(report) > 0
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_rule_files_are_rejected_here_with_the_file_line_and_device(registry):
-    path = rule_files()[0]
-    with pytest.raises(RuleError) as err:
-        load_rules(path, registry)
-    first = err.value.issues[0]
-    assert first.file == str(path) and first.line > 0
-    assert "device 'cuda' is not present: torch.cuda.is_available() is False" in str(err.value)
+@pytest.mark.parametrize("path", sorted(RULE_FILES_DIR.glob("*-gpu*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerator_layouts_resolve_to_rocm_on_a_rocm_torch(path, registry, monkeypatch):
+    """As on a ROCm torch (kt-cuda's backends refuse it, kt-rocm's accept): the shipped files' linears and
+    accelerator experts run on kt-rocm, attention on ktcore's SDPA (ROCm's flash attention), and every rule
+    matches a module of the family."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for backends in [registry.backends(*role) for role in OPS.items()] + [registry.backends("attention", "KAttentionSDPA")]:
+        for b in backends:
+            if b.plugin in ("rocm", "cuda"):
+                why = None if b.plugin == "rocm" else "this is a ROCm build of torch"
+                monkeypatch.setattr(b.cls, "available", classmethod(lambda cls, device=None, _why=why: _why))
+    chosen = chosen_backends(path, registry, gpu="cuda")
+    assert chosen["KLinearGPU"] == "rocm" and chosen.get("KAttentionSDPA", "torch") == "torch"
+    assert chosen.get("KExpertsGPU", "rocm") == "rocm"

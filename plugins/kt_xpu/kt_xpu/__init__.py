@@ -6,7 +6,6 @@ Ops (entry point ``xpu`` -> ``kt_xpu.plugin``):
   the kernel intel-extension-for-pytorch upstreamed) over GGUF Q4_0/Q4_1/Q4_K repacked without
   requantizing; other types, or a torch without that kernel, run a dense matmul of the dequantized weight.
 - ``KExpertsXPU`` (experts): routed MoE experts over the same matmuls, one expert at a time.
-- ``KAttentionXPU`` (attention): ktcore's SDPA attention, which torch runs on XPU through oneDNN.
 
 Nothing here touches an XPU at import time; ``available()`` says why an op cannot run.
 """

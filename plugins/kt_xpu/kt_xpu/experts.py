@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ktcore.builtin.matrix_ops import KExpertsByMatrix
-from ktcore.weights.affine import INT4_TYPES
+from ktcore.sdk import INT4_TYPES, KExpertsByMatrix
 
 from ._env import xpu_unavailable_reason
 from .quant_matrix import XPUQuantMatrix
@@ -15,7 +14,8 @@ class KExpertsXPU(KExpertsByMatrix):
     ``compute_dtype`` (``float16`` default, or ``bfloat16``). ``kernels`` None: torch's XPU kernels when
     present; tests pass reference kernels."""
 
-    name = "KExpertsXPU"
+    name = "KExpertsGPU"
+    aliases = ("KExpertsXPU",)
     devices = ("xpu",)
     ggml_types = INT4_TYPES
     matrix_type = XPUQuantMatrix

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ktcore.builtin.matrix_ops import KLinearByMatrix
-from ktcore.weights.affine import INT4_TYPES
+from ktcore.sdk import INT4_TYPES, KLinearByMatrix
 
 from ._env import xpu_unavailable_reason
 from .quant_matrix import XPUQuantMatrix
@@ -15,7 +14,8 @@ class KLinearXPU(KLinearByMatrix):
     kernels, runs as a dense matmul of the dequantized weight. Options: ``compute_dtype`` (``float16``,
     the default, or ``bfloat16``)."""
 
-    name = "KLinearXPU"
+    name = "KLinearGPU"
+    aliases = ("KLinearXPU",)  # its name before ops had backends
     devices = ("xpu",)
     matrix_type = XPUQuantMatrix
     ggml_types = INT4_TYPES

@@ -1,16 +1,12 @@
-"""The ``ktcore`` entry point of kt-xpu: its ops and its rule files."""
+"""The ``ktcore`` entry point of kt-xpu: its backends of ``KLinearGPU`` and ``KExpertsGPU`` for Intel GPUs
+(device type ``xpu``). Attention runs in ktcore's ``KAttentionSDPA``, which torch computes on the XPU."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ktcore.hookspecs import hookimpl
 
-from .attention import KAttentionXPU
 from .experts import KExpertsXPU
 from .linear import KLinearXPU
-
-RULE_DIR = Path(__file__).parent / "rule_files"
 
 
 @hookimpl
@@ -21,13 +17,3 @@ def register_linear_ops(register):
 @hookimpl
 def register_experts_ops(register):
     register(KExpertsXPU)
-
-
-@hookimpl
-def register_attention_ops(register):
-    register(KAttentionXPU)
-
-
-@hookimpl
-def register_rule_dirs(register):
-    register(RULE_DIR)

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ktcore.weights.affine import INT4_TYPES, AffineGroups, affine_groups
+from ktcore.sdk import INT4_TYPES, AffineGroups, affine_groups
 
 from ._env import int4_kernels_missing
 
 if TYPE_CHECKING:
-    from ktcore.weights.tensor import QuantizedTensor
+    from ktcore.sdk import QuantizedTensor
 
 ZERO_POINT = 8  # codes c in [-8, 7] are stored as c + 8
 

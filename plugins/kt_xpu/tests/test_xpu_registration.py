@@ -1,5 +1,5 @@
-"""What runs on every machine: the entry point, the registered ops, their available() reasons and the
-shipped rule files (validated by name and matched against each family's tiny model)."""
+"""What runs on every machine: the entry point, the backends kt-xpu registers, their available() reasons,
+and the shipped rule files resolving to them when 'gpu' is an XPU."""
 
 import importlib.metadata
 
@@ -7,16 +7,14 @@ import pytest
 import torch
 
 from kt_xpu import _env
-from kt_xpu.attention import KAttentionXPU
 from kt_xpu.experts import KExpertsXPU
 from kt_xpu.linear import KLinearXPU
-from kt_xpu.plugin import RULE_DIR
-from ktcore.inject import build_meta_model, inject
 from ktcore.registry import OpUnavailableError, Registry
+from ktcore.rule_selection import RULE_FILES_DIR
 from ktcore.rules import RuleError, load_rules
-from ktcore.testing import tiny_config
+from ktcore.sdk.testing import chosen_backends
 
-OPS = {"linear": "KLinearXPU", "experts": "KExpertsXPU", "attention": "KAttentionXPU"}
+OPS = {"linear": "KLinearGPU", "experts": "KExpertsGPU"}
 HAS_XPU = torch.xpu.is_available()
 
 
@@ -30,13 +28,13 @@ def test_entry_point_is_declared():
     assert eps["xpu"].value == "kt_xpu.plugin" and eps["xpu"].dist.name == "kt-xpu"
 
 
-def test_registry_finds_the_plugin_its_ops_and_rule_dir(registry):
+def test_registry_finds_the_plugin_and_its_backends(registry):
     info = registry.plugins["xpu"]
     assert info.distribution.startswith("kt-xpu ")
-    assert {(op.role, op.name) for op in info.ops} == set(OPS.items())
-    for role, name in OPS.items():
-        assert registry.get(role, name).devices == ("xpu",)
-    assert RULE_DIR in info.rule_dirs and sorted(RULE_DIR.glob("*.yaml"))
+    assert {(b.role, b.op, b.devices) for b in info.backends} == {(r, n, ("xpu",)) for r, n in OPS.items()}
+    assert info.aliases == {"KLinearXPU": "KLinearGPU", "KExpertsXPU": "KExpertsGPU"}  # the old names still work
+    assert registry.get("experts", "KExpertsXPU", backend="kt_xpu") is KExpertsXPU
+    assert info.rule_dirs == []  # the shipped rules/ tree serves every vendor
 
 
 @pytest.mark.skipif(HAS_XPU, reason="this machine has an XPU")
@@ -45,7 +43,7 @@ def test_without_an_xpu_the_ops_say_so():
     assert reason.startswith("torch has no XPU support (torch.xpu.is_available() is False")
     if torch.version.xpu is None:
         assert reason.endswith("; this torch is not an XPU build (torch.version.xpu is None))")
-    assert KExpertsXPU.available("xpu:0") == reason == KAttentionXPU.available("xpu")
+    assert KExpertsXPU.available("xpu:0") == reason
 
 
 def test_reason_for_another_device():
@@ -60,29 +58,25 @@ def test_missing_int4_kernels_are_named():
     )
 
 
-def test_resolving_for_the_cpu_names_the_op_and_its_devices(registry):
-    with pytest.raises(OpUnavailableError, match="op 'KExpertsXPU' \\(plugin 'xpu'\\) runs on xpu, not on 'cpu'"):
-        registry.resolve("experts", "KExpertsXPU", "cpu")
+def test_pinned_to_the_cpu_the_backend_names_its_device(registry):
+    with pytest.raises(OpUnavailableError, match="xpu: runs on xpu, not on 'cpu'"):
+        registry.resolve("experts", "KExpertsGPU", "cpu", backend="xpu")
 
 
-def rule_files():
-    return sorted(RULE_DIR.glob("*.yaml"))
-
-
-@pytest.mark.parametrize("path", rule_files(), ids=lambda p: p.name)
-def test_rule_files_validate_by_name_and_cover_their_family(path, registry):
-    rules = load_rules(path, registry, check_devices=False)
-    assert {"KLinearXPU", "KAttentionXPU"} <= rules.op_names()
-    family = path.name.rsplit("-gpu", 1)[0]
-    report = inject(build_meta_model(tiny_config(family)), rules, registry)  # a rule matching nothing raises
-    assert len(report) > 0
+@pytest.mark.parametrize("path", sorted(RULE_FILES_DIR.glob("*-gpu*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerator_layouts_resolve_to_xpu(path, registry):
+    """With 'gpu' an XPU (checked by name: this machine may have none), the linears and accelerator experts
+    are kt-xpu's backends, attention is ktcore's SDPA, and every rule matches a module of the family."""
+    chosen = chosen_backends(path, registry, check_devices=False, gpu="xpu")
+    assert chosen["KLinearGPU"] == "xpu" and chosen.get("KAttentionSDPA", "torch") == "torch"
+    assert chosen.get("KExpertsGPU", "xpu") == "xpu"
 
 
 @pytest.mark.skipif(HAS_XPU, reason="this machine has an XPU")
-@pytest.mark.parametrize("path", rule_files()[:1], ids=lambda p: p.name)
-def test_rule_files_are_rejected_here_with_the_file_line_and_device(path, registry):
+def test_gpu_rule_files_are_rejected_here_with_the_file_line_and_device(registry):
+    path = RULE_FILES_DIR / "qwen3_moe-gpu.yaml"
     with pytest.raises(RuleError) as err:
-        load_rules(path, registry)
+        load_rules(path, registry, gpu="xpu")
     first = err.value.issues[0]
     assert first.file == str(path) and first.line > 0
     assert "device 'xpu' is not present: torch.xpu.is_available() is False" in str(err.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ktcore.builtin._common import check_shape, module_dtype, parse_dtype  # noqa: F401  (re-exported)
+from ktcore.sdk import check_shape, module_dtype, parse_dtype  # noqa: F401  (re-exported)
 
 
 def parse_scales_dtype(value, op_name: str):

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ktcore.builtin._common import module_dtype
-from ktcore.builtin.attention import KAttentionMLA, KAttentionSDPA
+from ktcore.sdk import KAttentionMLA, KAttentionSDPA, module_dtype
 
 from .._env import cuda_unavailable_reason
 

@@ -6,8 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ktcore.builtin.experts import check_expert_weights, gated_experts_dims
-from ktcore.ops import Op
+from ktcore.sdk import Op, check_expert_weights, gated_experts_dims
 
 from .. import int4
 from .._env import cuda_unavailable_reason

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ktcore.ops import Op
+from ktcore.sdk import Op
 
 from .. import fp8
 from .._env import cuda_unavailable_reason

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
-from ktcore.ops import Op
+from ktcore.sdk import Op
 
 from .._env import cuda_unavailable_reason
 from .. import int4
@@ -37,7 +37,7 @@ class KLinearMarlin(Op):
     The output has the input's dtype.
     """
 
-    name = "KLinearMarlin"
+    name = "KLinearGPU"  # KTransformers' spelling KLinearMarlin is declared by ktcore
     graph_capturable = True
     role = "linear"
     devices = ("cuda",)
