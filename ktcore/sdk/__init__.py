@@ -13,6 +13,8 @@ plugins. ``ktcore.sdk.testing`` checks a new op against the torch reference.
 - expert routing: ``route_by_expert`` (the router's choices grouped by expert), ``split_experts``,
   ``expert_slices`` (an ``[E, ...]`` tensor per expert)
 - attention: ``apply_rope``
+- the wrapper modules rules inject, for a plugin that walks an injected model (kt-cpu-amx's fused decode):
+  ``KAttention``, ``KExperts``
 - weights: ``QuantizedTensor``; the GGUF affine split ``affine_groups``/``AffineGroups`` (blocks whose
   weights are ``scale * code + bias`` per 32, as int8 codes and float32 scale/bias), ``AFFINE_TYPES``,
   ``INT4_TYPES``; the GGML type table ``ggml_type``, ``GGML_TYPES``, ``GGMLType``, ``QK_K``,
@@ -34,6 +36,7 @@ from ..builtin.linear import KLinearTorch
 from ..builtin.matrix_ops import KExpertsByMatrix, KLinearByMatrix
 from ..builtin.rope import KRoPETorch
 from ..hookspecs import hookimpl
+from ..modules import KAttention, KExperts
 from ..ops import ANY_DEVICE, ROLES, Op, stream_capturing
 from ..weights.affine import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups, compute_dtype
 from ..weights.dequant import dequantize
@@ -43,7 +46,7 @@ from ..weights.tensor import QuantizedTensor
 
 __all__ = [
     "AFFINE_TYPES", "ANY_DEVICE", "AffineGroups", "DEQUANTIZABLE", "GGMLType", "GGML_TYPES", "INT4_TYPES",
-    "KAttentionMLA", "KAttentionSDPA", "KExpertsByMatrix", "KExpertsTorch", "KLinearByMatrix", "KLinearTorch",
+    "KAttention", "KAttentionMLA", "KAttentionSDPA", "KExperts", "KExpertsByMatrix", "KExpertsTorch", "KLinearByMatrix", "KLinearTorch",
     "KRoPETorch", "Op", "QK_K", "QuantizedTensor", "ROLES", "affine_groups", "apply_rope", "check_expert_weights",
     "check_shape", "compute_dtype", "dequantize", "expert_slices", "gated_experts_dims", "ggml_type", "hookimpl",
     "lookup_tables", "module_dtype", "parse_dtype", "route_by_expert", "split_experts", "stream_capturing",

@@ -69,8 +69,7 @@ def _linear_op(module: nn.Module, what: str):
 def _attention(attn: nn.Module):
     """``(the module owning the projections, the KAttentionMLA op or None)``, checked: Transformers' own
     attention, a KAttentionSDPA wrapper, or a KAttentionMLA wrapper."""
-    from ktcore.builtin.attention import KAttentionMLA, KAttentionSDPA
-    from ktcore.modules import KAttention
+    from ktcore.sdk import KAttention, KAttentionMLA, KAttentionSDPA
 
     if isinstance(attn, KAttention):
         op = attn._modules.get("generate_op")
@@ -136,7 +135,7 @@ def _mla(L, attn, op, ops: dict, where: str) -> None:
 
 def _moe(L, mlp, hidden: int, where: str):
     """The routed experts' op of a DeepSeek-V2 MoE block (router checked), or raises."""
-    from ktcore.modules import KExperts
+    from ktcore.sdk import KExperts
 
     from .ops import KExpertsCPU
 

@@ -15,27 +15,25 @@ tokens at >= 7 of 8 steps.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-import ktcore
-from kt_cpu_amx.plugin import RULE_DIR
 from ktcore.fused_decode import FusedDecode
 from ktcore.generate import Generator, SamplingParams, forward_step, new_cache
 from ktcore.inject import load_model
-from ktcore.registry import get_registry
+from ktcore.registry import Registry, get_registry
+from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR  # the shipped rules/ tree
 from ktcore.testing import tiny_model
 from ktcore.weights.state_dict import StateDictSource
 
 STEPS = 6
 
 
-def _load(family: str, rules=None):
+def _load(family: str, rules=None, registry=None):
     hf = tiny_model(family, seed=0)
-    model, _ = load_model(StateDictSource(hf), rules or RULE_DIR / "llama-cpu.yaml", registry=get_registry(),
-                          progress=False)
+    model, _ = load_model(StateDictSource(hf), rules or RULE_DIR / "llama-cpu.yaml",
+                          registry=registry or get_registry(), progress=False)
     return model
 
 
@@ -95,7 +93,7 @@ def test_fused_decode_declines_with_reasons(monkeypatch):
     monkeypatch.setattr("kt_cpu_amx.fusion.ENABLED", False)
     assert "KT_CPU_FUSE=0" in FusedDecode(llama, cache).problem
     monkeypatch.undo()
-    torch_llama = _load("llama", Path(ktcore.__file__).parent / "rule_files" / "llama-cpu.yaml")
+    torch_llama = _load("llama", registry=Registry(entrypoints=False))  # the same file on the torch backends
     cache = new_cache(torch_llama, 32)
     with torch.inference_mode():
         forward_step(torch_llama, torch.tensor([[4, 5, 6]]), cache)
