@@ -81,8 +81,19 @@ def test_tiny_model_is_informative(family):
     assert logits.std() > 0.5 and logits.argmax(-1).unique().numel() >= 10
 
 
+def _transformers_runs(family: str) -> None:
+    # Llama 4's text model fails inside Transformers 5.17 itself (its masking passes block_sequence_ids to
+    # create_chunked_causal_mask, which does not take it; seen on the H200 host); 5.24 runs it
+    import transformers
+    from packaging.version import Version
+
+    if family == "llama4" and Version(transformers.__version__) < Version("5.24"):
+        pytest.skip(f"Transformers {transformers.__version__} cannot run Llama 4's text model (needs >= 5.24)")
+
+
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_family_fp32_logits_and_greedy_decode_match(family, registry):
+    _transformers_runs(family)
     reference = tiny_model(family)
     model, report = load_model(StateDictSource(reference), rules=rule_file(family), dtype=torch.float32,
                                registry=registry, progress=False)
