@@ -267,3 +267,18 @@ def test_chat_two_turns_reset_exit():
     child.close()
     assert child.exitstatus == 0
     assert "Traceback" not in child.before
+
+
+def test_user_rule_file_extends_the_shipped_one(no_template_gguf, tmp_path):
+    """`kt run --rules` layers a file saying `- extends: default` over the shipped file for the model, so one
+    rule changes one module and the shipped file decides the rest; --layout picks the shipped file."""
+    user = tmp_path / "mine.yaml"
+    user.write_text('- extends: default\n- match: {name: "^lm_head$"}\n'
+                    '  replace: {class: KLinear, kwargs: {op: KLinearTorch}}\n')
+    r = kt("run", str(no_template_gguf), "--raw", "-p", "hi", "--max-new-tokens", "2", "--rules", str(user),
+           "--layout", "cpu", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    loaded = next(line for line in r.stderr.splitlines() if line.startswith("kt run: loaded "))
+    assert f"with rules {user}, " in loaded and loaded.rstrip().endswith("llama-cpu.yaml")
+    r = kt("run", str(no_template_gguf), "--raw", "-p", "hi", "--layout", "sideways")
+    assert r.returncode == 2 and "--layout" in r.stderr

@@ -35,7 +35,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="GGUF file (the first part of a split set), or a directory holding GGUF files")
     p.add_argument("--rules", action="append", default=None, metavar="YAML",
                    help="rule file deciding which op runs each module (repeatable; default: the shipped "
-                        "rule file for the model's architecture and this machine)")
+                        "rule file for the model's architecture and this machine); a file that says "
+                        "'- extends: default' is layered over the shipped one, so it need hold only what it changes")
+    p.add_argument("--layout", default=None, choices=("cpu", "gpu-cpu", "gpu"),
+                   help="which shipped rule file: cpu (all on the CPU), gpu-cpu (dense part on the accelerator, "
+                        "routed experts on the CPU), gpu (all on the accelerator); default: the first that runs here")
     p.add_argument("--device", default=None,
                    help="device for the modules the rules leave unplaced: cpu, cuda, cuda:N, xpu, npu, mps "
                         "(default: what the rule file says)")
@@ -187,13 +191,16 @@ def load_generator(args, check=None, needs_chat_template: bool = False):
     check_device(args.device)
     params = sampling_from_args(args)
     from ktcore.generate import Generator
-    from ktcore.inject import load_model, select_rule_file
+    from ktcore.inject import layered, load_model, select_rule_file
     from ktcore.rules import load_rules
     from ktcore.weights import open_source
 
     phase("reading the model's metadata and rule file")
     source = open_source(args.model, model_path=args.model_path)
-    ruleset = load_rules(args.rules or select_rule_file(source.config().model_type))
+    model_type = source.config().model_type
+    layout = getattr(args, "layout", None)
+    ruleset = (layered(args.rules, model_type, layout=layout) if args.rules
+               else load_rules(select_rule_file(model_type, layout=layout)))
     no_template = CLIError(f"{args.model} has no chat template; use `kt run --raw` or pass --model-path DIR "
                            "with a tokenizer that has one")
     if needs_chat_template and hasattr(source, "chat_template") and source.chat_template() is None:
