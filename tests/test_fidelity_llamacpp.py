@@ -82,6 +82,11 @@ def test_greedy_32_tokens_match_transformers(loaded):
 # quantized file is held to what was measured so that it cannot silently grow.
 GEMMA_Q4_FLOOR = 0.85  # agreement with llama.cpp's int8-activation kernels on the Q4_K_M file
 GEMMA_Q4_PPL_REL = 0.07
+# SmolLM2's agreement depends on which llama.cpp kernels run: 95.6 % against the stock AVX2 build, 94.67 % against
+# an AVX512 build (stop 12) and against llama.cpp with its repacked CPU buffers off, which bench/models.py falls
+# back to where llama.cpp's AMX path crashes (this Xeon; stop 22); llama.cpp's own AVX2 and AVX512 builds agree on
+# 96.2 %. The floor is that measured spread, the perplexity target stays.
+SMOLLM2_FLOOR = 0.945
 
 
 def _teacher_forced(path, gen) -> dict:
@@ -106,6 +111,9 @@ def test_teacher_forced_against_llamacpp(loaded, tmp_path_factory):
     name, path, gen = loaded
     stats = _teacher_forced(path, gen)
     print(f"\n{name}: {stats}")
+    if name == "smollm2":
+        assert stats["agreement"] >= SMOLLM2_FLOOR and abs(stats["ppl_rel"]) <= TARGET_PPL_REL, stats
+        return
     if name != "gemma3":
         _assert_targets(stats)
         return

@@ -66,7 +66,12 @@ def test_readme_quickstart_in_a_fresh_venv(fresh_venv):
     r = subprocess.run(["bash", "-ec", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "The capital of France is Paris.", (r.stdout, r.stderr)
-    assert "with rules" in r.stderr and "kt_cpu_amx" in r.stderr  # the fast path the README installs
+    assert "with rules" in r.stderr, r.stderr
+    # the fast path the README installs: kt-cpu-amx loaded, its backends of the shipped file's CPU ops chosen
+    plugins = subprocess.run(["kt", "plugins"], env=env, capture_output=True, text=True, timeout=120)
+    assert "cpu_amx  (kt-cpu-amx" in plugins.stdout, plugins.stdout
+    amx = plugins.stdout.split("cpu_amx  (kt-cpu-amx", 1)[1]
+    assert "KLinearCPU             runs here on cpu" in amx and "KExpertsCPU            runs here on cpu" in amx, amx
 
     r = subprocess.run(["kt", "serve", "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--web" in r.stdout, r.stderr

@@ -32,18 +32,26 @@ def test_staggered_batch_matches_transformers_greedy(model_and_tokenizer):
     at different steps; each one's tokens equal Transformers' own greedy decoding of it alone."""
     model, tok = model_and_tokenizer
     prompts = [tok(t)["input_ids"] for t in ("short", "a somewhat longer prompt here", "mid length", "z")]
-    lengths = [30, 12, 20, 25]
+    lengths = [60, 24, 40, 50]
     expected = [tok.decode(_reference(model, p, n)) for p, n in zip(prompts, lengths)]
 
     async def run(batching):
         engine = Engine(model, tok, max_concurrency=4, batching=batching)
         engine.start()
         try:
-            handles = []
+            handles, firsts = [], []
             for p, n in zip(prompts, lengths):
                 handles.append(engine.submit(p, _greedy(n)))
-                await asyncio.sleep(0.05)  # later requests join a batch already decoding
-            results = [await h.collect() for h in handles]
+                # the next request is submitted once this one decodes (its first text arrived), so it joins a
+                # running batch whatever the machine's load (a fixed sleep raced on a busy CI machine)
+                firsts.append(await handles[-1].__anext__())
+            results = []
+            for first, h in zip(firsts, handles):
+                if first.finish_reason is not None:
+                    results.append((first.text, first))
+                else:
+                    text, final = await h.collect()
+                    results.append((first.text + text, final))
             return results, engine.max_batch_seen
         finally:
             engine.shutdown()
