@@ -34,7 +34,6 @@ import torch  # noqa: E402
 from kt_cpu_amx import repack  # noqa: E402
 from kt_cpu_amx.runtime import kernels, select_isa  # noqa: E402
 from ktcore.weights.quants import ggml_type  # noqa: E402
-from ktcore.weights.quants import ggml_type  # noqa: E402
 from ktcore.weights.tensor import QuantizedTensor  # noqa: E402
 
 

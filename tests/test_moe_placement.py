@@ -17,8 +17,8 @@ import torch
 
 from ktcore.builtin.experts import select_experts
 from ktcore.inject import load_model
-from ktcore.modules import KExperts, module_role
-from ktcore.moe import KMoE, MoEChain, hot_experts_problem, layer_index, link_moe_blocks
+from ktcore.modules import module_role
+from ktcore.moe import KMoE, MoEChain, hot_experts_problem, layer_index
 from ktcore.registry import Registry
 from ktcore.rules import RuleError, load_rules
 from ktcore.testing import tiny_model
@@ -202,7 +202,7 @@ def test_deferral_moves_the_lowest_weight_experts_to_the_next_block(family):
     x1, x2 = (torch.randn(1, 5, hf.config.hidden_size, generator=g) for _ in range(2))
     with torch.no_grad():
         out_a, out_b = a(x1), b(x2)
-        f1, f2 = x1.reshape(-1, x1.shape[-1]), x2.reshape(-1, x2.shape[-1])
+        f1 = x1.reshape(-1, x1.shape[-1])
         _, w1, i1 = m1.gate(f1)
         order = torch.argsort(w1, dim=-1, descending=True, stable=True)
         i1, w1 = i1.gather(-1, order), w1.gather(-1, order)

@@ -88,7 +88,6 @@ def _finish_reason(reason: str) -> str:
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    info = state_of(request).model
     return {"object": "list", "data": [_model_card(request)]}
 
 

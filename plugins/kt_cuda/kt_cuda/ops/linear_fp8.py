@@ -10,7 +10,7 @@ from ktcore.sdk import Op
 
 from .. import fp8
 from .._env import cuda_unavailable_reason
-from ._common import check_shape, module_dtype, parse_dtype, tensor_label
+from ._common import check_shape, parse_dtype, tensor_label
 
 FP8_TYPES = ("F8_E4M3", "FP8_E4M3", "F8_E4M3FN")
 
