@@ -212,30 +212,24 @@ class KMoE(KModule):
         """``(routed, shared)``: the routed experts (split between ``hot_op`` and the experts child when
         there are hot experts) overlapped with the shared experts."""
         experts = self.experts
-        if self.hot_op is None:
-            if not (self.overlap and isinstance(experts, KExperts)):
-                routed = experts(flat, top_k_index, top_k_weights)
-                shared = self.shared_output(hidden_states, flat)
-            else:
-                experts.submit(flat, top_k_index, top_k_weights)
-                try:
-                    shared = self.shared_output(hidden_states, flat)
-                finally:
-                    routed = experts.sync()  # also drains the experts when the shared ones raised
-            return routed, shared
-        hot_index, cold_index = self.split_index(top_k_index)
+        hot_index, cold_index = (None, top_k_index) if self.hot_op is None else self.split_index(top_k_index)
+
+        def beside_routed():  # what runs while the routed experts compute (after them when not overlapped)
+            hot = None if hot_index is None else self.hot_experts_output(flat, hot_index, top_k_weights)
+            return hot, self.shared_output(hidden_states, flat)
+
         if not (self.overlap and isinstance(experts, KExperts)):
             routed = experts(flat, cold_index, top_k_weights)
-            hot = self.hot_experts_output(flat, hot_index, top_k_weights)
-            shared = self.shared_output(hidden_states, flat)
+            hot, shared = beside_routed()
         else:
             experts.submit(flat, cold_index, top_k_weights)
             try:
-                hot = self.hot_experts_output(flat, hot_index, top_k_weights)
-                shared = self.shared_output(hidden_states, flat)
+                hot, shared = beside_routed()
             finally:
-                routed = experts.sync()
-        return routed.to(flat.device) + hot.to(flat.device), shared
+                routed = experts.sync()  # also drains the experts when the others raised
+        if hot is not None:
+            routed = routed.to(flat.device) + hot.to(flat.device)
+        return routed, shared
 
     # -- hot experts -------------------------------------------------------------------------------------
 
