@@ -37,6 +37,19 @@ def _load(family: str, rules=None, registry=None):
     return model
 
 
+def _prefilled_pair(model):
+    """A 12-token prompt prefilled into two caches: ``(FusedDecode over the first, first cache, second cache,
+    the prompt, the next greedy token)``; the fused path must accept the model."""
+    prompt = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
+    fused_cache, module_cache = new_cache(model, 64), new_cache(model, 64)
+    with torch.inference_mode():
+        forward_step(model, prompt, fused_cache)
+        token = forward_step(model, prompt, module_cache)[:, -1:].argmax(-1)
+    fused = FusedDecode(model, fused_cache)
+    assert fused.problem is None, fused.problem
+    return fused, fused_cache, module_cache, prompt, token
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -107,13 +120,7 @@ def test_fused_deepseek_v2_q8_0_matches_module_path(isa, tmp_path):
     path = write_gguf(tiny_model("deepseek_v2", seed=0), tmp_path / "deepseek_v2.gguf", "Q8_0")
     model, _ = load_model(open_source(str(path)), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
                           progress=False)
-    prompt = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
-    fused_cache, module_cache = new_cache(model, 64), new_cache(model, 64)
-    with torch.inference_mode():
-        forward_step(model, prompt, fused_cache)
-        token = forward_step(model, prompt, module_cache)[:, -1:].argmax(-1)
-    fused = FusedDecode(model, fused_cache)
-    assert fused.problem is None, fused.problem
+    fused, fused_cache, module_cache, _, token = _prefilled_pair(model)
     assert all(len(layer.wkt) == 0 for layer in fused.fused.layers)  # kv_b's own rows
     for step in range(STEPS):
         got = fused.step(token)
@@ -131,13 +138,7 @@ def test_fused_deepseek_v2_float_weights_against_transformers(isa):
     hf = tiny_model("deepseek_v2", seed=0)
     model, _ = load_model(StateDictSource(hf), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
                           progress=False)
-    seq = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(2))
-    fused_cache, module_cache = new_cache(model, 64), new_cache(model, 64)
-    with torch.inference_mode():
-        forward_step(model, seq, fused_cache)
-        token = forward_step(model, seq, module_cache)[:, -1:].argmax(-1)
-    fused = FusedDecode(model, fused_cache)
-    assert fused.problem is None, fused.problem
+    fused, fused_cache, module_cache, seq, token = _prefilled_pair(model)
     errors, same = [], 0
     for _ in range(8):
         got = fused.step(token)
