@@ -16,7 +16,7 @@ ISA_FLAGS = {
     "kernels_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "kernels_avx512.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
     "kernels_amx.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
-                        "-mamx-tile", "-mamx-bf16"],
+                        "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }
 SOURCES = ["pack.cpp", "pool.cpp", "cpu_features.cpp", "engine.cpp", "decoder.cpp", "bindings.cpp", "host_launch.cpp", *ISA_FLAGS]
 

@@ -92,6 +92,25 @@ struct BAct {
     const uint16_t* v = nullptr;
 };
 
+// int8 activations for the AMX-INT8 path, in blocks of 16 tokens: q in VNNI order, q[(tb * k/4 + kk) * 64 + t * 4
+// + j] = the QAct value of token tb * 16 + t at element 4 * kk + j; d, s16, s32 (QAct's, per block of 32 / 16 / 32)
+// transposed per token block, d[(tb * k/32 + b) * 16 + t]. Padding tokens are zero everywhere.
+struct IAct {
+    int k = 0, m = 0;
+    int8_t* q = nullptr;
+    float *d = nullptr, *s16 = nullptr, *s32 = nullptr;
+    // The view of token blocks tb0.. (the storage of one expert's rows inside a shared buffer).
+    IAct blocks_from(int tb0, int m_) const {
+        IAct o = *this;
+        o.m = m_;
+        o.q += size_t(tb0) * 16 * k;
+        o.d += size_t(tb0) * 16 * (k / 32);
+        o.s16 += size_t(tb0) * 16 * (k / 16);
+        o.s32 += size_t(tb0) * 16 * (k / 32);
+        return o;
+    }
+};
+
 // Group g's scale (or min) under two-level K-quant scales (PackedMatrix::sub8_scales, sub16_scales): the
 // integer sub-scale times the float of its `per` groups. Packing, the slow accessors and every kernel use this
 // one float product (the kernels' vectorized forms compute the same product lane by lane).

@@ -55,6 +55,7 @@ std::string isa_unavailable_reason(const std::string& isa) {
     }
     if (isa == "amx") {
         if (!f.amx_tile || !f.amx_bf16) return "this CPU has no AMX-BF16 tiles";
+        if (!f.amx_int8) return "this CPU has AMX-BF16 but no AMX-INT8 tiles";
         if (!f.avx512bf16) return "this CPU has AMX but no AVX512-BF16";
         if (!f.amx_permitted) return "the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)";
         std::string r = isa_unavailable_reason("avx512");

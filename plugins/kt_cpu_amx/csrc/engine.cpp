@@ -20,8 +20,8 @@ static Isa parse_isa(const std::string& s) {
 Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthreads, pin), isa_(parse_isa(isa)) {
     std::string why = isa_unavailable_reason(isa);
     if (!why.empty()) throw std::runtime_error("kt_cpu_amx: cannot use " + isa + ": " + why);
-    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; attend_latent_ = avx2::attend_latent; axpy_rows_ = avx2::axpy_rows; dot_rows_ = avx2::dot_rows; }
-    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; attend_latent_ = avx512::attend_latent; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
+    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; act_mul_ = avx2::act_mul; attend_latent_ = avx2::attend_latent; axpy_rows_ = avx2::axpy_rows; dot_rows_ = avx2::dot_rows; }
+    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; act_mul_ = avx512::act_mul; attend_latent_ = avx512::attend_latent; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
     amx_scratch_.resize(pool_.size());
     if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);
 }
@@ -132,6 +132,19 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
 }
 
 
+// X's logical rows from r0 on.
+static QAct rows_from(QAct X, int r0) {
+    if (X.rows) {
+        X.rows += r0;
+        return X;
+    }
+    X.q += size_t(r0) * X.k;
+    X.d += size_t(r0) * (X.k / 32);
+    X.s16 += size_t(r0) * (X.k / 16);
+    X.s32 += size_t(r0) * (X.k / 32);
+    return X;
+}
+
 void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
     linger_after(T);
     const int E = L.experts(), H = L.hidden(), I = L.inter(), TK = T * K;
@@ -152,40 +165,51 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
             tok[p] = i / K;
         }
     }
+    // Experts with at least amx_min_expert_rows rows run on AMX-INT8 tiles (their rows packed per 16 tokens,
+    // IAct), the others on the integer-dot kernels; both read the same int8 activations.
     std::vector<int> active;
     std::vector<char> amx(E, 0);
     for (int e = 0; e < E; ++e) {
         int ne = off[e + 1] - off[e];
         if (!ne) continue;
         active.push_back(e);
-        amx[e] = use_amx(*L.gate[e], ne, amx_min_expert_rows) && use_amx(*L.down[e], ne, amx_min_expert_rows);
+        amx[e] = isa_ == Isa::Amx && ne >= amx_min_expert_rows && amx::gemm_i8_fits(*L.gate[e]) &&
+                 amx::gemm_i8_fits(*L.up[e]) && amx::gemm_i8_fits(*L.down[e]);
     }
-    // bf16 activations of the AMX experts: rows of expert e start at token block bstart[e] (blocks of 16,
-    // each expert padded to 32 rows).
+    // token blocks of the AMX experts: expert e's start at block bstart[e]
     std::vector<int> bstart(E + 1, 0);
-    for (int e = 0; e < E; ++e) bstart[e + 1] = bstart[e] + (amx[e] ? round_up(off[e + 1] - off[e], 32) / 16 : 0);
+    for (int e = 0; e < E; ++e) bstart[e + 1] = bstart[e] + (amx[e] ? (off[e + 1] - off[e] + 15) / 16 : 0);
     const int nblocks = bstart[E];
-    uint16_t* bx = nblocks ? bf_x_.get<uint16_t>(size_t(nblocks) * 16 * H) : nullptr;
-    uint16_t* bh = nblocks ? bf_h_.get<uint16_t>(size_t(nblocks) * 16 * I) : nullptr;
     std::vector<int> block_expert(nblocks);
     for (int e = 0; e < E; ++e)
         for (int b = bstart[e]; b < bstart[e + 1]; ++b) block_expert[b] = e;
-    auto bact = [&](int e, uint16_t* base, int k) {
-        BAct b;
-        b.k = k; b.m = off[e + 1] - off[e]; b.m_pad = round_up(b.m, 32);
-        b.v = base + size_t(bstart[e]) * 16 * k;
-        return b;
+    // IAct storage of nblocks * 16 rows of k inputs in buf, and expert e's view of it
+    auto iact_of = [&](QActBuf& buf, int k) {
+        IAct v;
+        v.k = k;
+        v.q = buf.q.as<int8_t>(); v.d = buf.d.as<float>(); v.s16 = buf.s16.as<float>(); v.s32 = buf.s32.as<float>();
+        return v;
     };
+    auto expert_i8 = [&](const IAct& all, int e) { return all.blocks_from(bstart[e], off[e + 1] - off[e]); };
+    // The AMX experts' token blocks from quantized rows X (row r of expert e at X's logical row off[e] + r).
+    auto pack_blocks = [&](const QAct& X, const IAct& all) {
+        pool_.parallel_for(nblocks, [&](int b, int) {
+            const int e = block_expert[b];
+            amx::pack_i8_block(rows_from(X, off[e]), off[e + 1] - off[e], b - bstart[e], expert_i8(all, e));
+        });
+    };
+    auto i8_scratch = [&](int th, int k) { return amx_scratch_[th].get<uint8_t>(amx::gemm_i8_scratch_bytes(k)); };
 
-    // Phase 0: activations (int8 per token for the integer path, bf16 gathered per AMX expert).
+    // Phase 0: int8 activations per token, then the AMX experts' blocks gathered from them.
     act_.ensure(T, H);
-    pool_.parallel_for(T + nblocks, [&](int i, int) {
-        if (i < T) { quant_(x, i, i + 1, H, H, act_); return; }
-        int b = i - T, e = block_expert[b];
-        amx::to_bf16_vnni(x, H, tok.data() + off[e], off[e + 1] - off[e], H, b - bstart[e], b - bstart[e] + 1,
-                          bx + size_t(bstart[e]) * 16 * H);
-    });
+    pool_.parallel_for(T, [&](int i, int) { quant_(x, i, i + 1, H, H, act_); });
     QAct xa = act_.view(tok.data());
+    IAct xi;
+    if (nblocks) {
+        bi_x_.ensure(nblocks * 16, H);
+        xi = iact_of(bi_x_, H);
+        pack_blocks(xa, xi);
+    }
 
     // Phase 1: gate and up per (expert, row chunk), then the activation into gbuf.
     float* G = gbuf_.get<float>(size_t(TK) * I);
@@ -205,35 +229,29 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         float* g = G + size_t(off[t.e]) * I;
         float* u = U + size_t(off[t.e]) * I;
         if (amx[t.e]) {
-            BAct b = bact(t.e, bx, H);
-            amx::gemm_bf16(*L.gate[t.e], t.n0, t.n1, b, g, I, amx_scratch(th, H));
-            amx::gemm_bf16(*L.up[t.e], t.n0, t.n1, b, u, I, amx_scratch(th, H));
+            IAct b = expert_i8(xi, t.e);
+            amx::gemm_i8(*L.gate[t.e], t.n0, t.n1, b, g, I, i8_scratch(th, H));
+            amx::gemm_i8(*L.up[t.e], t.n0, t.n1, b, u, I, i8_scratch(th, H));
         } else {
             QAct a = xa;
             a.rows = tok.data() + off[t.e];
             gemm_(*L.gate[t.e], t.n0, t.n1, a, ne, g, I);
             gemm_(*L.up[t.e], t.n0, t.n1, a, ne, u, I);
         }
-        for (int r = 0; r < ne; ++r) {
-            float* gr = g + size_t(r) * I;
-            const float* ur = u + size_t(r) * I;
-            if (L.act == Activation::Silu)
-                for (int j = t.n0; j < t.n1; ++j) gr[j] = silu(gr[j]) * ur[j];
-            else
-                for (int j = t.n0; j < t.n1; ++j) gr[j] = gelu_tanh(gr[j]) * ur[j];
-        }
+        for (int r = 0; r < ne; ++r) act_mul_(int(L.act), g + size_t(r) * I + t.n0, u + size_t(r) * I + t.n0, t.n1 - t.n0);
     });
 
-    // Phase 2: the intermediate as int8 rows, or bf16 blocks for AMX experts.
+    // Phase 2: the intermediate as int8 rows, then the AMX experts' blocks.
     act2_.ensure(TK, I);
     const int NR = off[E];  // rows routed to a valid expert
-    pool_.parallel_for(NR + nblocks, [&](int i, int) {
-        if (i < NR) { quant_(G, i, i + 1, I, I, act2_); return; }
-        int b = i - NR, e = block_expert[b];
-        amx::to_bf16_vnni(G + size_t(off[e]) * I, I, nullptr, off[e + 1] - off[e], I, b - bstart[e],
-                          b - bstart[e] + 1, bh + size_t(bstart[e]) * 16 * I);
-    });
+    pool_.parallel_for(NR, [&](int i, int) { quant_(G, i, i + 1, I, I, act2_); });
     QAct ha = act2_.view();
+    IAct hi;
+    if (nblocks) {
+        bi_h_.ensure(nblocks * 16, I);
+        hi = iact_of(bi_h_, I);
+        pack_blocks(ha, hi);
+    }
 
     // Phase 3: down per (expert, row chunk) into ybuf.
     float* Y = ybuf_.get<float>(size_t(TK) * H);
@@ -243,14 +261,9 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         const int ne = off[t.e + 1] - off[t.e];
         float* y = Y + size_t(off[t.e]) * H;
         if (amx[t.e]) {
-            amx::gemm_bf16(*L.down[t.e], t.n0, t.n1, bact(t.e, bh, I), y, H, amx_scratch(th, I));
+            amx::gemm_i8(*L.down[t.e], t.n0, t.n1, expert_i8(hi, t.e), y, H, i8_scratch(th, I));
         } else {
-            QAct a = ha;
-            a.q += size_t(off[t.e]) * I;
-            a.d += size_t(off[t.e]) * (I / 32);
-            a.s16 += size_t(off[t.e]) * (I / 16);
-            a.s32 += size_t(off[t.e]) * (I / 32);
-            gemm_(*L.down[t.e], t.n0, t.n1, a, ne, y, H);
+            gemm_(*L.down[t.e], t.n0, t.n1, rows_from(ha, off[t.e]), ne, y, H);
         }
     });
 

@@ -105,7 +105,8 @@ private:
     GemmQ8Fn gemm_;
     QuantActFn quant_;
     QActBuf act_, act2_;
-    Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
+    QActBuf bi_x_, bi_h_;  // moe(): the AMX experts' int8 token blocks (IAct) of its input and intermediate
+    Scratch bf_x_, gbuf_, ubuf_, ybuf_;
     uint64_t prof_ns_[kPhases] = {};
     uint64_t wait0_ = 0;  // pool wait_ns at the last reset
     int open_phase_ = -1;                  // the innermost Timed scope's phase
@@ -114,6 +115,7 @@ private:
     Scratch dec_;  // decoder_step's vectors
     QActBuf dec_act_;
     AttendFn attend_;
+    ActMulFn act_mul_;
     AttendLatentFn attend_latent_;
     AxpyRowsFn axpy_rows_;
     DotRowsFn dot_rows_;

@@ -4,7 +4,9 @@
 // converted once per call. Each 32 x 32 output block uses tiles 0-3 (C), 4-5 (A) and 6-7 (B).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -31,9 +33,51 @@ inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
 constexpr int kMaxGroups = 2048;  // k up to 32768 (8-bit groups of 16)
 
-// Two-level scales to float: out[g] = sup[g / per] * sub[g] (PackedMatrix::sub8_scales, sub16_scales).
+// Two-level scales to float: out[g] = sup[g / per] * sub[g] (PackedMatrix::sub8_scales, sub16_scales), 16 at a time
+// (the same float products as two_level_scale).
 template <class Q> void expand_sub(const Q* sub, const float* sup, int per, int G, float* out) {
-    for (int g = 0; g < G; ++g) out[g] = two_level_scale(sub, sup, per, g);
+    int g = 0;
+    for (; g + 16 <= G; g += 16) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sub + g));
+        __m512i v;
+        if constexpr (std::is_signed_v<Q>) v = _mm512_cvtepi8_epi32(b);
+        else v = _mm512_cvtepu8_epi32(b);
+        __m512 sv = per == 16 ? _mm512_set1_ps(sup[g / 16])
+                              : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sup[g / 8]), _mm512_set1_ps(sup[g / 8 + 1]));
+        _mm512_storeu_ps(out + g, _mm512_mul_ps(_mm512_cvtepi32_ps(v), sv));
+    }
+    for (; g < G; ++g) out[g] = two_level_scale(sub, sup, per, g);
+}
+
+static void half_to_float(const uint16_t* h, int G, float* out) {
+    int g = 0;
+    for (; g + 16 <= G; g += 16)
+        _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + g))));
+    for (; g < G; ++g) out[g] = _cvtsh_ss(h[g]);
+}
+
+// Row r's G group scales and mins as float into s and m (without stored mins: -zero_point * scale, the product
+// the packer checked).
+void row_scales_float(const PackedMatrix& W, int r, float* s, float* m) {
+    const int G = W.groups();
+    const bool has_mins = W.zero_point == 0;
+    if (W.sub8_scales) {
+        expand_sub(W.row_s<uint8_t>(r), W.row_sup_s(r), 8, G, s);
+        expand_sub(W.row_m<uint8_t>(r), W.row_sup_m(r), 8, G, m);
+    } else if (W.sub16_scales) {
+        expand_sub(W.row_s<int8_t>(r), W.row_sup_s(r), 16, G, s);
+        if (has_mins) expand_sub(W.row_m<int8_t>(r), W.row_sup_m(r), 16, G, m);
+    } else if (W.half_scales) {
+        half_to_float(W.row_s<uint16_t>(r), G, s);
+        if (has_mins) half_to_float(W.row_m<uint16_t>(r), G, m);
+    } else {
+        std::memcpy(s, W.row_s<float>(r), sizeof(float) * G);
+        if (has_mins) std::memcpy(m, W.row_m<float>(r), sizeof(float) * G);
+    }
+    if (!has_mins) {
+        const float zp = -float(W.zero_point);
+        for (int g = 0; g < G; ++g) m[g] = zp * s[g];
+    }
 }
 
 // Dequantize rows n0..n0+31 of W into out[32][k] bf16.
@@ -41,29 +85,8 @@ void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
     const int G = W.groups(), k = W.k;
     for (int r = 0; r < 32; ++r) {
         const uint8_t* q = W.row_q(n0 + r);
-        // the group scales and mins of this row as float (converted once per row unless stored so)
-        alignas(64) float sbuf[kMaxGroups], mbuf[kMaxGroups];
-        const bool has_mins = W.zero_point == 0;
-        const float *s = sbuf, *m = mbuf;
-        if (W.sub8_scales) {
-            expand_sub(W.row_s<uint8_t>(n0 + r), W.row_sup_s(n0 + r), 8, G, sbuf);
-            expand_sub(W.row_m<uint8_t>(n0 + r), W.row_sup_m(n0 + r), 8, G, mbuf);
-        } else if (W.sub16_scales) {
-            expand_sub(W.row_s<int8_t>(n0 + r), W.row_sup_s(n0 + r), 16, G, sbuf);
-            if (has_mins) expand_sub(W.row_m<int8_t>(n0 + r), W.row_sup_m(n0 + r), 16, G, mbuf);
-        } else if (W.half_scales) {
-            const uint16_t* sh = W.row_s<uint16_t>(n0 + r);
-            for (int g = 0; g < G; ++g) sbuf[g] = _cvtsh_ss(sh[g]);
-            if (has_mins) {
-                const uint16_t* mh = W.row_m<uint16_t>(n0 + r);
-                for (int g = 0; g < G; ++g) mbuf[g] = _cvtsh_ss(mh[g]);
-            }
-        } else {
-            s = W.row_s<float>(n0 + r);
-            if (has_mins) m = W.row_m<float>(n0 + r);
-        }
-        if (!has_mins)  // min = -zero_point * scale, the product the packer checked
-            for (int g = 0; g < G; ++g) mbuf[g] = -float(W.zero_point) * s[g];
+        alignas(64) float s[kMaxGroups], m[kMaxGroups];
+        row_scales_float(W, n0 + r, s, m);
         uint16_t* o = out + size_t(r) * k;
         if (W.bits == 4) {
             for (int g = 0; g < G; ++g) {
@@ -108,6 +131,178 @@ void to_bf16_vnni(const float* x, size_t ldx, const int32_t* rows, int m, int k,
             }
         }
     }
+}
+
+// ------------------------------------------------------------------------------------------- AMX-INT8
+void pack_i8_block(const QAct& X, int m, int tb, const IAct& out) {
+    const int k = X.k, B32 = k / 32, B16 = k / 16;
+    uint32_t* q = reinterpret_cast<uint32_t*>(out.q) + size_t(tb) * 16 * (k / 4);
+    float* d = out.d + size_t(tb) * 16 * B32;
+    float* s16 = out.s16 + size_t(tb) * 16 * B16;
+    float* s32 = out.s32 + size_t(tb) * 16 * B32;
+    for (int t = 0; t < 16; ++t) {
+        const int row = tb * 16 + t;
+        if (row >= m) {
+            for (int kk = 0; kk < k / 4; ++kk) q[kk * 16 + t] = 0;
+            for (int b = 0; b < B32; ++b) d[b * 16 + t] = s32[b * 16 + t] = 0.f;
+            for (int b = 0; b < B16; ++b) s16[b * 16 + t] = 0.f;
+            continue;
+        }
+        const int p = X.phys(row);
+        const uint32_t* xq = reinterpret_cast<const uint32_t*>(X.q + size_t(p) * k);
+        for (int kk = 0; kk < k / 4; ++kk) q[kk * 16 + t] = xq[kk];
+        for (int b = 0; b < B32; ++b) {
+            d[b * 16 + t] = X.d[size_t(p) * B32 + b];
+            s32[b * 16 + t] = X.s32[size_t(p) * B32 + b];
+        }
+        for (int b = 0; b < B16; ++b) s16[b * 16 + t] = X.s16[size_t(p) * B16 + b];
+    }
+}
+
+size_t gemm_i8_scratch_bytes(int k) {
+    // A tiles of 16 rows (k bytes each), then their scales and mins as float [groups][16] (groups of 16 at most)
+    return size_t(16) * k + 2 * sizeof(float) * 16 * (k / 16) + 64;
+}
+
+namespace {
+void load_config_i8(int gs) {
+    TileConfig cfg;
+    for (int i = 0; i < 4; ++i) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }  // C: 16 weight rows x 16 tokens, int32
+    for (int i = 4; i < 6; ++i) { cfg.colsb[i] = uint16_t(gs); cfg.rows[i] = 16; }  // A: 16 rows x one group, u8
+    for (int i = 6; i < 8; ++i) { cfg.colsb[i] = 64; cfg.rows[i] = uint8_t(gs / 4); }  // B: the group, VNNI s8
+    _tile_loadconfig(&cfg);
+}
+
+// Rows n..n+15 of W into the A tiles' layout a[g][16][gs] and their scales and mins, s[16][G], m[16][G]. With a
+// zero point z the values are stored as q - z (int8: every such format keeps q in [0, 2z), z <= 128), else as q.
+void unpack_a(const PackedMatrix& W, int n, uint8_t* a, float* s, float* m) {
+    const int G = W.groups(), gs = W.group;
+    const __m128i m4 = _mm_set1_epi8(0x0F), zp = _mm_set1_epi8(char(W.zero_point));
+    for (int r = 0; r < 16; ++r) {
+        const uint8_t* q = W.row_q(n + r);
+        if (W.bits == 4) {
+            for (int g = 0; g < G; ++g) {
+                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
+                uint8_t* o = a + (size_t(g) * 16 + r) * 32;
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_sub_epi8(_mm_and_si128(b, m4), zp));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16),
+                                 _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m4), zp));
+            }
+        } else {
+            for (int g = 0; g < G; ++g)
+                for (int j = 0; j < gs; j += 16)
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + (size_t(g) * 16 + r) * gs + j),
+                                     _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * gs + j)), zp));
+        }
+        row_scales_float(W, n + r, s + size_t(r) * G, m + size_t(r) * G);
+    }
+}
+
+// acc[r] (16 tokens of weight row r) += s[r * G] * (C[r] * d) (+ m[r * G] * asum with mins) for one group's int32
+// tile C (s, m: the group's column of the rows' scales and mins).
+template <bool Mins>
+inline void scale_group(const int32_t* c, const float* s, const float* m, int G, __m512 d, __m512 asum,
+                        __m512* acc) {
+    for (int r = 0; r < 16; ++r) {
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * 16)), d);
+        acc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(s[r * G]), acc[r]);
+        if constexpr (Mins) acc[r] = _mm512_fmadd_ps(asum, _mm512_set1_ps(m[r * G]), acc[r]);
+    }
+}
+}  // namespace
+
+// Groups g and g + 1 into C tiles C0 and C1 (A tiles 4, 5, B tiles 6, 7) by DOT (_tile_dpbusd: u8 weights, or
+// _tile_dpbssd: s8), stored to c0 and c1. A macro: the tile intrinsics take the tile number as a literal.
+#define KT_I8_PAIR(DOT, C0, C1, a, bq, gs, g, c0, c1)                 \
+    do {                                                              \
+        _tile_zero(C0);                                               \
+        _tile_zero(C1);                                               \
+        _tile_loadd(4, (a) + size_t(g) * 16 * (gs), (gs));            \
+        _tile_loadd(6, (bq) + size_t(g) * (gs) * 16, 64);             \
+        _tile_loadd(5, (a) + size_t((g) + 1) * 16 * (gs), (gs));      \
+        _tile_loadd(7, (bq) + size_t((g) + 1) * (gs) * 16, 64);       \
+        DOT(C0, 4, 6);                                                \
+        DOT(C1, 5, 7);                                                \
+        _tile_stored(C0, (c0), 64);                                   \
+        _tile_stored(C1, (c1), 64);                                   \
+    } while (0)
+
+// Mins: weights u8 with mins (_tile_dpbusd, plus the min term), else s8 values q - zero point (_tile_dpbssd).
+template <bool Mins>
+static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, float* Y, int ldy, uint8_t* scratch) {
+    const int k = W.k, gs = W.group, G = W.groups(), tblocks = (X.m + 15) / 16;
+    load_config_i8(gs);
+    uint8_t* a = scratch;
+    float* s = reinterpret_cast<float*>(scratch + size_t(16) * k);
+    float* m = s + size_t(16) * G;
+    // per group of the weights: the activation block holding it (d per 32) and its sums (per gs)
+    const float* asums = gs == 32 ? X.s32 : X.s16;
+    const int B32 = k / 32, pairs = G / 2;
+    const size_t block_bytes = 16 * W.row_bytes();
+    alignas(64) int32_t c[4][16 * 16];
+    alignas(64) float y[16 * 16];
+    for (int n = n0; n < n1; n += 16) {
+        unpack_a(W, n, a, s, m);
+        // the next 16 rows' weights, spread over the first token block's group pairs (read once per call: the
+        // memory stream overlaps the tiles' work instead of stalling the next unpack)
+        const char* next = n + 16 < n1 ? reinterpret_cast<const char*>(W.row_q(n + 16)) : nullptr;
+        const size_t lines = block_bytes / 64, per_pair = pairs ? (lines + pairs - 1) / pairs : 0;
+        for (int tb = 0; tb < tblocks; ++tb) {
+            const int8_t* bq = X.q + size_t(tb) * 16 * k;
+            const float* d = X.d + size_t(tb) * 16 * B32;
+            const float* as = asums + size_t(tb) * 16 * G;
+            __m512 acc[16];
+            for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+            auto post = [&](int g, const int32_t* cg) {
+                scale_group<Mins>(cg, s + g, m + g, G, _mm512_loadu_ps(d + size_t(gs == 32 ? g : g / 2) * 16),
+                            _mm512_loadu_ps(as + size_t(g) * 16), acc);
+            };
+            // software pipeline: pair p + 1's tiles run while pair p is scaled (C tiles 0-1 and 2-3 alternate)
+            if (pairs) {
+                if constexpr (Mins) KT_I8_PAIR(_tile_dpbusd, 0, 1, a, bq, gs, 0, c[0], c[1]);
+                else KT_I8_PAIR(_tile_dpbssd, 0, 1, a, bq, gs, 0, c[0], c[1]);
+            }
+            for (int p = 0; p < pairs; ++p) {
+                if (p + 1 < pairs) {
+                    if constexpr (Mins) {
+                        if (p % 2 == 0) KT_I8_PAIR(_tile_dpbusd, 2, 3, a, bq, gs, 2 * p + 2, c[2], c[3]);
+                        else KT_I8_PAIR(_tile_dpbusd, 0, 1, a, bq, gs, 2 * p + 2, c[0], c[1]);
+                    } else {
+                        if (p % 2 == 0) KT_I8_PAIR(_tile_dpbssd, 2, 3, a, bq, gs, 2 * p + 2, c[2], c[3]);
+                        else KT_I8_PAIR(_tile_dpbssd, 0, 1, a, bq, gs, 2 * p + 2, c[0], c[1]);
+                    }
+                }
+                if (next && tb == 0)
+                    for (size_t l = p * per_pair; l < std::min(lines, (p + 1) * per_pair); ++l)
+                        _mm_prefetch(next + l * 64, _MM_HINT_T0);
+                const int cs = (p % 2) * 2;
+                post(2 * p, c[cs]);
+                post(2 * p + 1, c[cs + 1]);
+            }
+            if (G % 2) {
+                const int g = G - 1;
+                _tile_zero(0);
+                _tile_loadd(4, a + size_t(g) * 16 * gs, gs);
+                _tile_loadd(6, bq + size_t(g) * gs * 16, 64);
+                if constexpr (Mins) _tile_dpbusd(0, 4, 6);
+                else _tile_dpbssd(0, 4, 6);
+                _tile_stored(0, c[0], 64);
+                post(g, c[0]);
+            }
+            for (int r = 0; r < 16; ++r) _mm512_store_ps(y + r * 16, acc[r]);
+            const int mt = X.m - tb * 16 < 16 ? X.m - tb * 16 : 16;
+            for (int t = 0; t < mt; ++t) {
+                float* yo = Y + size_t(tb * 16 + t) * ldy + n;
+                for (int r = 0; r < 16; ++r) yo[r] = y[r * 16 + t];
+            }
+        }
+    }
+    _tile_release();
+}
+
+void gemm_i8(const PackedMatrix& W, int n0, int n1, const IAct& X, float* Y, int ldy, uint8_t* scratch) {
+    if (W.zero_point) gemm_i8_t<false>(W, n0, n1, X, Y, ldy, scratch);
+    else gemm_i8_t<true>(W, n0, n1, X, Y, ldy, scratch);
 }
 
 void gemm_bf16(const PackedMatrix& W, int n0, int n1, const BAct& X, float* Y, int ldy, uint16_t* scratch) {

@@ -365,6 +365,51 @@ void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActB
     }
 }
 
+// ---------------------------------------------------------------------------------------------- activations
+// e^x for 8 lanes: 2^n * p(r) with r = x - n ln 2 (ln 2 in two parts) and a degree-6 polynomial (Cephes' expf
+// constants, about 1 ulp); x clamped to +-88.376 (no inf, e^-88 ~ 0 for the uses below).
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+void act_mul(int act, float* g, const float* u, int n) {
+    const __m256 one = _mm256_set1_ps(1.f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.f);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(g + j);
+        __m256 a;
+        if (act == 0) {
+            a = _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+        } else {  // 0.5 v (1 + tanh(z)), tanh(z) = 1 - 2 / (e^2z + 1)
+            const __m256 z = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                           _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), v),
+                                                           _mm256_mul_ps(v, v), v));
+            const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, z)), one)));
+            a = _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, t));
+        }
+        _mm256_storeu_ps(g + j, _mm256_mul_ps(a, _mm256_loadu_ps(u + j)));
+    }
+    for (; j < n; ++j) {
+        const float v = g[j];
+        const float a = act == 0 ? v / (1.f + std::exp(-v))
+                                 : 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        g[j] = a * u[j];
+    }
+}
+
 // ---------------------------------------------------------------------------------------------- attention
 static inline float dot_f32(const float* a, const float* b, int d) {
     const int d8 = d & ~7;
