@@ -1,22 +1,35 @@
-"""MoE-layer decode and prefill throughput of kt-cpu-amx's KExpertsCPU on a DeepSeek-V2-Lite-shaped layer
-(64 experts, 6 active, hidden 2048, moe_intermediate 1408), against KExpertsTorch on the same dequantized
-weights and against llama.cpp (CPU only, same threads) on the same GGUF.
+"""MoE-layer decode and prefill time of kt-cpu-amx's KExpertsCPU on a DeepSeek-V2-Lite-shaped layer (64 experts,
+6 active, hidden 2048, moe_intermediate 1408), per token count, against in the same run:
 
-The layer comes from a synthetic GGUF (``ktcore.weights.gguf_writer.write_synthetic_moe_gguf``: layer 0
-dense, layer 1 MoE). llama.cpp runs whole models, so its MoE-layer time is estimated as the time of the
-2-layer model minus that of the 1-layer (dense only) model, same threads, same batch.
-Decode bandwidth: bytes of the 6 chosen experts' packed weights per token, against a measured read
-bandwidth (a large torch sum on the same threads).
+- kt-kernel (KTransformers' CPU kernels, PyPI ``kt-kernel``): its GGUF method (LLAMAFILE, the same GGUF blocks) and
+  its AMXINT4 / AMXINT8 methods (the layer's dequantized weights requantized by kt-kernel at load: lossy, so each
+  row also gives its error against the torch reference), each at its best thread count of ``--kt-kernel-threads``;
+- KExpertsTorch on the same dequantized weights (``--torch``);
+- llama.cpp (CPU only, same threads) on the same GGUF (``--llama-cpp``): its MoE-layer time is the 2-layer
+  model's minus the 1-layer (dense only) model's, same threads, same batch.
 
-    python bench/bench_cpu_experts.py --threads 2 --qtype Q4_0 [--no-llama-cpp] [--no-torch] [--json out.json]
+kt-kernel is loaded from its package directory (an installed ``kt_kernel`` or ``--kt-kernel DIR``, e.g. an unpacked
+wheel) by its compiled extension alone (``_kt_kernel_ext_<variant>*.so``, no CUDA needed), the variant matching the
+ISA ktcore runs. A method that cannot run here is a row saying why. Ratios are peer time / ktcore time (> 1: ktcore
+is faster).
+
+The layer comes from a synthetic GGUF (``ktcore.weights.gguf_writer.write_synthetic_moe_gguf``: layer 0 dense,
+layer 1 MoE). With Q4_K and moe_intermediate 1408 the down projection is Q8_0 (1408 is no multiple of 256), and
+kt-kernel's GGUF method refuses 1408: ``--inter 1536`` gives an all-Q4_K layer it takes.
+
+    python bench/bench_cpu_experts.py --threads 16 --qtype Q4_K --tokens 1,32,128,512 \\
+        [--kt-kernel DIR] [--kt-kernel-threads 16,12,8] [--inter 1536] [--torch] [--llama-cpp] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +37,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-E, K_ACTIVE, H, I = 64, 6, 2048, 1408
+E, K_ACTIVE, H = 64, 6, 2048
+KT_KERNEL_METHODS = ("LLAMAFILE", "AMXINT4", "AMXINT8")
 
 
 class ExpertsShape(nn.Module):
     """What an experts op reads from the Transformers module it replaces."""
 
-    def __init__(self):
+    def __init__(self, inter: int):
         super().__init__()
-        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, I
+        self.num_experts, self.hidden_dim, self.intermediate_dim = E, H, inter
         self.act_fn = nn.SiLU()
 
 
@@ -56,6 +70,10 @@ def time_op(op, tokens: int, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+
+
 def read_bandwidth(threads: int, mib: int = 1024) -> float:
     """GB/s of a large float32 sum (read-only stream) on ``threads`` torch threads."""
     old = torch.get_num_threads()
@@ -73,6 +91,111 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------------------------------ kt-kernel
+KT_KERNEL_VARIANTS = {"amx": ("amx", "avx512_vnni", "avx512_base", "avx2"), "avx512": ("avx512_vnni", "avx512_base", "avx2"),
+                      "avx2": ("avx2",)}
+
+
+def load_kt_kernel(directory: str | None, isa: str):
+    """kt-kernel's compiled extension (module ``kt_kernel_ext``) from its package directory, or the reason it
+    cannot be loaded. Only the extension is imported: the package's Python side wants a CUDA torch."""
+    if directory is None:
+        spec = importlib.util.find_spec("kt_kernel")
+        if spec is None or not spec.submodule_search_locations:
+            return None, "kt-kernel is not installed (pip install kt-kernel==0.7.2, or --kt-kernel DIR)"
+        directory = spec.submodule_search_locations[0]
+    elif os.path.isdir(os.path.join(directory, "kt_kernel")):
+        directory = os.path.join(directory, "kt_kernel")
+    for variant in KT_KERNEL_VARIANTS[isa]:
+        found = glob.glob(os.path.join(directory, f"_kt_kernel_ext_{variant}*.so"))
+        if found:
+            spec = importlib.util.spec_from_file_location("kt_kernel_ext", found[0])
+            ext = importlib.util.module_from_spec(spec)
+            sys.modules["kt_kernel_ext"] = ext
+            try:
+                spec.loader.exec_module(ext)
+            except ImportError as exc:
+                return None, f"kt-kernel's {variant} extension does not load: {exc}"
+            return ext, variant
+    return None, f"no kt-kernel extension for {isa} in {directory}"
+
+
+class KtKernelLayer:
+    """One kt-kernel MoE layer on its own CPUInfer pool: ``method`` LLAMAFILE (raw GGUF blocks) or AMXINT4/AMXINT8
+    (bf16 weights quantized by kt-kernel at load). Called like an experts op: (x, idx, w) -> out (float32)."""
+
+    def __init__(self, ext, method: str, threads: int, weights: dict, dequantized: dict, inter: int, max_tokens: int):
+        cfg = ext.WorkerPoolConfig()
+        cfg.subpool_count, cfg.subpool_numa_map, cfg.subpool_thread_count = 1, [0], [threads]
+        self.infer = ext.CPUInfer(cfg)
+        self.mask = torch.zeros(E, dtype=torch.bool)  # no expert on a GPU
+        config = ext.moe.MOEConfig(E, K_ACTIVE, H, inter, self.mask.data_ptr())
+        config.layer_idx, config.pool, config.max_len = 0, self.infer.backend_, max_tokens
+        names = ("gate_proj", "up_proj", "down_proj")
+        self._tmp = None
+        if method == "LLAMAFILE":
+            if inter % 256:
+                raise ValueError(f"kt-kernel's GGUF method needs moe_intermediate % 256 == 0, not {inter} (--inter 1536)")
+            self.keep = [weights[n].data.contiguous() for n in names]
+            config.m_block, config.group_min_len, config.group_max_len = 32, 10, max_tokens
+            config.gate_proj, config.up_proj, config.down_proj = (t.data_ptr() for t in self.keep)
+            config.gate_type, config.up_type, config.down_type = (
+                getattr(ext.kvcache.ggml_type, weights[n].ggml_type) for n in names)
+            config.hidden_type = ext.kvcache.ggml_type.BF16
+            self.moe = ext.moe.MOE(config)
+            expert_map = torch.arange(E, dtype=torch.int32)
+        else:
+            self.keep = [dequantized[n].to(torch.bfloat16).contiguous() for n in names]
+            config.gate_proj, config.up_proj, config.down_proj = (t.data_ptr() for t in self.keep)
+            # online quantization: kt-kernel writes its quantized layer under path
+            self._tmp = tempfile.TemporaryDirectory(prefix="kt-kernel-")
+            config.save, config.load, config.path = True, False, self._tmp.name
+            self.moe = {"AMXINT4": ext.moe.AMXInt4_MOE, "AMXINT8": ext.moe.AMXInt8_MOE}[method](config)
+            # its AMX methods read the expert map as int64 (an int32 map leaves experts unloaded: zero outputs)
+            expert_map = torch.arange(E, dtype=torch.int64)
+        self.infer.submit(self.moe.load_weights_task(expert_map.data_ptr()))
+        self.infer.sync()
+        self.keep = None if method != "LLAMAFILE" else self.keep
+
+    def __call__(self, x, idx, w):
+        T = x.shape[0]
+        xb = x.to(torch.bfloat16).contiguous()
+        ids, ws = idx.to(torch.int64).contiguous(), w.to(torch.float32).contiguous()
+        out = torch.empty(T, H, dtype=torch.bfloat16)
+        bsz = torch.tensor([T], dtype=torch.int32)
+        self.infer.submit(self.moe.forward_task(bsz.data_ptr(), K_ACTIVE, ids.data_ptr(), ws.data_ptr(),
+                                                xb.data_ptr(), out.data_ptr(), False))
+        self.infer.sync()
+        return out.float()
+
+    def close(self):
+        del self.moe, self.infer
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def kt_kernel_rows(ext, args, weights, dequantized, reference, check_input) -> dict:
+    """{method: {"ms": {tokens: best median ms}, "threads": {tokens: n}, "rel_err": e} or {"skipped": reason}}."""
+    rows = {}
+    for method in args.kt_kernel_methods.split(","):
+        row = {"ms": {}, "threads": {}}
+        try:
+            for n in (int(v) for v in args.kt_kernel_threads.split(",")):
+                layer = KtKernelLayer(ext, method, n, weights, dequantized, args.inter, max(args.tokens))
+                if "rel_err" not in row:
+                    row["rel_err"] = rel_err(layer(*check_input), reference)
+                for T in args.tokens:
+                    ms = 1e3 * time_op(layer, T, args.decode_reps if T == 1 else args.prefill_reps, warmup=1)
+                    if T not in row["ms"] or ms < row["ms"][T]:
+                        row["ms"][T], row["threads"][T] = ms, n
+                layer.close()
+        except Exception as exc:  # reported as the row: a method kt-kernel refuses here
+            row = {"skipped": f"{type(exc).__name__}: {exc}"}
+        rows[method] = row
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ llama.cpp
 def llama_cpp_times(path1: str, path2: str, threads: int, prefill: int, decode_steps: int) -> dict:
     """Seconds per decode token and per prefill of ``prefill`` tokens, 2-layer minus 1-layer model."""
     import llama_cpp
@@ -103,22 +226,55 @@ def llama_cpp_times(path1: str, path2: str, threads: int, prefill: int, decode_s
             "whole_2layer_decode_s": d2}
 
 
+def print_table(result: dict, tokens: list[int]) -> None:
+    peers = result.get("kt_kernel", {})
+    head = ["tokens", "ktcore ms"]
+    for m, row in peers.items():
+        if "skipped" not in row:
+            head += [f"kt-kernel {m} ms", "ratio"]
+    head += ["best peer ratio"] if peers else []
+    print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for T in tokens:
+        ours = result["kt_ms"][T]
+        cells, best = [str(T), f"{ours:.2f}"], None
+        for m, row in peers.items():
+            if "skipped" in row:
+                continue
+            ms = row["ms"][T]
+            best = ms if best is None else min(best, ms)
+            cells += [f"{ms:.2f} ({row['threads'][T]} thr)", f"{ms / ours:.2f}x"]
+        if peers:
+            cells.append(f"{best / ours:.2f}x" if best is not None else "-")
+        print("| " + " | ".join(cells) + " |")
+    for m, row in peers.items():
+        print(f"kt-kernel {m}: " + (f"skipped: {row['skipped']}" if "skipped" in row
+                                    else f"output error vs torch reference {row['rel_err']:.3g}"))
+    print(f"ktcore output error vs torch reference {result['kt_rel_err']:.3g}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--qtype", default="Q4_0", help="experts' GGML type (Q4_K's down_proj falls back to Q8_0: 1408 %% 256)")
-    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--qtype", default="Q4_K", help="experts' GGML type (Q4_K's down_proj falls back to Q8_0 at --inter 1408)")
+    ap.add_argument("--inter", type=int, default=1408, help="moe_intermediate (1536: all Q4_K, kt-kernel's GGUF method takes it)")
+    ap.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")], default=[1, 32, 128, 512])
     ap.add_argument("--decode-reps", type=int, default=20)
-    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--prefill-reps", type=int, default=5)
     ap.add_argument("--isa", default=None, help="force avx2/avx512/amx (default: best)")
-    ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--kt-kernel", default=None, help="kt-kernel's package directory (default: the installed one)")
+    ap.add_argument("--no-kt-kernel", action="store_true")
+    ap.add_argument("--kt-kernel-threads", default=None, help="thread counts to try, best kept (default: --threads)")
+    ap.add_argument("--kt-kernel-methods", default=",".join(KT_KERNEL_METHODS))
+    ap.add_argument("--torch", action="store_true", help="also time KExpertsTorch")
+    ap.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python) on the whole GGUF")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    args.kt_kernel_threads = args.kt_kernel_threads or str(args.threads)
 
     from kt_cpu_amx import get_runtime
     from kt_cpu_amx.ops import KExpertsCPU
+    from ktcore.builtin.experts import KExpertsTorch
     from ktcore.weights import open_source
     from ktcore.weights.gguf_writer import write_synthetic_moe_gguf
 
@@ -126,64 +282,62 @@ def main():
     os.environ["KT_CPU_THREADS"] = str(args.threads)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kt-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    path2 = str(workdir / f"moe2-{args.qtype}.gguf")
-    path1 = str(workdir / f"moe1-{args.qtype}.gguf")
-    if not os.path.exists(path2):
-        write_synthetic_moe_gguf(path2, layers=2, qtype=args.qtype)
-    if not os.path.exists(path1):
-        write_synthetic_moe_gguf(path1, layers=1, qtype=args.qtype)
+    paths = {n: str(workdir / f"moe{n}-{args.qtype}-{args.inter}.gguf") for n in (1, 2)}
+    for layers, path in paths.items():
+        if not os.path.exists(path):
+            write_synthetic_moe_gguf(path, layers=layers, qtype=args.qtype, moe_intermediate=args.inter)
 
-    source = open_source(path2)
+    source = open_source(paths[2])
     prefix = "model.layers.1.mlp.experts"
     weights = {n: source.get(f"{prefix}.{n}") for n in ("gate_proj", "up_proj", "down_proj")}
-    types = {n: q.ggml_type for n, q in weights.items()}
-    ours = KExpertsCPU(ExpertsShape(), isa=args.isa, threads=args.threads)
+    ours = KExpertsCPU(ExpertsShape(args.inter), isa=args.isa, threads=args.threads)
     t0 = time.perf_counter()
     ours.load(weights)
-    load_s = time.perf_counter() - t0
     rt = get_runtime(args.threads, args.isa)
-    gguf_bytes_per_expert = sum(q.data.numel() for q in weights.values()) / E
-    packed_bytes_per_expert = ours.layer.expert_nbytes
+    result = {"threads": args.threads, "isa": rt.isa, "inter": args.inter,
+              "types": {n: q.ggml_type for n, q in weights.items()}, "load_s": time.perf_counter() - t0,
+              "read_bandwidth_GBps": read_bandwidth(args.threads)}
 
-    result = {"threads": args.threads, "isa": rt.isa, "types": types, "load_s": load_s, "prefill_tokens": args.prefill}
-    bw = read_bandwidth(args.threads)
-    result["read_bandwidth_GBps"] = bw
+    # the torch reference on one 32-token input: every implementation's output error
+    ref_op = KExpertsTorch(ExpertsShape(args.inter), dtype=torch.float32)
+    ref_op.load(weights)
+    check_input = routing(32, torch.Generator().manual_seed(12345))
+    reference = ref_op(*check_input)
+    result["kt_rel_err"] = rel_err(ours(*check_input), reference)
 
-    dec = time_op(ours, 1, args.decode_reps)
-    pre = time_op(ours, args.prefill, args.prefill_reps, warmup=1)
-    result["kt_decode_s"] = dec
-    result["kt_prefill_s"] = pre
-    result["kt_decode_tok_s"] = 1 / dec
-    result["kt_prefill_tok_s"] = args.prefill / pre
-    touched = K_ACTIVE * gguf_bytes_per_expert
-    result["decode_GBps_gguf_bytes"] = touched / dec / 1e9
-    result["decode_GBps_packed_bytes"] = K_ACTIVE * packed_bytes_per_expert / dec / 1e9
-    result["decode_fraction_of_bandwidth_bound"] = (K_ACTIVE * packed_bytes_per_expert / bw / 1e9) / dec
-    result["decode_fraction_of_bound_gguf_bytes"] = (touched / bw / 1e9) / dec
+    result["kt_ms"] = {T: 1e3 * time_op(ours, T, args.decode_reps if T == 1 else args.prefill_reps) for T in args.tokens}
+    packed = K_ACTIVE * ours.layer.expert_nbytes
+    if 1 in result["kt_ms"]:
+        result["decode_GBps_packed_bytes"] = packed / (result["kt_ms"][1] * 1e-3) / 1e9
+        result["decode_fraction_of_bandwidth_bound"] = packed / result["read_bandwidth_GBps"] / 1e9 / (result["kt_ms"][1] * 1e-3)
 
-    if not args.no_torch:
-        from ktcore.builtin.experts import KExpertsTorch
+    if args.torch:
+        result["torch_ms"] = {T: 1e3 * time_op(ref_op, T, 1, warmup=1) for T in args.tokens}
+    if not args.no_kt_kernel:
+        ext, how = load_kt_kernel(args.kt_kernel, rt.isa)
+        if ext is None:
+            result["kt_kernel"] = {m: {"skipped": how} for m in args.kt_kernel_methods.split(",")}
+        else:
+            result["kt_kernel_variant"] = how
+            gate, up = ref_op.gate_up_proj.split(args.inter, dim=1)
+            dequantized = {"gate_proj": gate, "up_proj": up, "down_proj": ref_op.down_proj}
+            result["kt_kernel"] = kt_kernel_rows(ext, args, weights, dequantized, reference, check_input)
+    del ref_op
 
-        ref = KExpertsTorch(ExpertsShape(), dtype=torch.float32)
-        ref.load(weights)
-        result["torch_decode_s"] = time_op(ref, 1, max(3, args.decode_reps // 4))
-        result["torch_prefill_s"] = time_op(ref, args.prefill, 1, warmup=1)
-        result["speedup_vs_torch_decode"] = result["torch_decode_s"] / dec
-        result["speedup_vs_torch_prefill"] = result["torch_prefill_s"] / pre
-        del ref
-
-    if not args.no_llama_cpp:
+    if args.llama_cpp:
         try:
-            lc = llama_cpp_times(path1, path2, args.threads, args.prefill, max(8, args.decode_reps))
+            lc = llama_cpp_times(paths[1], paths[2], args.threads, max(args.tokens), max(8, args.decode_reps))
         except Exception as exc:  # reported, not hidden: llama.cpp may be absent or refuse the file
             result["llama_cpp_error"] = f"{type(exc).__name__}: {exc}"
         else:
             result.update({f"llama_cpp_{k}": v for k, v in lc.items()})
-            result["speedup_vs_llama_cpp_decode"] = lc["decode_s"] / dec
-            result["speedup_vs_llama_cpp_prefill"] = lc["prefill_s"] / pre
 
     for k, v in result.items():
-        print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
+        if k not in ("kt_kernel", "kt_ms", "torch_ms"):
+            print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
+    if "torch_ms" in result:
+        print("KExpertsTorch ms", {T: round(v, 2) for T, v in result["torch_ms"].items()})
+    print_table(result, args.tokens)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -61,7 +61,7 @@ public:
     int amx_min_rows = 16;
     // The same for one expert's rows inside moe(): 8, measured on a DeepSeek-V2-Lite-shaped layer (2 threads, Q4_K):
     // a 128-token call (about 12 rows per expert) took 145 ms instead of 183 with 16, 512 tokens about 215 ms either way.
-    int amx_min_expert_rows = 8;
+    int amx_min_expert_rows = 4;
     // Calls of at most decode_rows rows (tokens) leave the workers spinning decode_spin_us (KT_CPU_DECODE_SPIN_US,
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
     int decode_rows = 8;
