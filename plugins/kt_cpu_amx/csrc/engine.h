@@ -59,8 +59,9 @@ public:
     int threads() const { return pool_.size(); }
     // Fewest rows (tokens) for which the AMX path is used instead of the integer-dot path.
     int amx_min_rows = 16;
-    // The same for one expert's rows inside moe(): 8, measured on a DeepSeek-V2-Lite-shaped layer (2 threads, Q4_K):
-    // a 128-token call (about 12 rows per expert) took 145 ms instead of 183 with 16, 512 tokens about 215 ms either way.
+    // The same for one expert's rows inside moe() (AMX-INT8 tiles of 16 tokens): 4, measured on a DeepSeek-V2-Lite-
+    // shaped Q4_K layer at 1 thread (CPU time): 16- and 128-token calls as fast as with 8 or 12 (128: 115 ms, 154
+    // with 12), a 1-token call 6.3 ms against 10.5 with 1 (decode keeps the integer-dot kernels).
     int amx_min_expert_rows = 4;
     // Calls of at most decode_rows rows (tokens) leave the workers spinning decode_spin_us (KT_CPU_DECODE_SPIN_US,
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
