@@ -159,9 +159,12 @@ void pack_i8_block(const QAct& X, int m, int tb, const IAct& out) {
     }
 }
 
+// Row stride of the unpacked A rows: k bytes plus a line, so that 16 rows of a power-of-two k do not share an L1 set.
+static inline size_t a_stride(int k) { return size_t(k) + 64; }
+
 size_t gemm_i8_scratch_bytes(int k) {
-    // A tiles of 16 rows (k bytes each), then their scales and mins as float [groups][16] (groups of 16 at most)
-    return size_t(16) * k + 2 * sizeof(float) * 16 * (k / 16) + 64;
+    // 16 unpacked rows, then their scales and mins as float [16][groups] (groups of 16 at most)
+    return 16 * a_stride(k) + 2 * sizeof(float) * 16 * (k / 16) + 64;
 }
 
 namespace {
@@ -173,26 +176,40 @@ void load_config_i8(int gs) {
     _tile_loadconfig(&cfg);
 }
 
-// Rows n..n+15 of W into the A tiles' layout a[g][16][gs] and their scales and mins, s[16][G], m[16][G]. With a
-// zero point z the values are stored as q - z (int8: every such format keeps q in [0, 2z), z <= 128), else as q.
-void unpack_a(const PackedMatrix& W, int n, uint8_t* a, float* s, float* m) {
-    const int G = W.groups(), gs = W.group;
-    const __m128i m4 = _mm_set1_epi8(0x0F), zp = _mm_set1_epi8(char(W.zero_point));
+// Rows n..n+15 of W unpacked to one byte per weight, row r at a + r * lda (the A tiles read group g at a + g * gs
+// with stride lda), and their scales and mins, s[16][G], m[16][G]. With a zero point z the bytes are q - z (int8:
+// every such format keeps q in [0, 2z), z <= 128), else q.
+void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda, float* s, float* m) {
+    const int G = W.groups(), k = W.k;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zp = _mm512_set1_epi8(char(W.zero_point));
+    // 4 groups of 16 packed bytes (byte j: element j low, j + 16 high) -> [g0 lo, g0 hi, g1 lo, g1 hi], [g2.., g3..]
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     for (int r = 0; r < 16; ++r) {
         const uint8_t* q = W.row_q(n + r);
+        uint8_t* o = a + r * lda;
         if (W.bits == 4) {
-            for (int g = 0; g < G; ++g) {
-                __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
-                uint8_t* o = a + (size_t(g) * 16 + r) * 32;
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o), _mm_sub_epi8(_mm_and_si128(b, m4), zp));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + 16),
-                                 _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m4), zp));
+            int g = 0;
+            for (; g + 4 <= G; g += 4) {
+                const __m512i b = _mm512_loadu_si512(q + g * 16);
+                const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(b, m4), zp);
+                const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), m4), zp);
+                _mm512_storeu_si512(o + g * 32, _mm512_permutex2var_epi64(lo, first, hi));
+                _mm512_storeu_si512(o + g * 32 + 64, _mm512_permutex2var_epi64(lo, second, hi));
+            }
+            for (; g < G; ++g) {
+                const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
+                const __m128i m4x = _mm_set1_epi8(0x0F), zpx = _mm_set1_epi8(char(W.zero_point));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + g * 32), _mm_sub_epi8(_mm_and_si128(b, m4x), zpx));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + g * 32 + 16),
+                                 _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m4x), zpx));
             }
         } else {
-            for (int g = 0; g < G; ++g)
-                for (int j = 0; j < gs; j += 16)
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(a + (size_t(g) * 16 + r) * gs + j),
-                                     _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * gs + j)), zp));
+            int j = 0;
+            for (; j + 64 <= k; j += 64) _mm512_storeu_si512(o + j, _mm512_sub_epi8(_mm512_loadu_si512(q + j), zp));
+            for (; j < k; j += 16)  // k is a multiple of 32
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j),
+                                 _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)),
+                                              _mm512_castsi512_si128(zp)));
         }
         row_scales_float(W, n + r, s + size_t(r) * G, m + size_t(r) * G);
     }
@@ -213,13 +230,13 @@ inline void scale_group(const int32_t* c, const float* s, const float* m, int G,
 
 // Groups g and g + 1 into C tiles C0 and C1 (A tiles 4, 5, B tiles 6, 7) by DOT (_tile_dpbusd: u8 weights, or
 // _tile_dpbssd: s8), stored to c0 and c1. A macro: the tile intrinsics take the tile number as a literal.
-#define KT_I8_PAIR(DOT, C0, C1, a, bq, gs, g, c0, c1)                 \
+#define KT_I8_PAIR(DOT, C0, C1, a, lda, bq, gs, g, c0, c1)            \
     do {                                                              \
         _tile_zero(C0);                                               \
         _tile_zero(C1);                                               \
-        _tile_loadd(4, (a) + size_t(g) * 16 * (gs), (gs));            \
+        _tile_loadd(4, (a) + size_t(g) * (gs), (lda));                \
         _tile_loadd(6, (bq) + size_t(g) * (gs) * 16, 64);             \
-        _tile_loadd(5, (a) + size_t((g) + 1) * 16 * (gs), (gs));      \
+        _tile_loadd(5, (a) + size_t((g) + 1) * (gs), (lda));          \
         _tile_loadd(7, (bq) + size_t((g) + 1) * (gs) * 16, 64);       \
         DOT(C0, 4, 6);                                                \
         DOT(C1, 5, 7);                                                \
@@ -233,7 +250,8 @@ static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, floa
     const int k = W.k, gs = W.group, G = W.groups(), tblocks = (X.m + 15) / 16;
     load_config_i8(gs);
     uint8_t* a = scratch;
-    float* s = reinterpret_cast<float*>(scratch + size_t(16) * k);
+    const size_t lda = a_stride(k);
+    float* s = reinterpret_cast<float*>(scratch + 16 * lda);
     float* m = s + size_t(16) * G;
     // per group of the weights: the activation block holding it (d per 32) and its sums (per gs)
     const float* asums = gs == 32 ? X.s32 : X.s16;
@@ -242,7 +260,7 @@ static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, floa
     alignas(64) int32_t c[4][16 * 16];
     alignas(64) float y[16 * 16];
     for (int n = n0; n < n1; n += 16) {
-        unpack_a(W, n, a, s, m);
+        unpack_a(W, n, a, lda, s, m);
         // the next 16 rows' weights, spread over the first token block's group pairs (read once per call: the
         // memory stream overlaps the tiles' work instead of stalling the next unpack)
         const char* next = n + 16 < n1 ? reinterpret_cast<const char*>(W.row_q(n + 16)) : nullptr;
@@ -259,17 +277,17 @@ static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, floa
             };
             // software pipeline: pair p + 1's tiles run while pair p is scaled (C tiles 0-1 and 2-3 alternate)
             if (pairs) {
-                if constexpr (Mins) KT_I8_PAIR(_tile_dpbusd, 0, 1, a, bq, gs, 0, c[0], c[1]);
-                else KT_I8_PAIR(_tile_dpbssd, 0, 1, a, bq, gs, 0, c[0], c[1]);
+                if constexpr (Mins) KT_I8_PAIR(_tile_dpbusd, 0, 1, a, lda, bq, gs, 0, c[0], c[1]);
+                else KT_I8_PAIR(_tile_dpbssd, 0, 1, a, lda, bq, gs, 0, c[0], c[1]);
             }
             for (int p = 0; p < pairs; ++p) {
                 if (p + 1 < pairs) {
                     if constexpr (Mins) {
-                        if (p % 2 == 0) KT_I8_PAIR(_tile_dpbusd, 2, 3, a, bq, gs, 2 * p + 2, c[2], c[3]);
-                        else KT_I8_PAIR(_tile_dpbusd, 0, 1, a, bq, gs, 2 * p + 2, c[0], c[1]);
+                        if (p % 2 == 0) KT_I8_PAIR(_tile_dpbusd, 2, 3, a, lda, bq, gs, 2 * p + 2, c[2], c[3]);
+                        else KT_I8_PAIR(_tile_dpbusd, 0, 1, a, lda, bq, gs, 2 * p + 2, c[0], c[1]);
                     } else {
-                        if (p % 2 == 0) KT_I8_PAIR(_tile_dpbssd, 2, 3, a, bq, gs, 2 * p + 2, c[2], c[3]);
-                        else KT_I8_PAIR(_tile_dpbssd, 0, 1, a, bq, gs, 2 * p + 2, c[0], c[1]);
+                        if (p % 2 == 0) KT_I8_PAIR(_tile_dpbssd, 2, 3, a, lda, bq, gs, 2 * p + 2, c[2], c[3]);
+                        else KT_I8_PAIR(_tile_dpbssd, 0, 1, a, lda, bq, gs, 2 * p + 2, c[0], c[1]);
                     }
                 }
                 if (next && tb == 0)
@@ -282,7 +300,7 @@ static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, floa
             if (G % 2) {
                 const int g = G - 1;
                 _tile_zero(0);
-                _tile_loadd(4, a + size_t(g) * 16 * gs, gs);
+                _tile_loadd(4, a + size_t(g) * gs, lda);
                 _tile_loadd(6, bq + size_t(g) * gs * 16, 64);
                 if constexpr (Mins) _tile_dpbusd(0, 4, 6);
                 else _tile_dpbssd(0, 4, 6);
