@@ -158,14 +158,22 @@ def amx_expert_rows():
     rt.amx_min_expert_rows = saved
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q4_0", "Q4_1", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "BF16"])
-def test_amx_int8_prefill_matches_integer_path(amx_expert_rows, type_name):
+@pytest.mark.parametrize("type_name,inter", [(t, I) for t in ("Q4_K", "Q4_0", "Q4_1", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "BF16")]
+                         + [("Q4_0", 288), ("Q8_0", 288)])  # 9 groups of 32 in down's rows: the odd-group tails
+def test_amx_int8_prefill_matches_integer_path(amx_expert_rows, type_name, inter):
     """The AMX-INT8 experts path (every expert on tiles) against the integer-dot path (none) and the reference.
 
     Both read the same int8 input activations and the exact integer weights, so they differ only in float
     summation order (about 3e-7 here; a rounding flip of the int8 intermediate would show as more)."""
-    weights = expert_weights(type_name, seed=7)
-    ours = KExpertsCPU(FakeExperts(), isa="amx")
+    if inter == I:
+        weights = expert_weights(type_name, seed=7)
+    else:
+        weights = {"gate_proj": random_blocks(type_name, (E, inter, H), 7, 0.05),
+                   "up_proj": random_blocks(type_name, (E, inter, H), 8, 0.05),
+                   "down_proj": random_blocks(type_name, (E, H, inter), 9, 0.05)}
+    module = FakeExperts()
+    module.intermediate_dim = inter
+    ours = KExpertsCPU(module, isa="amx")
     ours.load(weights)
     x, idx, w = routing(40, seed=7)  # about 10 rows per expert: a partial token block of 16
     amx_expert_rows(1)
