@@ -21,7 +21,8 @@ Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthread
     std::string why = isa_unavailable_reason(isa);
     if (!why.empty()) throw std::runtime_error("kt_cpu_amx: cannot use " + isa + ": " + why);
     if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; act_mul_ = avx2::act_mul; attend_latent_ = avx2::attend_latent; axpy_rows_ = avx2::axpy_rows; dot_rows_ = avx2::dot_rows; }
-    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; act_mul_ = avx512::act_mul; attend_latent_ = avx512::attend_latent; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
+    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; act_mul_ = avx512::act_mul; i8_gemm_ = avx512::gemm_i8; i8_pack_ = avx512::pack_i8_block; i8_scratch_bytes_ = avx512::gemm_i8_scratch_bytes; attend_latent_ = avx512::attend_latent; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
+    if (isa_ == Isa::Amx) { i8_gemm_ = amx::gemm_i8; i8_pack_ = amx::pack_i8_block; i8_scratch_bytes_ = amx::gemm_i8_scratch_bytes; }
     amx_scratch_.resize(pool_.size());
     if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);
 }
@@ -165,20 +166,21 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
             tok[p] = i / K;
         }
     }
-    // Experts with at least amx_min_expert_rows rows run on AMX-INT8 tiles (their rows packed per 16 tokens,
-    // IAct), the others on the integer-dot kernels; both read the same int8 activations.
+    // Experts with at least amx_min_expert_rows rows run on the int8 prefill kernel (AMX-INT8 tiles, or vpdpbusd on
+    // AVX512; their rows packed per 16 tokens, IAct), the others on the integer-dot kernels; both read the same int8
+    // activations.
     std::vector<int> active;
-    std::vector<char> amx(E, 0);
+    std::vector<char> i8(E, 0);
     for (int e = 0; e < E; ++e) {
         int ne = off[e + 1] - off[e];
         if (!ne) continue;
         active.push_back(e);
-        amx[e] = isa_ == Isa::Amx && ne >= amx_min_expert_rows && amx::gemm_i8_fits(*L.gate[e]) &&
-                 amx::gemm_i8_fits(*L.up[e]) && amx::gemm_i8_fits(*L.down[e]);
+        i8[e] = i8_gemm_ && ne >= amx_min_expert_rows && gemm_i8_fits(*L.gate[e]) &&
+                 gemm_i8_fits(*L.up[e]) && gemm_i8_fits(*L.down[e]);
     }
     // token blocks of the AMX experts: expert e's start at block bstart[e]
     std::vector<int> bstart(E + 1, 0);
-    for (int e = 0; e < E; ++e) bstart[e + 1] = bstart[e] + (amx[e] ? (off[e + 1] - off[e] + 15) / 16 : 0);
+    for (int e = 0; e < E; ++e) bstart[e + 1] = bstart[e] + (i8[e] ? (off[e + 1] - off[e] + 15) / 16 : 0);
     const int nblocks = bstart[E];
     std::vector<int> block_expert(nblocks);
     for (int e = 0; e < E; ++e)
@@ -195,10 +197,10 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
     auto pack_blocks = [&](const QAct& X, const IAct& all) {
         pool_.parallel_for(nblocks, [&](int b, int) {
             const int e = block_expert[b];
-            amx::pack_i8_block(rows_from(X, off[e]), off[e + 1] - off[e], b - bstart[e], expert_i8(all, e));
+            i8_pack_(rows_from(X, off[e]), off[e + 1] - off[e], b - bstart[e], expert_i8(all, e));
         });
     };
-    auto i8_scratch = [&](int th, int k) { return amx_scratch_[th].get<uint8_t>(amx::gemm_i8_scratch_bytes(k)); };
+    auto i8_scratch = [&](int th, int k) { return amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(k)); };
 
     // Phase 0: int8 activations per token, then the AMX experts' blocks gathered from them.
     act_.ensure(T, H);
@@ -228,10 +230,10 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         const int ne = off[t.e + 1] - off[t.e];
         float* g = G + size_t(off[t.e]) * I;
         float* u = U + size_t(off[t.e]) * I;
-        if (amx[t.e]) {
+        if (i8[t.e]) {
             IAct b = expert_i8(xi, t.e);
-            amx::gemm_i8(*L.gate[t.e], t.n0, t.n1, b, g, I, i8_scratch(th, H));
-            amx::gemm_i8(*L.up[t.e], t.n0, t.n1, b, u, I, i8_scratch(th, H));
+            i8_gemm_(*L.gate[t.e], t.n0, t.n1, b, g, I, i8_scratch(th, H));
+            i8_gemm_(*L.up[t.e], t.n0, t.n1, b, u, I, i8_scratch(th, H));
         } else {
             QAct a = xa;
             a.rows = tok.data() + off[t.e];
@@ -260,8 +262,8 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         const Task& t = tasks[i];
         const int ne = off[t.e + 1] - off[t.e];
         float* y = Y + size_t(off[t.e]) * H;
-        if (amx[t.e]) {
-            amx::gemm_i8(*L.down[t.e], t.n0, t.n1, expert_i8(hi, t.e), y, H, i8_scratch(th, I));
+        if (i8[t.e]) {
+            i8_gemm_(*L.down[t.e], t.n0, t.n1, expert_i8(hi, t.e), y, H, i8_scratch(th, I));
         } else {
             gemm_(*L.down[t.e], t.n0, t.n1, rows_from(ha, off[t.e]), ne, y, H);
         }

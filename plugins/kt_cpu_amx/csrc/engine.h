@@ -117,6 +117,10 @@ private:
     QActBuf dec_act_;
     AttendFn attend_;
     ActMulFn act_mul_;
+    // moe()'s int8 prefill kernel for experts with enough rows (AMX tiles or AVX512-VNNI; none on AVX2)
+    decltype(&amx::gemm_i8) i8_gemm_ = nullptr;
+    decltype(&amx::pack_i8_block) i8_pack_ = nullptr;
+    decltype(&amx::gemm_i8_scratch_bytes) i8_scratch_bytes_ = nullptr;
     AttendLatentFn attend_latent_;
     AxpyRowsFn axpy_rows_;
     DotRowsFn dot_rows_;

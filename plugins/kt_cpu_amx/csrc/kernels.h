@@ -27,6 +27,12 @@ using ActMulFn = void (*)(int act, float* g, const float* u, int n);
 using AttendLatentFn = void (*)(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R,
                                 int dr, size_t ldr, int T, float scale, float* scores, float* out);
 
+// The int8 prefill kernels (amx::gemm_i8, avx512::gemm_i8) take W when gemm_i8_fits (4-bit or 8-bit, groups of 16 or
+// 32, rows in blocks of 16).
+inline bool gemm_i8_fits(const PackedMatrix& W) {
+    return W.n % 16 == 0 && W.k % 32 == 0 && (W.bits == 4 || W.bits == 8) && (W.group == 16 || W.group == 32) &&
+           W.k / W.group <= 2048;  // kernels_amx.cpp: kMaxGroups
+}
 namespace avx2 {
 void act_mul(int act, float* g, const float* u, int n);
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
@@ -40,6 +46,10 @@ void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* o
 }
 namespace avx512 {
 void act_mul(int act, float* g, const float* u, int n);
+// As amx::pack_i8_block, amx::gemm_i8_scratch_bytes and amx::gemm_i8, with vpdpbusd instead of tiles (kernels_i8.h).
+void pack_i8_block(const QAct& X, int m, int tb, const IAct& out);
+size_t gemm_i8_scratch_bytes(int k);
+void gemm_i8(const PackedMatrix& W, int n0, int n1, const IAct& X, float* Y, int ldy, uint8_t* scratch);
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
 void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
@@ -56,11 +66,6 @@ bool request_permission();
 void to_bf16_vnni(const float* x, size_t ldx, const int32_t* rows, int m, int k, int tb0, int tb1, uint16_t* out);
 // Y[m, ldy] (columns n0..n1, both multiples of 32) = X @ W[n0:n1].T in bf16 tiles. scratch: 32 * k bf16.
 void gemm_bf16(const PackedMatrix& W, int n0, int n1, const BAct& X, float* Y, int ldy, uint16_t* scratch);
-// AMX-INT8 over the exact integer weights: W's rows fit when gemm_i8_fits (4-bit or 8-bit, groups of 16 or 32).
-inline bool gemm_i8_fits(const PackedMatrix& W) {
-    return W.n % 16 == 0 && W.k % 32 == 0 && (W.bits == 4 || W.bits == 8) && (W.group == 16 || W.group == 32) &&
-           W.k / W.group <= 2048;  // kernels_amx.cpp: kMaxGroups
-}
 // Token block tb of X's rows 0..m (rows gathered through X.rows) into X8's layout (IAct).
 void pack_i8_block(const QAct& X, int m, int tb, const IAct& out);
 // Bytes of scratch gemm_i8 needs per thread for k inputs.

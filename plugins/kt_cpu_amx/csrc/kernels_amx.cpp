@@ -13,6 +13,8 @@
 namespace kt {
 namespace amx {
 
+#include "kernels_i8.h"
+
 namespace {
 struct alignas(64) TileConfig {
     uint8_t palette_id = 1;
@@ -32,53 +34,6 @@ void load_config() {
 inline __m256i bf16x16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
 constexpr int kMaxGroups = 2048;  // k up to 32768 (8-bit groups of 16)
-
-// Two-level scales to float: out[g] = sup[g / per] * sub[g] (PackedMatrix::sub8_scales, sub16_scales), 16 at a time
-// (the same float products as two_level_scale).
-template <class Q> void expand_sub(const Q* sub, const float* sup, int per, int G, float* out) {
-    int g = 0;
-    for (; g + 16 <= G; g += 16) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sub + g));
-        __m512i v;
-        if constexpr (std::is_signed_v<Q>) v = _mm512_cvtepi8_epi32(b);
-        else v = _mm512_cvtepu8_epi32(b);
-        __m512 sv = per == 16 ? _mm512_set1_ps(sup[g / 16])
-                              : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sup[g / 8]), _mm512_set1_ps(sup[g / 8 + 1]));
-        _mm512_storeu_ps(out + g, _mm512_mul_ps(_mm512_cvtepi32_ps(v), sv));
-    }
-    for (; g < G; ++g) out[g] = two_level_scale(sub, sup, per, g);
-}
-
-static void half_to_float(const uint16_t* h, int G, float* out) {
-    int g = 0;
-    for (; g + 16 <= G; g += 16)
-        _mm512_storeu_ps(out + g, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + g))));
-    for (; g < G; ++g) out[g] = _cvtsh_ss(h[g]);
-}
-
-// Row r's G group scales and mins as float into s and m (without stored mins: -zero_point * scale, the product
-// the packer checked).
-void row_scales_float(const PackedMatrix& W, int r, float* s, float* m) {
-    const int G = W.groups();
-    const bool has_mins = W.zero_point == 0;
-    if (W.sub8_scales) {
-        expand_sub(W.row_s<uint8_t>(r), W.row_sup_s(r), 8, G, s);
-        expand_sub(W.row_m<uint8_t>(r), W.row_sup_m(r), 8, G, m);
-    } else if (W.sub16_scales) {
-        expand_sub(W.row_s<int8_t>(r), W.row_sup_s(r), 16, G, s);
-        if (has_mins) expand_sub(W.row_m<int8_t>(r), W.row_sup_m(r), 16, G, m);
-    } else if (W.half_scales) {
-        half_to_float(W.row_s<uint16_t>(r), G, s);
-        if (has_mins) half_to_float(W.row_m<uint16_t>(r), G, m);
-    } else {
-        std::memcpy(s, W.row_s<float>(r), sizeof(float) * G);
-        if (has_mins) std::memcpy(m, W.row_m<float>(r), sizeof(float) * G);
-    }
-    if (!has_mins) {
-        const float zp = -float(W.zero_point);
-        for (int g = 0; g < G; ++g) m[g] = zp * s[g];
-    }
-}
 
 // Dequantize rows n0..n0+31 of W into out[32][k] bf16.
 void dequant_rows(const PackedMatrix& W, int n0, uint16_t* out) {
@@ -134,39 +89,6 @@ void to_bf16_vnni(const float* x, size_t ldx, const int32_t* rows, int m, int k,
 }
 
 // ------------------------------------------------------------------------------------------- AMX-INT8
-void pack_i8_block(const QAct& X, int m, int tb, const IAct& out) {
-    const int k = X.k, B32 = k / 32, B16 = k / 16;
-    uint32_t* q = reinterpret_cast<uint32_t*>(out.q) + size_t(tb) * 16 * (k / 4);
-    float* d = out.d + size_t(tb) * 16 * B32;
-    float* s16 = out.s16 + size_t(tb) * 16 * B16;
-    float* s32 = out.s32 + size_t(tb) * 16 * B32;
-    for (int t = 0; t < 16; ++t) {
-        const int row = tb * 16 + t;
-        if (row >= m) {
-            for (int kk = 0; kk < k / 4; ++kk) q[kk * 16 + t] = 0;
-            for (int b = 0; b < B32; ++b) d[b * 16 + t] = s32[b * 16 + t] = 0.f;
-            for (int b = 0; b < B16; ++b) s16[b * 16 + t] = 0.f;
-            continue;
-        }
-        const int p = X.phys(row);
-        const uint32_t* xq = reinterpret_cast<const uint32_t*>(X.q + size_t(p) * k);
-        for (int kk = 0; kk < k / 4; ++kk) q[kk * 16 + t] = xq[kk];
-        for (int b = 0; b < B32; ++b) {
-            d[b * 16 + t] = X.d[size_t(p) * B32 + b];
-            s32[b * 16 + t] = X.s32[size_t(p) * B32 + b];
-        }
-        for (int b = 0; b < B16; ++b) s16[b * 16 + t] = X.s16[size_t(p) * B16 + b];
-    }
-}
-
-// Row stride of the unpacked A rows: k bytes plus a line, so that 16 rows of a power-of-two k do not share an L1 set.
-static inline size_t a_stride(int k) { return size_t(k) + 64; }
-
-size_t gemm_i8_scratch_bytes(int k) {
-    // 16 unpacked rows, then their scales and mins as float [16][groups] (groups of 16 at most)
-    return 16 * a_stride(k) + 2 * sizeof(float) * 16 * (k / 16) + 64;
-}
-
 namespace {
 void load_config_i8(int gs) {
     TileConfig cfg;
@@ -176,56 +98,6 @@ void load_config_i8(int gs) {
     _tile_loadconfig(&cfg);
 }
 
-// Rows n..n+15 of W unpacked to one byte per weight, row r at a + r * lda (the A tiles read group g at a + g * gs
-// with stride lda), and their scales and mins, s[16][G], m[16][G]. With a zero point z the bytes are q - z (int8:
-// every such format keeps q in [0, 2z), z <= 128), else q.
-void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda, float* s, float* m) {
-    const int G = W.groups(), k = W.k;
-    const __m512i m4 = _mm512_set1_epi8(0x0F), zp = _mm512_set1_epi8(char(W.zero_point));
-    // 4 groups of 16 packed bytes (byte j: element j low, j + 16 high) -> [g0 lo, g0 hi, g1 lo, g1 hi], [g2.., g3..]
-    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    for (int r = 0; r < 16; ++r) {
-        const uint8_t* q = W.row_q(n + r);
-        uint8_t* o = a + r * lda;
-        if (W.bits == 4) {
-            int g = 0;
-            for (; g + 4 <= G; g += 4) {
-                const __m512i b = _mm512_loadu_si512(q + g * 16);
-                const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(b, m4), zp);
-                const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(b, 4), m4), zp);
-                _mm512_storeu_si512(o + g * 32, _mm512_permutex2var_epi64(lo, first, hi));
-                _mm512_storeu_si512(o + g * 32 + 64, _mm512_permutex2var_epi64(lo, second, hi));
-            }
-            for (; g < G; ++g) {
-                const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + g * 16));
-                const __m128i m4x = _mm_set1_epi8(0x0F), zpx = _mm_set1_epi8(char(W.zero_point));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + g * 32), _mm_sub_epi8(_mm_and_si128(b, m4x), zpx));
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + g * 32 + 16),
-                                 _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), m4x), zpx));
-            }
-        } else {
-            int j = 0;
-            for (; j + 64 <= k; j += 64) _mm512_storeu_si512(o + j, _mm512_sub_epi8(_mm512_loadu_si512(q + j), zp));
-            for (; j < k; j += 16)  // k is a multiple of 32
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j),
-                                 _mm_sub_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j)),
-                                              _mm512_castsi512_si128(zp)));
-        }
-        row_scales_float(W, n + r, s + size_t(r) * G, m + size_t(r) * G);
-    }
-}
-
-// acc[r] (16 tokens of weight row r) += s[r * G] * (C[r] * d) (+ m[r * G] * asum with mins) for one group's int32
-// tile C (s, m: the group's column of the rows' scales and mins).
-template <bool Mins>
-inline void scale_group(const int32_t* c, const float* s, const float* m, int G, __m512 d, __m512 asum,
-                        __m512* acc) {
-    for (int r = 0; r < 16; ++r) {
-        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c + r * 16)), d);
-        acc[r] = _mm512_fmadd_ps(v, _mm512_set1_ps(s[r * G]), acc[r]);
-        if constexpr (Mins) acc[r] = _mm512_fmadd_ps(asum, _mm512_set1_ps(m[r * G]), acc[r]);
-    }
-}
 }  // namespace
 
 // Groups g and g + 1 into C tiles C0 and C1 (A tiles 4, 5, B tiles 6, 7) by DOT (_tile_dpbusd: u8 weights, or
@@ -258,9 +130,8 @@ static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, floa
     const int B32 = k / 32, pairs = G / 2;
     const size_t block_bytes = 16 * W.row_bytes();
     alignas(64) int32_t c[4][16 * 16];
-    alignas(64) float y[16 * 16];
     for (int n = n0; n < n1; n += 16) {
-        unpack_a(W, n, a, lda, s, m);
+        unpack_a(W, n, a, lda, s, m, !Mins);
         // the next 16 rows' weights, spread over the first token block's group pairs (read once per call: the
         // memory stream overlaps the tiles' work instead of stalling the next unpack)
         const char* next = n + 16 < n1 ? reinterpret_cast<const char*>(W.row_q(n + 16)) : nullptr;
@@ -307,12 +178,7 @@ static void gemm_i8_t(const PackedMatrix& W, int n0, int n1, const IAct& X, floa
                 _tile_stored(0, c[0], 64);
                 post(g, c[0]);
             }
-            for (int r = 0; r < 16; ++r) _mm512_store_ps(y + r * 16, acc[r]);
-            const int mt = X.m - tb * 16 < 16 ? X.m - tb * 16 : 16;
-            for (int t = 0; t < mt; ++t) {
-                float* yo = Y + size_t(tb * 16 + t) * ldy + n;
-                for (int r = 0; r < 16; ++r) yo[r] = y[r * 16 + t];
-            }
+            store_block(acc, 16, X.m, tb, n, Y, ldy);
         }
     }
     _tile_release();

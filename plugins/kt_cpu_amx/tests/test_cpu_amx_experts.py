@@ -144,24 +144,26 @@ def test_two_layers_from_two_python_threads():
         assert torch.equal(got, exp)
 
 
-@pytest.fixture
-def amx_expert_rows():
-    """Sets the AMX runtime's expert-row threshold for one test, then restores it."""
+@pytest.fixture(params=("amx", "avx512"))
+def int8_prefill(request):
+    """(ISA, set_rows): an ISA with an int8 prefill kernel (AMX tiles, AVX512-VNNI) and a setter of its runtime's
+    expert-row threshold for one test (restored after)."""
     from kt_cpu_amx import runtime
 
-    why = runtime.unavailable_reason("amx")
+    why = runtime.unavailable_reason(request.param)
     if why:
-        pytest.skip(f"amx: {why}")
-    rt = runtime.get_runtime(None, "amx")
+        pytest.skip(f"{request.param}: {why}")
+    rt = runtime.get_runtime(None, request.param)
     saved = rt.amx_min_expert_rows
-    yield lambda rows: setattr(rt, "amx_min_expert_rows", rows)
+    yield request.param, lambda rows: setattr(rt, "amx_min_expert_rows", rows)
     rt.amx_min_expert_rows = saved
 
 
 @pytest.mark.parametrize("type_name,inter", [(t, I) for t in ("Q4_K", "Q4_0", "Q4_1", "Q5_0", "Q5_K", "Q6_K", "Q8_0", "BF16")]
                          + [("Q4_0", 288), ("Q8_0", 288)])  # 9 groups of 32 in down's rows: the odd-group tails
-def test_amx_int8_prefill_matches_integer_path(amx_expert_rows, type_name, inter):
-    """The AMX-INT8 experts path (every expert on tiles) against the integer-dot path (none) and the reference.
+def test_int8_prefill_matches_integer_path(int8_prefill, type_name, inter):
+    """The int8 prefill kernel (every expert on it: AMX-INT8 tiles or AVX512-VNNI) against the integer-dot path
+    (none) and the reference.
 
     Both read the same int8 input activations and the exact integer weights, so they differ only in float
     summation order (about 3e-7 here; a rounding flip of the int8 intermediate would show as more)."""
@@ -173,7 +175,8 @@ def test_amx_int8_prefill_matches_integer_path(amx_expert_rows, type_name, inter
                    "down_proj": random_blocks(type_name, (E, H, inter), 9, 0.05)}
     module = FakeExperts()
     module.intermediate_dim = inter
-    ours = KExpertsCPU(module, isa="amx")
+    isa, amx_expert_rows = int8_prefill
+    ours = KExpertsCPU(module, isa=isa)
     ours.load(weights)
     x, idx, w = routing(40, seed=7)  # about 10 rows per expert: a partial token block of 16
     amx_expert_rows(1)
