@@ -58,7 +58,7 @@ ext = Pybind11Extension(
     define_macros=[("KT_HAVE_NUMA", "1")] if numa else [],
     libraries=["numa"] if numa else [],
     extra_link_args=["-pthread"],
-    depends=[os.path.join("csrc", h) for h in ("common.h", "kernels.h", "kernels_impl.h", "engine.h", "pool.h",
+    depends=[os.path.join("csrc", h) for h in ("common.h", "kernels.h", "kernels_impl.h", "kernels_i8.h", "engine.h", "pool.h",
                                                 "pack.h", "cpu_features.h", "decoder.h")],
     cxx_std=17,
 )
