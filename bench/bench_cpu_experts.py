@@ -274,6 +274,7 @@ def main():
 
     from kt_cpu_amx import get_runtime
     from kt_cpu_amx.ops import KExpertsCPU
+
     from ktcore.builtin.experts import KExpertsTorch
     from ktcore.weights import open_source
     from ktcore.weights.gguf_writer import write_synthetic_moe_gguf

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from cpu_amx_helpers import float_tensor, gguf_dequantize, random_blocks, rel_err
+from kt_cpu_amx.ops import KExpertsCPU
 from torch import nn
 
-from kt_cpu_amx.ops import KExpertsCPU
 from ktcore.builtin.experts import KExpertsTorch
 
 TOL = 3e-2
