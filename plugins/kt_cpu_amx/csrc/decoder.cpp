@@ -52,9 +52,23 @@ std::string DecoderLayer::check() const {
     return "";
 }
 
+// sum_i a[i] * b[i] over 16 independent partial sums: a single running sum is one dependent add per element
+// (the compiler may not reorder float adds), which made the 64 x 2048 router of a DeepSeek-V2 layer cost about
+// 0.15 ms of a decode step; partial sums vectorise.
+static float dot(const float* a, const float* b, int n) {
+    float acc[16] = {};
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+    float s = 0.f;
+    for (; i < n; ++i) s += a[i] * b[i];
+    for (int j = 0; j < 16; ++j) s += acc[j];
+    return s;
+}
+
 // Transformers' RMSNorm: w * (x * rsqrt(mean(x^2) + eps)).
 static void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
-    float ss = 0.f;
+    float ss = 0.f;  // one running sum, in order: the module path's norm gives the same float (tests compare closely)
     for (int i = 0; i < n; ++i) ss += x[i] * x[i];
     const float r = 1.f / std::sqrt(ss / float(n) + eps);
     for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
@@ -219,14 +233,13 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
         if (L.experts) {
             const int E = L.experts->experts(), K = L.top_k;
             float* prob = route + K;
+            constexpr int kRouterRows = 4;  // router rows per task: the E x H product spread over the pool
+            pool_.parallel_for((E + kRouterRows - 1) / kRouterRows, [&](int t, int) {
+                for (int e = t * kRouterRows; e < std::min(E, (t + 1) * kRouterRows); ++e)
+                    prob[e] = dot(L.router.data() + size_t(e) * H, xn, H);
+            });
             float mx = -INFINITY;
-            for (int e = 0; e < E; ++e) {
-                const float* w = L.router.data() + size_t(e) * H;
-                float s = 0.f;
-                for (int i = 0; i < H; ++i) s += w[i] * xn[i];
-                prob[e] = s;
-                mx = std::max(mx, s);
-            }
+            for (int e = 0; e < E; ++e) mx = std::max(mx, prob[e]);
             float sum = 0.f;
             for (int e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - mx));
             for (int e = 0; e < E; ++e) prob[e] /= sum;

@@ -60,9 +60,10 @@ private:
     // finds the phase over and never holds it up: the controller waits for tasks done, not for workers. The
     // count sits in the same word as the index: a worker still in the previous phase must not read the next
     // phase's count beside its own index (it would claim a task twice and done_ would pass the count).
-    std::atomic<uint64_t> generation_{0};
-    std::atomic<uint64_t> ticket_{0};
-    std::atomic<int> done_{0};
+    // Each on its own cache line: workers claim through ticket_ while finished ones count in done_.
+    alignas(64) std::atomic<uint64_t> generation_{0};
+    alignas(64) std::atomic<uint64_t> ticket_{0};
+    alignas(64) std::atomic<int> done_{0};
     const std::function<void(int, int)>* fn_ = nullptr;
     std::atomic<bool> stop_{false};
     int spin_us_ = 50;
