@@ -184,11 +184,13 @@ def apply_threads(threads: int | None) -> None:
 
 
 def open_model(args, *, needs_chat_template: bool = False, check_options: Callable[[], None] | None = None,
-               check: Callable[[Any], None] | None = None) -> LoadedModel:
+               check: Callable[[Any], None] | None = None, registry=None) -> LoadedModel:
     """Load the model ``args`` names (the options of ``add_model_options``). The caller's own checks:
     ``check_options()`` once torch is imported and the device checked, before the model's files are opened;
     ``check(tokenizer)`` once the tokenizer is built, before any weight is read (``args.max_context`` holds
-    its figure by then). ``needs_chat_template``: refuse a model without one before building its tokenizer."""
+    its figure by then). ``needs_chat_template``: refuse a model without one before building its tokenizer.
+    ``registry``: the installed plugins' by default (a test of ktcore's own torch backends passes
+    ``Registry(entrypoints=False)``)."""
     check_model_options(args)
     say(args, f"loading {args.model} ({_size(args.model)})")
     phase = Phases(args)
@@ -200,7 +202,7 @@ def open_model(args, *, needs_chat_template: bool = False, check_options: Callab
     if args.model.startswith(TINY_PREFIX) or args.loader == "transformers":
         loaded = _open_without_rules(args, needs_chat_template, check)
     else:
-        loaded = _open_with_rules(args, phase, needs_chat_template, check)
+        loaded = _open_with_rules(args, phase, needs_chat_template, check, registry)
     phase.clear()
     files = ", ".join(loaded.rule_files)
     say(args, f"loaded {args.model}" + (f" with rules {files}" if files else f" with the {args.loader} loader"))
@@ -220,17 +222,19 @@ def _resolve_context(args, config) -> None:
         args.max_context = min(DEFAULT_MAX_CONTEXT, own) if own else DEFAULT_MAX_CONTEXT
 
 
-def _open_with_rules(args, phase, needs_chat_template, check) -> LoadedModel:
+def _open_with_rules(args, phase, needs_chat_template, check, registry) -> LoadedModel:
     from ktcore.inject import layered, load_model, select_rule_file
+    from ktcore.registry import get_registry
     from ktcore.rules import load_rules
     from ktcore.weights import open_source
 
+    registry = registry if registry is not None else get_registry()
     phase("reading the model's metadata and rule file")
     source = open_source(args.model, model_path=args.model_path)
     config = source.config()
     _resolve_context(args, config)
-    ruleset = (layered(args.rules, config.model_type, layout=args.layout) if args.rules
-               else load_rules(select_rule_file(config.model_type, layout=args.layout)))
+    ruleset = (layered(args.rules, config.model_type, registry, layout=args.layout) if args.rules
+               else load_rules(select_rule_file(config.model_type, registry, layout=args.layout), registry))
     if needs_chat_template and hasattr(source, "chat_template") and source.chat_template() is None:
         raise _no_template(args)
     phase("building the tokenizer")
@@ -242,7 +246,7 @@ def _open_with_rules(args, phase, needs_chat_template, check) -> LoadedModel:
     if check is not None:
         check(tokenizer)
     phase("building the model")
-    model, report = load_model(source, rules=ruleset, device=args.device, progress=not args.quiet)
+    model, report = load_model(source, rules=ruleset, device=args.device, progress=not args.quiet, registry=registry)
     return LoadedModel(args.model, model, tokenizer, args.max_context,
                        list(getattr(report, "rule_files", []) or []), report, source)
 
