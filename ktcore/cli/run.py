@@ -10,14 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .model_options import (
-    MODEL_OPTIONS_HELP,
-    CLIError,
-    add_model_options,
-    check_model_options,
-    open_model,
-    say,
-)
+from .model_options import MODEL_OPTIONS_HELP, CLIError, add_model_options, check_model_options, open_model, say
 
 EXIT_ERROR = 2  # as the kt dispatcher uses for errors the user can fix
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C

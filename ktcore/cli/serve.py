@@ -10,14 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .model_options import (
-    MODEL_OPTIONS_HELP,
-    CLIError,
-    add_model_options,
-    check_model_options,
-    open_model,
-    say,
-)
+from .model_options import MODEL_OPTIONS_HELP, CLIError, add_model_options, check_model_options, open_model, say
 from .run import run_guarded
 
 SERVE_EXAMPLES = """\
