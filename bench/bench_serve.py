@@ -46,7 +46,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from models import fixed_text, smollm2_gguf  # noqa: E402
+from models import fixed_text, llamacpp_extra_bufts_work, smollm2_gguf  # noqa: E402
 
 QUESTION = "Write a long story about {topic}, with many details."
 TOPICS = ["the sea", "a lighthouse", "a mountain village", "a clockmaker", "the desert", "a river town", "a comet",
@@ -138,12 +138,32 @@ def ktcore_server(model: str, args, log_dir: Path) -> Server:
     return Server("kt serve", cmd, port, "/health", log_dir / "kt-serve.log")
 
 
+# llama_cpp.server with llama.cpp's extra buffer types off (Llama() takes no such argument: its model defaults are
+# patched, as models.load_llamacpp does), for where they crash (models.llamacpp_extra_bufts_work)
+WITHOUT_EXTRA_BUFTS = """
+import runpy
+import llama_cpp.llama as llama_module
+defaults = llama_module.llama_cpp.llama_model_default_params
+def without_extra_bufts():
+    params = defaults()
+    params.use_extra_bufts = False
+    return params
+llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 def llamacpp_server(model: str, args, log_dir: Path) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_threads", str(args.threads),
-           "--n_threads_batch", str(args.threads), "--n_ctx", str(args.max_context), "--port", str(port),
-           "--host", "127.0.0.1"]
-    return Server("llama.cpp server", cmd, port, "/v1/models", log_dir / "llama-cpp-server.log")
+    options = ["--model", model, "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
+               "--n_ctx", str(args.max_context), "--port", str(port), "--host", "127.0.0.1"]
+    name = "llama.cpp server"
+    if llamacpp_extra_bufts_work(model):
+        cmd = [sys.executable, "-m", "llama_cpp.server", *options]
+    else:
+        print("llama.cpp runs without its extra buffer types (its AMX/repack path crashed on this file here)")
+        cmd = [sys.executable, "-c", WITHOUT_EXTRA_BUFTS, *options]
+    return Server(name, cmd, port, "/v1/models", log_dir / "llama-cpp-server.log")
 
 
 # ------------------------------------------------------------------------------------------------ clients
@@ -273,7 +293,12 @@ def measure(server: Server, args, count_tokens, prefix: str) -> tuple[list[Phase
             if not server.alive():
                 print(f"  {server.name} died (log: {server.log})", flush=True)
                 break
-        shared = asyncio.run(shared_prefix(server, model, prefix, args, count_tokens)) if args.prefix_tokens else None
+        shared = None
+        if args.prefix_tokens and server.alive():
+            try:
+                shared = asyncio.run(shared_prefix(server, model, prefix, args, count_tokens))
+            except (httpx.HTTPError, RuntimeError) as exc:
+                print(f"  {server.name}: shared-prefix row failed: {type(exc).__name__}: {exc}", flush=True)
         return phases, shared
     finally:
         server.stop()
@@ -329,8 +354,10 @@ def main(argv=None) -> int:
         ap.error("--clients, --requests and --max-tokens must be >= 1")
     if args.prefix_tokens + 64 >= args.max_context:
         ap.error(f"--prefix-tokens {args.prefix_tokens} does not fit --max-context {args.max_context}")
+    import signal
     import tempfile
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated bench stops its servers too (finally)
     model = resolve_model(args.model)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bench-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -204,8 +204,9 @@ def open_model(args, *, needs_chat_template: bool = False, check_options: Callab
     else:
         loaded = _open_with_rules(args, phase, needs_chat_template, check, registry)
     phase.clear()
-    files = ", ".join(loaded.rule_files)
-    say(args, f"loaded {args.model}" + (f" with rules {files}" if files else f" with the {args.loader} loader"))
+    how = (f"with rules {', '.join(loaded.rule_files)}" if loaded.rule_files
+           else "(random test weights)" if args.model.startswith(TINY_PREFIX) else f"with the {args.loader} loader")
+    say(args, f"loaded {args.model} {how}")
     return loaded
 
 
