@@ -3,7 +3,10 @@ GGUF with the same threads, in the same run.
 
 Each server runs as a subprocess, started as a user starts it: ``python -m ktcore.server MODEL --threads T``
 (`kt serve`: the shipped rule file, the CLI's loading and warm-up; ``--max-concurrency`` the largest client
-count) and ``python -m llama_cpp.server --model MODEL --n_threads T`` (llama-cpp-python's OpenAI server).
+count) and ``python -m llama_cpp.server --model MODEL --n_threads T --interrupt_requests False``
+(llama-cpp-python's OpenAI server, ``pip install 'llama-cpp-python[server]'``; it serves one request at a time,
+and by default a new request cancels the running one, which would leave the concurrent clients' replies
+empty).
 For each client count N (``--clients 1,8,16``), N clients start together and each sends ``--requests``
 streaming ``/v1/chat/completions`` requests back to back (greedy, ``max_tokens`` ``--max-tokens``, a distinct
 prompt per request). Per engine and N:
@@ -156,7 +159,8 @@ runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 def llamacpp_server(model: str, args, log_dir: Path) -> Server:
     port = free_port()
     options = ["--model", model, "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
-               "--n_ctx", str(args.max_context), "--port", str(port), "--host", "127.0.0.1"]
+               "--n_ctx", str(args.max_context), "--port", str(port), "--host", "127.0.0.1",
+               "--interrupt_requests", "False"]  # its default cancels the running reply when another request comes
     name = "llama.cpp server"
     if llamacpp_extra_bufts_work(model):
         cmd = [sys.executable, "-m", "llama_cpp.server", *options]
