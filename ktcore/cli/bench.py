@@ -107,13 +107,12 @@ def ktcore_active_bytes(model, source=None) -> int:
 
 
 def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
-    """Median (prefill tok/s, decode tok/s) from the Generator's own timing (after the warm-up that loading
-    does, ``ktcore.warmup``; a generator that did not have it gets it here)."""
+    """Median (prefill tok/s, decode tok/s) from the Generator's own timing, after a short untimed run (as
+    ``bench_llamacpp`` does): loading warmed the model up (``ktcore.cli.run.warmed_generator``), and this one
+    warms what the caller changed since (CUDA graphs on or off, another generator over the same model)."""
     from ktcore.generate import SamplingParams
-    from ktcore.warmup import warm_up_generator
 
-    if not hasattr(gen, "warm_up_s"):  # not loaded through warmed_generator
-        gen.warm_up_s = warm_up_generator(gen)
+    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))
     params = SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     prefill, decode = [], []
     for _ in range(repeats):
