@@ -9,7 +9,8 @@ Models:
            shallower ones as extra rows (--moe-layers 27,4)
 
 Each engine's first run after loading is the cold row (ktcore: the shipped rules through the CLI's code path,
-``load_model`` + ``Generator``, nothing run before it); the warm rows are medians over --repeats runs after it.
+``ktcore.cli.model_options.open_model`` and the warm-up loading does, as a user's first reply after `kt run`
+loaded; the warm-up's seconds are printed apart); the warm rows are medians over --repeats runs after it.
 Every warm figure is the median over --repeats runs. Both engines stay loaded and their runs alternate (one
 llama.cpp run, one ktcore run, per round), so a load that comes and goes on a shared machine weighs on both
 alike; the ratio line gives the median of the per-round ratios (--sequential: all llama.cpp runs first, then
@@ -18,8 +19,8 @@ ktcore's, one engine loaded at a time, for models too large to hold twice).
 Decode's bound is bytes of the weights one token reads (embedding rows excluded; routed experts counted
 for the active ones only) divided by the memory copy bandwidth measured here with a large torch copy.
 Two byte counts: the GGUF's (what llama.cpp streams) and ktcore's resident tensors (what its ops keep,
-e.g. fp32 after dequantizing at load). kt-cpu-amx's pool gets --threads threads (KT_CPU_THREADS, unless
-already set).
+e.g. fp32 after dequantizing at load). --threads is kt run's --threads (torch's threads and the CPU plugins'
+pools).
 
     python bench/bench_decode.py --threads 2 --moe-layers 4
     python bench/bench_decode.py --models moe --rules my-rules.yaml --threads 8 --repeats 5
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -108,6 +108,7 @@ def run_model(name, path, args, bandwidth):
     row = {
         "model": name, "load_s": load_s, "ktcore": _medians(our_runs), "llama.cpp": _medians(ref_runs),
         "ktcore cold": our_cold, "llama.cpp cold": ref_cold, "fused": gen.fused_problem or "on",
+        "warm_up_s": gen.warm_up_s,
         "note": llamacpp_note(path, overrides),
         "decode_ratio": statistics.median(o[1] / r[1] for o, r in zip(our_runs, ref_runs)),
         "rounds": len(our_runs),
@@ -136,7 +137,8 @@ def table(rows, bandwidth, args) -> str:
              f"rules={args.rules or 'shipped default'}")
     ratios = [f"{r['model']}: ktcore/llama.cpp decode, median of {r['rounds']} per-round ratios: "
               f"{r['decode_ratio']:.2f}" for r in rows if r["rounds"] > 1]
-    notes = [f"{r['model']}: fused decode {r['fused']}" + (f"; {r['note']}" if r["note"] else "") for r in rows]
+    notes = [f"{r['model']}: ktcore loaded in {r['load_s']:.1f} s + warm-up {r['warm_up_s']:.1f} s; fused decode "
+             f"{r['fused']}" + (f"; {r['note']}" if r["note"] else "") for r in rows]
     return "\n".join([title, format_table(flat, bandwidth), *ratios, *notes])
 
 
@@ -155,8 +157,6 @@ def main(argv=None) -> int:
                     help="all llama.cpp runs, then all ktcore runs, one engine loaded at a time (large models)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    # kt-cpu-amx's pool takes every CPU by default; the comparison gives both engines the same threads
-    os.environ.setdefault("KT_CPU_THREADS", str(args.threads))
     sources = {"smollm2": smollm2_gguf}
     for layers in (int(n) for n in args.moe_layers.split(",")):
         sources[f"moe-{layers}l"] = lambda layers=layers: synthetic_moe_gguf(layers)

@@ -13,7 +13,8 @@ same thread count, in the same run:
   the CPU-resident experts to the GPU;
 - llama.cpp on the CPU alone (llama-cpp-python, n_gpu_layers=0) as a second row, first prompt size only.
 
-The first ktcore row is the shipped gpu-cpu rule file with KMoE (all routed experts on the CPU), as before.
+The first ktcore row is the shipped gpu-cpu rule file (KMoE on every sparse block, all routed experts on the CPU),
+loaded as ``kt run`` loads it (``ktcore.cli.model_options.open_model`` and its warm-up).
 ``--find-threshold`` loads the N=0 plan and times prefill of 8..512-token prompts with the streamed GPU prefill on
 and off (the rule kwarg gpu_prefill_threshold set to 1 or beyond the prompt): the smallest size from which
 streaming wins is the threshold to write into the rules (``kt rules suggest --prefill-threshold``).
@@ -84,17 +85,6 @@ def tiny_gguf() -> Path:
         write_synthetic_moe_gguf(partial, layers=27, qtype="Q4_K", **TINY)
         partial.replace(path)
     return path
-
-
-def with_kmoe(rules: Path, device: str) -> list[Path]:
-    """``rules`` with KMoE on every sparse MoE block, written as ``kt rules suggest`` writes it
-    (ktcore.placement.placement_rules, no placement option)."""
-    from ktcore.placement import placement_rules
-
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    out = CACHE_DIR / f"bench-hybrid-kmoe-{rules.stem}.yaml"
-    out.write_text(placement_rules(rules.read_text(), device=device))
-    return [out]
 
 
 def prompt_ids(vocab: int, n: int) -> list[int]:
@@ -227,20 +217,23 @@ def find_threshold(gen, ids, args) -> None:
               f"(kt rules suggest --prefill-threshold {before})")
 
 
-def load_ktcore(path: Path, rules: list[Path], args):
-    from ktcore.generate import Generator
-    from ktcore.inject import load_model
-    from ktcore.weights import open_source
+def load_ktcore(path: Path, rules: list[Path] | None, args):
+    """``(Generator, report, load seconds)``: loaded as ``kt run --threads N [--rules FILE | --layout L]`` loads
+    it (``ktcore.cli.model_options.open_model``, the shipped rule file for --device's layout unless ``rules``),
+    warmed up as loading does (``gen.warm_up_s``, not in the load time)."""
+    from ktcore.cli.model_options import model_args, open_model
+    from ktcore.cli.run import warmed_generator
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    options = model_args(path, rules=[str(r) for r in rules] if rules else None,
+                         layout=None if rules else ("gpu-cpu" if args.device == "cuda" else "cpu"),
+                         threads=args.threads, max_context=max(args.prompts) + args.gen_tokens + 16,
+                         cuda_graph=not args.no_cuda_graph, quiet=True)
     t0 = time.perf_counter()
-    source = open_source(str(path))
-    model, report = load_model(source, rules=rules, progress=False)
+    loaded = open_model(options)
     load_s = time.perf_counter() - t0
-    gen = Generator(model, source.tokenizer(), max_context=max(args.prompts) + args.gen_tokens + 16,
-                    cuda_graph=False if args.no_cuda_graph else None)
-    return gen, report, load_s
+    return warmed_generator(loaded, options), loaded.report, load_s
 
 
 def set_stream_experts(model, on: bool) -> None:
@@ -405,15 +398,13 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available (use --device cpu for a smoke check)")
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("KT_CPU_THREADS", str(args.threads))  # kt-cpu-amx's expert pool: the same threads
 
     t0 = time.perf_counter()
     path = tiny_gguf() if args.tiny else synthetic_moe_gguf(args.layers)
     if args.tiny:
         args.layers = 27
     print(f"model: {path} ({gib(path.stat().st_size)}, ready in {time.perf_counter() - t0:.1f} s)")
-    rules = [Path(args.rules)] if args.rules else with_kmoe(pick_rules("gpu-cpu" if args.device == "cuda" else "cpu"),
-                                                            args.device)
+    rules = [Path(args.rules)] if args.rules else None  # None: the shipped file, as kt run picks it
     from gguf import GGUFReader
 
     vocab = int(GGUFReader(str(path)).fields["deepseek2.vocab_size"].contents())
@@ -442,7 +433,8 @@ def main(argv=None) -> int:
         rows.append((name, n, prefill, decode, peak))
 
     gen, report, load_s = load_ktcore(path, rules, args)
-    print(f"ktcore: rules {', '.join(map(str, rules))}; loaded in {load_s:.1f} s; {layout_summary(gen.model)}")
+    print(f"ktcore: rules {', '.join(report.rule_files)}; loaded in {load_s:.1f} s, warm-up {gen.warm_up_s:.1f} s; "
+          f"{layout_summary(gen.model)}")
     label = "ktcore shipped rules (GPU+CPU)" if args.device == "cuda" else "ktcore (CPU)"
     if args.compare_graph and args.device == "cuda":
         for name, (prefill, decode) in bench_decode_modes(gen, ids[:first], args, label).items():

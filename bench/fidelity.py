@@ -214,9 +214,11 @@ def moe_option_cost(path, variants: list[dict], threads: int, tokens: int, gen_t
     rows = []
     scratch = Path(tempfile.mkdtemp())
 
-    def load(options: dict):
-        rules = scratch / ("full.yaml" if not options else "_".join(f"{k}{v}" for k, v in options.items()) + ".yaml")
-        rules.write_text(placement_rules(base.read_text(), options=options, device=device))
+    def load(options: dict):  # the full model: the shipped file itself; a variant: kt rules suggest's file with it
+        rules = base
+        if options:
+            rules = scratch / ("_".join(f"{k}{v}" for k, v in options.items()) + ".yaml")
+            rules.write_text(placement_rules(base.read_text(), options=options, device=device))
         return load_ktcore(path, rules=rules, threads=threads, max_context=max(1024, tokens + gen_tokens + 64),
                            device=None)[0]
 
@@ -267,7 +269,6 @@ def main(argv=None) -> int:
     if args.moe_options:
         from bench_hybrid import synthetic_moe_gguf, tiny_gguf
 
-        os.environ.setdefault("KT_CPU_THREADS", str(args.threads))
         path = args.model_path or (tiny_gguf() if args.tiny else synthetic_moe_gguf(27))
         print(f"model: {path}; teacher forcing over {args.tokens} positions, decode {args.gen_tokens} steps")
         print("\n".join(moe_option_cost(path, parse_variants(args.moe_options), args.threads, args.tokens,

@@ -57,21 +57,18 @@ def gemma3_gguf() -> Path:
 
 
 def load_ktcore(path, rules=None, threads: int | None = None, max_context: int = 2048, device=None, registry=None):
-    """``(Generator, load seconds)`` for ktcore's injected model (``registry``: the installed plugins'
-    by default; a test of ktcore's own torch backends passes ``Registry(entrypoints=False)``)."""
-    import torch
+    """``(Generator, load seconds)`` for ktcore's injected model, loaded as ``kt run`` loads it
+    (``ktcore.cli.model_options.open_model``: the shipped rule file unless ``rules``, then the warm-up, whose
+    seconds are ``gen.warm_up_s``, not in the load time). ``registry``: the installed plugins' by default (a
+    test of ktcore's own torch backends passes ``Registry(entrypoints=False)``)."""
+    from ktcore.cli.model_options import model_args, open_model
+    from ktcore.cli.run import warmed_generator
 
-    from ktcore.generate import Generator
-    from ktcore.inject import load_model
-    from ktcore.weights import open_source
-
-    if threads:
-        torch.set_num_threads(threads)
+    args = model_args(path, rules=rules, threads=threads, max_context=max_context, device=device, quiet=True)
     t0 = time.perf_counter()
-    source = open_source(str(path))
-    tokenizer = source.tokenizer()
-    model, _ = load_model(source, rules=rules, device=device, progress=False, registry=registry)
-    return Generator(model, tokenizer, max_context=max_context), time.perf_counter() - t0
+    loaded = open_model(args, registry=registry)
+    load_s = time.perf_counter() - t0
+    return warmed_generator(loaded, args), load_s
 
 
 def load_transformers(path, threads: int | None = None):

@@ -17,7 +17,6 @@ wall time is Python and torch glue. The hooks cost a few microseconds per module
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -132,7 +131,6 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rules", default=None, help="rule file (default: the shipped one)")
     args = ap.parse_args(argv)
-    os.environ.setdefault("KT_CPU_THREADS", str(args.threads))
     from kt_cpu_amx import fusion
 
     path = model_path(args.model)

@@ -131,9 +131,9 @@ def test_graph_mode_step_matches_the_eager_step(family, attn):
 
 
 def test_no_cuda_graph_flag():
-    from ktcore.cli.run import add_model_args
+    from ktcore.cli.model_options import add_model_options
 
     p = argparse.ArgumentParser()
-    add_model_args(p)
+    add_model_options(p)
     assert p.parse_args(["m.gguf"]).cuda_graph is True
     assert p.parse_args(["m.gguf", "--no-cuda-graph"]).cuda_graph is False

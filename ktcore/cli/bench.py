@@ -11,7 +11,14 @@ import statistics
 import sys
 import time
 
-from .run import CLIError, check_model_path, run_guarded
+from .model_options import (
+    MODEL_OPTIONS_HELP,
+    CLIError,
+    add_model_options,
+    check_model_options,
+    open_model,
+)
+from .run import run_guarded, warmed_generator
 
 PROMPT_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
                "including both the natural and social sciences. ")
@@ -100,10 +107,12 @@ def ktcore_active_bytes(model, source=None) -> int:
 
 
 def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
-    """Median (prefill tok/s, decode tok/s) from the Generator's own timing."""
+    """Median (prefill tok/s, decode tok/s) from the Generator's own timing, after a short untimed run (as
+    ``bench_llamacpp`` does): loading warmed the model up (``ktcore.cli.run.warmed_generator``), and this one
+    warms what the caller changed since (CUDA graphs on or off, another generator over the same model)."""
     from ktcore.generate import SamplingParams
 
-    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))  # warm-up
+    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))
     params = SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     prefill, decode = [], []
     for _ in range(repeats):
@@ -176,12 +185,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Measure ktcore's prefill and decode tokens per second on MODEL (medians over repeats), "
                     "llama.cpp's on the same file with the same threads when llama-cpp-python is installed, "
                     "and the memory-bandwidth bound of decoding.",
-        epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=BENCH_EXAMPLES + "\n" + MODEL_OPTIONS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="GGUF file")
-    p.add_argument("--rules", default=None, metavar="YAML", help="rule file (default: the shipped one)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--threads", type=int, default=None, help="threads for both engines (default: torch's)")
+    add_model_options(p)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
@@ -195,27 +201,27 @@ def run(args) -> int:
 
 
 def _bench(args) -> int:
-    check_model_path(args.model)
+    check_model_options(args)
     if args.prompt_tokens < 8 or args.gen_tokens < 1 or args.repeats < 1:
         raise CLIError("--prompt-tokens must be >= 8, --gen-tokens and --repeats >= 1")
+    if args.max_context is not None and args.max_context < args.prompt_tokens + args.gen_tokens + 1:
+        raise CLIError(f"--max-context {args.max_context} holds no {args.prompt_tokens}-token prompt and "
+                       f"{args.gen_tokens} new tokens")
     import torch
 
-    from ktcore.generate import Generator
-    from ktcore.inject import load_model
-    from ktcore.weights import open_source
-
     threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
-    bandwidth = copy_bandwidth(threads)
-    n_ctx = args.prompt_tokens + args.gen_tokens + 16
-    source = open_source(args.model)
-    tokenizer = source.tokenizer()
-    ids = tokenizer(PROMPT_TEXT * (1 + args.prompt_tokens // 16))["input_ids"][: args.prompt_tokens]
+    args.threads = threads
+    args.max_context = args.max_context or args.prompt_tokens + args.gen_tokens + 16
+    gen = warmed_generator(loaded := open_model(args), args)  # kt run's loading and warm-up
+    ids = loaded.tokenizer(PROMPT_TEXT * (1 + args.prompt_tokens // 16))["input_ids"][: args.prompt_tokens]
+    name = loaded.model.config.model_type
+    ours = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
+    ours_bytes = ktcore_active_bytes(loaded.model, loaded.source)
+    del gen, loaded
     rows, ref = [], None
-    name = source.config().model_type
     if not args.no_llamacpp:
         try:
-            llm = load_llamacpp(args.model, threads, n_ctx)
+            llm = load_llamacpp(args.model, threads, args.max_context)
         except ImportError:
             print("llama-cpp-python is not installed: measuring ktcore alone", file=sys.stderr)
         else:
@@ -223,11 +229,9 @@ def _bench(args) -> int:
             del llm
             rows.append({"model": name, "engine": "llama.cpp", "prefill": ref[0], "decode": ref[1],
                          "bytes": gguf_active_bytes(args.model), "ref": ref})
-    model, _ = load_model(source, rules=args.rules, device=args.device, progress=False)
-    gen = Generator(model, tokenizer, max_context=n_ctx)
-    ours = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
-    rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1],
-                 "bytes": ktcore_active_bytes(model, source), "ref": ref})
+    rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1], "bytes": ours_bytes,
+                 "ref": ref})
+    bandwidth = copy_bandwidth(threads)
     print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} (medians)")
     print(format_table(rows, bandwidth))
     return 0

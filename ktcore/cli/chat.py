@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .run import EXIT_INTERRUPTED, add_model_args, add_sampling_args, context_limit_note, load_generator, \
-    run_guarded
+from .model_options import MODEL_OPTIONS_HELP
+from .run import (
+    EXIT_INTERRUPTED,
+    add_generation_args,
+    context_limit_note,
+    load_generator,
+    run_guarded,
+)
 
 CHAT_HELP = """\
 Type a message and press Enter. A line ending with \\ continues on the next line; a line holding only
@@ -30,12 +36,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "chat", help="chat with a model in the terminal",
         description="Load MODEL and chat with it; the conversation goes through the chat template stored "
                     "in the GGUF (or in --model-path).",
-        epilog=CHAT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=CHAT_EXAMPLES + "\n\n" + MODEL_OPTIONS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_model_args(p)
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
     p.add_argument("--no-timing", action="store_true", help="do not print the timing line after each reply")
-    add_sampling_args(p)
+    add_generation_args(p)
     p.set_defaults(func=run, command="chat")
     return p
 

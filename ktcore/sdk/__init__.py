@@ -15,6 +15,8 @@ plugins. ``ktcore.sdk.testing`` checks a new op against the torch reference.
 - attention: ``apply_rope``
 - the wrapper modules rules inject, for a plugin that walks an injected model (kt-cpu-amx's fused decode):
   ``KAttention``, ``KExperts``
+- autotuning: ``TuneCache`` (the fastest launch configuration per device and problem, kept on disk so the
+  next process starts tuned), ``cache_dir`` (ktcore's cache folder)
 - weights: ``QuantizedTensor``; the GGUF affine split ``affine_groups``/``AffineGroups`` (blocks whose
   weights are ``scale * code + bias`` per 32, as int8 codes and float32 scale/bias), ``AFFINE_TYPES``,
   ``INT4_TYPES``; the GGML type table ``ggml_type``, ``GGML_TYPES``, ``GGMLType``, ``QK_K``,
@@ -38,6 +40,7 @@ from ..builtin.rope import KRoPETorch
 from ..hookspecs import hookimpl
 from ..modules import KAttention, KExperts
 from ..ops import ANY_DEVICE, ROLES, Op, stream_capturing
+from ..tune_cache import TuneCache, cache_dir
 from ..weights.affine import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups, compute_dtype
 from ..weights.dequant import dequantize
 from ..weights.dequant_lowbit import lookup_tables
@@ -47,7 +50,8 @@ from ..weights.tensor import QuantizedTensor
 __all__ = [
     "AFFINE_TYPES", "ANY_DEVICE", "AffineGroups", "DEQUANTIZABLE", "GGMLType", "GGML_TYPES", "INT4_TYPES",
     "KAttention", "KAttentionMLA", "KAttentionSDPA", "KExperts", "KExpertsByMatrix", "KExpertsTorch", "KLinearByMatrix", "KLinearTorch",
-    "KRoPETorch", "Op", "QK_K", "QuantizedTensor", "ROLES", "affine_groups", "apply_rope", "check_expert_weights",
+    "KRoPETorch", "Op", "QK_K", "QuantizedTensor", "ROLES", "TuneCache", "affine_groups", "apply_rope",
+    "cache_dir", "check_expert_weights",
     "check_shape", "compute_dtype", "dequantize", "expert_slices", "gated_experts_dims", "ggml_type", "hookimpl",
     "lookup_tables", "module_dtype", "parse_dtype", "route_by_expert", "split_experts", "stream_capturing",
 ]

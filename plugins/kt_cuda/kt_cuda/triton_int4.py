@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from ktcore.sdk import TuneCache
 
 from .int4 import Int4Weight
 
@@ -608,11 +609,23 @@ def _m_bucket(M: int) -> int:
     return M if M <= 16 else (32 if M <= 32 else (64 if M < 256 else 256))
 
 
-_TUNED: dict[tuple, Int4Config] = {}
+_TUNE_CACHES: dict[int, TuneCache] = {}
+
+
+def tune_cache(device: torch.device) -> TuneCache:
+    """The autotune choices of ``device``'s GPU model (``ktcore.sdk.TuneCache``: kept on disk, so the next
+    process starts tuned)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TUNE_CACHES:
+        major, minor = torch.cuda.get_device_capability(index)
+        name = f"{torch.cuda.get_device_name(index)} sm{major}{minor} triton{triton.__version__} cuda{torch.version.cuda}"
+        _TUNE_CACHES[index] = TuneCache("kt-cuda-int4", name)
+    return _TUNE_CACHES[index]
 
 
 def tuned_config(x: torch.Tensor, w: Int4Weight, bias, act_int8: bool = False) -> Int4Config:
-    """The fastest candidate for this problem, timed once per (rows bucket, shape, format) on CUDA.
+    """The fastest candidate for this problem, timed once per (rows bucket, shape, format) and GPU model; the
+    choice is kept on disk (``tune_cache``), so later processes on the same GPU model do not time again.
 
     Off with ``KT_CUDA_AUTOTUNE=0`` (then the first candidate); never tunes inside CUDA-graph capture.
     """
@@ -625,25 +638,13 @@ def tuned_config(x: torch.Tensor, w: Int4Weight, bias, act_int8: bool = False) -
     cands = candidates(M, w.group_size, is_k_major(w), act_int8)
     if (x.device.type != "cuda" or len(cands) == 1 or os.environ.get("KT_CUDA_AUTOTUNE", "1") == "0"
             or torch.cuda.is_current_stream_capturing()):
-        key = None
-    else:
-        key = (_m_bucket(M), N, K, w.group_size, w.mins is not None, w.scales.dtype, w.qweight.stride(-1), x.dtype,
-               x.device.index, act_int8)
-    if key is None:
         return cands[0]
-    cfg = _TUNED.get(key)
-    if cfg is None:
-        from triton.testing import do_bench
+    from triton.testing import do_bench
 
-        timings = []
-        for c in cands:
-            try:
-                timings.append((do_bench(lambda c=c: _launch(x, w, bias, c), warmup=5, rep=20), c))
-            except Exception:  # a config this GPU cannot compile (resources): skip it
-                continue
-        cfg = min(timings, key=lambda t: t[0])[1] if timings else cands[0]
-        _TUNED[key] = cfg
-    return cfg
+    problem = (_m_bucket(M), N, K, w.group_size, w.mins is not None, str(w.scales.dtype), w.qweight.stride(-1),
+               str(x.dtype), act_int8)
+    return tune_cache(x.device).choice(problem, cands,
+                                       lambda c: do_bench(lambda: _launch(x, w, bias, c), warmup=5, rep=20))
 
 
 def int4_to_dense(w: Int4Weight, dtype: torch.dtype) -> torch.Tensor:

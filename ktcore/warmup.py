@@ -1,0 +1,73 @@
+"""Warm-up at load: a short generation through the very object that will serve, before the first request.
+
+The first calls of a freshly loaded model pay for what later calls reuse: Triton kernels compiled (cached on
+disk by Triton), int4 kernel tiles timed (``tuned_config`` in kt-cuda, cached on disk per GPU and problem by
+``ktcore.tune_cache``), CUDA graphs captured, the CPU plugins' thread pools started and their fused decode
+plans built. ``kt run`` and ``kt chat`` warm their ``Generator`` and ``kt serve`` its engine here, so that
+none of it lands in the first reply or in a timing line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+
+WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog. " * 2
+WARM_UP_PROMPT_TOKENS = 8
+WARM_UP_NEW_TOKENS = 4  # the first decode step captures a graph, the next ones replay it
+
+
+def warm_up_ids(tokenizer, vocab_size: int, count: int = WARM_UP_PROMPT_TOKENS) -> list[int]:
+    """``count`` prompt ids: a fixed English text through ``tokenizer`` (ids past the model's vocabulary
+    folded into it), padded by repetition."""
+    ids = [i % vocab_size for i in tokenizer(WARM_UP_TEXT, add_special_tokens=False)["input_ids"]] or [1]
+    return (ids * (count // len(ids) + 1))[:count]
+
+
+def _params(new_tokens: int):
+    from .generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+
+
+def warm_up_generator(gen, new_tokens: int = WARM_UP_NEW_TOKENS) -> float:
+    """Prefill a short prompt and decode ``new_tokens`` greedily through ``gen`` (a ``Generator``); returns
+    the seconds it took. The generator's cache is reset by its next request."""
+    t0 = time.perf_counter()
+    ids = warm_up_ids(gen.tokenizer, _vocab_size(gen.model))
+    for _ in gen.generate_ids(ids, _params(new_tokens)):
+        pass
+    return time.perf_counter() - t0
+
+
+def engine_batch_sizes(max_concurrency: int) -> list[int]:
+    """Batch sizes to warm an engine at: one sequence and a full batch."""
+    return sorted({1, max(1, int(max_concurrency))})
+
+
+def warm_up_engine(engine, tokenizer, batch_sizes: Iterable[int] | None = None,
+                   new_tokens: int = WARM_UP_NEW_TOKENS) -> float:
+    """Start ``engine`` and run, for each batch size, that many concurrent requests of a short prompt and
+    ``new_tokens`` tokens through it (``engine.submit``, as the server does), waiting for all of them; returns
+    the seconds it took. Raises ``RuntimeError`` when a warm-up request fails (the model cannot serve)."""
+    sizes = list(batch_sizes) if batch_sizes is not None else engine_batch_sizes(engine.max_concurrency)
+    ids = warm_up_ids(tokenizer, _vocab_size(engine.model))
+    t0 = time.perf_counter()
+    engine.start()
+    for size in sizes:
+        asyncio.run(_concurrent(engine, ids, size, new_tokens))
+    return time.perf_counter() - t0
+
+
+async def _concurrent(engine, ids: Sequence[int], size: int, new_tokens: int) -> None:
+    handles = [engine.submit(list(ids), _params(new_tokens)) for _ in range(size)]
+    for handle in handles:
+        _, final = await handle.collect()
+        if final.finish_reason == "error":
+            raise RuntimeError(f"the warm-up request failed: {final.error}")
+
+
+def _vocab_size(model) -> int:
+    config = model.config
+    return int(getattr(config, "get_text_config", lambda: config)().vocab_size)
