@@ -19,6 +19,7 @@ from . import check_vllm_version
 
 check_vllm_version()
 
+from vllm.logger import init_logger  # noqa: E402
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig  # noqa: E402
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase  # noqa: E402
 from vllm.model_executor.layers.fused_moe.moe_output import UnfinalizedMoEOutput  # noqa: E402
@@ -31,6 +32,8 @@ from vllm.model_executor.utils import set_weight_attrs  # noqa: E402
 from ktcore.moe import layer_index  # noqa: E402
 
 from .hybrid import HybridExperts, cpu_experts, gpu_expert_ids  # noqa: E402
+
+logger = init_logger(f"vllm.{__name__}")  # under vLLM's logger, so its handler prints it
 
 
 class GPUExpertsView:
@@ -130,6 +133,11 @@ class HybridMoEMethod(FusedMoEMethodBase):
             cpu = cpu_experts(self.options.gguf, self.prefix, self.options.cpu_op, self.options.op_kwargs(),
                               dims=(moe.num_experts, moe.hidden_dim_unpadded, moe.intermediate_size))
         self.hybrid = HybridExperts(self.moe.num_experts, self.gpu_experts, cpu, self.prefix)
+        logger.info("ktcore: %s: %d of %d experts on %s (vLLM's %s, TP rank %d), the others %s", self.prefix,
+                    len(self.gpu_experts), self.moe.num_experts, self.moe.device,
+                    type(self.inner).__name__ if self.inner is not None else "none", self.moe.tp_rank,
+                    f"on the CPU by {cpu.prefill_op_cls.__name__} ({cpu.prefill_op_cls.plugin})" if cpu is not None
+                    else "on TP rank 0" if len(self.gpu_experts) < self.moe.num_experts else "none")
 
     def _gpu_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         index_dtype = self.inner.topk_indices_dtype

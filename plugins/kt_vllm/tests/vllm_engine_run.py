@@ -2,7 +2,8 @@
 the ``__main__`` guard): ``python engine_run.py SPECS.json`` runs each spec of the list, one engine after the
 other (at TP=1 in this process: engine core and worker in-process, one vLLM import for all), and prints one
 line ``KT-VLLM-RESULT [[{"token_ids": [...], "text": ...} per prompt] per spec]``. A spec: ``hf`` (model
-directory), ``tp``, ``dtype``, ``prompts``, ``max_tokens``, ``ktcore`` (the ktcore options, null: stock vLLM)."""
+directory), ``tp``, ``dtype``, ``prompts``, ``max_tokens``, ``ktcore`` (the ktcore options, null: stock vLLM),
+``engine`` (more ``LLM`` arguments)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import sys
 def run(spec: dict) -> list[dict]:
     from vllm import LLM, SamplingParams
 
-    options = {}
+    options = dict(spec.get("engine") or {})
     if spec.get("ktcore") is not None:
-        options = dict(quantization="ktcore",
+        options.update(quantization="ktcore",
                        hf_overrides={"quantization_config": {"quant_method": "ktcore", **spec["ktcore"]}})
     # eager: the CPU build of vLLM would compile the model with torch.compile (minutes on 2 cores)
     tp = spec.get("tp", 1)

@@ -14,8 +14,16 @@ EXPERT_TYPE = "Q8_0"
 _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
 
 
+# vLLM's CPU MLA kernels take only DeepSeek's real latent widths (kv_lora_rank 512 + rope 64 = 576; head_dim is
+# the rope width), its CPU router wants the expert groups set (one group: DeepSeek-V2-Lite's greedy routing), and
+# its model reads the routing fields DeepSeek-V2's config.json carries
+VLLM_CPU_CONFIG = {"deepseek_v2": dict(kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, n_group=1, topk_group=1,
+                                       scoring_func="softmax", moe_layer_freq=1)}
+
+
 def write_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
-    """``(gguf path, Hugging Face directory)`` of ``ktcore.testing.tiny_model(family, seed)`` under ``out_dir``."""
+    """``(gguf path, Hugging Face directory)`` of ``ktcore.testing.tiny_model(family, seed)`` (as vLLM's CPU
+    kernels take it) under ``out_dir``."""
     from safetensors.torch import save_file
 
     from ktcore.testing import tiny_model
@@ -25,7 +33,7 @@ def write_tiny_checkpoint(family: str, out_dir: str | Path, seed: int = 0) -> tu
     out = Path(out_dir)
     hf_dir = out / f"{family}-hf"
     hf_dir.mkdir(parents=True, exist_ok=True)
-    model = tiny_model(family, seed)
+    model = tiny_model(family, seed, **VLLM_CPU_CONFIG.get(family, {}))
     gguf = Path(write_gguf(model, out / f"{family}.gguf", qtypes={r"_exps\.": EXPERT_TYPE, "default": "F32"}))
     source = open_source(gguf)
     tensors = {}
