@@ -19,6 +19,8 @@ from . import check_vllm_version
 
 check_vllm_version()
 
+from vllm.config import get_current_vllm_config  # noqa: E402
+from vllm.config.compilation import CUDAGraphMode  # noqa: E402
 from vllm.logger import init_logger  # noqa: E402
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig  # noqa: E402
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase  # noqa: E402
@@ -71,6 +73,9 @@ class HybridMoEMethod(FusedMoEMethodBase):
             _opened(options.gguf)
         self.hybrid: HybridExperts | None = None
         self._view: GPUExpertsView | None = None
+        compilation = get_current_vllm_config().compilation_config
+        graphs = compilation.cudagraph_mode not in (None, CUDAGraphMode.NONE)
+        self.graph_tokens = (compilation.max_cudagraph_capture_size or 0) if graphs else 0
 
     def _gpu_config(self) -> FusedMoEConfig:
         """This layer's MoE config (after vLLM's size round-up) holding only the GPU experts."""
@@ -132,12 +137,29 @@ class HybridMoEMethod(FusedMoEMethodBase):
             moe = self.moe
             cpu = cpu_experts(self.options.gguf, self.prefix, self.options.cpu_op, self.options.op_kwargs(),
                               dims=(moe.num_experts, moe.hidden_dim_unpadded, moe.intermediate_size))
+            self._check_graphs(cpu)
         self.hybrid = HybridExperts(self.moe.num_experts, self.gpu_experts, cpu, self.prefix)
         logger.info("ktcore: %s: %d of %d experts on %s (vLLM's %s, TP rank %d), the others %s", self.prefix,
                     len(self.gpu_experts), self.moe.num_experts, self.moe.device,
                     type(self.inner).__name__ if self.inner is not None else "none", self.moe.tp_rank,
                     f"on the CPU by {cpu.prefill_op_cls.__name__} ({cpu.prefill_op_cls.plugin})" if cpu is not None
                     else "on TP rank 0" if len(self.gpu_experts) < self.moe.num_experts else "none")
+
+    def _check_graphs(self, cpu) -> None:
+        """vLLM captures CUDA graphs of up to ``graph_tokens`` tokens: the CPU op must be able to run inside them
+        (stream-ordered, ``ktcore.sdk.KExperts.stream_path``) for that many, else fail now with what to pass."""
+        device = torch.device(self.moe.device)
+        if device.type != "cuda" or not self.graph_tokens:
+            return
+        op = cpu.pick(self.graph_tokens)
+        stream_problem = getattr(op, "stream_problem", None)
+        problem = (stream_problem(device, self.graph_tokens) if callable(stream_problem)
+                   else f"{type(op).__name__} has no stream-ordered path")
+        if problem:
+            raise ValueError(f"{self.prefix}: vLLM captures CUDA graphs of up to {self.graph_tokens} tokens, and the "
+                             f"CPU experts cannot run inside them: {problem}. Pass --compilation-config "
+                             "'{\"max_cudagraph_capture_size\": 16}' (kt-cpu-amx's KExpertsCPU takes up to 16 tokens "
+                             "per captured call) or --enforce-eager")
 
     def _gpu_experts(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         index_dtype = self.inner.topk_indices_dtype
