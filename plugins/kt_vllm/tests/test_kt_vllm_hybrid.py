@@ -147,3 +147,13 @@ def test_cuda_graph_captures_the_hybrid_call(gguf, weights, mask):
         torch.cuda.synchronize()
         cpu.generate_op.raise_stream_error()
         assert relative_error(out, experts_reference(weights, new_x, new_ids, new_w)) < REL_TOL, seed
+
+
+def test_vllm_version_range_is_checked():
+    from kt_vllm import VLLM_RANGE, vllm_version_problem
+
+    assert vllm_version_problem("0.32.0") is None and vllm_version_problem("0.32.3+cpu") is None
+    for version in ("0.31.2", "0.33.0", "1.0.0"):
+        problem = vllm_version_problem(version)
+        assert f"supports vllm{VLLM_RANGE}" in problem and f"this is vLLM {version}" in problem
+    assert "cannot read the vLLM version 'dev'" in vllm_version_problem("dev")

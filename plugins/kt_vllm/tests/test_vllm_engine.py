@@ -54,6 +54,33 @@ def spec(family, checkpoints, tp, gpu_experts=None, gguf=None, stock=False) -> d
     return dict(hf=str(hf), tp=tp, prompts=PROMPTS, max_tokens=MAX_TOKENS, engine=ENGINE[family], ktcore=options)
 
 
+def test_options_errors_name_the_option():
+    from kt_vllm.config import KTCoreConfig
+
+    for config, message in (({"gpu_experts": "all"}, "'gguf' .* is required"),
+                            ({"gguf": "m.gguf", "gpu_expert": [1]}, r"unknown option\(s\) \['gpu_expert'\]"),
+                            ({"gguf": "m.gguf", "gpu_experts": [1, 1]}, r"expert ids given twice in \[1, 1\]"),
+                            ({"gguf": "m.gguf", "threads": 0}, "threads must be an integer >= 1"),
+                            ({"gguf": "m.gguf", "quant_method": "fp8"}, "quant_method is 'fp8', not 'ktcore'")):
+        with pytest.raises(ValueError, match=message):
+            KTCoreConfig.from_config(config)
+    with pytest.raises(ValueError, match="--hf-overrides"):
+        KTCoreConfig()  # --quantization ktcore without options
+    options = KTCoreConfig.from_config({"gguf": "m.gguf", "threads": 4, "cpu_op_kwargs": {"online_quant": "int4"}}).options
+    assert options.op_kwargs() == {"online_quant": "int4", "threads": 4} and options.cpu_op == "KExpertsCPU"
+
+
+def test_plugin_refuses_a_vllm_outside_its_range(monkeypatch):
+    import vllm
+
+    from kt_vllm import VLLMVersionError
+    from kt_vllm.plugin import register
+
+    monkeypatch.setattr(vllm, "__version__", "0.33.1")
+    with pytest.raises(VLLMVersionError, match=r"supports vllm>=0.32,<0.33.*this is vLLM 0.33.1"):
+        register()
+
+
 def token_ids(results) -> list[list[int]]:
     return [r["token_ids"] for r in results]
 
