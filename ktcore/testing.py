@@ -280,11 +280,13 @@ def _fill_(name: str, tensor: torch.Tensor, generator: torch.Generator, zero_cen
 
 
 @torch.no_grad()
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A ``tiny_config(family)`` model in eval mode with seeded random weights (same seed: same weights,
-    whatever the dtype, which only rounds the fp32 draw). Built by ``from_config(config, dtype=dtype)``, so
-    modules Transformers keeps in fp32 (DeepSeek's routers) stay fp32 as in a real load."""
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> PreTrainedModel:
+    """A ``tiny_config(family)`` model (with the config fields ``overrides`` changed) in eval mode with seeded
+    random weights (same seed: same weights, whatever the dtype, which only rounds the fp32 draw). Built by
+    ``from_config(config, dtype=dtype)``, so modules Transformers keeps in fp32 (DeepSeek's routers) stay
+    fp32 as in a real load."""
     config = tiny_config(family)
+    config.update(overrides)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     zero_centered = config.model_type.startswith("gemma")
