@@ -37,8 +37,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, default=8, help="sequences decoded together (others queue)")
     p.add_argument("--max-context", type=int, default=None, help="positions per sequence (default: the model's)")
     p.add_argument("--loader", choices=("auto", "ktcore", "transformers"), default="auto")
-    p.add_argument("--no-batching", action="store_true",
-                   help="one forward per sequence instead of one batched decode step")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
@@ -61,16 +59,14 @@ def run(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the CPU plugins' pools read it
         torch.set_num_threads(args.threads)
     model, tokenizer, info = load_for_serving(args.model, loader=args.loader, name=args.model_name)
-    engine = Engine(model, tokenizer, max_context=args.max_context, max_concurrency=args.max_concurrency,
-                    batching=False if args.no_batching else None)
+    engine = Engine(model, tokenizer, max_context=args.max_context, max_concurrency=args.max_concurrency)
     db = None if args.no_assistants else (args.db or default_db_path())
     access = AccessPolicy(api_key=args.api_key, bound_host=args.host, allow_hosts=args.allow_host,
                           allow_origins=args.allow_origin)
     app = create_app(engine, tokenizer, info, access=access, db_path=db, web=args.web,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)))
     logging.getLogger("ktcore.server").info(
-        "serving %s on http://%s:%d (batched decode: %s, assistants db: %s)", info.name, args.host, args.port,
-        engine.batched, db)
+        "serving %s on http://%s:%d (assistants db: %s)", info.name, args.host, args.port, db)
     limits = ConnectionLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                               max_connections=args.max_connections)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level=args.log_level.lower())).run()
