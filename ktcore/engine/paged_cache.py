@@ -213,6 +213,19 @@ class PagedCache(Cache):
         self.plan = StepPlan(seen=length - new, write=torch.cat(write).to(device), gather=torch.stack(gather).to(device))
         return (None if len(rows) == 1 else mask.to(device)), positions.to(device)
 
+    def graph_plan(self, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """Plan a decode step from device tensors alone (what a CUDA graph captures): row ``b`` writes its new
+        token at ``positions[b]`` of its block table ``tables[b]`` and reads its slots right-padded to the
+        table's width (the scratch slot past the position). Returns which slots each row sees, ``[B, L]``."""
+        rows, width = tables.shape
+        bs = self.block_size
+        offsets = torch.arange(width * bs, device=tables.device)
+        slots = (tables[:, :, None] * bs).expand(rows, width, bs).reshape(rows, width * bs) + offsets % bs
+        visible = offsets[None, :] <= positions[:, None]
+        self.plan = StepPlan(seen=width * bs - 1, write=slots.gather(1, positions[:, None]).view(-1),
+                             gather=torch.where(visible, slots, self.scratch_slot))
+        return visible
+
     def end_step(self, rows: list[tuple[SeqKV, int]]) -> None:
         self.plan = None
         for kv, new in rows:
