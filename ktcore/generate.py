@@ -356,8 +356,10 @@ class Generator:
         seq = None
         for seq in self._run(prompt_ids, params, text=True):
             pending.append(seq.generated[-1])
+            if seq.finished:
+                break
             text = seq.take_text()
-            if text and not seq.finished:
+            if text:
                 yield Delta(text, pending)
                 pending = []
         tail = seq.take_text() if seq is not None else ""

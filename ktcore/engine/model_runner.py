@@ -76,8 +76,8 @@ class ModelRunner:
         try:
             kwargs = {self._kwarg: self.cache}
             if mask is not None:
-                kwargs["attention_mask"] = mask
-            out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+                kwargs.update(attention_mask=mask, position_ids=positions)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
         except BaseException:
             self.cache.abort_step()
             raise

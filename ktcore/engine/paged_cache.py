@@ -192,17 +192,19 @@ class PagedCache(Cache):
 
     # -- one forward
 
-    def plan_step(self, rows: list[tuple[SeqKV, int]], device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def plan_step(self, rows: list[tuple[SeqKV, int]], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Plan a forward of ``rows`` (``(kv, new tokens)``, blocks reserved; every row the same count of new
-        tokens). Returns ``(attention mask [B, L] or None, position ids [B, T])``."""
+        tokens). Returns ``(attention mask [B, L], position ids [B, T])``, both ``None`` for a single row (its
+        positions follow from the cache length, as the model derives them)."""
         new = rows[0][1]
-        positions = torch.stack([torch.arange(kv.length, kv.length + new) for kv, _ in rows])
         if len(rows) == 1:
             kv = rows[0][0]
             start = self.contiguous_start(kv)
-            if start is not None:
-                self.plan = StepPlan(seen=kv.length, view=(start, kv.length))
-                return None, positions.to(device)
+            self.plan = StepPlan(seen=kv.length, view=(start, kv.length)) if start is not None else StepPlan(
+                seen=kv.length, write=self.slots(kv, kv.length, kv.length + new).to(device),
+                gather=self.slots(kv, 0, kv.length + new)[None].to(device))
+            return None, None
+        positions = torch.stack([torch.arange(kv.length, kv.length + new) for kv, _ in rows])
         length = max(kv.length for kv, _ in rows) + new
         write, gather, mask = [], [], torch.zeros((len(rows), length), dtype=torch.bool)
         for i, (kv, _) in enumerate(rows):
@@ -211,7 +213,7 @@ class PagedCache(Cache):
             gather.append(torch.cat([torch.full((pad,), self.scratch_slot), self.slots(kv, 0, kv.length + new)]))
             mask[i, pad:] = True
         self.plan = StepPlan(seen=length - new, write=torch.cat(write).to(device), gather=torch.stack(gather).to(device))
-        return (None if len(rows) == 1 else mask.to(device)), positions.to(device)
+        return mask.to(device), positions.to(device)
 
     def graph_plan(self, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Plan a decode step from device tensors alone (what a CUDA graph captures): row ``b`` writes its new
