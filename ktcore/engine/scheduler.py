@@ -65,6 +65,7 @@ class Scheduler:
                     raise RuntimeError(f"the KV cache ({self.cache.num_blocks} blocks of {self.cache.block_size}) "
                                        f"cannot hold {first} positions")
                 return
+            self.cache.reserve(seq.kv, first)  # held from now on, so the next admission counts without them
             self.waiting.popleft()
             self.running.append(seq)
 
