@@ -173,8 +173,14 @@ def _torch_injected(family):
     return model
 
 
-@pytest.mark.parametrize("family,injected", [("llama", False), ("qwen3_moe", False), ("deepseek_v2", False),
-                                             ("gemma3", False), ("qwen3_moe", True), ("deepseek_v2", True)])
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("family,injected", [("llama", False), ("qwen3_moe", False),
+                                             pytest.param("deepseek_v2", False, marks=SLOW),
+                                             pytest.param("gemma3", False, marks=SLOW),
+                                             pytest.param("qwen3_moe", True, marks=SLOW),
+                                             pytest.param("deepseek_v2", True, marks=SLOW)])
 def test_batched_greedy_equals_solo(family, injected):
     """Four sequences of different prompt lengths (longer and shorter than Gemma 3's window of 8), chunked,
     decoded together as they join and leave: each one's greedy tokens equal its plain solo decoding."""
