@@ -151,3 +151,30 @@ def test_a_failing_sequence_ends_alone(model_and_tokenizer):
     (text, final), (_, bad_final) = asyncio.run(run())
     assert bad_final.finish_reason == "error" and bad_final.error
     assert final.finish_reason == "length" and text == expected
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+                                    pytest.param("deepseek_v2", marks=pytest.mark.slow)])
+def test_server_greedy_text_equals_kt_runs(family):
+    """Three chat requests served together (batched) give the text ``kt run``'s path (``Generator``) gives
+    each alone."""
+    from ktcore.generate import Generator
+    from ktcore.server.tiny import tiny_chat_model
+
+    model, tok = tiny_chat_model(family)
+    chats = [[{"role": "user", "content": text}] for text in ("hello there", "a longer question about boats?", "x")]
+    gen = Generator(model, tok, max_context=256)
+    expected = [gen.complete(chat, _greedy(24))[0] for chat in chats]
+
+    async def run():
+        engine = Engine(model, tok, max_context=256, max_concurrency=3)
+        engine.start()
+        try:
+            handles = [engine.submit(gen.encode(chat), _greedy(24)) for chat in chats]
+            return [(await h.collect())[0] for h in handles], engine.max_batch_seen
+        finally:
+            engine.shutdown()
+
+    texts, widest = asyncio.run(run())
+    assert texts == expected
+    assert widest >= 2
