@@ -1,0 +1,635 @@
+"""The prefix cache: KV blocks of earlier prompts kept across requests and chat turns, in tiers.
+
+A prompt is cut into blocks of ``block_size`` tokens. Each full block is named by a chained hash
+(``block_hashes``): the hash of a block covers every token before it and the model's identity (the salt), so
+equal names mean equal keys and values. The engine asks how many leading blocks of a new prompt are stored
+(``PrefixStore.longest_prefix``), restores them (``get``) instead of computing them, and stores the blocks it
+computed (``put``). A payload is one block's K/V for every layer: a tuple of tensors of any dtypes and shapes,
+restored bit for bit.
+
+Tiers, fastest first, each with a byte budget (0: no such tier):
+
+- ``device``: memory of the device the model runs on (GPU). On a CPU-only model there is no separate device
+  tier: RAM is the device's memory and is counted once.
+- ``ram``: CPU memory, pinned when CUDA is available (copies back to the GPU run at full bus speed).
+- ``disk``: a folder, one safetensors file per block (``ab/abcdef....safetensors``; the metadata holds the
+  block's name and a checksum of its bytes). The folder is the index: a new process finds the files saved
+  earlier, most recently used last by modification time, so a restart keeps its cache. Several models may
+  share a folder (their salts differ); the budget covers the folder.
+
+``device`` and ``ram`` hold an entry in one of them at a time: a new block goes to the first of them with a
+budget that can hold it; a full tier moves its least recently used entries down to the next one (and the last
+memory tier to disk, or drops them). The disk is written through: every block put is also written there in
+the background, so it survives a restart; the disk budget is kept by deleting its least recently used files.
+A hit in a lower tier promotes the entry to the top memory tier (the disk keeps its file). A file that is
+truncated, corrupted or not ktcore's is a miss with a warning (and is deleted), never an error or wrong data.
+
+All methods are thread-safe: the engine thread puts and gets while the server's ``/metrics`` route reads
+``stats()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("ktcore.prefix_cache")
+
+DEFAULT_BLOCK = 16
+DEFAULT_RAM = "4GiB"
+FILE_SUFFIX = ".safetensors"
+FORMAT = "ktcore-prefix-1"  # metadata["format"] of a block file; a file without it is not ours
+TIERS = ("device", "ram", "disk")
+
+
+# ------------------------------------------------------------------------------------------------ hashing
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"") -> list[bytes]:
+    """The names of the full blocks of ``token_ids``: ``h_i = sha256(h_{i-1} || tokens of block i)`` with
+    ``h_{-1} = sha256(salt)``, tokens as little-endian int64. A last, partial block has no name."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, not {block_size}")
+    data = np.asarray(token_ids, dtype="<i8").tobytes()
+    step = block_size * 8
+    h = hashlib.sha256(salt).digest()
+    out = []
+    for start in range(0, len(data) - step + 1, step):
+        h = hashlib.sha256(h + data[start:start + step]).digest()
+        out.append(h)
+    return out
+
+
+def model_salt(path: str | os.PathLike | None, *extra: object) -> bytes:
+    """A salt naming a model: the weight file's resolved path, size and modification time (so a changed file
+    is a different model), plus whatever else changes the keys and values (rule files, dtype, ...)."""
+    parts: list[str] = []
+    if path is not None:
+        p = Path(path).resolve()
+        st = p.stat()
+        parts += [str(p), str(st.st_size), str(st.st_mtime_ns)]
+    parts += [repr(x) for x in extra]
+    return hashlib.sha256("\0".join(parts).encode()).digest()
+
+
+# ------------------------------------------------------------------------------------------------ payloads
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each tensor of a payload lies in its packed byte buffer: ``(dtype, shape, offset)``."""
+
+    specs: tuple[tuple[torch.dtype, tuple[int, ...], int], ...]
+    nbytes: int
+
+    @staticmethod
+    def of(payload: Sequence[torch.Tensor]) -> _Layout:
+        specs, offset = [], 0
+        for t in payload:
+            size = t.element_size()
+            offset = -(-offset // size) * size  # a view of another dtype must start on its element size
+            specs.append((t.dtype, tuple(t.shape), offset))
+            offset += t.numel() * size
+        return _Layout(tuple(specs), offset)
+
+
+@dataclass
+class _Packed:
+    """One payload as one flat uint8 buffer (one copy moves it between devices) and its layout."""
+
+    flat: torch.Tensor
+    layout: _Layout
+    ready: torch.cuda.Event | None = None  # recorded after the copy that filled ``flat`` (CUDA only)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel()
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Views into ``flat``."""
+        out = []
+        for dtype, shape, offset in self.layout.specs:
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            out.append(self.flat[offset:offset + n].view(dtype).view(shape))
+        return tuple(out)
+
+    def to(self, device: torch.device, pin: bool = False) -> _Packed:
+        """A copy on ``device`` (pinned host memory if ``pin`` and the device is the CPU)."""
+        if device.type == "cpu":
+            flat = torch.empty(self.flat.shape, dtype=torch.uint8, pin_memory=pin)
+            self.wait()
+            flat.copy_(self.flat)  # blocking: the host reads it at once
+            return _Packed(flat, self.layout)
+        flat = self.flat.to(device, non_blocking=self.flat.is_pinned(), copy=True)
+        return _Packed(flat, self.layout, _record(device))
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def _record(device: torch.device) -> torch.cuda.Event | None:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _pack(payload: Sequence[torch.Tensor], device: torch.device, pin: bool) -> _Packed:
+    """A packed copy of ``payload`` on ``device`` (never a view of the caller's tensors)."""
+    layout = _Layout.of(payload)
+    views = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in payload]
+    pin = pin and device.type == "cpu"
+    sources = {v.device for v in views}
+    ends = np.cumsum([0] + [v.numel() for v in views[:-1]])
+    if len(sources) == 1 and all(spec[2] == end for spec, end in zip(layout.specs, ends)):
+        # no gaps: one kernel where the tensors are, then at most one copy (a block of 27 layers' K and V is
+        # not 54 transfers)
+        src = sources.pop()
+        if src == device:
+            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+            torch.cat(views, out=flat)
+            return _Packed(flat, layout, _record(device))
+        staged = torch.cat(views) if len(views) > 1 else views[0]
+        return _Packed(staged, layout, _record(src)).to(device, pin)
+    flat = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+    for v, (_, _, offset) in zip(views, layout.specs):
+        flat[offset:offset + v.numel()].copy_(v)
+    return _Packed(flat, layout, _record(device))
+
+
+def _checksum(tensors: Sequence[torch.Tensor]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ tiers
+
+
+@dataclass
+class _Counts:
+    hits: int = 0
+    misses: int = 0
+    demotions: int = 0  # entries moved from this tier to the next one
+    evictions: int = 0  # entries dropped from the store from this tier
+
+
+@dataclass
+class _MemoryTier:
+    name: str
+    device: torch.device
+    budget: int
+    pin: bool = False
+    entries: OrderedDict[bytes, _Packed] = field(default_factory=OrderedDict)  # least recently used first
+    used: int = 0
+    counts: _Counts = field(default_factory=_Counts)
+
+
+class _DiskTier:
+    """One safetensors file per block under ``root``; ``entries`` (name -> file bytes, least recently used
+    first) is rebuilt from the folder at start."""
+
+    def __init__(self, root: Path, budget: int):
+        self.root = root
+        self.budget = budget
+        self.entries: OrderedDict[bytes, int] = OrderedDict()
+        self.used = 0
+        self.counts = _Counts()
+        self.errors = 0
+        root.mkdir(parents=True, exist_ok=True)
+        found = []
+        for sub in root.iterdir():
+            if not (sub.is_dir() and len(sub.name) == 2):
+                continue
+            for f in sub.iterdir():
+                name = f.name.removesuffix(FILE_SUFFIX)
+                if f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)  # a write that a crash interrupted
+                elif f.name.endswith(FILE_SUFFIX) and len(name) == 64 and name.startswith(sub.name):
+                    try:
+                        st = f.stat()
+                        found.append((st.st_mtime_ns, bytes.fromhex(name), st.st_size))
+                    except (OSError, ValueError):
+                        continue
+        for _, h, size in sorted(found):
+            self.entries[h] = size
+            self.used += size
+        self.last_ns = max((t for t, _, _ in found), default=0)
+
+    def path(self, h: bytes) -> Path:
+        name = h.hex()
+        return self.root / name[:2] / f"{name}{FILE_SUFFIX}"
+
+    def stamp(self, h: bytes) -> None:
+        """Mark the file as used now: the next process orders its LRU by modification time (made strictly
+        increasing here, as files written within one clock tick would otherwise tie)."""
+        self.last_ns = max(time.time_ns(), self.last_ns + 1)
+        try:
+            os.utime(self.path(h), ns=(self.last_ns, self.last_ns))
+        except OSError:
+            pass
+
+    def delete(self, h: bytes) -> None:
+        self.used -= self.entries.pop(h, 0)
+        self.path(h).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ the store
+
+
+class PrefixStore:
+    """Blocks of K/V by name, in the tiers device -> CPU RAM -> disk (module docstring).
+
+    ``device_bytes``: budget on ``device`` (ignored when it is the CPU: RAM is then the device's memory);
+    ``ram_bytes``: CPU memory; ``disk_dir``/``disk_bytes``: the folder and its budget (0 or no folder: no
+    disk tier). ``block_size`` and ``salt`` are what ``hashes()`` names a prompt's blocks with.
+    """
+
+    def __init__(self, *, device_bytes: int = 0, ram_bytes: int = 4 << 30, disk_dir: str | Path | None = None,
+                 disk_bytes: int = 0, device: torch.device | str = "cpu", block_size: int = DEFAULT_BLOCK,
+                 salt: bytes = b""):
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.block_size = block_size
+        self.salt = salt
+        self._lock = threading.RLock()
+        self._tiers: list[_MemoryTier] = []
+        if self.device.type != "cpu" and device_bytes > 0:
+            self._tiers.append(_MemoryTier("device", self.device, int(device_bytes)))
+        if ram_bytes > 0:
+            self._tiers.append(_MemoryTier("ram", torch.device("cpu"), int(ram_bytes),
+                                           pin=torch.cuda.is_available()))
+        self._disk = _DiskTier(Path(disk_dir).expanduser(), int(disk_bytes)) if disk_dir and disk_bytes > 0 else None
+        self._pending: dict[bytes, _Packed] = {}  # written to disk by the writer thread, not yet there
+        self._writes: queue.Queue[tuple[bytes, _Packed] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._puts = self._rejected = self._requests = self._prompt_tokens = self._hit_tokens = 0
+        if self._disk is not None:
+            with self._lock:
+                self._trim_disk(0)  # the budget may be smaller than what an earlier process left
+
+    # ------------------------------------------------------------------ options
+
+    @classmethod
+    def from_options(cls, args: argparse.Namespace, device: torch.device | str, salt: bytes, *,
+                     device_bytes: int = 0) -> PrefixStore:
+        """The store ``add_prefix_cache_args``'s options describe, for a model on ``device`` (the engine may
+        give it ``device_bytes`` of the device's memory)."""
+        return cls(device_bytes=device_bytes, ram_bytes=args.prefix_cache_ram, disk_dir=args.prefix_cache_dir,
+                   disk_bytes=args.prefix_cache_disk, device=device, block_size=args.prefix_block, salt=salt)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tiers or self._disk)
+
+    def hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """``block_hashes`` with this store's block size and salt."""
+        return block_hashes(token_ids, self.block_size, self.salt)
+
+    # ------------------------------------------------------------------ put
+
+    def put(self, h: bytes, payload: tuple[torch.Tensor, ...]) -> None:
+        """Store ``payload`` (one block's K/V for every layer) under the name ``h``. A name already stored is
+        only marked as recently used (equal names hold equal values)."""
+        layout = _Layout.of(payload)
+        with self._lock:
+            self._puts += 1
+            for tier in self._tiers:
+                if h in tier.entries:
+                    tier.entries.move_to_end(h)
+                    return
+            target = next((i for i, t in enumerate(self._tiers) if t.budget >= layout.nbytes), None)
+            to_disk = (self._disk is not None and self._disk.budget >= layout.nbytes
+                       and h not in self._disk.entries and h not in self._pending)
+            if target is None and not to_disk:
+                self._rejected += 1
+                return
+        tier = self._tiers[target] if target is not None else None
+        packed = _pack(payload, tier.device if tier else torch.device("cpu"), tier.pin if tier else False)
+        with self._lock:
+            if tier is not None and h not in tier.entries:
+                self._insert(target, h, packed)
+            if to_disk:
+                self._write_later(h, packed)
+
+    def _insert(self, i: int, h: bytes, packed: _Packed) -> None:
+        tier = self._tiers[i]
+        while tier.entries and tier.used + packed.nbytes > tier.budget:
+            victim, old = tier.entries.popitem(last=False)
+            tier.used -= old.nbytes
+            self._demote(i, victim, old)
+        tier.entries[h] = packed
+        tier.used += packed.nbytes
+
+    def _demote(self, i: int, h: bytes, packed: _Packed) -> None:
+        counts = self._tiers[i].counts
+        if i + 1 < len(self._tiers) and self._tiers[i + 1].budget >= packed.nbytes:
+            nxt = self._tiers[i + 1]
+            self._insert(i + 1, h, packed.to(nxt.device, nxt.pin))
+            counts.demotions += 1
+        elif self._disk is not None and (h in self._disk.entries or h in self._pending):
+            counts.demotions += 1  # written through already
+        elif self._disk is not None and self._disk.budget >= packed.nbytes:
+            self._write_later(h, packed)
+            counts.demotions += 1
+        else:
+            counts.evictions += 1
+
+    # ------------------------------------------------------------------ disk writes (background thread)
+
+    def _write_later(self, h: bytes, packed: _Packed) -> None:
+        self._pending[h] = packed
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_loop, name="ktcore-prefix-writer", daemon=True)
+            self._writer.start()
+        self._writes.put((h, packed))
+
+    def _write_loop(self) -> None:
+        while (job := self._writes.get()) is not None:
+            h, packed = job
+            try:
+                self._write(h, packed)
+            except Exception as exc:  # noqa: BLE001 - a full or read-only disk must not stop the engine
+                log.warning("prefix cache: cannot write %s: %s", self._disk.path(h), exc)
+                with self._lock:
+                    self._disk.errors += 1
+            finally:
+                with self._lock:
+                    self._pending.pop(h, None)
+                self._writes.task_done()
+        self._writes.task_done()
+
+    def _write(self, h: bytes, packed: _Packed) -> None:
+        from safetensors.torch import save
+
+        cpu = packed if packed.flat.device.type == "cpu" else packed.to(torch.device("cpu"))
+        cpu.wait()
+        tensors = cpu.tensors()
+        data = save({str(k): t for k, t in enumerate(tensors)},
+                    metadata={"format": FORMAT, "name": h.hex(), "checksum": _checksum(tensors)})
+        disk = self._disk
+        with self._lock:
+            if h in disk.entries or len(data) > disk.budget:
+                return
+            self._trim_disk(len(data))
+            disk.entries[h] = len(data)  # reserved before writing: the budget is never exceeded
+            disk.used += len(data)
+        path = disk.path(h)
+        try:
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            with self._lock:
+                disk.stamp(h)
+        except BaseException:
+            with self._lock:
+                disk.delete(h)
+            raise
+
+    def _trim_disk(self, room: int) -> None:
+        disk = self._disk
+        while disk.entries and disk.used + room > disk.budget:
+            victim = next(iter(disk.entries))
+            disk.delete(victim)
+            disk.counts.evictions += 1
+
+    def flush(self) -> None:
+        """Wait until every block queued for the disk is written."""
+        if self._writer is not None:
+            self._writes.join()
+
+    def close(self) -> None:
+        """Write what is queued for the disk and stop the writer thread."""
+        if self._writer is not None:
+            self._writes.put(None)
+            self._writer.join()
+            self._writer = None
+
+    # ------------------------------------------------------------------ get
+
+    def get(self, h: bytes, device: torch.device | str) -> tuple[torch.Tensor, ...] | None:
+        """A copy of the payload stored under ``h`` on ``device``, bit for bit, or ``None``. A hit below the top
+        memory tier promotes the entry to it."""
+        device = torch.device(device)
+        with self._lock:
+            found = None
+            for i, tier in enumerate(self._tiers):
+                if h in tier.entries:
+                    tier.counts.hits += 1
+                    tier.entries.move_to_end(h)
+                    if self._disk is not None and h in self._disk.entries:
+                        self._disk.entries.move_to_end(h)  # a block in use is the last the disk should drop
+                    found = i, tier.entries[h]
+                    break
+                tier.counts.misses += 1
+            if found is None and h in self._pending:
+                found = len(self._tiers), self._pending[h]  # on its way to the disk: as good as read from it
+                self._disk.counts.hits += 1
+            on_disk = found is None and self._disk is not None and h in self._disk.entries
+            if found is None and not on_disk:
+                if self._disk is not None:
+                    self._disk.counts.misses += 1
+                return None
+        if on_disk:
+            packed = self._read(h)
+            if packed is None:
+                return None
+            found = len(self._tiers), packed
+        i, packed = found
+        if i > 0 and self._tiers and self._tiers[0].budget >= packed.nbytes:
+            top = self._tiers[0]
+            if not (packed.flat.device == top.device and (packed.flat.is_pinned() or not top.pin)):
+                packed = packed.to(top.device, top.pin)
+            with self._lock:
+                for tier in self._tiers[1:]:  # memory tiers hold an entry once
+                    if h in tier.entries:
+                        tier.used -= tier.entries.pop(h).nbytes
+                if h not in top.entries:
+                    self._insert(0, h, packed)
+        return packed.to(device).tensors()
+
+    def _read(self, h: bytes) -> _Packed | None:
+        from safetensors import safe_open
+
+        path = self._disk.path(h)
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT or meta.get("name") != h.hex():
+                    raise ValueError(f"not a ktcore prefix block named {h.hex()} (metadata {meta})")
+                tensors = [f.get_tensor(str(k)) for k in range(len(f.keys()))]
+            if _checksum(tensors) != meta.get("checksum"):
+                raise ValueError("checksum mismatch: the file is corrupted")
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file is a miss, never wrong data
+            missing = isinstance(exc, FileNotFoundError)  # another process sharing the folder deleted it
+            if not missing:
+                log.warning("prefix cache: dropping unreadable block file %s: %s", path, exc)
+            with self._lock:
+                self._disk.counts.misses += 1
+                if not missing:
+                    self._disk.errors += 1
+                self._disk.delete(h)
+            return None
+        with self._lock:
+            self._disk.counts.hits += 1
+            if h in self._disk.entries:
+                self._disk.entries.move_to_end(h)
+                self._disk.stamp(h)
+        return _pack(tensors, torch.device("cpu"), False)
+
+    # ------------------------------------------------------------------ lookups and counts
+
+    def longest_prefix(self, hashes: Sequence[bytes]) -> int:
+        """How many of the leading ``hashes`` are stored (in any tier); nothing is promoted or touched."""
+        with self._lock:
+            n = 0
+            for h in hashes:
+                if not (any(h in t.entries for t in self._tiers) or h in self._pending
+                        or (self._disk is not None and h in self._disk.entries)):
+                    break
+                n += 1
+            return n
+
+    def __contains__(self, h: bytes) -> bool:
+        return self.longest_prefix([h]) == 1
+
+    def record_request(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count one request's prompt tokens and how many of them were restored from the cache, and log it."""
+        with self._lock:
+            self._requests += 1
+            self._prompt_tokens += prompt_tokens
+            self._hit_tokens += hit_tokens
+        log.info("prefix cache: %d of %d prompt tokens restored (%.0f%%)", hit_tokens, prompt_tokens,
+                 100.0 * hit_tokens / prompt_tokens if prompt_tokens else 0.0)
+
+    def stats(self) -> dict:
+        """Counts per tier (``tiers[name]``: hits, misses, entries, bytes, budget_bytes, demotions,
+        evictions; the disk also ``errors``: unreadable or unwritable files) and totals."""
+        with self._lock:
+            tiers = {}
+            for t in self._tiers:
+                tiers[t.name] = dict(vars(t.counts), entries=len(t.entries), bytes=t.used, budget_bytes=t.budget)
+            if self._disk is not None:
+                d = self._disk
+                tiers["disk"] = dict(vars(d.counts), entries=len(d.entries), bytes=d.used, budget_bytes=d.budget,
+                                     errors=d.errors, pending_writes=len(self._pending))
+            hits = sum(t["hits"] for t in tiers.values())
+            last = list(tiers.values())[-1]["misses"] if tiers else 0
+            return {"tiers": tiers, "hits": hits, "misses": last, "puts": self._puts, "rejected": self._rejected,
+                    "requests": self._requests, "prompt_tokens": self._prompt_tokens,
+                    "hit_tokens": self._hit_tokens}
+
+    def prometheus_text(self) -> str:
+        """``stats()`` in Prometheus' text format."""
+        return render_metrics(lambda: metric_families(self)).decode()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class _Collector:
+    def __init__(self, families: Callable[[], Iterable]):
+        self.collect = families
+
+
+def render_metrics(families: Callable[[], Iterable]) -> bytes:
+    """Prometheus' text format of the metric families ``families()`` yields (read at each call)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(families))
+    return generate_latest(registry)
+
+
+def metric_families(store: PrefixStore) -> Iterator:
+    """Prometheus metric families of ``store.stats()`` (prometheus_client's ``Metric`` objects)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    s = store.stats()
+    per_tier = (
+        ("hits", CounterMetricFamily, "lookups that found the block in this tier"),
+        ("misses", CounterMetricFamily, "lookups that reached this tier and did not find the block there"),
+        ("demotions", CounterMetricFamily, "blocks moved from this tier to the next one"),
+        ("evictions", CounterMetricFamily, "blocks dropped from the cache from this tier"),
+        ("entries", GaugeMetricFamily, "blocks held in this tier"),
+        ("bytes", GaugeMetricFamily, "bytes held in this tier"),
+        ("budget_bytes", GaugeMetricFamily, "byte budget of this tier"),
+    )
+    for key, kind, doc in per_tier:
+        family = kind(f"ktcore_prefix_cache_{key}", doc, labels=["tier"])
+        for name, tier in s["tiers"].items():
+            family.add_metric([name], tier[key])
+        yield family
+    totals = (
+        ("disk_errors", "block files that could not be read or written",
+         s["tiers"].get("disk", {}).get("errors", 0)),
+        ("requests", "requests whose prompt was looked up", s["requests"]),
+        ("prompt_tokens", "prompt tokens of those requests", s["prompt_tokens"]),
+        ("hit_tokens", "prompt tokens restored from the cache instead of computed", s["hit_tokens"]),
+        ("puts", "blocks offered to the cache", s["puts"]),
+        ("rejected", "blocks larger than every tier's budget, not stored", s["rejected"]),
+    )
+    for key, doc, value in totals:
+        yield CounterMetricFamily(f"ktcore_prefix_cache_{key}", doc, value=value)
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def default_dir() -> Path:
+    """``<user cache dir>/ktcore/prefix`` (XDG_CACHE_HOME, else ~/.cache)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ktcore" / "prefix"
+
+
+def _size(text: str) -> int:
+    from ktcore.placement import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of tokens")
+    return int(text)
+
+
+def add_prefix_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--prefix-cache-ram``, ``--prefix-cache-disk``, ``--prefix-cache-dir``, ``--prefix-block``."""
+    g = p.add_argument_group(
+        "prefix cache",
+        "The keys and values of prompt blocks already computed are kept and restored when a later prompt starts "
+        "with the same tokens (a chat's earlier turns, a shared system prompt), so only the new tokens are "
+        "prefilled. Blocks are kept in CPU RAM (and with --prefix-cache-disk on disk as well, least recently "
+        "used ones only there) and copied back to the model's device on a hit; restored values are bit-exact.")
+    g.add_argument("--prefix-cache-ram", type=_size, default=DEFAULT_RAM, metavar="SIZE",
+                   help=f"CPU memory for cached blocks, e.g. 4GiB, 512MiB; 0 turns the RAM tier off "
+                        f"(default {DEFAULT_RAM})")
+    g.add_argument("--prefix-cache-disk", type=_size, default=0, metavar="SIZE",
+                   help="disk space for cached blocks, e.g. 50GiB: blocks are written there too and a later "
+                        "process with the same --prefix-cache-dir starts with them (default 0: no disk tier)")
+    g.add_argument("--prefix-cache-dir", type=Path, default=default_dir(), metavar="PATH",
+                   help="folder of the disk tier; models may share it, their blocks never mix "
+                        f"(default {default_dir()})")
+    g.add_argument("--prefix-block", type=_positive, default=DEFAULT_BLOCK, metavar="TOKENS",
+                   help="tokens per cached block: a prompt reuses whole blocks only, so smaller blocks match "
+                        f"more, larger ones cost less bookkeeping (default {DEFAULT_BLOCK})")
