@@ -87,11 +87,15 @@ def model_salt(path: str | os.PathLike | None, *extra: object) -> bytes:
 # ------------------------------------------------------------------------------------------------ payloads
 
 
+ALIGN = 16  # bytes: a packed block's size is a multiple of it, so rows of stacked blocks view as any dtype
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """Where each tensor of a payload lies in its packed byte buffer: ``(dtype, shape, offset)``."""
+    """Where each tensor of a payload lies in its packed byte buffer: ``(dtype, shape, offset, nbytes)``; the
+    buffer's ``nbytes`` is padded to ``ALIGN``."""
 
-    specs: tuple[tuple[torch.dtype, tuple[int, ...], int], ...]
+    specs: tuple[tuple[torch.dtype, tuple[int, ...], int, int], ...]
     nbytes: int
 
     @staticmethod
@@ -100,9 +104,16 @@ class _Layout:
         for t in payload:
             size = t.element_size()
             offset = -(-offset // size) * size  # a view of another dtype must start on its element size
-            specs.append((t.dtype, tuple(t.shape), offset))
+            specs.append((t.dtype, tuple(t.shape), offset, t.numel() * size))
             offset += t.numel() * size
-        return _Layout(tuple(specs), offset)
+        return _Layout(tuple(specs), -(-offset // ALIGN) * ALIGN)
+
+    def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The payload's tensors as views into ``flat``: ``[nbytes]`` gives each tensor, ``[k, nbytes]`` (k
+        packed blocks) each tensor stacked, ``[k, *shape]``."""
+        lead = tuple(flat.shape[:-1])
+        return tuple(flat[..., offset:offset + n].view(dtype).view(lead + shape)
+                     for dtype, shape, offset, n in self.specs)
 
 
 @dataclass
@@ -117,23 +128,9 @@ class _Packed:
     def nbytes(self) -> int:
         return self.flat.numel()
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        """Views into ``flat``."""
-        out = []
-        for dtype, shape, offset in self.layout.specs:
-            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            out.append(self.flat[offset:offset + n].view(dtype).view(shape))
-        return tuple(out)
-
     def to(self, device: torch.device, pin: bool = False) -> _Packed:
         """A copy on ``device`` (pinned host memory if ``pin`` and the device is the CPU)."""
-        if device.type == "cpu":
-            flat = torch.empty(self.flat.shape, dtype=torch.uint8, pin_memory=pin)
-            self.wait()
-            flat.copy_(self.flat)  # blocking: the host reads it at once
-            return _Packed(flat, self.layout)
-        flat = self.flat.to(device, non_blocking=self.flat.is_pinned(), copy=True)
-        return _Packed(flat, self.layout, _record(device))
+        return _Packed(_copy(self.flat, device, pin, self.ready), self.layout, _record(device))
 
     def wait(self) -> None:
         if self.ready is not None:
@@ -148,27 +145,48 @@ def _record(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
-def _pack(payload: Sequence[torch.Tensor], device: torch.device, pin: bool) -> _Packed:
-    """A packed copy of ``payload`` on ``device`` (never a view of the caller's tensors)."""
-    layout = _Layout.of(payload)
-    views = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in payload]
+def _copy(src: torch.Tensor, device: torch.device, pin: bool, ready: torch.cuda.Event | None = None) -> torch.Tensor:
+    """A new tensor on ``device`` equal to ``src`` (pinned if ``pin`` and ``device`` is the CPU). A copy to the
+    host is complete on return; one to an accelerator is ordered on its current stream."""
+    if device.type == "cpu":
+        out = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
+        if ready is not None:
+            ready.synchronize()
+        out.copy_(src)
+        return out
+    return src.to(device, non_blocking=src.is_pinned(), copy=True)
+
+
+def _pack_many(payload: Sequence[torch.Tensor], device: torch.device, pin: bool,
+               layout: _Layout | None = None) -> list[_Packed]:
+    """``payload``'s tensors hold ``k`` blocks stacked on dim 0 (tensor j of block i: ``payload[j][i]``);
+    one packed copy of each block on ``device``, never a view of the caller's tensors. The blocks are packed
+    where they are (one ``cat``), then moved with one copy: a block of 27 layers' K and V is not 54 transfers."""
+    k = payload[0].shape[0] if payload else 1
+    layout = layout or _Layout.of([t[0] for t in payload])
     pin = pin and device.type == "cpu"
-    sources = {v.device for v in views}
-    ends = np.cumsum([0] + [v.numel() for v in views[:-1]])
-    if len(sources) == 1 and all(spec[2] == end for spec, end in zip(layout.specs, ends)):
-        # no gaps: one kernel where the tensors are, then at most one copy (a block of 27 layers' K and V is
-        # not 54 transfers)
-        src = sources.pop()
-        if src == device:
-            flat = torch.empty(layout.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
-            torch.cat(views, out=flat)
-            return _Packed(flat, layout, _record(device))
-        staged = torch.cat(views) if len(views) > 1 else views[0]
-        return _Packed(staged, layout, _record(src)).to(device, pin)
-    flat = torch.zeros(layout.nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
-    for v, (_, _, offset) in zip(views, layout.specs):
-        flat[offset:offset + v.numel()].copy_(v)
-    return _Packed(flat, layout, _record(device))
+    rows = [t.detach().reshape(k, t.numel() // k).view(torch.uint8) for t in payload]
+    devices = {r.device for r in rows}
+    src = next(iter(devices)) if len(devices) == 1 else device
+    ends = np.cumsum([0] + [r.shape[1] for r in rows])
+    gapless = all(spec[2] == end for spec, end in zip(layout.specs, ends))
+    pad = layout.nbytes - int(ends[-1])
+    if gapless and len(devices) == 1:
+        flat = torch.cat([*rows, torch.zeros(k, pad, dtype=torch.uint8, device=src)], dim=1) if pad else \
+            torch.cat(rows, dim=1)
+    else:
+        flat = torch.zeros(k, layout.nbytes, dtype=torch.uint8, device=src)
+        for r, (*_, offset, n) in zip(rows, layout.specs):
+            flat[:, offset:offset + n].copy_(r)
+    if flat.device == device and (flat.is_pinned() or not pin):
+        return [_Packed(flat[0] if k == 1 else row.clone(), layout, _record(device)) for row in flat]
+    # each block its own buffer (evicting one frees its bytes), filled by one copy straight from the device
+    ready = _record(src)
+    return [_Packed(_copy(row, device, pin, ready), layout, _record(device)) for row in flat]
+
+
+def _pack(payload: Sequence[torch.Tensor], device: torch.device, pin: bool) -> _Packed:
+    return _pack_many([t.unsqueeze(0) for t in payload], device, pin)[0]
 
 
 def _checksum(tensors: Sequence[torch.Tensor]) -> str:
@@ -307,26 +325,44 @@ class PrefixStore:
     def put(self, h: bytes, payload: tuple[torch.Tensor, ...]) -> None:
         """Store ``payload`` (one block's K/V for every layer) under the name ``h``. A name already stored is
         only marked as recently used (equal names hold equal values)."""
-        layout = _Layout.of(payload)
+        self.put_many([h], [t.unsqueeze(0) for t in payload])
+
+    def put_many(self, hashes: Sequence[bytes], payload: Sequence[torch.Tensor]) -> None:
+        """``put`` of ``len(hashes)`` blocks at once: ``payload``'s tensors hold them stacked on dim 0 (tensor j
+        of block i is ``payload[j][i]``); packed with one copy off the device for all of them."""
+        if not hashes:
+            return
+        layout = _Layout.of([t[0] for t in payload])
         with self._lock:
-            self._puts += 1
-            for tier in self._tiers:
-                if h in tier.entries:
-                    tier.entries.move_to_end(h)
-                    return
+            self._puts += len(hashes)
+            new, seen = [], set()
+            for i, h in enumerate(hashes):
+                held = next((t for t in self._tiers if h in t.entries), None)
+                if held is not None:
+                    held.entries.move_to_end(h)
+                elif h not in seen:
+                    new.append(i)
+                    seen.add(h)
             target = next((i for i, t in enumerate(self._tiers) if t.budget >= layout.nbytes), None)
-            to_disk = (self._disk is not None and self._disk.budget >= layout.nbytes
-                       and h not in self._disk.entries and h not in self._pending)
-            if target is None and not to_disk:
-                self._rejected += 1
+            disk_fits = self._disk is not None and self._disk.budget >= layout.nbytes
+            if target is None and not disk_fits:
+                self._rejected += len(new)
                 return
+        if not new:
+            return
+        if len(new) < len(hashes):
+            index = torch.tensor(new, device=payload[0].device) if payload else None
+            payload = [t.index_select(0, index) for t in payload]
         tier = self._tiers[target] if target is not None else None
-        packed = _pack(payload, tier.device if tier else torch.device("cpu"), tier.pin if tier else False)
+        packed = _pack_many(payload, tier.device if tier else torch.device("cpu"), tier.pin if tier else False,
+                            layout)
         with self._lock:
-            if tier is not None and h not in tier.entries:
-                self._insert(target, h, packed)
-            if to_disk:
-                self._write_later(h, packed)
+            for i, p in zip(new, packed):
+                h = hashes[i]
+                if tier is not None and not any(h in t.entries for t in self._tiers):
+                    self._insert(target, h, p)
+                if disk_fits and h not in self._disk.entries and h not in self._pending:
+                    self._write_later(h, p)
 
     def _insert(self, i: int, h: bytes, packed: _Packed) -> None:
         tier = self._tiers[i]
@@ -380,7 +416,7 @@ class PrefixStore:
 
         cpu = packed if packed.flat.device.type == "cpu" else packed.to(torch.device("cpu"))
         cpu.wait()
-        tensors = cpu.tensors()
+        tensors = cpu.layout.views(cpu.flat)
         data = save({str(k): t for k, t in enumerate(tensors)},
                     metadata={"format": FORMAT, "name": h.hex(), "checksum": _checksum(tensors)})
         disk = self._disk
@@ -427,43 +463,74 @@ class PrefixStore:
     def get(self, h: bytes, device: torch.device | str) -> tuple[torch.Tensor, ...] | None:
         """A copy of the payload stored under ``h`` on ``device``, bit for bit, or ``None``. A hit below the top
         memory tier promotes the entry to it."""
+        found = self._lookup(h)
+        if found is None:
+            return None
+        packed = self._promote(h, *found)
+        return packed.layout.views(packed.to(torch.device(device)).flat)
+
+    def get_many(self, hashes: Sequence[bytes], device: torch.device | str) -> tuple[torch.Tensor, ...] | None:
+        """``get`` of the leading ``hashes`` that are stored, stacked: tensor j of the result is ``[k, *shape_j]``
+        with block i's tensor j at index i, ``k`` the number of leading blocks restored (``None``: not even the
+        first). Blocks in one tier reach ``device`` with one copy."""
         device = torch.device(device)
+        packs: list[_Packed] = []
+        for h in hashes:
+            found = self._lookup(h)
+            if found is None:
+                break
+            packed = self._promote(h, *found)
+            if packs and packed.layout != packs[0].layout:
+                break
+            packs.append(packed)
+        if not packs:
+            return None
+        layout = packs[0].layout
+        stacked = torch.empty((len(packs), layout.nbytes), dtype=torch.uint8, device=device)
+        if all(p.flat.device == device for p in packs):
+            torch.stack([p.flat for p in packs], out=stacked)
+        else:  # one transfer per block, straight from pinned memory: no staging copy on the host
+            for row, p in zip(stacked, packs):
+                p.wait()
+                row.copy_(p.flat, non_blocking=p.flat.is_pinned())
+        return layout.views(stacked)
+
+    def _lookup(self, h: bytes) -> tuple[int, _Packed] | None:
+        """Where ``h`` is (tier index; ``len(tiers)``: the disk) and its packed payload, counting hits and misses
+        per tier; a disk hit is read here."""
         with self._lock:
-            found = None
             for i, tier in enumerate(self._tiers):
                 if h in tier.entries:
                     tier.counts.hits += 1
                     tier.entries.move_to_end(h)
                     if self._disk is not None and h in self._disk.entries:
                         self._disk.entries.move_to_end(h)  # a block in use is the last the disk should drop
-                    found = i, tier.entries[h]
-                    break
+                    return i, tier.entries[h]
                 tier.counts.misses += 1
-            if found is None and h in self._pending:
-                found = len(self._tiers), self._pending[h]  # on its way to the disk: as good as read from it
+            if h in self._pending:
                 self._disk.counts.hits += 1
-            on_disk = found is None and self._disk is not None and h in self._disk.entries
-            if found is None and not on_disk:
+                return len(self._tiers), self._pending[h]  # on its way to the disk: as good as read from it
+            if self._disk is None or h not in self._disk.entries:
                 if self._disk is not None:
                     self._disk.counts.misses += 1
                 return None
-        if on_disk:
-            packed = self._read(h)
-            if packed is None:
-                return None
-            found = len(self._tiers), packed
-        i, packed = found
-        if i > 0 and self._tiers and self._tiers[0].budget >= packed.nbytes:
-            top = self._tiers[0]
-            if not (packed.flat.device == top.device and (packed.flat.is_pinned() or not top.pin)):
-                packed = packed.to(top.device, top.pin)
-            with self._lock:
-                for tier in self._tiers[1:]:  # memory tiers hold an entry once
-                    if h in tier.entries:
-                        tier.used -= tier.entries.pop(h).nbytes
-                if h not in top.entries:
-                    self._insert(0, h, packed)
-        return packed.to(device).tensors()
+        packed = self._read(h)
+        return None if packed is None else (len(self._tiers), packed)
+
+    def _promote(self, h: bytes, i: int, packed: _Packed) -> _Packed:
+        """Move an entry found in tier ``i`` to the top memory tier (the disk keeps its file)."""
+        if i == 0 or not self._tiers or self._tiers[0].budget < packed.nbytes:
+            return packed
+        top = self._tiers[0]
+        if not (packed.flat.device == top.device and (packed.flat.is_pinned() or not top.pin)):
+            packed = packed.to(top.device, top.pin)
+        with self._lock:
+            for tier in self._tiers[1:]:  # memory tiers hold an entry once
+                if h in tier.entries:
+                    tier.used -= tier.entries.pop(h).nbytes
+            if h not in top.entries:
+                self._insert(0, h, packed)
+        return packed
 
     def _read(self, h: bytes) -> _Packed | None:
         from safetensors import safe_open

@@ -36,7 +36,8 @@ def _payload(seed: int, layers: int = 2) -> tuple[torch.Tensor, ...]:
 
 
 def _nbytes(payload) -> int:
-    return sum(t.numel() * t.element_size() for t in payload) + 1  # + the int8 tensor's padding
+    raw = sum(t.numel() * t.element_size() for t in payload) + 1  # + the int8 tensor's padding
+    return -(-raw // 16) * 16  # packed blocks are padded to 16 bytes
 
 
 def _same(a, b) -> bool:
@@ -165,6 +166,46 @@ def test_lru_demotes_ram_to_disk_then_drops(tmp_path, file_bytes):
     assert _same(store.get(names[3], "cpu"), _payload(3))  # from disk, promoted to RAM
     assert _holds(store, "ram", names) == {5, 3}
     assert store.longest_prefix(names) == 0 and store.longest_prefix(names[3:]) == 3
+
+
+def _stacked(payloads):
+    return [torch.stack(ts) for ts in zip(*payloads)]
+
+
+def test_put_many_and_get_many_match_single_blocks(tmp_path):
+    """Blocks put stacked come back one by one and stacked; get_many stops at the first block not stored, and
+    gathers blocks from RAM and disk alike."""
+    store = PrefixStore(ram_bytes=3 * BLOCK, disk_dir=tmp_path, disk_bytes=100 * BLOCK)
+    names = _names(6)
+    payloads = [_payload(i) for i in range(6)]
+    store.put(names[1], payloads[1])
+    store.put_many(names[:5], _stacked(payloads[:5]))  # 1 is stored already: only marked as used
+    store.flush()
+    assert store.stats()["puts"] == 6 and _tiers(store)["disk"]["entries"] == 5
+    assert _holds(store, "ram", names) == {2, 3, 4}  # 0 and 1 went down to the disk
+    assert _same(store.get(names[3], "cpu"), payloads[3])
+    got = store.get_many(names, "cpu")  # 5 was never stored
+    assert _same(got, _stacked(payloads[:5]))
+    assert store.get_many(names[5:], "cpu") is None
+    t = _tiers(store)  # RAM holds 3: each block read from disk pushes an older one down
+    assert (t["ram"]["hits"], t["disk"]["hits"], t["disk"]["misses"]) == (1, 5, 2)
+    assert _holds(store, "ram", names) == {2, 3, 4}
+
+
+def test_put_many_takes_strided_views_of_a_paged_pool():
+    """What a paged KV cache hands over: [heads, block, dim] slices of one big [1, heads, positions, dim] pool."""
+    pool = torch.randn(1, 3, 64, 8)
+    store = PrefixStore(ram_bytes=1 << 20)
+    names = _names(4)
+    blocks = [(pool[0, :, 16 * b:16 * b + 16], pool[0, :, 16 * b:16 * b + 16].to(torch.bfloat16)) for b in range(4)]
+    store.put(names[0], blocks[0])
+    store.put_many(names[1:], [pool[0].unflatten(1, (4, 16)).transpose(0, 1)[1:],
+                               pool[0].unflatten(1, (4, 16)).transpose(0, 1)[1:].to(torch.bfloat16)])
+    expected = [tuple(t.clone() for t in b) for b in blocks]
+    pool.zero_()  # the store holds copies
+    assert all(_same(store.get(h, "cpu"), b) for h, b in zip(names, expected))
+    got = store.get_many(names, "cpu")
+    assert got[0].shape == (4, 3, 16, 8) and _same(got, _stacked(expected))
 
 
 def test_ram_only_drops_least_recently_used():
@@ -369,3 +410,22 @@ def test_options_build_the_store(tmp_path, capsys):
             p.parse_args(bad)
         assert says in capsys.readouterr().err
     assert "--prefix-cache-disk SIZE" in p.format_help()
+
+
+@CUDA
+@pytest.mark.parametrize("device_bytes", [0, 1 << 20])
+def test_cuda_restore_from_pinned_ram_and_device(device_bytes):
+    """A model on the GPU: blocks put from CUDA tensors come back on it bit for bit, one by one and stacked,
+    from the device tier or from pinned RAM."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    store = PrefixStore(device_bytes=device_bytes, ram_bytes=1 << 20, device=dev)
+    names = _names(3)
+    payloads = [_payload(i) for i in range(3)]
+    store.put_many(names, [t.to(dev) for t in _stacked(payloads)])
+    tier = "device" if device_bytes else "ram"
+    assert _holds(store, tier, names) == {0, 1, 2}
+    if not device_bytes:
+        assert all(p.flat.is_pinned() for p in store._tiers[0].entries.values())
+    got = store.get_many(names, dev)
+    assert got[0].device == dev and _same(got, _stacked(payloads))
+    assert _same(store.get(names[1], dev), payloads[1]) and _same(store.get(names[1], "cpu"), payloads[1])
