@@ -31,12 +31,14 @@ All methods are thread-safe: the engine thread puts and gets while the server's 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
 import logging
 import os
 import queue
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ DEFAULT_RAM = "4GiB"
 FILE_SUFFIX = ".safetensors"
 FORMAT = "ktcore-prefix-1"  # metadata["format"] of a block file; a file without it is not ours
 TIERS = ("device", "ram", "disk")
+MAX_PENDING_BYTES = 256 << 20  # blocks waiting for the disk writer at most; more are not written through
+WRITER_IDLE_S = 5.0  # the disk writer thread ends after this long without work (a new write starts another)
 
 
 # ------------------------------------------------------------------------------------------------ hashing
@@ -228,7 +232,8 @@ class _DiskTier:
         self.entries: OrderedDict[bytes, int] = OrderedDict()
         self.used = 0
         self.counts = _Counts()
-        self.errors = 0
+        self.errors = 0  # files that could not be read or written
+        self.skipped = 0  # blocks not written because too many were waiting for the disk
         root.mkdir(parents=True, exist_ok=True)
         found = []
         for sub in root.iterdir():
@@ -295,6 +300,7 @@ class PrefixStore:
                                            pin=torch.cuda.is_available()))
         self._disk = _DiskTier(Path(disk_dir).expanduser(), int(disk_bytes)) if disk_dir and disk_bytes > 0 else None
         self._pending: dict[bytes, _Packed] = {}  # written to disk by the writer thread, not yet there
+        self._pending_bytes = 0
         self._writes: queue.Queue[tuple[bytes, _Packed] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._puts = self._rejected = self._requests = self._prompt_tokens = self._hit_tokens = 0
@@ -381,23 +387,42 @@ class PrefixStore:
             counts.demotions += 1
         elif self._disk is not None and (h in self._disk.entries or h in self._pending):
             counts.demotions += 1  # written through already
-        elif self._disk is not None and self._disk.budget >= packed.nbytes:
-            self._write_later(h, packed)
+        elif self._disk is not None and self._disk.budget >= packed.nbytes and self._write_later(h, packed):
             counts.demotions += 1
         else:
             counts.evictions += 1
 
     # ------------------------------------------------------------------ disk writes (background thread)
 
-    def _write_later(self, h: bytes, packed: _Packed) -> None:
+    def _write_later(self, h: bytes, packed: _Packed) -> bool:
+        """Queue ``packed`` for the disk; ``False`` (not queued) when ``MAX_PENDING_BYTES`` wait already: a
+        slow disk must not hold memory beyond the budgets or stall the engine."""
+        if self._pending_bytes + packed.nbytes > MAX_PENDING_BYTES:
+            self._disk.skipped += 1
+            return False
         self._pending[h] = packed
+        self._pending_bytes += packed.nbytes
         if self._writer is None:
             self._writer = threading.Thread(target=self._write_loop, name="ktcore-prefix-writer", daemon=True)
             self._writer.start()
+            _OPEN.add(self)
         self._writes.put((h, packed))
+        return True
 
     def _write_loop(self) -> None:
-        while (job := self._writes.get()) is not None:
+        while True:
+            try:
+                job = self._writes.get(timeout=WRITER_IDLE_S)
+            except queue.Empty:
+                with self._lock:  # _write_later starts a new writer under the same lock
+                    if self._writes.empty():
+                        if self._writer is threading.current_thread():
+                            self._writer = None
+                            _OPEN.discard(self)
+                        return
+                continue
+            if job is None:
+                break
             h, packed = job
             try:
                 self._write(h, packed)
@@ -407,7 +432,8 @@ class PrefixStore:
                     self._disk.errors += 1
             finally:
                 with self._lock:
-                    self._pending.pop(h, None)
+                    if self._pending.pop(h, None) is not None:
+                        self._pending_bytes -= packed.nbytes
                 self._writes.task_done()
         self._writes.task_done()
 
@@ -448,15 +474,17 @@ class PrefixStore:
 
     def flush(self) -> None:
         """Wait until every block queued for the disk is written."""
-        if self._writer is not None:
-            self._writes.join()
+        self._writes.join()
 
     def close(self) -> None:
-        """Write what is queued for the disk and stop the writer thread."""
-        if self._writer is not None:
-            self._writes.put(None)
-            self._writer.join()
-            self._writer = None
+        """Write what is queued for the disk and stop the writer thread (done at interpreter exit too)."""
+        with self._lock:
+            _OPEN.discard(self)
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                self._writes.put(None)
+        if writer is not None:
+            writer.join()
 
     # ------------------------------------------------------------------ get
 
@@ -596,7 +624,7 @@ class PrefixStore:
             if self._disk is not None:
                 d = self._disk
                 tiers["disk"] = dict(vars(d.counts), entries=len(d.entries), bytes=d.used, budget_bytes=d.budget,
-                                     errors=d.errors, pending_writes=len(self._pending))
+                                     errors=d.errors, skipped=d.skipped, pending_writes=len(self._pending))
             hits = sum(t["hits"] for t in tiers.values())
             last = list(tiers.values())[-1]["misses"] if tiers else 0
             return {"tiers": tiers, "hits": hits, "misses": last, "puts": self._puts, "rejected": self._rejected,
@@ -606,6 +634,15 @@ class PrefixStore:
     def prometheus_text(self) -> str:
         """``stats()`` in Prometheus' text format."""
         return render_metrics(lambda: metric_families(self)).decode()
+
+
+_OPEN: weakref.WeakSet[PrefixStore] = weakref.WeakSet()  # stores with a writer thread
+
+
+@atexit.register
+def _close_all() -> None:
+    for store in list(_OPEN):
+        store.close()
 
 
 # ------------------------------------------------------------------------------------------------ metrics

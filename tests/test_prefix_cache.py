@@ -429,3 +429,27 @@ def test_cuda_restore_from_pinned_ram_and_device(device_bytes):
     got = store.get_many(names, dev)
     assert got[0].device == dev and _same(got, _stacked(payloads))
     assert _same(store.get(names[1], dev), payloads[1]) and _same(store.get(names[1], "cpu"), payloads[1])
+
+
+def test_disk_writer_is_bounded_and_ends_when_idle(tmp_path, monkeypatch):
+    """Blocks waiting for the disk hold at most MAX_PENDING_BYTES (more are not written through, and counted);
+    the writer thread ends after WRITER_IDLE_S without work and the next write starts another."""
+    import ktcore.prefix_cache as pc
+
+    monkeypatch.setattr(pc, "MAX_PENDING_BYTES", 2 * BLOCK)
+    monkeypatch.setattr(pc, "WRITER_IDLE_S", 0.05)
+    store = PrefixStore(ram_bytes=10 * BLOCK, disk_dir=tmp_path, disk_bytes=100 * BLOCK)
+    names = _names(5)
+    with store._lock:  # the writer cannot take a job off the queue's bookkeeping while we hold the lock
+        store.put_many(names, _stacked([_payload(i) for i in range(5)]))
+        assert store._pending_bytes <= 2 * BLOCK
+    store.flush()
+    t = _tiers(store)["disk"]
+    assert t["entries"] + t["skipped"] == 5 and t["skipped"] >= 3
+    writer = store._writer
+    writer.join(timeout=5)
+    assert not writer.is_alive() and store._writer is None
+    store.put(names[4], _payload(4))  # in RAM already: nothing to write
+    store.put(_names(6)[5], _payload(5))
+    store.close()
+    assert _tiers(store)["disk"]["entries"] == t["entries"] + 1
