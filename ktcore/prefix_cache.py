@@ -12,8 +12,8 @@ Tiers, fastest first, each with a byte budget (0: no such tier):
 - ``device``: memory of the device the model runs on (GPU). On a CPU-only model there is no separate device
   tier: RAM is the device's memory and is counted once.
 - ``ram``: CPU memory, pinned when CUDA is available (copies back to the GPU run at full bus speed).
-- ``disk``: a folder, one safetensors file per block (``ab/abcdef....safetensors``; the metadata holds the
-  block's name and a checksum of its bytes). The folder is the index: a new process finds the files saved
+- ``disk``: a folder, one safetensors file per block (``ab/abcdef....safetensors``: the packed block as one
+  uint8 tensor; the metadata holds the block's name, its tensors' dtypes, shapes and offsets, and a CRC-32). The folder is the index: a new process finds the files saved
   earlier, most recently used last by modification time, so a restart keeps its cache. Several models may
   share a folder (their salts differ); the budget covers the folder.
 
@@ -33,12 +33,15 @@ from __future__ import annotations
 import argparse
 import atexit
 import hashlib
+import json
 import logging
+import math
 import os
 import queue
 import threading
 import time
 import weakref
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -111,6 +114,27 @@ class _Layout:
             specs.append((t.dtype, tuple(t.shape), offset, t.numel() * size))
             offset += t.numel() * size
         return _Layout(tuple(specs), -(-offset // ALIGN) * ALIGN)
+
+    def to_json(self) -> str:
+        return json.dumps({"nbytes": self.nbytes, "tensors": [
+            [str(dtype).removeprefix("torch."), list(shape), offset, n] for dtype, shape, offset, n in self.specs]})
+
+    @staticmethod
+    def from_json(text: str) -> _Layout:
+        """The layout a block file's metadata describes, checked: every view it makes lies inside the buffer."""
+        data = json.loads(text)
+        nbytes, specs = int(data["nbytes"]), []
+        for name, shape, offset, n in data["tensors"]:
+            dtype = getattr(torch, name, None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"unknown dtype {name!r} in the block's layout")
+            shape = tuple(int(d) for d in shape)
+            if n != math.prod(shape) * dtype.itemsize or offset % dtype.itemsize or not 0 <= offset <= nbytes - n:
+                raise ValueError(f"a {name} tensor of shape {list(shape)} at byte {offset} does not fit the block")
+            specs.append((dtype, shape, int(offset), int(n)))
+        if nbytes % ALIGN:
+            raise ValueError(f"a block of {nbytes} bytes is not padded to {ALIGN}")
+        return _Layout(tuple(specs), nbytes)
 
     def views(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The payload's tensors as views into ``flat``: ``[nbytes]`` gives each tensor, ``[k, nbytes]`` (k
@@ -193,11 +217,9 @@ def _pack(payload: Sequence[torch.Tensor], device: torch.device, pin: bool) -> _
     return _pack_many([t.unsqueeze(0) for t in payload], device, pin)[0]
 
 
-def _checksum(tensors: Sequence[torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
+def _checksum(flat: torch.Tensor) -> str:
+    """CRC-32 of a packed block's bytes: catches a damaged file (safetensors itself checks only sizes)."""
+    return f"{zlib.crc32(flat.numpy()):08x}"
 
 
 # ------------------------------------------------------------------------------------------------ tiers
@@ -442,9 +464,8 @@ class PrefixStore:
 
         cpu = packed if packed.flat.device.type == "cpu" else packed.to(torch.device("cpu"))
         cpu.wait()
-        tensors = cpu.layout.views(cpu.flat)
-        data = save({str(k): t for k, t in enumerate(tensors)},
-                    metadata={"format": FORMAT, "name": h.hex(), "checksum": _checksum(tensors)})
+        data = save({"block": cpu.flat}, metadata={"format": FORMAT, "name": h.hex(), "checksum": _checksum(cpu.flat),
+                                                   "layout": cpu.layout.to_json()})
         disk = self._disk
         with self._lock:
             if h in disk.entries or len(data) > disk.budget:
@@ -567,10 +588,14 @@ class PrefixStore:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("format") != FORMAT or meta.get("name") != h.hex():
-                    raise ValueError(f"not a ktcore prefix block named {h.hex()} (metadata {meta})")
-                tensors = [f.get_tensor(str(k)) for k in range(len(f.keys()))]
-            if _checksum(tensors) != meta.get("checksum"):
+                if meta.get("format") != FORMAT or meta.get("name") != h.hex() or list(f.keys()) != ["block"]:
+                    raise ValueError(f"not a ktcore prefix block of this name (format {meta.get('format')!r}, "
+                                     f"name {meta.get('name')!r}, tensors {list(f.keys())})")
+                layout = _Layout.from_json(meta["layout"])
+                flat = f.get_tensor("block")
+            if flat.dtype != torch.uint8 or flat.shape != (layout.nbytes,):
+                raise ValueError(f"the block holds {flat.dtype} {list(flat.shape)}, its layout {layout.nbytes} bytes")
+            if _checksum(flat) != meta.get("checksum"):
                 raise ValueError("checksum mismatch: the file is corrupted")
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file is a miss, never wrong data
             missing = isinstance(exc, FileNotFoundError)  # another process sharing the folder deleted it
@@ -587,7 +612,7 @@ class PrefixStore:
             if h in self._disk.entries:
                 self._disk.entries.move_to_end(h)
                 self._disk.stamp(h)
-        return _pack(tensors, torch.device("cpu"), False)
+        return _Packed(flat, layout)
 
     # ------------------------------------------------------------------ lookups and counts
 

@@ -4,12 +4,15 @@ demotion under byte budgets, disk persistence and damaged files, threads, metric
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import threading
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ktcore.prefix_cache import (
     PrefixStore,
@@ -287,13 +290,23 @@ def test_damaged_files_are_misses_with_a_warning(tmp_path, caplog):
     paths[0].write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last tensor flipped
     paths[1].write_bytes(paths[1].read_bytes()[: len(data) // 2])  # truncated
     paths[2].write_bytes(b"\xff" * 40)  # not safetensors at all
+    names = names + _names(6)[4:]
+    paths += [store._disk.path(h) for h in names[4:]]
+    for p in paths[4:]:
+        p.parent.mkdir(exist_ok=True)
+    paths[4].write_bytes(paths[3].read_bytes())  # another block's file under this name
+    meta = safe_open(paths[3], "pt").metadata()  # a valid file whose layout reaches past its block:
+    save_file({"block": torch.zeros(16, dtype=torch.uint8)}, paths[5], metadata={
+        **meta, "name": names[5].hex(), "layout": json.dumps({"nbytes": 16, "tensors": [["float32", [8], 0, 32]]})})
+    store = PrefixStore(ram_bytes=0, disk_dir=tmp_path, disk_bytes=100 * BLOCK)  # a restart finds them all
+    damaged = [0, 1, 2, 4, 5]
     fresh = PrefixStore(ram_bytes=0, disk_dir=tmp_path, disk_bytes=100 * BLOCK)
     with caplog.at_level(logging.WARNING, logger="ktcore.prefix_cache"):
-        for s in (store, fresh):
-            assert [s.get(h, "cpu") is None for h in names[:3]] == [True, True, True]
+        for s in (store, fresh):  # the second store finds them deleted: quiet misses
+            assert all(s.get(names[i], "cpu") is None for i in damaged)
     assert _same(store.get(names[3], "cpu"), _payload(3))
-    assert len([r for r in caplog.records if "unreadable block file" in r.getMessage()]) == 3
-    assert _tiers(store)["disk"]["errors"] == 3 and not any(p.exists() for p in paths[:3])
+    assert len([r for r in caplog.records if "unreadable block file" in r.getMessage()]) == 5
+    assert _tiers(store)["disk"]["errors"] == 5 and not any(paths[i].exists() for i in damaged)
     store.put(names[0], _payload(0))  # and the name can be stored again
     store.flush()
     assert _same(store.get(names[0], "cpu"), _payload(0))
