@@ -110,20 +110,21 @@ def main() -> int:
     big = 4 * n_blocks * block_bytes
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        tiers = [("ram", dict(ram_bytes=big))]
+        tiers = [("ram", {"ram_bytes": big})]
         if device.type != "cpu":
-            tiers.insert(0, ("device", dict(device_bytes=big, ram_bytes=0)))
-        tiers.append(("disk", dict(ram_bytes=0, disk_dir=folder, disk_bytes=big)))
+            tiers.insert(0, ("device", {"device_bytes": big, "ram_bytes": 0}))
+        tiers.append(("disk", {"ram_bytes": 0, "disk_dir": folder, "disk_bytes": big}))
         for name, kw in tiers:
             writer = PrefixStore(device=device, block_size=args.block, salt=salt, **kw)
-            put_ms = _median_ms(lambda: writer.put_many(hashes, stacked), device, 1)
+            put_ms = _median_ms(lambda w=writer: w.put_many(hashes, stacked), device, 1)
             writer.close()
             # the disk tier: a new store on the folder (a restarted process); with RAM off every get reads a file
             store = PrefixStore(device=device, block_size=args.block, salt=salt, **kw) if name == "disk" else writer
             for how, fn in (("get_many", restore_many), ("get", restore_each)):
                 fn(store, hashes)
                 check()
-                rows.append((name, how, _median_ms(lambda: fn(store, hashes), device, args.repeats), put_ms))
+                ms = _median_ms(lambda f=fn, s=store: f(s, hashes), device, args.repeats)
+                rows.append((name, how, ms, put_ms))
 
     head = f"{'tier':<7} {'restore':<9} {'ms':>9} {'x recompute':>11} {'put_many ms':>11}"
     print(f"prefill (recompute) of {args.tokens} tokens: {recompute:.1f} ms; {n_blocks} blocks of "
