@@ -333,12 +333,11 @@ class PrefixStore:
     # ------------------------------------------------------------------ options
 
     @classmethod
-    def from_options(cls, args: argparse.Namespace, device: torch.device | str, salt: bytes, *,
-                     device_bytes: int = 0) -> PrefixStore:
-        """The store ``add_prefix_cache_args``'s options describe, for a model on ``device`` (the engine may
-        give it ``device_bytes`` of the device's memory)."""
-        return cls(device_bytes=device_bytes, ram_bytes=args.prefix_cache_ram, disk_dir=args.prefix_cache_dir,
-                   disk_bytes=args.prefix_cache_disk, device=device, block_size=args.prefix_block, salt=salt)
+    def from_options(cls, args: argparse.Namespace, device: torch.device | str, salt: bytes) -> PrefixStore:
+        """The store ``add_prefix_cache_args``'s options describe, for a model whose KV cache is on ``device``."""
+        return cls(device_bytes=args.prefix_cache_gpu, ram_bytes=args.prefix_cache_ram,
+                   disk_dir=args.prefix_cache_dir, disk_bytes=args.prefix_cache_disk, device=device,
+                   block_size=args.prefix_block, salt=salt)
 
     @property
     def enabled(self) -> bool:
@@ -743,13 +742,18 @@ def _positive(text: str) -> int:
 
 
 def add_prefix_cache_args(p: argparse.ArgumentParser) -> None:
-    """``--prefix-cache-ram``, ``--prefix-cache-disk``, ``--prefix-cache-dir``, ``--prefix-block``."""
+    """``--prefix-cache-gpu``, ``--prefix-cache-ram``, ``--prefix-cache-disk``, ``--prefix-cache-dir``,
+    ``--prefix-block``."""
     g = p.add_argument_group(
         "prefix cache",
-        "The keys and values of prompt blocks already computed are kept and restored when a later prompt starts "
-        "with the same tokens (a chat's earlier turns, a shared system prompt), so only the new tokens are "
-        "prefilled. Blocks are kept in CPU RAM (and with --prefix-cache-disk on disk as well, least recently "
-        "used ones only there) and copied back to the model's device on a hit; restored values are bit-exact.")
+        "The keys and values of prompt blocks already computed are kept and restored, bit-exact, when a later "
+        "prompt starts with the same tokens (a chat's earlier turns, a shared system prompt), so only the new "
+        "tokens are prefilled. Tiers, least recently used blocks moving down: GPU memory (--prefix-cache-gpu), "
+        "CPU RAM (--prefix-cache-ram), disk (--prefix-cache-disk, which also keeps them across restarts). "
+        "Example: --prefix-cache-ram 16GiB --prefix-cache-disk 200GiB")
+    g.add_argument("--prefix-cache-gpu", type=_size, default=0, metavar="SIZE",
+                   help="GPU memory for cached blocks besides the KV cache, e.g. 8GiB: hits there need no copy "
+                        "over the bus (default 0: none; ignored when the model runs on the CPU)")
     g.add_argument("--prefix-cache-ram", type=_size, default=DEFAULT_RAM, metavar="SIZE",
                    help=f"CPU memory for cached blocks, e.g. 4GiB, 512MiB; 0 turns the RAM tier off "
                         f"(default {DEFAULT_RAM})")

@@ -405,6 +405,7 @@ def test_options_build_the_store(tmp_path, capsys):
     add_prefix_cache_args(p)
     defaults = p.parse_args([])
     assert defaults.prefix_cache_ram == 4 << 30 and defaults.prefix_cache_disk == 0 and defaults.prefix_block == 16
+    assert defaults.prefix_cache_gpu == 0
     assert defaults.prefix_cache_dir.parts[-2:] == ("ktcore", "prefix")
     store = PrefixStore.from_options(defaults, "cpu", b"salt")
     assert list(_tiers(store)) == ["ram"] and store.block_size == 16
@@ -415,6 +416,8 @@ def test_options_build_the_store(tmp_path, capsys):
     store = PrefixStore.from_options(args, "cpu", b"")
     assert list(_tiers(store)) == ["disk"] and _tiers(store)["disk"]["budget_bytes"] == 3 << 29
     assert store.block_size == 64 and (tmp_path / "c").is_dir()
+    on_cpu = PrefixStore.from_options(p.parse_args(["--prefix-cache-gpu", "1GiB"]), "cpu", b"")
+    assert list(_tiers(on_cpu)) == ["ram"]  # no GPU: RAM is the device's memory
     off = PrefixStore.from_options(p.parse_args(["--prefix-cache-ram", "0"]), "cpu", b"")
     assert not off.enabled and store.enabled
 
