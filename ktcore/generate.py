@@ -245,10 +245,8 @@ class Generator:
         self.device = model_device(model)
         if prefix_store is None:
             from .engine.paged_cache import DEFAULT_BLOCK_SIZE
-            try:  # TEMPORARY until the prefix branch is merged
-                from .prefix_cache import PrefixStore
-            except ImportError:
-                PrefixStore = lambda **kw: False  # noqa: E731
+            from .prefix_cache import PrefixStore
+
             prefix_store = PrefixStore(ram_bytes=self.PREFIX_RAM_BYTES, device=self.device,
                                        block_size=DEFAULT_BLOCK_SIZE)
         self.engine = EngineCore(model, tokenizer, max_context=self.max_context, max_concurrency=1,

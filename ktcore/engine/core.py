@@ -114,6 +114,7 @@ class EngineCore:
 
     # -- one step
 
+    @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that got a token (finished ones included, already taken out)."""
         batch = self.scheduler.schedule()

@@ -238,19 +238,25 @@ class PagedCache(Cache):
 
     # -- blocks as tensors (prefix store payloads)
 
-    def read_block(self, block: int) -> tuple[torch.Tensor, ...]:
-        """Keys and values of ``block`` for every layer: ``(k0, v0, k1, v1, ...)``, each ``[heads, block_size, dim]``."""
-        s = block * self.block_size
+    def _blocks_view(self, pool: torch.Tensor) -> torch.Tensor:
+        return pool[0].view(pool.shape[1], self.num_blocks + 1, self.block_size, pool.shape[-1])
+
+    def read_blocks(self, blocks: list[int]) -> tuple[torch.Tensor, ...]:
+        """Keys and values of ``blocks`` for every layer, stacked on dim 0: ``(k0, v0, k1, v1, ...)``, each
+        ``[len(blocks), heads, block_size, dim]``."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.layers[0].keys.device)
         out = []
         for layer in self.layers:
-            out += [layer.keys[0, :, s : s + self.block_size].clone(), layer.values[0, :, s : s + self.block_size].clone()]
+            for pool in (layer.keys, layer.values):
+                out.append(self._blocks_view(pool).index_select(1, index).transpose(0, 1).contiguous())
         return tuple(out)
 
-    def write_block(self, block: int, payload: tuple[torch.Tensor, ...]) -> None:
-        s = block * self.block_size
-        for i, layer in enumerate(self.layers):
-            layer.keys[0, :, s : s + self.block_size].copy_(payload[2 * i])
-            layer.values[0, :, s : s + self.block_size].copy_(payload[2 * i + 1])
+    def write_blocks(self, blocks: list[int], payload: tuple[torch.Tensor, ...]) -> None:
+        """The inverse of ``read_blocks`` (``payload`` may hold more blocks than ``blocks``: the first are used)."""
+        index = torch.tensor(blocks, dtype=torch.long, device=self.layers[0].keys.device)
+        pools = [pool for layer in self.layers for pool in (layer.keys, layer.values)]
+        for pool, stacked in zip(pools, payload):
+            self._blocks_view(pool).index_copy_(1, index, stacked[: len(blocks)].transpose(0, 1).to(pool.dtype))
 
     @property
     def is_initialized(self) -> bool:

@@ -17,20 +17,19 @@ class PrefixReuse:
         self.cache, self.store = cache, store
 
     def restore(self, seq: Sequence) -> None:
-        """Before ``seq``'s first chunk (nothing cached): restore what the store holds of its tokens."""
+        """Before ``seq``'s first chunk (nothing cached): restore what the store holds of its tokens. (The
+        pools are allocated by the first forward: the engine's first request restores nothing.)"""
+        bs = self.cache.block_size
         hashes = self.store.hashes(seq.tokens[: len(seq.tokens) - 1])
         n = self.store.longest_prefix(hashes)
         restored = 0
-        if n and self.cache.is_initialized and self.cache.can_reserve(seq.kv, n * self.cache.block_size):
-            device = self.cache.layers[0].keys.device
-            for h in hashes[:n]:
-                payload = self.store.get(h, device)
-                if payload is None:  # evicted or unreadable meanwhile
-                    break
-                self.cache.reserve(seq.kv, (restored + 1) * self.cache.block_size)
-                self.cache.write_block(seq.kv.blocks[restored], payload)
-                restored += 1
-        seq.kv.length = restored * self.cache.block_size
+        if n and self.cache.is_initialized and self.cache.can_reserve(seq.kv, n * bs):
+            payload = self.store.get_many(hashes[:n], self.cache.layers[0].keys.device)
+            if payload is not None:  # blocks evicted meanwhile: the leading ones still stored came back
+                restored = payload[0].shape[0]
+                self.cache.reserve(seq.kv, restored * bs)
+                self.cache.write_blocks(seq.kv.blocks[:restored], payload)
+        seq.kv.length = restored * bs
         seq.put_blocks = restored
         if seq.preemptions == 0:
             seq.restored = seq.kv.length
@@ -42,6 +41,5 @@ class PrefixReuse:
         if full <= seq.put_blocks:
             return
         hashes = self.store.hashes(seq.tokens[: full * self.cache.block_size])
-        for i in range(seq.put_blocks, full):
-            self.store.put(hashes[i], self.cache.read_block(seq.kv.blocks[i]))
+        self.store.put_many(hashes[seq.put_blocks : full], self.cache.read_blocks(seq.kv.blocks[seq.put_blocks : full]))
         seq.put_blocks = full
