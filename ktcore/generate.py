@@ -279,6 +279,7 @@ class Generator:
 
     # -- the cache's one sequence, outside the engine's requests
 
+    @torch.inference_mode()
     def _solo(self):
         if self.engine.has_work:
             raise RuntimeError("a request is still running on this Generator")

@@ -210,3 +210,18 @@ def test_batched_logits_equal_solo_logits(llama):
         with torch.inference_mode():
             alone = forward_step(llama, torch.tensor([s.tokens]), cache)[0, -1]
         assert (row - alone).abs().max() <= 1e-5 * alone.abs().max()
+
+
+def test_recurrent_state_model_runs_one_sequence_at_a_time():
+    """Qwen3-Next's linear-attention layers keep state outside the blocks: the engine runs one sequence at a
+    time (state reset for each), and greedy tokens equal Transformers' own, twice in a row."""
+    from ktcore.generate import Generator
+
+    model = tiny_model("qwen3_next")
+    gen = Generator(model, None, max_context=64)
+    assert gen.engine.max_concurrency == 1 and gen.engine.prefix is None
+    prompt = [5, 6, 7, 8, 9, 10, 11]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    for _ in range(2):
+        assert list(gen.generate_ids(prompt, _greedy(6))) == want

@@ -56,6 +56,13 @@ class EngineCore:
             raise ValueError(f"kv_blocks={kv_blocks} blocks of {block_size} cannot hold one sequence of "
                              f"max_context={self.max_context}; give at least {per_sequence}")
         self.cache = PagedCache(model, kv_blocks, block_size)
+        if self.cache.state_layers:
+            # recurrent state (Qwen3-Next's linear attention) lives outside the blocks: one sequence at a time,
+            # and no prefix reuse (a block's keys alone do not restore the state)
+            if self.max_concurrency > 1:
+                log.warning("%s keeps recurrent state per layer: decoding one sequence at a time",
+                            type(model).__name__)
+            self.max_concurrency, prefix_store = 1, None
         self.prefix = PrefixReuse(self.cache, prefix_store) if prefix_store is not None else None
         self.scheduler = Scheduler(self.cache, self.max_concurrency, prefill_chunk,
                                    on_admit=self.prefix.restore if self.prefix is not None else None,
@@ -124,6 +131,8 @@ class EngineCore:
         if batch.prefill is not None:
             seq, n = batch.prefill
             start = seq.kv.length
+            if start == 0 and self.cache.state_layers:
+                self.cache.reset_state()
             logits = self.runner.forward([seq.tokens[start : start + n]], [seq.kv])
             seq.prefilled += n
             if seq.pending == 0:

@@ -147,6 +147,7 @@ class PagedCache(Cache):
         self.scratch_slot = self.num_blocks * self.block_size
         self.num_slots = self.scratch_slot + self.block_size
         self.plan: StepPlan | None = None
+        self.state_layers: list[int] = []  # layers holding one sequence's recurrent state (linear attention)
         layers = []
         for i, layer in enumerate(StaticCache(config=model.config, max_cache_len=self.scratch_slot).layers):
             if type(layer) is StaticLayer:
@@ -154,10 +155,15 @@ class PagedCache(Cache):
             elif type(layer) is StaticSlidingWindowLayer:
                 # StaticSlidingWindowLayer stores min(window, max_cache_len) as its max_cache_len
                 layers.append(PagedSlidingLayer(self, sliding_window=layer.max_cache_len))
-            else:
-                raise ValueError(f"cache layer {i} is {type(layer).__name__}: the paged KV cache holds attention "
-                                 "layers only")
+            else:  # not paged: its state belongs to the one sequence running (the engine runs one at a time)
+                layers.append(layer)
+                self.state_layers.append(i)
         super().__init__(layers=layers)
+
+    def reset_state(self) -> None:
+        """Clear the recurrent-state layers for a new sequence."""
+        for i in self.state_layers:
+            self.layers[i].reset()
 
     # -- sequences
 
@@ -260,7 +266,7 @@ class PagedCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return all(layer.is_initialized for layer in self.layers)
+        return all(layer.is_initialized for layer in self.layers if isinstance(layer, PagedLayer))
 
 
 def new_cache(model, max_context: int, block_size: int = DEFAULT_BLOCK_SIZE) -> PagedCache:
