@@ -188,10 +188,13 @@ class Timing:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix store instead of computed
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        """Prompt tokens computed per second (restored ones are not)."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -200,8 +203,9 @@ class Timing:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
     def summary(self) -> str:
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         return (
-            f"prompt {self.prompt_tokens} tok, {self.prefill_tok_s:.1f} tok/s | "
+            f"prompt {self.prompt_tokens} tok{cached}, {self.prefill_tok_s:.1f} tok/s | "
             f"generated {self.generated_tokens} tok, {self.decode_tok_s:.1f} tok/s"
         )
 
@@ -223,8 +227,8 @@ class Generator:
 
     ``prefill_chunk`` bounds how many prompt tokens go through the model in one call (activation memory).
     ``prefix_store``: a ``ktcore.prefix_cache.PrefixStore`` that keeps the blocks of earlier requests, so a
-    prompt that starts like an earlier one (the next turn of a chat) prefills only what is new; ``None``: a
-    store in CPU RAM (``PREFIX_RAM_BYTES``); ``False``: none.
+    prompt that starts like an earlier one (the next turn of a chat) prefills only what is new (``None`` or
+    ``False``: none, so repeated prompts are computed again, as benchmarks want; see ``keep_prefixes``).
 
     ``cuda_graph``: decode steps replay CUDA graphs (``ktcore.decode_graphs``). ``None`` (default): on
     wherever the model runs on a CUDA device and every op of its decode path allows capture, else eager,
@@ -243,18 +247,23 @@ class Generator:
         self.max_context = int(max_context)
         self.prefill_chunk = int(prefill_chunk)
         self.device = model_device(model)
-        if prefix_store is None:
-            from .engine.paged_cache import DEFAULT_BLOCK_SIZE
-            from .prefix_cache import PrefixStore
-
-            prefix_store = PrefixStore(ram_bytes=self.PREFIX_RAM_BYTES, device=self.device,
-                                       block_size=DEFAULT_BLOCK_SIZE)
         self.engine = EngineCore(model, tokenizer, max_context=self.max_context, max_concurrency=1,
                                  prefill_chunk=self.prefill_chunk, cuda_graph=cuda_graph,
                                  prefix_store=prefix_store or None)
         self.cache = self.engine.cache
         self.eos_token_ids = self.engine.eos_ids
         self.last_sequence = None  # the engine's record of the last request (restored / prefilled positions)
+
+    def keep_prefixes(self, ram_bytes: int = PREFIX_RAM_BYTES) -> None:
+        """Keep the blocks of every request in a CPU-RAM prefix store from now on (``kt chat``: each turn
+        prefills only what the conversation so far did not compute); a model whose cache holds recurrent
+        state (Qwen3-Next) cannot, and keeps computing every prompt."""
+        if self.engine.cache.state_layers:
+            return
+        from .prefix_cache import PrefixStore
+
+        self.engine.set_prefix_store(PrefixStore(ram_bytes=ram_bytes, device=self.device,
+                                                 block_size=self.engine.cache.block_size))
 
     @property
     def cuda_graph(self) -> bool | None:
@@ -331,6 +340,7 @@ class Generator:
                 now = time.perf_counter()
                 if len(seq.generated) == 1:
                     timing.prefill_s, t1 = now - t0, now
+                    timing.cached_tokens = seq.restored
                 timing.generated_tokens = len(seq.generated)
                 timing.decode_s = now - t1
                 yield seq

@@ -219,6 +219,7 @@ def test_recurrent_state_model_runs_one_sequence_at_a_time():
 
     model = tiny_model("qwen3_next")
     gen = Generator(model, None, max_context=64)
+    gen.keep_prefixes()
     assert gen.engine.max_concurrency == 1 and gen.engine.prefix is None
     prompt = [5, 6, 7, 8, 9, 10, 11]
     want = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,

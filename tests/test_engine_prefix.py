@@ -64,6 +64,7 @@ def test_shared_prefix_is_restored_and_equals_recompute():
 def test_chat_second_turn_prefills_only_the_new_tokens():
     model, tok = tiny_chat_model("llama")
     gen = Generator(model, tok, max_context=512)
+    gen.keep_prefixes()  # as kt chat does
     chat = [{"role": "system", "content": "You answer in one short line, always politely and with care."},
             {"role": "user", "content": "What is the colour of the sea on a clear day?"}]
     reply, _ = gen.complete(chat, _greedy(20))
@@ -78,5 +79,31 @@ def test_chat_second_turn_prefills_only_the_new_tokens():
     assert turn2.restored == expected
     assert turn2.prefilled - (len(turn2.generated) - 1) == len(prompt) - expected
     # the same reply as without the store
-    plain = Generator(model, tok, max_context=512, prefix_store=False)
+    plain = Generator(model, tok, max_context=512)
     assert plain.complete(chat, _greedy(8))[0] == gen.complete(chat, _greedy(8))[0]
+
+
+def test_server_engine_reuses_a_shared_prefix():
+    """Through the server's Engine: the second request restores the first one's full blocks (the store's counts,
+    which /metrics shows), and its text equals the text without a store."""
+    import asyncio
+
+    from ktcore.server.engine import Engine
+
+    model, tok = tiny_chat_model("llama")
+    system = "A long shared system prompt that every request of this test starts with. " * 2
+    prompts = [tok(system + q)["input_ids"] for q in ("first question?", "and a second one?")]
+
+    async def run(store):
+        engine = Engine(model, tok, max_context=512, max_concurrency=2, prefix_store=store)
+        engine.start()
+        try:
+            return [(await engine.submit(p, _greedy(10)).collect())[0] for p in prompts]
+        finally:
+            engine.shutdown()
+
+    store = PrefixStore(ram_bytes=1 << 26, block_size=BLOCK)
+    texts = asyncio.run(run(store))
+    assert texts == asyncio.run(run(None))
+    shared = next(i for i, (x, y) in enumerate(zip(*prompts)) if x != y)
+    assert store.stats()["hit_tokens"] == shared // BLOCK * BLOCK >= 128

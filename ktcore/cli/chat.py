@@ -75,6 +75,7 @@ def run(args) -> int:
 
 def _chat(args) -> int:
     gen, params = load_generator(args, needs_chat_template=True)
+    gen.keep_prefixes()  # each turn prefills only what is new
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

@@ -63,14 +63,22 @@ class EngineCore:
                 log.warning("%s keeps recurrent state per layer: decoding one sequence at a time",
                             type(model).__name__)
             self.max_concurrency, prefix_store = 1, None
-        self.prefix = PrefixReuse(self.cache, prefix_store) if prefix_store is not None else None
-        self.scheduler = Scheduler(self.cache, self.max_concurrency, prefill_chunk,
-                                   on_admit=self.prefix.restore if self.prefix is not None else None,
-                                   on_preempt=self.prefix.put if self.prefix is not None else None)
+        self.scheduler = Scheduler(self.cache, self.max_concurrency, prefill_chunk)
+        self.prefix: PrefixReuse | None = None
+        self.set_prefix_store(prefix_store)
         self.runner = ModelRunner(model, self.cache, self.device, self.max_context, self.max_concurrency, cuda_graph)
         self.eos_ids = end_token_ids(model, tokenizer)
         self.steps = 0
         self.max_batch_seen = 0
+
+    def set_prefix_store(self, store) -> None:
+        """Reuse prefixes through ``store`` (a ``PrefixStore``; ``None``: stop reusing)."""
+        if store is not None and self.cache.state_layers:
+            raise ValueError(f"{type(self.model).__name__} keeps recurrent state outside the KV blocks: "
+                             "its prefixes cannot be restored from a prefix store")
+        self.prefix = PrefixReuse(self.cache, store) if store is not None else None
+        self.scheduler.on_admit = self.prefix.restore if self.prefix is not None else None
+        self.scheduler.on_preempt = self.prefix.put if self.prefix is not None else None
 
     # -- requests
 
