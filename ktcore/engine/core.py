@@ -38,10 +38,15 @@ def end_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+DEFAULT_KV_TOKENS = 65536  # the default pool holds this many positions, or one full context if that is more
+
+
 class EngineCore:
     """Continuous batching over ``model``. ``max_context``: most positions of one sequence (prompt + reply);
-    ``kv_blocks``: blocks in the paged cache (default: ``max_concurrency`` full contexts); ``prefix_store``: a
-    ``ktcore.prefix_cache.PrefixStore`` that finished sequences' full blocks go to and admissions restore from."""
+    ``kv_blocks``: blocks in the paged cache (default: ``max_concurrency`` full contexts, at most
+    ``DEFAULT_KV_TOKENS`` positions unless one context needs more; sequences beyond are preempted and
+    recomputed); ``prefix_store``: a ``ktcore.prefix_cache.PrefixStore`` that finished sequences' full blocks go
+    to and admissions restore from."""
 
     def __init__(self, model, tokenizer, *, max_context: int, max_concurrency: int = 8, prefill_chunk: int = 512,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_blocks: int | None = None, cuda_graph: bool | None = None,
@@ -51,7 +56,9 @@ class EngineCore:
         self.max_concurrency = int(max_concurrency)
         self.device = model_device(model)
         per_sequence = -(-self.max_context // block_size)
-        kv_blocks = per_sequence * self.max_concurrency if kv_blocks is None else int(kv_blocks)
+        if kv_blocks is None:
+            kv_blocks = max(per_sequence, min(per_sequence * self.max_concurrency, DEFAULT_KV_TOKENS // block_size))
+        kv_blocks = int(kv_blocks)
         if kv_blocks < per_sequence:
             raise ValueError(f"kv_blocks={kv_blocks} blocks of {block_size} cannot hold one sequence of "
                              f"max_context={self.max_context}; give at least {per_sequence}")
