@@ -159,6 +159,17 @@ class PagedCache(Cache):
                 layers.append(layer)
                 self.state_layers.append(i)
         super().__init__(layers=layers)
+        # Transformers asks for these on every forward; the layers never change
+        self._is_sliding = [getattr(layer, "is_sliding", False) for layer in layers]
+        self._is_linear = [i in self.state_layers for i in range(len(layers))]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return self._is_sliding
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return self._is_linear
 
     def reset_state(self) -> None:
         """Clear the recurrent-state layers for a new sequence."""
