@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     rows, declined = [], None
     for mode in ("fused", "modules"):
         fusion.ENABLED = mode == "fused"
-        gen._fused = None  # plan again under the switch
+        gen.engine.runner._fused = None  # plan again under the switch
         wall, parts = profile(gen, prompt_ids, args.steps)
         if mode == "fused" and gen.fused_problem is not None:
             mode, declined = "modules*", gen.fused_problem

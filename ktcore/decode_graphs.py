@@ -1,28 +1,27 @@
-"""CUDA-graph capture of the decode step (one token per sequence after a prefill).
+"""CUDA-graph capture of the decode step (one token per sequence) over the paged KV cache.
 
 A decode step through an injected model is hundreds of small kernels, each launched from Python; captured
-once into a CUDA graph, a step is one ``replay()``. ``DecodeGraphs`` does that for the ``Generator``:
+once into a CUDA graph, a step is one ``replay()``. ``DecodeGraphs`` does that for the engine's decode batches:
 
-- one graph per (batch size, attended length), captured on first use: the length is the smallest power of
-  two >= 256 (at most ``max_context``) that covers the position, so attention reads that many cache slots
-  and a mask hides the slots not written yet;
-- static inputs: token ids, the position (written on the device before each replay), the slot indices;
-  the mask and position ids are computed inside the graph from the position;
-- the KV cache (``PrefixKVLayer``) is written in place at the position (``index_copy_``), the same storage the
-  eager prefill filled; the host-side lengths are advanced after each replay;
+- one graph per (batch bucket, attended length), captured on first use: the batch is padded up to a power of
+  two (at most the engine's ``max_batch``), the length is the smallest power of two >= 256 (at most
+  ``max_context``, a whole number of blocks) that covers every row's position;
+- static inputs: token ids ``[Bb, 1]``, positions ``[Bb]`` and block tables ``[Bb, length / block_size]``
+  (padded rows and blocks name the cache's scratch block); inside the graph the slots are computed from the
+  tables (``PagedCache.graph_plan``), the new keys written at each row's position (``index_copy_``), each row's
+  slots gathered right-padded to the length, and a 4-D mask hides the slots past its position;
 - routed experts on the CPU take their stream-ordered path (``KExperts.stream_path``): copies to pinned
   memory and host functions inside the graph, no Python.
 
 Capture needs every op of the decode path to declare ``graph_capturable`` (see ``ktcore.ops.Op`` and
-docs/ARCHITECTURE.md); ``capture_problem`` says which one does not, and the Generator then stays eager and
-logs the reason once. A capture that fails anyway (a module with a host read) is logged the same way.
+docs/ARCHITECTURE.md) and every cache layer to be full attention (the graph hands attention its own mask);
+``capture_problem`` says what is missing, and the engine then stays eager and logs the reason once. A capture
+that fails anyway (a module with a host read) is logged the same way.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -48,6 +47,14 @@ def graph_length(position: int, max_context: int) -> int:
     while length <= position:
         length *= 2
     return min(length, max_context)
+
+
+def batch_bucket(batch: int, max_batch: int) -> int:
+    """The batch size a graph is captured for: the smallest power of two >= ``batch`` (at most ``max_batch``)."""
+    bucket = 1
+    while bucket < batch:
+        bucket *= 2
+    return max(batch, min(bucket, max_batch))
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:
@@ -79,10 +86,10 @@ def capture_problem(model: nn.Module, cache, device: torch.device) -> str | None
 
 def model_capture_problem(model: nn.Module, cache, device: torch.device) -> str | None:
     """The model's and cache's part of ``capture_problem`` (no look at the CUDA runtime)."""
-    from .generate import PrefixKVLayer  # generate imports this module
+    from .engine.paged_cache import PagedLayer
 
     for i, layer in enumerate(getattr(cache, "layers", ())):
-        if type(layer) is not PrefixKVLayer:
+        if type(layer) is not PagedLayer:
             return f"cache layer {i} is {type(layer).__name__} (only full-attention layers are captured)"
     injected_attention = True
     for name, module in model.named_modules():
@@ -121,26 +128,26 @@ class _Graph:
     """A captured step and every tensor it reads or writes outside its own pool (kept alive here: the
     graph holds their addresses), plus a pinned copy of the logits and an event the host sleeps on."""
 
-    def __init__(self, graph, ids, position, slots, logits):
-        self.graph, self.ids, self.position, self.slots, self.logits = graph, ids, position, slots, logits
+    def __init__(self, graph, ids, positions, tables, logits):
+        self.graph, self.ids, self.positions, self.tables, self.logits = graph, ids, positions, tables, logits
         self.host_logits = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
         # a blocking event: waiting for the step sleeps instead of spinning on a core the CPU experts use
         self.done = torch.cuda.Event(blocking=True)
 
 
 class DecodeGraphs:
-    """Captured decode steps of one model over one cache (``step`` returns ``None`` when it cannot, and
+    """Captured decode steps of one model over one paged cache (``step`` returns ``None`` when it cannot, and
     ``problem`` then says why)."""
 
-    def __init__(self, model: nn.Module, cache, max_context: int, device: torch.device, cache_kwarg: str):
+    def __init__(self, model: nn.Module, cache, max_context: int, device: torch.device, cache_kwarg: str,
+                 max_batch: int = 1):
         self.model, self.cache, self.max_context, self.device = model, cache, int(max_context), device
         self.cache_kwarg = cache_kwarg
+        self.max_batch = int(max_batch)
         self.problem = capture_problem(model, cache, device)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool = None
         self._stream_checks = []
-        base = getattr(model, "model", model)
-        self._pass_cache_position = "cache_position" in inspect.signature(base.forward).parameters
         if self.problem is None:
             prepared = set()
             for module in model.modules():
@@ -153,54 +160,51 @@ class DecodeGraphs:
                             if callable(check) and type(op) not in {type(o) for o in self._stream_checks}:
                                 self._stream_checks.append(op)
 
-    # -- cache in graph mode
+    def static_inputs(self, tokens: list[int], kvs, batch: int, length: int, device) -> tuple[torch.Tensor, ...]:
+        """``(ids [batch, 1], positions [batch], tables [batch, length / block_size])`` for the rows ``kvs``
+        (their blocks reserved for the new token), padded to ``batch`` rows with the scratch block."""
+        cache = self.cache
+        scratch = cache.scratch_slot // cache.block_size
+        width = -(-length // cache.block_size)
+        tables = torch.full((batch, width), scratch, dtype=torch.long)
+        positions = torch.zeros(batch, dtype=torch.long)
+        ids = torch.zeros((batch, 1), dtype=torch.long)
+        for row, (token, kv) in enumerate(zip(tokens, kvs)):
+            tables[row, : len(kv.blocks)] = torch.tensor(kv.blocks[:width])
+            positions[row] = kv.length
+            ids[row, 0] = token
+        return ids.to(device), positions.to(device), tables.to(device)
 
-    @contextmanager
-    def _graph_cache(self, position: torch.Tensor, length: int):
-        layers = self.cache.layers
-        for layer in layers:
-            layer.graph_slot, layer.graph_length = position, length
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.graph_slot = layer.graph_length = None
-
-    def _forward(self, ids: torch.Tensor, position: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        batch = ids.shape[0]
-        visible = (slots <= position).view(1, 1, 1, -1).expand(batch, 1, 1, -1)
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """The captured function: one decode step of every row, from device tensors only."""
+        visible = self.cache.graph_plan(positions, tables)
         dtype = _mask_kind(self.model)
-        if dtype is None:
-            mask = visible
-        else:
-            mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device).masked_fill(~visible, torch.finfo(dtype).min)
-        kwargs = {self.cache_kwarg: self.cache}
-        if self._pass_cache_position:
-            kwargs["cache_position"] = position
-        out = self.model(input_ids=ids, position_ids=position.view(1, 1).expand(batch, 1), attention_mask=mask,
-                         use_cache=True, logits_to_keep=1, **kwargs)
+        mask = visible[:, None, None, :]
+        if dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, torch.finfo(dtype).min)
+        try:
+            out = self.model(input_ids=ids, position_ids=positions[:, None], attention_mask=mask, use_cache=True,
+                             logits_to_keep=1, **{self.cache_kwarg: self.cache})
+        finally:
+            self.cache.abort_step()
         return out.logits.float()
 
-    def _capture(self, batch: int, length: int, token_ids: torch.Tensor, position: int) -> _Graph:
+    def _capture(self, ids, positions, tables) -> _Graph:
         dev = self.device
-        ids = token_ids.to(dev).clone()
-        pos = torch.full((1,), position, dtype=torch.long, device=dev)
-        slots = torch.arange(length, device=dev)
-        with self._graph_cache(pos, length):
-            # warm-up runs (kernel tuning, lazy buffers) are real steps: they write the same cache slot with
-            # the same values, so running this step three times instead of once changes nothing
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._forward(ids, pos, slots)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._forward(ids, pos, slots)
-        return _Graph(graph, ids, pos, slots, logits)
+        # warm-up runs (kernel tuning, lazy buffers) are real steps: they write the same cache slots with the
+        # same values, so running this step three times instead of once changes nothing
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(ids, positions, tables)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(ids, positions, tables)
+        return _Graph(graph, ids, positions, tables, logits)
 
     def _drop_pending(self) -> None:
         for module in self.model.modules():
@@ -208,36 +212,40 @@ class DecodeGraphs:
                 module.drop_pending()
 
     @torch.inference_mode()
-    def step(self, token_ids: torch.Tensor, position: int) -> torch.Tensor | None:
-        """Logits ``[B, 1, V]`` for ``token_ids`` ``[B, 1]`` at ``position`` (the number of tokens cached),
-        appending to the cache; ``None`` if graphs are off. The logits are float32 in pinned host memory,
-        a buffer the next step overwrites."""
+    def step(self, tokens: list[int], kvs) -> torch.Tensor | None:
+        """Logits ``[B, V]`` of one new token per row (``kvs``: the rows' ``SeqKV``, blocks reserved), their
+        lengths advanced; ``None`` if graphs are off or the step does not fit one. The logits are float32 in
+        pinned host memory, a buffer the next step overwrites."""
         if self.problem is not None:
             return None
         for op in self._stream_checks:
             op.raise_stream_error()  # from the previous step, which the caller has synchronized with
-        batch = token_ids.shape[0]
-        length = graph_length(position, self.max_context)
-        if position >= length:
-            return None  # the cache is full: the eager step raises the overflow error
-        if any(not layer.is_initialized for layer in self.cache.layers):
+        if not self.cache.is_initialized:
             return None  # nothing was prefilled yet: the cache has no storage to capture
+        rows = len(kvs)
+        batch = batch_bucket(rows, self.max_batch)
+        length = graph_length(max(kv.length for kv in kvs), self.max_context)
+        length = -(-length // self.cache.block_size) * self.cache.block_size
+        if any(kv.length >= length for kv in kvs):
+            return None  # past the last bucket: the eager step
+        ids, positions, tables = self.static_inputs(tokens, kvs, batch, length, self.device)
         entry = self._graphs.get((batch, length))
         if entry is None:
             try:
-                entry = self._graphs[(batch, length)] = self._capture(batch, length, token_ids, position)
+                entry = self._graphs[(batch, length)] = self._capture(ids, positions, tables)
             except Exception as exc:  # noqa: BLE001 - any failure means: stay eager, say why
                 self._drop_pending()
                 self.problem = f"capturing the decode step failed: {type(exc).__name__}: {exc}"
                 log_once(f"CUDA graphs off: {self.problem}")
                 return None
         else:
-            entry.ids.copy_(token_ids, non_blocking=True)
-            entry.position.fill_(position)
+            entry.ids.copy_(ids, non_blocking=True)
+            entry.positions.copy_(positions, non_blocking=True)
+            entry.tables.copy_(tables, non_blocking=True)
         entry.graph.replay()
         entry.host_logits.copy_(entry.logits, non_blocking=True)
         entry.done.record()
         entry.done.synchronize()
-        for layer in self.cache.layers:
-            layer.length = position + 1
-        return entry.host_logits
+        for kv in kvs:
+            kv.length += 1
+        return entry.host_logits[:rows, -1]

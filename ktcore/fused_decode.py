@@ -3,13 +3,18 @@
 A decode step of a small model on a few CPU cores spends more time in Python (about ten module calls and
 forty torch ops per layer) than in its kernels. An op whose plugin can run a whole decoder layer natively
 offers that through a class attribute ``fuse_decoder_layers(layers, cache_layers)`` (duck-typed, like the
-experts' ``submit``/``sync``): given the model's decoder layers and their ``PrefixKVLayer`` caches, it returns
-an object with ``step(hidden, position_embeddings, position)`` that runs every layer on ``hidden`` ``[1, 1, H]``
-(float32, contiguous, updated in place) with what the model's rotary module returns for ``position``,
-writing each layer's keys and values at ``position`` of its cache storage; or a string saying why it cannot.
+experts' ``submit``/``sync``): given the model's decoder layers and their ``PagedLayer`` caches (block pools,
+slots ``[1, heads, slots, dim]``), it returns an object with ``step(hidden, position_embeddings, position,
+slot_offset=0)`` that runs every layer on ``hidden`` ``[1, 1, H]`` (float32, contiguous, updated in place) with
+what the model's rotary module returns for ``position``, writing each layer's keys and values at slot
+``slot_offset + position`` of its pool and attending over slots ``slot_offset .. slot_offset + position``; or a
+string saying why it cannot. So the sequence's blocks must be one contiguous run of the pool: the engine's
+allocator hands out the lowest free blocks, so a sequence alone (``kt run``, ``kt chat``) always has one; a
+sequence whose blocks are scattered decodes through the module path.
 
 ``FusedDecode`` then runs a step as: embedding -> rotary tables -> the fused layers -> final norm -> head, each
-of the first and last a plain module call, and advances the cache lengths. It applies where the model's forward
+of the first and last a plain module call. Without a position it decodes the cache's one sequence (no plan,
+``new_cache``) and advances its lengths. It applies where the model's forward
 is exactly that (``PLAIN_CAUSAL_LMS``), for one sequence, on the CPU; else the ``Generator`` calls the model as
 usual and logs the reason once. The first op found inside layer 0 that offers ``fuse_decoder_layers`` is asked.
 """
@@ -48,7 +53,7 @@ class FusedDecode:
         self._position_ids = torch.zeros((1, 1), dtype=torch.long)
 
     def _plan(self) -> str | None:
-        from .generate import PrefixKVLayer
+        from .engine.paged_cache import PagedLayer
 
         model = self.model
         if type(model).__name__ not in PLAIN_CAUSAL_LMS:
@@ -60,8 +65,8 @@ class FusedDecode:
         if not layers:
             return "the model has no layers"
         cache_layers = list(getattr(self.cache, "layers", ()))
-        if len(cache_layers) != len(layers) or any(type(c) is not PrefixKVLayer for c in cache_layers):
-            return "the cache is not one full-attention PrefixKVLayer per layer"
+        if len(cache_layers) != len(layers) or any(type(c) is not PagedLayer for c in cache_layers):
+            return "the cache is not one full-attention PagedLayer per layer"
         if any(p.device.type != "cpu" for p in model.parameters()):
             return "the model has parameters off the CPU"
         provider = fusing_provider(layers[0])
@@ -74,12 +79,16 @@ class FusedDecode:
         return None
 
     @torch.inference_mode()
-    def step(self, step_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[1, 1, V]`` (float32) for ``step_ids`` ``[1, 1]`` after what the cache holds."""
+    def step(self, step_ids: torch.Tensor, position: int | None = None, slot_offset: int = 0) -> torch.Tensor:
+        """Logits ``[1, 1, V]`` (float32) for ``step_ids`` ``[1, 1]`` at ``position`` of the sequence whose
+        blocks start at slot ``slot_offset`` (the caller advances its length); without ``position``, after what
+        the cache's one sequence holds."""
         model, base = self.model, self.model.model
         cache_layers = self.cache.layers
-        position = cache_layers[0].length
-        if position >= cache_layers[0].max_cache_len:
+        solo = position is None
+        if solo:
+            position = cache_layers[0].length
+        if slot_offset + position >= cache_layers[0].max_cache_len:
             from .generate import ContextOverflowError
 
             raise ContextOverflowError(f"the KV cache holds {cache_layers[0].max_cache_len} positions and this call "
@@ -88,7 +97,8 @@ class FusedDecode:
         if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
             hidden = hidden.to(torch.float32).contiguous()
         self._position_ids.fill_(position)
-        self.fused.step(hidden, base.rotary_emb(hidden, self._position_ids), position)
-        for layer in cache_layers:
-            layer.length = position + 1
+        self.fused.step(hidden, base.rotary_emb(hidden, self._position_ids), position, slot_offset)
+        if solo:
+            for layer in cache_layers:
+                layer.length = position + 1
         return model.lm_head(base.norm(hidden)).float()

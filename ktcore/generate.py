@@ -1,13 +1,11 @@
-"""Text generation over any causal LM (plain Transformers or injected): chunked prefill, decode with a
-preallocated KV cache, sampling, stop tokens/strings, streaming text deltas and per-request timing.
+"""Text generation over any causal LM (plain Transformers or injected): the pieces every caller shares, and
+``Generator``, a synchronous client of the engine (``ktcore.engine``) for one request at a time.
 
-The pieces are separate so a server can reuse them:
-
-- ``new_cache(model, max_context)``: a KV cache allocated once for ``max_context`` positions;
-- ``forward_step(model, input_ids, cache, logits_to_keep)``: one model call that appends to the cache;
+- ``new_cache(model, max_context)``: a paged KV cache (``ktcore.engine.paged_cache``) for one sequence;
+- ``forward_step(model, input_ids, cache, logits_to_keep)``: one model call that appends to such a cache;
 - ``Sampler``: turns one row of logits into a token id (greedy, temperature, top-k, top-p, penalty, seed);
 - ``TextStream``: turns token ids into text deltas that never change once emitted;
-- ``Generator``: ties them together for one request at a time, plus ``score`` for teacher forcing.
+- ``Generator``: one request at a time through the engine, plus ``score`` for teacher forcing.
 """
 
 from __future__ import annotations
@@ -18,115 +16,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, StaticCache, StaticLayer, StaticSlidingWindowLayer
+from transformers.cache_utils import Cache
+
+from .engine.paged_cache import ContextOverflowError, new_cache
 
 # End-of-turn markers of common chat templates: generating one ends the reply even when the GGUF's
 # eos id names another token (e.g. Gemma's <eos> versus <end_of_turn>).
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end▁of▁sentence|>")
-
-
-class ContextOverflowError(ValueError):
-    """The request does not fit in the KV cache."""
-
-
-# ---------------------------------------------------------------------------------------------- KV cache
-
-
-class PrefixKVLayer(StaticLayer):
-    """Full-attention layer cache: allocated once for ``max_cache_len`` positions, written in place, and
-    handing attention only the filled prefix (Transformers' ``StaticLayer`` hands it all ``max_cache_len``
-    positions plus a mask, which makes every decode step pay for the whole context)."""
-
-    is_compileable = False
-    # Set by DecodeGraphs around a captured step: write at this device position (a [T] tensor) and hand
-    # attention the first graph_length slots (the mask hides those not written yet).
-    graph_slot: torch.Tensor | None = None
-    graph_length: int | None = None
-
-    def __init__(self, max_cache_len: int, **kwargs):
-        super().__init__(max_cache_len=max_cache_len)
-        self.length = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        batch, heads = key_states.shape[:2]
-        self.keys = key_states.new_zeros((batch, heads, self.max_cache_len, key_states.shape[-1]))
-        self.values = value_states.new_zeros((batch, value_states.shape[1], self.max_cache_len, value_states.shape[-1]))
-        self.is_initialized = True
-
-    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> int:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        start = self.length
-        end = start + key_states.shape[-2]
-        if end > self.max_cache_len:
-            raise ContextOverflowError(
-                f"the KV cache holds {self.max_cache_len} positions and this call needs {end} (raise --max-context)"
-            )
-        # narrow, not [:, :, start:end]: one view op instead of Python's multi-slice indexing, per layer and step
-        self.keys.narrow(2, start, end - start).copy_(key_states)
-        self.values.narrow(2, start, end - start).copy_(value_states)
-        self.length = end
-        return end
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.graph_slot is not None:
-            self.keys.index_copy_(2, self.graph_slot, key_states)
-            self.values.index_copy_(2, self.graph_slot, value_states)
-            return self.keys[:, :, : self.graph_length], self.values[:, :, : self.graph_length]
-        end = self._append(key_states, value_states)
-        return self.keys.narrow(2, 0, end), self.values.narrow(2, 0, end)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def reset(self) -> None:
-        self.length = 0
-
-    def crop(self, tokens_to_remove: int) -> None:
-        self.length = max(0, self.length - abs(tokens_to_remove))
-
-
-class PrefixSlidingKVLayer(PrefixKVLayer):
-    """Sliding-window layer cache: same storage, but attention sees only the last ``sliding_window - 1``
-    cached positions plus the new ones (the mask sizes mirror Transformers' ``DynamicSlidingWindowLayer``)."""
-
-    is_sliding = True
-
-    def __init__(self, max_cache_len: int, sliding_window: int, **kwargs):
-        super().__init__(max_cache_len=max_cache_len)
-        self.sliding_window = sliding_window
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self._append(key_states, value_states)
-        start = max(0, end - key_states.shape[-2] - (self.sliding_window - 1))
-        return self.keys[:, :, start:end], self.values[:, :, start:end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        kv_offset = max(self.length - self.sliding_window + 1, 0)
-        return min(self.length, self.sliding_window - 1) + query_length, kv_offset
-
-    def get_max_length(self) -> int:
-        return self.sliding_window
-
-
-def new_cache(model, max_context: int) -> Cache:
-    """A KV cache for ``max_context`` positions, laid out per layer as the model's config asks (full,
-    sliding, ...). Tensors are allocated on the first call, on the device and dtype of the first keys."""
-    layers = StaticCache(config=model.config, max_cache_len=max_context).layers
-    swapped = []
-    for layer in layers:
-        if type(layer) is StaticLayer:
-            swapped.append(PrefixKVLayer(max_context))
-        elif type(layer) is StaticSlidingWindowLayer:
-            # StaticSlidingWindowLayer stores min(window, max_context) as its max_cache_len.
-            swapped.append(PrefixSlidingKVLayer(max_context, sliding_window=layer.max_cache_len))
-        else:
-            swapped.append(layer)
-    return Cache(layers=swapped)
 
 
 def cache_length(cache: Cache) -> int:
@@ -272,17 +168,6 @@ class TextStream:
         return new_text[len(prefix_text) :]
 
 
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of ``text`` that could still grow into a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest
-
-
 # ---------------------------------------------------------------------------------------------- generator
 
 
@@ -303,10 +188,13 @@ class Timing:
     generated_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    cached_tokens: int = 0  # prompt tokens restored from the prefix store instead of computed
 
     @property
     def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+        """Prompt tokens computed per second (restored ones are not)."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_s if self.prefill_s > 0 else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -315,8 +203,9 @@ class Timing:
         return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
 
     def summary(self) -> str:
+        cached = f" ({self.cached_tokens} cached)" if self.cached_tokens else ""
         return (
-            f"prompt {self.prompt_tokens} tok, {self.prefill_tok_s:.1f} tok/s | "
+            f"prompt {self.prompt_tokens} tok{cached}, {self.prefill_tok_s:.1f} tok/s | "
             f"generated {self.generated_tokens} tok, {self.decode_tok_s:.1f} tok/s"
         )
 
@@ -333,10 +222,13 @@ class Delta:
 
 
 class Generator:
-    """Generates for one request at a time over ``model`` with a KV cache of ``max_context`` positions.
+    """Generates for one request at a time over ``model``: a synchronous client of the engine
+    (``ktcore.engine.core.EngineCore``, one running sequence, a paged KV cache of ``max_context`` positions).
 
     ``prefill_chunk`` bounds how many prompt tokens go through the model in one call (activation memory).
-    The cache is allocated once and reused across requests.
+    ``prefix_store``: a ``ktcore.prefix_cache.PrefixStore`` that keeps the blocks of earlier requests, so a
+    prompt that starts like an earlier one (the next turn of a chat) prefills only what is new (``None`` or
+    ``False``: none, so repeated prompts are computed again, as benchmarks want; see ``keep_prefixes``).
 
     ``cuda_graph``: decode steps replay CUDA graphs (``ktcore.decode_graphs``). ``None`` (default): on
     wherever the model runs on a CUDA device and every op of its decode path allows capture, else eager,
@@ -345,94 +237,75 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, max_context: int = 4096, prefill_chunk: int = 512,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, prefix_store=None):
+        from .engine.core import EngineCore
+
         self.model = model
         self.tokenizer = tokenizer
         self.max_context = int(max_context)
         self.prefill_chunk = int(prefill_chunk)
         self.device = model_device(model)
-        self.cache = new_cache(model, self.max_context)
-        self.eos_token_ids = self._end_token_ids()
-        self.cuda_graph = cuda_graph
-        self._graphs = None
-        self._fused = None
+        self.engine = EngineCore(model, tokenizer, max_context=self.max_context, max_concurrency=1,
+                                 prefill_chunk=self.prefill_chunk, cuda_graph=cuda_graph,
+                                 prefix_store=prefix_store or None)
+        self.cache = self.engine.cache
+        self.eos_token_ids = self.engine.eos_ids
+        self.last_sequence = None  # the engine's record of the last request (restored / prefilled positions)
 
-    # -- inputs
+    def keep_prefixes(self, store=None) -> None:
+        """Keep the blocks of every request in ``store`` (a ``PrefixStore``; default: CPU RAM of the prefix
+        cache's default budget) from now on (``kt chat``: each turn prefills only what the conversation so far
+        did not compute); a model whose cache holds recurrent state (Qwen3-Next) cannot, and keeps computing
+        every prompt."""
+        if self.engine.cache.state_layers:
+            return
+        from .cli.prefix_options import DEFAULT_RAM
+        from .placement import parse_size
+        from .prefix_cache import PrefixStore
 
-    def _end_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen_config = getattr(self.model, "generation_config", None)
-        for source in (getattr(gen_config, "eos_token_id", None), getattr(self.model.config, "eos_token_id", None),
-                       getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source is not None:
-                ids.update(int(i) for i in source)
-        vocab = self.tokenizer.get_vocab() if self.tokenizer is not None else {}
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        return ids
+        block = self.engine.cache.block_size
+        if store is None:
+            store = PrefixStore(ram_bytes=parse_size(DEFAULT_RAM), device=self.device, block_size=block)
+        if store.block_size != block:
+            raise ValueError(f"the prefix cache's block ({store.block_size} tokens, --prefix-block) must be the "
+                             f"KV cache's block ({block} tokens)")
+        self.engine.set_prefix_store(store)
 
-    def encode(self, prompt_or_messages) -> list[int]:
-        return encode_prompt(self.tokenizer, prompt_or_messages)
+    @property
+    def cuda_graph(self) -> bool | None:
+        return self.engine.runner.cuda_graph
 
-    # -- model calls
-
-    def _prefill(self, ids: torch.Tensor, logits_to_keep: int = 1) -> torch.Tensor:
-        """Feed ``ids`` ``[1, T]`` in chunks; returns the logits of the last chunk (``logits_to_keep`` rows)."""
-        logits = None
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            logits = forward_step(self.model, ids[:, start : start + self.prefill_chunk], self.cache, logits_to_keep)
-        return logits
-
-    def _plan(self, attr: str, build, what: str):
-        """The decode plan in ``attr`` (built once by ``build()``), or ``None`` where it declined (logged once)."""
-        plan = getattr(self, attr)
-        if plan is None:
-            from .decode_graphs import log_once
-
-            plan = build()
-            setattr(self, attr, plan)
-            if plan.problem is not None:
-                log_once(f"{what} off: {plan.problem}")
-        return plan if plan.problem is None else None
-
-    def _graph_runner(self):
-        if self.cuda_graph is False or self.device.type != "cuda":
-            return None
-        from .decode_graphs import DecodeGraphs
-
-        return self._plan("_graphs", lambda: DecodeGraphs(self.model, self.cache, self.max_context, self.device,
-                                                          _cache_kwarg(self.model)), "CUDA graphs")
+    @cuda_graph.setter
+    def cuda_graph(self, value: bool | None) -> None:
+        self.engine.runner.cuda_graph = value
 
     @property
     def graph_problem(self) -> str | None:
         """Why decode steps run eagerly on this CUDA model (``None``: they replay graphs, or not decided yet)."""
-        return None if self._graphs is None else self._graphs.problem
-
-    def _fused_runner(self):
-        """The fused-layer decode (``ktcore.fused_decode``) for one sequence on the CPU, where an op offers it."""
-        if self.device.type != "cpu":
-            return None
-        from .fused_decode import FusedDecode
-
-        return self._plan("_fused", lambda: FusedDecode(self.model, self.cache), "fused decode")
+        return self.engine.runner.graph_problem
 
     @property
     def fused_problem(self) -> str | None:
         """Why CPU decode steps run module by module (``None``: fused, or not decided yet)."""
-        return None if self._fused is None else self._fused.problem
+        return self.engine.runner.fused_problem
+
+    def encode(self, prompt_or_messages) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt_or_messages)
+
+    # -- the cache's one sequence, outside the engine's requests
+
+    @torch.inference_mode()
+    def _solo(self):
+        if self.engine.has_work:
+            raise RuntimeError("a request is still running on this Generator")
+        self.cache.reset()
 
     def decode_step(self, step_ids: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, 1, V]`` for ``step_ids`` ``[B, 1]`` after what the cache holds, appending to it:
-        a graph replay where graphs are on, fused layers on the CPU where an op offers them, else an eager
-        ``forward_step``."""
-        runner = self._graph_runner()
-        if runner is not None:
-            logits = runner.step(step_ids, cache_length(self.cache))
-            if logits is not None:
-                return logits
-        if step_ids.shape[0] == 1:
-            fused = self._fused_runner()
+        """Logits ``[B, 1, V]`` for ``step_ids`` ``[B, 1]`` after what the cache's one sequence holds (filled by
+        ``forward_step(model, ids, generator.cache)``), appending to it: fused layers on the CPU where an op
+        offers them, else an eager ``forward_step``."""
+        if step_ids.shape[0] == 1 and self.cache.is_initialized:
+            fused = self.engine.runner.fused_runner()
             if fused is not None:
                 return fused.step(step_ids)
         return forward_step(self.model, step_ids, self.cache)
@@ -443,7 +316,7 @@ class Generator:
         distribution for the token after ``token_ids[: i + 1]``."""
         if len(token_ids) > self.max_context:
             raise ContextOverflowError(f"{len(token_ids)} tokens do not fit in max_context={self.max_context}")
-        self.cache.reset()
+        self._solo()
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.device)
         rows = []
         for start in range(0, ids.shape[1], self.prefill_chunk):
@@ -454,45 +327,38 @@ class Generator:
 
     # -- generation
 
+    def _run(self, prompt_ids: Sequence[int], params: SamplingParams, text: bool):
+        """Drive the engine for one request: yields the sequence after each token (``self.last_timing`` filled)."""
+        prompt_ids = list(prompt_ids)
+        seq = self.engine.new_sequence(prompt_ids, params, text=text)
+        self.last_sequence = seq
+        timing = self.last_timing = Timing(prompt_tokens=len(prompt_ids))
+        if seq.finished:
+            return
+        self._solo()
+        t0 = time.perf_counter()
+        self.engine.add(seq)
+        try:
+            while not seq.finished:
+                self.engine.step()
+                if not seq.generated:
+                    continue
+                now = time.perf_counter()
+                if len(seq.generated) == 1:
+                    timing.prefill_s, t1 = now - t0, now
+                    timing.cached_tokens = seq.restored
+                timing.generated_tokens = len(seq.generated)
+                timing.decode_s = now - t1
+                yield seq
+        finally:
+            if not seq.finished:  # the caller stopped early
+                self.engine.finish(seq, "cancelled")
+
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """Token ids as they are sampled, stopping at an end token or ``max_new_tokens`` (stop strings are
         the text layer's business). ``self.last_timing`` is filled as it goes."""
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_context:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt_ids)} tokens and the context holds {self.max_context} "
-                "(shorten the prompt or raise --max-context)"
-            )
-        budget = min(params.max_new_tokens, self.max_context - len(prompt_ids))
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        sampler = Sampler(params)
-        timing = self.last_timing = Timing(prompt_tokens=len(prompt_ids))
-        self.cache.reset()
-        if budget == 0:
-            return
-        context = torch.tensor(prompt_ids, dtype=torch.long)
-        t0 = time.perf_counter()
-        logits = self._prefill(context.to(self.device)[None])
-        token = sampler(logits[0, -1], context)
-        timing.prefill_s = time.perf_counter() - t0
-        timing.generated_tokens = 1
-        t1 = time.perf_counter()
-        step_ids = torch.empty((1, 1), dtype=torch.long, device=self.device)
-        penalized = params.repetition_penalty != 1.0  # only the penalty reads the context
-        while True:
-            yield token
-            timing.decode_s = time.perf_counter() - t1
-            if token in stop_ids or timing.generated_tokens >= budget:
-                return
-            if penalized:
-                context = torch.cat([context, torch.tensor([token])])
-            step_ids.fill_(token)
-            logits = self.decode_step(step_ids)
-            token = sampler(logits[0, -1], context if penalized else None)
-            timing.generated_tokens += 1
-            timing.decode_s = time.perf_counter() - t1
+        for seq in self._run(prompt_ids, params, text=False):
+            yield seq.generated[-1]
 
     def generate(self, prompt_or_messages, params: SamplingParams | None = None) -> Iterator[Delta]:
         """Stream the reply as text deltas; the last delta carries ``finish_reason`` and ``timing``.
@@ -501,36 +367,19 @@ class Generator:
         still become a stop string (a matched stop string is not part of the output)."""
         params = params or SamplingParams()
         prompt_ids = self.encode(prompt_or_messages)
-        stream = TextStream(self.tokenizer)
-        stops = [s for s in params.stop if s]
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
-        text = ""  # stable text decoded so far
-        emitted = 0  # how much of it has been handed out
-        pending_ids: list[int] = []
-        finish = "length"
-        for token in self.generate_ids(prompt_ids, params):
-            pending_ids.append(token)
-            if token in stop_ids:
-                finish = "stop"
+        pending: list[int] = []
+        seq = None
+        for seq in self._run(prompt_ids, params, text=True):
+            pending.append(seq.generated[-1])
+            if seq.finished:
                 break
-            text += stream.push(token)
-            if stops:
-                hit = min((i for i in (text.find(s, max(0, emitted - len(s) + 1)) for s in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    # Everything before the stop string is final; the stop string itself is dropped.
-                    finish, text = "stop", text[:hit]
-                    break
-                safe = len(text) - _held_back(text[emitted:], stops)
-            else:
-                safe = len(text)
-            if safe > emitted:
-                yield Delta(text[emitted:safe], pending_ids)
-                emitted, pending_ids = safe, []
-        else:
-            text += stream.flush()
-        tail = text[emitted:]
-        timing = getattr(self, "last_timing", Timing(prompt_tokens=len(prompt_ids)))
-        yield Delta(tail, pending_ids, finish_reason=finish, timing=timing)
+            text = seq.take_text()
+            if text:
+                yield Delta(text, pending)
+                pending = []
+        tail = seq.take_text() if seq is not None else ""
+        finish = "length" if seq is None else seq.finish_reason
+        yield Delta(tail, pending, finish_reason=finish, timing=self.last_timing)
 
     def complete(self, prompt_or_messages, params: SamplingParams | None = None) -> tuple[str, Delta]:
         """The whole reply at once, with the final delta (finish reason and timing)."""

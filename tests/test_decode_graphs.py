@@ -1,7 +1,7 @@
 """CUDA-graph decode (ktcore.decode_graphs) pieces that run without a GPU: which models and ops may be
-captured and why not, the graph-mode cache and mask (the captured function itself, run eagerly on the CPU
-against the eager decode step), and the CLI switch. Capture and replay are tested on a GPU in
-plugins/kt_cuda/tests/test_cuda_graphs.py.
+captured and why not, the graph-mode paged cache and mask (the captured function itself, run eagerly on the
+CPU for a padded batch against the engine's eager batched step), buckets, and the CLI switch. Capture and
+replay are tested on a GPU in plugins/kt_cuda/tests/test_cuda_graphs.py.
 
 Tolerance: the graph-mode step attends over a fixed number of cache slots with a mask where the eager
 step attends over the filled prefix; in float32 the logits agree within 1e-4 of their largest magnitude."""
@@ -13,8 +13,10 @@ import argparse
 import pytest
 import torch
 
-from ktcore.decode_graphs import DecodeGraphs, capture_problem, graph_length, model_capture_problem, op_capture_problem
-from ktcore.generate import Generator, _cache_kwarg, cache_length, forward_step, model_device
+from ktcore.decode_graphs import (DecodeGraphs, batch_bucket, capture_problem, graph_length, model_capture_problem,
+                                  op_capture_problem)
+from ktcore.engine.core import EngineCore
+from ktcore.generate import Generator, SamplingParams, _cache_kwarg
 from ktcore.inject import load_model
 from ktcore.ops import Op
 from ktcore.testing import tiny_model
@@ -29,6 +31,11 @@ def test_graph_length_is_a_power_of_two_bucket():
     assert graph_length(256, 4096) == 512
     assert graph_length(3000, 4096) == 4096
     assert graph_length(10, 100) == 100
+
+
+def test_batch_bucket_is_a_power_of_two_up_to_the_engine_batch():
+    assert [batch_bucket(b, 8) for b in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert batch_bucket(3, 3) == 3 and batch_bucket(5, 6) == 6
 
 
 class _Linear(Op):
@@ -78,56 +85,64 @@ def test_capture_problem_cpu_model_and_sliding_cache():
     gemma_cache = Generator(gemma, None, max_context=32).cache
     assert "only full-attention layers" in model_capture_problem(gemma, gemma_cache, CUDA)
     # on the CPU the Generator never builds graphs and decodes eagerly
-    assert gen._graph_runner() is None and gen.graph_problem is None
+    assert gen.engine.runner.graph_runner() is None and gen.graph_problem is None
     ids = list(gen.generate_ids([5, 6, 7], _greedy(4)))
     assert len(ids) == 4
 
 
 def _greedy(n):
-    from ktcore.generate import SamplingParams
-
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
 def _injected(family):
+    """Injected on the torch ops (a plugin's quantized activations would make a padded row change the others'
+    rounding: kt-cpu-amx's batched-vs-solo bound is tested in its own tests)."""
+    from ktcore.registry import Registry
+
     hf = tiny_model(family, seed=0)
-    model, _ = load_model(StateDictSource(hf), device="cpu", progress=False)
+    model, _ = load_model(StateDictSource(hf), device="cpu", registry=Registry(entrypoints=False), progress=False)
     return model
 
 
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen3_moe", None),
                                          ("deepseek_v2", None)])
 def test_graph_mode_step_matches_the_eager_step(family, attn):
-    """The function a graph captures (static cache written at a device position, masked fixed-length
-    attention, positions from the device), run eagerly, gives the eager step's logits and cache."""
+    """The function a graph captures (block tables and positions on the device, slots computed from them, new
+    keys written at each row's position, right-padded fixed-length attention under a 4-D mask), run eagerly for
+    three sequences padded to a batch of 4, gives the engine's eager batched step's logits and cache slots."""
     model = tiny_model(family) if attn else _injected(family)
     if attn:
         model.config._attn_implementation = attn
-    gen = Generator(model, None, max_context=40)
-    runner = DecodeGraphs(model, gen.cache, gen.max_context, torch.device("cpu"), _cache_kwarg(model))
+    engine = EngineCore(model, None, max_context=40, max_concurrency=4, cuda_graph=False)
+    runner = DecodeGraphs(model, engine.cache, engine.max_context, torch.device("cpu"), _cache_kwarg(model), 4)
     assert "not on a CUDA device" in runner.problem  # built on the CPU to call its captured function eagerly
-    device = model_device(model)  # with an accelerator, the shipped rules put the injected model there
-    ids = torch.randint(3, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)).to(device)
-    forward_step(model, ids[:, :9], gen.cache)
-    for step in range(9, 12):
-        token = ids[:, step : step + 1]
-        eager = forward_step(model, token, gen.cache)
-        eager_keys = [layer.keys[:, :, step].clone() for layer in gen.cache.layers]
-        for layer in gen.cache.layers:
-            layer.crop(1)
-            with torch.inference_mode():
-                layer.keys[:, :, step] = float("nan")  # the graph-mode step must write the slot again
-        pos = torch.tensor([step], device=device)
-        length = graph_length(step, gen.max_context)
-        with torch.inference_mode(), runner._graph_cache(pos, length):
-            graphed = runner._forward(token, pos, torch.arange(length, device=device))
-        for layer in gen.cache.layers:
-            layer.length = step + 1
-        assert cache_length(gen.cache) == step + 1
+    cache = engine.cache
+    g = torch.Generator().manual_seed(3)
+    seqs = [engine.new_sequence(torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist(), _greedy(8),
+                                text=False) for n in (9, 20, 3)]
+    for seq in seqs:
+        engine.add(seq)
+    while any(not s.generated for s in seqs):
+        engine.step()
+    for _ in range(3):
+        kvs, tokens = [s.kv for s in seqs], [s.tokens[-1] for s in seqs]
+        for kv in kvs:
+            cache.reserve(kv, kv.length + 1)
+        write = [int(cache.slots(kv, kv.length, kv.length + 1)) for kv in kvs]
+        length = graph_length(max(kv.length for kv in kvs), engine.max_context)
+        length = -(-length // cache.block_size) * cache.block_size
+        with torch.inference_mode():
+            graphed = runner._forward(*runner.static_inputs(tokens, kvs, 4, length, torch.device("cpu")))[:3, -1]
+            keys = [layer.keys[0, :, write].clone() for layer in cache.layers]
+            for layer in cache.layers:
+                layer.keys[0, :, write] = float("nan")  # the eager step must write the slots again
+            eager = engine.runner.forward([[t] for t in tokens], kvs)
         scale = eager.abs().max()
-        assert (graphed - eager).abs().max() <= 1e-4 * scale, f"{family} step {step}"
-        for layer, keys in zip(gen.cache.layers, eager_keys):
-            torch.testing.assert_close(layer.keys[:, :, step], keys)
+        assert (graphed - eager).abs().max() <= 1e-4 * scale, f"{family}"
+        for layer, k in zip(cache.layers, keys):
+            torch.testing.assert_close(layer.keys[0, :, write], k)
+        for seq, row in zip(seqs, eager):
+            seq.tokens.append(int(row.argmax()))
 
 
 def test_no_cuda_graph_flag():

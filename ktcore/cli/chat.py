@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .model_options import MODEL_OPTIONS_HELP
+from .prefix_options import add_prefix_cache_args
 from .run import (
     EXIT_INTERRUPTED,
     add_generation_args,
@@ -41,6 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
     p.add_argument("--no-timing", action="store_true", help="do not print the timing line after each reply")
     add_generation_args(p)
+    add_prefix_cache_args(p)
     p.set_defaults(func=run, command="chat")
     return p
 
@@ -80,6 +83,11 @@ def run(args) -> int:
 
 def _chat(args) -> int:
     gen, params = load_generator(args, needs_chat_template=True)
+    from ktcore.prefix_cache import PrefixStore, model_salt
+
+    weights = args.model if os.path.exists(args.model) else None  # tiny:<family> names no file
+    # each turn prefills only what the conversation so far did not compute
+    gen.keep_prefixes(PrefixStore.from_options(args, gen.device, model_salt(weights, args.model, args.device)))
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

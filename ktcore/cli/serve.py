@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
+from .prefix_options import add_prefix_cache_args
 from .model_options import MODEL_OPTIONS_HELP, CLIError, add_model_options, check_model_options, open_model, say
 from .run import run_guarded
 
@@ -40,8 +42,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--model-name", default=None, help="the model id clients use (default: the file's stem)")
     g.add_argument("--max-concurrency", type=int, default=8,
                    help="sequences decoded together (default 8); further requests queue")
-    g.add_argument("--no-batching", action="store_true",
-                   help="one forward per sequence instead of one batched decode step")
     g.add_argument("--web", action="store_true", help="serve the chat web UI at /web")
     g.add_argument("--db", default=None, help="SQLite file of the Assistants API (default: in the user data dir)")
     g.add_argument("--no-assistants", action="store_true", help="turn the Assistants API (and its database) off")
@@ -61,6 +61,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a client may take to send a body (default 60)")
     s.add_argument("--max-connections", type=int, default=256,
                    help="open connections and running requests; further requests get 503 (default 256)")
+    add_prefix_cache_args(p)
     p.set_defaults(func=run, command="serve")
     return p
 
@@ -88,6 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
     loaded = open_model(args)
     import uvicorn
 
+    from ktcore.generate import model_device
+    from ktcore.prefix_cache import PrefixStore, model_salt
     from ktcore.server import create_app, default_db_path
     from ktcore.server.engine import Engine
     from ktcore.server.guard import AccessPolicy
@@ -96,8 +99,12 @@ def _serve(args: argparse.Namespace) -> int:
     from ktcore.warmup import engine_batch_sizes, warm_up_engine
 
     info = model_info(loaded, args.model_name)
+    weights = loaded.spec if os.path.exists(loaded.spec) else None  # tiny:<family> names no file
+    store = PrefixStore.from_options(args, model_device(loaded.model),
+                                     model_salt(weights, loaded.spec, *loaded.rule_files, args.device))
     engine = Engine(loaded.model, loaded.tokenizer, max_context=loaded.max_context,
-                    max_concurrency=args.max_concurrency, batching=False if args.no_batching else None)
+                    max_concurrency=args.max_concurrency, block_size=args.prefix_block, cuda_graph=args.cuda_graph,
+                    prefix_store=store)
     sizes = engine_batch_sizes(args.max_concurrency)
     seconds = warm_up_engine(engine, loaded.tokenizer, sizes)
     say(args, f"warmed up in {seconds:.1f} s (batch sizes {', '.join(map(str, sizes))})")
@@ -107,8 +114,8 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(engine, loaded.tokenizer, info, access=access, db_path=db, web=args.web,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)))
     logging.getLogger("ktcore.server").info(
-        "serving %s on http://%s:%d (batched decode: %s, assistants db: %s)", info.name, args.host, args.port,
-        engine.batched, db)
+        "serving %s on http://%s:%d (prefix cache: %s; assistants db: %s)", info.name, args.host, args.port,
+        store.summary(), db)
     limits = ConnectionLimits(header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                               max_connections=args.max_connections)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, limits, log_level=args.log_level)).run()

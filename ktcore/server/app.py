@@ -51,10 +51,11 @@ def create_app(engine: Engine, tokenizer, model: ModelInfo, *, access: AccessPol
     app.state.kt = state
     install_error_handlers(app)
 
-    from . import ollama_api, openai_api
+    from . import metrics, ollama_api, openai_api
 
     app.include_router(openai_api.router)
     app.include_router(ollama_api.router)
+    app.include_router(metrics.router)
     if state.assistants is not None:
         from .assistants import routes as assistants_routes
 

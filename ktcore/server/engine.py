@@ -1,33 +1,24 @@
-"""The decode engine behind every endpoint: continuous batching over one model.
-
-One engine thread owns the model. Each iteration it admits queued requests (each prefilled alone, up to
-``max_concurrency`` live sequences), drops sequences whose client went away, and runs one decode step for
-all live sequences together: a single forward over a ``[B, 1]`` batch against a left-padded KV cache
-(``KVBatch``). Requests join and leave between steps. Models whose cache cannot be left-padded (sliding
-window layers) fall back to one forward per sequence inside the same loop.
-
-Request handlers talk to it through ``submit()``, which returns a ``SequenceHandle``: an async iterator of
-``Event``s (text deltas, then one final event with the finish reason and ``Stats``).
+"""The server's side of the engine (``ktcore.engine``): one thread steps an ``EngineCore`` (continuous batching,
+chunked prefill, paged KV cache) while request handlers talk to it through ``submit()``, which returns a
+``SequenceHandle``: an async iterator of ``Event``s (text deltas, then one final event with the finish reason
+and ``Stats``). Requests join and leave between steps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import threading
 import time
 import traceback
-from collections import Counter, deque
-from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from ktcore.generate import END_OF_TURN_TOKENS, ContextOverflowError, Sampler, SamplingParams, TextStream, model_device
-
-from .kv_batch import KVBatch, can_batch
+from ktcore.engine.core import EngineCore
+from ktcore.engine.sequence import Sequence
+from ktcore.generate import ContextOverflowError, SamplingParams
 
 log = logging.getLogger("ktcore.server")
 
@@ -100,109 +91,61 @@ class SequenceHandle:
         raise RuntimeError("the engine ended the stream without a final event")
 
 
-@dataclass
-class _Sequence:
-    handle: SequenceHandle
-    prompt_ids: list[int]
-    params: SamplingParams
-    budget: int
-    stop_ids: set[int]
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stats: Stats = field(default_factory=Stats)
-    sampler: Sampler | None = None
-    text: TextStream | None = None
-    generated: list[int] = field(default_factory=list)
-    unsent: str = ""  # decoded text held back because it may be the start of a stop string
-    last_token: int = 0
-    position: int = 0  # position id of last_token
-    cache: DynamicCache | None = None  # only without batching
-    finished: bool = False
-
-
 def _deliver_all(items: list[tuple[SequenceHandle, Event]]) -> None:
     for handle, event in items:
         handle._deliver(event)
 
 
-def _held_back(text: str, stops: SequenceABC[str]) -> int:
-    """Length of the longest tail of ``text`` that is a proper prefix of some stop string."""
-    for n in range(min(len(text), max((len(s) for s in stops), default=1) - 1), 0, -1):
-        tail = text[-n:]
-        if any(s.startswith(tail) for s in stops):
-            return n
-    return 0
-
-
 class Engine:
-    """Continuous batching over ``model`` (a Transformers causal LM) and ``tokenizer``.
+    """Continuous batching over ``model`` (a Transformers causal LM) and ``tokenizer`` on a thread.
 
-    ``max_context``: most positions one sequence may use (prompt + reply). ``batching``: ``None`` picks
-    left-padded batched decode when the model's cache layers allow it and a probe step shows the model
-    honours the padding mask; ``False`` forces one forward per sequence.
+    ``max_context``: most positions one sequence may use (prompt + reply); ``max_concurrency``: sequences
+    decoded together; ``kv_blocks``, ``block_size``, ``cuda_graph``, ``prefix_store``: see ``EngineCore``.
     """
 
     def __init__(self, model, tokenizer, *, max_context: int | None = None, max_concurrency: int = 8,
-                 prefill_chunk: int = 512, batching: bool | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
+                 prefill_chunk: int = 512, kv_blocks: int | None = None, block_size: int | None = None,
+                 cuda_graph: bool | None = None, prefix_store=None):
         config_ctx = getattr(model.config, "max_position_embeddings", None) or 4096
-        self.max_context = int(max_context or config_ctx)
-        self.max_concurrency = int(max_concurrency)
-        if self.max_concurrency < 1:
+        if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.prefill_chunk = int(prefill_chunk)
-        self.device = model_device(model)
+        extra = {"block_size": block_size} if block_size else {}
+        self.core = EngineCore(model, tokenizer, max_context=int(max_context or config_ctx),
+                               max_concurrency=max_concurrency, prefill_chunk=prefill_chunk, kv_blocks=kv_blocks,
+                               cuda_graph=cuda_graph, prefix_store=prefix_store, **extra)
+        self.model, self.tokenizer = model, tokenizer
+        self.max_context = self.core.max_context
+        self.max_concurrency = self.core.max_concurrency
         self.vocab_size = int(model.config.get_text_config().vocab_size)
-        self.eos_ids = self._end_token_ids()
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        batchable = can_batch(DynamicCache(config=model.config))
-        if batching and not batchable:
-            raise ValueError("this model's cache has sliding-window layers; batched decode is not possible")
-        self.batched = batchable and (self._batching_matches_solo() if batching is None else bool(batching))
-        self._pending: deque[_Sequence] = deque()
-        self._active: list[_Sequence] = []
-        self._batch = KVBatch()
+        self.prefix_store = prefix_store
+        self._inbox: list[Sequence] = []
+        self._handles: dict[int, tuple[SequenceHandle, Stats]] = {}  # id(seq) -> its handle and stats
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
         # events of one iteration, handed to the event loops in one call each: a loop wake-up per sequence
         # per token would make the engine thread fight the loop for the GIL
         self._outbox: list[tuple[SequenceHandle, Event]] = []
-        # figures for /api/ps and the load test
-        self.steps = 0
         self.tokens_generated = 0
-        self.max_batch_seen = 0
         self.finish_counts: Counter[str] = Counter()  # finish reason -> requests
 
-    @torch.inference_mode()
-    def _batching_matches_solo(self) -> bool:
-        """Probe the model once: one decode step of two left-padded sequences in a batch must give the
-        logits of the same steps run alone. Attention ops that ignore the padding mask fail this, and the
-        engine then decodes one sequence per forward instead."""
-        prompts = [[i % self.vocab_size for i in range(3, 9)], [i % self.vocab_size for i in range(11, 13)]]
-        step_token = 7 % self.vocab_size
-        solo, batch = [], KVBatch()
-        for prompt in prompts:
-            ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-            step = torch.tensor([[step_token]], dtype=torch.long, device=self.device)
-            alone = DynamicCache(config=self.model.config)
-            self._forward(ids, alone)
-            solo.append(self._forward(step, alone))
-            joined = DynamicCache(config=self.model.config)
-            self._forward(ids, joined)
-            batch.add(joined, len(prompt))
-        batched = self._forward(
-            torch.full((2, 1), step_token, dtype=torch.long, device=self.device), batch.cache,
-            attention_mask=batch.step_mask(),
-            position_ids=torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device))
-        solo = torch.cat(solo)
-        error, scale = float((batched - solo).abs().max()), float(solo.abs().max())
-        matches = error <= 1e-2 * scale + 1e-3
-        if not matches:
-            log.warning("batched decode differs from solo decode (max logit error %.3g of %.3g): "
-                        "decoding one sequence per forward", error, scale)
-        return matches
+    # ------------------------------------------------------------------ figures for /api/ps and the load test
+
+    @property
+    def steps(self) -> int:
+        return self.core.steps
+
+    @property
+    def max_batch_seen(self) -> int:
+        return self.core.max_batch_seen
+
+    @property
+    def active_count(self) -> int:
+        return len(self.core.running)
+
+    @property
+    def queued_count(self) -> int:
+        return len(self._inbox) + len(self.core.waiting)
 
     # ------------------------------------------------------------------ public, any thread
 
@@ -219,82 +162,81 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
-    @property
-    def active_count(self) -> int:
-        return len(self._active)
-
-    @property
-    def queued_count(self) -> int:
-        return len(self._pending)
-
     def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_context:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt_ids)} tokens and this model's context holds {self.max_context}; "
-                "shorten the prompt"
-            )
+        self.core.check_prompt(prompt_ids)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, *, presence_penalty: float = 0.0,
                frequency_penalty: float = 0.0, loop: asyncio.AbstractEventLoop | None = None) -> SequenceHandle:
         """Queue a request; call from a coroutine (or pass ``loop``). Raises ``ContextOverflowError`` when
         the prompt does not fit and ``ValueError`` for an empty prompt."""
-        self.check_prompt(prompt_ids)
+        seq = self.core.new_sequence(list(prompt_ids), params, presence_penalty=presence_penalty,
+                                     frequency_penalty=frequency_penalty)
         handle = SequenceHandle(loop or asyncio.get_running_loop())
-        budget = min(params.max_new_tokens, self.max_context - len(prompt_ids))
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        seq = _Sequence(handle, list(prompt_ids), params, budget, stop_ids, presence_penalty, frequency_penalty)
-        seq.stats.prompt_tokens = len(prompt_ids)
-        seq.stats.submitted_ns = time.perf_counter_ns()
+        stats = Stats(prompt_tokens=len(seq.prompt_ids), submitted_ns=time.perf_counter_ns())
         with self._wake:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
-            self._pending.append(seq)
+            self._handles[id(seq)] = (handle, stats)
+            self._inbox.append(seq)
             self._wake.notify_all()
         return handle
 
     # ------------------------------------------------------------------ engine thread
 
-    def _end_token_ids(self) -> set[int]:
-        ids: set[int] = set()
-        gen_config = getattr(self.model, "generation_config", None)
-        for value in (getattr(gen_config, "eos_token_id", None), getattr(self.model.config, "eos_token_id", None),
-                      getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value is not None:
-                ids.update(int(i) for i in value)
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-        return ids
-
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self._pending and not self._active:
+                    while not self._stopping and not self._inbox and not self.core.has_work:
                         self._wake.wait()
                     if self._stopping:
                         break
+                    inbox, self._inbox = self._inbox, []
+                for seq in inbox:
+                    self.core.add(seq)
+                    if seq.finished:  # nothing to generate (no budget)
+                        self._report(seq)
+                self._drop_cancelled()
                 try:
-                    self._admit()
-                    self._drop_cancelled()
-                    if self._active:
-                        self._decode_step()
+                    for seq in self.core.step():
+                        self._report(seq)
                 except Exception as exc:  # a failed forward must not take the server down
                     log.error("engine step failed:\n%s", traceback.format_exc())
-                    for seq in self._active:
-                        self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-                    self._active, self._batch = [], KVBatch()
+                    for seq in self.core.abort_all("error", f"{type(exc).__name__}: {exc}"):
+                        self._report(seq)
                 self._flush()
-        for seq in [*self._active, *self._pending]:
-            self._finish(seq, "error", error="the server is shutting down")
-        self._active, self._pending = [], deque()
+        for seq in [*self.core.abort_all("error", "the server is shutting down"), *self._inbox]:
+            seq.finish_reason = seq.finish_reason or "error"
+            seq.error = seq.error or "the server is shutting down"
+            self._report(seq)
+        self._inbox = []
         self._flush()
 
-    def _emit(self, handle: SequenceHandle, event: Event) -> None:
-        self._outbox.append((handle, event))
+    def _drop_cancelled(self) -> None:
+        for seq in [*self.core.running, *self.core.waiting]:
+            if self._handles[id(seq)][0].cancelled.is_set():
+                self.core.finish(seq, "cancelled")
+                self._report(seq)
+
+    def _report(self, seq: Sequence) -> None:
+        """Hand ``seq``'s new text (and, once it ended, its final event) to its handle."""
+        handle, stats = self._handles[id(seq)]
+        text = seq.take_text()
+        if text:
+            self._outbox.append((handle, Event(text)))
+        if not seq.finished:
+            return
+        del self._handles[id(seq)]
+        now = time.perf_counter_ns()
+        stats.completion_tokens = len(seq.generated)
+        stats.queue_ns = max(0, seq.admitted_ns - stats.submitted_ns)
+        if seq.first_token_ns:
+            stats.prefill_ns = seq.first_token_ns - seq.admitted_ns
+            stats.decode_ns = seq.last_token_ns - seq.first_token_ns
+        stats.total_ns = now - stats.submitted_ns
+        self.tokens_generated += len(seq.generated)
+        self.finish_counts[seq.finish_reason] += 1
+        self._outbox.append((handle, Event(finish_reason=seq.finish_reason, stats=stats, error=seq.error)))
 
     def _flush(self) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
@@ -307,153 +249,3 @@ class Engine:
             except RuntimeError:  # that loop is closed: nobody listens to these sequences any more
                 for handle, _ in items:
                     handle.cancelled.set()
-
-    def _admit(self) -> None:
-        while len(self._active) < self.max_concurrency:
-            with self._wake:
-                if not self._pending:
-                    return
-                seq = self._pending.popleft()
-            if seq.handle.cancelled.is_set():
-                self._finish(seq, "cancelled")
-                continue
-            try:
-                self._prefill(seq)
-            except Exception as exc:
-                log.error("prefill failed:\n%s", traceback.format_exc())
-                self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-
-    def _forward(self, ids: torch.Tensor, cache, **kwargs) -> torch.Tensor:
-        kwargs[self._cache_kwarg] = cache
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-        return out.logits[:, -1].float()
-
-    def _prefill(self, seq: _Sequence) -> None:
-        start = time.perf_counter_ns()
-        seq.stats.queue_ns = start - seq.stats.submitted_ns
-        seq.sampler = Sampler(seq.params)
-        seq.text = TextStream(self.tokenizer)
-        if seq.budget <= 0:
-            self._finish(seq, "length")
-            return
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-        for begin in range(0, ids.shape[1], self.prefill_chunk):
-            logits = self._forward(ids[:, begin:begin + self.prefill_chunk], cache)
-        seq.stats.prefill_ns = time.perf_counter_ns() - start
-        seq.position = len(seq.prompt_ids)
-        self._advance(seq, logits[0])
-        if seq.finished:
-            return
-        if self.batched:
-            self._batch.add(cache, len(seq.prompt_ids))
-        else:
-            seq.cache = cache
-        self._active.append(seq)
-
-    def _drop_cancelled(self) -> None:
-        keep = []
-        for row, seq in enumerate(self._active):
-            if seq.handle.cancelled.is_set():
-                self._finish(seq, "cancelled")
-            else:
-                keep.append(row)
-        self._retain(keep)
-
-    def _retain(self, rows: list[int]) -> None:
-        if len(rows) == len(self._active):
-            return
-        if self.batched:
-            self._batch.keep(rows)
-        self._active = [self._active[r] for r in rows]
-
-    def _decode_step(self) -> None:
-        start = time.perf_counter_ns()
-        batch = self._active
-        if self.batched:
-            ids = torch.tensor([[s.last_token] for s in batch], dtype=torch.long, device=self.device)
-            positions = torch.tensor([[s.position] for s in batch], dtype=torch.long, device=self.device)
-            mask = self._batch.step_mask()
-            logits = self._forward(ids, self._batch.cache, attention_mask=mask, position_ids=positions)
-        else:
-            rows = []
-            for s in batch:
-                ids = torch.tensor([[s.last_token]], dtype=torch.long, device=self.device)
-                rows.append(self._forward(ids, s.cache))
-            logits = torch.cat(rows)
-        elapsed = time.perf_counter_ns() - start
-        self.steps += 1
-        self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        keep = []
-        for row, seq in enumerate(batch):
-            seq.stats.decode_ns += elapsed
-            seq.position += 1
-            self._advance(seq, logits[row])
-            if not seq.finished:
-                keep.append(row)
-        self._retain(keep)
-
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample and record one sequence's next token. A failure here (a sampler fed non-finite logits, a
-        tokenizer error) is that sequence's alone: it ends with an error and the batch goes on."""
-        try:
-            self._accept(seq, self._sample(seq, logits))
-        except Exception as exc:
-            log.error("sequence failed:\n%s", traceback.format_exc())
-            self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
-
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        logits = logits.cpu()
-        if seq.generated and (seq.presence_penalty or seq.frequency_penalty):
-            # OpenAI's penalties: subtract per-token count * frequency + (count > 0) * presence
-            counts = torch.bincount(torch.tensor(seq.generated), minlength=logits.numel())[: logits.numel()].float()
-            logits = logits - counts * seq.frequency_penalty - (counts > 0).float() * seq.presence_penalty
-        context = None
-        if seq.params.repetition_penalty != 1.0:
-            context = torch.tensor(seq.prompt_ids + seq.generated, dtype=torch.long)
-        return seq.sampler(logits, context)
-
-    def _accept(self, seq: _Sequence, token: int) -> None:
-        """Record a sampled token: stream its text, stop at an end token, a stop string or the budget."""
-        seq.stats.completion_tokens += 1
-        self.tokens_generated += 1
-        if token in seq.stop_ids:
-            self._send(seq, seq.text.flush(), final=True)
-            self._finish(seq, "stop")
-            return
-        seq.generated.append(token)
-        seq.last_token = token
-        out_of_budget = seq.stats.completion_tokens >= seq.budget
-        text = seq.text.push(token) + (seq.text.flush() if out_of_budget else "")
-        if self._send(seq, text, final=out_of_budget):
-            self._finish(seq, "stop")
-        elif out_of_budget:
-            self._finish(seq, "length")
-
-    def _send(self, seq: _Sequence, text: str, final: bool) -> bool:
-        """Emit ``text`` minus any stop string and what follows it; hold back a possible stop-string start
-        unless ``final``. True when a stop string was found."""
-        stops = seq.params.stop
-        seq.unsent += text
-        if stops:
-            hits = [i for i in (seq.unsent.find(s) for s in stops if s) if i >= 0]
-            if hits:
-                out, seq.unsent = seq.unsent[: min(hits)], ""
-                if out:
-                    self._emit(seq.handle, Event(out))
-                return True
-        hold = 0 if final or not stops else _held_back(seq.unsent, stops)
-        out = seq.unsent[: len(seq.unsent) - hold]
-        seq.unsent = seq.unsent[len(seq.unsent) - hold:]
-        if out:
-            self._emit(seq.handle, Event(out))
-        return False
-
-    def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        seq.cache = None
-        self.finish_counts[reason] += 1
-        seq.stats.total_ns = time.perf_counter_ns() - seq.stats.submitted_ns
-        self._emit(seq.handle, Event(finish_reason=reason, stats=seq.stats, error=error))

@@ -1,4 +1,5 @@
-"""The batching engine alone: batched decode equals solo decode, joins and leaves mid-batch, stop strings."""
+"""The server's engine alone: batched decode equals solo decode, joins and leaves mid-batch, stop strings,
+sliding-window models batched too (Transformers' masks over the paged cache's left-padded gather)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import asyncio
 import pytest
 import torch
 
-from ktcore.server.engine import Engine, SamplingParams, _held_back
-from ktcore.server.kv_batch import KVBatch
+from ktcore.engine.sequence import held_back
+from ktcore.server.engine import Engine, SamplingParams
 
 
 def _greedy(n, **kw):
@@ -35,8 +36,8 @@ def test_staggered_batch_matches_transformers_greedy(model_and_tokenizer):
     lengths = [60, 24, 40, 50]
     expected = [tok.decode(_reference(model, p, n)) for p, n in zip(prompts, lengths)]
 
-    async def run(batching):
-        engine = Engine(model, tok, max_concurrency=4, batching=batching)
+    async def run():
+        engine = Engine(model, tok, max_concurrency=4)
         engine.start()
         try:
             handles, firsts = [], []
@@ -56,13 +57,11 @@ def test_staggered_batch_matches_transformers_greedy(model_and_tokenizer):
         finally:
             engine.shutdown()
 
-    for batching in (True, False):
-        results, widest = asyncio.run(run(batching))
-        assert [text for text, _ in results] == expected, f"batching={batching}"
-        assert [final.stats.completion_tokens for _, final in results] == lengths
-        assert all(final.finish_reason == "length" for _, final in results)
-        if batching:
-            assert widest >= 2
+    results, widest = asyncio.run(run())
+    assert [text for text, _ in results] == expected
+    assert [final.stats.completion_tokens for _, final in results] == lengths
+    assert all(final.finish_reason == "length" for _, final in results)
+    assert widest >= 2
 
 
 def test_max_concurrency_queues_the_rest(model_and_tokenizer):
@@ -82,24 +81,6 @@ def test_max_concurrency_queues_the_rest(model_and_tokenizer):
     assert widest == 2
     assert all(final.stats.completion_tokens == 8 for _, final in results)
     assert max(final.stats.queue_ns for _, final in results) > 0
-
-
-def test_kv_batch_keep_trims_padding_columns():
-    from transformers.cache_utils import DynamicCache
-
-    def cache(length, value):
-        c = DynamicCache()
-        c.update(torch.full((1, 2, length, 4), float(value)), torch.full((1, 2, length, 4), float(value)), 0)
-        return c
-
-    batch = KVBatch()
-    batch.add(cache(3, 1), 3)
-    batch.add(cache(7, 2), 7)
-    assert batch.mask.tolist() == [[0, 0, 0, 0, 1, 1, 1], [1] * 7]
-    assert batch.cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 0, 0, 1, 1, 1]
-    batch.keep([0])  # the long one leaves: the four padding columns go too
-    assert batch.mask.tolist() == [[1, 1, 1]]
-    assert batch.cache.layers[0].keys.shape == (1, 2, 3, 4)
 
 
 def test_stop_string_spanning_tokens_is_never_emitted(model_and_tokenizer):
@@ -123,47 +104,15 @@ def test_stop_string_spanning_tokens_is_never_emitted(model_and_tokenizer):
     pieces, final = asyncio.run(run())
     assert "".join(pieces) == full[: full.index(stop)]
     assert final.finish_reason == "stop"
-    assert _held_back("abcST", ["STOP"]) == 2 and _held_back("abc", ["STOP"]) == 0
+    assert held_back("abcST", ["STOP"]) == 2 and held_back("abc", ["STOP"]) == 0
 
 
-def test_a_model_that_ignores_the_padding_mask_is_decoded_one_sequence_at_a_time(model_and_tokenizer):
-    """The start-up probe catches attention that ignores the padding mask; replies stay right."""
-    model, tok = model_and_tokenizer
-
-    def drop_mask(module, args, kwargs):
-        kwargs["attention_mask"] = None
-        return args, kwargs
-
-    hooks = [layer.self_attn.register_forward_pre_hook(drop_mask, with_kwargs=True) for layer in model.model.layers]
-    try:
-        engine = Engine(model, tok, max_concurrency=4)
-        assert not engine.batched
-        prompts = [tok(t)["input_ids"] for t in ("short", "a much longer prompt than that")]
-        expected = [tok.decode(_reference(model, p, 10)) for p in prompts]
-
-        async def run():
-            engine.start()
-            try:
-                handles = [engine.submit(p, _greedy(10)) for p in prompts]
-                return [(await h.collect())[0] for h in handles]
-            finally:
-                engine.shutdown()
-
-        assert asyncio.run(run()) == expected
-    finally:
-        for h in hooks:
-            h.remove()
-    assert Engine(model, tok).batched  # the intact model passes the probe
-
-
-def test_sliding_window_model_decodes_per_sequence_and_matches_transformers():
-    """Gemma 3's sliding-window cache cannot be left-padded: the engine runs it one sequence per forward,
-    with prompts longer than the window (8), concurrently."""
+def test_sliding_window_model_batches_and_matches_transformers():
+    """Gemma 3 (sliding-window layers, window 8) decodes batched, with prompts longer than the window."""
     from ktcore.server.tiny import tiny_chat_model
 
     model, tok = tiny_chat_model("gemma3")
     engine = Engine(model, tok, max_concurrency=4)
-    assert not engine.batched
     prompts = [tok(t)["input_ids"] for t in ("a prompt longer than the window", "short")]
     expected = [tok.decode(_reference(model, p, 12)) for p in prompts]
 
@@ -202,3 +151,30 @@ def test_a_failing_sequence_ends_alone(model_and_tokenizer):
     (text, final), (_, bad_final) = asyncio.run(run())
     assert bad_final.finish_reason == "error" and bad_final.error
     assert final.finish_reason == "length" and text == expected
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3_moe", marks=pytest.mark.slow),
+                                    pytest.param("deepseek_v2", marks=pytest.mark.slow)])
+def test_server_greedy_text_equals_kt_runs(family):
+    """Three chat requests served together (batched) give the text ``kt run``'s path (``Generator``) gives
+    each alone."""
+    from ktcore.generate import Generator
+    from ktcore.server.tiny import tiny_chat_model
+
+    model, tok = tiny_chat_model(family)
+    chats = [[{"role": "user", "content": text}] for text in ("hello there", "a longer question about boats?", "x")]
+    gen = Generator(model, tok, max_context=256)
+    expected = [gen.complete(chat, _greedy(24))[0] for chat in chats]
+
+    async def run():
+        engine = Engine(model, tok, max_context=256, max_concurrency=3)
+        engine.start()
+        try:
+            handles = [engine.submit(gen.encode(chat), _greedy(24)) for chat in chats]
+            return [(await h.collect())[0] for h in handles], engine.max_batch_seen
+        finally:
+            engine.shutdown()
+
+    texts, widest = asyncio.run(run())
+    assert texts == expected
+    assert widest >= 2

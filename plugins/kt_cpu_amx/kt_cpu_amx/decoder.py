@@ -222,9 +222,19 @@ class FusedLayers:
         self.runtime = runtime
         self.layers = layers
         self.torch_threads = torch_threads
-        self._keep = keep  # the cache tensors the layers point into
+        self._keep = keep  # the cache tensors the layers point into: (keys, values) per layer
+        self._slot_offset = 0
 
-    def step(self, hidden: torch.Tensor, position_embeddings, position: int) -> None:
+    def _point_at(self, slot_offset: int) -> None:
+        """Point every layer's cache at slot ``slot_offset`` of its pool (the head stride stays the pool's)."""
+        for i, L in enumerate(self.layers):
+            keys, values = self._keep[2 * i], self._keep[2 * i + 1]
+            kf, vf = (L.rank, L.rope_dim) if L.kind == "mla" else (L.head_dim, L.head_dim)  # floats per slot
+            L.set_cache(keys.data_ptr() + 4 * slot_offset * kf, values.data_ptr() + 4 * slot_offset * vf,
+                        keys.shape[2])
+        self._slot_offset = slot_offset
+
+    def step(self, hidden: torch.Tensor, position_embeddings, position: int, slot_offset: int = 0) -> None:
         mla = self.layers[0].kind == "mla"
         if mla:  # complex rotary factors, one per pair: (cos, sin) adjacent
             if not (torch.is_tensor(position_embeddings) and position_embeddings.is_complex()):
@@ -238,6 +248,8 @@ class FusedLayers:
         if hidden.dtype is not torch.float32 or not hidden.is_contiguous() or width != expected:
             raise ValueError(f"kt_cpu_amx fused decode: hidden must be contiguous float32 and the rotary tables "
                              f"{expected} wide; got {hidden.dtype}, {width}")
+        if slot_offset != self._slot_offset:
+            self._point_at(slot_offset)
         share_cores(1, self.torch_threads)
         self.runtime.decoder_step(self.layers, hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(), position)
 

@@ -189,8 +189,8 @@ def test_decode_of_injected_model_is_bit_identical_to_unfused(family, monkeypatc
             s.weights = None  # plan again on the counting runtimes
         gen = Generator(model, tokenizer=None, max_context=64)
         steps = []
-        original = gen.decode_step
-        gen.decode_step = lambda ids: steps.append(original(ids)) or steps[-1]
+        original = gen.engine.runner.decode  # the engine's decode steps
+        gen.engine.runner.decode = lambda tokens, kvs: steps.append(original(tokens, kvs)) or steps[-1]
         list(gen.generate_ids([5, 9, 14, 3, 7], SamplingParams(max_new_tokens=5, ignore_eos=True)))
         groups = {id(op._siblings) for op in linears if op._siblings is not None and op._siblings.active}
         multi = sum(c.calls.count("linear_multi") for c in counted.values())

@@ -1,0 +1,106 @@
+"""Model calls over the paged cache: a prefill chunk of one sequence, and a decode step of a batch, the latter
+through a captured CUDA graph per batch bucket (``ktcore.decode_graphs``), or for one sequence on the CPU
+through fused decoder layers (``ktcore.fused_decode``), where they apply; else an eager forward."""
+
+from __future__ import annotations
+
+import torch
+
+from .paged_cache import PagedCache, SeqKV
+
+
+def cache_kwarg(model) -> str:
+    from ..generate import _cache_kwarg
+
+    return _cache_kwarg(model)
+
+
+class ModelRunner:
+    """``cuda_graph``: ``None`` graphs wherever the model runs on CUDA and allows capture; ``False`` never."""
+
+    def __init__(self, model, cache: PagedCache, device: torch.device, max_context: int, max_batch: int,
+                 cuda_graph: bool | None = None):
+        self.model, self.cache, self.device = model, cache, device
+        self.max_context, self.max_batch = int(max_context), int(max_batch)
+        self.cuda_graph = cuda_graph
+        self._kwarg = cache_kwarg(model)
+        self._graphs = None
+        self._fused = None
+        self.tokens_fed = 0  # positions fed through the model (prefill and decode)
+
+    # -- plans built once, declined with a reason logged once
+
+    def _plan(self, attr: str, build, what: str):
+        plan = getattr(self, attr)
+        if plan is None:
+            from ..decode_graphs import log_once
+
+            plan = build()
+            setattr(self, attr, plan)
+            if plan.problem is not None:
+                log_once(f"{what} off: {plan.problem}")
+        return plan if plan.problem is None else None
+
+    def graph_runner(self):
+        if self.cuda_graph is False or self.device.type != "cuda":
+            return None
+        from ..decode_graphs import DecodeGraphs
+
+        return self._plan("_graphs", lambda: DecodeGraphs(self.model, self.cache, self.max_context, self.device,
+                                                          self._kwarg, self.max_batch), "CUDA graphs")
+
+    @property
+    def graph_problem(self) -> str | None:
+        return None if self._graphs is None else self._graphs.problem
+
+    def fused_runner(self):
+        if self.device.type != "cpu":
+            return None
+        from ..fused_decode import FusedDecode
+
+        return self._plan("_fused", lambda: FusedDecode(self.model, self.cache), "fused decode")
+
+    @property
+    def fused_problem(self) -> str | None:
+        return None if self._fused is None else self._fused.problem
+
+    # -- calls
+
+    @torch.inference_mode()
+    def forward(self, token_ids: list[list[int]], kvs: list[SeqKV]) -> torch.Tensor:
+        """Eager forward of ``token_ids`` (one list per row, all as long) after what each ``kv`` holds (blocks
+        reserved); float32 logits ``[B, V]`` of each row's last token; the lengths advance."""
+        rows = [(kv, len(ids)) for kv, ids in zip(kvs, token_ids)]
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        mask, positions = self.cache.plan_step(rows, self.device)
+        try:
+            kwargs = {self._kwarg: self.cache}
+            if mask is not None:
+                kwargs.update(attention_mask=mask, position_ids=positions)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+        except BaseException:
+            self.cache.abort_step()
+            raise
+        self.cache.end_step(rows)
+        self.tokens_fed += ids.numel()
+        return out.logits[:, -1].float()
+
+    def decode(self, tokens: list[int], kvs: list[SeqKV]) -> torch.Tensor:
+        """Logits ``[B, V]`` of one new token per sequence (blocks reserved)."""
+        graphs = self.graph_runner()
+        if graphs is not None:
+            logits = graphs.step(tokens, kvs)
+            if logits is not None:
+                self.tokens_fed += len(tokens)
+                return logits
+        if len(kvs) == 1:
+            start = self.cache.contiguous_start(kvs[0])
+            # the fused plan points into the pools, which the first forward allocates
+            fused = self.fused_runner() if start is not None and self.cache.is_initialized else None
+            if fused is not None:
+                kv = kvs[0]
+                logits = fused.step(torch.tensor([tokens], dtype=torch.long), position=kv.length, slot_offset=start)
+                kv.length += 1
+                self.tokens_fed += 1
+                return logits[:, -1]
+        return self.forward([[t] for t in tokens], kvs)

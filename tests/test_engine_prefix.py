@@ -1,0 +1,109 @@
+"""Prefix reuse inside the engine (``ktcore.engine.prefix`` over ``ktcore.prefix_cache.PrefixStore``): a request
+that shares a long prefix with an earlier one prefills only its new tokens, restored blocks give bit-for-bit the
+logits of recomputing them (fp32, the same chunk boundaries), and ``kt chat``'s second turn (``Generator``)
+prefills only what the first turn did not leave in the store."""
+
+from __future__ import annotations
+
+import torch
+
+from ktcore.engine.core import EngineCore
+from ktcore.generate import Generator, SamplingParams
+from ktcore.prefix_cache import PrefixStore
+from ktcore.server.tiny import tiny_chat_model
+from ktcore.testing import tiny_model
+
+BLOCK = 16
+
+
+def _greedy(n):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def _first_logits(engine, prompt, n=6):
+    """``(sequence, logits of its first token)`` after running ``prompt`` for ``n`` greedy tokens."""
+    seen = []
+    forward = engine.runner.forward
+
+    def recording(ids, kvs):
+        out = forward(ids, kvs)
+        seen.append(out)
+        return out
+
+    engine.runner.forward = recording
+    seq = engine.new_sequence(prompt, _greedy(n), text=False)
+    engine.add(seq)
+    while engine.has_work:
+        engine.step()
+    engine.runner.forward = forward
+    chunks = -(-(len(prompt) - seq.restored) // 48)  # the prefill calls come first (prefill_chunk 48)
+    return seq, seen[chunks - 1][0]
+
+
+def test_shared_prefix_is_restored_and_equals_recompute():
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    first = torch.randint(3, model.config.vocab_size, (50,), generator=g).tolist()
+    second = first + torch.randint(3, model.config.vocab_size, (20,), generator=g).tolist()
+    store = PrefixStore(ram_bytes=1 << 26, block_size=BLOCK)
+    cached = EngineCore(model, None, max_context=128, max_concurrency=2, prefill_chunk=48, prefix_store=store)
+    a, _ = _first_logits(cached, first)
+    assert a.restored == 0 and a.put_blocks == 3  # 50 prompt + 3 fed reply tokens: three full blocks stored
+    b, restored_logits = _first_logits(cached, second)
+    assert b.restored == 48
+    assert b.prefilled - (len(b.generated) - 1) == len(second) - 48  # only the new tokens went through the model
+    fresh = EngineCore(model, None, max_context=128, max_concurrency=2, prefill_chunk=48)
+    c, recomputed_logits = _first_logits(fresh, second)  # chunks [0, 48) and [48, 70), as restore + prefill
+    assert c.restored == 0
+    assert torch.equal(restored_logits, recomputed_logits)
+    assert b.generated == c.generated
+    stats = store.stats()
+    assert stats["hit_tokens"] == 48 and stats["tiers"]["ram"]["hits"] == 3
+
+
+def test_chat_second_turn_prefills_only_the_new_tokens():
+    model, tok = tiny_chat_model("llama")
+    gen = Generator(model, tok, max_context=512)
+    gen.keep_prefixes()  # as kt chat does
+    chat = [{"role": "system", "content": "You answer in one short line, always politely and with care."},
+            {"role": "user", "content": "What is the colour of the sea on a clear day?"}]
+    reply, _ = gen.complete(chat, _greedy(20))
+    turn1 = gen.last_sequence
+    chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And at night?"}]
+    gen.complete(chat, _greedy(8))
+    turn2 = gen.last_sequence
+    prompt = turn2.prompt_ids
+    common = next(i for i, (x, y) in enumerate(zip(turn1.tokens + [-1], prompt)) if x != y)
+    expected = min(turn1.put_blocks * BLOCK, common // BLOCK * BLOCK, (len(prompt) - 1) // BLOCK * BLOCK)
+    assert expected >= 64  # the first turn's prompt and most of its reply
+    assert turn2.restored == expected
+    assert turn2.prefilled - (len(turn2.generated) - 1) == len(prompt) - expected
+    # the same reply as without the store
+    plain = Generator(model, tok, max_context=512)
+    assert plain.complete(chat, _greedy(8))[0] == gen.complete(chat, _greedy(8))[0]
+
+
+def test_server_engine_reuses_a_shared_prefix():
+    """Through the server's Engine: the second request restores the first one's full blocks (the store's counts,
+    which /metrics shows), and its text equals the text without a store."""
+    import asyncio
+
+    from ktcore.server.engine import Engine
+
+    model, tok = tiny_chat_model("llama")
+    system = "A long shared system prompt that every request of this test starts with. " * 2
+    prompts = [tok(system + q)["input_ids"] for q in ("first question?", "and a second one?")]
+
+    async def run(store):
+        engine = Engine(model, tok, max_context=512, max_concurrency=2, prefix_store=store)
+        engine.start()
+        try:
+            return [(await engine.submit(p, _greedy(10)).collect())[0] for p in prompts]
+        finally:
+            engine.shutdown()
+
+    store = PrefixStore(ram_bytes=1 << 26, block_size=BLOCK)
+    texts = asyncio.run(run(store))
+    assert texts == asyncio.run(run(None))
+    shared = next(i for i, (x, y) in enumerate(zip(*prompts)) if x != y)
+    assert store.stats()["hit_tokens"] == shared // BLOCK * BLOCK >= 128
