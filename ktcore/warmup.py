@@ -61,11 +61,18 @@ def warm_up_engine(engine, tokenizer, batch_sizes: Iterable[int] | None = None,
 
 
 async def _concurrent(engine, ids: Sequence[int], size: int, new_tokens: int) -> None:
-    handles = [engine.submit(list(ids), _params(new_tokens)) for _ in range(size)]
+    # the engine admits one prompt per step: requests run new_tokens + size tokens, so all size of them decode
+    # together for a while (the batch size warmed up) whatever the admission order
+    handles = [engine.submit(list(ids), _params(warm_up_tokens(size, new_tokens))) for _ in range(size)]
     for handle in handles:
         _, final = await handle.collect()
         if final.finish_reason == "error":
             raise RuntimeError(f"the warm-up request failed: {final.error}")
+
+
+def warm_up_tokens(batch_size: int, new_tokens: int = WARM_UP_NEW_TOKENS) -> int:
+    """Tokens each warm-up request of a batch of ``batch_size`` generates."""
+    return new_tokens if batch_size == 1 else new_tokens + batch_size
 
 
 def _vocab_size(model) -> int:

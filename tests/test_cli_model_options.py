@@ -124,13 +124,13 @@ def test_generator_warm_up_leaves_replies_as_they_were(tiny):
 def test_engine_warm_up_runs_each_batch_size_through_the_engine(tiny):
     from ktcore.generate import Generator, SamplingParams
     from ktcore.server.engine import Engine
-    from ktcore.warmup import engine_batch_sizes, warm_up_engine
+    from ktcore.warmup import engine_batch_sizes, warm_up_engine, warm_up_tokens
 
     assert engine_batch_sizes(8) == [1, 8] and engine_batch_sizes(1) == [1]
     engine = Engine(tiny.model, tiny.tokenizer, max_context=tiny.max_context, max_concurrency=3)
     try:
         assert warm_up_engine(engine, tiny.tokenizer, engine_batch_sizes(3)) > 0
-        assert engine.tokens_generated == 4 * (1 + 3) and engine.max_batch_seen == 3
+        assert engine.tokens_generated == warm_up_tokens(1) + 3 * warm_up_tokens(3) and engine.max_batch_seen == 3
         ids = [5, 17, 33, 8, 90, 41]
 
         async def ask():
