@@ -56,6 +56,7 @@ class Event:
     finish_reason: str | None = None
     stats: Stats | None = None
     error: str | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob of the tokens since the previous event
 
 
 class SequenceHandle:
@@ -85,7 +86,8 @@ class SequenceHandle:
         event = await self._queue.get()
         while event.finish_reason is None and not self._queue.empty():
             later = self._queue.get_nowait()
-            event = Event(event.text + later.text, later.finish_reason, later.stats, later.error)
+            event = Event(event.text + later.text, later.finish_reason, later.stats, later.error,
+                          event.logprobs + later.logprobs)
         if event.finish_reason is not None:
             self.done = True
         return event
@@ -114,6 +116,7 @@ class _Sequence:
     text: TextStream | None = None
     generated: list[int] = field(default_factory=list)
     unsent: str = ""  # decoded text held back because it may be the start of a stop string
+    logprobs: list = field(default_factory=list)  # TokenLogprob not yet sent
     last_token: int = 0
     position: int = 0  # position id of last_token
     cache: DynamicCache | None = None  # only without batching
@@ -332,7 +335,7 @@ class Engine:
         start = time.perf_counter_ns()
         seq.stats.queue_ns = start - seq.stats.submitted_ns
         seq.sampler = Sampler(seq.params)
-        seq.text = TextStream(self.tokenizer)
+        seq.text = TextStream(self.tokenizer, seq.params.skip_special_tokens)
         if seq.budget <= 0:
             self._finish(seq, "length")
             return
@@ -417,6 +420,8 @@ class Engine:
         """Record a sampled token: stream its text, stop at an end token, a stop string or the budget."""
         seq.stats.completion_tokens += 1
         self.tokens_generated += 1
+        if seq.sampler.last_logprobs is not None and token not in seq.stop_ids:
+            seq.logprobs.append(seq.sampler.last_logprobs)
         if token in seq.stop_ids:
             self._send(seq, seq.text.flush(), final=True)
             self._finish(seq, "stop")
@@ -440,14 +445,19 @@ class Engine:
             if hits:
                 out, seq.unsent = seq.unsent[: min(hits)], ""
                 if out:
-                    self._emit(seq.handle, Event(out))
+                    self._emit(seq.handle, Event(out, logprobs=self._take_logprobs(seq)))
                 return True
         hold = 0 if final or not stops else _held_back(seq.unsent, stops)
         out = seq.unsent[: len(seq.unsent) - hold]
         seq.unsent = seq.unsent[len(seq.unsent) - hold:]
         if out:
-            self._emit(seq.handle, Event(out))
+            self._emit(seq.handle, Event(out, logprobs=self._take_logprobs(seq)))
         return False
+
+    @staticmethod
+    def _take_logprobs(seq: _Sequence) -> list:
+        taken, seq.logprobs = seq.logprobs, []
+        return taken
 
     def _finish(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
         if seq.finished:
@@ -456,4 +466,5 @@ class Engine:
         seq.cache = None
         self.finish_counts[reason] += 1
         seq.stats.total_ns = time.perf_counter_ns() - seq.stats.submitted_ns
-        self._emit(seq.handle, Event(finish_reason=reason, stats=seq.stats, error=error))
+        self._emit(seq.handle, Event(finish_reason=reason, stats=seq.stats, error=error,
+                                     logprobs=self._take_logprobs(seq)))
