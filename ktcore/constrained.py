@@ -45,9 +45,26 @@ def ll_tokenizer(tokenizer, vocab_size: int, end_ids):
     if key not in per_tokenizer:
         try:
             per_tokenizer[key] = llg.hf.from_tokenizer(tokenizer, n_vocab=key[0], eos_token=list(key[1]) or None)
-        except ValueError as exc:
-            raise ConstraintError(f"this model's tokenizer cannot be constrained: {exc}") from exc
+        except ValueError:  # a decoder llguidance does not know: hand it each token's text instead
+            per_tokenizer[key] = llg.LLTokenizer(llg.TokenizerWrapper(_TokenTexts(tokenizer, key[0])),
+                                                 n_vocab=key[0], eos_token=list(key[1]) or None)
     return per_tokenizer[key]
+
+
+class _TokenTexts:
+    """A tokenizer as llguidance's ``TokenizerWrapper`` reads it: each token's bytes, special ids, encode.
+    For tokenizers whose tokens decode alone to whole characters (e.g. the tiny test models')."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        specials = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        self.tokens = [tokenizer.decode([i]).encode() if i < len(tokenizer) else b"" for i in range(vocab_size)]
+        self.special_token_ids = sorted(i for i in specials if i < vocab_size)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+
+    def __call__(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass(frozen=True)
