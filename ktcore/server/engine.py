@@ -93,11 +93,13 @@ class SequenceHandle:
         return event
 
     async def collect(self) -> tuple[str, Event]:
-        """All text and the final event."""
-        parts = []
+        """All text and the final event (carrying every token's logprobs, when they were asked for)."""
+        parts, logprobs = [], []
         async for event in self:
             parts.append(event.text)
+            logprobs += event.logprobs
             if event.finish_reason is not None:
+                event.logprobs = logprobs
                 return "".join(parts), event
         raise RuntimeError("the engine ended the stream without a final event")
 
