@@ -56,8 +56,10 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
             plan.template_tools = [{"type": "function", "function": t} for t in tools]
         else:
             plan.system_prompt = tool_system_prompt(tools)
-    forced = [t for t in tools if t["name"] == tool_choice] if tool_choice not in ("none", "auto") else (
-        tools if tool_choice == "required" else [])
+    if tool_choice == "required":
+        forced = tools
+    else:
+        forced = [t for t in tools if t["name"] == tool_choice]
     try:
         if forced:
             lark = call_grammar(plan.fmt, forced, tokenizer, many=parallel_tool_calls and tool_choice == "required")

@@ -247,7 +247,12 @@ class Grammar:
 
 
 def _params(tool: dict) -> dict:
-    return tool.get("parameters") or {"type": "object"}
+    """The tool's parameter schema; a call names only the declared parameters unless the schema says more
+    are welcome (JSON Schema's default would let a constrained call invent any others)."""
+    schema = tool.get("parameters") or {"type": "object"}
+    if "properties" in schema and "additionalProperties" not in schema:
+        schema = schema | {"additionalProperties": False}
+    return schema
 
 
 def _named_object(tools: list[dict], args_key: str) -> dict:
