@@ -33,18 +33,8 @@ from .common import (
 from .errors import APIError
 from .logprobs import TokenText
 from .reply_plan import ReplyPlan, plan_reply, template_messages
-from .schema import (
-    Penalty,
-    RepeatPenalty,
-    Seed,
-    StrictRequest,
-    Temperature,
-    ToolDef,
-    TopP,
-    check_fields,
-    check_token_ids,
-    stop_strings,
-)
+from .schema import Penalty, RepeatPenalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields
+from .schema import check_token_ids, stop_strings
 from .tool_calls import ToolCall, parse_reply
 
 router = APIRouter()

@@ -31,17 +31,7 @@ from .engine import SamplingParams
 from .errors import APIError, openai_error_body
 from .logprobs import TokenText
 from .reply_plan import ReplyPlan, plan_reply, template_messages
-from .schema import (
-    Penalty,
-    Seed,
-    StrictRequest,
-    Temperature,
-    ToolDef,
-    TopP,
-    check_fields,
-    check_token_ids,
-    stop_strings,
-)
+from .schema import Penalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields, check_token_ids, stop_strings
 from .tool_calls import ToolCall, parse_reply
 
 router = APIRouter()

@@ -43,8 +43,8 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
     if len(set(names)) != len(names):
         raise APIError(400, "tools: two tools share a name", param="tools")
     if tool_choice not in ("none", "auto", "required") and tool_choice not in names:
-        raise APIError(400, f"tool_choice: no tool is named '{tool_choice}'; the tools are: {', '.join(names) or 'none'}",
-                       param="tool_choice")
+        raise APIError(400, f"tool_choice: no tool is named '{tool_choice}'; the tools are: "
+                            f"{', '.join(names) or 'none'}", param="tool_choice")
     if tool_choice == "required" and not tools:
         raise APIError(400, "tool_choice: 'required' needs tools", param="tool_choice")
     template = getattr(tokenizer, "chat_template", None)

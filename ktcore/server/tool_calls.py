@@ -10,7 +10,7 @@ for Hermes-style calls, which ``HERMES`` parses.
 | format | families | a call in the reply |
 |---|---|---|
 | hermes | Qwen2/2.5/3 (MoE too), Hermes, SmolLM3 | ``<tool_call>{"name": .., "arguments": {..}}</tool_call>`` |
-| qwen3_coder | Qwen3-Coder, Qwen3-Next | ``<tool_call><function=NAME><parameter=K>V</parameter></function></tool_call>`` |
+| qwen3_coder | Qwen3-Coder, Qwen3-Next | ``<tool_call><function=NAME><parameter=K>V</parameter></function>...`` |
 | glm45 | GLM-4.5/4.6 | ``<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>`` |
 | llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (optionally after ``<|python_tag|>``) |
 | mistral | Mistral, Mixtral | ``[TOOL_CALLS][{"name": .., "arguments": {..}}]`` or ``[TOOL_CALLS]NAME[ARGS]{..}`` |
@@ -167,26 +167,23 @@ def _find_kimi(text, pos, tools) -> Found | None:
     return (match.start(), match.end(), [call]) if call else None
 
 
-_GLM = re.compile(r"<tool_call>\s*(?P<name>[^<\n]+?)\s*(?P<body>(?:<arg_key>.*?)?)</tool_call>", re.S)
-_GLM_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+def _xml_finder(call: re.Pattern, arg: re.Pattern):
+    """A finder for calls ``call`` matches (groups ``name`` and ``body``), arguments as ``arg`` pairs."""
+
+    def find(text, pos, tools) -> Found | None:
+        match = call.search(text, pos)
+        if not match:
+            return None
+        return match.start(), match.end(), [_pairs_call(match["name"].strip(), arg.findall(match["body"]), tools)]
+
+    return find
 
 
-def _find_glm(text, pos, tools) -> Found | None:
-    match = _GLM.search(text, pos)
-    if not match:
-        return None
-    return match.start(), match.end(), [_pairs_call(match["name"], _GLM_ARG.findall(match["body"]), tools)]
-
-
-_CODER = re.compile(r"<tool_call>\s*<function=(?P<name>[^>]+)>(?P<body>.*?)</function>\s*</tool_call>", re.S)
-_CODER_ARG = re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.S)
-
-
-def _find_coder(text, pos, tools) -> Found | None:
-    match = _CODER.search(text, pos)
-    if not match:
-        return None
-    return match.start(), match.end(), [_pairs_call(match["name"], _CODER_ARG.findall(match["body"]), tools)]
+_find_glm = _xml_finder(re.compile(r"<tool_call>\s*(?P<name>[^<\n]+?)\s*(?P<body>(?:<arg_key>.*?)?)</tool_call>", re.S),
+                        re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S))
+_find_coder = _xml_finder(
+    re.compile(r"<tool_call>\s*<function=(?P<name>[^>]+)>(?P<body>.*?)</function>\s*</tool_call>", re.S),
+    re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.S))
 
 
 _MINIMAX = re.compile(r"<minimax:tool_call>(?P<body>.*?)</minimax:tool_call>", re.S)
@@ -290,9 +287,9 @@ def _mistral_grammar(tools, g: Grammar, many: bool, named: bool) -> str:
 
 
 def _deepseek_grammar(tools, g: Grammar, many: bool, fenced: bool) -> str:
-    sep = g.lit("<｜tool▁sep｜>")
+    sep, fence = g.lit("<｜tool▁sep｜>"), "\n```json\n"
     if fenced:
-        calls = [f'{g.lit("<｜tool▁call▁begin｜>")} "function" {sep} {json.dumps(t["name"] + chr(10) + "```json" + chr(10))} '
+        calls = [f'{g.lit("<｜tool▁call▁begin｜>")} "function" {sep} {json.dumps(t["name"] + fence)} '
                  f'{g.json(_params(t))} "\\n```" {g.lit("<｜tool▁call▁end｜>")}' for t in tools]
     else:
         calls = [f'{g.lit("<｜tool▁call▁begin｜>")} {json.dumps(t["name"])} {sep} {g.json(_params(t))} '
@@ -303,7 +300,8 @@ def _deepseek_grammar(tools, g: Grammar, many: bool, fenced: bool) -> str:
 
 def _kimi_grammar(tools, g: Grammar, many: bool) -> str:
     calls = [f'{g.lit("<|tool_call_begin|>")} {json.dumps("functions." + t["name"] + ":")} /[0-9]/ '
-             f'{g.lit("<|tool_call_argument_begin|>")} {g.json(_params(t))} {g.lit("<|tool_call_end|>")}' for t in tools]
+             f'{g.lit("<|tool_call_argument_begin|>")} {g.json(_params(t))} {g.lit("<|tool_call_end|>")}'
+             for t in tools]
     return (f'start: {g.lit("<|tool_calls_section_begin|>")} {_repeat("call", many)} '
             f'{g.lit("<|tool_calls_section_end|>")}\n' + _rules("call", calls))
 

@@ -199,8 +199,8 @@ def scripted(tmp_path_factory):
 
     model.register_forward_hook(spell, with_kwargs=True)
     _, _, info = load_for_serving("tiny:llama")
-    srv = ServerThread(create_app(Engine(model, tokenizer, max_context=2048, max_concurrency=1, batching=False), tokenizer, info,
-                                  db_path=tmp_path_factory.mktemp("db") / "a.sqlite3")).start()
+    engine = Engine(model, tokenizer, max_context=2048, max_concurrency=1, batching=False)
+    srv = ServerThread(create_app(engine, tokenizer, info, db_path=tmp_path_factory.mktemp("db") / "a.sqlite3")).start()
     yield srv, info.name
     srv.stop()
 

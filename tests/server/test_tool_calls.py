@@ -11,7 +11,7 @@ import pytest
 
 from ktcore.constrained import GrammarState, lark_constraint
 from ktcore.server.tiny import tiny_chat_tokenizer
-from ktcore.server.tool_calls import BY_NAME, FORMATS, HERMES, ToolCallStream, call_grammar, format_for, parse_reply
+from ktcore.server.tool_calls import BY_NAME, HERMES, ToolCallStream, call_grammar, format_for, parse_reply
 
 TOOLS = [{"name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
