@@ -376,7 +376,7 @@ FORMATS = (
                lambda t, g, m: _deepseek_grammar(t, g, m, fenced=True), _DEEPSEEK_WRAPPERS, True),
     ToolFormat("deepseek_v31", ("<｜tool▁call▁begin｜>",), _DEEPSEEK_STARTS, _find_deepseek,
                lambda t, g, m: _deepseek_grammar(t, g, m, fenced=False), _DEEPSEEK_WRAPPERS, True),
-    ToolFormat("harmony", ("<|channel|>", "to=functions."), ("<|channel|>commentary", "to=functions."),
+    ToolFormat("harmony", ("<|channel|>",), ("<|channel|>commentary", "to=functions."),
                _find_harmony, _harmony_grammar, (), True, _harmony_content),
     ToolFormat("mistral_v11", ("[TOOL_CALLS]", "[ARGS]"), ("[TOOL_CALLS]",), _find_mistral,
                lambda t, g, m: _mistral_grammar(t, g, m, named=True), (), True),
