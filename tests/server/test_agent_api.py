@@ -147,6 +147,9 @@ def test_unsupported_nested_and_other_route_fields_are_400(server, model_name):
                   "suffix")
     _fields_error(httpx.post(url + "/v1/chat/completions", json={
         "model": model_name, "messages": MESSAGES, "modalities": ["audio"]}), "modalities.0")
+    _fields_error(httpx.post(url + "/v1/assistants", json={"model": model_name, "tools": [WEATHER]}), "tools")
+    _fields_error(httpx.post(url + "/v1/threads", json={"messages": [
+        {"role": "user", "content": "hi", "attachments": [{"file_id": "f"}]}]}), "messages[0].attachments")
     for body, param in (({"options": {"mirostat": 2}}, "options.mirostat"), ({"think": True}, "think"),
                         ({"images": ["aGk="]}, "images"), ({"frobnicate": 1}, "frobnicate")):
         _fields_error(httpx.post(url + "/api/generate", json={"model": model_name, "prompt": "a"} | body), param)
