@@ -79,3 +79,19 @@ def test_logprobs_are_the_log_softmax_of_the_given_logits():
     assert [t for t, _ in record.top] == best.indices.tolist()
     assert [lp for _, lp in record.top] == pytest.approx(best.values.tolist())
     assert torch.exp(reference).sum() == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_constrained_sampling_of_cuda_logits(tokenizer):
+    constraint = json_constraint(tokenizer, len(tokenizer), [tokenizer.eos_token_id], SCHEMA)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=0, constraint=constraint, logprobs=1))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids = []
+    for _ in range(80):
+        logits = torch.randn(len(tokenizer), generator=g, device="cuda")
+        token = sampler(logits)
+        assert sampler.last_logprobs.logprob == pytest.approx(float(logits.float().log_softmax(-1)[token]), abs=1e-5)
+        if token == tokenizer.eos_token_id:
+            break
+        ids.append(token)
+    assert set(json.loads(tokenizer.decode(ids))) == {"a", "b"}

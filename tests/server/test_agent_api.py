@@ -102,7 +102,7 @@ def test_n_choices_and_usage_counts_them_all(client, model_name):
     assert "".join(completion.choices[0].logprobs.tokens) == completion.choices[0].text
 
 
-def test_json_schema_constrains_even_a_random_model(client, model_name):
+def test_json_schema_constrains_even_a_random_model(client, model_name, server):
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
                                                "n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["ok", "n"], "additionalProperties": False}
@@ -116,6 +116,10 @@ def test_json_schema_constrains_even_a_random_model(client, model_name):
     r = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=60, temperature=0,
                                        response_format={"type": "json_object"})
     assert r.choices[0].message.content.startswith("{")
+    r = httpx.post(server.url + "/api/generate", json={
+        "model": model_name, "prompt": "hi", "stream": False, "format": schema, "options": {"seed": 2}}, timeout=60)
+    value = json.loads(r.json()["response"])
+    assert set(value) == {"ok", "n"} and r.json()["done_reason"] == "stop"
 
 
 def _fields_error(resp, param: str, status: int = 400) -> None:
