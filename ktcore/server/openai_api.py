@@ -189,7 +189,7 @@ def _error_chunk(event) -> dict:
 
 
 def _submit_choices(state: ServerState, prompt: list[int], params: SamplingParams, n: int, param: str,
-                          req: _Sampling) -> list:
+                    req: _Sampling) -> list:
     """``n`` independent samples of ``prompt``: choice ``i`` samples with ``seed + i`` when a seed is set."""
     handles = []
     try:
@@ -294,8 +294,8 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
     finals = []
 
     def chunk(index, delta, finish=None):
-        return head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs(pending[index]),
-                                    "finish_reason": finish}]}
+        return head | {"choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                    "logprobs": logprobs(pending[index]) if pending[index] else None}]}
 
     for index in range(len(handles)):
         yield chunk(index, {"role": "assistant", "content": ""})
