@@ -133,6 +133,21 @@ def create_thread(request: Request, body: ThreadBody | None = None):
     return _store(request).create_thread([m.model_dump() for m in body.messages], body.metadata)
 
 
+# before "/threads/{thread_id}", which would take "runs" for a thread id
+@router.post("/threads/runs")
+async def create_thread_and_run(body: ThreadAndRunBody, request: Request):
+    check_fields(body)
+    thread_body = body.thread or ThreadBody()
+    store = _store(request)
+    thread = await run_in_threadpool(store.create_thread, [m.model_dump() for m in thread_body.messages],
+                                     thread_body.metadata)
+    try:
+        return await _start(request, thread["id"], body)
+    except APIError:  # no run (an unknown assistant or model, say): no thread left behind either
+        await run_in_threadpool(store.delete_thread, thread["id"])
+        raise
+
+
 @router.get("/threads")
 def list_threads(request: Request, limit: int = 20, order: str = "desc", after: str | None = None,
                  before: str | None = None):
@@ -238,20 +253,6 @@ def _event(name: str, obj: dict) -> str:
 @router.post("/threads/{thread_id}/runs")
 async def create_run(thread_id: str, body: RunBody, request: Request):
     return await _start(request, thread_id, body)
-
-
-@router.post("/threads/runs")
-async def create_thread_and_run(body: ThreadAndRunBody, request: Request):
-    check_fields(body)
-    thread_body = body.thread or ThreadBody()
-    store = _store(request)
-    thread = await run_in_threadpool(store.create_thread, [m.model_dump() for m in thread_body.messages],
-                                     thread_body.metadata)
-    try:
-        return await _start(request, thread["id"], body)
-    except APIError:  # no run (an unknown assistant or model, say): no thread left behind either
-        await run_in_threadpool(store.delete_thread, thread["id"])
-        raise
 
 
 @router.get("/threads/{thread_id}/runs")
