@@ -21,8 +21,10 @@ import torch
 from transformers.cache_utils import Cache, StaticCache, StaticLayer, StaticSlidingWindowLayer
 
 # End-of-turn markers of common chat templates: generating one ends the reply even when the GGUF's
-# eos id names another token (e.g. Gemma's <eos> versus <end_of_turn>).
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end▁of▁sentence|>")
+# eos id names another token (e.g. Gemma's <eos> versus <end_of_turn>). Llama 3.1's <|eom_id|> and GPT-OSS's
+# <|call|> end a turn that made a tool call (the caller answers it), <|return|> GPT-OSS's final answer.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end▁of▁sentence|>",
+                      "<|eom_id|>", "<|call|>", "<|return|>")
 
 
 class ContextOverflowError(ValueError):
