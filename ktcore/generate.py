@@ -21,8 +21,10 @@ from transformers.cache_utils import Cache
 from .engine.paged_cache import ContextOverflowError, new_cache
 
 # End-of-turn markers of common chat templates: generating one ends the reply even when the GGUF's
-# eos id names another token (e.g. Gemma's <eos> versus <end_of_turn>).
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end▁of▁sentence|>")
+# eos id names another token (e.g. Gemma's <eos> versus <end_of_turn>). Llama 3.1's <|eom_id|> and GPT-OSS's
+# <|call|> end a turn that made a tool call (the caller answers it), <|return|> GPT-OSS's final answer.
+END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<|end▁of▁sentence|>",
+                      "<|eom_id|>", "<|call|>", "<|return|>")
 
 
 def cache_length(cache: Cache) -> int:
@@ -79,6 +81,10 @@ class SamplingParams:
     stop: Sequence[str] = ()
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
+    # -- for agents (the server's tools / response_format / logprobs); the defaults change nothing
+    constraint: object | None = None  # ktcore.constrained.Constraint: only tokens its grammar allows
+    logprobs: int | None = None  # record the sampled token's log-probability and this many top alternatives
+    skip_special_tokens: bool = True  # False: special tokens' text stays in the reply (tool-call markers)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -91,6 +97,18 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
+
+
+@dataclass
+class TokenLogprob:
+    """A sampled token's log-probability under the logits the sampler was given (before repetition penalty,
+    temperature, top-k/top-p and any grammar), with the ``top`` most likely ``(id, logprob)``."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 class Sampler:
@@ -100,11 +118,24 @@ class Sampler:
         self.params = params
         self.rng = torch.Generator()
         self.rng.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.grammar = params.constraint.start() if params.constraint is not None else None
+        self.last_logprobs: TokenLogprob | None = None  # of the last token, when params.logprobs is set
 
     def __call__(self, logits: torch.Tensor, context_ids: torch.Tensor | None = None) -> int:
         """``logits`` ``[V]``; ``context_ids`` the ids seen so far (for the repetition penalty)."""
-        p = self.params
         logits = logits.float().cpu()
+        raw = logits
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
+        token = self._pick(logits, context_ids)
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        if self.params.logprobs is not None:
+            self.last_logprobs = _logprobs(raw, token, self.params.logprobs)
+        return token
+
+    def _pick(self, logits: torch.Tensor, context_ids: torch.Tensor | None) -> int:
+        p = self.params
         if p.repetition_penalty != 1.0 and context_ids is not None and context_ids.numel():
             # CTRL-style penalty as in Transformers: shrink the logit of every token already seen.
             seen = context_ids.unique().cpu()
@@ -125,6 +156,13 @@ class Sampler:
             logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.rng))
+
+
+def _logprobs(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    logprobs = logits.log_softmax(-1)
+    best = torch.topk(logprobs, min(top, logprobs.numel())) if top else None
+    pairs = [] if best is None else [(int(i), float(v)) for v, i in zip(best.values, best.indices)]
+    return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
 # ---------------------------------------------------------------------------------------------- text

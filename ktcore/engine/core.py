@@ -104,7 +104,7 @@ class EngineCore:
         self.check_prompt(prompt_ids)
         budget = min(params.max_new_tokens, self.max_context - len(prompt_ids))
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        reply = ReplyText(self.tokenizer, params.stop) if text else None
+        reply = ReplyText(self.tokenizer, params.stop, params.skip_special_tokens) if text else None
         seq = Sequence(prompt_ids, params, budget=budget, stop_ids=stop_ids, text=reply,
                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         if budget <= 0:

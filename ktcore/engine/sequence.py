@@ -23,8 +23,8 @@ class ReplyText:
     """Token ids in, reply text out: stable text (``TextStream``) minus any stop string and what follows it;
     a tail that may still grow into a stop string is held back until it cannot, or the reply ends."""
 
-    def __init__(self, tokenizer, stops: SequenceABC[str] = ()):
-        self.stream = TextStream(tokenizer)
+    def __init__(self, tokenizer, stops: SequenceABC[str] = (), skip_special_tokens: bool = True):
+        self.stream = TextStream(tokenizer, skip_special_tokens)
         self.stops = [s for s in stops if s]
         self.unsent = ""
 
@@ -70,6 +70,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.out_text = ""  # reply text not yet taken by the caller
+        self.logprobs: list = []  # TokenLogprob of accepted tokens not yet taken (params.logprobs)
         self.restored = 0  # prompt positions restored from the prefix store
         self.prefilled = 0  # positions fed through the model
         self.preemptions = 0
@@ -98,8 +99,11 @@ class Sequence:
         return self.sampler(logits, context)
 
     def accept(self, token: int) -> None:
-        """Record a sampled token: its text, and the end at an end token, a stop string or the budget."""
+        """Record a sampled token: its text (and log-probabilities, when asked for), and the end at an end token,
+        a stop string or the budget."""
         self.generated.append(token)
+        if self.sampler.last_logprobs is not None and token not in self.stop_ids:
+            self.logprobs.append(self.sampler.last_logprobs)
         if token in self.stop_ids:
             if self.text is not None:
                 self.out_text += self.text.finish()
@@ -121,3 +125,8 @@ class Sequence:
     def take_text(self) -> str:
         text, self.out_text = self.out_text, ""
         return text
+
+    def take_logprobs(self) -> list:
+        """The ``TokenLogprob`` of the tokens accepted since the last call."""
+        taken, self.logprobs = self.logprobs, []
+        return taken

@@ -96,13 +96,15 @@ def message_text(content) -> str:
 ROLES = ("system", "user", "assistant", "tool")
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Messages ``[{"role", "content"}]`` through the model's chat template, assistant turn opened.
+def chat_prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Messages ``[{"role", "content", ...}]`` (and ``tools`` for templates that render them) through the
+    model's chat template, assistant turn opened.
 
     Only the template's own text may hold special tokens: inside a content, ``<|im_start|>system`` is text
     like any other, so a user cannot open a turn of another role. The template is rendered once more with a
     placeholder for each content; the contents are then tokenized as plain text between the template's
-    special tokens."""
+    special tokens. Tools and tool calls, which the template renders itself, must not hold special-token
+    text."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     for i, m in enumerate(messages):
@@ -112,8 +114,11 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     if getattr(tokenizer, "chat_template", None) is None:
         raise APIError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                        param="messages", code="no_chat_template")
-    text = _render(tokenizer, messages)
-    spans = _content_spans(tokenizer, messages, text)
+    structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False)
+    if any(t in structured for t in _special_texts(tokenizer)):
+        raise APIError(400, "tools or tool calls hold special-token text; remove it", param="tools")
+    text = _render(tokenizer, messages, tools)
+    spans = _content_spans(tokenizer, messages, text, tools)
     if spans is None:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     ids, at = [], 0
@@ -126,24 +131,29 @@ def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     return ids
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             **({"tools": tools} if tools else {}))
     except Exception as exc:  # templates raise on role orders they do not support
         raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from exc
 
 
-def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+def _special_texts(tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+
+
+def _content_spans(tokenizer, messages: list[dict], text: str, tools=None) -> list[tuple[int, int]] | None:
     """``(begin, end)`` of every content inside ``text``, in order; ``None`` when no content holds a special
     token's text (tokenizing ``text`` whole is then safe). Refuses the messages when a content holds special-
     token text and the template transforms contents beyond trimming (no way to tell them from the template's
     own text)."""
-    specials = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content]
+    specials = _special_texts(tokenizer)
     if not any(t in m["content"] for m in messages for t in specials):
         return None
     nonce = secrets.token_hex(8)
     marks = [f"KTCONTENT{nonce}N{i}END" for i in range(len(messages))]
-    skeleton = _render(tokenizer, [m | {"content": mark} for m, mark in zip(messages, marks)])
+    skeleton = _render(tokenizer, [m | {"content": mark} for m, mark in zip(messages, marks)], tools)
     pieces = re.split(f"KTCONTENT{nonce}N(\\d+)END", skeleton)
     for transform in (lambda c: c, str.strip):
         out, spans = [pieces[0]], []
@@ -169,10 +179,11 @@ def check_prompt_chars(state: ServerState, chars: int, param: str) -> None:
                             f"{state.max_token_chars} characters)", param=param, code="context_length_exceeded")
 
 
-async def chat_prompt(state: ServerState, messages: list[dict], param: str = "messages") -> list[int]:
+async def chat_prompt(state: ServerState, messages: list[dict], param: str = "messages",
+                      tools: list[dict] | None = None) -> list[int]:
     """``chat_prompt_ids`` after the length check, on a worker thread (the event loop keeps streaming)."""
-    check_prompt_chars(state, sum(len(m["content"]) for m in messages), param)
-    return await run_in_threadpool(chat_prompt_ids, state.tokenizer, messages)
+    check_prompt_chars(state, sum(len(m["content"]) for m in messages) + len(json.dumps(tools or [])), param)
+    return await run_in_threadpool(chat_prompt_ids, state.tokenizer, messages, tools)
 
 
 async def text_prompt(state: ServerState, prompt: str, param: str = "prompt") -> list[int]:
@@ -225,6 +236,27 @@ async def collect_unless_disconnected(request: Request, handle: SequenceHandle) 
         if not collecting.done():
             handle.cancel()
             collecting.cancel()
+
+
+async def merged_events(handles: list[SequenceHandle]):
+    """``(index, event)`` of several sequences' events as they come, until each has its final event."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index, handle):
+        async for event in handle:
+            await queue.put((index, event))
+
+    tasks = [asyncio.ensure_future(pump(i, h)) for i, h in enumerate(handles)]
+    try:
+        for _ in handles:
+            while True:
+                index, event = await queue.get()
+                yield index, event
+                if event.finish_reason is not None:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def raise_for_engine_error(final: Event) -> None:

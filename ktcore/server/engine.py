@@ -12,7 +12,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,6 +47,7 @@ class Event:
     finish_reason: str | None = None
     stats: Stats | None = None
     error: str | None = None
+    logprobs: list = field(default_factory=list)  # TokenLogprob of the tokens since the previous event
 
 
 class SequenceHandle:
@@ -76,17 +77,20 @@ class SequenceHandle:
         event = await self._queue.get()
         while event.finish_reason is None and not self._queue.empty():
             later = self._queue.get_nowait()
-            event = Event(event.text + later.text, later.finish_reason, later.stats, later.error)
+            event = Event(event.text + later.text, later.finish_reason, later.stats, later.error,
+                          event.logprobs + later.logprobs)
         if event.finish_reason is not None:
             self.done = True
         return event
 
     async def collect(self) -> tuple[str, Event]:
-        """All text and the final event."""
-        parts = []
+        """All text and the final event (carrying every token's logprobs, when they were asked for)."""
+        parts, logprobs = [], []
         async for event in self:
             parts.append(event.text)
+            logprobs += event.logprobs
             if event.finish_reason is not None:
+                event.logprobs = logprobs
                 return "".join(parts), event
         raise RuntimeError("the engine ended the stream without a final event")
 
@@ -138,6 +142,11 @@ class Engine:
     @property
     def max_batch_seen(self) -> int:
         return self.core.max_batch_seen
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Token ids that end a reply unless a request ignores them."""
+        return self.core.eos_ids
 
     @property
     def active_count(self) -> int:
@@ -222,8 +231,8 @@ class Engine:
         """Hand ``seq``'s new text (and, once it ended, its final event) to its handle."""
         handle, stats = self._handles[id(seq)]
         text = seq.take_text()
-        if text:
-            self._outbox.append((handle, Event(text)))
+        if text:  # log-probabilities go with the text of their tokens (held-back text keeps them back too)
+            self._outbox.append((handle, Event(text, logprobs=seq.take_logprobs())))
         if not seq.finished:
             return
         del self._handles[id(seq)]
@@ -236,7 +245,8 @@ class Engine:
         stats.total_ns = now - stats.submitted_ns
         self.tokens_generated += len(seq.generated)
         self.finish_counts[seq.finish_reason] += 1
-        self._outbox.append((handle, Event(finish_reason=seq.finish_reason, stats=stats, error=seq.error)))
+        self._outbox.append((handle, Event(finish_reason=seq.finish_reason, stats=stats, error=seq.error,
+                                           logprobs=seq.take_logprobs())))
 
     def _flush(self) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from ktcore import __version__ as ktcore_version
@@ -30,19 +31,20 @@ from .common import (
     text_prompt,
 )
 from .errors import APIError
-from .schema import Penalty, RepeatPenalty, Seed, Temperature, TopP, check_token_ids, stop_strings
+from .logprobs import TokenText
+from .reply_plan import ReplyPlan, plan_reply, template_messages
+from .schema import Penalty, RepeatPenalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields
+from .schema import check_token_ids, stop_strings
+from .tool_calls import ToolCall, parse_reply
 
 router = APIRouter()
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
 MAX_STOPS = 16  # Ollama documents no limit; clients send a model's few stop words, FIM tools a dozen
+_LOADING = "set when the model is loaded: kt serve's options decide it"
 
 
-class Options(_Lenient):
+class Options(StrictRequest):
     num_predict: int | None = None
     temperature: Temperature | None = None
     top_k: int | None = Field(default=None, ge=0)
@@ -52,37 +54,70 @@ class Options(_Lenient):
     repeat_penalty: RepeatPenalty | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    IGNORED: ClassVar = {name: _LOADING for name in (
+        "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "vocab_only", "use_mmap", "use_mlock",
+        "num_thread", "numa")} | {"num_keep": "the context is never shifted, so nothing needs keeping"}
+    UNSUPPORTED: ClassVar = {"typical_p": "not implemented", "min_p": "not implemented",
+                             "tfs_z": "not implemented", "mirostat": "not implemented",
+                             "mirostat_tau": "not implemented", "mirostat_eta": "not implemented",
+                             "repeat_last_n": "the repeat penalty covers the whole context (-1)",
+                             "penalize_newline": "not implemented"}
+    NEUTRAL: ClassVar = {"typical_p": 1.0, "min_p": 0.0, "tfs_z": 1.0, "mirostat": 0, "repeat_last_n": -1}
 
 
-class Message(_Lenient):
+class OllamaFunctionCall(StrictRequest):
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    IGNORED: ClassVar = {"index": "calls keep their order in the list"}
+
+
+class OllamaToolCall(StrictRequest):
+    id: str | None = None
+    function: OllamaFunctionCall
+
+
+class Message(StrictRequest):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
+    tool_calls: list[OllamaToolCall] | None = None
+    tool_name: str | None = None
+    IGNORED: ClassVar = {"thinking": "an earlier reply's reasoning is not shown to the model"}
+    UNSUPPORTED: ClassVar = {"images": "no image input"}
 
 
-class GenerateRequest(_Lenient):
+class _Generating(StrictRequest):
     model: str
+    stream: bool = True
+    options: Options | None = None
+    format: Literal["", "json"] | dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    IGNORED: ClassVar = {"keep_alive": "the model stays loaded for the life of the server"}
+    UNSUPPORTED: ClassVar = {"think": "no thinking mode", "images": "no image input", "suffix": "no insertion",
+                             "template": "the model's own chat template is used", "width": "no image generation",
+                             "height": "no image generation", "steps": "no image generation"}
+
+
+class GenerateRequest(_Generating):
     prompt: str | None = None
     system: str | None = None
     raw: bool = False
-    stream: bool = True
-    options: Options | None = None
     context: list[int] | None = None
 
 
-class ChatRequest(_Lenient):
-    model: str
+class ChatRequest(_Generating):
     messages: list[Message] | None = None
-    stream: bool = True
-    options: Options | None = None
+    tools: list[ToolDef] | None = None
 
 
-class ShowRequest(_Lenient):
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     name: str | None = None
 
 
-def _params(state: ServerState, options: Options | None):
-    o = options or Options()
+def _params(state: ServerState, req: _Generating, plan: ReplyPlan | None = None):
+    o = req.options or Options()
     predict = o.num_predict
     if predict is not None and predict < -2:
         raise APIError(400, f"options.num_predict must be -1 (no limit), -2 (fill the context) or >= 0, got {predict}")
@@ -95,7 +130,18 @@ def _params(state: ServerState, options: Options | None):
         repetition_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
         seed=o.seed,
         stop=stops,
+        constraint=plan.constraint if plan else None,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        skip_special_tokens=plan.skip_special_tokens if plan else True,
     ), {"presence_penalty": o.presence_penalty or 0.0, "frequency_penalty": o.frequency_penalty or 0.0}
+
+
+def _plan(state: ServerState, req: _Generating, tools: list[dict] | None = None) -> ReplyPlan:
+    """Ollama's ``format`` ("json" or a JSON schema) and ``tools`` (always the model's choice: Ollama has no
+    tool_choice)."""
+    fmt = req.format
+    return plan_reply(state.tokenizer, state.engine.vocab_size, state.engine.eos_ids, tools=tools,
+                      json_mode=bool(fmt), json_schema=fmt if isinstance(fmt, dict) else None, format_param="format")
 
 
 def _timings(stats) -> dict:
@@ -136,28 +182,37 @@ async def _no_extra(full_text: str) -> dict:
     return {}
 
 
-async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_extra):
-    """NDJSON stream or one JSON object; ``piece(text)`` is what a chunk carries for ``text``;
-    ``await final_extra(full_text)`` adds fields to the last object."""
+async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_extra, plan: ReplyPlan | None = None,
+                 token_text: TokenText | None = None):
+    """NDJSON stream or one JSON object; ``piece(text, calls)`` is what a chunk carries for ``text`` and the
+    tool calls completed with it; ``await final_extra(full_text)`` adds fields to the last object."""
 
-    async def final_body(final, text: str, full_text: str) -> dict:
-        return head | {"created_at": rfc3339_now()} | piece(text) | {
+    def logprobs(items) -> dict:
+        return {"logprobs": token_text.ollama(items)} if token_text else {}
+
+    async def final_body(final, text: str, calls, full_text: str, items) -> dict:
+        return head | {"created_at": rfc3339_now()} | piece(text, calls) | logprobs(items) | {
             "done": True, "done_reason": _done_reason(final.finish_reason)} | _timings(final.stats) | (
             await final_extra(full_text))
 
     if request.state.ollama_stream:
         async def lines():
-            parts = []
+            parts, calls_stream = [], plan.stream() if plan else None
             try:
                 async for event in handle:
                     parts.append(event.text)
-                    if event.text:
-                        yield json.dumps(head | {"created_at": rfc3339_now()} | piece(event.text) | {"done": False},
-                                         ensure_ascii=False) + "\n"
+                    text, calls = calls_stream.push(event.text) if calls_stream else (event.text, [])
+                    if event.finish_reason is not None and calls_stream:
+                        tail, more = calls_stream.finish()
+                        text, calls = text + tail, calls + more
                     if event.finish_reason == "error":
                         yield json.dumps({"error": f"generation failed: {event.error}"}) + "\n"
                     elif event.finish_reason is not None:
-                        yield json.dumps(await final_body(event, "", "".join(parts)), ensure_ascii=False) + "\n"
+                        yield json.dumps(await final_body(event, text, calls, "".join(parts), event.logprobs),
+                                         ensure_ascii=False) + "\n"
+                    elif text or calls or event.logprobs:
+                        yield json.dumps(head | {"created_at": rfc3339_now()} | piece(text, calls)
+                                         | logprobs(event.logprobs) | {"done": False}, ensure_ascii=False) + "\n"
             finally:
                 handle.cancel()
 
@@ -168,7 +223,8 @@ async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_ex
         return None
     text, final = result
     raise_for_engine_error(final)
-    return await final_body(final, text, text)
+    content, calls = parse_reply(plan.fmt, plan.tools, text) if plan and plan.fmt else (text, [])
+    return await final_body(final, content, calls, text, final.logprobs)
 
 
 @router.get("/api/version")
@@ -204,14 +260,21 @@ async def show(req: ShowRequest, request: Request):
                             f"{m.family}.context_length": state.engine.max_context}
     return {"modelfile": f"FROM {m.path or m.name}\n", "parameters": "", "license": "",
             "template": getattr(state.tokenizer, "chat_template", None) or "{{ .Prompt }}",
-            "details": _details(state), "model_info": info, "capabilities": ["completion"],
+            "details": _details(state), "model_info": info, "capabilities": ["completion", "tools"],
             "modified_at": m.modified_at.isoformat()}
+
+
+async def _token_text(state: ServerState, req: _Generating) -> TokenText | None:
+    if not req.logprobs:
+        return None
+    return await run_in_threadpool(TokenText, state.tokenizer, state.engine.vocab_size, state.engine.eos_ids)
 
 
 @router.post("/api/generate")
 async def generate(req: GenerateRequest, request: Request):
     state = state_of(request)
     _require(state, req.model)
+    check_fields(req)
     head = {"model": req.model}
     if not req.prompt:  # Ollama: an empty prompt only loads the model
         return head | {"created_at": rfc3339_now(), "response": "", "done": True, "done_reason": "load"}
@@ -227,26 +290,40 @@ async def generate(req: GenerateRequest, request: Request):
         prompt = await chat_prompt(state, messages + [{"role": "user", "content": req.prompt}], param="prompt")
     if req.context:  # a previous reply's context continues the conversation
         prompt = list(req.context) + prompt
-    params, penalties = _params(state, req.options)
+    plan = await run_in_threadpool(_plan, state, req)
+    params, penalties = _params(state, req, plan)
+    token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
     request.state.ollama_stream = req.stream
 
     async def context(full_text: str) -> dict:
         return {"context": prompt + await text_ids(state, full_text)}
 
-    return await _reply(request, handle, head, lambda text: {"response": text}, context)
+    return await _reply(request, handle, head, lambda text, calls: {"response": text}, context,
+                        token_text=token_text)
+
+
+def _chat_message(text: str, calls) -> dict:
+    message = {"role": "assistant", "content": text}
+    return {"message": message | ({"tool_calls": [c.ollama() for c in calls]} if calls else {})}
 
 
 @router.post("/api/chat")
 async def chat(req: ChatRequest, request: Request):
     state = state_of(request)
     _require(state, req.model)
+    check_fields(req)
     head = {"model": req.model}
     if not req.messages:
         return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
                        "done": True, "done_reason": "load"}
-    prompt = await chat_prompt(state, [{"role": m.role, "content": m.content} for m in req.messages])
-    params, penalties = _params(state, req.options)
+    plan = await run_in_threadpool(_plan, state, req, [t.spec() for t in req.tools or []])
+    messages = [{"role": m.role, "content": m.content, "name": m.tool_name,
+                 "tool_calls": [ToolCall(c.function.name, json.dumps(c.function.arguments), c.id or f"call_{i}")
+                                for i, c in enumerate(m.tool_calls or [])]} for m in req.messages]
+    prompt = await chat_prompt(state, template_messages(messages, plan), tools=plan.template_tools)
+    params, penalties = _params(state, req, plan)
+    token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
     request.state.ollama_stream = req.stream
-    return await _reply(request, handle, head, lambda text: {"message": {"role": "assistant", "content": text}})
+    return await _reply(request, handle, head, _chat_message, plan=plan, token_text=token_text)

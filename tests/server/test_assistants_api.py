@@ -99,3 +99,13 @@ def test_errors_in_openai_schema(client, assistant, server):
         client.beta.threads.runs.create(thread_id=thread.id, assistant_id="asst_missing")
     r = httpx.post(f"{server.url}/v1/threads/{thread.id}/messages", json={"role": "wizard", "content": "x"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "role"
+
+
+def test_create_thread_and_run_is_reachable(client, assistant):
+    """POST /v1/threads/runs was once taken by POST /v1/threads/{thread_id} (as the thread id "runs")."""
+    run = client.beta.threads.create_and_run(assistant_id=assistant.id, max_completion_tokens=4,
+                                             thread={"messages": [{"role": "user", "content": "Hi"}]})
+    assert run.object == "thread.run" and run.assistant_id == assistant.id
+    assert client.beta.threads.retrieve(run.thread_id).id == run.thread_id
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.beta.threads.create_and_run(assistant_id=assistant.id, tools=[{"type": "code_interpreter"}])

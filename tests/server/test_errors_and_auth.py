@@ -57,7 +57,7 @@ def test_negative_and_invalid_sampling_values(http, model_name):
     err = _openai_error(http.post("/v1/chat/completions", json={"model": model_name, "messages": msgs,
                                                                  "temperature": 7}), 400)
     assert err["param"] == "temperature"
-    err = _openai_error(http.post("/v1/chat/completions", json={"model": model_name, "messages": msgs, "n": 3}), 400)
+    err = _openai_error(http.post("/v1/chat/completions", json={"model": model_name, "messages": msgs, "n": 129}), 400)
     assert err["param"] == "n"
     err = _openai_error(http.post("/v1/chat/completions", json={"model": model_name}), 400)
     assert err["param"] == "messages"

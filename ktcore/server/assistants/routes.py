@@ -7,62 +7,58 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..common import StreamThenRelease, require_model, state_of
 from ..errors import APIError, openai_error_body
-from ..schema import Metadata, Temperature, TopP
+from ..schema import Metadata, StrictRequest, Temperature, TopP, check_fields
 from .store import AssistantsStore
 
 router = APIRouter(prefix="/v1")
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+_NO_TOOLS = "runs here call no tools: use /v1/chat/completions with tools"
 
 
-class AssistantBody(_Lenient):
+class AssistantBody(StrictRequest):
     model: str
     name: str | None = None
     description: str | None = None
     instructions: str | None = None
-    tools: list[dict[str, Any]] = Field(default_factory=list)
     metadata: Metadata | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
+    UNSUPPORTED: ClassVar = {"tools": _NO_TOOLS, "tool_resources": _NO_TOOLS,
+                             "response_format": "use /v1/chat/completions with response_format",
+                             "reasoning_effort": "no reasoning settings"}
 
 
-class AssistantPatch(_Lenient):
+class AssistantPatch(AssistantBody):
     model: str | None = None
-    name: str | None = None
-    description: str | None = None
-    instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    metadata: Metadata | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
 
 
-class MessageBody(_Lenient):
+class MessageBody(StrictRequest):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
     metadata: Metadata | None = None
+    UNSUPPORTED: ClassVar = {"attachments": _NO_TOOLS}
 
 
-class ThreadBody(_Lenient):
+class ThreadBody(StrictRequest):
     messages: list[MessageBody] = Field(default_factory=list)
     metadata: Metadata | None = None
+    UNSUPPORTED: ClassVar = {"tool_resources": _NO_TOOLS}
 
 
-class MetadataBody(_Lenient):
+class MetadataBody(StrictRequest):
     metadata: Metadata | None = None
 
 
-class RunBody(_Lenient):
+class RunBody(StrictRequest):
     assistant_id: str
     model: str | None = None
     instructions: str | None = None
@@ -73,6 +69,11 @@ class RunBody(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     metadata: Metadata | None = None
     stream: bool = False
+    UNSUPPORTED: ClassVar = {"tools": _NO_TOOLS, "tool_choice": _NO_TOOLS, "parallel_tool_calls": _NO_TOOLS,
+                             "response_format": "use /v1/chat/completions with response_format",
+                             "reasoning_effort": "no reasoning settings", "include": "no run steps",
+                             "truncation_strategy": "runs use the whole thread",
+                             "max_prompt_tokens": "runs use the whole thread"}
 
 
 class ThreadAndRunBody(RunBody):
@@ -92,6 +93,7 @@ def _page(limit: int, order: str, after: str | None, before: str | None) -> dict
 
 @router.post("/assistants")
 def create_assistant(body: AssistantBody, request: Request):
+    check_fields(body)
     require_model(state_of(request), body.model)
     return _store(request).create_assistant(**body.model_dump(exclude_unset=True))
 
@@ -109,6 +111,7 @@ def get_assistant(assistant_id: str, request: Request):
 
 @router.post("/assistants/{assistant_id}")
 def modify_assistant(assistant_id: str, body: AssistantPatch, request: Request):
+    check_fields(body)
     fields = body.model_dump(exclude_unset=True)
     if "model" in fields:
         require_model(state_of(request), fields["model"])  # null or "" included: an assistant needs a model
@@ -126,7 +129,23 @@ def delete_assistant(assistant_id: str, request: Request):
 @router.post("/threads")
 def create_thread(request: Request, body: ThreadBody | None = None):
     body = body or ThreadBody()
+    check_fields(body)
     return _store(request).create_thread([m.model_dump() for m in body.messages], body.metadata)
+
+
+# before "/threads/{thread_id}", which would take "runs" for a thread id
+@router.post("/threads/runs")
+async def create_thread_and_run(body: ThreadAndRunBody, request: Request):
+    check_fields(body)
+    thread_body = body.thread or ThreadBody()
+    store = _store(request)
+    thread = await run_in_threadpool(store.create_thread, [m.model_dump() for m in thread_body.messages],
+                                     thread_body.metadata)
+    try:
+        return await _start(request, thread["id"], body)
+    except APIError:  # no run (an unknown assistant or model, say): no thread left behind either
+        await run_in_threadpool(store.delete_thread, thread["id"])
+        raise
 
 
 @router.get("/threads")
@@ -142,6 +161,7 @@ def get_thread(thread_id: str, request: Request):
 
 @router.post("/threads/{thread_id}")
 def modify_thread(thread_id: str, body: MetadataBody, request: Request):
+    check_fields(body)
     return _store(request).modify_thread(thread_id, body.metadata)
 
 
@@ -152,6 +172,7 @@ def delete_thread(thread_id: str, request: Request):
 
 @router.post("/threads/{thread_id}/messages")
 def create_message(thread_id: str, body: MessageBody, request: Request):
+    check_fields(body)
     return _store(request).create_message(thread_id, body.role, body.content, body.metadata)
 
 
@@ -168,6 +189,7 @@ def get_message(thread_id: str, message_id: str, request: Request):
 
 @router.post("/threads/{thread_id}/messages/{message_id}")
 def modify_message(thread_id: str, message_id: str, body: MetadataBody, request: Request):
+    check_fields(body)
     return _store(request).modify_message(thread_id, message_id, body.metadata)
 
 
@@ -181,6 +203,7 @@ def delete_message(thread_id: str, message_id: str, request: Request):
 
 async def _start(request: Request, thread_id: str, body: RunBody):
     store, state = _store(request), state_of(request)
+    check_fields(body)
     fields = body.model_dump(exclude_unset=True, exclude={"stream", "assistant_id", "additional_messages", "thread"})
     if body.additional_messages:
         fields["additional_messages"] = [m.model_dump() for m in body.additional_messages]
@@ -230,19 +253,6 @@ def _event(name: str, obj: dict) -> str:
 @router.post("/threads/{thread_id}/runs")
 async def create_run(thread_id: str, body: RunBody, request: Request):
     return await _start(request, thread_id, body)
-
-
-@router.post("/threads/runs")
-async def create_thread_and_run(body: ThreadAndRunBody, request: Request):
-    thread_body = body.thread or ThreadBody()
-    store = _store(request)
-    thread = await run_in_threadpool(store.create_thread, [m.model_dump() for m in thread_body.messages],
-                                     thread_body.metadata)
-    try:
-        return await _start(request, thread["id"], body)
-    except APIError:  # no run (an unknown assistant or model, say): no thread left behind either
-        await run_in_threadpool(store.delete_thread, thread["id"])
-        raise
 
 
 @router.get("/threads/{thread_id}/runs")
