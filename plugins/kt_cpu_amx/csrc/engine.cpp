@@ -101,9 +101,37 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
         return;
     }
     QAct a = quantize_rows(x, M, K);
+    if (M <= decode_rows || !prefill_residual) {
+        pool_.parallel_for(nchunks, [&](int c, int) {
+            int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+            gemm_(W, n0, n1, a, M, y, N);
+        });
+        return;
+    }
+    // Prefill: x = d * q + r, and r (at most d / 2 per element) quantized again, so the activations carry
+    // about 16 bits instead of 8: y = W (d q) + W (d' q'), two integer-dot GEMMs (see prefill_residual).
+    float* r = res_x_.get<float>(size_t(M) * K);
+    const int G = K / 32;
+    pool_.parallel_for(M, [&](int i, int) {
+        const float* xi = x + size_t(i) * K;
+        const int8_t* qi = a.q + size_t(i) * K;
+        const float* di = a.d + size_t(i) * G;
+        float* ri = r + size_t(i) * K;
+        for (int j = 0; j < K; ++j) ri[j] = xi[j] - di[j / 32] * float(qi[j]);
+    });
+    res_act_.ensure(M, K);
+    const int rows_per = std::max(1, M / (4 * threads()));
+    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
+        quant_(r, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, res_act_);
+    });
+    QAct a2 = res_act_.view();
+    float* y2 = res_y_.get<float>(size_t(M) * N);
     pool_.parallel_for(nchunks, [&](int c, int) {
         int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
         gemm_(W, n0, n1, a, M, y, N);
+        gemm_(W, n0, n1, a2, M, y2, N);
+        for (int m = 0; m < M; ++m)
+            for (int n = n0; n < n1; ++n) y[size_t(m) * N + n] += y2[size_t(m) * N + n];
     });
 }
 

@@ -66,6 +66,11 @@ public:
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
     int decode_rows = 8;
     int decode_spin_us = 1000;
+    // linear() of more than decode_rows rows on the integer-dot path (no AMX) quantizes the activations' int8
+    // rounding residual too and adds its product: about 16-bit activations (AMX computes prefill in bf16) for
+    // twice the integer work. int8 alone (llama.cpp's Q8 activations) adds noise of about 1 % per product, which
+    // turns near ties between the first tokens of a reply.
+    bool prefill_residual = true;
 
     void linear(const PackedMatrix& W, int M, const float* x, float* y);
     // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
@@ -106,6 +111,8 @@ private:
     QuantActFn quant_;
     QActBuf act_, act2_;
     Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
+    Scratch res_x_, res_y_;  // linear()'s residual pass
+    QActBuf res_act_;
     uint64_t prof_ns_[kPhases] = {};
     uint64_t wait0_ = 0;  // pool wait_ns at the last reset
     int open_phase_ = -1;                  // the innermost Timed scope's phase
