@@ -117,7 +117,7 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readwrite("amx_min_expert_rows", &Runtime::amx_min_expert_rows)
         .def_readwrite("decode_rows", &Runtime::decode_rows)
         .def_readwrite("decode_spin_us", &Runtime::decode_spin_us)
-        .def_readwrite("prefill_residual", &Runtime::prefill_residual)
+        .def_readwrite("act_residual", &Runtime::act_residual)
         .def("linear", [](std::shared_ptr<Runtime> rt, std::shared_ptr<PackedMatrix> W, int M, uintptr_t x, uintptr_t y) {
             if (W->k % 32) throw std::invalid_argument("kt_cpu_amx: linear input size must be a multiple of 32");
             py::gil_scoped_release nogil;

@@ -100,39 +100,48 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
         });
         return;
     }
-    QAct a = quantize_rows(x, M, K);
-    if (M <= decode_rows || !prefill_residual) {
+    if (!act_residual) {
+        QAct a = quantize_rows(x, M, K);
         pool_.parallel_for(nchunks, [&](int c, int) {
             int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
             gemm_(W, n0, n1, a, M, y, N);
         });
         return;
     }
-    // Prefill: x = d * q + r, and r (at most d / 2 per element) quantized again, so the activations carry
-    // about 16 bits instead of 8: y = W (d q) + W (d' q'), two integer-dot GEMMs (see prefill_residual).
-    float* r = res_x_.get<float>(size_t(M) * K);
+    QAct a = quantize_with_residual(x, M, K);
+    float* y2 = res_y_.get<float>(size_t(2) * M * N);
+    pool_.parallel_for(nchunks, [&](int c, int) {
+        int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+        gemm_(W, n0, n1, a, 2 * M, y2, N);
+        fold_pairs(y2, M, N, n0, n1, y, N);
+    });
+}
+
+// Row 2i: x_i quantized to int8 (d, q); row 2i + 1: its rounding residual x_i - d q (at most d / 2 per element)
+// quantized again. The GEMM takes both rows of a token in one register tile, so the weights are read once.
+QAct Runtime::quantize_with_residual(const float* x, int M, int K) {
+    QAct a = quantize_rows(x, M, K);
+    float* xr = res_x_.get<float>(size_t(2) * M * K);
     const int G = K / 32;
     pool_.parallel_for(M, [&](int i, int) {
         const float* xi = x + size_t(i) * K;
         const int8_t* qi = a.q + size_t(i) * K;
         const float* di = a.d + size_t(i) * G;
-        float* ri = r + size_t(i) * K;
-        for (int j = 0; j < K; ++j) ri[j] = xi[j] - di[j / 32] * float(qi[j]);
+        float* out = xr + size_t(2 * i) * K;
+        for (int j = 0; j < K; ++j) {
+            out[j] = xi[j];
+            out[K + j] = xi[j] - di[j / 32] * float(qi[j]);
+        }
     });
-    res_act_.ensure(M, K);
-    const int rows_per = std::max(1, M / (4 * threads()));
-    pool_.parallel_for((M + rows_per - 1) / rows_per, [&](int t, int) {
-        quant_(r, t * rows_per, std::min(M, (t + 1) * rows_per), K, K, res_act_);
-    });
-    QAct a2 = res_act_.view();
-    float* y2 = res_y_.get<float>(size_t(M) * N);
-    pool_.parallel_for(nchunks, [&](int c, int) {
-        int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-        gemm_(W, n0, n1, a, M, y, N);
-        gemm_(W, n0, n1, a2, M, y2, N);
-        for (int m = 0; m < M; ++m)
-            for (int n = n0; n < n1; ++n) y[size_t(m) * N + n] += y2[size_t(m) * N + n];
-    });
+    return quantize_rows(xr, 2 * M, K);
+}
+
+void Runtime::fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy) {
+    for (int m = 0; m < M; ++m) {
+        const float* a = y2 + size_t(2 * m) * N;
+        const float* b = a + N;
+        for (int n = n0; n < n1; ++n) y[size_t(m) * ldy + n] = a[n] + b[n];
+    }
 }
 
 void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x,
@@ -146,7 +155,15 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
         for (size_t i = 0; i < W.size(); ++i) linear(*W[i], M, x, y[i]);
         return;
     }
-    QAct a = quantize_rows(x, M, K);
+    const int rows = act_residual ? 2 * M : M;
+    QAct a = act_residual ? quantize_with_residual(x, M, K) : quantize_rows(x, M, K);
+    std::vector<float*> out = y;
+    if (act_residual) {
+        size_t total = 0;
+        for (const PackedMatrix* w : W) total += size_t(2) * M * w->n;
+        float* base = res_y_.get<float>(total);
+        for (size_t i = 0; i < W.size(); ++i) { out[i] = base; base += size_t(2) * M * W[i]->n; }
+    }
     struct Task { int m, n0, n1; };
     std::vector<Task> tasks;
     for (size_t i = 0; i < W.size(); ++i) {
@@ -155,7 +172,8 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
     }
     pool_.parallel_for(int(tasks.size()), [&](int i, int) {
         const Task& t = tasks[i];
-        gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
+        gemm_(*W[t.m], t.n0, t.n1, a, rows, out[t.m], W[t.m]->n);
+        if (act_residual) fold_pairs(out[t.m], M, W[t.m]->n, t.n0, t.n1, y[t.m], W[t.m]->n);
     });
 }
 

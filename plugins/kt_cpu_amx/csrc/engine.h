@@ -66,11 +66,11 @@ public:
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
     int decode_rows = 8;
     int decode_spin_us = 1000;
-    // linear() of more than decode_rows rows on the integer-dot path (no AMX) quantizes the activations' int8
-    // rounding residual too and adds its product: about 16-bit activations (AMX computes prefill in bf16) for
-    // twice the integer work. int8 alone (llama.cpp's Q8 activations) adds noise of about 1 % per product, which
-    // turns near ties between the first tokens of a reply.
-    bool prefill_residual = true;
+    // linear() and linear_multi() on the integer-dot path (no AMX) quantize the activations' int8 rounding residual
+    // too and add its product: about 16-bit activations (AMX computes in bf16) for twice the integer work, with
+    // the weights read once. int8 alone (llama.cpp's Q8 activations) adds noise of about 1 % per product, which
+    // turns near ties (the README's first token). The fused decoder and the experts stay int8.
+    bool act_residual = true;
 
     void linear(const PackedMatrix& W, int M, const float* x, float* y);
     // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
@@ -103,6 +103,9 @@ private:
     bool use_amx(const PackedMatrix& W, int rows, int min_rows) const;
     // x's M rows of K floats quantized into act_ (int8 per group) by the pool: the view the GEMMs read.
     QAct quantize_rows(const float* x, int M, int K);
+    // 2M rows: x_i and its int8 rounding residual, interleaved (act_residual); fold_pairs sums their products.
+    QAct quantize_with_residual(const float* x, int M, int K);
+    static void fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy);
     uint16_t* amx_scratch(int thread, int k);
 
     Pool pool_;
@@ -111,8 +114,7 @@ private:
     QuantActFn quant_;
     QActBuf act_, act2_;
     Scratch bf_x_, bf_h_, gbuf_, ubuf_, ybuf_;
-    Scratch res_x_, res_y_;  // linear()'s residual pass
-    QActBuf res_act_;
+    Scratch res_x_, res_y_;  // act_residual's rows and products
     uint64_t prof_ns_[kPhases] = {};
     uint64_t wait0_ = 0;  // pool wait_ns at the last reset
     int open_phase_ = -1;                  // the innermost Timed scope's phase
