@@ -69,7 +69,7 @@ public:
     // linear() and linear_multi() on the integer-dot path (no AMX) quantize the activations' int8 rounding residual
     // too and add its product: about 16-bit activations (AMX computes in bf16) for twice the integer work, with
     // the weights read once. int8 alone (llama.cpp's Q8 activations) adds noise of about 1 % per product, which
-    // turns near ties (the README's first token). The fused decoder and the experts stay int8.
+    // turns near ties (the README's first token). decoder_step's linears too; the experts (moe) stay int8.
     bool act_residual = true;
 
     void linear(const PackedMatrix& W, int M, const float* x, float* y);
@@ -122,6 +122,8 @@ private:
     void charge_open();
     Scratch dec_;  // decoder_step's vectors
     QActBuf dec_act_;
+    Scratch dec_res_;                // decoder_step's rows and residuals (act_residual)
+    std::vector<Scratch> dec_y2_;    // per thread: a GEMM's two rows (act_residual)
     AttendFn attend_;
     AttendLatentFn attend_latent_;
     AxpyRowsFn axpy_rows_;
