@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .embedding import can_keep_quantized, keep_quantized
-from .modules import KModule, declare_sibling_linears, module_role
+from .modules import KModule, declare_output_head, declare_sibling_linears, module_role
 from .moe import LayerDevices, install_transfer_hooks, link_moe_blocks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
@@ -149,6 +149,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
     if build_ops:
         declare_sibling_linears(model)  # q/k/v, gate/up: an op may plan one fused call for its group
+        declare_output_head(model)  # the logits: an op may compute them more exactly
         link_moe_blocks(model)  # KMoE blocks in order: expert deferral, streamed experts' prefetch
     if layer_devices is not None:
         for layer_name, device in layer_devices.moved_layers():

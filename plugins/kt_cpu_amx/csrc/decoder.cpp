@@ -109,56 +109,23 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
         const int chunk = chunk_rows(w->n, threads());
         for (int n0 = 0; n0 < w->n; n0 += chunk) tasks.push_back({w, out, n0, std::min(w->n, n0 + chunk), tok});
     };
-    // act_residual (as Runtime::linear): each token is two rows of the QAct, its int8 values and their rounding
-    // residual; a GEMM of both rows goes to the thread's scratch [2, n], whose rows are summed into the output
-    const int per_token = act_residual ? 2 : 1;
-    size_t widest = wide;
-    for (const DecoderLayer* L : layers) widest = std::max(widest, size_t(L->inter()));
-    if (act_residual) dec_y2_.resize(pool_.size());
-    // rows n0..n1 of w for token tok of a (per_token rows each) into y
-    auto gemm_token = [&](const PackedMatrix& w, int n0, int n1, const QAct& a, int tok, float* out, int th) {
-        QAct at = a;
-        at.rows = nullptr;
-        const size_t row = size_t(tok) * per_token;
-        at.q += row * a.k;
-        at.d += row * (a.k / 32);
-        at.s16 += row * (a.k / 16);
-        at.s32 += row * (a.k / 32);
-        if (!act_residual) {
-            gemm_(w, n0, n1, at, 1, out, w.n);
-            return;
-        }
-        float* y2 = dec_y2_[th].get<float>(2 * widest);
-        gemm_(w, n0, n1, at, 2, y2, w.n);
-        fold_pairs(y2, 1, w.n, n0, n1, out, w.n);
-    };
-    // the queued tasks in one parallel phase
+    // the queued tasks in one parallel phase: rows n0..n1 of w for token tok of a
     auto run_tasks = [&](const QAct& a) {
-        pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
+        pool_.parallel_for(int(tasks.size()), [&](int i, int) {
             const Task& t = tasks[i];
-            gemm_token(*t.w, t.n0, t.n1, a, t.tok, t.y, th);
+            QAct at = a;
+            at.rows = nullptr;
+            at.q += size_t(t.tok) * a.k;
+            at.d += size_t(t.tok) * (a.k / 32);
+            at.s16 += size_t(t.tok) * (a.k / 16);
+            at.s32 += size_t(t.tok) * (a.k / 32);
+            gemm_(*t.w, t.n0, t.n1, at, 1, t.y, t.w->n);
         });
         tasks.clear();
     };
     auto quantized = [&](const float* v, int rows, int k) {
         dec_act_.ensure(rows, k);
         quant_(v, 0, rows, k, k, dec_act_);
-        if (act_residual) {  // the rows interleaved with their residuals, quantized again (quantize_with_residual)
-            float* xr = dec_res_.get<float>(size_t(2) * rows * k);
-            const QAct a = dec_act_.view();
-            for (int i = 0; i < rows; ++i) {
-                const float* xi = v + size_t(i) * k;
-                const int8_t* qi = a.q + size_t(i) * k;
-                const float* di = a.d + size_t(i) * (k / 32);
-                float* o = xr + size_t(2 * i) * k;
-                for (int j = 0; j < k; ++j) {
-                    o[j] = xi[j];
-                    o[k + j] = xi[j] - di[j / 32] * float(qi[j]);
-                }
-            }
-            dec_act_.ensure(2 * rows, k);
-            quant_(xr, 0, 2 * rows, k, k, dec_act_);
-        }
         return dec_act_.view();
     };
 
@@ -285,10 +252,10 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
             const QAct a = quantized(xn, 1, H);
             const int chunk = chunk_rows(I, threads());
             for (int n0 = 0; n0 < I; n0 += chunk) tasks.push_back({nullptr, nullptr, n0, std::min(I, n0 + chunk), 0});
-            pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
+            pool_.parallel_for(int(tasks.size()), [&](int i, int) {
                 const int n0 = tasks[i].n0, n1 = tasks[i].n1;
-                gemm_token(*L.gate, n0, n1, a, 0, g, th);
-                gemm_token(*L.up, n0, n1, a, 0, u, th);
+                gemm_(*L.gate, n0, n1, a, 1, g, I);
+                gemm_(*L.up, n0, n1, a, 1, u, I);
                 for (int j = n0; j < n1; ++j) {
                     const float gj = L.bgate.empty() ? g[j] : g[j] + L.bgate[j];
                     const float uj = L.bup.empty() ? u[j] : u[j] + L.bup[j];

@@ -83,7 +83,7 @@ QAct Runtime::quantize_rows(const float* x, int M, int K) {
     return act_.view();
 }
 
-void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
+void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, bool exact) {
     linger_after(M);
     const int N = W.n, K = W.k;
     const int chunk = chunk_rows(N, threads());
@@ -100,7 +100,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
         });
         return;
     }
-    if (!act_residual) {
+    if (!act_residual || (M <= decode_rows && !exact)) {
         QAct a = quantize_rows(x, M, K);
         pool_.parallel_for(nchunks, [&](int c, int) {
             int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
@@ -155,15 +155,7 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
         for (size_t i = 0; i < W.size(); ++i) linear(*W[i], M, x, y[i]);
         return;
     }
-    const int rows = act_residual ? 2 * M : M;
-    QAct a = act_residual ? quantize_with_residual(x, M, K) : quantize_rows(x, M, K);
-    std::vector<float*> out = y;
-    if (act_residual) {
-        size_t total = 0;
-        for (const PackedMatrix* w : W) total += size_t(2) * M * w->n;
-        float* base = res_y_.get<float>(total);
-        for (size_t i = 0; i < W.size(); ++i) { out[i] = base; base += size_t(2) * M * W[i]->n; }
-    }
+    QAct a = quantize_rows(x, M, K);
     struct Task { int m, n0, n1; };
     std::vector<Task> tasks;
     for (size_t i = 0; i < W.size(); ++i) {
@@ -172,8 +164,7 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
     }
     pool_.parallel_for(int(tasks.size()), [&](int i, int) {
         const Task& t = tasks[i];
-        gemm_(*W[t.m], t.n0, t.n1, a, rows, out[t.m], W[t.m]->n);
-        if (act_residual) fold_pairs(out[t.m], M, W[t.m]->n, t.n0, t.n1, y[t.m], W[t.m]->n);
+        gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
     });
 }
 

@@ -66,13 +66,15 @@ public:
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
     int decode_rows = 8;
     int decode_spin_us = 1000;
-    // linear() and linear_multi() on the integer-dot path (no AMX) quantize the activations' int8 rounding residual
-    // too and add its product: about 16-bit activations (AMX computes in bf16) for twice the integer work, with
-    // the weights read once. int8 alone (llama.cpp's Q8 activations) adds noise of about 1 % per product, which
-    // turns near ties (the README's first token). decoder_step's linears too; the experts (moe) stay int8.
+    // linear() on the integer-dot path (no AMX) for prefill-sized calls (more than decode_rows rows), and for any
+    // call that says exact (the output head: its logits pick each token), also quantizes the activations' int8
+    // rounding residual and adds its product, in the same GEMM call (the weights read once): about 16-bit
+    // activations (AMX computes prefill in bf16) for twice the integer work. int8 alone (llama.cpp's Q8
+    // activations) adds noise of about 1 % per product, which turns near ties (the README's first token).
+    // Decode-sized calls (linear_multi, the fused decoder) and the experts stay int8.
     bool act_residual = true;
 
-    void linear(const PackedMatrix& W, int M, const float* x, float* y);
+    void linear(const PackedMatrix& W, int M, const float* x, float* y, bool exact = false);
     // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
     // of all of them in one parallel phase (a decode step's q/k/v or gate/up: one dispatch instead of 3/2).
     void linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x, const std::vector<float*>& y);
@@ -122,8 +124,6 @@ private:
     void charge_open();
     Scratch dec_;  // decoder_step's vectors
     QActBuf dec_act_;
-    Scratch dec_res_;                // decoder_step's rows and residuals (act_residual)
-    std::vector<Scratch> dec_y2_;    // per thread: a GEMM's two rows (act_residual)
     AttendFn attend_;
     AttendLatentFn attend_latent_;
     AxpyRowsFn axpy_rows_;

@@ -83,31 +83,16 @@ def emulate_decode(qt, x: np.ndarray) -> np.ndarray:
     return (hsum(acc) + hsum(macc)).astype(f32)
 
 
-def emulate_residual_decode(qt, x: np.ndarray) -> np.ndarray:
-    """Runtime.act_residual: x's int8 product plus that of its rounding residual x - d q (float32), summed."""
-    xq, xd, _ = quantize_act(x)
-    r = (x.astype(f32) - (np.repeat(xd, 32) * xq.reshape(-1).astype(f32)).astype(f32)).astype(f32)
-    return (emulate_decode(qt, x) + emulate_decode(qt, r)).astype(f32)
-
-
-@pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("n,k", [(38, 512), (8, 2048)])
-def test_q4k_decode_matches_emulation_bit_for_bit(isa, n, k, residual):
-    from kt_cpu_amx.runtime import get_runtime
-
+def test_q4k_decode_matches_emulation_bit_for_bit(isa, n, k):
     qt = random_blocks("Q4_K", (n, k), seed=11, centered=False)
     op = make_linear(qt)
     assert op.weight.sub8_scales
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(12))
-    runtime = get_runtime()
-    runtime.act_residual = residual
-    try:
-        for row in x:  # decode: one token per call
-            y = op(row[None])[0].numpy()
-            ref = (emulate_residual_decode if residual else emulate_decode)(qt, row.numpy())
-            assert np.array_equal(y, ref), f"max abs diff {np.abs(y - ref).max():.3g}"
-    finally:
-        runtime.act_residual = True
+    for row in x:  # decode: one token per call
+        y = op(row[None])[0].numpy()
+        ref = emulate_decode(qt, row.numpy())
+        assert np.array_equal(y, ref), f"max abs diff {np.abs(y - ref).max():.3g}"
 
 
 @pytest.mark.parametrize("type_name,k", [("Q4_K", 512), ("Q4_0", 288), ("Q4_1", 1024), ("Q5_K", 512),
