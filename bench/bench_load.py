@@ -7,7 +7,9 @@ fresh processes, each measured twice: cold (the file's pages dropped from the pa
 - read: reading the whole file with 8 MiB ``read()`` calls (the floor any loader has);
 - kt load: ``ktcore.cli.run.load_generator``, the code `kt run` loads with (shipped rule files, the
   tokenizer, every weight), timed after Python's imports (torch, ktcore, Transformers' modeling modules of
-  the two families), so it compares with llama.cpp's ``Llama()``;
+  the two families), so it compares with llama.cpp's ``Llama()``; with the converted tokenizer in ktcore's
+  cache (every load after a file's first), and once per model with an empty cache ("kt first load", warm
+  page cache); "kt cpu" is the warm load's process CPU time (the wall times count other processes' load);
 - kt first line / first token: from starting ``kt run MODEL -p PROMPT`` to its first stderr line and to the
   first character of the reply on stdout (imports, loading, prefill: what a user waits for);
 - llama.cpp load: ``llama_cpp.Llama(model_path=...)``; llama.cpp first token: from starting a Python
@@ -28,6 +30,7 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -62,9 +65,9 @@ def child(kind: str, path: str, threads: int, llama_batch: int) -> dict:
         import ktcore.generate, ktcore.inject, ktcore.registry, ktcore.weights  # noqa: E401,F401
         import transformers.models.gemma3.modeling_gemma3, transformers.models.llama.modeling_llama  # noqa: E401,F401
         args = build_parser().parse_args(["run", path, "-p", PROMPT, "-q", "--threads", str(threads)])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         load_generator(args)
-        return {"load": time.perf_counter() - t0}
+        return {"load": time.perf_counter() - t0, "cpu": time.process_time() - c0}
     import llama_cpp
 
     t0 = time.perf_counter()
@@ -72,10 +75,10 @@ def child(kind: str, path: str, threads: int, llama_batch: int) -> dict:
     return {"load": time.perf_counter() - t0}
 
 
-def run_child(kind: str, path: Path, args) -> float:
+def run_child(kind: str, path: Path, args, env: dict | None = None) -> dict:
     r = subprocess.run([sys.executable, __file__, "--child", kind, str(path), "--threads", str(args.threads),
-                        "--llama-batch", str(args.llama_batch)], capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])["load"]
+                        "--llama-batch", str(args.llama_batch)], capture_output=True, text=True, check=True, env=env)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 # as `kt run` does: the chat template when the file has one, else the prompt as plain text
@@ -117,16 +120,21 @@ def measure(name: str, path: Path, args) -> dict:
     kt = [sys.executable, "-c", "import sys; from ktcore.cli import main; sys.exit(main())", "run", str(path),
           "-p", PROMPT, "--threads", str(args.threads)]
     llama = [sys.executable, "-c", LLAMA_FIRST_TOKEN, str(path), str(args.threads), str(args.llama_batch), PROMPT]
-    rows = {k: [] for k in ("read_cold", "read_warm", "kt_cold", "kt_warm", "llama_cold", "llama_warm",
+    rows = {k: [] for k in ("read_cold", "read_warm", "kt_cold", "kt_warm", "kt_cpu", "llama_cold", "llama_warm",
                             "kt_ttft", "kt_first_line", "llama_ttft")}
+    with tempfile.TemporaryDirectory() as empty_cache:  # the tokenizer converted as on a file's first load
+        rows["kt_first"] = [run_child("kt", path, args, dict(os.environ, KTCORE_CACHE=empty_cache))["load"]]
     for _ in range(args.repeats):
         drop_cache(path)
         rows["read_cold"].append(read_seconds(path))
         rows["read_warm"].append(read_seconds(path))
         for kind in ("kt", "llama"):
             drop_cache(path)
-            rows[f"{kind}_cold"].append(run_child(kind, path, args))
-            rows[f"{kind}_warm"].append(run_child(kind, path, args))
+            rows[f"{kind}_cold"].append(run_child(kind, path, args)["load"])
+            warm = run_child(kind, path, args)
+            rows[f"{kind}_warm"].append(warm["load"])
+            if kind == "kt":
+                rows["kt_cpu"].append(warm["cpu"])
         ttft, first_line = first_output(kt, env)
         rows["kt_ttft"].append(ttft)
         rows["kt_first_line"].append(first_line)
@@ -157,13 +165,15 @@ def main() -> int:
         print(f"{name}: measuring {path}", file=sys.stderr, flush=True)
         results[name] = measure(name, path, args)
     print(f"medians of {args.repeats} runs, {args.threads} threads; seconds; cold = file dropped from the page cache")
-    head = ("model", "MiB", "read cold", "read warm", "kt load cold", "/read cold", "kt load warm", "llama load cold",
+    head = ("model", "MiB", "read cold", "read warm", "kt first load", "kt load cold", "/read cold", "kt load warm",
+            "kt cpu warm", "llama load cold",
             "llama load warm", "kt/llama cold", "kt/llama warm", "kt 1st line", "kt 1st token", "llama 1st token",
             "kt/llama 1st tok")
     print(" | ".join(head))
     for name, m in results.items():
         print(" | ".join([name, f"{m['mib']:.0f}", f"{m['read_cold']:.3f}", f"{m['read_warm']:.3f}",
-                          f"{m['kt_cold']:.2f}", f"{m['kt_cold'] / m['read_cold']:.1f}x", f"{m['kt_warm']:.2f}",
+                          f"{m['kt_first']:.2f}", f"{m['kt_cold']:.2f}", f"{m['kt_cold'] / m['read_cold']:.1f}x",
+                          f"{m['kt_warm']:.2f}", f"{m['kt_cpu']:.2f}",
                           f"{m['llama_cold']:.2f}", f"{m['llama_warm']:.2f}", f"{m['kt_cold'] / m['llama_cold']:.2f}",
                           f"{m['kt_warm'] / m['llama_warm']:.2f}", f"{m['kt_first_line']:.2f}",
                           f"{m['kt_ttft']:.2f}", f"{m['llama_ttft']:.2f}", f"{m['kt_ttft'] / m['llama_ttft']:.2f}"]))

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import KModule, declare_sibling_linears, module_role
+from .embedding import can_keep_quantized, keep_quantized
+from .modules import KModule, declare_output_head, declare_sibling_linears, module_role
 from .moe import LayerDevices, install_transfer_hooks, link_moe_blocks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
@@ -148,6 +149,7 @@ def inject(model: nn.Module, rules: RuleSet | str | Path | list, registry: Regis
             raise rule.issue("replace.kwargs", f"building the ops of '{wrapper.qualname}' failed: {exc}") from exc
     if build_ops:
         declare_sibling_linears(model)  # q/k/v, gate/up: an op may plan one fused call for its group
+        declare_output_head(model)  # the logits: an op may compute them more exactly
         link_moe_blocks(model)  # KMoE blocks in order: expert deferral, streamed experts' prefetch
     if layer_devices is not None:
         for layer_name, device in layer_devices.moved_layers():
@@ -304,6 +306,7 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
             if b is not None and local not in module._non_persistent_buffers_set:
                 plain.append((qualname, module, local, False))
 
+    tied = [id((module._parameters if is_param else module._buffers)[local]) for _, module, local, is_param in plain]
     total = len(plain) + sum(len(w.weight_names()) for _, w in wrappers)
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     loaded_bytes = 0
@@ -340,6 +343,14 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
                     continue  # persistent buffer absent: recomputed below like non-persistent ones
                 raise
             _check_shape(full, src, qt.shape, meta.shape)
+            if (local == "weight" and qt.ggml_type not in _PLAIN_TYPES and tied.count(id(meta)) == 1
+                    and can_keep_quantized(module, qt.ggml_type, target)):
+                keep_quantized(module, qt, dtype)  # rows dequantized at lookup (ktcore/embedding.py)
+                src.release(full)
+                loaded_bytes += qt.data.numel()
+                done[id(meta)] = module.weight
+                _advance(bar, full, loaded_bytes)
+                continue
             value = to_torch(qt, dtype if meta.is_floating_point() else meta.dtype, target)
             if value.data_ptr() == qt.data.data_ptr():
                 value = value.clone()  # never keep a view on the source's memory as a parameter

@@ -389,6 +389,16 @@ def declare_sibling_linears(model: nn.Module) -> list[tuple[str, tuple[str, ...]
     return groups
 
 
+def declare_output_head(model: nn.Module) -> None:
+    """Tell the ops of the model's output head (``get_output_embeddings()``, when a ``KLinear``) what they compute
+    (``Op.declare_output_head``)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if isinstance(head, KLinear):
+        for op in head.ops():
+            op.declare_output_head()
+
+
 def is_stream_experts_op(op: Op) -> bool:
     """Whether an experts op implements the stream-ordered contract (``stream_submit``, ``stream_sync`` and
     ``stream_problem(device, tokens)``)."""

@@ -92,6 +92,11 @@ class Op(nn.Module):
         op was built; an op may plan one fused call over the group (its outputs must equal the ones each op
         computes alone). The default ignores it."""
 
+    def declare_output_head(self) -> None:
+        """Linear ops: this op computes the model's output head (the logits each token is picked from). Called
+        once at inject time; an op that trades precision for speed may compute this one more exactly
+        (kt-cpu-amx: int8 activations plus their rounding residual). The default ignores it."""
+
     def prepare_capture(self, max_positions: int) -> None:
         """Called before a CUDA graph is captured over at most ``max_positions`` positions: do now what
         ``forward`` would otherwise do lazily after a host read (growing tables, tuning kernels)."""

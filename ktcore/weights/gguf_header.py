@@ -63,8 +63,9 @@ class TensorEntry:
 
 class GGUFHeader:
     """``fields``: key -> value (int/float/bool/str, a list for short numeric arrays, a numpy view for long
-    ones, a ``LazyArray`` for string arrays); ``tensors``: name -> ``TensorEntry``; ``data``: the whole file
-    as a copy-on-write ``np.memmap`` (writable views for torch, nothing ever reaches the file)."""
+    ones, a ``LazyArray`` for string arrays); ``spans``: key -> ``(start, end)``, the bytes of the key and its
+    value in the file; ``tensors``: name -> ``TensorEntry``; ``data``: the whole file as a copy-on-write
+    ``np.memmap`` (writable views for torch, nothing ever reaches the file)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -89,9 +90,12 @@ class GGUFHeader:
             raise ValueError(f"GGUF version {version} is not supported (2 and 3 are){hint}")
         self._pos = 24
         self.fields: dict = {}
+        self.spans: dict[str, tuple[int, int]] = {}
         for _ in range(n_kv):
+            start = self._pos
             key = self._string()
             self.fields[key] = self._value(self._u32())
+            self.spans[key] = (start, self._pos)
         entries = []
         for _ in range(n_tensors):
             name = self._string()
@@ -174,6 +178,11 @@ class GGUFHeader:
         return [self._value(item_type) for _ in range(count)]  # arrays of arrays
 
     # --- values -----------------------------------------------------------------------------------
+
+    def raw(self, key: str) -> bytes:
+        """The bytes of ``key``'s entry (key, type and value) as the file holds them."""
+        start, end = self.spans[key]
+        return bytes(self.data[start:end])
 
     def value(self, key: str, default=None):
         """The value of ``key`` in full (string arrays decoded, numpy arrays as lists)."""

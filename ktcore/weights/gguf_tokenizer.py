@@ -3,7 +3,8 @@
 Uses Transformers' own GGUF tokenizer converters (``get_gguf_tokenizer`` / ``convert_gguf_tokenizer``)
 and the tokenizer class Transformers picks for the model type, so the result is the tokenizer
 ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, for every architecture (Transformers'
-own path needs a config it can derive, which it cannot for e.g. deepseek2).
+own path needs a config it can derive, which it cannot for e.g. deepseek2). The conversion is cached on
+disk (``tokenizer_cache.py``), so it runs once per file.
 """
 
 from __future__ import annotations
@@ -30,31 +31,46 @@ def tokenizer_class_for(model_type: str):
 
 
 def tokenizer_from_gguf(path: str, model_type: str, reader=None):
-    """``reader``: the file's ``GGUFHeader``, used where this Transformers reads no GGUF tokenizer by itself
-    (before 5.2x the converters lived in ``integrations.ggml``)."""
+    """The tokenizer the GGUF file at ``path`` describes (``None`` when it has no vocabulary), converted once
+    and then read from the cache (``tokenizer_cache.py``). ``reader``: the file's ``GGUFHeader``."""
+    from . import tokenizer_cache
+
+    reader = reader if reader is not None else _open(path)
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        return None
+    cls = tokenizer_class_for(model_type)
+    key = tokenizer_cache.entry_key(reader, model_type)
+    tokenizer = tokenizer_cache.load(key, cls)
+    if tokenizer is None:
+        backend, kwargs = _convert(path, model_type, reader)
+        if tokenizer_cache.store(key, cls, backend, kwargs) is not None:
+            tokenizer = tokenizer_cache.load(key, cls)  # as cheap as the copy cls(tokenizer_object=) makes
+        if tokenizer is None:
+            tokenizer = cls(tokenizer_object=backend, **kwargs)
+    _mark_modality_markers_special(tokenizer)
+    return tokenizer
+
+
+def _convert(path: str, model_type: str, reader):
+    """``(tokenizers.Tokenizer, tokenizer class kwargs)`` by Transformers' GGUF converters (before 5.2x they
+    lived in ``integrations.ggml`` and read no GGUF tokenizer by themselves: ``reader`` gives the metadata)."""
     try:
         from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
     except ImportError:
         from transformers.integrations.ggml import convert_gguf_tokenizer
 
         def get_gguf_tokenizer(path):
-            return _tokenizer_metadata(reader or _open(path), model_type)
+            return _tokenizer_metadata(reader, model_type)
 
     try:
         architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(path)
     except KeyError as e:
         raise WeightError(f"{path}: no tokenizer in the GGUF metadata (missing {e})") from e
-    if "tokens" not in tokenizer_dict:
-        return None
     try:
         backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     except ValueError as e:
         raise WeightError(f"{path}: cannot build the tokenizer: {e}") from e
-    cls = tokenizer_class_for(model_type)
-    kwargs = dict(tokenizer_config) | dict(extra)
-    tokenizer = cls(tokenizer_object=backend, **kwargs)
-    _mark_modality_markers_special(tokenizer)
-    return tokenizer
+    return backend, dict(tokenizer_config) | dict(extra)
 
 
 def _mark_modality_markers_special(tokenizer) -> None:

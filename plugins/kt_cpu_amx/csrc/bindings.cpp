@@ -117,15 +117,17 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readwrite("amx_min_expert_rows", &Runtime::amx_min_expert_rows)
         .def_readwrite("decode_rows", &Runtime::decode_rows)
         .def_readwrite("decode_spin_us", &Runtime::decode_spin_us)
-        .def("linear", [](std::shared_ptr<Runtime> rt, std::shared_ptr<PackedMatrix> W, int M, uintptr_t x, uintptr_t y) {
+        .def_readwrite("act_residual", &Runtime::act_residual)
+        .def("linear", [](std::shared_ptr<Runtime> rt, std::shared_ptr<PackedMatrix> W, int M, uintptr_t x, uintptr_t y,
+                          bool exact) {
             if (W->k % 32) throw std::invalid_argument("kt_cpu_amx: linear input size must be a multiple of 32");
             py::gil_scoped_release nogil;
             Runtime* r = rt.get();
             rt->pool().run([&] {
                 Runtime::Timed timed(r, Phase::Dense);
-                r->linear(*W, M, ptr<const float>(x), ptr<float>(y));
+                r->linear(*W, M, ptr<const float>(x), ptr<float>(y), exact);
             });
-        }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"),
+        }, py::arg("weight"), py::arg("m"), py::arg("x_ptr"), py::arg("y_ptr"), py::arg("exact") = false,
            "y[m, n] = x[m, k] @ weight.T (float32 buffers); runs on the calling thread and the pool, blocks.")
         .def("linear_multi", [](std::shared_ptr<Runtime> rt, std::vector<std::shared_ptr<PackedMatrix>> W, int M,
                                 uintptr_t x, std::vector<uintptr_t> y) {

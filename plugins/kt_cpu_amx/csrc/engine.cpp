@@ -84,7 +84,7 @@ QAct Runtime::quantize_rows(const float* x, int M, int K) {
     return act_.view();
 }
 
-void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
+void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, bool exact) {
     linger_after(M);
     const int N = W.n, K = W.k;
     const int chunk = chunk_rows(N, threads());
@@ -101,11 +101,48 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y) {
         });
         return;
     }
-    QAct a = quantize_rows(x, M, K);
+    if (!act_residual || (M <= decode_rows && !exact)) {
+        QAct a = quantize_rows(x, M, K);
+        pool_.parallel_for(nchunks, [&](int c, int) {
+            int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
+            gemm_(W, n0, n1, a, M, y, N);
+        });
+        return;
+    }
+    QAct a = quantize_with_residual(x, M, K);
+    float* y2 = res_y_.get<float>(size_t(2) * M * N);
     pool_.parallel_for(nchunks, [&](int c, int) {
         int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-        gemm_(W, n0, n1, a, M, y, N);
+        gemm_(W, n0, n1, a, 2 * M, y2, N);
+        fold_pairs(y2, M, N, n0, n1, y, N);
     });
+}
+
+// Row 2i: x_i quantized to int8 (d, q); row 2i + 1: its rounding residual x_i - d q (at most d / 2 per element)
+// quantized again. The GEMM takes both rows of a token in one register tile, so the weights are read once.
+QAct Runtime::quantize_with_residual(const float* x, int M, int K) {
+    QAct a = quantize_rows(x, M, K);
+    float* xr = res_x_.get<float>(size_t(2) * M * K);
+    const int G = K / 32;
+    pool_.parallel_for(M, [&](int i, int) {
+        const float* xi = x + size_t(i) * K;
+        const int8_t* qi = a.q + size_t(i) * K;
+        const float* di = a.d + size_t(i) * G;
+        float* out = xr + size_t(2 * i) * K;
+        for (int j = 0; j < K; ++j) {
+            out[j] = xi[j];
+            out[K + j] = xi[j] - di[j / 32] * float(qi[j]);
+        }
+    });
+    return quantize_rows(xr, 2 * M, K);
+}
+
+void Runtime::fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy) {
+    for (int m = 0; m < M; ++m) {
+        const float* a = y2 + size_t(2 * m) * N;
+        const float* b = a + N;
+        for (int n = n0; n < n1; ++n) y[size_t(m) * ldy + n] = a[n] + b[n];
+    }
 }
 
 void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x,

@@ -67,8 +67,15 @@ public:
     // default 1000) for the next call, the gap of a decode step's Python code; larger ones the pool's spin_us.
     int decode_rows = 8;
     int decode_spin_us = 1000;
+    // linear() on the integer-dot path (no AMX) for prefill-sized calls (more than decode_rows rows), and for any
+    // call that says exact (the output head: its logits pick each token), also quantizes the activations' int8
+    // rounding residual and adds its product, in the same GEMM call (the weights read once): about 16-bit
+    // activations (AMX computes prefill in bf16) for twice the integer work. int8 alone (llama.cpp's Q8
+    // activations) adds noise of about 1 % per product, which turns near ties (the README's first token).
+    // Decode-sized calls (linear_multi, the fused decoder) and the experts stay int8.
+    bool act_residual = true;
 
-    void linear(const PackedMatrix& W, int M, const float* x, float* y);
+    void linear(const PackedMatrix& W, int M, const float* x, float* y, bool exact = false);
     // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
     // of all of them in one parallel phase (a decode step's q/k/v or gate/up: one dispatch instead of 3/2).
     void linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x, const std::vector<float*>& y);
@@ -99,6 +106,9 @@ private:
     bool use_amx(const PackedMatrix& W, int rows, int min_rows) const;
     // x's M rows of K floats quantized into act_ (int8 per group) by the pool: the view the GEMMs read.
     QAct quantize_rows(const float* x, int M, int K);
+    // 2M rows: x_i and its int8 rounding residual, interleaved (act_residual); fold_pairs sums their products.
+    QAct quantize_with_residual(const float* x, int M, int K);
+    static void fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy);
     uint16_t* amx_scratch(int thread, int k);
 
     Pool pool_;
@@ -108,6 +118,7 @@ private:
     QActBuf act_, act2_;
     QActBuf bi_x_, bi_h_;  // moe(): the AMX experts' int8 token blocks (IAct) of its input and intermediate
     Scratch bf_x_, gbuf_, ubuf_, ybuf_;
+    Scratch res_x_, res_y_;  // act_residual's rows and products
     uint64_t prof_ns_[kPhases] = {};
     uint64_t wait0_ = 0;  // pool wait_ns at the last reset
     int open_phase_ = -1;                  // the innermost Timed scope's phase

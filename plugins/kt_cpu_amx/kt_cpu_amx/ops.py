@@ -47,6 +47,7 @@ class KLinearCPU(Op):
         self._torch_threads = None
         self._siblings = None  # fusion.Siblings: the declared group of linears on the same input
         self._bias = None  # the bias buffer, also held here (a buffer lookup goes through nn.Module.__getattr__)
+        self._exact = False  # the output head: int8 activations plus their residual at every call (Runtime.act_residual)
         self.register_buffer("bias", None, persistent=False)
 
     @classmethod
@@ -67,6 +68,11 @@ class KLinearCPU(Op):
         self._bias = self._buffers["bias"]
         if self._siblings is not None:
             self._siblings.reset()
+
+    def declare_output_head(self) -> None:
+        """The logits pick each token: on the integer-dot path this op's calls of any size take the activations'
+        int8 rounding residual too (other linears only when prefill-sized; see Runtime.act_residual)."""
+        self._exact = True
 
     def declare_siblings(self, siblings: list) -> None:
         """Decode-sized calls of the ``KLinearCPU`` ops among ``siblings`` run as one fused call (fusion.py)."""
@@ -112,7 +118,7 @@ class KLinearCPU(Op):
             return siblings.compute(self, x, x2, rows, runtime)
         y = torch.empty((*x.shape[:-1], self.out_features), dtype=torch.float32)
         if rows:
-            runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr())
+            runtime.linear(self.weight, rows, x2.data_ptr(), y.data_ptr(), self._exact)
         return self._finish(y, x.dtype)
 
     @staticmethod

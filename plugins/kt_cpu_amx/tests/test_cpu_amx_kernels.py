@@ -159,3 +159,34 @@ def test_linear_rejects_wrong_shape():
     op = KLinearCPU(nn.Linear(64, 32, device="meta"))
     with pytest.raises(ValueError, match="random.Q8_0.*shape"):
         op.load({"weight": random_blocks("Q8_0", (32, 128))})
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K", "Q5_0", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("tokens,head", [(64, False), (1, True), (3, True), (1, False)])
+def test_residual_gives_16_bit_activations(isa, type_name, tokens, head):
+    """The integer-dot path quantizes the int8 rounding residual of the activations too (Runtime.act_residual)
+    for prefill-sized calls and for the output head at any size: the error falls from int8's (about 1e-2) to
+    about 1e-4, below AMX's bf16. Other decode-sized calls stay int8. (AMX takes calls of 16 rows and more in bf16.)"""
+    from kt_cpu_amx.runtime import get_runtime
+
+    if isa == "amx" and tokens >= 16:
+        pytest.skip("the AMX path computes these in bf16")
+    qt = random_blocks(type_name, (96, 512), seed=11)
+    ours, _ = make_linear(qt)
+    if head:
+        ours.declare_output_head()
+    w = gguf_dequantize(qt).double()
+    x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(12))
+    ref = (x.double() @ w.T).float()
+    runtime = get_runtime()
+    assert runtime.act_residual
+    if tokens <= runtime.decode_rows and not head:
+        assert rel_err(ours(x), ref) > 3e-3  # int8
+        return
+    assert rel_err(ours(x), ref) < 3e-4
+    runtime.act_residual = False
+    try:
+        int8_err = rel_err(ours(x), ref)
+    finally:
+        runtime.act_residual = True
+    assert int8_err > 3e-3

