@@ -16,7 +16,7 @@ import torch
 from ktcore.decode_graphs import (DecodeGraphs, batch_bucket, capture_problem, graph_length, model_capture_problem,
                                   op_capture_problem)
 from ktcore.engine.core import EngineCore
-from ktcore.generate import Generator, SamplingParams, _cache_kwarg
+from ktcore.generate import Generator, SamplingParams, _cache_kwarg, model_device
 from ktcore.inject import load_model
 from ktcore.ops import Op
 from ktcore.testing import tiny_model
@@ -132,7 +132,7 @@ def test_graph_mode_step_matches_the_eager_step(family, attn):
         length = graph_length(max(kv.length for kv in kvs), engine.max_context)
         length = -(-length // cache.block_size) * cache.block_size
         with torch.inference_mode():
-            graphed = runner._forward(*runner.static_inputs(tokens, kvs, 4, length, torch.device("cpu")))[:3, -1]
+            graphed = runner._forward(*runner.static_inputs(tokens, kvs, 4, length, model_device(model)))[:3, -1]
             keys = [layer.keys[0, :, write].clone() for layer in cache.layers]
             for layer in cache.layers:
                 layer.keys[0, :, write] = float("nan")  # the eager step must write the slots again

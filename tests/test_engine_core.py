@@ -12,7 +12,7 @@ from ktcore.engine.blocks import BlockAllocator, OutOfBlocks
 from ktcore.engine.core import EngineCore
 from ktcore.engine.paged_cache import PagedCache, SeqKV
 from ktcore.engine.scheduler import Scheduler
-from ktcore.generate import SamplingParams, forward_step, new_cache
+from ktcore.generate import SamplingParams, forward_step, model_device, new_cache
 from ktcore.testing import tiny_model
 
 
@@ -27,11 +27,12 @@ def _prompts(vocab, lengths, seed=5):
 
 def _solo_greedy(model, prompt, n):
     """Plain one-sequence decoding: the whole prompt in one call, then one token per call."""
-    cache, ids, out = new_cache(model, len(prompt) + n + 1), torch.tensor([prompt]), []
+    device = model_device(model)  # with an accelerator, the shipped rules put an injected model there
+    cache, ids, out = new_cache(model, len(prompt) + n + 1), torch.tensor([prompt], device=device), []
     with torch.inference_mode():
         for _ in range(n):
             out.append(int(forward_step(model, ids, cache)[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]])
+            ids = torch.tensor([[out[-1]]], device=device)
     return out
 
 

@@ -50,10 +50,11 @@ def experts_reference(weights, x, ids, w) -> torch.Tensor:
     return out
 
 
-def gpu_part(weights, gpu_ids):
+def gpu_part(weights, gpu_ids, device=None):
     """What vLLM's method computes for the GPU experts: the same experts over their slots ``0..n-1`` (every
-    slot on every token, weighted by how the token chose it: no data-dependent shapes, so capturable)."""
-    gate, up, down = (t[gpu_ids] for t in weights)
+    slot on every token, weighted by how the token chose it: no data-dependent shapes, so capturable once the
+    weights are on ``device``, as vLLM's are)."""
+    gate, up, down = (t[gpu_ids].to(device) if device is not None else t[gpu_ids] for t in weights)
 
     def run(x, slots, w):
         g, u, d = (t.to(x.device) for t in (gate, up, down))
@@ -128,7 +129,7 @@ def test_cuda_graph_captures_the_hybrid_call(gguf, weights, mask):
     gpu_ids = gpu_expert_ids(MASKS[mask], 1, E, LAYER)
     cpu = cpu_experts(gguf, LAYER, "KExpertsCPU", dims=(E, 256, 256))
     hybrid = HybridExperts(E, gpu_ids, cpu, LAYER)
-    gpu = gpu_part(weights, gpu_ids)
+    gpu = gpu_part(weights, gpu_ids, device)
     x, ids, w = routing(4, seed=2, device=device)
     assert cpu.stream_path(cpu.pick(4), x, 4), "KExpertsCPU should take the stream-ordered path on CUDA"
     side = torch.cuda.Stream()
