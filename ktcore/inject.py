@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,7 +307,7 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
             if b is not None and local not in module._non_persistent_buffers_set:
                 plain.append((qualname, module, local, False))
 
-    tied = [id((module._parameters if is_param else module._buffers)[local]) for _, module, local, is_param in plain]
+    tied = Counter(id((module._parameters if is_param else module._buffers)[local]) for _, module, local, is_param in plain)
     total = len(plain) + sum(len(w.weight_names()) for _, w in wrappers)
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     loaded_bytes = 0
@@ -343,7 +344,7 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
                     continue  # persistent buffer absent: recomputed below like non-persistent ones
                 raise
             _check_shape(full, src, qt.shape, meta.shape)
-            if (local == "weight" and qt.ggml_type not in _PLAIN_TYPES and tied.count(id(meta)) == 1
+            if (local == "weight" and qt.ggml_type not in _PLAIN_TYPES and tied[id(meta)] == 1
                     and can_keep_quantized(module, qt.ggml_type, target)):
                 keep_quantized(module, qt, dtype)  # rows dequantized at lookup (ktcore/embedding.py)
                 src.release(full)

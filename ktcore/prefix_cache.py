@@ -82,12 +82,15 @@ def block_hashes(token_ids: Sequence[int], block_size: int, salt: bytes = b"") -
 
 def model_salt(path: str | os.PathLike | None, *extra: object) -> bytes:
     """A salt naming a model: the weight file's resolved path, size and modification time (so a changed file
-    is a different model), plus whatever else changes the keys and values (rule files, dtype, ...)."""
+    is a different model), plus whatever else changes the keys and values (rule files, dtype, ...). A ``path``
+    that names no file (``tiny:<family>``, a seeded test model) counts as its text."""
     parts: list[str] = []
-    if path is not None:
+    if path is not None and Path(path).is_file():
         p = Path(path).resolve()
         st = p.stat()
         parts += [str(p), str(st.st_size), str(st.st_mtime_ns)]
+    elif path is not None:
+        parts.append(str(path))
     parts += [repr(x) for x in extra]
     return hashlib.sha256("\0".join(parts).encode()).digest()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .model_options import MODEL_OPTIONS_HELP
@@ -85,9 +84,8 @@ def _chat(args) -> int:
     gen, params = load_generator(args, needs_chat_template=True)
     from ktcore.prefix_cache import PrefixStore, model_salt
 
-    weights = args.model if os.path.exists(args.model) else None  # tiny:<family> names no file
     # each turn prefills only what the conversation so far did not compute
-    gen.keep_prefixes(PrefixStore.from_options(args, gen.device, model_salt(weights, args.model, args.device)))
+    gen.keep_prefixes(PrefixStore.from_options(args, gen.device, model_salt(args.model, args.device)))
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

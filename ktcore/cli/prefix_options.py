@@ -4,15 +4,16 @@ building the parser imports no torch."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 DEFAULT_RAM = "4GiB"
 
 
 def default_dir() -> Path:
-    """``<user cache dir>/ktcore/prefix`` (XDG_CACHE_HOME, else ~/.cache)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ktcore" / "prefix"
+    """``prefix`` in ktcore's cache folder (``ktcore.tune_cache.cache_dir``)."""
+    from ..tune_cache import cache_dir
+
+    return cache_dir() / "prefix"
 
 
 def _size(text: str) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from .prefix_options import add_prefix_cache_args
 from .model_options import MODEL_OPTIONS_HELP, CLIError, add_model_options, check_model_options, open_model, say
@@ -99,9 +98,8 @@ def _serve(args: argparse.Namespace) -> int:
     from ktcore.warmup import engine_batch_sizes, warm_up_engine
 
     info = model_info(loaded, args.model_name)
-    weights = loaded.spec if os.path.exists(loaded.spec) else None  # tiny:<family> names no file
     store = PrefixStore.from_options(args, model_device(loaded.model),
-                                     model_salt(weights, loaded.spec, *loaded.rule_files, args.device))
+                                     model_salt(loaded.spec, *loaded.rule_files, args.device))
     engine = Engine(loaded.model, loaded.tokenizer, max_context=loaded.max_context,
                     max_concurrency=args.max_concurrency, block_size=args.prefix_block, cuda_graph=args.cuda_graph,
                     prefix_store=store)

@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..generate import _cache_kwarg
 from .paged_cache import PagedCache, SeqKV
-
-
-def cache_kwarg(model) -> str:
-    from ..generate import _cache_kwarg
-
-    return _cache_kwarg(model)
 
 
 class ModelRunner:
@@ -23,7 +18,7 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
         self.max_context, self.max_batch = int(max_context), int(max_batch)
         self.cuda_graph = cuda_graph
-        self._kwarg = cache_kwarg(model)
+        self._kwarg = _cache_kwarg(model)
         self._graphs = None
         self._fused = None
         self.tokens_fed = 0  # positions fed through the model (prefill and decode)

@@ -147,6 +147,7 @@ class PagedCache(Cache):
         self.scratch_slot = self.num_blocks * self.block_size
         self.num_slots = self.scratch_slot + self.block_size
         self.plan: StepPlan | None = None
+        self._storage = False  # every paged layer's pools allocated (they stay once they are)
         self.state_layers: list[int] = []  # layers holding one sequence's recurrent state (linear attention)
         layers = []
         for i, layer in enumerate(StaticCache(config=model.config, max_cache_len=self.scratch_slot).layers):
@@ -277,7 +278,10 @@ class PagedCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return all(layer.is_initialized for layer in self.layers if isinstance(layer, PagedLayer))
+        # asked at every decode step: the layers are walked only until their pools exist
+        if not self._storage:
+            self._storage = all(layer.is_initialized for layer in self.layers if isinstance(layer, PagedLayer))
+        return self._storage
 
 
 def new_cache(model, max_context: int, block_size: int = DEFAULT_BLOCK_SIZE) -> PagedCache:

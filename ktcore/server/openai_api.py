@@ -289,7 +289,6 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
     """Chunks of every choice as its events come: text (held back while a tool call may be starting),
     each tool call once complete, the finish reason; then the usage chunk when asked."""
     streams = [plan.stream() for _ in handles]
-    called = [0] * len(handles)
     pending = [[] for _ in handles]  # logprobs of tokens whose text is held back
     finals = []
 
@@ -310,15 +309,14 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
             tail, more = stream.finish()
             content, calls = content + tail, calls + more
         delta = {"content": content} if content else {}
-        if calls:
-            delta["tool_calls"] = [c.openai(called[index] + k) for k, c in enumerate(calls)]
-            called[index] += len(calls)
+        if calls:  # stream.calls already holds them: the first new one is number len(stream.calls) - len(calls)
+            delta["tool_calls"] = [c.openai(len(stream.calls) - len(calls) + k) for k, c in enumerate(calls)]
         if delta:
             yield chunk(index, delta)
             pending[index] = []
         if event.finish_reason is not None:
             finals.append(event)
-            yield chunk(index, {}, "tool_calls" if called[index] else _finish_reason(event.finish_reason))
+            yield chunk(index, {}, "tool_calls" if stream and stream.calls else _finish_reason(event.finish_reason))
             pending[index] = []
     if include_usage:
         yield head | {"choices": [], "usage": _usage(prompt_tokens, finals)}

@@ -301,8 +301,11 @@ def _read_ahead(readers) -> None:
     most half of the memory available, so a model larger than that is not read twice."""
     import mmap
 
+    from ..placement import free_memory
+
     total = sum(r.data.nbytes for r in readers)
-    if not hasattr(mmap, "MADV_WILLNEED") or total > _available_memory() // 2:
+    available = free_memory("cpu")
+    if not hasattr(mmap, "MADV_WILLNEED") or available is None or total > available // 2:
         return
     for r in readers:
         mm = getattr(r.data, "_mmap", None)
@@ -311,17 +314,6 @@ def _read_ahead(readers) -> None:
                 mm.madvise(mmap.MADV_WILLNEED)
             except (OSError, ValueError):
                 pass
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _drop_pages(mapped: np.ndarray, start: int, length: int) -> None:

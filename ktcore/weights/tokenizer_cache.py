@@ -21,17 +21,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from ..tune_cache import cache_dir
+
 FORMAT = 1  # bump when what an entry holds changes
 TOKENIZER_FILE = "tokenizer.json"
 KWARGS_FILE = "kwargs.json"
-
-
-def cache_root() -> Path:
-    root = os.environ.get("KTCORE_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ktcore"
 
 
 def entry_key(header, model_type: str) -> str:
@@ -49,7 +43,7 @@ def entry_key(header, model_type: str) -> str:
 
 
 def entry_dir(key: str) -> Path:
-    return cache_root() / "tokenizers" / key
+    return cache_dir() / "tokenizers" / key
 
 
 def load(key: str, cls):
