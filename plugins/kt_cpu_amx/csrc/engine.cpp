@@ -120,21 +120,23 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, boo
 
 // Row 2i: x_i quantized to int8 (d, q); row 2i + 1: its rounding residual x_i - d q (at most d / 2 per element)
 // quantized again. The GEMM takes both rows of a token in one register tile, so the weights are read once.
+// One pass per token: row 2i is quantized where the GEMM reads it, and its residual taken from that same row.
 QAct Runtime::quantize_with_residual(const float* x, int M, int K) {
-    QAct a = quantize_rows(x, M, K);
     float* xr = res_x_.get<float>(size_t(2) * M * K);
+    act_.ensure(2 * M, K);
+    const QAct a = act_.view();
     const int G = K / 32;
     pool_.parallel_for(M, [&](int i, int) {
         const float* xi = x + size_t(i) * K;
-        const int8_t* qi = a.q + size_t(i) * K;
-        const float* di = a.d + size_t(i) * G;
         float* out = xr + size_t(2 * i) * K;
-        for (int j = 0; j < K; ++j) {
-            out[j] = xi[j];
-            out[K + j] = xi[j] - di[j / 32] * float(qi[j]);
-        }
+        std::copy(xi, xi + K, out);
+        quant_(xr, 2 * i, 2 * i + 1, K, K, act_);
+        const int8_t* qi = a.q + size_t(2 * i) * K;
+        const float* di = a.d + size_t(2 * i) * G;
+        for (int j = 0; j < K; ++j) out[K + j] = xi[j] - di[j / 32] * float(qi[j]);
+        quant_(xr, 2 * i + 1, 2 * i + 2, K, K, act_);
     });
-    return quantize_rows(xr, 2 * M, K);
+    return a;
 }
 
 void Runtime::fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy) {

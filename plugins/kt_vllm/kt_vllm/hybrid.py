@@ -123,7 +123,10 @@ class HybridExperts:
             gpu: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
             beside: Callable[[], None] | None = None) -> torch.Tensor:
         """The routed experts' output ``[T, H]`` in ``x``'s dtype (see the module docstring)."""
-        gpu_slots, gpu_weights, cpu_ids = self.split(topk_ids, topk_weights)
+        if self.gpu_experts:
+            gpu_slots, gpu_weights, cpu_ids = self.split(topk_ids, topk_weights)
+        else:  # every expert on the CPU: nothing to split, per layer and step
+            gpu_slots, gpu_weights, cpu_ids = None, None, topk_ids
         if self.cpu is not None:
             self.cpu.submit(x, cpu_ids, topk_weights)
         try:
