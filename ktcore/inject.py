@@ -57,6 +57,7 @@ class ReportRow:
 class InjectReport:
     rows: list[ReportRow] = field(default_factory=list)
     rule_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # decisions taken at load (e.g. gpu_prefill_threshold: auto)
 
     def table(self) -> str:
         header = ("module", "rule", "wrapper", "prefill op", "generate op", "device")
@@ -449,6 +450,11 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     ruleset = load_rules(rules, registry)  # validated before anything heavy happens
     model = build_meta_model(config, dtype)
     report = inject(model, ruleset, registry, transfer_map=transfer_map)
+    from .placement import resolve_auto_streaming
+
+    decided = resolve_auto_streaming(model, source, dtype, device)
+    if decided:
+        report.notes.append(decided)
     if check_memory:
         from .placement import PlacementError, check_fit
 

@@ -33,6 +33,7 @@ from .modules import KExperts, KModule, module_role
 EXPERT_SPLIT_OPTIONS = ("gpu_op", "gpu_device", "gpu_op_kwargs", "hot_experts", "gpu_prefill_threshold", "defer",
                         "top_k")
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+AUTO = "auto"  # gpu_prefill_threshold decided at load by what memory the devices have free
 
 
 class KMoE(KModule):
@@ -52,7 +53,9 @@ class KMoE(KModule):
     - ``gpu_prefill_threshold``: calls of more tokens than this stream the layer's routed experts (raw GGUF
       blocks, kept in pinned host memory) to ``gpu_device`` and compute them there with ``gpu_op``; the copy
       of the next such block starts on a side stream meanwhile. Measure it: ``bench/bench_hybrid.py
-      --find-threshold``.
+      --find-threshold``. ``auto`` (the shipped gpu-cpu files): ``ktcore.placement.GPU_PREFILL_THRESHOLD``
+      when the pinned copies and the GPU's streaming buffers fit in what the devices have free at load
+      (``ktcore.placement.resolve_auto_streaming``), else off.
     - ``gpu_op`` (default ``KExpertsGPU``), ``gpu_device`` (default ``cuda``), ``gpu_op_kwargs``: the op
       that computes hot and streamed experts, where, and its options.
     - ``top_k``: selective experts: only the ``top_k`` highest-weight of the router's choices run (weights
@@ -119,6 +122,8 @@ class KMoE(KModule):
             return f"gpu_op_kwargs must be a mapping, got {value!r}"
         if key == "hot_experts":
             return hot_experts_problem(value)
+        if key == "gpu_prefill_threshold" and value == AUTO:
+            return None
         if key in ("gpu_prefill_threshold", "top_k") and value is not None and not _positive_int(value):
             return f"{key} must be an integer >= 1, got {value!r}"
         if key == "defer" and not (_positive_int(value) or value == 0 and not isinstance(value, bool)):
@@ -127,6 +132,8 @@ class KMoE(KModule):
 
     def build_ops(self) -> None:
         """The op for hot and streamed experts (the block's other children run themselves)."""
+        if self.gpu_prefill_threshold == AUTO and not _device_present(self.gpu_device):
+            self.gpu_prefill_threshold = None  # nothing to stream to
         if not (self.hot or self.gpu_prefill_threshold):
             return
         from .registry import get_registry
@@ -318,6 +325,11 @@ class KMoE(KModule):
         op.load(weights)
         device = self.gpu_device
         return op(flat.to(device), top_k_index.to(device), top_k_weights.to(device))
+
+
+def _device_present(device: torch.device) -> bool:
+    backend = getattr(torch, device.type, None)
+    return device.type == "cpu" or bool(backend is not None and getattr(backend, "is_available", lambda: False)())
 
 
 def _positive_int(value: Any) -> bool:

@@ -267,6 +267,39 @@ def check_fit(model: nn.Module, source, dtype: torch.dtype | None = None, device
     return usage
 
 
+def resolve_auto_streaming(model: nn.Module, source, dtype: torch.dtype | None = None, device=None,
+                           available: Mapping[str, int | None] | None = None) -> str | None:
+    """Decide ``gpu_prefill_threshold: auto`` for every KMoE block that asks for it: streamed GPU prefill at
+    ``GPU_PREFILL_THRESHOLD`` when the whole placement, pinned copies and streaming buffers included, fits
+    in what the devices have free and the pinned copies take at most half the free RAM (page-locked memory
+    cannot be swapped or reclaimed); else off. Returns a line saying what was decided (None: no block asked)."""
+    from .inject import _iter_modules
+    from .moe import AUTO, KMoE
+
+    blocks = [m for _, m in _iter_modules(model) if isinstance(m, KMoE) and m.gpu_prefill_threshold == AUTO]
+    if not blocks:
+        return None
+    for block in blocks:
+        block.gpu_prefill_threshold = None
+    without = estimate_memory(model, source, dtype, device)
+    for block in blocks:
+        block.gpu_prefill_threshold = GPU_PREFILL_THRESHOLD
+    usage = estimate_memory(model, source, dtype, device)
+    if available is None:
+        available = {d: free_memory(d) for d in usage.devices()}
+    pinned = usage.total("cpu") - without.total("cpu")
+    free_ram = available.get("cpu")
+    short = shortfalls(usage, available)
+    if free_ram is not None and 2 * pinned > free_ram:
+        short.append(f"pinned copies {gib(pinned)} > half the free RAM ({gib(free_ram)})")
+    if short:
+        for block in blocks:
+            block.gpu_prefill_threshold = None
+        return f"streamed GPU prefill off (gpu_prefill_threshold: auto): {'; '.join(short)}"
+    return (f"streamed GPU prefill on above {GPU_PREFILL_THRESHOLD} tokens (gpu_prefill_threshold: auto): "
+            f"{len(blocks)} MoE blocks, {gib(pinned)} pinned host copies")
+
+
 # -- routing frequency -----------------------------------------------------------------------------------
 
 

@@ -169,6 +169,38 @@ def test_streamed_experts_equal_resident_ones(family, registry, tmp_path, monkey
     assert short.shape[1] == 4
 
 
+def test_auto_threshold_streams_when_the_pinned_copies_fit(registry, tmp_path, monkeypatch):
+    """``gpu_prefill_threshold: auto`` (the shipped gpu-cpu files): the measured threshold when the devices have
+    room for the pinned copies, off (and said so) when the free RAM is short; the model loads either way."""
+    from ktcore import placement
+
+    hf = tiny_model("qwen3_moe", seed=0)
+    ids = prompt(hf.config)
+    reference = logits(load(hf, rules_file(tmp_path, name="ref.yaml"), registry), ids)
+    auto = rules_file(tmp_path, "{gpu_prefill_threshold: auto, gpu_op: KExpertsTorch, gpu_device: cpu}")
+    model, report = load_model(StateDictSource(hf), auto, registry=registry, progress=False)
+    assert {b.gpu_prefill_threshold for b in blocks(model)} == {placement.GPU_PREFILL_THRESHOLD}
+    assert any("streamed GPU prefill on" in note for note in report.notes)
+    assert all(b._host is not None for b in blocks(model))
+    assert (logits(model, ids) - reference).abs().max() <= REL_TOL * reference.abs().max()
+
+    monkeypatch.setattr(placement, "free_memory", lambda device: 2**10 if device == "cpu" else None)
+    model, report = load_model(StateDictSource(hf), auto, registry=registry, progress=False, check_memory=False)
+    assert {b.gpu_prefill_threshold for b in blocks(model)} == {None}
+    assert any("streamed GPU prefill off" in note and "cpu needs" in note for note in report.notes)
+    assert all(b._host is None for b in blocks(model))
+    assert (logits(model, ids) - reference).abs().max() <= REL_TOL * reference.abs().max()
+
+
+def test_auto_threshold_without_the_device_is_off(registry, tmp_path):
+    hf = tiny_model("qwen3_moe", seed=0)
+    path = rules_file(tmp_path, "{gpu_prefill_threshold: auto, gpu_op: KExpertsTorch, gpu_device: cuda}")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present: the auto threshold may turn on")
+    model = load(hf, path, registry)
+    assert {b.gpu_prefill_threshold for b in blocks(model)} == {None}
+
+
 # -- selective experts and deferral ----------------------------------------------------------------------
 
 

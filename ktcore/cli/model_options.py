@@ -248,6 +248,8 @@ def _open_with_rules(args, phase, needs_chat_template, check, registry) -> Loade
         check(tokenizer)
     phase("building the model")
     model, report = load_model(source, rules=ruleset, device=args.device, progress=not args.quiet, registry=registry)
+    for note in report.notes:
+        say(args, note)
     return LoadedModel(args.model, model, tokenizer, args.max_context,
                        list(getattr(report, "rule_files", []) or []), report, source)
 
