@@ -49,6 +49,7 @@ class Options(StrictRequest):
     temperature: Temperature | None = None
     top_k: int | None = Field(default=None, ge=0)
     top_p: TopP | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: Seed | None = None
     stop: list[str] | str | None = None
     repeat_penalty: RepeatPenalty | None = None
@@ -57,12 +58,12 @@ class Options(StrictRequest):
     IGNORED: ClassVar = {name: _LOADING for name in (
         "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "vocab_only", "use_mmap", "use_mlock",
         "num_thread", "numa")} | {"num_keep": "the context is never shifted, so nothing needs keeping"}
-    UNSUPPORTED: ClassVar = {"typical_p": "not implemented", "min_p": "not implemented",
+    UNSUPPORTED: ClassVar = {"typical_p": "not implemented",
                              "tfs_z": "not implemented", "mirostat": "not implemented",
                              "mirostat_tau": "not implemented", "mirostat_eta": "not implemented",
                              "repeat_last_n": "the repeat penalty covers the whole context (-1)",
                              "penalize_newline": "not implemented"}
-    NEUTRAL: ClassVar = {"typical_p": 1.0, "min_p": 0.0, "tfs_z": 1.0, "mirostat": 0, "repeat_last_n": -1}
+    NEUTRAL: ClassVar = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "repeat_last_n": -1}
 
 
 class OllamaFunctionCall(StrictRequest):
@@ -127,6 +128,7 @@ def _params(state: ServerState, req: _Generating, plan: ReplyPlan | None = None)
         temperature=0.8 if o.temperature is None else o.temperature,
         top_k=40 if o.top_k is None else o.top_k,
         top_p=0.9 if o.top_p is None else o.top_p,
+        min_p=o.min_p or 0.0,
         repetition_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
         seed=o.seed,
         stop=stops,
