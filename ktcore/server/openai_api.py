@@ -32,7 +32,7 @@ from .errors import APIError, openai_error_body
 from .logprobs import TokenText
 from .reply_plan import ReplyPlan, plan_reply, template_messages
 from .schema import Penalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields, check_token_ids, stop_strings
-from .tool_calls import ToolCall, parse_reply
+from .tool_calls import ToolCall
 
 router = APIRouter()
 
@@ -275,7 +275,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         return None
     choices = []
     for index, (text, final) in enumerate(results):
-        content, calls = parse_reply(plan.fmt, plan.tools, text) if plan.fmt else (text, [])
+        content, calls = plan.stream().push(text, final=True)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
@@ -304,10 +304,7 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
             return
         pending[index] += event.logprobs
         stream = streams[index]
-        content, calls = stream.push(event.text) if stream else (event.text, [])
-        if event.finish_reason is not None and stream:
-            tail, more = stream.finish()
-            content, calls = content + tail, calls + more
+        content, calls = stream.push(event.text, final=event.finish_reason is not None)
         delta = {"content": content} if content else {}
         if calls:  # stream.calls already holds them: the first new one is number len(stream.calls) - len(calls)
             delta["tool_calls"] = [c.openai(len(stream.calls) - len(calls) + k) for k, c in enumerate(calls)]
@@ -316,7 +313,7 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
             pending[index] = []
         if event.finish_reason is not None:
             finals.append(event)
-            yield chunk(index, {}, "tool_calls" if stream and stream.calls else _finish_reason(event.finish_reason))
+            yield chunk(index, {}, "tool_calls" if stream.calls else _finish_reason(event.finish_reason))
             pending[index] = []
     if include_usage:
         yield head | {"choices": [], "usage": _usage(prompt_tokens, finals)}

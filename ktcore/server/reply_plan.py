@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from ktcore.constrained import Constraint, ConstraintError, json_constraint, lark_constraint
 
 from .errors import APIError
-from .tool_calls import ToolCallStream, ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
+from .reply_stream import ReplyStream, speaks_harmony
+from .tool_calls import ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
 
 
 @dataclass
@@ -23,13 +24,15 @@ class ReplyPlan:
     system_prompt: str | None = None  # the tools described for a template that cannot render them
     constraint: Constraint | None = None
     native: bool = False  # the chat template renders tools and tool calls itself
+    channels: bool = False  # harmony (GPT-OSS): the reply is messages on channels, only some of them the answer
 
     @property
     def skip_special_tokens(self) -> bool:
-        return not (self.fmt and self.fmt.needs_special_tokens)
+        return not (self.channels or (self.fmt and self.fmt.needs_special_tokens))
 
-    def stream(self) -> ToolCallStream | None:
-        return ToolCallStream(self.fmt, self.tools) if self.fmt else None
+    def stream(self) -> ReplyStream:
+        """The parser of one reply (one per choice)."""
+        return ReplyStream(self.fmt, self.tools, self.channels)
 
 
 def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None = None, tool_choice="auto",
@@ -48,7 +51,7 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
     if tool_choice == "required" and not tools:
         raise APIError(400, "tool_choice: 'required' needs tools", param="tool_choice")
     template = getattr(tokenizer, "chat_template", None)
-    plan = ReplyPlan(native=renders_tools(template))
+    plan = ReplyPlan(native=renders_tools(template), channels=speaks_harmony(tokenizer))
     if tools and tool_choice != "none":
         plan.tools = tools
         plan.fmt = format_for(template)

@@ -1,5 +1,5 @@
-"""Tool calls in each model family's own chat-template format: finding them in a reply (whole or streamed),
-and the Lark grammar (llguidance's dialect) that makes a reply one or more calls (``tool_choice: required``
+"""Tool calls in each model family's own chat-template format: finding them in a reply (``reply_stream``
+reads a reply with these finders, whole or streamed), and the Lark grammar (llguidance's dialect) that makes a reply one or more calls (``tool_choice: required``
 or a named function).
 
 ``FORMATS`` holds one ``ToolFormat`` per format; ``format_for(chat_template)`` picks the one whose markers
@@ -12,7 +12,7 @@ for Hermes-style calls, which ``HERMES`` parses.
 | hermes | Qwen2/2.5/3 (MoE too), Hermes, SmolLM3 | ``<tool_call>{"name": .., "arguments": {..}}</tool_call>`` |
 | qwen3_coder | Qwen3-Coder, Qwen3-Next | ``<tool_call><function=NAME><parameter=K>V</parameter></function>...`` |
 | glm45 | GLM-4.5/4.6 | ``<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>`` |
-| llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (optionally after ``<|python_tag|>``) |
+| llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (optionally after ``<|python_tag|>``), several joined by ``;`` |
 | mistral | Mistral, Mixtral | ``[TOOL_CALLS][{"name": .., "arguments": {..}}]`` or ``[TOOL_CALLS]NAME[ARGS]{..}`` |
 | deepseek | DeepSeek-V3/R1, V3.1 | ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` + fenced JSON, or ``NAME<｜tool▁sep｜>{..}`` |
 | kimi_k2 | Kimi K2 | ``<|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{..}<|tool_call_end|>`` |
@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ktcore.constrained import JSON_OPTIONS
-from ktcore.engine.sequence import held_back
 
 
 @dataclass
@@ -200,31 +199,6 @@ def _find_minimax(text, pos, tools) -> Found | None:
     return (match.start(), match.end(), calls) if calls else None
 
 
-# the reply may end at <|call|> when the model's end tokens include it (it is then not part of the text)
-_HARMONY = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>commentary)?\s*to=functions\.(?P<name>[^\s<]+)"
-                      r"[^<]*(?:<\|channel\|>[^<]*)?(?:<\|constrain\|>[^<]*)?<\|message\|>(?P<args>.*?)"
-                      r"(?:<\|call\|>|$)", re.S)
-_HARMONY_FINAL = re.compile(r"<\|channel\|>final<\|message\|>(.*?)(?:<\|end\|>|<\|return\|>|$)", re.S)
-
-
-def _find_harmony(text, pos, tools) -> Found | None:
-    for match in _HARMONY.finditer(text, pos):
-        if not match.group(0).endswith("<|call|>") and match.end() != len(text):
-            continue
-        call = _call(match["name"], match["args"].strip())
-        if call:
-            return match.start(), match.end(), [call]
-    return None
-
-
-def _harmony_content(text: str) -> str:
-    """The final channel's text (the analysis channel is the model's reasoning, not its answer)."""
-    finals = _HARMONY_FINAL.findall(text)
-    if finals:
-        return "".join(finals)
-    return "" if "<|channel|>" in text else text
-
-
 # ---------------------------------------------------------------------------------------------- grammars
 
 
@@ -272,7 +246,7 @@ def _hermes_grammar(tools, g: Grammar, many: bool) -> str:
 
 
 def _llama3_grammar(tools, g: Grammar, many: bool) -> str:
-    return f"start: {g.json(_named_object(tools, 'parameters'))}"
+    return f"start: {_repeat('call', many, json.dumps('; '))}\ncall: {g.json(_named_object(tools, 'parameters'))}"
 
 
 def _mistral_grammar(tools, g: Grammar, many: bool, named: bool) -> str:
@@ -357,11 +331,12 @@ class ToolFormat:
     name: str
     markers: tuple[str, ...]  # the template text holds all of these
     starts: tuple[str, ...]  # text that opens a call in a reply (held back while streaming)
-    find: Callable  # (text, pos, {name: parameters}) -> Found | None: the first complete call at or after pos
+    # (text, pos, {name: parameters}) -> Found | None: the first complete call at or after pos; None: calls are
+    # harmony messages, which ``reply_stream`` reads apart
+    find: Callable | None
     grammar: Callable  # (tools, Grammar, many) -> Lark text: a reply of one (many: or more) calls
     wrappers: tuple[str, ...] = ()  # section markers around calls, dropped from the content
     needs_special_tokens: bool = False  # its markers are special tokens: keep them in the decoded text
-    content: Callable[[str], str] = lambda text: text  # the answer text of a reply (calls removed)
 
 
 HERMES = ToolFormat("hermes", ("<tool_call>",), ("<tool_call>",), _find_hermes, _hermes_grammar)
@@ -376,8 +351,8 @@ FORMATS = (
                lambda t, g, m: _deepseek_grammar(t, g, m, fenced=True), _DEEPSEEK_WRAPPERS, True),
     ToolFormat("deepseek_v31", ("<｜tool▁call▁begin｜>",), _DEEPSEEK_STARTS, _find_deepseek,
                lambda t, g, m: _deepseek_grammar(t, g, m, fenced=False), _DEEPSEEK_WRAPPERS, True),
-    ToolFormat("harmony", ("<|channel|>",), ("<|channel|>commentary", "to=functions."),
-               _find_harmony, _harmony_grammar, (), True, _harmony_content),
+    ToolFormat("harmony", ("<|channel|>",), ("<|channel|>commentary", "to=functions."), None, _harmony_grammar, (),
+               True),
     ToolFormat("mistral_v11", ("[TOOL_CALLS]", "[ARGS]"), ("[TOOL_CALLS]",), _find_mistral,
                lambda t, g, m: _mistral_grammar(t, g, m, named=True), (), True),
     ToolFormat("mistral", ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), _find_mistral,
@@ -417,66 +392,3 @@ def tool_system_prompt(tools: list[dict]) -> str:
 def call_grammar(fmt: ToolFormat, tools: list[dict], tokenizer, many: bool) -> str:
     """Lark for a reply that is only tool calls of ``tools`` (the ``function`` objects)."""
     return fmt.grammar(tools, Grammar(tokenizer), many)
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-class ToolCallStream:
-    """Reply text in (``push``), answer text and completed calls out. Text is passed on until a call may be
-    starting (a start marker, or a tail that may grow into one); from there on it is held, and each call is
-    handed out once complete. ``finish()`` gives what remains: text that never became a call is content."""
-
-    def __init__(self, fmt: ToolFormat, tools: list[dict]):
-        self.fmt = fmt
-        self.tools = {t["name"]: _params(t) for t in tools}
-        self.held = ""  # text from the first possible call start on
-        self.scan = 0  # calls before this offset of ``held`` were handed out
-        self.calling = False
-        self.calls: list[ToolCall] = []
-        self._rest: list[str] = []  # held text between calls
-
-    def push(self, text: str) -> tuple[str, list[ToolCall]]:
-        if not self.calling:
-            text = self.held + text
-            starts = [i for i in (text.find(s) for s in self.fmt.starts) if i >= 0]
-            if not starts:
-                keep = held_back(text, self.fmt.starts)
-                self.held = text[len(text) - keep:]
-                return text[: len(text) - keep], []
-            self.calling, self.held = True, text[min(starts):]
-            content = text[: min(starts)]
-        else:
-            self.held += text
-            content = ""
-        return content, self._complete()
-
-    def _complete(self) -> list[ToolCall]:
-        new = []
-        while (found := self.fmt.find(self.held, self.scan, self.tools)) is not None:
-            start, end, calls = found
-            self._rest.append(self.held[self.scan:start])
-            self.scan = end
-            new += calls
-        self.calls += new
-        return new
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        new = self._complete()
-        rest = "".join(self._rest) + self.held[self.scan:]
-        if not self.calls:
-            rest = self.held  # nothing became a call: all of it is answer text
-        for marker in self.fmt.wrappers:
-            rest = rest.replace(marker, "")
-        self.held, self.scan, self._rest = "", 0, []
-        return (rest if not self.calls else rest.strip()), new
-
-
-def parse_reply(fmt: ToolFormat, tools: list[dict], text: str) -> tuple[str, list[ToolCall]]:
-    """``(content, calls)`` of a whole reply."""
-    stream = ToolCallStream(fmt, tools)
-    head, calls = stream.push(text)
-    tail, more = stream.finish()
-    calls += more
-    content = fmt.content(head + tail)
-    return (content.strip() if calls else content), calls
