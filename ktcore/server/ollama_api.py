@@ -33,7 +33,7 @@ from .common import (
 )
 from .errors import APIError
 from .logprobs import TokenText
-from .reply_plan import ReplyPlan, plan_reply, template_messages
+from .reply_plan import ReplyPlan, check_logprobs, plan_reply, template_messages
 from .schema import Penalty, RepeatPenalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields
 from .schema import check_token_ids, stop_strings
 from .tool_calls import ToolCall
@@ -292,7 +292,8 @@ async def generate(req: GenerateRequest, request: Request):
         prompt = list(req.context) + prompt
     plan = await run_in_threadpool(_plan, state, req)
     if req.raw or getattr(state.tokenizer, "chat_template", None) is None:
-        plan = replace(plan, channels=False)  # the client's own template: its reply is passed on as it is
+        plan = replace(plan, as_written=True)  # the client's own template: its reply is passed on as it is
+    check_logprobs(plan, req.logprobs)
     params, penalties = _params(state, req, plan)
     token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
@@ -320,6 +321,7 @@ async def chat(req: ChatRequest, request: Request):
         return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
                        "done": True, "done_reason": "load"}
     plan = await run_in_threadpool(_plan, state, req, [t.spec() for t in req.tools or []])
+    check_logprobs(plan, req.logprobs)
     messages = [{"role": m.role, "content": m.content, "name": m.tool_name,
                  "tool_calls": [ToolCall(c.function.name, json.dumps(c.function.arguments), c.id or f"call_{i}")
                                 for i, c in enumerate(m.tool_calls or [])]} for m in req.messages]

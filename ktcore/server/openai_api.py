@@ -30,7 +30,7 @@ from .common import (
 from .engine import SamplingParams
 from .errors import APIError, openai_error_body
 from .logprobs import TokenText
-from .reply_plan import ReplyPlan, plan_reply, template_messages
+from .reply_plan import ReplyPlan, check_logprobs, plan_reply, template_messages
 from .schema import Penalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields, check_token_ids, stop_strings
 from .tool_calls import ToolCall
 
@@ -253,6 +253,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     plan = await run_in_threadpool(_reply_plan, state, req)
+    check_logprobs(plan, req.logprobs)
     messages = template_messages(_messages(req), plan)
     prompt = await chat_prompt(state, messages, tools=plan.template_tools)
     token_text = await run_in_threadpool(_token_text, state) if req.logprobs else None

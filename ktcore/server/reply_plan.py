@@ -25,6 +25,7 @@ class ReplyPlan:
     constraint: Constraint | None = None
     native: bool = False  # the chat template renders tools and tool calls itself
     channels: bool = False  # harmony (GPT-OSS): the reply is messages on channels, only some of them the answer
+    as_written: bool = False  # a raw prompt (the client's own template): the reply goes out unparsed, markers kept
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -32,6 +33,8 @@ class ReplyPlan:
 
     def stream(self) -> ReplyStream:
         """The parser of one reply (one per choice)."""
+        if self.as_written:
+            return ReplyStream(None, [])
         return ReplyStream(self.fmt, self.tools, self.channels)
 
 
@@ -78,6 +81,15 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
         param = "tools" if forced else format_param
         raise APIError(400, f"{param}: {exc}", param=param) from exc
     return plan
+
+
+def check_logprobs(plan: ReplyPlan, logprobs: bool) -> None:
+    """Log-probabilities are per token, and a harmony reply's tokens include its analysis channel, which the
+    answer must not show: refused rather than shown."""
+    if logprobs and plan.channels and not plan.as_written:
+        raise APIError(400, "logprobs: not available for this model: its replies hold a reasoning channel "
+                            "that is not part of the answer, and their tokens' log-probabilities would show it",
+                       param="logprobs")
 
 
 def template_messages(messages: list[dict], plan: ReplyPlan) -> list[dict]:
