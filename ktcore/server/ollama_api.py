@@ -293,7 +293,7 @@ async def generate(req: GenerateRequest, request: Request):
     plan = await run_in_threadpool(_plan, state, req)
     if req.raw or getattr(state.tokenizer, "chat_template", None) is None:
         plan = replace(plan, as_written=True)  # the client's own template: its reply is passed on as it is
-    check_logprobs(plan, req.logprobs)
+    check_logprobs(plan, req.logprobs, req.top_logprobs)
     params, penalties = _params(state, req, plan)
     token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
@@ -321,7 +321,7 @@ async def chat(req: ChatRequest, request: Request):
         return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
                        "done": True, "done_reason": "load"}
     plan = await run_in_threadpool(_plan, state, req, [t.spec() for t in req.tools or []])
-    check_logprobs(plan, req.logprobs)
+    check_logprobs(plan, req.logprobs, req.top_logprobs)
     messages = [{"role": m.role, "content": m.content, "name": m.tool_name,
                  "tool_calls": [ToolCall(c.function.name, json.dumps(c.function.arguments), c.id or f"call_{i}")
                                 for i, c in enumerate(m.tool_calls or [])]} for m in req.messages]

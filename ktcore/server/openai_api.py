@@ -250,10 +250,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = state_of(request)
     require_model(state, req.model)
     check_fields(req)
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     plan = await run_in_threadpool(_reply_plan, state, req)
-    check_logprobs(plan, req.logprobs)
+    check_logprobs(plan, req.logprobs, req.top_logprobs)
     messages = template_messages(_messages(req), plan)
     prompt = await chat_prompt(state, messages, tools=plan.template_tools)
     token_text = await run_in_threadpool(_token_text, state) if req.logprobs else None

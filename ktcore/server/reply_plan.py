@@ -26,6 +26,7 @@ class ReplyPlan:
     native: bool = False  # the chat template renders tools and tool calls itself
     channels: bool = False  # harmony (GPT-OSS): the reply is messages on channels, only some of them the answer
     as_written: bool = False  # a raw prompt (the client's own template): the reply goes out unparsed, markers kept
+    most_calls: int | None = None  # parallel_tool_calls false: 1 (calls the model writes beyond it are dropped)
 
     @property
     def skip_special_tokens(self) -> bool:
@@ -35,7 +36,7 @@ class ReplyPlan:
         """The parser of one reply (one per choice)."""
         if self.as_written:
             return ReplyStream(None, [])
-        return ReplyStream(self.fmt, self.tools, self.channels)
+        return ReplyStream(self.fmt, self.tools, self.channels, self.most_calls)
 
 
 def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None = None, tool_choice="auto",
@@ -57,6 +58,7 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
     plan = ReplyPlan(native=renders_tools(template), channels=speaks_harmony(tokenizer))
     if tools and tool_choice != "none":
         plan.tools = tools
+        plan.most_calls = None if parallel_tool_calls else 1
         plan.fmt = format_for(template)
         if plan.native:
             plan.template_tools = [{"type": "function", "function": t} for t in tools]
@@ -83,9 +85,11 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
     return plan
 
 
-def check_logprobs(plan: ReplyPlan, logprobs: bool) -> None:
-    """Log-probabilities are per token, and a harmony reply's tokens include its analysis channel, which the
-    answer must not show: refused rather than shown."""
+def check_logprobs(plan: ReplyPlan, logprobs: bool, top_logprobs: int | None) -> None:
+    """``top_logprobs`` needs ``logprobs``. Log-probabilities are per token, and a harmony reply's tokens include
+    its analysis channel, which the answer must not show: refused rather than shown."""
+    if top_logprobs is not None and not logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     if logprobs and plan.channels and not plan.as_written:
         raise APIError(400, "logprobs: not available for this model: its replies hold a reasoning channel "
                             "that is not part of the answer, and their tokens' log-probabilities would show it",

@@ -22,7 +22,9 @@ from .tool_calls import ToolCall, ToolFormat, _call, _params
 
 
 class ReplyStream:
-    def __init__(self, fmt: ToolFormat | None, tools: list[dict], channels: bool = False):
+    def __init__(self, fmt: ToolFormat | None, tools: list[dict], channels: bool = False,
+                 most_calls: int | None = None):
+        self.most_calls = most_calls  # calls past this many are dropped (parallel_tool_calls false)
         channels = channels or (fmt is not None and fmt.find is None)  # harmony's calls are messages
         self._parts = _Channels(calls=fmt is not None) if channels else _Calls(fmt, tools) if fmt else None
         self.calls: list[ToolCall] = []  # every call so far; a new call's index is its place here
@@ -33,6 +35,8 @@ class ReplyStream:
         if self._parts is None:
             return text, []
         content, calls = self._parts.push(text, final)
+        if self.most_calls is not None:
+            calls = calls[: max(0, self.most_calls - len(self.calls))]
         self.calls += calls
         return content, calls
 

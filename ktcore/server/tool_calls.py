@@ -1,6 +1,6 @@
 """Tool calls in each model family's own chat-template format: finding them in a reply (``reply_stream``
-reads a reply with these finders, whole or streamed), and the Lark grammar (llguidance's dialect) that makes a reply one or more calls (``tool_choice: required``
-or a named function).
+reads a reply with these finders, whole or streamed), and the Lark grammar (llguidance's dialect) that makes
+a reply one or more calls (``tool_choice: required`` or a named function).
 
 ``FORMATS`` holds one ``ToolFormat`` per format; ``format_for(chat_template)`` picks the one whose markers
 the template text holds (most specific first). A template that does not render ``tools`` at all gets
@@ -12,7 +12,7 @@ for Hermes-style calls, which ``HERMES`` parses.
 | hermes | Qwen2/2.5/3 (MoE too), Hermes, SmolLM3 | ``<tool_call>{"name": .., "arguments": {..}}</tool_call>`` |
 | qwen3_coder | Qwen3-Coder, Qwen3-Next | ``<tool_call><function=NAME><parameter=K>V</parameter></function>...`` |
 | glm45 | GLM-4.5/4.6 | ``<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>`` |
-| llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (optionally after ``<|python_tag|>``), several joined by ``;`` |
+| llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (after ``<|python_tag|>`` or not); several: ``;`` |
 | mistral | Mistral, Mixtral | ``[TOOL_CALLS][{"name": .., "arguments": {..}}]`` or ``[TOOL_CALLS]NAME[ARGS]{..}`` |
 | deepseek | DeepSeek-V3/R1, V3.1 | ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` + fenced JSON, or ``NAME<｜tool▁sep｜>{..}`` |
 | kimi_k2 | Kimi K2 | ``<|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{..}<|tool_call_end|>`` |

@@ -283,3 +283,12 @@ def test_llama3_several_calls_joined_by_semicolons(tokenizer):
         state = GrammarState(constraint)
         consumed = state.matcher.try_consume_tokens(ids)
         assert (consumed == len(ids) and state.matcher.is_accepting()) == accepted
+
+
+def test_parallel_tool_calls_false_gives_at_most_one_call():
+    two = REPLIES["hermes"] + "\n" + REPLIES["hermes"].replace("Paris", "Rome")
+    assert len(parse_reply(HERMES, TOOLS, two)[1]) == 2
+    plan = plan_reply(tiny_chat_tokenizer(), 512, [2], tools=TOOLS, parallel_tool_calls=False)
+    stream = plan.stream()
+    calls = [c for i in range(0, len(two), 7) for c in stream.push(two[i:i + 7], final=i + 7 >= len(two))[1]]
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris"] and len(stream.calls) == 1

@@ -119,3 +119,10 @@ def test_streamed_requests_are_refused_before_streaming(server, model_name, rout
     resp = httpx.post(server.url + route, json={"model": model_name, UNKNOWN: VALUE} | body, timeout=60)
     assert resp.status_code == 400 and UNKNOWN in resp.text
     assert "json" in resp.headers["content-type"]
+
+
+@pytest.mark.parametrize("route,body", [("/v1/chat/completions", CHAT), ("/api/chat", OLLAMA_CHAT),
+                                        ("/api/generate", {"prompt": "a", "stream": False})])
+def test_top_logprobs_without_logprobs_is_a_400_not_ignored(server, model_name, route, body):
+    resp = httpx.post(server.url + route, json={"model": model_name, "top_logprobs": 2} | body, timeout=60)
+    assert resp.status_code == 400 and "top_logprobs" in resp.text
