@@ -162,3 +162,17 @@ def test_logprobs_are_refused_rather_than_showing_the_analysis(scripted):
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
     r = httpx.post(srv.url + "/api/chat", json={"model": name, "messages": MESSAGES, "logprobs": True})
     assert r.status_code == 400 and "logprobs" in r.json()["error"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # OpenAI deprecated the Assistants API
+def test_assistants_run_stores_the_answer_only(scripted):
+    srv, name, script, _ = scripted
+    script["reply"] = "answer"
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assistant = client.beta.assistants.create(model=name)
+    thread = client.beta.threads.create(messages=MESSAGES)
+    run = client.beta.threads.runs.create_and_poll(thread_id=thread.id, assistant_id=assistant.id,
+                                                   poll_interval_ms=50)
+    assert run.status == "completed"
+    reply = client.beta.threads.messages.list(thread.id, order="asc").data[-1]
+    assert reply.role == "assistant" and reply.content[0].text.value == ANSWER
