@@ -18,7 +18,7 @@ import re
 
 from ktcore.engine.sequence import held_back
 
-from .tool_calls import ToolCall, ToolFormat, _call, _params
+from .tool_calls import ToolCall, ToolFormat, call_schema, make_call
 
 
 class ReplyStream:
@@ -46,7 +46,7 @@ class _Calls:
 
     def __init__(self, fmt: ToolFormat, tools: list[dict]):
         self.fmt = fmt
-        self.tools = {t["name"]: _params(t) for t in tools}
+        self.tools = {t["name"]: call_schema(t) for t in tools}
         self.held = ""  # text from the first possible call start on
         self.calling = False  # a start marker was seen: everything from there is held
         self.scan = 0  # calls before this offset of ``held`` were handed out
@@ -183,7 +183,7 @@ class _Channels:
         if self.shown:
             content += body
         elif self.calls and self.recipient.startswith("functions."):
-            call = _call(self.recipient.removeprefix("functions."), body.strip())
+            call = make_call(self.recipient.removeprefix("functions."), body.strip())
             calls = calls + ([call] if call else [])
         self.header, self.body, self.shown, self.recipient = "", "", False, ""
         return content, calls

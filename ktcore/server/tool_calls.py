@@ -60,7 +60,7 @@ def _json_at(text: str, pos: int):
         return None
 
 
-def _call(name, args) -> ToolCall | None:
+def make_call(name, args) -> ToolCall | None:
     if not isinstance(name, str) or not name:
         return None
     if isinstance(args, str):  # some models write the arguments as a JSON string
@@ -79,7 +79,7 @@ def _object_calls(value, keys=("arguments", "parameters")) -> list[ToolCall] | N
     for item in items:
         if not isinstance(item, dict) or "name" not in item:
             return None
-        call = _call(item["name"], next((item[k] for k in keys if k in item), {}))
+        call = make_call(item["name"], next((item[k] for k in keys if k in item), {}))
         if call is None:
             return None
         calls.append(call)
@@ -136,7 +136,7 @@ def _find_mistral(text, pos, tools) -> Found | None:
     named = re.compile(r"\s*([^\[\]{}\s]+)(?:\[CALL_ID\][^\[]*)?\[ARGS\]").match(text, at)
     if named:
         parsed = _json_at(text, named.end())
-        call = parsed and _call(named.group(1), parsed[0])
+        call = parsed and make_call(named.group(1), parsed[0])
         return (start, parsed[1], [call]) if call else None
     parsed = _json_at(text, at)
     calls = parsed and _object_calls(parsed[0])
@@ -152,7 +152,7 @@ def _find_deepseek(text, pos, tools) -> Found | None:
     match = _DEEPSEEK.search(text, pos)
     if not match:
         return None
-    call = _call((match["n1"] or match["n2"]).strip(), match["a1"] if match["n1"] else match["a2"])
+    call = make_call((match["n1"] or match["n2"]).strip(), match["a1"] if match["n1"] else match["a2"])
     return (match.start(), match.end(), [call]) if call else None
 
 
@@ -162,7 +162,7 @@ _KIMI = re.compile(r"<\|tool_call_begin\|>\s*(?:functions\.)?(?P<name>[^:<\s]+)(
 
 def _find_kimi(text, pos, tools) -> Found | None:
     match = _KIMI.search(text, pos)
-    call = match and _call(match["name"], match["args"])
+    call = match and make_call(match["name"], match["args"])
     return (match.start(), match.end(), [call]) if call else None
 
 
@@ -217,7 +217,7 @@ class Grammar:
         return f"%json {json.dumps(schema | {'x-guidance': JSON_OPTIONS})}"
 
 
-def _params(tool: dict) -> dict:
+def call_schema(tool: dict) -> dict:
     """The tool's parameter schema; a call names only the declared parameters unless the schema says more
     are welcome (JSON Schema's default would let a constrained call invent any others)."""
     schema = tool.get("parameters") or {"type": "object"}
@@ -228,7 +228,7 @@ def _params(tool: dict) -> dict:
 
 def _named_object(tools: list[dict], args_key: str) -> dict:
     """Schema of ``{"name": <one tool>, args_key: <its parameters>}``."""
-    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, args_key: _params(t)},
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, args_key: call_schema(t)},
                        "required": ["name", args_key], "additionalProperties": False} for t in tools]}
 
 
@@ -251,7 +251,7 @@ def _llama3_grammar(tools, g: Grammar, many: bool) -> str:
 
 def _mistral_grammar(tools, g: Grammar, many: bool, named: bool) -> str:
     if named:  # [TOOL_CALLS]NAME[ARGS]{...}
-        calls = [f'{g.lit("[TOOL_CALLS]")} {json.dumps(t["name"])} {g.lit("[ARGS]")} {g.json(_params(t))}'
+        calls = [f'{g.lit("[TOOL_CALLS]")} {json.dumps(t["name"])} {g.lit("[ARGS]")} {g.json(call_schema(t))}'
                  for t in tools]
         return f"start: {_repeat('call', many)}\n" + _rules("call", calls)
     schema = {"type": "array", "items": _named_object(tools, "arguments"), "minItems": 1}
@@ -264,9 +264,9 @@ def _deepseek_grammar(tools, g: Grammar, many: bool, fenced: bool) -> str:
     sep, fence = g.lit("<｜tool▁sep｜>"), "\n```json\n"
     if fenced:
         calls = [f'{g.lit("<｜tool▁call▁begin｜>")} "function" {sep} {json.dumps(t["name"] + fence)} '
-                 f'{g.json(_params(t))} "\\n```" {g.lit("<｜tool▁call▁end｜>")}' for t in tools]
+                 f'{g.json(call_schema(t))} "\\n```" {g.lit("<｜tool▁call▁end｜>")}' for t in tools]
     else:
-        calls = [f'{g.lit("<｜tool▁call▁begin｜>")} {json.dumps(t["name"])} {sep} {g.json(_params(t))} '
+        calls = [f'{g.lit("<｜tool▁call▁begin｜>")} {json.dumps(t["name"])} {sep} {g.json(call_schema(t))} '
                  f'{g.lit("<｜tool▁call▁end｜>")}' for t in tools]
     return (f'start: {g.lit("<｜tool▁calls▁begin｜>")} {_repeat("call", many)} {g.lit("<｜tool▁calls▁end｜>")}\n'
             + _rules("call", calls))
@@ -274,7 +274,7 @@ def _deepseek_grammar(tools, g: Grammar, many: bool, fenced: bool) -> str:
 
 def _kimi_grammar(tools, g: Grammar, many: bool) -> str:
     calls = [f'{g.lit("<|tool_call_begin|>")} {json.dumps("functions." + t["name"] + ":")} /[0-9]/ '
-             f'{g.lit("<|tool_call_argument_begin|>")} {g.json(_params(t))} {g.lit("<|tool_call_end|>")}'
+             f'{g.lit("<|tool_call_argument_begin|>")} {g.json(call_schema(t))} {g.lit("<|tool_call_end|>")}'
              for t in tools]
     return (f'start: {g.lit("<|tool_calls_section_begin|>")} {_repeat("call", many)} '
             f'{g.lit("<|tool_calls_section_end|>")}\n' + _rules("call", calls))
@@ -282,7 +282,7 @@ def _kimi_grammar(tools, g: Grammar, many: bool) -> str:
 
 def _harmony_grammar(tools, g: Grammar, many: bool) -> str:
     calls = [f'{g.lit("<|channel|>")} {json.dumps("commentary to=functions." + t["name"] + " ")} '
-             f'{g.lit("<|constrain|>")} "json" {g.lit("<|message|>")} {g.json(_params(t))}' for t in tools]
+             f'{g.lit("<|constrain|>")} "json" {g.lit("<|message|>")} {g.json(call_schema(t))}' for t in tools]
     return "start: call\n" + _rules("call", calls)  # one call: the reply ends at <|call|>
 
 
@@ -292,7 +292,7 @@ def _pairs_grammar(tools, many: bool, head: Callable[[str], str], arg: Callable[
     '<' by ``value``), then ``tail``."""
     lines, calls = [], []
     for i, t in enumerate(tools):
-        keys = list(_params(t).get("properties", {})) or []
+        keys = list(call_schema(t).get("properties", {})) or []
         args = " | ".join(arg(k) for k in keys)
         lines.append(f"args{i}: ({args})*" if keys else f'args{i}: ""')
         calls.append(f"{head(t['name'])} args{i} {tail}")
