@@ -53,8 +53,20 @@ class _Calls:
         self.between: list[str] = []  # held text that is not a call
         self.found = False
         self.space = ""  # trailing whitespace of the answer so far, held until text follows (dropped before a call)
+        self.closed = False  # no call can come any more (an anchored format's reply opened with text)
 
     def push(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
+        if self.closed:
+            return text, []
+        if self.fmt.anchored and not self.calling:
+            opening = (self.held + text).lstrip()
+            if not any(s.startswith(opening[: len(s)]) for s in self.fmt.starts):
+                self.closed = True
+                text, self.held = self.held + text, ""
+                return text, []
+            if not final and not any(opening.startswith(s) for s in self.fmt.starts):
+                self.held += text  # blank, or a start marker's beginning: too short to tell
+                return "", []
         if self.calling:
             self.held += text
             content = ""

@@ -337,6 +337,7 @@ class ToolFormat:
     grammar: Callable  # (tools, Grammar, many) -> Lark text: a reply of one (many: or more) calls
     wrappers: tuple[str, ...] = ()  # section markers around calls, dropped from the content
     needs_special_tokens: bool = False  # its markers are special tokens: keep them in the decoded text
+    anchored: bool = False  # calls open the reply (after whitespace) or there are none: later text is content
 
 
 HERMES = ToolFormat("hermes", ("<tool_call>",), ("<tool_call>",), _find_hermes, _hermes_grammar)
@@ -360,8 +361,9 @@ FORMATS = (
     ToolFormat("glm45", ("<tool_call>", "<arg_key>"), ("<tool_call>",), _find_glm, _glm_grammar),
     ToolFormat("qwen3_coder", ("<tool_call>", "<function="), ("<tool_call>",), _find_coder, _coder_grammar),
     HERMES,
+    # Llama 3 writes bare JSON: only a reply that opens with it is calls, so a brace in an answer is text
     ToolFormat("llama3_json", ("<|start_header_id|>", "parameters"), ("<|python_tag|>", "{"), _find_llama3,
-               _llama3_grammar, (), True),
+               _llama3_grammar, (), True, anchored=True),
 )
 BY_NAME = {f.name: f for f in FORMATS}
 

@@ -222,6 +222,8 @@ def test_any_split_of_a_reply_streams_to_what_one_push_gives(name, cuts, before,
     fmt = BY_NAME[name]
     if name == "harmony":  # a harmony reply opens with a header; one call ends it
         before, twice = "", False
+    if BY_NAME[name].anchored:  # calls open the reply or there are none
+        before = ""
     text = before + REPLIES[name] + ((" " + REPLIES[name]) if twice else "") + after
     whole = _whole(ReplyStream(fmt, TOOLS), text)
     assert _streamed(ReplyStream(fmt, TOOLS), text, cuts) == whole
@@ -266,6 +268,17 @@ def test_harmony_vocabulary_is_read_by_channel(tokenizer):
     assert plan.channels and not plan.skip_special_tokens and plan.fmt is None
     assert plan.stream().push(HARMONY_ANALYSIS + HARMONY_FINAL, final=True) == ("It is sunny in Paris.", [])
     assert not plan_reply(tiny_chat_tokenizer(), 512, [2]).channels
+
+
+def test_llama3_calls_only_open_a_reply():
+    fmt = BY_NAME["llama3_json"]
+    text = 'Write {"name": "get_weather", "parameters": {}} to call it.'
+    stream = ReplyStream(fmt, TOOLS)
+    assert stream.push(text[:12]) == (text[:12], [])  # passed on at once: a brace later in an answer is text
+    assert stream.push(text[12:], final=True) == (text[12:], [])
+    stream = ReplyStream(fmt, TOOLS)
+    assert stream.push("\n <|pyth") == ("", [])  # may still open a call
+    assert stream.push('on_tag|>' + REPLIES["llama3_json"], final=True)[1][0].name == "get_weather"
 
 
 def test_llama3_several_calls_joined_by_semicolons(tokenizer):
