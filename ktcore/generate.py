@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: Sequence[str] = ()
@@ -95,6 +97,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and self.logprobs < 0:
@@ -142,18 +146,24 @@ class Sampler:
             picked = logits[seen]
             logits = logits.clone()
             logits[seen] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
-        if p.temperature <= 0:
+        best = logits.max()
+        if p.temperature <= 0 or not torch.isfinite(best):  # greedy; or nothing is allowed, or NaN logits
             return int(logits.argmax())
-        logits = logits / p.temperature
+        # shifted so the best is 0 before scaling: a tiny temperature cannot overflow finite logits to inf
+        logits = (logits - best) / p.temperature
         if 0 < p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            # Drop a token when the tokens before it already reach top_p (the first one always stays).
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= p.top_p
+            probs = sorted_logits.softmax(-1)
+            # Drop a token when the tokens before it already reach top_p. The best always stays: a top_p
+            # below float32's smallest number compares as 0 and would otherwise drop every token.
+            drop_sorted = (probs.cumsum(-1) - probs) >= p.top_p
+            drop_sorted[0] = False
             logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
+        if p.min_p > 0.0:  # of the temperature-scaled distribution, as top_p; the best token's logit is 0 here
+            logits = logits.masked_fill(logits < math.log(p.min_p), float("-inf"))
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.rng))
 

@@ -35,6 +35,8 @@ def end_token_ids(model, tokenizer) -> set[int]:
             ids.update(int(i) for i in value)
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
     ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    if "<|channel|>" in vocab and "<|end|>" in vocab:  # harmony (GPT-OSS): <|end|> ends a message, not the reply
+        ids.discard(vocab["<|end|>"])
     return ids
 
 

@@ -7,6 +7,7 @@ defaults (temperature 0.8, top_k 40, top_p 0.9, repeat_penalty 1.1) apply to opt
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, ClassVar, Literal
 
@@ -32,10 +33,10 @@ from .common import (
 )
 from .errors import APIError
 from .logprobs import TokenText
-from .reply_plan import ReplyPlan, plan_reply, template_messages
+from .reply_plan import ReplyPlan, check_logprobs, plan_reply, template_messages
 from .schema import Penalty, RepeatPenalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields
 from .schema import check_token_ids, stop_strings
-from .tool_calls import ToolCall, parse_reply
+from .tool_calls import ToolCall
 
 router = APIRouter()
 
@@ -49,6 +50,7 @@ class Options(StrictRequest):
     temperature: Temperature | None = None
     top_k: int | None = Field(default=None, ge=0)
     top_p: TopP | None = None
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: Seed | None = None
     stop: list[str] | str | None = None
     repeat_penalty: RepeatPenalty | None = None
@@ -57,12 +59,12 @@ class Options(StrictRequest):
     IGNORED: ClassVar = {name: _LOADING for name in (
         "num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "vocab_only", "use_mmap", "use_mlock",
         "num_thread", "numa")} | {"num_keep": "the context is never shifted, so nothing needs keeping"}
-    UNSUPPORTED: ClassVar = {"typical_p": "not implemented", "min_p": "not implemented",
+    UNSUPPORTED: ClassVar = {"typical_p": "not implemented",
                              "tfs_z": "not implemented", "mirostat": "not implemented",
                              "mirostat_tau": "not implemented", "mirostat_eta": "not implemented",
                              "repeat_last_n": "the repeat penalty covers the whole context (-1)",
                              "penalize_newline": "not implemented"}
-    NEUTRAL: ClassVar = {"typical_p": 1.0, "min_p": 0.0, "tfs_z": 1.0, "mirostat": 0, "repeat_last_n": -1}
+    NEUTRAL: ClassVar = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "repeat_last_n": -1}
 
 
 class OllamaFunctionCall(StrictRequest):
@@ -116,7 +118,7 @@ class ShowRequest(BaseModel):
     name: str | None = None
 
 
-def _params(state: ServerState, req: _Generating, plan: ReplyPlan | None = None):
+def _params(state: ServerState, req: _Generating, plan: ReplyPlan):
     o = req.options or Options()
     predict = o.num_predict
     if predict is not None and predict < -2:
@@ -127,12 +129,13 @@ def _params(state: ServerState, req: _Generating, plan: ReplyPlan | None = None)
         temperature=0.8 if o.temperature is None else o.temperature,
         top_k=40 if o.top_k is None else o.top_k,
         top_p=0.9 if o.top_p is None else o.top_p,
+        min_p=o.min_p or 0.0,
         repetition_penalty=1.1 if o.repeat_penalty is None else o.repeat_penalty,
         seed=o.seed,
         stop=stops,
-        constraint=plan.constraint if plan else None,
+        constraint=plan.constraint,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        skip_special_tokens=plan.skip_special_tokens if plan else True,
+        skip_special_tokens=plan.skip_special_tokens,
     ), {"presence_penalty": o.presence_penalty or 0.0, "frequency_penalty": o.frequency_penalty or 0.0}
 
 
@@ -182,7 +185,7 @@ async def _no_extra(full_text: str) -> dict:
     return {}
 
 
-async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_extra, plan: ReplyPlan | None = None,
+async def _reply(request: Request, handle, head: dict, piece, plan: ReplyPlan, final_extra=_no_extra,
                  token_text: TokenText | None = None):
     """NDJSON stream or one JSON object; ``piece(text, calls)`` is what a chunk carries for ``text`` and the
     tool calls completed with it; ``await final_extra(full_text)`` adds fields to the last object."""
@@ -197,14 +200,11 @@ async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_ex
 
     if request.state.ollama_stream:
         async def lines():
-            parts, calls_stream = [], plan.stream() if plan else None
+            parts, reply = [], plan.stream()
             try:
                 async for event in handle:
                     parts.append(event.text)
-                    text, calls = calls_stream.push(event.text) if calls_stream else (event.text, [])
-                    if event.finish_reason is not None and calls_stream:
-                        tail, more = calls_stream.finish()
-                        text, calls = text + tail, calls + more
+                    text, calls = reply.push(event.text, final=event.finish_reason is not None)
                     if event.finish_reason == "error":
                         yield json.dumps({"error": f"generation failed: {event.error}"}) + "\n"
                     elif event.finish_reason is not None:
@@ -223,7 +223,7 @@ async def _reply(request: Request, handle, head: dict, piece, final_extra=_no_ex
         return None
     text, final = result
     raise_for_engine_error(final)
-    content, calls = parse_reply(plan.fmt, plan.tools, text) if plan and plan.fmt else (text, [])
+    content, calls = plan.stream().push(text, final=True)
     return await final_body(final, content, calls, text, final.logprobs)
 
 
@@ -291,6 +291,9 @@ async def generate(req: GenerateRequest, request: Request):
     if req.context:  # a previous reply's context continues the conversation
         prompt = list(req.context) + prompt
     plan = await run_in_threadpool(_plan, state, req)
+    if req.raw or getattr(state.tokenizer, "chat_template", None) is None:
+        plan = replace(plan, as_written=True)  # the client's own template: its reply is passed on as it is
+    check_logprobs(plan, req.logprobs, req.top_logprobs)
     params, penalties = _params(state, req, plan)
     token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
@@ -299,7 +302,7 @@ async def generate(req: GenerateRequest, request: Request):
     async def context(full_text: str) -> dict:
         return {"context": prompt + await text_ids(state, full_text)}
 
-    return await _reply(request, handle, head, lambda text, calls: {"response": text}, context,
+    return await _reply(request, handle, head, lambda text, calls: {"response": text}, plan, context,
                         token_text=token_text)
 
 
@@ -318,6 +321,7 @@ async def chat(req: ChatRequest, request: Request):
         return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
                        "done": True, "done_reason": "load"}
     plan = await run_in_threadpool(_plan, state, req, [t.spec() for t in req.tools or []])
+    check_logprobs(plan, req.logprobs, req.top_logprobs)
     messages = [{"role": m.role, "content": m.content, "name": m.tool_name,
                  "tool_calls": [ToolCall(c.function.name, json.dumps(c.function.arguments), c.id or f"call_{i}")
                                 for i, c in enumerate(m.tool_calls or [])]} for m in req.messages]
@@ -326,4 +330,4 @@ async def chat(req: ChatRequest, request: Request):
     token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
     request.state.ollama_stream = req.stream
-    return await _reply(request, handle, head, _chat_message, plan=plan, token_text=token_text)
+    return await _reply(request, handle, head, _chat_message, plan, token_text=token_text)

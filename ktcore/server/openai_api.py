@@ -30,9 +30,9 @@ from .common import (
 from .engine import SamplingParams
 from .errors import APIError, openai_error_body
 from .logprobs import TokenText
-from .reply_plan import ReplyPlan, plan_reply, template_messages
+from .reply_plan import ReplyPlan, check_logprobs, plan_reply, template_messages
 from .schema import Penalty, Seed, StrictRequest, Temperature, ToolDef, TopP, check_fields, check_token_ids, stop_strings
-from .tool_calls import ToolCall, parse_reply
+from .tool_calls import ToolCall
 
 router = APIRouter()
 
@@ -250,9 +250,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = state_of(request)
     require_model(state, req.model)
     check_fields(req)
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     plan = await run_in_threadpool(_reply_plan, state, req)
+    check_logprobs(plan, req.logprobs, req.top_logprobs)
     messages = template_messages(_messages(req), plan)
     prompt = await chat_prompt(state, messages, tools=plan.template_tools)
     token_text = await run_in_threadpool(_token_text, state) if req.logprobs else None
@@ -275,7 +274,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         return None
     choices = []
     for index, (text, final) in enumerate(results):
-        content, calls = parse_reply(plan.fmt, plan.tools, text) if plan.fmt else (text, [])
+        content, calls = plan.stream().push(text, final=True)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
@@ -304,10 +303,7 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
             return
         pending[index] += event.logprobs
         stream = streams[index]
-        content, calls = stream.push(event.text) if stream else (event.text, [])
-        if event.finish_reason is not None and stream:
-            tail, more = stream.finish()
-            content, calls = content + tail, calls + more
+        content, calls = stream.push(event.text, final=event.finish_reason is not None)
         delta = {"content": content} if content else {}
         if calls:  # stream.calls already holds them: the first new one is number len(stream.calls) - len(calls)
             delta["tool_calls"] = [c.openai(len(stream.calls) - len(calls) + k) for k, c in enumerate(calls)]
@@ -316,7 +312,7 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
             pending[index] = []
         if event.finish_reason is not None:
             finals.append(event)
-            yield chunk(index, {}, "tool_calls" if stream and stream.calls else _finish_reason(event.finish_reason))
+            yield chunk(index, {}, "tool_calls" if stream.calls else _finish_reason(event.finish_reason))
             pending[index] = []
     if include_usage:
         yield head | {"choices": [], "usage": _usage(prompt_tokens, finals)}

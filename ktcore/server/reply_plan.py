@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from ktcore.constrained import Constraint, ConstraintError, json_constraint, lark_constraint
 
 from .errors import APIError
-from .tool_calls import ToolCallStream, ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
+from .reply_stream import ReplyStream, speaks_harmony
+from .tool_calls import ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
 
 
 @dataclass
@@ -23,13 +24,19 @@ class ReplyPlan:
     system_prompt: str | None = None  # the tools described for a template that cannot render them
     constraint: Constraint | None = None
     native: bool = False  # the chat template renders tools and tool calls itself
+    channels: bool = False  # harmony (GPT-OSS): the reply is messages on channels, only some of them the answer
+    as_written: bool = False  # a raw prompt (the client's own template): the reply goes out unparsed, markers kept
+    most_calls: int | None = None  # parallel_tool_calls false: 1 (calls the model writes beyond it are dropped)
 
     @property
     def skip_special_tokens(self) -> bool:
-        return not (self.fmt and self.fmt.needs_special_tokens)
+        return not (self.channels or (self.fmt and self.fmt.needs_special_tokens))
 
-    def stream(self) -> ToolCallStream | None:
-        return ToolCallStream(self.fmt, self.tools) if self.fmt else None
+    def stream(self) -> ReplyStream:
+        """The parser of one reply (one per choice)."""
+        if self.as_written:
+            return ReplyStream(None, [])
+        return ReplyStream(self.fmt, self.tools, self.channels, self.most_calls)
 
 
 def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None = None, tool_choice="auto",
@@ -48,9 +55,10 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
     if tool_choice == "required" and not tools:
         raise APIError(400, "tool_choice: 'required' needs tools", param="tool_choice")
     template = getattr(tokenizer, "chat_template", None)
-    plan = ReplyPlan(native=renders_tools(template))
+    plan = ReplyPlan(native=renders_tools(template), channels=speaks_harmony(tokenizer))
     if tools and tool_choice != "none":
         plan.tools = tools
+        plan.most_calls = None if parallel_tool_calls else 1
         plan.fmt = format_for(template)
         if plan.native:
             plan.template_tools = [{"type": "function", "function": t} for t in tools]
@@ -75,6 +83,17 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
         param = "tools" if forced else format_param
         raise APIError(400, f"{param}: {exc}", param=param) from exc
     return plan
+
+
+def check_logprobs(plan: ReplyPlan, logprobs: bool, top_logprobs: int | None) -> None:
+    """``top_logprobs`` needs ``logprobs``. Log-probabilities are per token, and a harmony reply's tokens include
+    its analysis channel, which the answer must not show: refused rather than shown."""
+    if top_logprobs is not None and not logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    if logprobs and plan.channels and not plan.as_written:
+        raise APIError(400, "logprobs: not available for this model: its replies hold a reasoning channel "
+                            "that is not part of the answer, and their tokens' log-probabilities would show it",
+                       param="logprobs")
 
 
 def template_messages(messages: list[dict], plan: ReplyPlan) -> list[dict]:

@@ -1,6 +1,6 @@
-"""Tool calls in each model family's own chat-template format: finding them in a reply (whole or streamed),
-and the Lark grammar (llguidance's dialect) that makes a reply one or more calls (``tool_choice: required``
-or a named function).
+"""Tool calls in each model family's own chat-template format: finding them in a reply (``reply_stream``
+reads a reply with these finders, whole or streamed), and the Lark grammar (llguidance's dialect) that makes
+a reply one or more calls (``tool_choice: required`` or a named function).
 
 ``FORMATS`` holds one ``ToolFormat`` per format; ``format_for(chat_template)`` picks the one whose markers
 the template text holds (most specific first). A template that does not render ``tools`` at all gets
@@ -12,7 +12,7 @@ for Hermes-style calls, which ``HERMES`` parses.
 | hermes | Qwen2/2.5/3 (MoE too), Hermes, SmolLM3 | ``<tool_call>{"name": .., "arguments": {..}}</tool_call>`` |
 | qwen3_coder | Qwen3-Coder, Qwen3-Next | ``<tool_call><function=NAME><parameter=K>V</parameter></function>...`` |
 | glm45 | GLM-4.5/4.6 | ``<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>`` |
-| llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (optionally after ``<|python_tag|>``) |
+| llama3_json | Llama 3.1-3.3 | ``{"name": .., "parameters": {..}}`` (after ``<|python_tag|>`` or not); several: ``;`` |
 | mistral | Mistral, Mixtral | ``[TOOL_CALLS][{"name": .., "arguments": {..}}]`` or ``[TOOL_CALLS]NAME[ARGS]{..}`` |
 | deepseek | DeepSeek-V3/R1, V3.1 | ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME`` + fenced JSON, or ``NAME<｜tool▁sep｜>{..}`` |
 | kimi_k2 | Kimi K2 | ``<|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{..}<|tool_call_end|>`` |
@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ktcore.constrained import JSON_OPTIONS
-from ktcore.engine.sequence import held_back
 
 
 @dataclass
@@ -61,7 +60,7 @@ def _json_at(text: str, pos: int):
         return None
 
 
-def _call(name, args) -> ToolCall | None:
+def make_call(name, args) -> ToolCall | None:
     if not isinstance(name, str) or not name:
         return None
     if isinstance(args, str):  # some models write the arguments as a JSON string
@@ -80,7 +79,7 @@ def _object_calls(value, keys=("arguments", "parameters")) -> list[ToolCall] | N
     for item in items:
         if not isinstance(item, dict) or "name" not in item:
             return None
-        call = _call(item["name"], next((item[k] for k in keys if k in item), {}))
+        call = make_call(item["name"], next((item[k] for k in keys if k in item), {}))
         if call is None:
             return None
         calls.append(call)
@@ -137,7 +136,7 @@ def _find_mistral(text, pos, tools) -> Found | None:
     named = re.compile(r"\s*([^\[\]{}\s]+)(?:\[CALL_ID\][^\[]*)?\[ARGS\]").match(text, at)
     if named:
         parsed = _json_at(text, named.end())
-        call = parsed and _call(named.group(1), parsed[0])
+        call = parsed and make_call(named.group(1), parsed[0])
         return (start, parsed[1], [call]) if call else None
     parsed = _json_at(text, at)
     calls = parsed and _object_calls(parsed[0])
@@ -153,7 +152,7 @@ def _find_deepseek(text, pos, tools) -> Found | None:
     match = _DEEPSEEK.search(text, pos)
     if not match:
         return None
-    call = _call((match["n1"] or match["n2"]).strip(), match["a1"] if match["n1"] else match["a2"])
+    call = make_call((match["n1"] or match["n2"]).strip(), match["a1"] if match["n1"] else match["a2"])
     return (match.start(), match.end(), [call]) if call else None
 
 
@@ -163,7 +162,7 @@ _KIMI = re.compile(r"<\|tool_call_begin\|>\s*(?:functions\.)?(?P<name>[^:<\s]+)(
 
 def _find_kimi(text, pos, tools) -> Found | None:
     match = _KIMI.search(text, pos)
-    call = match and _call(match["name"], match["args"])
+    call = match and make_call(match["name"], match["args"])
     return (match.start(), match.end(), [call]) if call else None
 
 
@@ -200,31 +199,6 @@ def _find_minimax(text, pos, tools) -> Found | None:
     return (match.start(), match.end(), calls) if calls else None
 
 
-# the reply may end at <|call|> when the model's end tokens include it (it is then not part of the text)
-_HARMONY = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>commentary)?\s*to=functions\.(?P<name>[^\s<]+)"
-                      r"[^<]*(?:<\|channel\|>[^<]*)?(?:<\|constrain\|>[^<]*)?<\|message\|>(?P<args>.*?)"
-                      r"(?:<\|call\|>|$)", re.S)
-_HARMONY_FINAL = re.compile(r"<\|channel\|>final<\|message\|>(.*?)(?:<\|end\|>|<\|return\|>|$)", re.S)
-
-
-def _find_harmony(text, pos, tools) -> Found | None:
-    for match in _HARMONY.finditer(text, pos):
-        if not match.group(0).endswith("<|call|>") and match.end() != len(text):
-            continue
-        call = _call(match["name"], match["args"].strip())
-        if call:
-            return match.start(), match.end(), [call]
-    return None
-
-
-def _harmony_content(text: str) -> str:
-    """The final channel's text (the analysis channel is the model's reasoning, not its answer)."""
-    finals = _HARMONY_FINAL.findall(text)
-    if finals:
-        return "".join(finals)
-    return "" if "<|channel|>" in text else text
-
-
 # ---------------------------------------------------------------------------------------------- grammars
 
 
@@ -243,7 +217,7 @@ class Grammar:
         return f"%json {json.dumps(schema | {'x-guidance': JSON_OPTIONS})}"
 
 
-def _params(tool: dict) -> dict:
+def call_schema(tool: dict) -> dict:
     """The tool's parameter schema; a call names only the declared parameters unless the schema says more
     are welcome (JSON Schema's default would let a constrained call invent any others)."""
     schema = tool.get("parameters") or {"type": "object"}
@@ -254,7 +228,7 @@ def _params(tool: dict) -> dict:
 
 def _named_object(tools: list[dict], args_key: str) -> dict:
     """Schema of ``{"name": <one tool>, args_key: <its parameters>}``."""
-    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, args_key: _params(t)},
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, args_key: call_schema(t)},
                        "required": ["name", args_key], "additionalProperties": False} for t in tools]}
 
 
@@ -272,12 +246,12 @@ def _hermes_grammar(tools, g: Grammar, many: bool) -> str:
 
 
 def _llama3_grammar(tools, g: Grammar, many: bool) -> str:
-    return f"start: {g.json(_named_object(tools, 'parameters'))}"
+    return f"start: {_repeat('call', many, json.dumps('; '))}\ncall: {g.json(_named_object(tools, 'parameters'))}"
 
 
 def _mistral_grammar(tools, g: Grammar, many: bool, named: bool) -> str:
     if named:  # [TOOL_CALLS]NAME[ARGS]{...}
-        calls = [f'{g.lit("[TOOL_CALLS]")} {json.dumps(t["name"])} {g.lit("[ARGS]")} {g.json(_params(t))}'
+        calls = [f'{g.lit("[TOOL_CALLS]")} {json.dumps(t["name"])} {g.lit("[ARGS]")} {g.json(call_schema(t))}'
                  for t in tools]
         return f"start: {_repeat('call', many)}\n" + _rules("call", calls)
     schema = {"type": "array", "items": _named_object(tools, "arguments"), "minItems": 1}
@@ -290,9 +264,9 @@ def _deepseek_grammar(tools, g: Grammar, many: bool, fenced: bool) -> str:
     sep, fence = g.lit("<｜tool▁sep｜>"), "\n```json\n"
     if fenced:
         calls = [f'{g.lit("<｜tool▁call▁begin｜>")} "function" {sep} {json.dumps(t["name"] + fence)} '
-                 f'{g.json(_params(t))} "\\n```" {g.lit("<｜tool▁call▁end｜>")}' for t in tools]
+                 f'{g.json(call_schema(t))} "\\n```" {g.lit("<｜tool▁call▁end｜>")}' for t in tools]
     else:
-        calls = [f'{g.lit("<｜tool▁call▁begin｜>")} {json.dumps(t["name"])} {sep} {g.json(_params(t))} '
+        calls = [f'{g.lit("<｜tool▁call▁begin｜>")} {json.dumps(t["name"])} {sep} {g.json(call_schema(t))} '
                  f'{g.lit("<｜tool▁call▁end｜>")}' for t in tools]
     return (f'start: {g.lit("<｜tool▁calls▁begin｜>")} {_repeat("call", many)} {g.lit("<｜tool▁calls▁end｜>")}\n'
             + _rules("call", calls))
@@ -300,7 +274,7 @@ def _deepseek_grammar(tools, g: Grammar, many: bool, fenced: bool) -> str:
 
 def _kimi_grammar(tools, g: Grammar, many: bool) -> str:
     calls = [f'{g.lit("<|tool_call_begin|>")} {json.dumps("functions." + t["name"] + ":")} /[0-9]/ '
-             f'{g.lit("<|tool_call_argument_begin|>")} {g.json(_params(t))} {g.lit("<|tool_call_end|>")}'
+             f'{g.lit("<|tool_call_argument_begin|>")} {g.json(call_schema(t))} {g.lit("<|tool_call_end|>")}'
              for t in tools]
     return (f'start: {g.lit("<|tool_calls_section_begin|>")} {_repeat("call", many)} '
             f'{g.lit("<|tool_calls_section_end|>")}\n' + _rules("call", calls))
@@ -308,7 +282,7 @@ def _kimi_grammar(tools, g: Grammar, many: bool) -> str:
 
 def _harmony_grammar(tools, g: Grammar, many: bool) -> str:
     calls = [f'{g.lit("<|channel|>")} {json.dumps("commentary to=functions." + t["name"] + " ")} '
-             f'{g.lit("<|constrain|>")} "json" {g.lit("<|message|>")} {g.json(_params(t))}' for t in tools]
+             f'{g.lit("<|constrain|>")} "json" {g.lit("<|message|>")} {g.json(call_schema(t))}' for t in tools]
     return "start: call\n" + _rules("call", calls)  # one call: the reply ends at <|call|>
 
 
@@ -318,7 +292,7 @@ def _pairs_grammar(tools, many: bool, head: Callable[[str], str], arg: Callable[
     '<' by ``value``), then ``tail``."""
     lines, calls = [], []
     for i, t in enumerate(tools):
-        keys = list(_params(t).get("properties", {})) or []
+        keys = list(call_schema(t).get("properties", {})) or []
         args = " | ".join(arg(k) for k in keys)
         lines.append(f"args{i}: ({args})*" if keys else f'args{i}: ""')
         calls.append(f"{head(t['name'])} args{i} {tail}")
@@ -357,11 +331,13 @@ class ToolFormat:
     name: str
     markers: tuple[str, ...]  # the template text holds all of these
     starts: tuple[str, ...]  # text that opens a call in a reply (held back while streaming)
-    find: Callable  # (text, pos, {name: parameters}) -> Found | None: the first complete call at or after pos
+    # (text, pos, {name: parameters}) -> Found | None: the first complete call at or after pos; None: calls are
+    # harmony messages, which ``reply_stream`` reads apart
+    find: Callable | None
     grammar: Callable  # (tools, Grammar, many) -> Lark text: a reply of one (many: or more) calls
     wrappers: tuple[str, ...] = ()  # section markers around calls, dropped from the content
     needs_special_tokens: bool = False  # its markers are special tokens: keep them in the decoded text
-    content: Callable[[str], str] = lambda text: text  # the answer text of a reply (calls removed)
+    anchored: bool = False  # calls open the reply (after whitespace) or there are none: later text is content
 
 
 HERMES = ToolFormat("hermes", ("<tool_call>",), ("<tool_call>",), _find_hermes, _hermes_grammar)
@@ -376,8 +352,8 @@ FORMATS = (
                lambda t, g, m: _deepseek_grammar(t, g, m, fenced=True), _DEEPSEEK_WRAPPERS, True),
     ToolFormat("deepseek_v31", ("<｜tool▁call▁begin｜>",), _DEEPSEEK_STARTS, _find_deepseek,
                lambda t, g, m: _deepseek_grammar(t, g, m, fenced=False), _DEEPSEEK_WRAPPERS, True),
-    ToolFormat("harmony", ("<|channel|>",), ("<|channel|>commentary", "to=functions."),
-               _find_harmony, _harmony_grammar, (), True, _harmony_content),
+    ToolFormat("harmony", ("<|channel|>",), ("<|channel|>commentary", "to=functions."), None, _harmony_grammar, (),
+               True),
     ToolFormat("mistral_v11", ("[TOOL_CALLS]", "[ARGS]"), ("[TOOL_CALLS]",), _find_mistral,
                lambda t, g, m: _mistral_grammar(t, g, m, named=True), (), True),
     ToolFormat("mistral", ("[TOOL_CALLS]",), ("[TOOL_CALLS]",), _find_mistral,
@@ -385,8 +361,9 @@ FORMATS = (
     ToolFormat("glm45", ("<tool_call>", "<arg_key>"), ("<tool_call>",), _find_glm, _glm_grammar),
     ToolFormat("qwen3_coder", ("<tool_call>", "<function="), ("<tool_call>",), _find_coder, _coder_grammar),
     HERMES,
+    # Llama 3 writes bare JSON: only a reply that opens with it is calls, so a brace in an answer is text
     ToolFormat("llama3_json", ("<|start_header_id|>", "parameters"), ("<|python_tag|>", "{"), _find_llama3,
-               _llama3_grammar, (), True),
+               _llama3_grammar, (), True, anchored=True),
 )
 BY_NAME = {f.name: f for f in FORMATS}
 
@@ -417,66 +394,3 @@ def tool_system_prompt(tools: list[dict]) -> str:
 def call_grammar(fmt: ToolFormat, tools: list[dict], tokenizer, many: bool) -> str:
     """Lark for a reply that is only tool calls of ``tools`` (the ``function`` objects)."""
     return fmt.grammar(tools, Grammar(tokenizer), many)
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-class ToolCallStream:
-    """Reply text in (``push``), answer text and completed calls out. Text is passed on until a call may be
-    starting (a start marker, or a tail that may grow into one); from there on it is held, and each call is
-    handed out once complete. ``finish()`` gives what remains: text that never became a call is content."""
-
-    def __init__(self, fmt: ToolFormat, tools: list[dict]):
-        self.fmt = fmt
-        self.tools = {t["name"]: _params(t) for t in tools}
-        self.held = ""  # text from the first possible call start on
-        self.scan = 0  # calls before this offset of ``held`` were handed out
-        self.calling = False
-        self.calls: list[ToolCall] = []
-        self._rest: list[str] = []  # held text between calls
-
-    def push(self, text: str) -> tuple[str, list[ToolCall]]:
-        if not self.calling:
-            text = self.held + text
-            starts = [i for i in (text.find(s) for s in self.fmt.starts) if i >= 0]
-            if not starts:
-                keep = held_back(text, self.fmt.starts)
-                self.held = text[len(text) - keep:]
-                return text[: len(text) - keep], []
-            self.calling, self.held = True, text[min(starts):]
-            content = text[: min(starts)]
-        else:
-            self.held += text
-            content = ""
-        return content, self._complete()
-
-    def _complete(self) -> list[ToolCall]:
-        new = []
-        while (found := self.fmt.find(self.held, self.scan, self.tools)) is not None:
-            start, end, calls = found
-            self._rest.append(self.held[self.scan:start])
-            self.scan = end
-            new += calls
-        self.calls += new
-        return new
-
-    def finish(self) -> tuple[str, list[ToolCall]]:
-        new = self._complete()
-        rest = "".join(self._rest) + self.held[self.scan:]
-        if not self.calls:
-            rest = self.held  # nothing became a call: all of it is answer text
-        for marker in self.fmt.wrappers:
-            rest = rest.replace(marker, "")
-        self.held, self.scan, self._rest = "", 0, []
-        return (rest if not self.calls else rest.strip()), new
-
-
-def parse_reply(fmt: ToolFormat, tools: list[dict], text: str) -> tuple[str, list[ToolCall]]:
-    """``(content, calls)`` of a whole reply."""
-    stream = ToolCallStream(fmt, tools)
-    head, calls = stream.push(text)
-    tail, more = stream.finish()
-    calls += more
-    content = fmt.content(head + tail)
-    return (content.strip() if calls else content), calls

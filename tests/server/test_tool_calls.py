@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ktcore.constrained import GrammarState, lark_constraint
 from ktcore.server.common import chat_prompt_ids
 from ktcore.server.errors import APIError
 from ktcore.server.reply_plan import plan_reply, template_messages
 from ktcore.server.tiny import tiny_chat_tokenizer
-from ktcore.server.tool_calls import BY_NAME, HERMES, ToolCall, ToolCallStream, call_grammar, format_for, parse_reply
+from ktcore.server.reply_stream import ReplyStream
+from ktcore.server.tool_calls import BY_NAME, HERMES, ToolCall, call_grammar, format_for
 
 TOOLS = [{"name": "get_weather", "description": "Weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
@@ -64,6 +67,11 @@ MARKERS = ["<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value
            "</minimax:tool_call>", "<|channel|>", "<|constrain|>", "<|message|>", "<|call|>"]
 
 
+def parse_reply(fmt, tools, text):
+    """``(content, calls)`` of a whole reply: one push, final."""
+    return ReplyStream(fmt, tools).push(text, final=True)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     tok = tiny_chat_tokenizer()
@@ -104,24 +112,24 @@ def test_parser_finds_the_call_between_text(name):
 def test_stream_in_small_pieces_equals_the_whole(name):
     fmt = BY_NAME[name]
     text = ("Sure: " if name not in ("llama3_json", "harmony") else "") + REPLIES[name]
-    stream, content, calls = ToolCallStream(fmt, TOOLS), "", []
+    stream, content, calls = ReplyStream(fmt, TOOLS), "", []
     for i in range(0, len(text), 3):
-        piece, new = stream.push(text[i:i + 3])
+        piece, new = stream.push(text[i:i + 3], final=i + 3 >= len(text))
         content += piece
         calls += new
         assert not new or i + 3 >= text.rindex("2") + 1, "a call came out before it was complete"
-    piece, new = stream.finish()
-    assert fmt.content(content + piece).strip() == text[: len(text) - len(REPLIES[name])].strip()
-    assert [c.name for c in calls + new] == ["get_weather"]
+    assert content == text[: len(text) - len(REPLIES[name])].strip()
+    assert [c.name for c in calls] == [c.name for c in stream.calls] == ["get_weather"]
 
 
 def test_plain_text_streams_through_and_lone_marker_starts_stay_text():
-    stream = ToolCallStream(HERMES, TOOLS)
-    assert stream.push("Hello <tool") == ("Hello ", [])  # may become <tool_call>: held back
-    assert stream.push("box> world") == ("<toolbox> world", [])
-    assert stream.finish() == ("", [])
+    stream = ReplyStream(HERMES, TOOLS)
+    assert stream.push("Hello <tool") == ("Hello", [])  # may become <tool_call>: held back (and the space)
+    assert stream.push("box> world ") == (" <toolbox> world", [])
+    assert stream.push("", final=True) == (" ", [])  # no call came: the reply comes out exactly as written
     content, calls = parse_reply(HERMES, TOOLS, "I would call <tool_call> but no JSON follows")
     assert calls == [] and content == "I would call <tool_call> but no JSON follows"
+    assert ReplyStream(None, TOOLS).push("<tool_call>", final=False) == ("<tool_call>", [])  # no tools offered
 
 
 def test_llama3_json_is_a_call_only_when_it_names_a_tool():
@@ -188,3 +196,112 @@ def test_special_token_text_in_tools_is_refused():
     with pytest.raises(APIError) as err:
         chat_prompt_ids(tok, [{"role": "user", "content": "hi"}], sneaky)
     assert err.value.param == "tools"
+
+
+# ---------------------------------------------------------------------------------------------- one parser
+
+
+def _streamed(stream: ReplyStream, text: str, cuts: list[int]) -> tuple[str, list]:
+    content, calls, at = "", [], 0
+    for cut in sorted(set(c % (len(text) + 1) for c in cuts) - {len(text)}) + [len(text)]:
+        piece, new = stream.push(text[at:cut], final=cut == len(text))
+        content, calls, at = content + piece, calls + new, cut
+    return content, [(c.name, c.arguments) for c in calls]
+
+
+def _whole(stream: ReplyStream, text: str) -> tuple[str, list]:
+    content, calls = stream.push(text, final=True)
+    return content, [(c.name, c.arguments) for c in calls]
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=12), before=st.sampled_from(["", "Sure: ", "  ok\n"]),
+       after=st.sampled_from(["", " Done.", "\n"]), twice=st.booleans())
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_any_split_of_a_reply_streams_to_what_one_push_gives(name, cuts, before, after, twice):
+    fmt = BY_NAME[name]
+    if name == "harmony":  # a harmony reply opens with a header; one call ends it
+        before, twice = "", False
+    if BY_NAME[name].anchored:  # calls open the reply or there are none
+        before = ""
+    text = before + REPLIES[name] + ((" " + REPLIES[name]) if twice else "") + after
+    whole = _whole(ReplyStream(fmt, TOOLS), text)
+    assert _streamed(ReplyStream(fmt, TOOLS), text, cuts) == whole
+    assert whole[1] and all(call == ("get_weather", J) for call in whole[1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=12), text=st.text(max_size=40))
+def test_a_reply_without_calls_comes_out_exactly(cuts, text):
+    for fmt in (HERMES, BY_NAME["mistral"], BY_NAME["glm45"], None):
+        assert _streamed(ReplyStream(fmt, TOOLS), text, cuts) == (text, [])
+
+
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>SECRET reasoning about Paris.<|end|><|start|>assistant"
+HARMONY_FINAL = "<|channel|>final<|message|>It is sunny in Paris."
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(0, 10_000), max_size=16))
+def test_harmony_analysis_never_reaches_the_answer(cuts):
+    fmt = BY_NAME["harmony"]
+    answer = HARMONY_ANALYSIS + HARMONY_FINAL
+    for tools_fmt in (fmt, None):  # tools offered or not: the reply is read by channel either way
+        assert _streamed(ReplyStream(tools_fmt, TOOLS, channels=True), answer, cuts) == ("It is sunny in Paris.", [])
+    call = HARMONY_ANALYSIS + REPLIES["harmony"].removesuffix("<|call|>")  # <|call|> ends it: an end token
+    assert _streamed(ReplyStream(fmt, TOOLS, channels=True), call, cuts) == ("", [("get_weather", J)])
+    # no tools were offered (tool_choice none): a message to a function is not the answer either
+    assert _streamed(ReplyStream(None, [], channels=True), call, cuts) == ("", [])
+    preamble = "<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant" + REPLIES["harmony"]
+    assert _streamed(ReplyStream(fmt, TOOLS, channels=True), preamble, cuts) == ("Checking.", [("get_weather", J)])
+    # a reply that is not harmony at all (a constrained JSON answer) is the answer as it is
+    assert _streamed(ReplyStream(fmt, TOOLS, channels=True), '{"a": 1}', cuts) == ('{"a": 1}', [])
+
+
+def test_harmony_recipient_in_the_role_header():
+    text = " to=functions.get_weather<|channel|>commentary json<|message|>" + J
+    assert _whole(ReplyStream(BY_NAME["harmony"], TOOLS), text) == ("", [("get_weather", J)])
+
+
+def test_harmony_vocabulary_is_read_by_channel(tokenizer):
+    plan = plan_reply(tokenizer, len(tokenizer), [tokenizer.eos_token_id])  # no tools
+    assert plan.channels and not plan.skip_special_tokens and plan.fmt is None
+    assert plan.stream().push(HARMONY_ANALYSIS + HARMONY_FINAL, final=True) == ("It is sunny in Paris.", [])
+    assert not plan_reply(tiny_chat_tokenizer(), 512, [2]).channels
+
+
+def test_llama3_calls_only_open_a_reply():
+    fmt = BY_NAME["llama3_json"]
+    text = 'Write {"name": "get_weather", "parameters": {}} to call it.'
+    stream = ReplyStream(fmt, TOOLS)
+    assert stream.push(text[:12]) == (text[:12], [])  # passed on at once: a brace later in an answer is text
+    assert stream.push(text[12:], final=True) == (text[12:], [])
+    stream = ReplyStream(fmt, TOOLS)
+    assert stream.push("\n <|pyth") == ("", [])  # may still open a call
+    assert stream.push('on_tag|>' + REPLIES["llama3_json"], final=True)[1][0].name == "get_weather"
+
+
+def test_llama3_several_calls_joined_by_semicolons(tokenizer):
+    fmt = BY_NAME["llama3_json"]
+    time_call = '{"name": "get_time", "parameters": {"zone": "UTC"}}'
+    for sep in ("; ", ";", " ;\n"):
+        text = "<|python_tag|>" + REPLIES["llama3_json"] + sep + time_call
+        content, calls = parse_reply(fmt, TOOLS, text)
+        assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+            ("get_weather", ARGS), ("get_time", {"zone": "UTC"})]
+    end_ids = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    for many, accepted in ((True, True), (False, False)):
+        constraint = lark_constraint(tokenizer, len(tokenizer), end_ids, call_grammar(fmt, TOOLS, tokenizer, many))
+        ids = tokenizer(REPLIES["llama3_json"] + "; " + time_call, add_special_tokens=False)["input_ids"]
+        state = GrammarState(constraint)
+        consumed = state.matcher.try_consume_tokens(ids)
+        assert (consumed == len(ids) and state.matcher.is_accepting()) == accepted
+
+
+def test_parallel_tool_calls_false_gives_at_most_one_call():
+    two = REPLIES["hermes"] + "\n" + REPLIES["hermes"].replace("Paris", "Rome")
+    assert len(parse_reply(HERMES, TOOLS, two)[1]) == 2
+    plan = plan_reply(tiny_chat_tokenizer(), 512, [2], tools=TOOLS, parallel_tool_calls=False)
+    stream = plan.stream()
+    calls = [c for i in range(0, len(two), 7) for c in stream.push(two[i:i + 7], final=i + 7 >= len(two))[1]]
+    assert [json.loads(c.arguments)["city"] for c in calls] == ["Paris"] and len(stream.calls) == 1

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ..common import ServerState, chat_prompt, sampling_params, submit
 from ..errors import APIError
+from ..reply_plan import plan_reply
 from .db import AssistantRow, MessageRow, RunRow, ThreadRow, open_database
 
 log = logging.getLogger("ktcore.server")
@@ -345,10 +346,11 @@ class AssistantsStore:
         await send("thread.run.in_progress", run)
         try:
             prompt = await chat_prompt(state, conversation)
+            plan = plan_reply(state.tokenizer, state.engine.vocab_size, state.engine.eos_ids)  # no tools: no grammar
             params = sampling_params(
                 max_new_tokens=r.max_completion_tokens or state.engine.max_context,
                 temperature=1.0 if r.temperature is None else r.temperature,
-                top_p=1.0 if r.top_p is None else r.top_p)
+                top_p=1.0 if r.top_p is None else r.top_p, skip_special_tokens=plan.skip_special_tokens)
             handle = submit(state, prompt, params)
         except APIError as exc:
             return await self._end_run(run, None, "failed", send, error={"code": exc.code or "invalid_prompt",
@@ -366,15 +368,16 @@ class AssistantsStore:
             return await self._end_run(run, None, "cancelled", send)
         await send("thread.message.created", created)
         await send("thread.message.in_progress", created)
-        parts, last_save, final = [], time.monotonic(), None
+        parts, last_save, final, reply = [], time.monotonic(), None, plan.stream()
         try:
             async for event in handle:
-                if event.text:
-                    parts.append(event.text)
+                text, _ = reply.push(event.text, final=event.finish_reason is not None)
+                if text:
+                    parts.append(text)
                     await send("thread.message.delta", {
                         "id": message_id, "object": "thread.message.delta",
                         "delta": {"content": [{"index": 0, "type": "text",
-                                               "text": {"value": event.text, "annotations": []}}]}})
+                                               "text": {"value": text, "annotations": []}}]}})
                     if time.monotonic() - last_save > SAVE_EVERY_S:
                         self._save_reply(message_id, "".join(parts))
                         last_save = time.monotonic()
