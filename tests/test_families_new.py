@@ -239,16 +239,6 @@ def test_kimi_k2_config_and_tokenizer_from_gguf_metadata(gguf_dir):
     assert tok.convert_ids_to_tokens(ids[0]) == "the"
 
 
-def test_deepseek_v32_beyond_index_topk_is_a_clear_error(registry):
-    """Up to index_topk (32 in the tiny model) visible keys V3.2's sparse attention is the dense one (tested
-    above against Transformers); a longer context names the limit instead of computing something else."""
-    reference = tiny_model("deepseek_v32")
-    model, _ = load_model(StateDictSource(reference), rules=rule_file("deepseek_v32"), dtype=torch.float32,
-                          registry=registry, progress=False)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"sees 40 keys, more than index_topk=32"):
-        model(prompt(6, 40))
-
-
 @pytest.mark.parametrize("family,experts_type", [("glm4_moe", "IQ2_XXS"), ("gpt_oss", "MXFP4"), ("kimi_k2", "TQ2_0"), ("llama4", "IQ1_M"),
                                                  ("qwen3_next", "IQ3_S")])
 def test_synthetic_family_gguf_loads_and_runs(family, experts_type, gguf_dir, registry):

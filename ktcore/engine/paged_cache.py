@@ -11,6 +11,9 @@ left-padded to the longest row (the 2-D mask ``plan_step`` returns hides the pad
 causal and sliding-window masks from it, since left padding keeps each row's distances). A single row whose
 blocks are one contiguous run is read in place (a view, no gather). ``end_step`` advances the lengths.
 
+DeepSeek-V3.2's layers (``PagedIndexedLayer``) keep a third pool, the indexer's one key per position, in the same
+slots: ``cache.update_indexer(k, layer_idx)`` writes and reads it as ``update`` does the others.
+
 Without a plan the cache is one sequence that owns the pool from slot 0 (``new_cache``; tests, ``score``):
 each layer appends at its own length and hands attention the filled prefix (a sliding layer, its window).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticCache, StaticLayer, StaticSlidingWindowLayer
 
 from .blocks import BlockAllocator, OutOfBlocks
@@ -72,6 +76,10 @@ class PagedLayer(CacheLayerMixin):
         self.keys[:, :, scratch:].zero_()  # padding reads these: finite, masked
         self.values[:, :, scratch:].zero_()
         self.is_initialized = True
+
+    @property
+    def pools(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -136,6 +144,52 @@ class PagedSlidingLayer(PagedLayer):
     is_sliding = True
 
 
+class PagedIndexedLayer(PagedLayer):
+    """A full-attention layer of DeepSeek-V3.2 with the indexer's keys (``[B, T, index_dim]``, one per position)
+    as a third pool ``[1, 1, slots, index_dim]`` in the same slots as the latents."""
+
+    def __init__(self, owner: "PagedCache", index_dim: int):
+        super().__init__(owner)
+        self.index_dim = int(index_dim)
+        self.indexer_length = 0  # without a plan: positions of the one sequence
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.indexer_keys = key_states.new_zeros((1, 1, self.owner.num_slots, self.index_dim))
+        super().lazy_initialization(key_states, value_states)
+
+    @property
+    def pools(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values, self.indexer_keys
+
+    def update_indexer(self, key_states: torch.Tensor) -> torch.Tensor:
+        if not self.is_initialized:
+            raise RuntimeError("update_indexer before update: the layer's pools are allocated by its first update")
+        states = key_states.unsqueeze(1).to(self.indexer_keys.dtype)  # [B, 1, S, D]: one "head"
+        new = states.shape[-2]
+        plan = self.owner.plan
+        if plan is None:
+            start, end = self.indexer_length, self.indexer_length + new
+            if end > self.owner.scratch_slot:
+                raise ContextOverflowError(
+                    f"the KV cache holds {self.owner.scratch_slot} positions and this call needs {end} (raise --max-context)")
+            self.indexer_keys.narrow(2, start, new).copy_(states)
+            self.indexer_length = end
+            return self.indexer_keys.narrow(2, 0, end)[:, 0]
+        if plan.view is not None:
+            start, seen = plan.view
+            self.indexer_keys.narrow(2, start + seen, new).copy_(states)
+            return self.indexer_keys.narrow(2, start, seen + new)[:, 0]
+        return self._scatter_gather(self.indexer_keys, states, plan)[:, 0]
+
+    def reset(self) -> None:
+        super().reset()
+        self.indexer_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.indexer_length = max(0, self.indexer_length - abs(tokens_to_remove))
+
+
 class PagedCache(Cache):
     """Block pools for every layer of ``model`` (``num_blocks`` blocks of ``block_size`` positions, plus the
     scratch block), the block allocator, and the plan of the forward under way."""
@@ -153,6 +207,8 @@ class PagedCache(Cache):
         for i, layer in enumerate(StaticCache(config=model.config, max_cache_len=self.scratch_slot).layers):
             if type(layer) is StaticLayer:
                 layers.append(PagedLayer(self))
+            elif type(layer) is getattr(cache_utils, "StaticIndexedLayer", None):  # DeepSeek-V3.2
+                layers.append(PagedIndexedLayer(self, model.config.index_head_dim))
             elif type(layer) is StaticSlidingWindowLayer:
                 # StaticSlidingWindowLayer stores min(window, max_cache_len) as its max_cache_len
                 layers.append(PagedSlidingLayer(self, sliding_window=layer.max_cache_len))
@@ -260,19 +316,19 @@ class PagedCache(Cache):
         return pool[0].view(pool.shape[1], self.num_blocks + 1, self.block_size, pool.shape[-1])
 
     def read_blocks(self, blocks: list[int]) -> tuple[torch.Tensor, ...]:
-        """Keys and values of ``blocks`` for every layer, stacked on dim 0: ``(k0, v0, k1, v1, ...)``, each
-        ``[len(blocks), heads, block_size, dim]``."""
+        """Every pool of ``blocks`` for every layer, stacked on dim 0: ``(k0, v0, k1, v1, ...)`` (an indexed layer
+        adds its indexer keys after its values), each ``[len(blocks), heads, block_size, dim]``."""
         index = torch.tensor(blocks, dtype=torch.long, device=self.layers[0].keys.device)
         out = []
         for layer in self.layers:
-            for pool in (layer.keys, layer.values):
+            for pool in layer.pools:
                 out.append(self._blocks_view(pool).index_select(1, index).transpose(0, 1).contiguous())
         return tuple(out)
 
     def write_blocks(self, blocks: list[int], payload: tuple[torch.Tensor, ...]) -> None:
         """The inverse of ``read_blocks`` (``payload`` may hold more blocks than ``blocks``: the first are used)."""
         index = torch.tensor(blocks, dtype=torch.long, device=self.layers[0].keys.device)
-        pools = [pool for layer in self.layers for pool in (layer.keys, layer.values)]
+        pools = [pool for layer in self.layers for pool in layer.pools]
         for pool, stacked in zip(pools, payload):
             self._blocks_view(pool).index_copy_(1, index, stacked[: len(blocks)].transpose(0, 1).to(pool.dtype))
 
@@ -289,5 +345,5 @@ def new_cache(model, max_context: int, block_size: int = DEFAULT_BLOCK_SIZE) -> 
     return PagedCache(model, -(-int(max_context) // block_size), block_size)
 
 
-__all__ = ["PagedCache", "PagedLayer", "PagedSlidingLayer", "SeqKV", "StepPlan", "new_cache", "ContextOverflowError",
+__all__ = ["PagedCache", "PagedLayer", "PagedSlidingLayer", "PagedIndexedLayer", "SeqKV", "StepPlan", "new_cache", "ContextOverflowError",
            "OutOfBlocks", "DEFAULT_BLOCK_SIZE"]
