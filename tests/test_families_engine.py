@@ -4,6 +4,9 @@ Transformers' ``generate`` of that prompt alone (fp32, torch ops).
 
 - DeepSeek-V3.2: the lightning indexer picks each query's ``index_topk`` keys (8 in the tiny model; the prompts
   are longer), its key cache paged beside the latents (``PagedIndexedLayer``).
+- Qwen3-Next: its gated-delta-net layers keep a conv and a recurrent state, which the cache keeps per sequence
+  (``SeqKV.states``) and stacks for a batch.
+- Llama 4: chunked attention (chunks of 8 in the tiny model) over left-padded rows.
 """
 
 from __future__ import annotations
@@ -125,3 +128,41 @@ def test_deepseek_v32_prefix_restore_carries_the_indexer_keys(v32):
             engine.step()
     assert seqs[1].restored == 32
     assert [s.generated for s in seqs] == [_transformers_greedy(reference, p, 6) for p in (first, second)]
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "llama4"])
+def test_batched_engine_equals_transformers_alone(family):
+    """Three different prompts (longer and shorter than Llama 4's chunk of 8), chunked, decoded together as they
+    join and leave: each one's greedy tokens equal Transformers' for that prompt alone, and the engine's own run of
+    one sequence at a time."""
+    reference = tiny_model(family)
+    model = _injected(family, reference)
+    prompts = _prompts(reference.config.vocab_size, (19, 6, 11), seed=7)
+    lengths = [9, 12, 5]
+    engine, got = _engine_greedy(model, prompts, lengths, max_context=48, max_concurrency=3, prefill_chunk=8)
+    assert engine.max_batch_seen == 3 and engine.prefix is None
+    assert engine.cache.state_layers == ([0] if family == "qwen3_next" else [])
+    assert got == [_transformers_greedy(reference, p, n) for p, n in zip(prompts, lengths)]
+    _, alone = _engine_greedy(model, prompts, lengths, max_context=48, max_concurrency=1, prefill_chunk=8)
+    assert alone == got
+
+
+def test_qwen3_next_states_live_on_the_sequences():
+    """Between forwards the linear-attention layer holds nothing; each running sequence holds its own conv and
+    recurrent state (batch 1), and a finished or preempted one gives them up with its blocks."""
+    model = tiny_model("qwen3_next")
+    engine = EngineCore(model, None, max_context=48, max_concurrency=2, prefill_chunk=8)
+    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=20, ignore_eos=True), text=False)
+            for p in _prompts(model.config.vocab_size, (5, 9))]
+    for s in seqs:
+        engine.add(s)
+    for _ in range(4):
+        engine.step()
+    layer = engine.cache.layers[0]
+    assert layer.conv_states[0] is None and layer.recurrent_states[0] is None
+    for s in seqs:
+        conv, recurrent = s.kv.states[0]
+        assert conv[0].shape[0] == 1 and recurrent[0].shape[0] == 1
+    assert not torch.equal(seqs[0].kv.states[0][1][0], seqs[1].kv.states[0][1][0])
+    engine.cache.release(seqs[0].kv)
+    assert seqs[0].kv.states is None

@@ -14,6 +14,11 @@ blocks are one contiguous run is read in place (a view, no gather). ``end_step``
 DeepSeek-V3.2's layers (``PagedIndexedLayer``) keep a third pool, the indexer's one key per position, in the same
 slots: ``cache.update_indexer(k, layer_idx)`` writes and reads it as ``update`` does the others.
 
+Layers of recurrent state (Qwen3-Next's linear attention: Transformers' ``LinearAttentionLayer``) hold no blocks: each
+sequence's conv and recurrent states live on its ``SeqKV`` (``states``); ``plan_step`` puts the rows' states into the
+layer (stacked on the batch dim; a sequence with nothing cached starts from none) and ``end_step`` takes each row's
+back, leaving the layer empty between forwards. No prefix reuse for these models: blocks alone do not restore them.
+
 Without a plan the cache is one sequence that owns the pool from slot 0 (``new_cache``; tests, ``score``):
 each layer appends at its own length and hands attention the filled prefix (a sliding layer, its window).
 """
@@ -25,6 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticCache, StaticLayer, StaticSlidingWindowLayer
+
+# Transformers' layer of recurrent state alone (Qwen3-Next's gated delta net): its states are kept per sequence
+LinearAttentionLayer = getattr(cache_utils, "LinearAttentionLayer", None)
 
 from .blocks import BlockAllocator, OutOfBlocks
 
@@ -41,6 +49,8 @@ class SeqKV:
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    # recurrent-state layers (linear attention): {layer: ({state: conv state}, {state: recurrent state})}, batch 1
+    states: dict | None = None
 
 
 @dataclass
@@ -202,7 +212,7 @@ class PagedCache(Cache):
         self.num_slots = self.scratch_slot + self.block_size
         self.plan: StepPlan | None = None
         self._storage = False  # every paged layer's pools allocated (they stay once they are)
-        self.state_layers: list[int] = []  # layers holding one sequence's recurrent state (linear attention)
+        self.state_layers: list[int] = []  # layers holding recurrent state (linear attention), not blocks
         layers = []
         for i, layer in enumerate(StaticCache(config=model.config, max_cache_len=self.scratch_slot).layers):
             if type(layer) is StaticLayer:
@@ -212,10 +222,12 @@ class PagedCache(Cache):
             elif type(layer) is StaticSlidingWindowLayer:
                 # StaticSlidingWindowLayer stores min(window, max_cache_len) as its max_cache_len
                 layers.append(PagedSlidingLayer(self, sliding_window=layer.max_cache_len))
-            else:  # not paged: its state belongs to the one sequence running (the engine runs one at a time)
+            else:  # not paged: recurrent state, per sequence where ``states_per_sequence``
                 layers.append(layer)
                 self.state_layers.append(i)
         super().__init__(layers=layers)
+        # every state layer one whose states plan_step/end_step move per sequence; else one sequence at a time
+        self.states_per_sequence = all(type(layers[i]) is LinearAttentionLayer for i in self.state_layers)
         # Transformers asks for these on every forward; the layers never change
         self._is_sliding = [getattr(layer, "is_sliding", False) for layer in layers]
         self._is_linear = [i in self.state_layers for i in range(len(layers))]
@@ -233,6 +245,38 @@ class PagedCache(Cache):
         for i in self.state_layers:
             self.layers[i].reset()
 
+    def _load_states(self, kvs: list[SeqKV]) -> None:
+        """Give the state layers the rows' own states (none for a sequence with nothing cached)."""
+        fresh = [kv.length == 0 for kv in kvs]
+        if any(fresh) and not all(fresh):
+            raise ValueError("a forward of several rows either starts every sequence or continues every one")
+        for i in self.state_layers:
+            layer = self.layers[i]
+            for s in range(layer.number_of_states):
+                if fresh[0]:
+                    conv = recurrent = None
+                else:
+                    convs = [kv.states[i][0][s] for kv in kvs]
+                    recurrents = [kv.states[i][1][s] for kv in kvs]
+                    conv = None if convs[0] is None else convs[0] if len(kvs) == 1 else torch.cat(convs)
+                    recurrent = None if recurrents[0] is None else recurrents[0] if len(kvs) == 1 else torch.cat(recurrents)
+                layer.conv_states[s], layer.recurrent_states[s] = conv, recurrent
+                layer.is_conv_states_initialized[s] = conv is not None
+                layer.is_recurrent_states_initialized[s] = recurrent is not None
+                layer.has_previous_state[s] = not fresh[0]
+
+    def _take_states(self, kvs: list[SeqKV]) -> None:
+        """Hand each row its states back (views of the batch) and leave the state layers empty."""
+        for kv in kvs:
+            kv.states = kv.states if kv.states is not None else {}
+        for i in self.state_layers:
+            layer = self.layers[i]
+            n = layer.number_of_states
+            for b, kv in enumerate(kvs):
+                kv.states[i] = tuple({s: None if pool[s] is None else pool[s][b : b + 1] for s in range(n)}
+                                     for pool in (layer.conv_states, layer.recurrent_states))
+            self._load_states([SeqKV()])  # empty: nothing of a live sequence stays reachable through the layer
+
     # -- sequences
 
     def blocks_for(self, length: int) -> int:
@@ -249,7 +293,7 @@ class PagedCache(Cache):
 
     def release(self, kv: SeqKV) -> None:
         self.allocator.free(kv.blocks)
-        kv.blocks, kv.length = [], 0
+        kv.blocks, kv.length, kv.states = [], 0, None
 
     def slots(self, kv: SeqKV, start: int, end: int) -> torch.Tensor:
         """Slot ids of positions ``start .. end - 1`` of ``kv`` (blocks reserved)."""
@@ -271,6 +315,8 @@ class PagedCache(Cache):
         tokens). Returns ``(attention mask [B, L], position ids [B, T])``, both ``None`` for a single row (its
         positions follow from the cache length, as the model derives them)."""
         new = rows[0][1]
+        if self.state_layers and self.states_per_sequence:
+            self._load_states([kv for kv, _ in rows])
         if len(rows) == 1:
             kv = rows[0][0]
             start = self.contiguous_start(kv)
@@ -304,11 +350,15 @@ class PagedCache(Cache):
 
     def end_step(self, rows: list[tuple[SeqKV, int]]) -> None:
         self.plan = None
+        if self.state_layers and self.states_per_sequence:
+            self._take_states([kv for kv, _ in rows])
         for kv, new in rows:
             kv.length += new
 
     def abort_step(self) -> None:
         self.plan = None
+        if self.state_layers and self.states_per_sequence:
+            self._load_states([SeqKV()])
 
     # -- blocks as tensors (prefix store payloads)
 
