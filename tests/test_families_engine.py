@@ -166,3 +166,22 @@ def test_qwen3_next_states_live_on_the_sequences():
     assert not torch.equal(seqs[0].kv.states[0][1][0], seqs[1].kv.states[0][1][0])
     engine.cache.release(seqs[0].kv)
     assert seqs[0].kv.states is None
+
+
+@pytest.mark.parametrize("family", ["qwen3_next", "deepseek_v32"])
+def test_preempted_sequences_recompute_their_extra_state(family):
+    """Three sequences share too few blocks: the newest are preempted and recomputed from their tokens (Qwen3-Next
+    from no recurrent state, DeepSeek-V3.2 with fresh indexer keys), and each still gets Transformers' tokens."""
+    reference = tiny_model(family)
+    model = reference if family == "qwen3_next" else _injected(family, reference)
+    prompts = _prompts(reference.config.vocab_size, (9, 12, 7), seed=3)
+    lengths = [14, 10, 16]
+    engine = EngineCore(model, None, max_context=24, max_concurrency=3, prefill_chunk=8, kv_blocks=6, block_size=8)
+    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=n, ignore_eos=True), text=False)
+            for p, n in zip(prompts, lengths)]
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work:
+        engine.step()
+    assert sum(s.preemptions for s in seqs) > 0
+    assert [s.generated for s in seqs] == [_transformers_greedy(reference, p, n) for p, n in zip(prompts, lengths)]
