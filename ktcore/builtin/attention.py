@@ -313,7 +313,9 @@ class KAttentionMLA(Op):
             k = cache.update_indexer(k, self.layer_idx)
         k = k[:, :keys]
         scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * ix.softmax_scale)
-        weights = ix.weights_proj(hidden_states).float() * (ix.n_heads**-0.5)
+        proj_weight = getattr(ix.weights_proj, "weight", None)  # a plain Linear may be kept in fp32 (Transformers)
+        x = hidden_states.to(proj_weight.dtype) if isinstance(proj_weight, torch.Tensor) else hidden_states
+        weights = ix.weights_proj(x).float() * (ix.n_heads**-0.5)
         index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
         if mask is None:
             mask = causal_mask(q_len, keys, hidden_states.device)[None, None]
