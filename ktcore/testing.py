@@ -242,11 +242,14 @@ def _new_family_config(family: str) -> PreTrainedConfig:
             norm_topk_prob=True,
             rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
         )
-    if family == "deepseek_v32":  # DeepSeek-V3.2: V3's MLA plus the sparse-attention indexer (top 32 keys here)
+    # DeepSeek-V3.2: V3's MLA plus the sparse-attention indexer (top 8 keys: prompts go past it). 16 indexer heads:
+    # with 4, a key whose every head's ReLU is 0 scores exactly 0, and topk breaks such ties by the layout (chunk,
+    # padding), in Transformers too
+    if family == "deepseek_v32":
         from transformers import AutoConfig
 
         v3 = {k: v for k, v in tiny_config("deepseek_v3").to_dict().items() if k in _V3_FIELDS}
-        return AutoConfig.for_model("deepseek_v32", **v3, index_topk=32, index_head_dim=64, index_n_heads=4)
+        return AutoConfig.for_model("deepseek_v32", **v3, index_topk=8, index_head_dim=64, index_n_heads=16)
     raise ValueError(family)
 
 

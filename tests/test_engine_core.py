@@ -213,9 +213,10 @@ def test_batched_logits_equal_solo_logits(llama):
         assert (row - alone).abs().max() <= 1e-5 * alone.abs().max()
 
 
-def test_recurrent_state_model_runs_one_sequence_at_a_time():
-    """Qwen3-Next's linear-attention layers keep state outside the blocks: the engine runs one sequence at a
-    time (state reset for each), and greedy tokens equal Transformers' own, twice in a row."""
+def test_recurrent_state_model_generates_without_prefix_reuse():
+    """Qwen3-Next's linear-attention layers keep state outside the blocks: no prefix reuse (``keep_prefixes`` leaves
+    it off), each request starts from no state, and greedy tokens equal Transformers' own, twice in a row (batches
+    of such models: tests/test_families_engine.py)."""
     from ktcore.generate import Generator
 
     model = tiny_model("qwen3_next")

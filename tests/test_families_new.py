@@ -211,14 +211,12 @@ def test_gpt_oss_mxfp4_experts_stay_quantized_and_match(gguf_dir, registry):
     assert_same_greedy(model, reference, ids)
 
 
-def test_kimi_k2_config_and_tokenizer_from_gguf_metadata(gguf_dir):
-    """A Kimi-K2 file as llama.cpp writes it (deepseek2 arch, 384 experts, ``tokenizer.ggml.pre = kimi-k2``, its
-    BPE as tokens + merges): config and tokenizer come from the metadata alone. The pre-tokenizer split of
-    ``kimi-k2`` is not applied (Transformers' GGUF converter uses GPT-2's byte-level split for every BPE)."""
+def _kimi_gguf(path):
+    """The tiny Kimi-K2 as llama.cpp writes it: deepseek2 arch, 384 experts, ``tokenizer.ggml.pre = kimi-k2``, its
+    BPE as tokens + merges (the writer's byte-level vocabulary)."""
     import gguf
 
-    written = gguf.GGUFReader(write_gguf(tiny_model("kimi_k2"), gguf_dir / "kimi-written.gguf", qtypes="F16"))
-    path = gguf_dir / "kimi.gguf"
+    written = gguf.GGUFReader(write_gguf(tiny_model("kimi_k2"), str(path) + ".written"))
     w = gguf.GGUFWriter(str(path), "deepseek2")
     for key, field in written.fields.items():
         if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.ggml.pre"):
@@ -229,24 +227,63 @@ def test_kimi_k2_config_and_tokenizer_from_gguf_metadata(gguf_dir):
     for t in written.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+KIMI_TEXT = ("Kimi说：我们在2025年发布了K2模型，price 1234567 USD! 中文English混合 I'll  don't\n\n"
+             "  カタカナとひらがな 한국어 テスト123 数字9876543210")
+
+
+def test_kimi_k2_tokenizer_from_gguf_metadata_splits_as_kimi(gguf_dir, tmp_path, monkeypatch):
+    """The tokenizer of a ``kimi-k2`` file splits text with Kimi's own pattern (tokenization_kimi.py, as the
+    ``regex`` module runs it: Han runs apart, digits in threes), not GPT-2's; every token lies inside one piece,
+    mixed CJK / English / digits text round-trips, and the tokenizer cache gives the same tokenizer back."""
+    import regex
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from ktcore.weights.gguf_tokenizer import PRE_TOKENIZER_PATTERNS
+
+    monkeypatch.setenv("KTCORE_CACHE", str(tmp_path))
+    path = _kimi_gguf(gguf_dir / "kimi.gguf")
+    tok = open_source(path).tokenizer()
+    pieces = regex.findall(PRE_TOKENIZER_PATTERNS["kimi-k2"], KIMI_TEXT, flags=regex.V1)
+    assert pieces[:8] == ["Kimi", "说", "：", "我们在", "202", "5", "年发布了", "K"]  # the facts, spelled out
+    byte_char = bytes_to_unicode()
+    as_bytes = ["".join(byte_char[b] for b in p.encode()) for p in pieces]
+    assert [p for p, _ in tok.backend_tokenizer.pre_tokenizer.pre_tokenize_str(KIMI_TEXT)] == as_bytes
+    tokens = tok.tokenize(KIMI_TEXT)
+    assert len(tokens) < len(KIMI_TEXT.encode())  # merges applied
+    joined, at = "".join(tokens), 0
+    bounds = {at := at + len(p) for p in as_bytes}
+    ends, at = set(), 0
+    for t in tokens:
+        at += len(t)
+        ends.add(at)
+    assert bounds <= ends and joined == "".join(as_bytes)  # no token crosses a piece boundary
+    ids = tok(KIMI_TEXT)["input_ids"]
+    assert tok.decode(ids) == KIMI_TEXT
+    assert any((tmp_path / "tokenizers").iterdir())
+    again = open_source(path).tokenizer()  # from the cache
+    assert again(KIMI_TEXT)["input_ids"] == ids
+    gpt2 = open_source(write_gguf(tiny_model("kimi_k2"), gguf_dir / "kimi-gpt2.gguf")).tokenizer()
+    gpt2_pieces = [p for p, _ in gpt2.backend_tokenizer.pre_tokenizer.pre_tokenize_str(KIMI_TEXT)]
+    assert "".join(gpt2_pieces) == "".join(as_bytes) and gpt2_pieces != as_bytes  # GPT-2's split is another
+
+
+def test_kimi_k2_gguf_loads_and_equals_transformers(gguf_dir, registry):
+    """The same file's config (deepseek_v3 at 384 routed experts, 8 active) comes from the metadata alone, and the
+    model it loads equals Transformers."""
+    path = gguf_dir / "kimi-model.gguf"
+    if not path.exists():
+        _kimi_gguf(path)
     source = open_source(path)
     config = source.config()
     assert config.model_type == "deepseek_v3" and config.n_routed_experts == 384 and config.num_experts_per_tok == 8
-    tok = source.tokenizer()
-    text = "the quick brown fox, 12345"
-    ids = tok(text)["input_ids"]
-    assert tok.decode(ids) == text and len(ids) < len(text)  # merges applied
-    assert tok.convert_ids_to_tokens(ids[0]) == "the"
-
-
-def test_deepseek_v32_beyond_index_topk_is_a_clear_error(registry):
-    """Up to index_topk (32 in the tiny model) visible keys V3.2's sparse attention is the dense one (tested
-    above against Transformers); a longer context names the limit instead of computing something else."""
-    reference = tiny_model("deepseek_v32")
-    model, _ = load_model(StateDictSource(reference), rules=rule_file("deepseek_v32"), dtype=torch.float32,
-                          registry=registry, progress=False)
-    with torch.no_grad(), pytest.raises(NotImplementedError, match=r"sees 40 keys, more than index_topk=32"):
-        model(prompt(6, 40))
+    model, _ = load_model(path, rules=rule_file("kimi_k2"), dtype=torch.float32, registry=registry, progress=False)
+    reference = tiny_model("kimi_k2")
+    ids = prompt(10)
+    assert_same_logits(model, reference, ids)
+    assert_same_greedy(model, reference, ids)
 
 
 @pytest.mark.parametrize("family,experts_type", [("glm4_moe", "IQ2_XXS"), ("gpt_oss", "MXFP4"), ("kimi_k2", "TQ2_0"), ("llama4", "IQ1_M"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import ANY_DEVICE, Op, stream_capturing
+from ..ops import ANY_DEVICE, Op
 from ._common import causal_mask, module_dtype, parse_dtype
 
 # scaled_dot_product_attention takes enable_gqa from torch 2.5; before, keys and values are repeated
@@ -226,7 +226,7 @@ class KAttentionMLA(Op):
         self.v_head_dim = module.v_head_dim
         self.qk_head_dim = module.qk_head_dim
         self.scaling = float(module.scaling)
-        # DeepSeek-V3.2 (a sparse-attention indexer) always rotates interleaved pairs
+        # DeepSeek-V3.2 (a sparse-attention indexer, ``_sparse_mask``) always rotates interleaved pairs
         self.index_topk = int(config.index_topk) if getattr(module, "indexer", None) is not None else None
         self.rope_interleave = bool(getattr(config, "rope_interleave", False)) or self.index_topk is not None
         self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
@@ -261,10 +261,12 @@ class KAttentionMLA(Op):
             self._absorb()
         attn = self.attn
         batch, q_len = hidden_states.shape[:-1]
+        q_resid = None
         if self.q_lora_rank is None:
             q = attn.q_proj(hidden_states)
         else:
-            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(hidden_states)))
+            q_resid = attn.q_a_layernorm(attn.q_a_proj(hidden_states))
+            q = attn.q_b_proj(q_resid)
         q = q.view(batch, q_len, -1, self.qk_head_dim).transpose(1, 2)
         q_nope, q_pe = torch.split(q, [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
@@ -287,28 +289,45 @@ class KAttentionMLA(Op):
             latent, k_pe, mask = _without_mask(latent, k_pe, q_len)
         elif mask.shape[-1] != latent.shape[-2]:
             mask = mask[..., : latent.shape[-2]]
-        if self.index_topk is not None and not stream_capturing(latent):
-            self._check_dense_equals_sparse(latent, mask)
+        if self.index_topk is not None:
+            mask = self._sparse_mask(hidden_states, q_resid, position_embeddings, mask, cache, latent.shape[-2])
 
         out = self._attend(q_nope, q_pe, latent, k_pe, mask)
         return attn.o_proj(out.to(hidden_states.dtype)), None
 
-    def _check_dense_equals_sparse(self, latent, mask) -> None:
-        """DeepSeek-V3.2's indexer keeps each query's top ``index_topk`` keys; while a query sees at most that
-        many, it keeps them all and the sparse attention is this dense one. Beyond, the indexer would have to
-        run (and its key cache be kept from the first token), which this op does not do."""
+    def _sparse_mask(self, hidden_states, q_resid, position_embeddings, mask, cache, keys: int) -> torch.Tensor:
+        """DeepSeek-V3.2's lightning indexer: each query keeps the ``index_topk`` keys of highest index score
+        (``sum_h w[h] * relu(q_h . k * scale)`` over the indexer's own heads and its one key per position, kept
+        in the cache beside the latents: ``cache.update_indexer``); the returned mask is ``mask`` with every
+        other key hidden. Computed as Transformers' ``DeepseekV32Indexer`` does (same shapes and fp32 order,
+        so the same keys win)."""
+        ix = self.attn.indexer
+        batch, q_len = hidden_states.shape[:-1]
+        q = ix.wq_b(q_resid).view(batch, q_len, ix.n_heads, ix.head_dim)  # [B, S, H, D]
+        k = ix.k_norm(ix.wk(hidden_states)).unsqueeze(2)  # [B, S, 1, D]
+        cos, sin = (t.unsqueeze(2) for t in position_embeddings)  # half-split rotary on the first dims
+        rot = cos.shape[-1]
+        q = torch.cat([q[..., :rot] * cos + rotate_half(q[..., :rot]) * sin, q[..., rot:]], dim=-1)
+        k = torch.cat([k[..., :rot] * cos + rotate_half(k[..., :rot]) * sin, k[..., rot:]], dim=-1).squeeze(2)
+        if cache is not None:
+            k = cache.update_indexer(k, self.layer_idx)
+        k = k[:, :keys]
+        scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * ix.softmax_scale)
+        proj_weight = getattr(ix.weights_proj, "weight", None)  # a plain Linear may be kept in fp32 (Transformers)
+        x = hidden_states.to(proj_weight.dtype) if isinstance(proj_weight, torch.Tensor) else hidden_states
+        weights = ix.weights_proj(x).float() * (ix.n_heads**-0.5)
+        index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)  # [B, S, T]
         if mask is None:
-            visible = latent.shape[-2]
-        elif mask.dtype == torch.bool:
-            visible = int(mask.sum(-1).max())
+            mask = causal_mask(q_len, keys, hidden_states.device)[None, None]
+        if mask.dtype == torch.bool:
+            index_scores = index_scores.masked_fill(~mask[:, 0], float("-inf"))
         else:
-            visible = int((mask > torch.finfo(mask.dtype).min / 2).sum(-1).max())
-        if visible > self.index_topk:
-            raise NotImplementedError(
-                f"{self.name}: layer {self.layer_idx} is DeepSeek-V3.2 sparse attention; a query sees {visible} keys, "
-                f"more than index_topk={self.index_topk}, and the indexer that picks them is not implemented here "
-                f"(up to index_topk keys the sparse attention equals the dense one this op computes)"
-            )
+            index_scores = index_scores + mask[:, 0]
+        top = index_scores.topk(min(self.index_topk, keys), dim=-1).indices
+        dropped = torch.ones_like(index_scores, dtype=torch.bool).scatter(-1, top, False).unsqueeze(1)  # [B, 1, S, T]
+        if mask.dtype == torch.bool:
+            return mask & ~dropped
+        return mask.masked_fill(dropped, torch.finfo(mask.dtype).min)
 
     def _attend(self, q_nope, q_pe, latent, k_pe, mask) -> torch.Tensor:
         """The heads' outputs ``[B, S, H * v_head_dim]`` (in ``self.dtype``) of queries ``q_nope``

@@ -66,12 +66,13 @@ class EngineCore:
                              f"max_context={self.max_context}; give at least {per_sequence}")
         self.cache = PagedCache(model, kv_blocks, block_size)
         if self.cache.state_layers:
-            # recurrent state (Qwen3-Next's linear attention) lives outside the blocks: one sequence at a time,
-            # and no prefix reuse (a block's keys alone do not restore the state)
-            if self.max_concurrency > 1:
+            # recurrent state (Qwen3-Next's linear attention) lives outside the blocks: no prefix reuse (a block's
+            # keys alone do not restore the state); kept per sequence where the cache can, else one at a time
+            if not self.cache.states_per_sequence and self.max_concurrency > 1:
                 log.warning("%s keeps recurrent state per layer: decoding one sequence at a time",
                             type(model).__name__)
-            self.max_concurrency, prefix_store = 1, None
+                self.max_concurrency = 1
+            prefix_store = None
         self.scheduler = Scheduler(self.cache, self.max_concurrency, prefill_chunk)
         self.prefix: PrefixReuse | None = None
         self.set_prefix_store(prefix_store)

@@ -11,6 +11,14 @@ left-padded to the longest row (the 2-D mask ``plan_step`` returns hides the pad
 causal and sliding-window masks from it, since left padding keeps each row's distances). A single row whose
 blocks are one contiguous run is read in place (a view, no gather). ``end_step`` advances the lengths.
 
+DeepSeek-V3.2's layers (``PagedIndexedLayer``) keep a third pool, the indexer's one key per position, in the same
+slots: ``cache.update_indexer(k, layer_idx)`` writes and reads it as ``update`` does the others.
+
+Layers of recurrent state (Qwen3-Next's linear attention: Transformers' ``LinearAttentionLayer``) hold no blocks: each
+sequence's conv and recurrent states live on its ``SeqKV`` (``states``); ``plan_step`` puts the rows' states into the
+layer (stacked on the batch dim; a sequence with nothing cached starts from none) and ``end_step`` takes each row's
+back, leaving the layer empty between forwards. No prefix reuse for these models: blocks alone do not restore them.
+
 Without a plan the cache is one sequence that owns the pool from slot 0 (``new_cache``; tests, ``score``):
 each layer appends at its own length and hands attention the filled prefix (a sliding layer, its window).
 """
@@ -20,7 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin, StaticCache, StaticLayer, StaticSlidingWindowLayer
+
+# Transformers' layer of recurrent state alone (Qwen3-Next's gated delta net): its states are kept per sequence
+LinearAttentionLayer = getattr(cache_utils, "LinearAttentionLayer", None)
 
 from .blocks import BlockAllocator, OutOfBlocks
 
@@ -37,6 +49,8 @@ class SeqKV:
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    # recurrent-state layers (linear attention): {layer: ({state: conv state}, {state: recurrent state})}, batch 1
+    states: dict | None = None
 
 
 @dataclass
@@ -72,6 +86,10 @@ class PagedLayer(CacheLayerMixin):
         self.keys[:, :, scratch:].zero_()  # padding reads these: finite, masked
         self.values[:, :, scratch:].zero_()
         self.is_initialized = True
+
+    @property
+    def pools(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -136,6 +154,52 @@ class PagedSlidingLayer(PagedLayer):
     is_sliding = True
 
 
+class PagedIndexedLayer(PagedLayer):
+    """A full-attention layer of DeepSeek-V3.2 with the indexer's keys (``[B, T, index_dim]``, one per position)
+    as a third pool ``[1, 1, slots, index_dim]`` in the same slots as the latents."""
+
+    def __init__(self, owner: "PagedCache", index_dim: int):
+        super().__init__(owner)
+        self.index_dim = int(index_dim)
+        self.indexer_length = 0  # without a plan: positions of the one sequence
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.indexer_keys = key_states.new_zeros((1, 1, self.owner.num_slots, self.index_dim))
+        super().lazy_initialization(key_states, value_states)
+
+    @property
+    def pools(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values, self.indexer_keys
+
+    def update_indexer(self, key_states: torch.Tensor) -> torch.Tensor:
+        if not self.is_initialized:
+            raise RuntimeError("update_indexer before update: the layer's pools are allocated by its first update")
+        states = key_states.unsqueeze(1).to(self.indexer_keys.dtype)  # [B, 1, S, D]: one "head"
+        new = states.shape[-2]
+        plan = self.owner.plan
+        if plan is None:
+            start, end = self.indexer_length, self.indexer_length + new
+            if end > self.owner.scratch_slot:
+                raise ContextOverflowError(
+                    f"the KV cache holds {self.owner.scratch_slot} positions and this call needs {end} (raise --max-context)")
+            self.indexer_keys.narrow(2, start, new).copy_(states)
+            self.indexer_length = end
+            return self.indexer_keys.narrow(2, 0, end)[:, 0]
+        if plan.view is not None:
+            start, seen = plan.view
+            self.indexer_keys.narrow(2, start + seen, new).copy_(states)
+            return self.indexer_keys.narrow(2, start, seen + new)[:, 0]
+        return self._scatter_gather(self.indexer_keys, states, plan)[:, 0]
+
+    def reset(self) -> None:
+        super().reset()
+        self.indexer_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.indexer_length = max(0, self.indexer_length - abs(tokens_to_remove))
+
+
 class PagedCache(Cache):
     """Block pools for every layer of ``model`` (``num_blocks`` blocks of ``block_size`` positions, plus the
     scratch block), the block allocator, and the plan of the forward under way."""
@@ -148,18 +212,22 @@ class PagedCache(Cache):
         self.num_slots = self.scratch_slot + self.block_size
         self.plan: StepPlan | None = None
         self._storage = False  # every paged layer's pools allocated (they stay once they are)
-        self.state_layers: list[int] = []  # layers holding one sequence's recurrent state (linear attention)
+        self.state_layers: list[int] = []  # layers holding recurrent state (linear attention), not blocks
         layers = []
         for i, layer in enumerate(StaticCache(config=model.config, max_cache_len=self.scratch_slot).layers):
             if type(layer) is StaticLayer:
                 layers.append(PagedLayer(self))
+            elif type(layer) is getattr(cache_utils, "StaticIndexedLayer", None):  # DeepSeek-V3.2
+                layers.append(PagedIndexedLayer(self, model.config.index_head_dim))
             elif type(layer) is StaticSlidingWindowLayer:
                 # StaticSlidingWindowLayer stores min(window, max_cache_len) as its max_cache_len
                 layers.append(PagedSlidingLayer(self, sliding_window=layer.max_cache_len))
-            else:  # not paged: its state belongs to the one sequence running (the engine runs one at a time)
+            else:  # not paged: recurrent state, per sequence where ``states_per_sequence``
                 layers.append(layer)
                 self.state_layers.append(i)
         super().__init__(layers=layers)
+        # every state layer one whose states plan_step/end_step move per sequence; else one sequence at a time
+        self.states_per_sequence = all(type(layers[i]) is LinearAttentionLayer for i in self.state_layers)
         # Transformers asks for these on every forward; the layers never change
         self._is_sliding = [getattr(layer, "is_sliding", False) for layer in layers]
         self._is_linear = [i in self.state_layers for i in range(len(layers))]
@@ -177,6 +245,38 @@ class PagedCache(Cache):
         for i in self.state_layers:
             self.layers[i].reset()
 
+    def _load_states(self, kvs: list[SeqKV]) -> None:
+        """Give the state layers the rows' own states (none for a sequence with nothing cached)."""
+        fresh = [kv.length == 0 for kv in kvs]
+        if any(fresh) and not all(fresh):
+            raise ValueError("a forward of several rows either starts every sequence or continues every one")
+        for i in self.state_layers:
+            layer = self.layers[i]
+            for s in range(layer.number_of_states):
+                if fresh[0]:
+                    conv = recurrent = None
+                else:
+                    convs = [kv.states[i][0][s] for kv in kvs]
+                    recurrents = [kv.states[i][1][s] for kv in kvs]
+                    conv = None if convs[0] is None else convs[0] if len(kvs) == 1 else torch.cat(convs)
+                    recurrent = None if recurrents[0] is None else recurrents[0] if len(kvs) == 1 else torch.cat(recurrents)
+                layer.conv_states[s], layer.recurrent_states[s] = conv, recurrent
+                layer.is_conv_states_initialized[s] = conv is not None
+                layer.is_recurrent_states_initialized[s] = recurrent is not None
+                layer.has_previous_state[s] = not fresh[0]
+
+    def _take_states(self, kvs: list[SeqKV]) -> None:
+        """Hand each row its states back (views of the batch) and leave the state layers empty."""
+        for kv in kvs:
+            kv.states = kv.states if kv.states is not None else {}
+        for i in self.state_layers:
+            layer = self.layers[i]
+            n = layer.number_of_states
+            for b, kv in enumerate(kvs):
+                kv.states[i] = tuple({s: None if pool[s] is None else pool[s][b : b + 1] for s in range(n)}
+                                     for pool in (layer.conv_states, layer.recurrent_states))
+            self._load_states([SeqKV()])  # empty: nothing of a live sequence stays reachable through the layer
+
     # -- sequences
 
     def blocks_for(self, length: int) -> int:
@@ -193,7 +293,7 @@ class PagedCache(Cache):
 
     def release(self, kv: SeqKV) -> None:
         self.allocator.free(kv.blocks)
-        kv.blocks, kv.length = [], 0
+        kv.blocks, kv.length, kv.states = [], 0, None
 
     def slots(self, kv: SeqKV, start: int, end: int) -> torch.Tensor:
         """Slot ids of positions ``start .. end - 1`` of ``kv`` (blocks reserved)."""
@@ -215,6 +315,8 @@ class PagedCache(Cache):
         tokens). Returns ``(attention mask [B, L], position ids [B, T])``, both ``None`` for a single row (its
         positions follow from the cache length, as the model derives them)."""
         new = rows[0][1]
+        if self.state_layers and self.states_per_sequence:
+            self._load_states([kv for kv, _ in rows])
         if len(rows) == 1:
             kv = rows[0][0]
             start = self.contiguous_start(kv)
@@ -248,11 +350,15 @@ class PagedCache(Cache):
 
     def end_step(self, rows: list[tuple[SeqKV, int]]) -> None:
         self.plan = None
+        if self.state_layers and self.states_per_sequence:
+            self._take_states([kv for kv, _ in rows])
         for kv, new in rows:
             kv.length += new
 
     def abort_step(self) -> None:
         self.plan = None
+        if self.state_layers and self.states_per_sequence:
+            self._load_states([SeqKV()])
 
     # -- blocks as tensors (prefix store payloads)
 
@@ -260,19 +366,19 @@ class PagedCache(Cache):
         return pool[0].view(pool.shape[1], self.num_blocks + 1, self.block_size, pool.shape[-1])
 
     def read_blocks(self, blocks: list[int]) -> tuple[torch.Tensor, ...]:
-        """Keys and values of ``blocks`` for every layer, stacked on dim 0: ``(k0, v0, k1, v1, ...)``, each
-        ``[len(blocks), heads, block_size, dim]``."""
+        """Every pool of ``blocks`` for every layer, stacked on dim 0: ``(k0, v0, k1, v1, ...)`` (an indexed layer
+        adds its indexer keys after its values), each ``[len(blocks), heads, block_size, dim]``."""
         index = torch.tensor(blocks, dtype=torch.long, device=self.layers[0].keys.device)
         out = []
         for layer in self.layers:
-            for pool in (layer.keys, layer.values):
+            for pool in layer.pools:
                 out.append(self._blocks_view(pool).index_select(1, index).transpose(0, 1).contiguous())
         return tuple(out)
 
     def write_blocks(self, blocks: list[int], payload: tuple[torch.Tensor, ...]) -> None:
         """The inverse of ``read_blocks`` (``payload`` may hold more blocks than ``blocks``: the first are used)."""
         index = torch.tensor(blocks, dtype=torch.long, device=self.layers[0].keys.device)
-        pools = [pool for layer in self.layers for pool in (layer.keys, layer.values)]
+        pools = [pool for layer in self.layers for pool in layer.pools]
         for pool, stacked in zip(pools, payload):
             self._blocks_view(pool).index_copy_(1, index, stacked[: len(blocks)].transpose(0, 1).to(pool.dtype))
 
@@ -289,5 +395,5 @@ def new_cache(model, max_context: int, block_size: int = DEFAULT_BLOCK_SIZE) -> 
     return PagedCache(model, -(-int(max_context) // block_size), block_size)
 
 
-__all__ = ["PagedCache", "PagedLayer", "PagedSlidingLayer", "SeqKV", "StepPlan", "new_cache", "ContextOverflowError",
+__all__ = ["PagedCache", "PagedLayer", "PagedSlidingLayer", "PagedIndexedLayer", "SeqKV", "StepPlan", "new_cache", "ContextOverflowError",
            "OutOfBlocks", "DEFAULT_BLOCK_SIZE"]

@@ -3,8 +3,10 @@
 Uses Transformers' own GGUF tokenizer converters (``get_gguf_tokenizer`` / ``convert_gguf_tokenizer``)
 and the tokenizer class Transformers picks for the model type, so the result is the tokenizer
 ``AutoTokenizer.from_pretrained(dir, gguf_file=...)`` builds, for every architecture (Transformers'
-own path needs a config it can derive, which it cannot for e.g. deepseek2). The conversion is cached on
-disk (``tokenizer_cache.py``), so it runs once per file.
+own path needs a config it can derive, which it cannot for e.g. deepseek2). Those converters split every BPE
+text as GPT-2 does; where llama.cpp's ``tokenizer.ggml.pre`` names a model whose own split differs and is listed in
+``PRE_TOKENIZER_PATTERNS``, that split replaces it. The conversion is cached on disk (``tokenizer_cache.py``), so
+it runs once per file.
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ from .source import WeightError
 # GGUF types them USER_DEFINED, which makes them ordinary text, but the model's own tokenizer marks them special.
 # A text-only run has nothing to show for them, so they are special here too (and left out of decoded replies).
 MODALITY_MARKER = re.compile(r"<(start|end)_of_(image|audio|video)>|<(image|audio|video)_soft_token>|\[multimodal\]")
+
+# tokenizer.ggml.pre -> the split pattern of the model's own tokenizer (byte-level BPE; Oniguruma syntax, which
+# the tokenizers library uses: ``&&`` intersects character classes)
+PRE_TOKENIZER_PATTERNS = {
+    # Kimi-K2's tiktoken pattern (tokenization_kimi.py): Han runs apart from other letters (which exclude Han),
+    # digits in groups of up to three, a punctuation run keeps its trailing newlines
+    "kimi-k2": "|".join([
+        r"[\p{Han}]+",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]),
+}
 
 
 def tokenizer_class_for(model_type: str):
@@ -70,7 +91,25 @@ def _convert(path: str, model_type: str, reader):
         backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     except ValueError as e:
         raise WeightError(f"{path}: cannot build the tokenizer: {e}") from e
+    _apply_pre_tokenizer(backend, reader)
     return backend, dict(tokenizer_config) | dict(extra)
+
+
+def _apply_pre_tokenizer(backend, reader) -> None:
+    """Split a byte-level BPE's text with the pattern ``PRE_TOKENIZER_PATTERNS`` gives for the file's
+    ``tokenizer.ggml.pre`` (then map bytes as before, without GPT-2's own split)."""
+    fields = reader.fields
+    if "tokenizer.ggml.pre" not in fields or fields.get("tokenizer.ggml.model") is None:
+        return
+    pattern = PRE_TOKENIZER_PATTERNS.get(str(reader.value("tokenizer.ggml.pre")))
+    if pattern is None or str(reader.value("tokenizer.ggml.model")) != "gpt2":
+        return
+    from tokenizers import Regex, pre_tokenizers
+
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
 
 
 def _mark_modality_markers_special(tokenizer) -> None:

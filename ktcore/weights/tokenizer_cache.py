@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..tune_cache import cache_dir
 
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes (2: tokenizer.ggml.pre splits, e.g. kimi-k2)
 TOKENIZER_FILE = "tokenizer.json"
 KWARGS_FILE = "kwargs.json"
 
