@@ -102,14 +102,15 @@ def model_config(spec: str):
 def run_check(args) -> int:
     from ..inject import build_meta_model, inject, weight_type_problems
     from ..registry import get_registry
-    from ..rule_selection import layered, select_rule_file
+    from ..rule_selection import layered, rule_variant, select_rule_file
     from ..rules import RuleError
 
     registry = get_registry()
     config, source = model_config(args.model)
     devices = dict(check_devices=not args.any_device, gpu=args.gpu)
-    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, **devices)]
-    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, **devices)
+    variant = rule_variant(config)
+    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, variant=variant, **devices)]
+    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, variant=variant, **devices)
     model = build_meta_model(config)
     report = inject(model, ruleset, registry, build_ops=False)
     if source is not None:

@@ -90,20 +90,23 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32, device=N
         n *= int(s)
     if qt.data.numel() != n:
         raise WeightError(f"{what}: {FP8_TYPE} {tuple(qt.shape)} needs {n} bytes, got {qt.data.numel()}")
-    data, scale = qt.data, qt.scale
-    if device is not None:
-        data, scale = data.to(device), scale.to(device)
+    data = qt.data if device is None else qt.data.to(device)
+    scale = qt.scale.to(data.device)
     q = data.view(torch.float8_e4m3fn).reshape(qt.shape).to(torch.float32)
     return (q * expand_scale(scale.to(torch.float32), qt.shape)).to(dtype)
 
 
-def block_scaled_to(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q`` (float8_e4m3fn ``[N, K]``) times its block scales ``[nb, kb]``, as ``dtype``: the values of
-    ``dequantize`` (same float32 product), with the scales broadcast over whole blocks when K allows."""
+def row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """Block scales ``[..., nb, kb]`` repeated per row: ``[..., rows, kb]``."""
+    return scale.repeat_interleave(BLOCK, dim=-2)[..., :rows, :]
+
+
+def row_scaled_to(q: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q`` (float8_e4m3fn ``[N, K]``) times its per-row block scales ``rows [N, kb]``, as ``dtype``: the
+    values of ``dequantize`` (the same float32 product), broadcast over whole column blocks when K allows."""
     n, k = q.shape
     if k % BLOCK:
-        return (q.to(torch.float32) * expand_scale(scale, (n, k))).to(dtype)
-    rows = scale.repeat_interleave(BLOCK, dim=0)[:n]  # [N, kb]
+        return (q.to(torch.float32) * rows.repeat_interleave(BLOCK, dim=-1)[:, :k]).to(dtype)
     w = q.view(n, k // BLOCK, BLOCK).to(torch.float32).mul_(rows.unsqueeze(-1))
     return w.view(n, k).to(dtype)
 
