@@ -61,6 +61,18 @@ class KExpertsFP8(KExpertsTorch):
         return (fp8.row_scaled_to(gate_up[expert], rows, self.dtype),
                 fp8.row_scaled_to(down[expert], fp8.row_scales(down_scale[expert], self.hidden_dim), self.dtype))
 
+    @classmethod
+    def estimated_bytes(cls, qt, dtype: torch.dtype, op_kwargs) -> int:
+        """The bytes ``qt`` takes once loaded with these options (``ktcore.placement`` asks before loading)."""
+        numel = 1
+        for n in qt.shape:
+            numel *= int(n)
+        if qt.ggml_type != fp8.FP8_TYPE:
+            return numel * dtype.itemsize
+        if op_kwargs.get("keep", "bf16") == "bf16":
+            return numel * 2
+        return numel + qt.scale.numel() * 4
+
     def kept_bytes(self) -> int:
         """Bytes of the weights this op keeps."""
         tensors = self.fp8_weights if self.fp8_weights is not None else (self.gate_up_proj, self.down_proj)
