@@ -442,7 +442,7 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     else:
         source = path_or_source
     config = source.config()
-    variant = rule_variant(config)
+    variant = rule_variant(source)
     if rules is None:
         rules = select_rule_file(config.model_type, registry, layout, variant=variant)
     elif not isinstance(rules, RuleSet):

@@ -5,7 +5,7 @@ Layouts: ``cpu`` (everything on the CPU), ``gpu-cpu`` (dense part on the acceler
 the CPU), ``gpu`` (everything on the accelerator). One file per model family and layout serves every
 vendor: it names ops (``KLinearGPU``), the registry picks each op's backend on the device.
 
-Variants: a checkpoint whose config says ``quantization_config.quant_method: fp8`` (native FP8 safetensors)
+Variants: a safetensors checkpoint whose config says ``quantization_config.quant_method: fp8`` (native FP8)
 takes ``<model_type>-fp8-<layout>.yaml`` where the family ships one, else the family's plain file.
 """
 
@@ -26,12 +26,12 @@ LAYOUT_FALLBACK = {"gpu": "gpu-cpu"}
 VARIANTS = ("fp8",)  # quantization_config.quant_method values with rule files of their own
 
 
-def rule_variant(config) -> str | None:
-    """The rule-file variant a model's config asks for: its ``quantization_config.quant_method`` when that
-    is one of ``VARIANTS`` (the weights' loader refuses the others), else ``None``."""
-    qc = getattr(config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    method = getattr(method, "value", method)  # Transformers' QuantizationMethod enum
+def rule_variant(source) -> str | None:
+    """The rule-file variant a weight source asks for: the ``quant_method`` of the quantization its files
+    declare (``SafetensorsSource.quantization``, from ``config.json``) when that is one of ``VARIANTS``, else
+    ``None`` (a GGUF file, even with a ``--model-path`` config that declares one, is not such a checkpoint)."""
+    qc = getattr(source, "quantization", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
     return method if method in VARIANTS else None
 
 
@@ -62,7 +62,7 @@ def select_rule_file(model_type: str, registry: Registry | None = None, layout: 
                      check_devices: bool = True, gpu: str | None = None, variant: str | None = None) -> Path:
     """The first shipped rule file for ``model_type`` that can run here, for ``layout`` (else the default
     layouts in order); for each layout, plugin rule directories first, then ktcore's. ``check_devices``
-    and ``gpu`` as for ``load_rules`` (a file for another machine). ``variant`` (``rule_variant(config)``):
+    and ``gpu`` as for ``load_rules`` (a file for another machine). ``variant`` (``rule_variant(source)``):
     the ``<model_type>-<variant>-<layout>.yaml`` file is tried before the plain one."""
     from .inject import LoadError  # loading's error type; inject imports this module
     from .registry import get_registry

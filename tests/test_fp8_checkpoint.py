@@ -23,6 +23,7 @@ from ktcore.testing import tiny_config
 from ktcore.weights import QuantizedTensor, WeightError, open_source
 from ktcore.weights.fp8 import row_scaled_to, row_scales
 from ktcore.weights.fp8_writer import write_fp8_checkpoint
+from ktcore.weights.state_dict import StateDictSource
 
 torch.set_num_threads(2)
 PROMPT = [1, 17, 250, 33, 401, 7, 99, 12, 64, 300]
@@ -240,11 +241,10 @@ def test_missing_block_scales_name_the_tensor(folder, tmp_path):
         open_source(bad).get("model.layers.0.self_attn.o_proj.weight")
 
 
-def test_rule_selection_picks_the_fp8_files():
+def test_rule_selection_picks_the_fp8_files(folder):
     registry = Registry(entrypoints=False)
-    fp8_config = tiny_config("deepseek_v3")
-    fp8_config.quantization_config = {"quant_method": "fp8"}
-    assert rule_variant(fp8_config) == "fp8" and rule_variant(tiny_config("deepseek_v3")) is None
+    assert rule_variant(open_source(folder)) == "fp8"
+    assert rule_variant(StateDictSource({}, config=tiny_config("deepseek_v3"))) is None
     for layout in ("cpu", "gpu-cpu"):
         chosen = select_rule_file("deepseek_v3", registry, layout, check_devices=False, gpu="cuda", variant="fp8")
         assert chosen.name == f"deepseek_v3-fp8-{layout}.yaml"

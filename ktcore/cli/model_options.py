@@ -234,7 +234,7 @@ def _open_with_rules(args, phase, needs_chat_template, check, registry) -> Loade
     source = open_source(args.model, model_path=args.model_path)
     config = source.config()
     _resolve_context(args, config)
-    variant = rule_variant(config)  # native FP8 checkpoints: their own rule files
+    variant = rule_variant(source)  # native FP8 checkpoints: their own rule files
     ruleset = (layered(args.rules, config.model_type, registry, layout=args.layout, variant=variant) if args.rules
                else load_rules(select_rule_file(config.model_type, registry, layout=args.layout, variant=variant),
                                registry))

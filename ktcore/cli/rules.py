@@ -108,7 +108,7 @@ def run_check(args) -> int:
     registry = get_registry()
     config, source = model_config(args.model)
     devices = dict(check_devices=not args.any_device, gpu=args.gpu)
-    variant = rule_variant(config)
+    variant = rule_variant(source)
     rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, variant=variant, **devices)]
     ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, variant=variant, **devices)
     model = build_meta_model(config)
