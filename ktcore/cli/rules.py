@@ -76,11 +76,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def model_config(spec: str):
     """A Transformers config from a config directory / config.json, a weight file, or a model type; and the
-    weight source when ``spec`` is a weight file (``None`` otherwise)."""
+    weight source when ``spec`` is a weight file or a safetensors directory (``None`` otherwise)."""
     from transformers import AutoConfig
 
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
         return AutoConfig.from_pretrained(str(path), local_files_only=True), None
     if path.is_file() and path.suffix == ".json":
         values = json.loads(path.read_text())
