@@ -190,9 +190,10 @@ def test_keep_fp8_and_bf16_experts_against_torch_experts(folder):
             op = KExpertsFP8(module, "cpu", dtype=dtype, keep=keep)
             op.load(weights)
             outputs[keep, dtype] = op(x, idx, w)
-            E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-            per_weight = op.kept_bytes() / (3 * E * H * I)
-            assert per_weight == (2.0 if keep == "bf16" else 1 + 4 * (2 * (I // 128) * (H // 128) + (H // 128) * (I // 128)) / (3 * H * I))
+            n_weights = sum(qt.data.numel() for qt in weights.values())  # one byte each in the file
+            n_scales = sum(qt.scale.numel() for qt in weights.values())
+            assert op.kept_bytes() == (2 * n_weights if keep == "bf16" else n_weights + 4 * n_scales)
+            assert op.kept_bytes() == sum(KExpertsFP8.estimated_bytes(qt, dtype, {"keep": keep}) for qt in weights.values())
     dense = {p: QuantizedTensor(p, "F32", qt.shape, qt.dequantize().reshape(-1).view(torch.uint8)) for p, qt in weights.items()}
     for dtype in (torch.float32, torch.bfloat16):
         torch_op = KExpertsTorch(module, "cpu", dtype=dtype)
