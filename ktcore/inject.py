@@ -16,7 +16,7 @@ from .modules import KModule, declare_output_head, declare_sibling_linears, modu
 from .moe import LayerDevices, install_transfer_hooks, link_moe_blocks, parse_transfer_map
 from .ops import Op
 from .registry import Registry, device_missing_reason, get_registry
-from .rule_selection import RULE_FILES_DIR, layered, rule_search_dirs, select_rule_file  # noqa: F401 (re-exported)
+from .rule_selection import RULE_FILES_DIR, layered, rule_search_dirs, rule_variant, select_rule_file  # noqa: F401 (re-exported)
 from .rules import Rule, RuleError, RuleIssue, RuleSet, load_rules
 
 # GGML float types that are plain little-endian values: read them without the dequantizer table
@@ -443,10 +443,11 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     else:
         source = path_or_source
     config = source.config()
+    variant = rule_variant(source)
     if rules is None:
-        rules = select_rule_file(config.model_type, registry, layout)
+        rules = select_rule_file(config.model_type, registry, layout, variant=variant)
     elif not isinstance(rules, RuleSet):
-        rules = layered(rules, config.model_type, registry, layout=layout)
+        rules = layered(rules, config.model_type, registry, layout=layout, variant=variant)
     ruleset = load_rules(rules, registry)  # validated before anything heavy happens
     model = build_meta_model(config, dtype)
     report = inject(model, ruleset, registry, transfer_map=transfer_map)

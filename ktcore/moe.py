@@ -311,7 +311,7 @@ class KMoE(KModule):
             stream = torch.cuda.current_stream(self.gpu_device)
             stream.wait_event(event)
             data.record_stream(stream)  # allocated on the side stream, freed after this one used it
-        return {p: QuantizedTensor(qt.name, qt.ggml_type, tuple(qt.shape), data[begin:end], qt.source)
+        return {p: QuantizedTensor(qt.name, qt.ggml_type, tuple(qt.shape), data[begin:end], qt.source, qt.scale)
                 for p, (qt, begin, end) in zip(PROJECTIONS, self._host[1])}
 
     def streamed_experts(self, flat, top_k_index, top_k_weights) -> torch.Tensor:

@@ -111,9 +111,13 @@ def _numel(qt) -> int:
     return numel
 
 
-def weight_bytes(qt, op_cls: type | None, device: torch.device, dtype: torch.dtype) -> int:
-    """The bytes ``qt`` takes once loaded by ``op_cls`` (``None``: a plain parameter) on ``device``."""
+def weight_bytes(qt, op_cls: type | None, device: torch.device, dtype: torch.dtype, op_kwargs=None) -> int:
+    """The bytes ``qt`` takes once loaded by ``op_cls`` (``None``: a plain parameter) on ``device``; an op
+    class with ``estimated_bytes(qt, dtype, op_kwargs)`` (KExpertsFP8: what its ``keep`` option holds) says it."""
     numel = _numel(qt)
+    own = getattr(op_cls, "estimated_bytes", None)
+    if own is not None:
+        return own(qt, dtype, op_kwargs or {})
     if op_cls is not None and getattr(op_cls, "repacked_types", None) is not None:
         return raw_bytes(qt) if qt.ggml_type in op_cls.repacked_types else numel * 2
     if op_cls is None or getattr(op_cls, "plugin", "") in ("torch", "") or device.type != "cpu":
@@ -164,7 +168,8 @@ def estimate_memory(model: nn.Module, source, dtype: torch.dtype | None = None,
                 except KeyError:
                     continue  # loading reports it, with the file's name
                 for op_cls, device in ops:
-                    usage.add(device, _component(qualname, module.role), weight_bytes(qt, op_cls, device, dtype))
+                    usage.add(device, _component(qualname, module.role),
+                              weight_bytes(qt, op_cls, device, dtype, module.op_kwargs))
         for local, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is None or id(tensor) in counted or local in module._non_persistent_buffers_set:
                 continue

@@ -3,7 +3,7 @@
 
 Besides its own ops it registers the fallback backend of the ops whose fast backends come from plugins
 (``KLinearCPU``, ``KExpertsCPU``: kt-cpu-amx; ``KLinearGPU``, ``KExpertsGPU``: kt-cuda, kt-rocm, kt-xpu,
-kt-ascend): the same torch code at the lowest preference, so a shipped rule file runs everywhere and
+kt-ascend; ``KLinearFP8``: kt-cuda): the same torch code at the lowest preference, so a shipped rule file runs everywhere and
 installing a backend makes it faster without editing it. KTransformers' spellings of those ops
 (``KLinearMarlin``, ``KExpertsMarlin``) are declared here as well.
 """
@@ -11,11 +11,12 @@ installing a backend makes it faster without editing it. KTransformers' spelling
 from ..hookspecs import hookimpl
 from .attention import KAttentionMLA, KAttentionSDPA
 from .experts import KExpertsTorch
+from .experts_fp8 import KExpertsFP8
 from .experts_gpt_oss import KExpertsGptOssTorch
 from .linear import KLinearTorch
 from .rope import KRoPETorch
 
-__all__ = ["KAttentionMLA", "KAttentionSDPA", "KExpertsGptOssTorch", "KExpertsTorch", "KLinearTorch", "KRoPETorch",
+__all__ = ["KAttentionMLA", "KAttentionSDPA", "KExpertsFP8", "KExpertsGptOssTorch", "KExpertsTorch", "KLinearTorch", "KRoPETorch",
            "FALLBACK"]
 
 FALLBACK = -100  # the preference of the torch code standing in for a plugin's backend
@@ -26,6 +27,8 @@ def register_linear_ops(register):
     register(KLinearTorch)
     register(KLinearTorch, op="KLinearCPU", devices=("cpu",), preference=FALLBACK)
     register(KLinearTorch, op="KLinearGPU", preference=FALLBACK, aliases=("KLinearMarlin",))
+    # kt-cuda's FP8 block GEMM; torch over the weights dequantized from FP8 elsewhere (deepseek_v3-fp8-gpu-cpu.yaml)
+    register(KLinearTorch, op="KLinearFP8", preference=FALLBACK)
 
 
 @hookimpl
@@ -33,6 +36,7 @@ def register_experts_ops(register):
     register(KExpertsTorch)
     register(KExpertsTorch, op="KExpertsCPU", devices=("cpu",), preference=FALLBACK)
     register(KExpertsTorch, op="KExpertsGPU", preference=FALLBACK, aliases=("KExpertsMarlin",))
+    register(KExpertsFP8)  # native FP8 checkpoints' routed experts (keep: bf16 | fp8)
     register(KExpertsGptOssTorch)  # GPT-OSS's experts (biases, clamped SwiGLU): no plugin has a backend yet
 
 

@@ -62,7 +62,8 @@ def expert_slices(qt: "QuantizedTensor") -> list["QuantizedTensor"]:  # noqa: F8
         raise ValueError(f"{qt.name}: {qt.data.numel()} bytes do not split into {experts} experts")
     step = qt.data.numel() // experts
     return [
-        QuantizedTensor(f"{qt.name}[{e}]", qt.ggml_type, tuple(qt.shape[1:]), qt.data[e * step : (e + 1) * step], qt.source)
+        QuantizedTensor(f"{qt.name}[{e}]", qt.ggml_type, tuple(qt.shape[1:]), qt.data[e * step : (e + 1) * step], qt.source,
+                        None if qt.scale is None else qt.scale[e])
         for e in range(experts)
     ]
 
@@ -80,10 +81,13 @@ def select_experts(qt: "QuantizedTensor", experts: list[int], data: torch.Tensor
     bad = [e for e in experts if not 0 <= e < count]
     if bad:
         raise ValueError(f"{qt.name}: expert(s) {bad} outside 0..{count - 1}")
+    scale = qt.scale
     if list(experts) != list(range(count)):
         per = raw.reshape(count, raw.numel() // count)
         raw = per[torch.as_tensor(list(experts), dtype=torch.long, device=raw.device)].reshape(-1)
-    return QuantizedTensor(qt.name, qt.ggml_type, (len(experts), *qt.shape[1:]), raw, qt.source)
+        if scale is not None:  # FP8 block scales ([E, nb, kb]) follow their experts
+            scale = scale[torch.as_tensor(list(experts), dtype=torch.long, device=scale.device)]
+    return QuantizedTensor(qt.name, qt.ggml_type, (len(experts), *qt.shape[1:]), raw, qt.source, scale)
 
 
 def split_experts(op_name: str, weights: Mapping, projections: tuple[str, ...]) -> list[dict]:
@@ -132,10 +136,15 @@ class KExpertsTorch(Op):
             raise RuntimeError(f"{self.name}: forward before load()")
         out = torch.zeros_like(hidden_states)
         for expert, tokens, weights in route_by_expert(top_k_index, top_k_weights, self.num_experts):
-            gate, up = F.linear(hidden_states[tokens].to(self.dtype), self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act_fn(gate) * up, self.down_proj[expert])
+            gate_up, down = self.matrices(expert)
+            gate, up = F.linear(hidden_states[tokens].to(self.dtype), gate_up).chunk(2, dim=-1)
+            y = F.linear(self.act_fn(gate) * up, down)
             out.index_add_(0, tokens, (y * weights[:, None]).to(out.dtype))
         return out
+
+    def matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``expert``'s ``gate_up [2I, H]`` and ``down [H, I]`` in the compute dtype."""
+        return self.gate_up_proj[expert], self.down_proj[expert]
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, "

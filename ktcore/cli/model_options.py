@@ -224,7 +224,7 @@ def _resolve_context(args, config) -> None:
 
 
 def _open_with_rules(args, phase, needs_chat_template, check, registry) -> LoadedModel:
-    from ktcore.inject import layered, load_model, select_rule_file
+    from ktcore.inject import layered, load_model, rule_variant, select_rule_file
     from ktcore.registry import get_registry
     from ktcore.rules import load_rules
     from ktcore.weights import open_source
@@ -234,8 +234,10 @@ def _open_with_rules(args, phase, needs_chat_template, check, registry) -> Loade
     source = open_source(args.model, model_path=args.model_path)
     config = source.config()
     _resolve_context(args, config)
-    ruleset = (layered(args.rules, config.model_type, registry, layout=args.layout) if args.rules
-               else load_rules(select_rule_file(config.model_type, registry, layout=args.layout), registry))
+    variant = rule_variant(source)  # native FP8 checkpoints: their own rule files
+    ruleset = (layered(args.rules, config.model_type, registry, layout=args.layout, variant=variant) if args.rules
+               else load_rules(select_rule_file(config.model_type, registry, layout=args.layout, variant=variant),
+                               registry))
     if needs_chat_template and hasattr(source, "chat_template") and source.chat_template() is None:
         raise _no_template(args)
     phase("building the tokenizer")

@@ -76,11 +76,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def model_config(spec: str):
     """A Transformers config from a config directory / config.json, a weight file, or a model type; and the
-    weight source when ``spec`` is a weight file (``None`` otherwise)."""
+    weight source when ``spec`` is a weight file or a safetensors directory (``None`` otherwise)."""
     from transformers import AutoConfig
 
     path = Path(spec)
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.safetensors")):
         return AutoConfig.from_pretrained(str(path), local_files_only=True), None
     if path.is_file() and path.suffix == ".json":
         values = json.loads(path.read_text())
@@ -102,14 +102,15 @@ def model_config(spec: str):
 def run_check(args) -> int:
     from ..inject import build_meta_model, inject, weight_type_problems
     from ..registry import get_registry
-    from ..rule_selection import layered, select_rule_file
+    from ..rule_selection import layered, rule_variant, select_rule_file
     from ..rules import RuleError
 
     registry = get_registry()
     config, source = model_config(args.model)
     devices = dict(check_devices=not args.any_device, gpu=args.gpu)
-    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, **devices)]
-    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, **devices)
+    variant = rule_variant(source)
+    rule_paths = args.rules or [select_rule_file(config.model_type, registry, args.layout, variant=variant, **devices)]
+    ruleset = layered(rule_paths, config.model_type, registry, layout=args.layout, variant=variant, **devices)
     model = build_meta_model(config)
     report = inject(model, ruleset, registry, build_ops=False)
     if source is not None:

@@ -53,6 +53,11 @@ def bf16_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.bfloat16).to(torch.float32)
 
 
+def f8_e4m3_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3fn bytes, unscaled (their block scales are applied by ``fp8.dequantize``)."""
+    return blocks.contiguous().view(torch.float8_e4m3fn).to(torch.float32)
+
+
 def q4_0_blocks(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     d = _f16(blocks, 0)
@@ -244,5 +249,9 @@ def dequantize(
     qt: QuantizedTensor, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> torch.Tensor:
     """The values of ``qt`` as a plain tensor (its logical shape, ``dtype``, on ``device``)."""
+    if qt.ggml_type == "F8_E4M3":  # block scales beside the bytes (ktcore/weights/fp8.py)
+        from .fp8 import dequantize as fp8_dequantize
+
+        return fp8_dequantize(qt, dtype, device)
     what = f"tensor {qt.name!r}" + (f" in {qt.source}" if qt.source else "")
     return dequantize_raw(qt.data, qt.ggml_type, qt.shape, dtype, device, what=what)

@@ -33,6 +33,7 @@ class GGMLType:
     affine_bits: int | None = None  # weights are scale * code + bias per 32, codes of this many bits
     lookup_tables: tuple[str, ...] = ()  # gguf-py lattice grids ("IQ2_XS") and/or "ksigns" its blocks index
     nearest_supported: str | None = None  # for a type without dequantizer: the closest one to re-quantize to
+    gguf: bool = True  # False: a type of native checkpoints GGUF has not (its type_id is -1, outside GGML's)
 
     def nbytes(self, n_elements: int) -> int:
         return n_elements // self.block_size * self.type_size
@@ -87,7 +88,12 @@ GGML_TYPES: dict[str, GGMLType] = {
     if t in GGML_QUANT_SIZES
 }
 
-GGML_TYPES_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values()}
+# Not a GGML type: the e4m3 bytes of native FP8 checkpoints (ktcore/weights/fp8.py). Their 128x128 block
+# scales travel beside the bytes (QuantizedTensor.scale), so the block dequantizer gives the unscaled values
+# and ``dequantize`` applies the scales.
+GGML_TYPES["F8_E4M3"] = GGMLType("F8_E4M3", -1, 1, 1, _dq.f8_e4m3_blocks, gguf=False)
+
+GGML_TYPES_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values() if t.gguf}
 
 DEQUANTIZABLE: frozenset[str] = frozenset(n for n, t in GGML_TYPES.items() if t.dequantize_blocks is not None)
 AFFINE_TYPES: frozenset[str] = frozenset(n for n, t in GGML_TYPES.items() if t.affine_bits is not None)

@@ -3,6 +3,9 @@
 Each file's header is parsed here and tensors are handed out as views on a memory map of the file (no
 copy), as F32/F16/BF16 ``QuantizedTensor``. Per-expert checkpoint tensors
 (``...experts.<e>.gate_proj.weight``) are stacked into the fused experts names of Transformers 5.
+Native FP8 checkpoints (``F8_E4M3`` weights with ``weight_scale_inv`` block scales, ``ktcore/weights/fp8.py``)
+come as ``F8_E4M3`` tensors carrying their scales; a ``quantization_config`` ktcore cannot read is refused
+when the directory is opened. A sharded checkpoint's ``model.safetensors.index.json`` names the files read.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import fp8
 from .source import MissingTensorError, WeightError
 from .tensor import QuantizedTensor
 
-_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+_DTYPES = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F8_E4M3": fp8.FP8_TYPE}
+_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, fp8.FP8_TYPE: torch.float8_e4m3fn}
+INDEX = "model.safetensors.index.json"
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<part>gate_up_proj|gate_proj|up_proj|down_proj)$")
 # checkpoint spellings of one expert's projections (Mixtral uses w1/w3/w2)
 _PER_EXPERT = {"gate_proj": ("gate_proj", "w1"), "up_proj": ("up_proj", "w3"), "down_proj": ("down_proj", "w2")}
@@ -41,13 +47,21 @@ class SafetensorsSource:
         self.dir = p if p.is_dir() else p.parent
         self.path = str(self.dir)
         self.model_path = str(model_path) if model_path is not None else str(self.dir)
-        files = sorted(self.dir.glob("*.safetensors")) if p.is_dir() else [p]
+        self.quantization = fp8.quantization_config(self.model_path)  # refuses what ktcore cannot read
+        self._index: dict[str, str] | None = None
+        files = self._index_files() if p.is_dir() else [p]
+        if files is None:
+            files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise WeightError(f"{self.dir}: no .safetensors file")
         self._entries: dict[str, _Entry] = {}
         self._maps: dict[Path, np.memmap] = {}
         for f in files:
             self._read_header(f)
+        if self._index is not None:
+            for name, file in self._index.items():
+                if name not in self._entries or self._entries[name].file.name != file:
+                    raise WeightError(f"{self.dir / INDEX}: tensor {name!r} should be in {file}, which does not hold it")
         self._config = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
 
@@ -57,6 +71,24 @@ class SafetensorsSource:
         if p.is_dir():
             return any(p.glob("*.safetensors"))
         return p.suffix == ".safetensors"
+
+    def _index_files(self) -> list[Path] | None:
+        """The shards ``model.safetensors.index.json`` names (``None`` without an index)."""
+        path = self.dir / INDEX
+        if not path.is_file():
+            return None
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise WeightError(f"{path}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+        self._index = weight_map
+        files = []
+        for name, file in weight_map.items():
+            if not (self.dir / file).is_file():
+                raise WeightError(f"{path}: shard {file} (holding {name!r}) is missing from {self.dir}")
+            if self.dir / file not in files:
+                files.append(self.dir / file)
+        return sorted(files)
 
     def _read_header(self, f: Path) -> None:
         size = f.stat().st_size
@@ -84,10 +116,23 @@ class SafetensorsSource:
         e = self._entries[name]
         if e.dtype not in _DTYPES:
             raise WeightError(f"{e.file}: tensor {name!r} has dtype {e.dtype}; supported: {', '.join(_DTYPES)}")
+        data = self._bytes(e)
+        if e.dtype != "F8_E4M3":
+            return QuantizedTensor(name, _DTYPES[e.dtype], e.shape, data, str(e.file))
+        scale_name = name + fp8.SCALE_SUFFIX
+        s = self._entries.get(scale_name)
+        if s is None:
+            raise WeightError(f"{e.file}: FP8 tensor {name!r} has no block scales {scale_name!r} in {self.path}")
+        if s.dtype not in ("F32", "BF16", "F16"):
+            raise WeightError(f"{s.file}: block scales {scale_name!r} have dtype {s.dtype}; expected F32")
+        scale = self._bytes(s).view(_TORCH[s.dtype]).reshape(s.shape)
+        return fp8.block_scaled(name, data, e.shape, scale, str(e.file))
+
+    def _bytes(self, e: _Entry) -> torch.Tensor:
         mm = self._maps.get(e.file)
         if mm is None:
             mm = self._maps[e.file] = np.memmap(e.file, dtype=np.uint8, mode="c")
-        return QuantizedTensor(name, _DTYPES[e.dtype], e.shape, torch.from_numpy(mm[e.start : e.end]), str(e.file))
+        return torch.from_numpy(mm[e.start : e.end])
 
     def config(self):
         if self._config is None:
@@ -160,7 +205,7 @@ class SafetensorsSource:
         expected = self._expected().get(name)
         if expected is not None and tuple(qt.shape) != tuple(expected):
             raise WeightError(f"{qt.source}: tensor {name!r} has shape {tuple(qt.shape)}, the model needs {tuple(expected)}")
-        return QuantizedTensor(name, qt.ggml_type, qt.shape, qt.data, qt.source)
+        return QuantizedTensor(name, qt.ggml_type, qt.shape, qt.data, qt.source, qt.scale)
 
     def _get(self, name: str) -> QuantizedTensor:
         stored = self._checkpoint_name(name)
@@ -182,10 +227,18 @@ class SafetensorsSource:
 
 
 def _stack(name: str, parts: list[QuantizedTensor], dim: int) -> QuantizedTensor:
-    if any(p.ggml_type != parts[0].ggml_type for p in parts):
+    """Per-expert tensors stacked (``dim=0``) or gate and up joined (``dim=1``); FP8 scales follow their bytes,
+    except where joined rows would split a 128-row block (then the values are joined dequantized, F32)."""
+    kind = parts[0].ggml_type
+    if any(p.ggml_type != kind for p in parts):
         raise WeightError(f"{parts[0].source}: parts of {name!r} have different dtypes")
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[parts[0].ggml_type]
-    values = [p.data.view(dtype).reshape(p.shape) for p in parts]
-    joined = torch.stack(values, dim=0) if dim == 0 else torch.cat(values, dim=dim)
-    joined = joined.contiguous()
-    return QuantizedTensor(name, parts[0].ggml_type, tuple(joined.shape), joined.view(torch.uint8).reshape(-1), parts[0].source)
+    if kind == fp8.FP8_TYPE and dim == 1 and any(p.shape[-2] % fp8.BLOCK for p in parts[:-1]):
+        parts = [QuantizedTensor(p.name, "F32", p.shape, p.dequantize().reshape(-1).view(torch.uint8), p.source) for p in parts]
+        kind = "F32"
+    values = [p.data.view(_TORCH[kind]).reshape(p.shape) for p in parts]
+    joined = (torch.stack(values, dim=0) if dim == 0 else torch.cat(values, dim=dim)).contiguous()
+    scale = None
+    if kind == fp8.FP8_TYPE:
+        scales = [p.scale for p in parts]
+        scale = (torch.stack(scales, dim=0) if dim == 0 else torch.cat(scales, dim=dim)).contiguous()
+    return QuantizedTensor(name, kind, tuple(joined.shape), joined.view(torch.uint8).reshape(-1), parts[0].source, scale)

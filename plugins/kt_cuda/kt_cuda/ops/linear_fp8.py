@@ -18,8 +18,9 @@ FP8_TYPES = ("F8_E4M3", "FP8_E4M3", "F8_E4M3FN")
 class KLinearFP8(Op):
     """``x @ W.T + b`` in FP8: weights e4m3 in 128x128 blocks, activations quantized per 1x128 group.
 
-    ``load()`` takes ``weight`` as FP8 e4m3 (ggml type name ``F8_E4M3``) with ``weight_scale_inv``
-    ``[ceil(N/128), ceil(K/128)]`` (DeepSeek-V3's checkpoints), or any other type, which is dequantized
+    ``load()`` takes ``weight`` as FP8 e4m3 (ggml type name ``F8_E4M3``) with its block scales
+    ``[ceil(N/128), ceil(K/128)]`` (DeepSeek-V3's checkpoints) as ``weight.scale`` (what ktcore's safetensors
+    source gives) or as a ``weight_scale_inv`` tensor, or any other type, which is dequantized
     and quantized to FP8 blocks here. Needs ``in_features`` divisible by 128 and a GPU of compute
     capability 8.9 or newer. Options: ``dtype`` (of the bias and the output; default the input's).
     """
@@ -53,12 +54,19 @@ class KLinearFP8(Op):
         N, K = self.out_features, self.in_features
         check_shape(self.name, qt, (N, K))
         if qt.ggml_type.upper() in FP8_TYPES:
-            if "weight_scale_inv" not in weights:
+            blocks = (-(-N // fp8.BLOCK), -(-K // fp8.BLOCK))
+            if qt.scale is not None:  # a native FP8 checkpoint's weight carries its scales (ktcore.weights.fp8)
+                if tuple(qt.scale.shape) != blocks:
+                    raise ValueError(f"{self.name}: block scales of {tensor_label(qt)} have shape "
+                                     f"{tuple(qt.scale.shape)}, expected {blocks}")
+                self.weight_scale = qt.scale.to(self.device, torch.float32).contiguous()
+            elif "weight_scale_inv" in weights:
+                sqt = weights["weight_scale_inv"]
+                check_shape(self.name, sqt, blocks)
+                self.weight_scale = sqt.dequantize(torch.float32, self.device).contiguous()
+            else:
                 raise KeyError(f"{self.name}: FP8 weight {tensor_label(qt)} comes without 'weight_scale_inv'")
-            sqt = weights["weight_scale_inv"]
-            check_shape(self.name, sqt, (-(-N // fp8.BLOCK), -(-K // fp8.BLOCK)))
             self.weight = qt.data.to(self.device).view(fp8.FP8).view(N, K)
-            self.weight_scale = sqt.dequantize(torch.float32, self.device).contiguous()
         else:
             self.weight, self.weight_scale = fp8.quantize_weight(qt.dequantize(torch.float32, self.device))
         if self.has_bias:
