@@ -104,7 +104,8 @@ void pack_iq(PackedMatrix& out, int type, const uint8_t* raw, int n, int k) {
         throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
                                     kIqInfo[type].name + "'s block of 256");
     out = PackedMatrix();
-    out.n = n; out.k = k; out.bits = 0; out.group = 256;
+    // group 16 and zero point 128: how the int8 prefill kernels see the decoded values (kernels_i8.h's unpack_a)
+    out.n = n; out.k = k; out.bits = 0; out.group = 16; out.zero_point = 128;
     out.iq = type;
     out.iq_block_bytes = kIqInfo[type].type_size;
     out.qs = Buffer(size_t(n) * out.row_bytes(), true);

@@ -19,7 +19,7 @@ from cpu_amx_helpers import rel_err
 from kt_cpu_amx import repack
 from kt_cpu_amx.ops import KExpertsCPU, KLinearCPU
 from kt_cpu_amx.runtime import kernels
-from test_cpu_amx_experts import E, H, TOPK, FakeExperts, I, reference, routing
+from test_cpu_amx_experts import E, H, FakeExperts, I, int8_prefill, reference, routing  # noqa: F401 (fixture)
 from torch import nn
 
 from ktcore.rule_selection import RULE_FILES_DIR
@@ -105,6 +105,24 @@ def test_experts_match_torch_on_dequantized_weights(isa, type_name, tokens):
     ref = reference({n: QuantizedTensor(n, "F32", q.shape, gguf_values(q).reshape(-1).view(torch.uint8), "deq")
                      for n, q in weights.items()}, x, idx, w)
     assert rel_err(y, ref) < TOL, rel_err(y, ref)
+
+
+@pytest.mark.parametrize("type_name", IQ_TYPES)
+def test_int8_prefill_matches_integer_path(int8_prefill, type_name):
+    """Experts with enough rows take the int8 prefill kernel (AMX-INT8 tiles or AVX512-VNNI), which decodes the
+    super-blocks as groups of 16 under zero point 128: the same integers as the integer-dot path, so the two
+    differ only in float summation order."""
+    weights = {"gate_proj": iq_tensor(type_name, (E, I, H), 20), "up_proj": iq_tensor(type_name, (E, I, H), 21),
+               "down_proj": iq_tensor(type_name, (E, H, I), 22)}
+    isa, amx_expert_rows = int8_prefill
+    op = KExpertsCPU(FakeExperts(), isa=isa)
+    op.load(weights)
+    x, idx, w = routing(40, seed=7)  # about 10 rows per expert: a partial token block of 16
+    amx_expert_rows(1)
+    y_tiles = op(x, idx, w)
+    amx_expert_rows(10**9)
+    y_dots = op(x, idx, w)
+    assert rel_err(y_tiles, y_dots) < 1e-5
 
 
 @pytest.mark.parametrize("type_name", ("IQ1_M", "IQ2_S", "IQ4_XS"))
