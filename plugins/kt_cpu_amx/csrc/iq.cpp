@@ -37,10 +37,10 @@ void set_iq_table(const std::string& name, const int8_t* data, size_t count) {
         throw std::invalid_argument("kt_cpu_amx: i-quant table " + name + " has " + std::to_string(count) +
                                     " values, expected " + std::to_string(spec.points * spec.len));
     IqTables& T = iq_tables;
-    auto points8 = [&](uint64_t* out, int scale) {
+    auto points8 = [&](uint64_t* out, int scale, int add) {
         for (int p = 0; p < spec.points; ++p) {
             uint64_t v = 0;
-            for (int j = 0; j < 8; ++j) v |= uint64_t(uint8_t(int8_t(data[p * 8 + j] * scale))) << (8 * j);
+            for (int j = 0; j < 8; ++j) v |= uint64_t(uint8_t(int8_t(data[p * 8 + j] * scale + add))) << (8 * j);
             out[p] = v;
         }
     };
@@ -52,10 +52,10 @@ void set_iq_table(const std::string& name, const int8_t* data, size_t count) {
         }
     };
     switch (t) {
-        case 0: points8(T.g1s, 8); break;
-        case 1: points8(T.g2xxs, 1); break;
-        case 2: points8(T.g2xs, 1); break;
-        case 3: points8(T.g2s, 1); break;
+        case 0: points8(T.g1s, 8, 1); points8(T.g1s + 2048, 8, -1); break;
+        case 1: points8(T.g2xxs, 1, 0); break;
+        case 2: points8(T.g2xs, 1, 0); break;
+        case 3: points8(T.g2s, 1, 0); break;
         case 4: points4(T.g3xxs); break;
         case 5: points4(T.g3s); break;
         case 6: for (int i = 0; i < 128; ++i) T.ksign_mask[i] = byte_mask(uint8_t(data[i])); break;

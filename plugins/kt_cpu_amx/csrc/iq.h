@@ -19,10 +19,11 @@ extern const IqInfo kIqInfo[IQ_COUNT];  // by IqType; [0] unused
 // IqType of a GGML type name, IQ_NONE for others.
 int iq_type_for(const std::string& ggml_type);
 
-// The lookup tables, as the decoders read them: lattice points as int8 bytes (IQ1_S's as 8 * point, so that
-// point + delta with delta = +-1/8 is the integer 8 * point +- 1 over 8), sign masks as 0xFF bytes.
+// The lookup tables, as the decoders read them: lattice points as int8 bytes (IQ1_S's as 8 * point +- 1, so that
+// point + delta with delta = +-1/8 is that integer over 8), sign masks as 0xFF bytes.
 struct IqTables {
-    uint64_t g2xxs[256], g2xs[512], g2s[1024], g1s[2048];
+    uint64_t g2xxs[256], g2xs[512], g2s[1024];
+    uint64_t g1s[4096];  // index | delta sign << 11: 8 * point + 1 (delta +1/8) or - 1 (delta -1/8)
     uint32_t g3xxs[256], g3s[512];
     uint64_t ksign_mask[128];  // ggml's ksigns_iq2xs entry i (7 sign bits + parity) as a byte mask
     uint64_t sign_mask[256];   // byte b's 8 bits as a byte mask

@@ -3,10 +3,13 @@
 // order), and q the lattice point times its sign, so the product is gguf-py's weight bit for bit: a sign flips
 // exactly; IQ1's point + delta (delta = +-1/8) is (8 * point +- 1) / 8 with the 1/8 moved into s, which is
 // exact (a power of two), so s * q rounds the same real number once, as gguf-py's dl * (point + delta) does.
-// Static functions, SSE2 only (the x86-64 baseline): every translation unit that includes this compiles its own
+// Static functions, SSE2 (the x86-64 baseline; pshufb where the unit is built with SSSE3): every translation unit that includes this compiles its own
 // copy with its own -m flags. Block layouts: ggml-common.h's block_iq*.
 #pragma once
 #include <emmintrin.h>
+#ifdef __SSSE3__
+#include <tmmintrin.h>
+#endif
 
 #include <cstring>
 
@@ -30,10 +33,9 @@ static inline void put_signed(int8_t* out, uint64_t v, uint64_t mask) {
     const __m128i x = _mm_cvtsi64_si128(int64_t(v)), m = _mm_cvtsi64_si128(int64_t(mask));
     _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_sub_epi8(_mm_xor_si128(x, m), m));
 }
-// 8 IQ1 values: 8 * point (the table) plus +-1 (the delta's sign).
-static inline void put_iq1(int8_t* out, uint64_t v8, int plus_minus) {
-    const __m128i x = _mm_cvtsi64_si128(int64_t(v8));
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_add_epi8(x, _mm_set1_epi8(char(plus_minus))));
+// 8 IQ1 values, 8 * point +- 1: the table's entry for the index and the delta's sign (minus: bit 11).
+static inline void put_iq1(int8_t* out, int idx_and_sign) {
+    std::memcpy(out, &iq_tables.g1s[idx_and_sign], 8);
 }
 
 // block_iq2_xxs: d, then per 32 weights two uint32: 4 lattice indices | 4 x 7 sign bits + a 4-bit scale
@@ -113,28 +115,28 @@ static inline void iq3_s(const uint8_t* b, int8_t* q, float* s) {
 
 // block_iq1_s: d, qs[32] (index low bytes), qh[8] uint16 (4 x 3 high index bits, 3-bit scale, delta sign)
 static inline void iq1_s(const uint8_t* b, int8_t* q, float* s) {
-    const IqTables& T = iq_tables;
     const float d = half_at(b);
     for (int ib = 0; ib < 8; ++ib) {
         const uint16_t h = word_at<uint16_t>(b + 34 + 2 * ib);
         s[2 * ib] = s[2 * ib + 1] = d * float(2 * ((h >> 12) & 7) + 1) * 0.125f;
-        const int pm = (h & 0x8000) ? -1 : 1;
-        for (int l = 0; l < 4; ++l) put_iq1(q + 32 * ib + 8 * l, T.g1s[b[2 + 4 * ib + l] | (((h >> (3 * l)) & 7) << 8)], pm);
+        const int minus = (h & 0x8000) >> 4;  // bit 11
+        for (int l = 0; l < 4; ++l) put_iq1(q + 32 * ib + 8 * l, b[2 + 4 * ib + l] | (((h >> (3 * l)) & 7) << 8) | minus);
     }
 }
 
 // block_iq1_m: qs[32], qh[16] (a nibble per 8 weights: 3 high index bits + delta sign), scales[4] uint16 (4 x 3-bit
 // scales each, one per 16 weights; their top nibbles hold the block's fp16 scale)
 static inline void iq1_m(const uint8_t* b, int8_t* q, float* s) {
-    const IqTables& T = iq_tables;
     uint16_t sw[4];
     for (int i = 0; i < 4; ++i) sw[i] = word_at<uint16_t>(b + 48 + 2 * i);
     const uint16_t dbits = uint16_t((sw[0] >> 12) | ((sw[1] >> 8) & 0xF0) | ((sw[2] >> 4) & 0xF00) | (sw[3] & 0xF000));
     const float d = fp16_to_fp32(dbits);
-    for (int j = 0; j < 16; ++j) s[j] = d * float(2 * ((sw[j / 4] >> (3 * (j % 4))) & 7) + 1) * 0.125f;
-    for (int j = 0; j < 32; ++j) {
-        const int nib = (b[32 + j / 2] >> (4 * (j & 1))) & 15;
-        put_iq1(q + 8 * j, T.g1s[b[j] | ((nib & 7) << 8)], (nib & 8) ? -1 : 1);
+    for (int w = 0; w < 4; ++w)
+        for (int f = 0; f < 4; ++f) s[4 * w + f] = d * float(2 * ((sw[w] >> (3 * f)) & 7) + 1) * 0.125f;
+    for (int j = 0; j < 16; ++j) {  // a qh byte per 16 weights: its nibbles' bit 3, the delta's sign, land on bit 11
+        const int h = b[32 + j];
+        put_iq1(q + 16 * j, b[2 * j] | ((h & 15) << 8));
+        put_iq1(q + 16 * j + 8, b[2 * j + 1] | ((h >> 4) << 8));
     }
 }
 
@@ -148,10 +150,18 @@ static inline void iq4_xs(const uint8_t* b, int8_t* q, float* s) {
         const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
         s[2 * ib] = s[2 * ib + 1] = d * float(ls - 32);
         const uint8_t* qs = b + 8 + 16 * ib;
+#ifdef __SSSE3__
+        const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(T.k4nl)), m4 = _mm_set1_epi8(15);
+        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * ib), _mm_shuffle_epi8(lut, _mm_and_si128(x, m4)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * ib + 16),
+                         _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m4)));
+#else
         for (int j = 0; j < 16; ++j) {
             q[32 * ib + j] = T.k4nl[qs[j] & 15];
             q[32 * ib + 16 + j] = T.k4nl[qs[j] >> 4];
         }
+#endif
     }
 }
 
