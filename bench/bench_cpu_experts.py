@@ -19,6 +19,13 @@ kt-kernel's GGUF method refuses 1408: ``--inter 1536`` gives an all-Q4_K layer i
 
     python bench/bench_cpu_experts.py --threads 16 --qtype Q4_K --tokens 1,32,128,512 \\
         [--kt-kernel DIR] [--kt-kernel-threads 16,12,8] [--inter 1536] [--torch] [--llama-cpp] [--json out.json]
+
+``--iq-types [IQ1_S,...]`` (default: every i-quant the kernels keep as blocks) instead times one layer of the same
+shape per type, random valid blocks, against Q4_K in the same run: decode (1 token) and prefill (``--iq-prefill``
+tokens) ms, the bytes of one expert, and the output error against the torch reference on the blocks' gguf-py
+values. The i-quants' super-block is 256: a moe_intermediate that is no multiple of it is rounded up (1408 -> 1536).
+
+    python bench/bench_cpu_experts.py --threads 2 --iq-types
 """
 
 from __future__ import annotations
@@ -226,6 +233,61 @@ def llama_cpp_times(path1: str, path2: str, threads: int, prefill: int, decode_s
             "whole_2layer_decode_s": d2}
 
 
+# ------------------------------------------------------------------------------------------------ i-quants
+IQ_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+
+
+def random_layer(qtype: str, inter: int, seed: int) -> dict:
+    """gate/up/down of E experts as random valid ``qtype`` blocks (scales about 0.02)."""
+    import numpy as np
+
+    from ktcore.weights.gguf_writer import random_valid_blocks
+    from ktcore.weights.quants import GGML_TYPES
+    from ktcore.weights.tensor import QuantizedTensor
+
+    info, rng = GGML_TYPES[qtype], np.random.default_rng(seed)
+    out = {}
+    for name, shape in (("gate_proj", (E, inter, H)), ("up_proj", (E, inter, H)), ("down_proj", (E, H, inter))):
+        n_blocks = E * shape[1] * shape[2] // info.block_size
+        data = torch.from_numpy(random_valid_blocks(rng, qtype, n_blocks, 0.02).reshape(-1))
+        out[name] = QuantizedTensor(f"bench.{name}", qtype, shape, data, "random blocks")
+    return out
+
+
+def iq_type_rows(args) -> dict:
+    """{type: {"decode_ms", "prefill_ms", "expert_bytes", "rel_err"}} for Q4_K and each of ``args.iq_types``."""
+    from kt_cpu_amx.ops import KExpertsCPU
+
+    from ktcore.builtin.experts import KExpertsTorch
+
+    inter = (args.inter + 255) // 256 * 256
+    rows = {}
+    for qtype in ["Q4_K", *args.iq_types]:
+        weights = random_layer(qtype, inter, seed=len(rows))
+        op = KExpertsCPU(ExpertsShape(inter), isa=args.isa, threads=args.threads)
+        op.load(weights)
+        ref_op = KExpertsTorch(ExpertsShape(inter), dtype=torch.float32)
+        ref_op.load(weights)
+        check = routing(8, torch.Generator().manual_seed(7))
+        err = rel_err(op(*check), ref_op(*check))
+        del ref_op
+        rows[qtype] = {"expert_bytes": op.layer.expert_nbytes, "rel_err": err,
+                       "decode_ms": 1e3 * time_op(op, 1, args.decode_reps),
+                       "prefill_ms": 1e3 * time_op(op, args.iq_prefill, args.prefill_reps)}
+        del op, weights
+        r = rows[qtype]
+        print(f"{qtype:8s} decode {r['decode_ms']:8.2f} ms  prefill({args.iq_prefill}) {r['prefill_ms']:9.1f} ms  "
+              f"expert {r['expert_bytes'] / 2**20:6.2f} MiB  err {err:.3g}", flush=True)
+    base = rows["Q4_K"]
+    print(f"\n{E} experts, {K_ACTIVE} active, hidden {H}, moe_intermediate {inter}, {args.threads} threads\n")
+    print(f"| type | expert MiB | decode ms | vs Q4_K | prefill {args.iq_prefill} ms | vs Q4_K | error vs torch |")
+    print("|---|---|---|---|---|---|---|")
+    for qtype, r in rows.items():
+        print(f"| {qtype} | {r['expert_bytes'] / 2**20:.2f} | {r['decode_ms']:.2f} | {r['decode_ms'] / base['decode_ms']:.2f}x "
+              f"| {r['prefill_ms']:.1f} | {r['prefill_ms'] / base['prefill_ms']:.2f}x | {r['rel_err']:.3g} |")
+    return rows
+
+
 def print_table(result: dict, tokens: list[int]) -> None:
     peers = result.get("kt_kernel", {})
     head = ["tokens", "ktcore ms"]
@@ -267,10 +329,20 @@ def main():
     ap.add_argument("--kt-kernel-methods", default=",".join(KT_KERNEL_METHODS))
     ap.add_argument("--torch", action="store_true", help="also time KExpertsTorch")
     ap.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python) on the whole GGUF")
+    ap.add_argument("--iq-types", nargs="?", const=",".join(IQ_TYPES), default=None,
+                    help="time the i-quants (comma list, default all) against Q4_K on one layer, then exit")
+    ap.add_argument("--iq-prefill", type=int, default=128, help="prefill tokens of the --iq-types rows")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.kt_kernel_threads = args.kt_kernel_threads or str(args.threads)
+    if args.iq_types is not None:
+        torch.set_num_threads(args.threads)
+        args.iq_types = [t for t in args.iq_types.split(",") if t]
+        rows = iq_type_rows(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
 
     from kt_cpu_amx import get_runtime
     from kt_cpu_amx.ops import KExpertsCPU

@@ -18,7 +18,7 @@ ISA_FLAGS = {
     "kernels_amx.cpp": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
                         "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }
-SOURCES = ["pack.cpp", "pool.cpp", "cpu_features.cpp", "engine.cpp", "decoder.cpp", "bindings.cpp", "host_launch.cpp", *ISA_FLAGS]
+SOURCES = ["pack.cpp", "iq.cpp", "pool.cpp", "cpu_features.cpp", "engine.cpp", "decoder.cpp", "bindings.cpp", "host_launch.cpp", *ISA_FLAGS]
 
 
 def have_numa() -> bool:
@@ -59,7 +59,8 @@ ext = Pybind11Extension(
     libraries=["numa"] if numa else [],
     extra_link_args=["-pthread"],
     depends=[os.path.join("csrc", h) for h in ("common.h", "kernels.h", "kernels_impl.h", "kernels_i8.h", "engine.h", "pool.h",
-                                                "pack.h", "cpu_features.h", "decoder.h")],
+                                                "pack.h", "cpu_features.h", "decoder.h", "iq.h",
+                                                "iq_decode.h", "kernels_iq.h")],
     cxx_std=17,
 )
 setup(ext_modules=[ext], cmdclass={"build_ext": PerFileFlagsBuildExt})

@@ -5,6 +5,7 @@
 #include "cpu_features.h"
 #include "decoder.h"
 #include "engine.h"
+#include "iq.h"
 #include "pack.h"
 
 namespace py = pybind11;
@@ -50,6 +51,23 @@ PYBIND11_MODULE(_kernels, m) {
     });
     m.def("isa_unavailable_reason", &isa_unavailable_reason, py::arg("isa"));
     m.def("exact_bits_for", &exact_bits_for, py::arg("ggml_type"));
+    m.def("iq_types", [] {
+        std::vector<std::string> out;
+        for (int t = 1; t < IQ_COUNT; ++t) out.push_back(kIqInfo[t].name);
+        return out;
+    }, "The i-quant GGML types kept as their GGUF blocks.");
+    m.def("set_iq_table", [](const std::string& name, py::bytes data) {
+        const std::string b = data;
+        set_iq_table(name, reinterpret_cast<const int8_t*>(b.data()), b.size());
+    }, py::arg("name"), py::arg("data"), "Install an i-quant lookup table (int8 values; runtime.kernels() does).");
+    m.def("iq_decode_blocks", [](const std::string& type, uintptr_t raw, int nblocks, uintptr_t q, uintptr_t scales) {
+        const int t = iq_type_for(type);
+        if (!t) throw std::invalid_argument("kt_cpu_amx: " + type + " is not an i-quant type");
+        for (int b = 0; b < nblocks; ++b)
+            iq_decode_block(t, ptr<const uint8_t>(raw) + size_t(b) * kIqInfo[t].type_size, ptr<int8_t>(q) + 256 * size_t(b),
+                            ptr<float>(scales) + 16 * size_t(b));
+    }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("nblocks"), py::arg("q_ptr"), py::arg("scales_ptr"),
+       "Decode nblocks super-blocks into int8 q [nblocks, 256] and float scales [nblocks, 16] (weight = scale * q).");
 #ifdef KT_HAVE_NUMA
     m.attr("numa") = true;
 #else
@@ -81,6 +99,8 @@ PYBIND11_MODULE(_kernels, m) {
         .def_readonly("sub8_scales", &PackedMatrix::sub8_scales)
         .def_readonly("sub16_scales", &PackedMatrix::sub16_scales)
         .def_readonly("zero_point", &PackedMatrix::zero_point, "0, or the zero point replacing the mins")
+        .def_property_readonly("iq_type", [](const PackedMatrix& p) { return std::string(kIqInfo[p.iq].name); },
+                               "The i-quant kept as GGUF blocks, or ''")
         .def_property_readonly("nbytes", &PackedMatrix::nbytes);
 
     py::class_<MoeLayer, std::shared_ptr<MoeLayer>>(m, "MoeLayer")

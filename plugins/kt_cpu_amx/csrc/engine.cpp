@@ -69,7 +69,7 @@ std::string Runtime::isa_name() const {
 }
 
 bool Runtime::use_amx(const PackedMatrix& W, int rows, int min_rows) const {
-    return isa_ == Isa::Amx && rows >= min_rows && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
+    return isa_ == Isa::Amx && rows >= min_rows && !W.iq && W.n % 32 == 0 && W.k % 32 == 0 && W.groups() <= 2048;
 }
 
 uint16_t* Runtime::amx_scratch(int thread, int k) { return amx_scratch_[thread].get<uint16_t>(size_t(32) * k); }

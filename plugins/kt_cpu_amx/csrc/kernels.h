@@ -28,9 +28,9 @@ using AttendLatentFn = void (*)(const float* q, const float* K, int d, size_t ld
                                 int dr, size_t ldr, int T, float scale, float* scores, float* out);
 
 // The int8 prefill kernels (amx::gemm_i8, avx512::gemm_i8) take W when gemm_i8_fits (4-bit or 8-bit, groups of 16 or
-// 32, rows in blocks of 16).
+// 32, or an i-quant, rows in blocks of 16).
 inline bool gemm_i8_fits(const PackedMatrix& W) {
-    return W.n % 16 == 0 && W.k % 32 == 0 && (W.bits == 4 || W.bits == 8) && (W.group == 16 || W.group == 32) &&
+    return W.n % 16 == 0 && W.k % 32 == 0 && (W.bits == 4 || W.bits == 8 || W.iq) && (W.group == 16 || W.group == 32) &&
            W.k / W.group <= 2048;  // kernels_amx.cpp: kMaxGroups
 }
 namespace avx2 {

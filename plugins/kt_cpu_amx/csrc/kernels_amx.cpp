@@ -8,6 +8,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "iq_decode.h"
 #include "kernels.h"
 
 namespace kt {

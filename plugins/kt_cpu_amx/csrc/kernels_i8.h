@@ -85,7 +85,8 @@ size_t gemm_i8_scratch_bytes(int k) {
 
 // Rows n..n+15 of W unpacked to one byte per weight, row r at a + r * lda (the A tiles read group g at a + g * gs
 // with stride lda), and their scales and mins, s[16][G], m[16][G]. minus_zp: with a zero point z the bytes are
-// q - z (int8: every such format keeps q in [0, 2z), z <= 128), else q.
+// q - z (int8: every such format keeps q in [0, 2z), z <= 128), else q. The i-quants' decoded int8 values v are
+// q = v + 128 under zero point 128 (their super-blocks decoded here, as the integer-dot kernels do).
 static inline void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda, float* s, float* m, bool minus_zp) {
     const int G = W.groups(), k = W.k;
     const char z = minus_zp ? char(W.zero_point) : 0;
@@ -95,6 +96,16 @@ static inline void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda
     for (int r = 0; r < 16; ++r) {
         const uint8_t* q = W.row_q(n + r);
         uint8_t* o = a + r * lda;
+        if (W.iq) {  // signed int8 values, zero point 128: q + 128 - z
+            float* sr = s + size_t(r) * G;
+            for (int b = 0; b < k / 256; ++b)
+                iqdec::decode(W.iq, q + size_t(b) * W.iq_block_bytes, reinterpret_cast<int8_t*>(o) + 256 * b, sr + 16 * b);
+            if (!minus_zp)
+                for (int j = 0; j < k; j += 64)
+                    _mm512_storeu_si512(o + j, _mm512_xor_si512(_mm512_loadu_si512(o + j), _mm512_set1_epi8(char(0x80))));
+            for (int g = 0; g < G; ++g) m[size_t(r) * G + g] = -128.f * sr[g];
+            continue;
+        }
         if (W.bits == 4) {
             int g = 0;
             for (; g + 4 <= G; g += 4) {

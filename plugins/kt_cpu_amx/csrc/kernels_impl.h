@@ -6,7 +6,9 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
+#include "iq_decode.h"
 #include "kernels.h"
 
 namespace kt {
@@ -314,8 +316,11 @@ static void gemm_rows(const PackedMatrix& W, int n0, int n1, const QAct& X, int 
     for (; n < n1; ++n) rows_all_tokens<1, S>(W, n, X, M, Y, ldy);
 }
 
+#include "kernels_iq.h"
+
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int M, float* Y, int ldy) {
-    if (W.sub8_scales) gemm_rows<Sub8>(W, n0, n1, X, M, Y, ldy);
+    if (W.iq) gemm_iq(W, n0, n1, X, M, Y, ldy);
+    else if (W.sub8_scales) gemm_rows<Sub8>(W, n0, n1, X, M, Y, ldy);
     else if (W.sub16_scales) gemm_rows<Sub16>(W, n0, n1, X, M, Y, ldy);
     else if (W.half_scales) gemm_rows<uint16_t>(W, n0, n1, X, M, Y, ldy);
     else gemm_rows<float>(W, n0, n1, X, M, Y, ldy);

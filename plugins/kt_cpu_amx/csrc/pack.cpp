@@ -1,5 +1,7 @@
 #include "pack.h"
 
+#include "iq.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -119,12 +121,14 @@ bool fp32_to_fp16_exact(float f, uint16_t& h) {
 }
 
 float PackedMatrix::scale_at(int r, int g) const {
+    if (iq) throw std::invalid_argument("kt_cpu_amx: an i-quant matrix has no group scales (unpack it)");
     if (sub8_scales) return two_level_scale(row_s<uint8_t>(r), row_sup_s(r), 8, g);
     if (sub16_scales) return two_level_scale(row_s<int8_t>(r), row_sup_s(r), 16, g);
     return half_scales ? fp16_to_fp32(row_s<uint16_t>(r)[g]) : row_s<float>(r)[g];
 }
 
 float PackedMatrix::min_at(int r, int g) const {
+    if (iq) throw std::invalid_argument("kt_cpu_amx: an i-quant matrix has no group mins (unpack it)");
     if (zero_point) return -float(zero_point) * scale_at(r, g);
     if (sub8_scales) return two_level_scale(row_m<uint8_t>(r), row_sup_m(r), 8, g);
     if (sub16_scales) return two_level_scale(row_m<int8_t>(r), row_sup_m(r), 16, g);
@@ -425,6 +429,7 @@ static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
 }
 
 void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k) {
+    if (const int iq = iq_type_for(type)) return pack_iq(out, iq, raw, n, k);
     const TypeInfo* ti = find_type(type);
     if (!ti) throw std::invalid_argument("kt_cpu_amx: GGML type " + type + " has no exact repacking");
     if (k % ti->block)
@@ -478,6 +483,7 @@ void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits) {
 }
 
 void unpack_to_float(const PackedMatrix& m, float* out) {
+    if (m.iq) return unpack_iq(m, out);
     for (int r = 0; r < m.n; ++r) {
         const uint8_t* q = m.row_q(r);
         float* y = out + size_t(r) * m.k;

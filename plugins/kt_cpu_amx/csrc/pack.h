@@ -9,7 +9,8 @@ namespace kt {
 // GGML types that map onto the layout without losing information, and the bits they map to (0: unknown).
 int exact_bits_for(const std::string& ggml_type);
 
-// Repack `n` rows of `k` elements of raw GGUF blocks of `ggml_type` (one of the exact types).
+// Repack `n` rows of `k` elements of raw GGUF blocks of `ggml_type` (one of the exact types, or an i-quant: iq.h,
+// kept as its blocks).
 void pack_gguf(PackedMatrix& out, const std::string& ggml_type, const uint8_t* raw, int n, int k);
 
 // Quantize float weights [n, k] to bits 8 (symmetric groups of 16) or 4 (asymmetric groups of 32).

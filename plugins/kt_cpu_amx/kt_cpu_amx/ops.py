@@ -34,7 +34,7 @@ class KLinearCPU(Op):
     name = "KLinearCPU"
     role = "linear"
     devices = ("cpu",)
-    ggml_types = None  # any: exact types are repacked, the rest quantized online
+    ggml_types = repack.STORED_TYPES  # kept as stored (repacked exactly or as blocks); others dequantized, then quantized online
 
     def __init__(self, module: nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
         super().__init__(module, device, **kwargs)
@@ -166,7 +166,7 @@ class KExpertsCPU(Op):
     name = "KExpertsCPU"
     role = "experts"
     devices = ("cpu",)
-    ggml_types = None
+    ggml_types = repack.STORED_TYPES
 
     def __init__(self, module: nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
         super().__init__(module, device, **kwargs)

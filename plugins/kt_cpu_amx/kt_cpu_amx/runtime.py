@@ -35,7 +35,29 @@ def _load():
         from . import _kernels
     except ImportError as exc:  # not built, or built for another platform
         return exc
+    _install_iq_tables(_kernels)
     return _kernels
+
+
+def _install_iq_tables(mod) -> None:
+    """The i-quants' lattice grids and sign table from ktcore's type table (gguf-py's own), and the IQ4_NL values,
+    into the C++ decoders: one copy of each table, read from the format's reference."""
+    from ktcore.sdk import lookup_tables
+    from ktcore.weights.dequant import IQ4_NL_VALUES
+
+    done = set()
+    for name in mod.iq_types():
+        for table_name, table in zip(_table_names(name), lookup_tables(name, "cpu")):
+            if table_name not in done:
+                mod.set_iq_table(table_name, table.to(torch.int8).numpy().tobytes())
+                done.add(table_name)
+    mod.set_iq_table("IQ4_NL", torch.tensor(IQ4_NL_VALUES, dtype=torch.int8).numpy().tobytes())
+
+
+def _table_names(type_name: str) -> tuple[str, ...]:
+    from ktcore.sdk import GGML_TYPES
+
+    return GGML_TYPES[type_name].lookup_tables
 
 
 def kernels():
