@@ -75,3 +75,16 @@ def test_placement_reads_the_same_available_memory(monkeypatch):
     assert free_memory("cpu") == 12345
     monkeypatch.undo()
     assert free_memory("cpu") > 0
+
+
+def test_read_ahead_asks_for_every_chunk_of_the_file(model_file, monkeypatch):
+    # Linux honours at most one readahead window per call, so one call for the whole file would read its start
+    asked = []
+    monkeypatch.setattr(readahead, "available_memory", lambda: 64 << 20)
+    monkeypatch.setattr(readahead.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append(
+        (offset, length, advice)))
+    readahead.read_ahead([model_file]).join(10)
+    assert all(advice == readahead.os.POSIX_FADV_WILLNEED and length <= 128 << 10 for _, length, advice in asked)
+    covered = sorted((offset, offset + length) for offset, length, _ in asked)
+    assert covered[0][0] == 0 and covered[-1][1] >= model_file.stat().st_size
+    assert all(b[0] <= a[1] for a, b in zip(covered, covered[1:]))
