@@ -1,6 +1,9 @@
 """What load-time shortcuts must not change: the engine's end tokens (looked up one by one instead of through
 the whole vocabulary) and when the model file is read ahead (only when it fits in the memory available)."""
 
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -88,3 +91,22 @@ def test_read_ahead_asks_for_every_chunk_of_the_file(model_file, monkeypatch):
     covered = sorted((offset, offset + length) for offset, length, _ in asked)
     assert covered[0][0] == 0 and covered[-1][1] >= model_file.stat().st_size
     assert all(b[0] <= a[1] for a, b in zip(covered, covered[1:]))
+
+
+CONSOLE = [sys.executable, "-c", "from ktcore.cli import console_main; console_main()"]
+
+
+def test_console_script_flushes_and_runs_exit_handlers_before_ending(tmp_path):
+    # stdout to a pipe is block-buffered (no PYTHONUNBUFFERED): the reply must still arrive whole
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "2"}
+    marker = tmp_path / "atexit-ran"
+    code = (f"import atexit, pathlib; atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes'); "
+            "from ktcore.cli import console_main; console_main()")
+    r = subprocess.run([sys.executable, "-c", code, "run", "tiny:llama", "-p", "hi", "--raw", "--max-new-tokens", "3",
+                        "-q"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and r.stdout.strip()
+    assert marker.read_text() == "yes"
+    bad = subprocess.run([*CONSOLE, "run", str(tmp_path / "missing.gguf"), "-p", "hi"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert bad.returncode == 2 and "model file not found" in bad.stderr
