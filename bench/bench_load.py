@@ -118,7 +118,7 @@ def first_output(command: list[str], env: dict) -> tuple[float, float | None]:
 
 def measure(name: str, path: Path, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONUNBUFFERED="1")
-    kt = [sys.executable, "-c", "import sys; from ktcore.cli import main; sys.exit(main())", "run", str(path),
+    kt = [sys.executable, "-c", "from ktcore.cli import console_main; console_main()", "run", str(path),
           "-p", PROMPT, "--threads", str(args.threads)]
     llama = [sys.executable, "-c", LLAMA_FIRST_TOKEN, str(path), str(args.threads), str(args.llama_batch), PROMPT]
     rows = {k: [] for k in ("read_cold", "read_warm", "kt_cold", "kt_warm", "kt_cpu", "llama_cold", "llama_warm",
