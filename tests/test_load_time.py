@@ -110,3 +110,14 @@ def test_console_script_flushes_and_runs_exit_handlers_before_ending(tmp_path):
     bad = subprocess.run([*CONSOLE, "run", str(tmp_path / "missing.gguf"), "-p", "hi"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert bad.returncode == 2 and "model file not found" in bad.stderr
+
+
+def test_kt_run_reads_the_model_ahead_before_importing_torch(tmp_path):
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))  # passes the path check; --top-p 0 is refused once torch is imported
+    probe = ("import sys; import ktcore.readahead as r\n"
+             "r.read_ahead = lambda paths: print('torch' in sys.modules, *paths)\n"
+             "from ktcore.cli import main; main(['run', sys.argv[1], '-p', 'hi', '--top-p', '0'])")
+    r = subprocess.run([sys.executable, "-c", probe, str(model)], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.stdout.split() == ["False", str(model)], r.stdout + r.stderr
