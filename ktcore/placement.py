@@ -234,12 +234,9 @@ def free_memory(device: str) -> int | None:
             return None
         return torch.cuda.mem_get_info(device)[0]
     if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
+        from .readahead import available_memory
+
+        return available_memory()
     return None
 
 

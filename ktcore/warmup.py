@@ -4,18 +4,21 @@ The first calls of a freshly loaded model pay for what later calls reuse: Triton
 disk by Triton), int4 kernel tiles timed (``tuned_config`` in kt-cuda, cached on disk per GPU and problem by
 ``ktcore.tune_cache``), CUDA graphs captured, the CPU plugins' thread pools started and their fused decode
 plans built. ``kt run`` and ``kt chat`` warm their ``Generator`` and ``kt serve`` its engine here, so that
-none of it lands in the first reply or in a timing line.
+none of it lands in the first reply or in a timing line. A model held wholly on the CPU decodes fewer warm-up
+tokens: it has no graph to replay, and its first decode step already builds what later ones reuse.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 
 WARM_UP_TEXT = "The quick brown fox jumps over the lazy dog. " * 2
 WARM_UP_PROMPT_TOKENS = 8
 WARM_UP_NEW_TOKENS = 4  # the first decode step captures a graph, the next ones replay it
+CPU_WARM_UP_NEW_TOKENS = 2  # the prefill and one decode step (thread pools, fused decode plans)
 
 
 def warm_up_ids(tokenizer, vocab_size: int, count: int = WARM_UP_PROMPT_TOKENS) -> list[int]:
@@ -31,9 +34,17 @@ def _params(new_tokens: int):
     return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 
 
-def warm_up_generator(gen, new_tokens: int = WARM_UP_NEW_TOKENS) -> float:
-    """Prefill a short prompt and decode ``new_tokens`` greedily through ``gen`` (a ``Generator``); returns
-    the seconds it took. The generator's cache is reset by its next request."""
+def warm_up_new_tokens(model) -> int:
+    """Tokens a warm-up generates: ``CPU_WARM_UP_NEW_TOKENS`` when every parameter and buffer of ``model`` is on
+    the CPU, else ``WARM_UP_NEW_TOKENS``."""
+    on_cpu = all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers()))
+    return CPU_WARM_UP_NEW_TOKENS if on_cpu else WARM_UP_NEW_TOKENS
+
+
+def warm_up_generator(gen, new_tokens: int | None = None) -> float:
+    """Prefill a short prompt and decode ``new_tokens`` (default: ``warm_up_new_tokens``) greedily through
+    ``gen`` (a ``Generator``); returns the seconds it took. The generator's cache is reset by its next request."""
+    new_tokens = new_tokens if new_tokens is not None else warm_up_new_tokens(gen.model)
     t0 = time.perf_counter()
     ids = warm_up_ids(gen.tokenizer, _vocab_size(gen.model))
     for _ in gen.generate_ids(ids, _params(new_tokens)):
@@ -47,11 +58,13 @@ def engine_batch_sizes(max_concurrency: int) -> list[int]:
 
 
 def warm_up_engine(engine, tokenizer, batch_sizes: Iterable[int] | None = None,
-                   new_tokens: int = WARM_UP_NEW_TOKENS) -> float:
+                   new_tokens: int | None = None) -> float:
     """Start ``engine`` and run, for each batch size, that many concurrent requests of a short prompt and
-    ``new_tokens`` tokens through it (``engine.submit``, as the server does), waiting for all of them; returns
-    the seconds it took. Raises ``RuntimeError`` when a warm-up request fails (the model cannot serve)."""
+    ``new_tokens`` tokens (default: ``warm_up_new_tokens``) through it (``engine.submit``, as the server does),
+    waiting for all of them; returns the seconds it took. Raises ``RuntimeError`` when a warm-up request fails
+    (the model cannot serve)."""
     sizes = list(batch_sizes) if batch_sizes is not None else engine_batch_sizes(engine.max_concurrency)
+    new_tokens = new_tokens if new_tokens is not None else warm_up_new_tokens(engine.model)
     ids = warm_up_ids(tokenizer, _vocab_size(engine.model))
     t0 = time.perf_counter()
     engine.start()

@@ -111,26 +111,30 @@ def test_open_model_fills_max_context_from_the_model(tiny):
 
 def test_generator_warm_up_leaves_replies_as_they_were(tiny):
     from ktcore.generate import Generator
-    from ktcore.warmup import warm_up_generator
+    from ktcore.warmup import CPU_WARM_UP_NEW_TOKENS, warm_up_generator, warm_up_new_tokens
+
+    assert warm_up_new_tokens(tiny.model) == CPU_WARM_UP_NEW_TOKENS
 
     ids = [5, 17, 33, 8, 90, 41]
     cold = _greedy(Generator(tiny.model, tiny.tokenizer, max_context=tiny.max_context), ids)
     gen = Generator(tiny.model, tiny.tokenizer, max_context=tiny.max_context)
     assert warm_up_generator(gen) > 0
-    assert gen.last_timing.generated_tokens == 4  # the warm-up ran through this generator
+    assert gen.last_timing.generated_tokens == CPU_WARM_UP_NEW_TOKENS  # the warm-up ran through this generator
     assert _greedy(gen, ids) == cold
 
 
 def test_engine_warm_up_runs_each_batch_size_through_the_engine(tiny):
     from ktcore.generate import Generator, SamplingParams
     from ktcore.server.engine import Engine
-    from ktcore.warmup import engine_batch_sizes, warm_up_engine, warm_up_tokens
+    from ktcore.warmup import engine_batch_sizes, warm_up_engine, warm_up_new_tokens, warm_up_tokens
 
     assert engine_batch_sizes(8) == [1, 8] and engine_batch_sizes(1) == [1]
     engine = Engine(tiny.model, tiny.tokenizer, max_context=tiny.max_context, max_concurrency=3)
     try:
         assert warm_up_engine(engine, tiny.tokenizer, engine_batch_sizes(3)) > 0
-        assert engine.tokens_generated == warm_up_tokens(1) + 3 * warm_up_tokens(3) and engine.max_batch_seen == 3
+        n = warm_up_new_tokens(tiny.model)
+        assert engine.tokens_generated == warm_up_tokens(1, n) + 3 * warm_up_tokens(3, n)
+        assert engine.max_batch_seen == 3
         ids = [5, 17, 33, 8, 90, 41]
 
         async def ask():

@@ -16,7 +16,7 @@ from ktcore.cli.chat import read_message
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect drives the chat through a pseudo-terminal (pip install pexpect)")
 
-KT = [sys.executable, "-c", "import sys; from ktcore.cli import main; sys.exit(main())"]
+KT = [sys.executable, "-c", "from ktcore.cli import console_main; console_main()"]  # what the kt script runs
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", TERM="dumb")
 LOAD_TIMEOUT = 600  # loading on a busy 2-core CI machine
 

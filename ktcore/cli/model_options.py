@@ -193,6 +193,10 @@ def open_model(args, *, needs_chat_template: bool = False, check_options: Callab
     ``Registry(entrypoints=False)``)."""
     check_model_options(args)
     say(args, f"loading {args.model} ({_size(args.model)})")
+    if args.loader == "ktcore" and os.path.isfile(args.model):
+        from ktcore.readahead import read_ahead
+
+        read_ahead([args.model])  # the disk works while torch is imported (GGUFSource adds a split set's shards)
     phase = Phases(args)
     phase("importing torch")
     apply_threads(args.threads)

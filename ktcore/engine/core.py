@@ -33,11 +33,21 @@ def end_token_ids(model, tokenizer) -> set[int]:
             ids.add(value)
         elif value is not None:
             ids.update(int(i) for i in value)
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
-    if "<|channel|>" in vocab and "<|end|>" in vocab:  # harmony (GPT-OSS): <|end|> ends a message, not the reply
-        ids.discard(vocab["<|end|>"])
+    if tokenizer is not None:
+        ids.update(i for i in (_token_id(tokenizer, t) for t in END_OF_TURN_TOKENS) if i is not None)
+        end = _token_id(tokenizer, "<|end|>")
+        if end is not None and _token_id(tokenizer, "<|channel|>") is not None:
+            ids.discard(end)  # harmony (GPT-OSS): <|end|> ends a message, not the reply
     return ids
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    """``token``'s id, ``None`` when the vocabulary lacks it: one lookup (``get_vocab()`` would build a dict of
+    the whole vocabulary, 0.3 s for Gemma's 262k tokens)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None  # a token not in the vocabulary comes back as the unknown token's id
+    return int(i)
 
 
 DEFAULT_KV_TOKENS = 65536  # the default pool holds this many positions, or one full context if that is more

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..readahead import read_ahead
 from .gguf_header import GGUF_MAGIC, GGUFHeader
 from .names import MODEL_TYPE_TO_ARCH, TensorRef, build_name_map, qk_row_permutation, qkvz_row_permutation
 from .quants import GGML_TYPES_BY_ID
@@ -90,7 +91,7 @@ class GGUFSource:
         from .gguf_config import read_metadata
 
         self.metadata = read_metadata(self._readers[0])
-        _read_ahead(self._readers)
+        read_ahead(self.files)
         self._config = None
         self._refs: dict[str, TensorRef] | None = None
 
@@ -293,27 +294,6 @@ class GGUFSource:
 
     def __repr__(self) -> str:
         return f"GGUFSource({self.path!r}, {len(self.files)} file(s), {len(self._tensors)} tensors)"
-
-
-def _read_ahead(readers) -> None:
-    """Ask the kernel to start reading the files into the page cache now (madvise WILLNEED: it returns at once),
-    so that the disk works while the config, rules, tokenizer and model are built; only when the files take at
-    most half of the memory available, so a model larger than that is not read twice."""
-    import mmap
-
-    from ..placement import free_memory
-
-    total = sum(r.data.nbytes for r in readers)
-    available = free_memory("cpu")
-    if not hasattr(mmap, "MADV_WILLNEED") or available is None or total > available // 2:
-        return
-    for r in readers:
-        mm = getattr(r.data, "_mmap", None)
-        if mm is not None:
-            try:
-                mm.madvise(mmap.MADV_WILLNEED)
-            except (OSError, ValueError):
-                pass
 
 
 def _drop_pages(mapped: np.ndarray, start: int, length: int) -> None:
