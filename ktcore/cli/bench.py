@@ -28,6 +28,7 @@ examples:
   kt bench model.gguf
   kt bench model.gguf --rules my-rules.yaml --threads 8 --prompt-tokens 512 --gen-tokens 64
   kt bench model.gguf --no-llamacpp
+  kt bench model.gguf --threads 2 --repeats 7 --profile
 """
 
 
@@ -106,13 +107,14 @@ def ktcore_active_bytes(model, source=None) -> int:
     return total
 
 
-def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
+def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool = True) -> tuple[float, float]:
     """Median (prefill tok/s, decode tok/s) from the Generator's own timing, after a short untimed run (as
     ``bench_llamacpp`` does): loading warmed the model up (``ktcore.cli.run.warmed_generator``), and this one
     warms what the caller changed since (CUDA graphs on or off, another generator over the same model)."""
     from ktcore.generate import SamplingParams
 
-    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))
+    if warm_up:
+        list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))
     params = SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     prefill, decode = [], []
     for _ in range(repeats):
@@ -192,6 +194,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-llamacpp", action="store_true", help="do not run llama.cpp")
+    p.add_argument("--sequential", action="store_true",
+                   help="all ktcore runs, then all llama.cpp runs, one engine loaded at a time (default: both "
+                        "loaded, one run of each per round, so load that comes and goes hits both alike)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one more ktcore run with the per-step phase profile printed")
     p.set_defaults(func=run, command="bench")
     return p
 
@@ -215,23 +222,72 @@ def _bench(args) -> int:
     gen = warmed_generator(loaded := open_model(args), args)  # kt run's loading and warm-up
     ids = loaded.tokenizer(PROMPT_TEXT * (1 + args.prompt_tokens // 16))["input_ids"][: args.prompt_tokens]
     name = loaded.model.config.model_type
-    ours = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
     ours_bytes = ktcore_active_bytes(loaded.model, loaded.source)
-    del gen, loaded
-    rows, ref = [], None
+    del loaded
+    llm = None
     if not args.no_llamacpp:
         try:
-            llm = load_llamacpp(args.model, threads, args.max_context)
+            import llama_cpp  # noqa: F401
         except ImportError:
             print("llama-cpp-python is not installed: measuring ktcore alone", file=sys.stderr)
-        else:
-            ref = bench_llamacpp(llm, ids, args.gen_tokens, args.repeats)
-            del llm
-            rows.append({"model": name, "engine": "llama.cpp", "prefill": ref[0], "decode": ref[1],
-                         "bytes": gguf_active_bytes(args.model), "ref": ref})
+            args.no_llamacpp = True
+    ours_runs, ref_runs = [], []
+    if args.no_llamacpp or args.sequential:
+        ours_runs = [bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0) for i in range(args.repeats)]
+        if args.profile:
+            profile_ktcore(gen, ids, args.gen_tokens)
+        del gen
+        if not args.no_llamacpp:
+            llm = load_llamacpp(args.model, threads, args.max_context)
+            ref_runs = [bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0) for i in range(args.repeats)]
+    else:
+        llm = load_llamacpp(args.model, threads, args.max_context)
+        for i in range(args.repeats):  # alternate: one run of each engine per round
+            ref_runs.append(bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0))
+            ours_runs.append(bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0))
+        if args.profile:
+            profile_ktcore(gen, ids, args.gen_tokens)
+        del gen
+    del llm
+    ours = medians(ours_runs)
+    rows, ref = [], None
+    if ref_runs:
+        ref = medians(ref_runs)
+        rows.append({"model": name, "engine": "llama.cpp", "prefill": ref[0], "decode": ref[1],
+                     "bytes": gguf_active_bytes(args.model), "ref": ref})
     rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1], "bytes": ours_bytes,
                  "ref": ref})
     bandwidth = copy_bandwidth(threads)
-    print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} (medians)")
+    order = "sequential" if args.sequential else "alternating"
+    print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} "
+          f"(medians, {order})")
     print(format_table(rows, bandwidth))
+    if ref_runs:
+        print(round_ratios(ours_runs, ref_runs))
     return 0
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def round_ratios(ours_runs, ref_runs) -> str:
+    """ktcore over llama.cpp, the median of the per-round ratios (round i: run i of each engine)."""
+    prefill = statistics.median(o[0] / r[0] for o, r in zip(ours_runs, ref_runs))
+    decode = statistics.median(o[1] / r[1] for o, r in zip(ours_runs, ref_runs))
+    return (f"ktcore / llama.cpp, median of {len(ours_runs)} per-round ratios: prefill {prefill:.2f}x, "
+            f"decode {decode:.2f}x")
+
+
+def profile_ktcore(gen, prompt_ids, gen_tokens: int) -> None:
+    """One more ktcore run with the per-step phase profile (``ktcore.engine.step_profile``), printed."""
+    from ktcore.engine.step_profile import StepProfile
+    from ktcore.generate import SamplingParams
+
+    from .run import print_profile
+
+    profile = StepProfile()
+    with profile.active():
+        for _ in gen.generate_ids(prompt_ids, SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)):
+            pass
+    print_profile(profile)
