@@ -7,7 +7,10 @@ The measuring functions are shared with ``bench/bench_decode.py``.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -155,11 +158,57 @@ def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool
     return statistics.median(prefill), statistics.median(decode)
 
 
-def load_llamacpp(path, threads: int, n_ctx: int, logits_all: bool = False):
-    from llama_cpp import Llama
+_PROBE = """
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, verbose=False,
+                      kv_overrides=json.loads(sys.argv[2]) or None)
+llm.eval(llm.tokenize(b"The history of science", add_bos=True))
+"""
 
-    return Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
-                 logits_all=logits_all, verbose=False)
+
+@functools.cache
+def llamacpp_extra_bufts_work(path, kv_overrides: tuple = ()) -> bool:
+    """Whether llama.cpp survives evaluating ``path`` with its extra buffer types (weight repacking, AMX), tried
+    in a child process: the AMX path of native llama-cpp-python builds (0.3.36) dies with SIGSEGV in
+    ``ggml_backend_amx_mul_mat`` on the Xeons of the dev machine and of the GPU host."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(path), json.dumps(dict(kv_overrides))],
+                          capture_output=True, timeout=600)
+    return done.returncode == 0
+
+
+def llamacpp_overrides(path) -> dict | None:
+    """GGUF keys llama.cpp needs that ``path`` leaves out: a DeepSeek-V2 file without ``q_lora_rank`` has no q LoRA
+    (llama.cpp infers that from V2-Lite's 27 layers and asks shallower files for the key), so 0."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    if "deepseek2.block_count" in fields and "deepseek2.attention.q_lora_rank" not in fields:
+        return {"deepseek2.attention.q_lora_rank": 0}
+    return None
+
+
+def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False, exact_kv: bool = False,
+                  kv_overrides: dict | None = None):
+    """llama.cpp on ``path`` (ImportError without llama-cpp-python). ``exact_kv``: keep its KV cache in F32
+    instead of the default F16, so the reference only carries the approximations of its matmul kernels. Where its
+    extra buffer types crash (``llamacpp_extra_bufts_work``) they are turned off."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
+    defaults = llama_module.llama_cpp.llama_model_default_params
+    if not llamacpp_extra_bufts_work(str(path), tuple(sorted((kv_overrides or {}).items()))):
+        def without_extra_bufts():  # Llama() takes no such argument: its model defaults are patched meanwhile
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                               n_batch=512, logits_all=logits_all, verbose=False, kv_overrides=kv_overrides, **kv)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def format_table(rows, bandwidth: float) -> str:
@@ -238,10 +287,10 @@ def _bench(args) -> int:
             profile_ktcore(gen, ids, args.gen_tokens)
         del gen
         if not args.no_llamacpp:
-            llm = load_llamacpp(args.model, threads, args.max_context)
+            llm = load_llamacpp(args.model, threads, args.max_context, kv_overrides=llamacpp_overrides(args.model))
             ref_runs = [bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0) for i in range(args.repeats)]
     else:
-        llm = load_llamacpp(args.model, threads, args.max_context)
+        llm = load_llamacpp(args.model, threads, args.max_context, kv_overrides=llamacpp_overrides(args.model))
         for i in range(args.repeats):  # alternate: one run of each engine per round
             ref_runs.append(bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0))
             ours_runs.append(bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0))
