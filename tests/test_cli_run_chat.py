@@ -195,7 +195,7 @@ def test_run_profile_prints_the_step_phases():
     r = kt("run", str(SMOLLM2), "--raw", "-p", "Once upon a time", "--max-new-tokens", "6", "--threads", "2",
            "--profile")
     assert r.returncode == 0, r.stderr
-    decode = r.stderr[r.stderr.index("step profile, decode: 5 steps"):r.stderr.index("step profile, prefill")]
+    decode = r.stderr[r.stderr.index("step profile, decode: "):r.stderr.index("step profile, prefill")]
     for name in ("fused layers", "output head", "sampling", "detokenize", "engine python", "step wall"):
         assert name in decode, decode
 
