@@ -34,6 +34,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import ktcore  # noqa: F401  (before torch: the OpenMP wait policy both engines share, see ktcore/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
