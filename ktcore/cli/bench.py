@@ -307,7 +307,7 @@ def _bench(args) -> int:
     rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1], "bytes": ours_bytes,
                  "ref": ref})
     bandwidth = copy_bandwidth(threads)
-    order = "sequential" if args.sequential else "alternating"
+    order = "ktcore alone" if not ref_runs else "sequential" if args.sequential else "alternating"
     print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} "
           f"(medians, {order})")
     print(format_table(rows, bandwidth))
