@@ -34,6 +34,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import ktcore  # noqa: F401  (before torch: the OpenMP wait policy both engines share, see ktcore/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,6 +56,7 @@ from ktcore.cli.bench import (  # noqa: E402  (the measuring code `kt bench` use
     format_table,
     gguf_active_bytes,
     ktcore_active_bytes,
+    llamacpp_overrides,
 )
 
 
@@ -83,9 +85,7 @@ def run_model(name, path, args, bandwidth):
     from ktcore.weights import open_source
 
     n_ctx = args.prompt_tokens + args.gen_tokens + 16
-    # The synthetic file is V2-Lite-shaped (no q LoRA); llama.cpp recognizes Lite by its 27 layers and asks a
-    # shallower file for the q_lora_rank key, which 0 answers.
-    overrides = {"deepseek2.attention.q_lora_rank": 0} if name.startswith("moe") else None
+    overrides = llamacpp_overrides(path)  # the synthetic file at other depths than V2-Lite's 27 layers
     llm = load_llamacpp(path, threads=args.threads, n_ctx=n_ctx, kv_overrides=overrides)
     text = fixed_text()
     prompt_ids = llamacpp_tokens(llm, text * (1 + args.prompt_tokens // 200))[: args.prompt_tokens]

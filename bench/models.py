@@ -8,12 +8,8 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -83,22 +79,11 @@ def load_transformers(path, threads: int | None = None):
     return model.eval()
 
 
-_PROBE = """
-import json, sys, llama_cpp
-llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, verbose=False,
-                      kv_overrides=json.loads(sys.argv[2]) or None)
-llm.eval(llm.tokenize(b"The history of science", add_bos=True))
-"""
-
-
-@functools.cache
 def llamacpp_extra_bufts_work(path, kv_overrides: tuple = ()) -> bool:
-    """Whether llama.cpp survives evaluating ``path`` with its extra buffer types (weight repacking, AMX), tried
-    in a child process: the AMX path of native llama-cpp-python builds (0.3.36) dies with SIGSEGV in
-    ``ggml_backend_amx_mul_mat`` on the Xeons of the dev machine and of the GPU host."""
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(path), json.dumps(dict(kv_overrides))],
-                          capture_output=True, timeout=600)
-    return done.returncode == 0
+    """See ``ktcore.cli.bench.llamacpp_extra_bufts_work``."""
+    from ktcore.cli.bench import llamacpp_extra_bufts_work as works
+
+    return works(str(path), kv_overrides)
 
 
 def llamacpp_note(path, kv_overrides: dict | None = None) -> str:
@@ -110,28 +95,14 @@ def llamacpp_note(path, kv_overrides: dict | None = None) -> str:
 
 def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False, exact_kv: bool = False,
                   kv_overrides: dict | None = None):
-    """llama.cpp on ``path``. ``exact_kv``: keep its KV cache in F32 instead of the default F16, so the
-    reference only carries the approximations of its matmul kernels (fidelity runs use it). Where its extra
-    buffer types crash (``llamacpp_extra_bufts_work``) they are turned off (``llamacpp_note`` says so)."""
+    """``ktcore.cli.bench.load_llamacpp`` (the same loading as `kt bench`), ``ModelUnavailable`` without the
+    bindings."""
+    from ktcore.cli.bench import load_llamacpp as load
+
     try:
-        import llama_cpp
-        import llama_cpp.llama as llama_module
+        return load(path, threads, n_ctx, logits_all=logits_all, exact_kv=exact_kv, kv_overrides=kv_overrides)
     except ImportError as exc:
         raise ModelUnavailable(f"llama.cpp bindings missing ({exc}): pip install llama-cpp-python") from None
-    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
-    defaults = llama_module.llama_cpp.llama_model_default_params
-    if not llamacpp_extra_bufts_work(str(path), tuple(sorted((kv_overrides or {}).items()))):
-        def without_extra_bufts():  # Llama() takes no such argument: its model defaults are patched meanwhile
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                               n_batch=512, logits_all=logits_all, verbose=False, kv_overrides=kv_overrides, **kv)
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def llamacpp_tokens(llm, text: str) -> list[int]:

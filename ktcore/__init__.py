@@ -1,8 +1,16 @@
 """ktcore: run large (Mixture-of-Experts) LLMs on one machine through pluggable ops and rule files."""
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 
-from .hookspecs import hookimpl
+# OpenMP worker threads spin after every parallel torch op (libgomp's default), and on a CPU whose cores the
+# CPU plugins' own thread pools share, that spinning takes their time slices: a few milliseconds per torch op
+# on a small machine. Passive waiting (sleep at once) is set here, before torch is imported and its OpenMP
+# runtime reads the variable, unless the user chose a policy. llama.cpp loaded into the same process
+# (`kt bench`) shares that runtime, so both engines run under the same policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .hookspecs import hookimpl  # noqa: E402
 
 try:
     __version__ = version("ktcore")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .engine.step_profile import phase
 from .modules import KModule
 
 # Causal LMs whose forward for one new token is: embed_tokens -> rotary_emb -> layers (pre-norm, full
@@ -93,12 +94,16 @@ class FusedDecode:
 
             raise ContextOverflowError(f"the KV cache holds {cache_layers[0].max_cache_len} positions and this call "
                                        f"needs {position + 1} (raise --max-context)")
-        hidden = base.embed_tokens(step_ids)
-        if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
-            hidden = hidden.to(torch.float32).contiguous()
-        self._position_ids.fill_(position)
-        self.fused.step(hidden, base.rotary_emb(hidden, self._position_ids), position, slot_offset)
+        with phase("embed + rope"):
+            hidden = base.embed_tokens(step_ids)
+            if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
+                hidden = hidden.to(torch.float32).contiguous()
+            self._position_ids.fill_(position)
+            rope = base.rotary_emb(hidden, self._position_ids)
+        with phase("fused layers"):
+            self.fused.step(hidden, rope, position, slot_offset)
         if solo:
             for layer in cache_layers:
                 layer.length = position + 1
-        return model.lm_head(base.norm(hidden)).float()
+        with phase("output head"):
+            return model.lm_head(base.norm(hidden)).float()

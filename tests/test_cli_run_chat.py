@@ -191,6 +191,16 @@ def test_run_streams_text_and_timing():
 
 
 @needs_smollm2
+def test_run_profile_prints_the_step_phases():
+    r = kt("run", str(SMOLLM2), "--raw", "-p", "Once upon a time", "--max-new-tokens", "6", "--threads", "2",
+           "--profile")
+    assert r.returncode == 0, r.stderr
+    decode = r.stderr[r.stderr.index("step profile, decode: "):r.stderr.index("step profile, prefill")]
+    for name in ("fused layers", "output head", "sampling", "detokenize", "engine python", "step wall"):
+        assert name in decode, decode
+
+
+@needs_smollm2
 def test_prompt_longer_than_context():
     r = kt("run", str(SMOLLM2), "-p", "word " * 400, "--max-context", "64", "-q")
     assert r.returncode == 2

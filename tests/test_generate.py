@@ -194,6 +194,16 @@ def test_sampler_greedy_topk_topp_and_seed():
     assert got <= allowed and len(got) > 1
 
 
+def test_greedy_pick_is_torch_argmax_on_ties_nan_and_strided_rows():
+    """Greedy picks through numpy (no OpenMP region); the index must be torch's: the first maximum, a NaN wins."""
+    rows = [torch.tensor([1.0, 3.0, 3.0, 2.0]), torch.tensor([1.0, float("nan"), 5.0, float("nan")]),
+            torch.tensor([-float("inf"), -1.0]), torch.randn(7, 50)[:, 9], torch.randn(49152)]
+    for row in rows:
+        assert Sampler(SamplingParams())(row) == int(row.argmax())
+    context = torch.tensor([2, 3])  # with a repetition penalty the penalized row is the one picked from
+    assert Sampler(SamplingParams(repetition_penalty=10.0))(torch.tensor([1.0, 0.0, 4.0, 3.0]), context) == 0
+
+
 def test_repetition_penalty_matches_transformers_processor():
     torch.manual_seed(1)
     logits = torch.randn(64)

@@ -7,7 +7,10 @@ The measuring functions are shared with ``bench/bench_decode.py``.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import statistics
+import subprocess
 import sys
 import time
 
@@ -28,6 +31,7 @@ examples:
   kt bench model.gguf
   kt bench model.gguf --rules my-rules.yaml --threads 8 --prompt-tokens 512 --gen-tokens 64
   kt bench model.gguf --no-llamacpp
+  kt bench model.gguf --threads 2 --repeats 7 --profile
 """
 
 
@@ -106,13 +110,14 @@ def ktcore_active_bytes(model, source=None) -> int:
     return total
 
 
-def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int) -> tuple[float, float]:
+def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool = True) -> tuple[float, float]:
     """Median (prefill tok/s, decode tok/s) from the Generator's own timing, after a short untimed run (as
     ``bench_llamacpp`` does): loading warmed the model up (``ktcore.cli.run.warmed_generator``), and this one
     warms what the caller changed since (CUDA graphs on or off, another generator over the same model)."""
     from ktcore.generate import SamplingParams
 
-    list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))
+    if warm_up:
+        list(gen.generate_ids(prompt_ids[:8], SamplingParams(max_new_tokens=3, ignore_eos=True)))
     params = SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)
     prefill, decode = [], []
     for _ in range(repeats):
@@ -153,11 +158,57 @@ def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool
     return statistics.median(prefill), statistics.median(decode)
 
 
-def load_llamacpp(path, threads: int, n_ctx: int, logits_all: bool = False):
-    from llama_cpp import Llama
+_PROBE = """
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_threads=1, n_ctx=64, verbose=False,
+                      kv_overrides=json.loads(sys.argv[2]) or None)
+llm.eval(llm.tokenize(b"The history of science", add_bos=True))
+"""
 
-    return Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
-                 logits_all=logits_all, verbose=False)
+
+@functools.cache
+def llamacpp_extra_bufts_work(path, kv_overrides: tuple = ()) -> bool:
+    """Whether llama.cpp survives evaluating ``path`` with its extra buffer types (weight repacking, AMX), tried
+    in a child process: the AMX path of native llama-cpp-python builds (0.3.36) dies with SIGSEGV in
+    ``ggml_backend_amx_mul_mat`` on the Xeons of the dev machine and of the GPU host."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(path), json.dumps(dict(kv_overrides))],
+                          capture_output=True, timeout=600)
+    return done.returncode == 0
+
+
+def llamacpp_overrides(path) -> dict | None:
+    """GGUF keys llama.cpp needs that ``path`` leaves out: a DeepSeek-V2 file without ``q_lora_rank`` has no q LoRA
+    (llama.cpp infers that from V2-Lite's 27 layers and asks shallower files for the key), so 0."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+    if "deepseek2.block_count" in fields and "deepseek2.attention.q_lora_rank" not in fields:
+        return {"deepseek2.attention.q_lora_rank": 0}
+    return None
+
+
+def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = False, exact_kv: bool = False,
+                  kv_overrides: dict | None = None):
+    """llama.cpp on ``path`` (ImportError without llama-cpp-python). ``exact_kv``: keep its KV cache in F32
+    instead of the default F16, so the reference only carries the approximations of its matmul kernels. Where its
+    extra buffer types crash (``llamacpp_extra_bufts_work``) they are turned off."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
+    defaults = llama_module.llama_cpp.llama_model_default_params
+    if not llamacpp_extra_bufts_work(str(path), tuple(sorted((kv_overrides or {}).items()))):
+        def without_extra_bufts():  # Llama() takes no such argument: its model defaults are patched meanwhile
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                               n_batch=512, logits_all=logits_all, verbose=False, kv_overrides=kv_overrides, **kv)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def format_table(rows, bandwidth: float) -> str:
@@ -192,6 +243,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-llamacpp", action="store_true", help="do not run llama.cpp")
+    p.add_argument("--sequential", action="store_true",
+                   help="all ktcore runs, then all llama.cpp runs, one engine loaded at a time (default: both "
+                        "loaded, one run of each per round, so load that comes and goes hits both alike)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, one more ktcore run with the per-step phase profile printed")
     p.set_defaults(func=run, command="bench")
     return p
 
@@ -215,23 +271,72 @@ def _bench(args) -> int:
     gen = warmed_generator(loaded := open_model(args), args)  # kt run's loading and warm-up
     ids = loaded.tokenizer(PROMPT_TEXT * (1 + args.prompt_tokens // 16))["input_ids"][: args.prompt_tokens]
     name = loaded.model.config.model_type
-    ours = bench_ktcore(gen, ids, args.gen_tokens, args.repeats)
     ours_bytes = ktcore_active_bytes(loaded.model, loaded.source)
-    del gen, loaded
-    rows, ref = [], None
+    del loaded
+    llm = None
     if not args.no_llamacpp:
         try:
-            llm = load_llamacpp(args.model, threads, args.max_context)
+            import llama_cpp  # noqa: F401
         except ImportError:
             print("llama-cpp-python is not installed: measuring ktcore alone", file=sys.stderr)
-        else:
-            ref = bench_llamacpp(llm, ids, args.gen_tokens, args.repeats)
-            del llm
-            rows.append({"model": name, "engine": "llama.cpp", "prefill": ref[0], "decode": ref[1],
-                         "bytes": gguf_active_bytes(args.model), "ref": ref})
+            args.no_llamacpp = True
+    ours_runs, ref_runs = [], []
+    if args.no_llamacpp or args.sequential:
+        ours_runs = [bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0) for i in range(args.repeats)]
+        if args.profile:
+            profile_ktcore(gen, ids, args.gen_tokens)
+        del gen
+        if not args.no_llamacpp:
+            llm = load_llamacpp(args.model, threads, args.max_context, kv_overrides=llamacpp_overrides(args.model))
+            ref_runs = [bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0) for i in range(args.repeats)]
+    else:
+        llm = load_llamacpp(args.model, threads, args.max_context, kv_overrides=llamacpp_overrides(args.model))
+        for i in range(args.repeats):  # alternate: one run of each engine per round
+            ref_runs.append(bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0))
+            ours_runs.append(bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0))
+        if args.profile:
+            profile_ktcore(gen, ids, args.gen_tokens)
+        del gen
+    del llm
+    ours = medians(ours_runs)
+    rows, ref = [], None
+    if ref_runs:
+        ref = medians(ref_runs)
+        rows.append({"model": name, "engine": "llama.cpp", "prefill": ref[0], "decode": ref[1],
+                     "bytes": gguf_active_bytes(args.model), "ref": ref})
     rows.append({"model": name, "engine": "ktcore", "prefill": ours[0], "decode": ours[1], "bytes": ours_bytes,
                  "ref": ref})
     bandwidth = copy_bandwidth(threads)
-    print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} (medians)")
+    order = "ktcore alone" if not ref_runs else "sequential" if args.sequential else "alternating"
+    print(f"threads={threads} prompt={len(ids)} tok decode={args.gen_tokens} tok repeats={args.repeats} "
+          f"(medians, {order})")
     print(format_table(rows, bandwidth))
+    if ref_runs:
+        print(round_ratios(ours_runs, ref_runs))
     return 0
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def round_ratios(ours_runs, ref_runs) -> str:
+    """ktcore over llama.cpp, the median of the per-round ratios (round i: run i of each engine)."""
+    prefill = statistics.median(o[0] / r[0] for o, r in zip(ours_runs, ref_runs))
+    decode = statistics.median(o[1] / r[1] for o, r in zip(ours_runs, ref_runs))
+    return (f"ktcore / llama.cpp, median of {len(ours_runs)} per-round ratios: prefill {prefill:.2f}x, "
+            f"decode {decode:.2f}x")
+
+
+def profile_ktcore(gen, prompt_ids, gen_tokens: int) -> None:
+    """One more ktcore run with the per-step phase profile (``ktcore.engine.step_profile``), printed."""
+    from ktcore.engine.step_profile import StepProfile
+    from ktcore.generate import SamplingParams
+
+    from .run import print_profile
+
+    profile = StepProfile()
+    with profile.active():
+        for _ in gen.generate_ids(prompt_ids, SamplingParams(max_new_tokens=gen_tokens + 1, ignore_eos=True)):
+            pass
+    print_profile(profile)

@@ -44,6 +44,19 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
 
+def add_profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", action="store_true",
+                   help="print where each engine step's time goes (ms per step: native layers, output head, "
+                        "sampling, detokenize, engine Python) on stderr")
+
+
+def print_profile(profile) -> None:
+    """``profile``'s tables (``ktcore.engine.step_profile``) for decode and prefill steps, on stderr."""
+    for kind in ("decode", "prefill"):
+        if profile.rows(kind):
+            print(profile.report(kind), file=sys.stderr)
+
+
 def sampling_from_args(args):
     from ktcore.generate import SamplingParams
 
@@ -147,6 +160,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--system", default=None, help="system message (chat template only)")
     add_generation_args(p)
+    add_profile_arg(p)
     p.set_defaults(func=run, command="run")
     return p
 
@@ -179,18 +193,26 @@ def _run(args) -> int:
                                        "(shorten the prompt or raise --max-context)")
 
     gen, params = load_generator(args, check=check_prompt)
+    from contextlib import nullcontext
+
+    from ktcore.engine.step_profile import StepProfile
+
+    profile = StepProfile() if args.profile else None
     final = None
-    for delta in gen.generate(request, params):
-        if delta.text:
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        final = delta
+    with profile.active() if profile else nullcontext():
+        for delta in gen.generate(request, params):
+            if delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            final = delta
     sys.stdout.write("\n")
     sys.stdout.flush()
     if final is not None:
         if not args.quiet:
             print(f"[{final.timing.summary()} | warm-up {gen.warm_up_s:.1f} s | finish: {final.finish_reason}]",
                   file=sys.stderr)
+        if profile is not None:
+            print_profile(profile)
         note = context_limit_note(final, args.max_context)
         if note:
             warn(args, note)

@@ -19,6 +19,7 @@ from .paged_cache import DEFAULT_BLOCK_SIZE, PagedCache
 from .prefix import PrefixReuse
 from .scheduler import Scheduler
 from .sequence import ReplyText, Sequence
+from .step_profile import profiled_step
 
 log = logging.getLogger("ktcore.engine")
 
@@ -149,6 +150,7 @@ class EngineCore:
 
     # -- one step
 
+    @profiled_step
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Run one step; returns the sequences that got a token (finished ones included, already taken out)."""

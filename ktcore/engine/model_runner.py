@@ -8,6 +8,7 @@ import torch
 
 from ..generate import _cache_kwarg
 from .paged_cache import PagedCache, SeqKV
+from .step_profile import phase
 
 
 class ModelRunner:
@@ -72,7 +73,8 @@ class ModelRunner:
             kwargs = {self._kwarg: self.cache}
             if mask is not None:
                 kwargs.update(attention_mask=mask, position_ids=positions)
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            with phase("model forward"):
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
         except BaseException:
             self.cache.abort_step()
             raise

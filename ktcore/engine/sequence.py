@@ -8,6 +8,7 @@ import torch
 
 from ..generate import Sampler, SamplingParams, TextStream
 from .paged_cache import SeqKV
+from .step_profile import timed
 
 
 def held_back(text: str, stops: SequenceABC[str]) -> int:
@@ -28,10 +29,12 @@ class ReplyText:
         self.stops = [s for s in stops if s]
         self.unsent = ""
 
+    @timed("detokenize")
     def push(self, token: int) -> tuple[str, bool]:
         """``(text to emit, whether a stop string ended the reply)``."""
         return self._take(self.stream.push(token), final=False)
 
+    @timed("detokenize")
     def finish(self) -> str:
         """The rest of the text at the end of the reply (an end token or the budget)."""
         return self._take(self.stream.flush(), final=True)[0]
@@ -87,6 +90,7 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @timed("sampling")
     def sample(self, logits: torch.Tensor) -> int:
         logits = logits.float().cpu()
         if self.generated and (self.presence_penalty or self.frequency_penalty):

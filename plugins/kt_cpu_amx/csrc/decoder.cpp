@@ -269,11 +269,9 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
                 const int n0 = tasks[i].n0, n1 = tasks[i].n1;
                 gemm_(*L.gate, n0, n1, a, 1, g, I);
                 gemm_(*L.up, n0, n1, a, 1, u, I);
-                for (int j = n0; j < n1; ++j) {
-                    const float gj = L.bgate.empty() ? g[j] : g[j] + L.bgate[j];
-                    const float uj = L.bup.empty() ? u[j] : u[j] + L.bup[j];
-                    g[j] = activate(L.act, gj) * uj;
-                }
+                if (!L.bgate.empty()) for (int j = n0; j < n1; ++j) g[j] += L.bgate[j];
+                if (!L.bup.empty()) for (int j = n0; j < n1; ++j) u[j] += L.bup[j];
+                act_mul_(int(L.act), g + n0, u + n0, n1 - n0);  // the vectorized exp, as the experts use
             });
             tasks.clear();
             chunks(L.down.get(), y, 0);

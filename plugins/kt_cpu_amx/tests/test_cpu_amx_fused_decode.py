@@ -163,3 +163,24 @@ def test_fused_deepseek_v2_float_weights_against_transformers(isa):
         tol = 1e-4 if i == 0 else 3e-2  # layer 0 reads the same embeddings; later ones the layers' outputs
         assert _rel(a.keys[:, :, : a.length], b.keys[:, :, : b.length]) < tol  # latents
         assert _rel(a.values[:, :, : a.length], b.values[:, :, : b.length]) < tol  # rotary keys
+
+
+def test_step_profile_splits_fused_steps():
+    """``kt run --profile``'s phases on the fused path: the native layers, the output head and the embedding /
+    rotary apart, adding up to each decode step's wall time."""
+    import math
+
+    from ktcore.engine.step_profile import PHASES, StepProfile
+
+    gen = Generator(_load("llama"), None, max_context=64)
+    profile = StepProfile()
+    with profile.active():
+        list(gen.generate_ids(list(range(3, 15)), SamplingParams(max_new_tokens=5, ignore_eos=True)))
+    assert gen.fused_problem is None
+    decode = profile.rows("decode")
+    assert len(decode) == 4
+    for row in decode:
+        assert row["fused layers"] > 0 and row["output head"] > 0 and row["embed + rope"] > 0
+        assert row["model forward"] == 0
+        assert math.isclose(sum(row[p] for p in PHASES), row["wall"], rel_tol=1e-9)
+    assert profile.rows("prefill")[0]["model forward"] > 0

@@ -1,0 +1,41 @@
+"""``kt bench``'s pieces that need no model: the per-round ratio line, the options, and the process-wide OpenMP
+wait policy `import ktcore` sets (the same one for both engines the bench runs in one process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ktcore.cli import bench
+
+
+def test_round_ratios_take_the_median_of_per_round_ratios():
+    ours = [(100.0, 10.0), (50.0, 30.0), (90.0, 12.0)]
+    ref = [(50.0, 10.0), (100.0, 10.0), (60.0, 12.0)]  # ratios: prefill 2.0, 0.5, 1.5; decode 1.0, 3.0, 1.0
+    assert bench.round_ratios(ours, ref) == ("ktcore / llama.cpp, median of 3 per-round ratios: prefill 1.50x, "
+                                             "decode 1.00x")
+    assert bench.medians(ours) == (90.0, 12.0)
+
+
+def test_bench_options():
+    import argparse
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    p = bench.add_parser(sub)
+    args = p.parse_args(["m.gguf", "--sequential", "--profile"])
+    assert args.sequential and args.profile
+    args = p.parse_args(["m.gguf"])
+    assert not args.sequential and not args.profile
+
+
+@pytest.mark.parametrize("given, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_import_sets_passive_omp_wait_unless_set(given, want):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import ktcore, os; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == want
