@@ -84,6 +84,16 @@ public:
     // in place; cos/sin [head_dim] the rotary tables at position pos, where each layer writes its keys and values.
     void decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos, const float* sin,
                       int pos);
+    // The same for B sequences together (B = 1 is decoder_step): x[B, hidden], cos/sin [B, head_dim], positions[B];
+    // the linears as B-row GEMMs (weights read once per step), attention per sequence. blocks: null (one sequence
+    // at slots 0.. of the layers' cache pointers) or a block table [B, width] of pool blocks of `block` slots:
+    // row b's position p at slot blocks[b][p / block] * block + p % block. Latent attention takes B = 1 only.
+    void decoder_step_batch(const std::vector<const DecoderLayer*>& layers, int B, float* x, const float* cos,
+                            const float* sin, const int32_t* positions, const int32_t* blocks, int width, int block);
+    // Batches of at least this many rows run the decoder's linears on the int8 tile kernel (AMX-INT8, or
+    // AVX512-VNNI over the same token blocks) where the matrix fits it; fewer on the integer-dot kernels. The two
+    // take the same int8 activations and differ only in float summation order.
+    int i8_min_decode_rows = 4;
 
     Pool& pool() { return pool_; }
 
@@ -125,7 +135,11 @@ private:
     uint64_t open_t0_ = 0, open_w0_ = 0;   // since when it counts: clock and pool wait_ns
     void charge_open();
     Scratch dec_;  // decoder_step's vectors
-    QActBuf dec_act_;
+    QActBuf dec_act_, dec_i8_;
+    // decoder_step_batch's grouped-query attention (decoder.cpp)
+    void gqa_attention(const DecoderLayer& L, int B, float* q, float* k, float* v, const float* cos, const float* sin,
+                       const int32_t* pos, const int32_t* blocks, int width, int block, float* scores,
+                       size_t ld_scores, float* att);
     AttendFn attend_;
     ActMulFn act_mul_;
     // moe()'s int8 prefill kernel for experts with enough rows (AMX tiles or AVX512-VNNI; none on AVX2)
