@@ -191,14 +191,8 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
         dec_act_.ensure(rows, k);
         quant_(v, 0, rows, k, k, dec_act_);
         act.a = dec_act_.view();
-        if (tiles && i8_gemm_ && rows >= i8_min_decode_rows) {
-            const int nb = (rows + 15) / 16;
-            dec_i8_.ensure(nb * 16, k);
-            act.i8.k = k;
-            act.i8.m = rows;
-            act.i8.q = dec_i8_.q.as<int8_t>(); act.i8.d = dec_i8_.d.as<float>();
-            act.i8.s16 = dec_i8_.s16.as<float>(); act.i8.s32 = dec_i8_.s32.as<float>();
-            for (int tb = 0; tb < nb; ++tb) i8_pack_(act.a, rows, tb, act.i8);
+        if (tiles && i8_gemm_ && rows >= i8_min_rows) {
+            act.i8 = pack_i8(act.a, rows, dec_i8_);
             act.has_i8 = true;
         }
         return act;

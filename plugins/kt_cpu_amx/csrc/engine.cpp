@@ -103,19 +103,42 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, boo
     }
     if (!act_residual || (M <= decode_rows && !exact)) {
         QAct a = quantize_rows(x, M, K);
-        pool_.parallel_for(nchunks, [&](int c, int) {
+        const bool tiles = int8_tiles(W, M);
+        IAct t;
+        if (tiles) t = pack_i8(a, M, lin_i8_);
+        pool_.parallel_for(nchunks, [&](int c, int th) {
             int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-            gemm_(W, n0, n1, a, M, y, N);
+            if (tiles) i8_gemm_(W, n0, n1, t, y, N, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(K)));
+            else gemm_(W, n0, n1, a, M, y, N);
         });
         return;
     }
     QAct a = quantize_with_residual(x, M, K);
     float* y2 = res_y_.get<float>(size_t(2) * M * N);
-    pool_.parallel_for(nchunks, [&](int c, int) {
+    const bool tiles = int8_tiles(W, 2 * M);
+    IAct t;
+    if (tiles) t = pack_i8(a, 2 * M, lin_i8_);
+    pool_.parallel_for(nchunks, [&](int c, int th) {
         int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-        gemm_(W, n0, n1, a, 2 * M, y2, N);
+        if (tiles) i8_gemm_(W, n0, n1, t, y2, N, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(K)));
+        else gemm_(W, n0, n1, a, 2 * M, y2, N);
         fold_pairs(y2, M, N, n0, n1, y, N);
     });
+}
+
+bool Runtime::int8_tiles(const PackedMatrix& W, int rows) const {
+    return i8_gemm_ && rows >= i8_min_rows && gemm_i8_fits(W);
+}
+
+IAct Runtime::pack_i8(const QAct& a, int rows, QActBuf& buf) {
+    const int nb = (rows + 15) / 16;
+    buf.ensure(nb * 16, a.k);
+    IAct t;
+    t.k = a.k;
+    t.m = rows;
+    t.q = buf.q.as<int8_t>(); t.d = buf.d.as<float>(); t.s16 = buf.s16.as<float>(); t.s32 = buf.s32.as<float>();
+    pool_.parallel_for(nb, [&](int tb, int) { i8_pack_(a, rows, tb, t); });
+    return t;
 }
 
 // Row 2i: x_i quantized to int8 (d, q); row 2i + 1: its rounding residual x_i - d q (at most d / 2 per element)

