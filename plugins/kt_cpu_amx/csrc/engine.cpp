@@ -103,7 +103,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, boo
     }
     if (!act_residual || (M <= decode_rows && !exact)) {
         QAct a = quantize_rows(x, M, K);
-        const bool tiles = int8_tiles(W, M);
+        const bool tiles = M <= decode_rows && int8_tiles(W, M);
         IAct t;
         if (tiles) t = pack_i8(a, M, lin_i8_);
         pool_.parallel_for(nchunks, [&](int c, int th) {
@@ -115,7 +115,7 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, boo
     }
     QAct a = quantize_with_residual(x, M, K);
     float* y2 = res_y_.get<float>(size_t(2) * M * N);
-    const bool tiles = int8_tiles(W, 2 * M);
+    const bool tiles = M <= decode_rows && int8_tiles(W, 2 * M);
     IAct t;
     if (tiles) t = pack_i8(a, 2 * M, lin_i8_);
     pool_.parallel_for(nchunks, [&](int c, int th) {

@@ -90,8 +90,8 @@ public:
     // row b's position p at slot blocks[b][p / block] * block + p % block. Latent attention takes B = 1 only.
     void decoder_step_batch(const std::vector<const DecoderLayer*>& layers, int B, float* x, const float* cos,
                             const float* sin, const int32_t* positions, const int32_t* blocks, int width, int block);
-    // Int8-activation GEMMs (linear() below amx_min_rows, its exact path's 2M rows included, and the fused
-    // decoder's linears) of at least this many rows run on the int8 tile kernel (AMX-INT8, or AVX512-VNNI over the
+    // Int8-activation GEMMs of decode-sized calls (linear() of at most decode_rows tokens, its exact path's 2M rows
+    // included, and the fused decoder's linears) of at least this many rows run on the int8 tile kernel (AMX-INT8, or AVX512-VNNI over the
     // same token blocks) where the matrix fits it (gemm_i8_fits): the weights unpacked once per 16 rows instead of
     // read per 4. Fewer rows run on the integer-dot kernels. Both take the same int8 activations and differ only
     // in float summation order.
