@@ -182,15 +182,21 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
         return;
     }
     QAct a = quantize_rows(x, M, K);
-    struct Task { int m, n0, n1; };
+    struct Task { int m, n0, n1; bool tiles; };
     std::vector<Task> tasks;
+    bool any_tiles = false;
     for (size_t i = 0; i < W.size(); ++i) {
         const int N = W[i]->n, chunk = chunk_rows(N, threads());
-        for (int n0 = 0; n0 < N; n0 += chunk) tasks.push_back({int(i), n0, std::min(N, n0 + chunk)});
+        const bool tiles = M <= decode_rows && int8_tiles(*W[i], M);  // as linear() would
+        any_tiles = any_tiles || tiles;
+        for (int n0 = 0; n0 < N; n0 += chunk) tasks.push_back({int(i), n0, std::min(N, n0 + chunk), tiles});
     }
-    pool_.parallel_for(int(tasks.size()), [&](int i, int) {
+    IAct ta;
+    if (any_tiles) ta = pack_i8(a, M, lin_i8_);
+    pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
         const Task& t = tasks[i];
-        gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
+        if (t.tiles) i8_gemm_(*W[t.m], t.n0, t.n1, ta, y[t.m], W[t.m]->n, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(K)));
+        else gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
     });
 }
 
