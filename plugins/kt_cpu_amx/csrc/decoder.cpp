@@ -93,15 +93,6 @@ static void rope_pairs(float* x, const float* cs, int d) {
     }
 }
 
-// X's rows from r0 on.
-static QAct rows_from(QAct X, int r0) {
-    X.q += size_t(r0) * X.k;
-    X.d += size_t(r0) * (X.k / 32);
-    X.s16 += size_t(r0) * (X.k / 16);
-    X.s32 += size_t(r0) * (X.k / 32);
-    return X;
-}
-
 static void add(float* y, const std::vector<float>& b) {
     for (size_t i = 0; i < b.size(); ++i) y[i] += b[i];
 }

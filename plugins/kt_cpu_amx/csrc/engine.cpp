@@ -201,18 +201,6 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
 }
 
 
-// X's logical rows from r0 on.
-static QAct rows_from(QAct X, int r0) {
-    if (X.rows) {
-        X.rows += r0;
-        return X;
-    }
-    X.q += size_t(r0) * X.k;
-    X.d += size_t(r0) * (X.k / 32);
-    X.s16 += size_t(r0) * (X.k / 16);
-    X.s32 += size_t(r0) * (X.k / 32);
-    return X;
-}
 
 void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
     linger_after(T);
