@@ -12,6 +12,11 @@ string saying why it cannot. So the sequence's blocks must be one contiguous run
 allocator hands out the lowest free blocks, so a sequence alone (``kt run``, ``kt chat``) always has one; a
 sequence whose blocks are scattered decodes through the module path.
 
+The object may also offer ``step_batch(hidden, position_embeddings, positions, tables, block_size)``: B
+sequences' tokens together (``hidden`` ``[B, 1, H]``, ``positions`` and ``tables`` int32 ``[B]`` and ``[B,
+width]``: each row's blocks, read and written wherever they lie), and ``batch_problem`` (why not, or ``None``).
+``FusedDecode.step_batch`` uses it for a CPU batch, and for one sequence whose blocks are scattered.
+
 ``FusedDecode`` then runs a step as: embedding -> rotary tables -> the fused layers -> final norm -> head, each
 of the first and last a plain module call. Without a position it decodes the cache's one sequence (no plan,
 ``new_cache``) and advances its lengths. It applies where the model's forward
@@ -78,6 +83,36 @@ class FusedDecode:
             return fused
         self.fused = fused
         return None
+
+    @property
+    def batch_problem(self) -> str | None:
+        """Why ``step_batch`` cannot run, or ``None``."""
+        if self.fused is None:
+            return self.problem
+        if not callable(getattr(self.fused, "step_batch", None)):
+            return f"{type(self.fused).__name__} has no step_batch"
+        return getattr(self.fused, "batch_problem", None)
+
+    @torch.inference_mode()
+    def step_batch(self, tokens: list[int], positions: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """Logits ``[B, V]`` (float32) of ``tokens[b]`` at ``positions[b]`` of the sequence whose blocks (of the
+        cache's ``block_size`` slots) are ``tables[b]``, reserved past that position; the caller advances lengths."""
+        base = self.model.model
+        block_size = self.cache.block_size
+        width = max(len(t) for t in tables)
+        for p, t in zip(positions, tables):
+            if p >= len(t) * block_size:
+                raise ValueError(f"fused decode: position {p} is past the {len(t)} blocks reserved for it")
+        table = torch.zeros((len(tables), width), dtype=torch.int32)
+        for b, t in enumerate(tables):
+            table[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        position_ids = torch.tensor(positions, dtype=torch.long).view(-1, 1)
+        hidden = base.embed_tokens(torch.tensor(tokens, dtype=torch.long).view(-1, 1))
+        if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
+            hidden = hidden.to(torch.float32).contiguous()
+        self.fused.step_batch(hidden, base.rotary_emb(hidden, position_ids), position_ids.view(-1).to(torch.int32),
+                              table, block_size)
+        return self.model.lm_head(base.norm(hidden)).float()[:, -1]
 
     @torch.inference_mode()
     def step(self, step_ids: torch.Tensor, position: int | None = None, slot_offset: int = 0) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Model calls over the paged cache: a prefill chunk of one sequence, and a decode step of a batch, the latter
-through a captured CUDA graph per batch bucket (``ktcore.decode_graphs``), or for one sequence on the CPU
-through fused decoder layers (``ktcore.fused_decode``), where they apply; else an eager forward."""
+through a captured CUDA graph per batch bucket (``ktcore.decode_graphs``), or on the CPU through fused decoder
+layers (``ktcore.fused_decode``: one sequence in a contiguous run of blocks by ``step``, a batch or a scattered
+sequence by ``step_batch``), where they apply; else an eager forward."""
 
 from __future__ import annotations
 
@@ -90,14 +91,24 @@ class ModelRunner:
             if logits is not None:
                 self.tokens_fed += len(tokens)
                 return logits
-        if len(kvs) == 1:
-            start = self.cache.contiguous_start(kvs[0])
-            # the fused plan points into the pools, which the first forward allocates
-            fused = self.fused_runner() if start is not None and self.cache.is_initialized else None
-            if fused is not None:
+        # the fused plan points into the pools, which the first forward allocates
+        fused = self.fused_runner() if self.cache.is_initialized else None
+        if fused is not None:
+            start = self.cache.contiguous_start(kvs[0]) if len(kvs) == 1 else None
+            if start is not None:
                 kv = kvs[0]
-                logits = fused.step(torch.tensor([tokens], dtype=torch.long), position=kv.length, slot_offset=start)
-                kv.length += 1
-                self.tokens_fed += 1
-                return logits[:, -1]
+                logits = fused.step(torch.tensor([tokens], dtype=torch.long), position=kv.length,
+                                    slot_offset=start)[:, -1]
+            elif fused.batch_problem is None:
+                logits = fused.step_batch(tokens, [kv.length for kv in kvs], [kv.blocks for kv in kvs])
+            else:
+                from ..decode_graphs import log_once
+
+                log_once(f"fused batched decode off: {fused.batch_problem}")
+                logits = None
+            if logits is not None:
+                for kv in kvs:
+                    kv.length += 1
+                self.tokens_fed += len(kvs)
+                return logits
         return self.forward([[t] for t in tokens], kvs)

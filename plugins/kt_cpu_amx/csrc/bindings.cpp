@@ -203,6 +203,29 @@ PYBIND11_MODULE(_kernels, m) {
         }, py::arg("layers"), py::arg("x_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"), py::arg("pos"),
            "One decode step of one sequence through the layers: x[hidden] updated in place, keys and values written "
            "at pos in each layer's cache; blocks.")
+        .def("decoder_step_batch", [](std::shared_ptr<Runtime> rt,
+                                      const std::vector<std::shared_ptr<DecoderLayer>>& layers, int batch, uintptr_t x,
+                                      uintptr_t cos, uintptr_t sin, uintptr_t positions, uintptr_t blocks, int width,
+                                      int block) {
+            std::vector<const DecoderLayer*> ls;
+            for (const auto& L : layers) {
+                if (!L->k_cache || !L->v_cache) throw std::invalid_argument("kt_cpu_amx: decoder layer without a cache");
+                ls.push_back(L.get());
+            }
+            py::gil_scoped_release nogil;
+            Runtime* r = rt.get();
+            rt->pool().run([&] {
+                r->decoder_step_batch(ls, batch, ptr<float>(x), ptr<const float>(cos), ptr<const float>(sin),
+                                      ptr<const int32_t>(positions), ptr<const int32_t>(blocks), width, block);
+            });
+        }, py::arg("layers"), py::arg("batch"), py::arg("x_ptr"), py::arg("cos_ptr"), py::arg("sin_ptr"),
+           py::arg("positions_ptr"), py::arg("blocks_ptr"), py::arg("width"), py::arg("block"),
+           "One decode step of `batch` sequences: x[batch, hidden] updated in place; cos/sin [batch, head_dim]; "
+           "positions int32 [batch]; blocks int32 [batch, width] of pool blocks of `block` slots (0: the layers' "
+           "cache pointers hold one sequence from slot 0); blocks.")
+        .def_property("i8_min_rows", [](std::shared_ptr<Runtime> rt) { return rt->i8_min_rows; },
+                      [](std::shared_ptr<Runtime> rt, int v) { rt->i8_min_rows = v; },
+                      "Int8-activation GEMMs of at least this many rows run on the int8 tile kernel (engine.h).")
         .def("profile", [](std::shared_ptr<Runtime> rt) {
             std::vector<double> p = rt->profile();
             py::dict d;

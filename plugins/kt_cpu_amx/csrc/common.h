@@ -82,6 +82,19 @@ struct QAct {
     KT_INLINE int phys(int r) const { return rows ? rows[r] : r; }
 };
 
+// X's logical rows from r0 on.
+KT_INLINE QAct rows_from(QAct X, int r0) {
+    if (X.rows) {
+        X.rows += r0;
+        return X;
+    }
+    X.q += size_t(r0) * X.k;
+    X.d += size_t(r0) * (X.k / 32);
+    X.s16 += size_t(r0) * (X.k / 16);
+    X.s32 += size_t(r0) * (X.k / 32);
+    return X;
+}
+
 // Storage for QAct of m rows.
 struct QActBuf {
     Buffer q, d, s16, s32;

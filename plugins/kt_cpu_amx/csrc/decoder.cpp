@@ -97,85 +97,137 @@ static void add(float* y, const std::vector<float>& b) {
     for (size_t i = 0; i < b.size(); ++i) y[i] += b[i];
 }
 
+void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, float* v, const float* cos,
+                            const float* sin, const int32_t* pos, const int32_t* blocks, int width, int block,
+                            float* scores, size_t ld_scores, float* att) {
+    const int D = L.head_dim, group = L.heads / L.kv_heads, QN = L.q->n, KN = L.k->n;
+    for (int b = 0; b < B; ++b) {
+        float *qb = q + size_t(b) * QN, *kb = k + size_t(b) * KN, *vb = v + size_t(b) * KN;
+        const float *cb = cos + size_t(b) * D, *sb = sin + size_t(b) * D;
+        add(qb, L.bq), add(kb, L.bk), add(vb, L.bv);
+        for (int h = 0; h < L.heads; ++h) {
+            float* qh = qb + size_t(h) * D;
+            if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
+            rope_half(qh, cb, sb, D);
+        }
+        const int p = pos[b];
+        const size_t slot = blocks ? size_t(blocks[size_t(b) * width + p / block]) * block + p % block : size_t(p);
+        for (int h = 0; h < L.kv_heads; ++h) {
+            float* kh = kb + size_t(h) * D;
+            if (!L.k_norm.empty()) rms_norm(kh, L.k_norm.data(), D, L.qk_eps, kh);
+            rope_half(kh, cb, sb, D);
+            const size_t at = (size_t(h) * L.capacity + slot) * D;
+            std::memcpy(L.k_cache + at, kh, sizeof(float) * D);
+            std::memcpy(L.v_cache + at, vb + size_t(h) * D, sizeof(float) * D);
+        }
+    }
+    pool_.parallel_for(B * L.heads, [&](int i, int) {
+        const int b = i / L.heads, h = i % L.heads;
+        const size_t base = size_t(h / group) * L.capacity * D;
+        attend_(q + size_t(b) * QN + size_t(h) * D, L.k_cache + base, L.v_cache + base,
+                blocks ? blocks + size_t(b) * width : nullptr, block, pos[b] + 1, D, D, L.scaling,
+                scores + size_t(i) * ld_scores, att + size_t(b) * QN + size_t(h) * D);
+    });
+}
+
 void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos,
                            const float* sin, int pos) {
-    if (layers.empty()) return;
-    linger_after(1);
-    const int H = layers[0]->hidden(), T = pos + 1;
+    const int32_t p = pos;
+    decoder_step_batch(layers, 1, x, cos, sin, &p, nullptr, 0, 0);
+}
+
+void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers, int B, float* x, const float* cos,
+                                 const float* sin, const int32_t* positions, const int32_t* blocks, int width,
+                                 int block) {
+    if (layers.empty() || B <= 0) return;
+    if (blocks && (block <= 0 || width <= 0)) throw std::invalid_argument("kt_cpu_amx: a block table needs its widths");
+    linger_after(B);
+    const int H = layers[0]->hidden();
+    int T = 0;  // the longest sequence's positions after this step
+    for (int b = 0; b < B; ++b) {
+        if (positions[b] < 0) throw std::out_of_range("kt_cpu_amx: decoder_step at a negative position");
+        if (blocks && positions[b] >= width * block)
+            throw std::out_of_range("kt_cpu_amx: decoder_step past a sequence's block table");
+        T = std::max(T, positions[b] + 1);
+        for (int i = 0; blocks && i <= positions[b] / block; ++i) {
+            const int32_t id = blocks[size_t(b) * width + i];
+            if (id < 0 || size_t(id + 1) * block > size_t(layers[0]->capacity))
+                throw std::out_of_range("kt_cpu_amx: a block id outside the cache's pool");
+        }
+    }
     size_t wide = H;
-    int most_inter = 0, most_heads = 0;
+    int most_inter = 0, most_heads = 0, most_route = 0;
     for (const DecoderLayer* L : layers) {
+        if (L->kind == AttentionKind::Mla && B > 1)
+            throw std::invalid_argument("kt_cpu_amx: latent attention decodes one sequence per step");
         most_inter = std::max(most_inter, L->inter());
         most_heads = std::max(most_heads, L->heads);
+        if (L->experts) most_route = std::max(most_route, L->top_k + L->experts->experts());
         for (const auto& m : {L->q, L->k, L->v, L->o}) wide = std::max(wide, size_t(m->n));
         wide = std::max(wide, size_t(L->heads) * L->rank);
     }
-    // xn, q, k, v, att, y, lat [wide], g, u [inter], scores [heads, T], idx/weights [experts]
-    const size_t need = 7 * wide + size_t(2) * most_inter + size_t(most_heads) * T + 512;
-    float* xn = dec_.get<float>(need);
-    float *q = xn + wide, *kv_k = q + wide, *kv_v = kv_k + wide, *att = kv_v + wide, *y = att + wide;
-    float *lat = y + wide, *g = lat + wide, *u = g + most_inter, *scores = u + most_inter;
-    float* route = scores + size_t(most_heads) * T;  // top-k weights, then probabilities
+    // per row: xn, q, k, v, att, y, lat [wide], g, u [inter], scores [heads, T], route [top_k + experts]
+    const size_t row = 7 * wide + size_t(2) * most_inter + size_t(most_heads) * T + most_route;
+    float* xn = dec_.get<float>(B * row + 64);
+    float *q = xn + B * wide, *kv_k = q + B * wide, *kv_v = kv_k + B * wide, *att = kv_v + B * wide;
+    float *y = att + B * wide, *lat = y + B * wide, *g = lat + B * wide, *u = g + size_t(B) * most_inter;
+    float* scores = u + size_t(B) * most_inter;
+    float* route = scores + size_t(B) * most_heads * T;  // per row: top-k weights, then probabilities
 
-    struct Task { const PackedMatrix* w; float* y; int n0, n1, tok; };
-    std::vector<Task> tasks;
-    auto chunks = [&](const PackedMatrix* w, float* out, int tok) {
-        const int chunk = chunk_rows(w->n, threads());
-        for (int n0 = 0; n0 < w->n; n0 += chunk) tasks.push_back({w, out, n0, std::min(w->n, n0 + chunk), tok});
-    };
-    // the queued tasks in one parallel phase: rows n0..n1 of w for token tok of a
-    auto run_tasks = [&](const QAct& a) {
-        pool_.parallel_for(int(tasks.size()), [&](int i, int) {
-            const Task& t = tasks[i];
-            QAct at = a;
-            at.rows = nullptr;
-            at.q += size_t(t.tok) * a.k;
-            at.d += size_t(t.tok) * (a.k / 32);
-            at.s16 += size_t(t.tok) * (a.k / 16);
-            at.s32 += size_t(t.tok) * (a.k / 32);
-            gemm_(*t.w, t.n0, t.n1, at, 1, t.y, t.w->n);
-        });
-        tasks.clear();
-    };
-    auto quantized = [&](const float* v, int rows, int k) {
+    // Activations of one linear: int8 rows, and for a batch of enough rows whose matrix the int8 tile kernel
+    // takes, the same rows in its token blocks (weights unpacked once per 16 rows instead of read per 4 tokens).
+    struct Act { QAct a; IAct i8; bool has_i8 = false; };
+    auto quantized = [&](const float* v, int rows, int k, bool tiles) {
+        Act act;
         dec_act_.ensure(rows, k);
         quant_(v, 0, rows, k, k, dec_act_);
-        return dec_act_.view();
+        act.a = dec_act_.view();
+        if (tiles && i8_gemm_ && rows >= i8_min_rows) {
+            act.i8 = pack_i8(act.a, rows, dec_i8_);
+            act.has_i8 = true;
+        }
+        return act;
+    };
+    // rows n0..n1 of w for `rows` tokens of act from token tok on, into y (row stride w->n)
+    struct Task { const PackedMatrix* w; float* y; int n0, n1, tok, rows; };
+    std::vector<Task> tasks;
+    auto chunks = [&](const PackedMatrix* w, float* out, int tok, int rows) {
+        const int chunk = chunk_rows(w->n, threads());
+        for (int n0 = 0; n0 < w->n; n0 += chunk) tasks.push_back({w, out, n0, std::min(w->n, n0 + chunk), tok, rows});
+    };
+    auto gemm = [&](const PackedMatrix& w, int n0, int n1, const Act& act, int tok, int rows, float* out, int th) {
+        if (act.has_i8 && tok == 0 && rows == act.i8.m && gemm_i8_fits(w)) {
+            i8_gemm_(w, n0, n1, act.i8, out, w.n, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(w.k)));
+            return;
+        }
+        gemm_(w, n0, n1, rows_from(act.a, tok), rows, out, w.n);
+    };
+    auto run_tasks = [&](const Act& act) {
+        pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
+            const Task& t = tasks[i];
+            gemm(*t.w, t.n0, t.n1, act, t.tok, t.rows, t.y, th);
+        });
+        tasks.clear();
     };
 
     for (const DecoderLayer* Lp : layers) {
         const DecoderLayer& L = *Lp;
-        if (pos >= L.capacity) throw std::out_of_range("kt_cpu_amx: decoder_step past the cache's capacity");
-        { Timed t(this, Phase::Small); rms_norm(x, L.attn_norm.data(), H, L.eps, xn); }
-        chunks(L.q.get(), q, 0);
-        chunks(L.k.get(), kv_k, 0);
+        if (!blocks && T > L.capacity) throw std::out_of_range("kt_cpu_amx: decoder_step past the cache's capacity");
+        {
+            Timed t(this, Phase::Small);
+            for (int b = 0; b < B; ++b) rms_norm(x + size_t(b) * H, L.attn_norm.data(), H, L.eps, xn + size_t(b) * H);
+        }
+        chunks(L.q.get(), q, 0, B);
+        chunks(L.k.get(), kv_k, 0, B);
         if (L.kind == AttentionKind::Gqa) {
-            const int D = L.head_dim, group = L.heads / L.kv_heads;
-            chunks(L.v.get(), kv_v, 0);
-            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H)); }
+            chunks(L.v.get(), kv_v, 0, B);
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, B, H, true)); }
             Timed t(this, Phase::Attention);
-            add(q, L.bq), add(kv_k, L.bk), add(kv_v, L.bv);
-            for (int h = 0; h < L.heads; ++h) {
-                float* qh = q + size_t(h) * D;
-                if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
-                rope_half(qh, cos, sin, D);
-            }
-            for (int h = 0; h < L.kv_heads; ++h) {
-                float* kh = kv_k + size_t(h) * D;
-                if (!L.k_norm.empty()) rms_norm(kh, L.k_norm.data(), D, L.qk_eps, kh);
-                rope_half(kh, cos, sin, D);
-                const size_t at = (size_t(h) * L.capacity + pos) * D;
-                std::memcpy(L.k_cache + at, kh, sizeof(float) * D);
-                std::memcpy(L.v_cache + at, kv_v + size_t(h) * D, sizeof(float) * D);
-            }
-            pool_.parallel_for(L.heads, [&](int h, int) {
-                const size_t base = size_t(h / group) * L.capacity * D;
-                attend_(q + size_t(h) * D, L.k_cache + base, L.v_cache + base, T, D, D, L.scaling,
-                        scores + size_t(h) * T, att + size_t(h) * D);
-            });
-        } else {
+            gqa_attention(L, B, q, kv_k, kv_v, cos, sin, positions, blocks, width, block, scores, T, att);
+        } else {  // one sequence (checked above)
+            const int pos = positions[0];
             const int R = L.rank, P = L.rope_dim, N = L.nope, V = L.v_dim, QD = N + P;
-            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H)); }
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H, true)); }
             Timed t(this, Phase::Attention);
             // the latent (normalized) and the rotary key, written at pos; the queries' rotary parts
             float* latent = L.k_cache + size_t(pos) * R;
@@ -195,11 +247,11 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
                     axpy_rows_(*L.v, h * (N + V), N, kv_v + size_t(h) * N, out);
                 });
             } else {
-                for (int h = 0; h < L.heads; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * R, h);
-                run_tasks(quantized(kv_v, L.heads, N));
+                for (int h = 0; h < L.heads; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * R, h, 1);
+                run_tasks(quantized(kv_v, L.heads, N, false));
             }
             pool_.parallel_for(L.heads, [&](int h, int) {
-                attend_latent_(lat + size_t(h) * R, L.k_cache, R, R, q + size_t(h) * QD + N, L.v_cache, P, P, T,
+                attend_latent_(lat + size_t(h) * R, L.k_cache, R, R, q + size_t(h) * QD + N, L.v_cache, P, P, pos + 1,
                                L.scaling, scores + size_t(h) * T, kv_v + size_t(h) * R);
             });
             // back through kv_b's value rows of each head: rows h * (N + V) + N .. + V
@@ -208,11 +260,11 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
                     dot_rows_(*L.v, h * (N + V) + N, V, kv_v + size_t(h) * R, att + size_t(h) * V);
                 });
             } else {  // int8 activations, token h for head h
-                const QAct a = quantized(kv_v, L.heads, R);
+                const Act a = quantized(kv_v, L.heads, R, false);
                 for (int h = 0; h < L.heads; ++h) {
                     const int r0 = h * (N + V) + N, chunk = chunk_rows(V, threads());
                     for (int n0 = r0; n0 < r0 + V; n0 += chunk)
-                        tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h});
+                        tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h, 1});
                 }
                 run_tasks(a);
                 for (int h = 0; h < L.heads; ++h)
@@ -221,63 +273,76 @@ void Runtime::decoder_step(const std::vector<const DecoderLayer*>& layers, float
         }
         {
             Timed t(this, Phase::Dense);
-            chunks(L.o.get(), y, 0);
-            run_tasks(quantized(att, 1, L.o->k));
+            chunks(L.o.get(), y, 0, B);
+            run_tasks(quantized(att, B, L.o->k, true));
         }
         Timed small(this, Phase::Small);
-        add(y, L.bo);
-        for (int i = 0; i < H; ++i) x[i] += y[i];
+        for (int b = 0; b < B; ++b) {
+            float *yb = y + size_t(b) * H, *xb = x + size_t(b) * H;
+            add(yb, L.bo);
+            for (int i = 0; i < H; ++i) xb[i] += yb[i];
+            rms_norm(xb, L.mlp_norm.data(), H, L.eps, xn + size_t(b) * H);
+        }
 
         // MLP: routed experts (DeepSeek-V2 greedy routing) and / or a gated MLP (the shared experts)
-        rms_norm(x, L.mlp_norm.data(), H, L.eps, xn);
         if (L.experts) {
             const int E = L.experts->experts(), K = L.top_k;
-            float* prob = route + K;
-            constexpr int kRouterRows = 4;  // router rows per task: the E x H product spread over the pool
-            pool_.parallel_for((E + kRouterRows - 1) / kRouterRows, [&](int t, int) {
-                for (int e = t * kRouterRows; e < std::min(E, (t + 1) * kRouterRows); ++e)
-                    prob[e] = dot(L.router.data() + size_t(e) * H, xn, H);
-            });
-            float mx = -INFINITY;
-            for (int e = 0; e < E; ++e) mx = std::max(mx, prob[e]);
-            float sum = 0.f;
-            for (int e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - mx));
-            for (int e = 0; e < E; ++e) prob[e] /= sum;
-            int64_t idx[64];
+            std::vector<int64_t> idx(size_t(B) * K);
+            std::vector<float> weights(size_t(B) * K);
             std::vector<int> order(E);
-            std::iota(order.begin(), order.end(), 0);
-            std::partial_sort(order.begin(), order.begin() + K, order.end(),
-                              [&](int a, int b) { return prob[a] > prob[b] || (prob[a] == prob[b] && a < b); });
-            for (int s = 0; s < K; ++s) {
-                idx[s] = order[s];
-                route[s] = prob[order[s]] * L.routed_scale;
+            for (int b = 0; b < B; ++b) {
+                const float* xb = xn + size_t(b) * H;
+                float* prob = route + size_t(b) * most_route + K;
+                constexpr int kRouterRows = 4;  // router rows per task: the E x H product spread over the pool
+                pool_.parallel_for((E + kRouterRows - 1) / kRouterRows, [&](int t, int) {
+                    for (int e = t * kRouterRows; e < std::min(E, (t + 1) * kRouterRows); ++e)
+                        prob[e] = dot(L.router.data() + size_t(e) * H, xb, H);
+                });
+                float mx = -INFINITY;
+                for (int e = 0; e < E; ++e) mx = std::max(mx, prob[e]);
+                float sum = 0.f;
+                for (int e = 0; e < E; ++e) sum += (prob[e] = std::exp(prob[e] - mx));
+                for (int e = 0; e < E; ++e) prob[e] /= sum;
+                std::iota(order.begin(), order.end(), 0);
+                std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                                  [&](int a, int c) { return prob[a] > prob[c] || (prob[a] == prob[c] && a < c); });
+                for (int s = 0; s < K; ++s) {
+                    idx[size_t(b) * K + s] = order[s];
+                    weights[size_t(b) * K + s] = prob[order[s]] * L.routed_scale;
+                }
             }
             {
                 Timed t(this, Phase::Experts);
-                moe(*L.experts, 1, K, xn, idx, route, y);
-                linger_after(1);
+                moe(*L.experts, B, K, xn, idx.data(), weights.data(), y);
+                linger_after(B);
             }
-            for (int i = 0; i < H; ++i) x[i] += y[i];
+            for (size_t i = 0; i < size_t(B) * H; ++i) x[i] += y[i];
         }
         if (L.gate) {
             Timed t(this, Phase::Dense);
             const int I = L.inter();
-            const QAct a = quantized(xn, 1, H);
+            const Act a = quantized(xn, B, H, true);
             const int chunk = chunk_rows(I, threads());
-            for (int n0 = 0; n0 < I; n0 += chunk) tasks.push_back({nullptr, nullptr, n0, std::min(I, n0 + chunk), 0});
-            pool_.parallel_for(int(tasks.size()), [&](int i, int) {
+            for (int n0 = 0; n0 < I; n0 += chunk) tasks.push_back({nullptr, nullptr, n0, std::min(I, n0 + chunk), 0, B});
+            pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
                 const int n0 = tasks[i].n0, n1 = tasks[i].n1;
-                gemm_(*L.gate, n0, n1, a, 1, g, I);
-                gemm_(*L.up, n0, n1, a, 1, u, I);
-                if (!L.bgate.empty()) for (int j = n0; j < n1; ++j) g[j] += L.bgate[j];
-                if (!L.bup.empty()) for (int j = n0; j < n1; ++j) u[j] += L.bup[j];
-                act_mul_(int(L.act), g + n0, u + n0, n1 - n0);  // the vectorized exp, as the experts use
+                gemm(*L.gate, n0, n1, a, 0, B, g, th);
+                gemm(*L.up, n0, n1, a, 0, B, u, th);
+                for (int b = 0; b < B; ++b) {
+                    float *gb = g + size_t(b) * I, *ub = u + size_t(b) * I;
+                    if (!L.bgate.empty()) for (int j = n0; j < n1; ++j) gb[j] += L.bgate[j];
+                    if (!L.bup.empty()) for (int j = n0; j < n1; ++j) ub[j] += L.bup[j];
+                    act_mul_(int(L.act), gb + n0, ub + n0, n1 - n0);  // the vectorized exp, as the experts use
+                }
             });
             tasks.clear();
-            chunks(L.down.get(), y, 0);
-            run_tasks(quantized(g, 1, I));
-            add(y, L.bdown);
-            for (int i = 0; i < H; ++i) x[i] += y[i];
+            chunks(L.down.get(), y, 0, B);
+            run_tasks(quantized(g, B, I, true));
+            for (int b = 0; b < B; ++b) {
+                float *yb = y + size_t(b) * H, *xb = x + size_t(b) * H;
+                add(yb, L.bdown);
+                for (int i = 0; i < H; ++i) xb[i] += yb[i];
+            }
         }
     }
 }

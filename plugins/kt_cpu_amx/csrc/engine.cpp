@@ -103,19 +103,42 @@ void Runtime::linear(const PackedMatrix& W, int M, const float* x, float* y, boo
     }
     if (!act_residual || (M <= decode_rows && !exact)) {
         QAct a = quantize_rows(x, M, K);
-        pool_.parallel_for(nchunks, [&](int c, int) {
+        const bool tiles = M <= decode_rows && int8_tiles(W, M);
+        IAct t;
+        if (tiles) t = pack_i8(a, M, lin_i8_);
+        pool_.parallel_for(nchunks, [&](int c, int th) {
             int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-            gemm_(W, n0, n1, a, M, y, N);
+            if (tiles) i8_gemm_(W, n0, n1, t, y, N, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(K)));
+            else gemm_(W, n0, n1, a, M, y, N);
         });
         return;
     }
     QAct a = quantize_with_residual(x, M, K);
     float* y2 = res_y_.get<float>(size_t(2) * M * N);
-    pool_.parallel_for(nchunks, [&](int c, int) {
+    const bool tiles = M <= decode_rows && int8_tiles(W, 2 * M);
+    IAct t;
+    if (tiles) t = pack_i8(a, 2 * M, lin_i8_);
+    pool_.parallel_for(nchunks, [&](int c, int th) {
         int n0 = c * chunk, n1 = std::min(N, n0 + chunk);
-        gemm_(W, n0, n1, a, 2 * M, y2, N);
+        if (tiles) i8_gemm_(W, n0, n1, t, y2, N, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(K)));
+        else gemm_(W, n0, n1, a, 2 * M, y2, N);
         fold_pairs(y2, M, N, n0, n1, y, N);
     });
+}
+
+bool Runtime::int8_tiles(const PackedMatrix& W, int rows) const {
+    return i8_gemm_ && rows >= i8_min_rows && gemm_i8_fits(W);
+}
+
+IAct Runtime::pack_i8(const QAct& a, int rows, QActBuf& buf) {
+    const int nb = (rows + 15) / 16;
+    buf.ensure(nb * 16, a.k);
+    IAct t;
+    t.k = a.k;
+    t.m = rows;
+    t.q = buf.q.as<int8_t>(); t.d = buf.d.as<float>(); t.s16 = buf.s16.as<float>(); t.s32 = buf.s32.as<float>();
+    pool_.parallel_for(nb, [&](int tb, int) { i8_pack_(a, rows, tb, t); });
+    return t;
 }
 
 // Row 2i: x_i quantized to int8 (d, q); row 2i + 1: its rounding residual x_i - d q (at most d / 2 per element)
@@ -159,31 +182,25 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
         return;
     }
     QAct a = quantize_rows(x, M, K);
-    struct Task { int m, n0, n1; };
+    struct Task { int m, n0, n1; bool tiles; };
     std::vector<Task> tasks;
+    bool any_tiles = false;
     for (size_t i = 0; i < W.size(); ++i) {
         const int N = W[i]->n, chunk = chunk_rows(N, threads());
-        for (int n0 = 0; n0 < N; n0 += chunk) tasks.push_back({int(i), n0, std::min(N, n0 + chunk)});
+        const bool tiles = M <= decode_rows && int8_tiles(*W[i], M);  // as linear() would
+        any_tiles = any_tiles || tiles;
+        for (int n0 = 0; n0 < N; n0 += chunk) tasks.push_back({int(i), n0, std::min(N, n0 + chunk), tiles});
     }
-    pool_.parallel_for(int(tasks.size()), [&](int i, int) {
+    IAct ta;
+    if (any_tiles) ta = pack_i8(a, M, lin_i8_);
+    pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
         const Task& t = tasks[i];
-        gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
+        if (t.tiles) i8_gemm_(*W[t.m], t.n0, t.n1, ta, y[t.m], W[t.m]->n, amx_scratch_[th].get<uint8_t>(i8_scratch_bytes_(K)));
+        else gemm_(*W[t.m], t.n0, t.n1, a, M, y[t.m], W[t.m]->n);
     });
 }
 
 
-// X's logical rows from r0 on.
-static QAct rows_from(QAct X, int r0) {
-    if (X.rows) {
-        X.rows += r0;
-        return X;
-    }
-    X.q += size_t(r0) * X.k;
-    X.d += size_t(r0) * (X.k / 32);
-    X.s16 += size_t(r0) * (X.k / 16);
-    X.s32 += size_t(r0) * (X.k / 32);
-    return X;
-}
 
 void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
     linger_after(T);

@@ -84,6 +84,18 @@ public:
     // in place; cos/sin [head_dim] the rotary tables at position pos, where each layer writes its keys and values.
     void decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos, const float* sin,
                       int pos);
+    // The same for B sequences together (B = 1 is decoder_step): x[B, hidden], cos/sin [B, head_dim], positions[B];
+    // the linears as B-row GEMMs (weights read once per step), attention per sequence. blocks: null (one sequence
+    // at slots 0.. of the layers' cache pointers) or a block table [B, width] of pool blocks of `block` slots:
+    // row b's position p at slot blocks[b][p / block] * block + p % block. Latent attention takes B = 1 only.
+    void decoder_step_batch(const std::vector<const DecoderLayer*>& layers, int B, float* x, const float* cos,
+                            const float* sin, const int32_t* positions, const int32_t* blocks, int width, int block);
+    // Int8-activation GEMMs of decode-sized calls (linear() of at most decode_rows tokens, its exact path's 2M rows
+    // included, and the fused decoder's linears) of at least this many rows run on the int8 tile kernel (AMX-INT8, or AVX512-VNNI over the
+    // same token blocks) where the matrix fits it (gemm_i8_fits): the weights unpacked once per 16 rows instead of
+    // read per 4. Fewer rows run on the integer-dot kernels. Both take the same int8 activations and differ only
+    // in float summation order.
+    int i8_min_rows = 4;
 
     Pool& pool() { return pool_; }
 
@@ -106,6 +118,9 @@ private:
     bool use_amx(const PackedMatrix& W, int rows, int min_rows) const;
     // x's M rows of K floats quantized into act_ (int8 per group) by the pool: the view the GEMMs read.
     QAct quantize_rows(const float* x, int M, int K);
+    bool int8_tiles(const PackedMatrix& W, int rows) const;
+    // rows of a into buf as the tile kernel's token blocks, by the pool
+    IAct pack_i8(const QAct& a, int rows, QActBuf& buf);
     // 2M rows: x_i and its int8 rounding residual, interleaved (act_residual); fold_pairs sums their products.
     QAct quantize_with_residual(const float* x, int M, int K);
     static void fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy);
@@ -125,7 +140,11 @@ private:
     uint64_t open_t0_ = 0, open_w0_ = 0;   // since when it counts: clock and pool wait_ns
     void charge_open();
     Scratch dec_;  // decoder_step's vectors
-    QActBuf dec_act_;
+    QActBuf dec_act_, dec_i8_, lin_i8_;
+    // decoder_step_batch's grouped-query attention (decoder.cpp)
+    void gqa_attention(const DecoderLayer& L, int B, float* q, float* k, float* v, const float* cos, const float* sin,
+                       const int32_t* pos, const int32_t* blocks, int width, int block, float* scores,
+                       size_t ld_scores, float* att);
     AttendFn attend_;
     ActMulFn act_mul_;
     // moe()'s int8 prefill kernel for experts with enough rows (AMX tiles or AVX512-VNNI; none on AVX2)

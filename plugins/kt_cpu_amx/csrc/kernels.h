@@ -10,9 +10,10 @@ using GemmQ8Fn = void (*)(const PackedMatrix& W, int n0, int n1, const QAct& X, 
 // Quantize rows r0..r1 of x[*, k] (row stride ldx) into buf (same row index).
 using QuantActFn = void (*)(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
 // One query's attention over T cached positions: out[d] = sum_t softmax_t(scale * q . K[t]) * V[t][d], K and V
-// rows of d floats at a stride of ld floats; scores: T floats of scratch.
-using AttendFn = void (*)(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale,
-                          float* scores, float* out);
+// rows of d floats at a stride of ld floats; position t at row t, or when blocks is set (a paged cache) at row
+// blocks[t / block] * block + t % block (the same floats either way); scores: T floats of scratch.
+using AttendFn = void (*)(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T,
+                          int d, size_t ld, float scale, float* scores, float* out);
 // Multi-head latent attention of one head over T positions: scores from two parts (q . K[t] over d floats and
 // qr . R[t] over dr floats; rows at strides ld and ldr), values the K rows themselves: out[d].
 // out[0..k) += sum_i coef[i] * W[r0 + i] (rows dequantized in float): 8-bit rows in groups of 32 (axpy_rows_fits).
@@ -37,8 +38,8 @@ namespace avx2 {
 void act_mul(int act, float* g, const float* u, int n);
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
-void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
-            float* out);
+void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
+            float scale, float* scores, float* out);
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
                    size_t ldr, int T, float scale, float* scores, float* out);
 void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
@@ -52,8 +53,8 @@ size_t gemm_i8_scratch_bytes(int k);
 void gemm_i8(const PackedMatrix& W, int n0, int n1, const IAct& X, float* Y, int ldy, uint8_t* scratch);
 void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
 void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
-void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
-            float* out);
+void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
+            float scale, float* scores, float* out);
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
                    size_t ldr, int T, float scale, float* scores, float* out);
 void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);

@@ -3,6 +3,7 @@
 // (4-bit weights) or widening to int16 (8-bit weights, whose products would saturate maddubs).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -440,9 +441,9 @@ static inline void softmax_inplace(float* scores, int T) {
 }
 
 // out[d] = sum_t p[t] * V[t]
-static inline void weighted_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
+// out[i] += sum_t p[t] * V[t][i], in t order.
+static inline void accumulate_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
     const int d8 = d & ~7;
-    for (int i = 0; i < d; ++i) out[i] = 0.f;
     for (int t = 0; t < T; ++t) {
         const float* v = V + size_t(t) * ld;
         const __m256 vp = _mm256_set1_ps(p[t]);
@@ -451,12 +452,28 @@ static inline void weighted_rows(const float* p, const float* V, int T, int d, s
         for (int i = d8; i < d; ++i) out[i] += p[t] * v[i];
     }
 }
+static inline void weighted_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
+    for (int i = 0; i < d; ++i) out[i] = 0.f;
+    accumulate_rows(p, V, T, d, ld, out);
+}
 
-void attend(const float* q, const float* K, const float* V, int T, int d, size_t ld, float scale, float* scores,
-            float* out) {
-    for (int t = 0; t < T; ++t) scores[t] = dot_f32(q, K + size_t(t) * ld, d) * scale;
+void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
+            float scale, float* scores, float* out) {
+    if (!blocks) {
+        for (int t = 0; t < T; ++t) scores[t] = dot_f32(q, K + size_t(t) * ld, d) * scale;
+        softmax_inplace(scores, T);
+        weighted_rows(scores, V, T, d, ld, out);
+        return;
+    }
+    // block by block, the same float operations in the same order as one run
+    for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b) {
+        const float* Kb = K + size_t(blocks[b]) * block * ld;
+        for (int t = t0; t < std::min(T, t0 + block); ++t) scores[t] = dot_f32(q, Kb + size_t(t - t0) * ld, d) * scale;
+    }
     softmax_inplace(scores, T);
-    weighted_rows(scores, V, T, d, ld, out);
+    for (int i = 0; i < d; ++i) out[i] = 0.f;
+    for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b)
+        accumulate_rows(scores + t0, V + size_t(blocks[b]) * block * ld, std::min(block, T - t0), d, ld, out);
 }
 
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,

@@ -11,7 +11,9 @@ with every linear on ``KLinearCPU`` (one runtime) and its norms RMSNorms (checke
   16: then not on the GGUF's own values); ``W_v`` is read from ``kv_b_proj``'s packed rows;
 - its MLP is gated (SiLU or GELU-tanh), or a DeepSeek-V2 MoE block (greedy softmax top-k routing, routed experts
   on ``KExpertsCPU``, shared experts on ``KLinearCPU``).
-The layer then runs as ``Runtime.decoder_step`` (csrc/decoder.cpp) on the same packed weights: the same
+The layer then runs as ``Runtime.decoder_step`` (csrc/decoder.cpp) on the same packed weights, or for several
+sequences at once as ``Runtime.decoder_step_batch`` (``FusedLayers.step_batch``: the linears as one B-row GEMM,
+on the int8 tile kernel from 4 rows, each sequence's attention over its own blocks; GQA only): the same
 quantized GEMMs as the ops, with norms, rotary, attention, routing and residuals in C++, so outputs match the
 module path to float rounding (GQA) or to the absorbed key's int8 rounding (MLA), not bit for bit.
 ``KT_CPU_FUSE=0`` turns it off.
@@ -233,6 +235,34 @@ class FusedLayers:
             L.set_cache(keys.data_ptr() + 4 * slot_offset * kf, values.data_ptr() + 4 * slot_offset * vf,
                         keys.shape[2])
         self._slot_offset = slot_offset
+
+    @property
+    def batch_problem(self) -> str | None:
+        """Why ``step_batch`` cannot run these layers, or ``None``."""
+        if self.layers[0].kind == "mla":
+            return "kt_cpu_amx's fused latent attention decodes one sequence per step"
+        return None
+
+    def step_batch(self, hidden: torch.Tensor, position_embeddings, positions: torch.Tensor, tables: torch.Tensor,
+                   block_size: int) -> None:
+        """One step of B sequences: ``hidden`` ``[B, 1, H]`` (updated in place), rotary tables ``[B, 1, D]``,
+        ``positions`` int32 ``[B]``, ``tables`` int32 ``[B, width]`` (each row's blocks of its layers' pools)."""
+        if self.batch_problem:
+            raise ValueError(self.batch_problem)
+        cos, sin = (t.to(torch.float32).contiguous() for t in position_embeddings)
+        batch = hidden.shape[0]
+        if hidden.dtype is not torch.float32 or not hidden.is_contiguous() or cos.shape[-1] != self.layers[0].head_dim \
+                or cos.numel() != batch * cos.shape[-1]:
+            raise ValueError(f"kt_cpu_amx fused decode: hidden must be contiguous float32 [B, 1, H] and the rotary "
+                             f"tables [B, 1, {self.layers[0].head_dim}]; got {hidden.dtype}, {tuple(cos.shape)}")
+        for t, what in ((positions, "positions"), (tables, "tables")):
+            if t.dtype is not torch.int32 or not t.is_contiguous() or t.shape[0] != batch:
+                raise ValueError(f"kt_cpu_amx fused decode: {what} must be contiguous int32 with {batch} rows")
+        if self._slot_offset != 0:
+            self._point_at(0)
+        share_cores(batch, self.torch_threads)
+        self.runtime.decoder_step_batch(self.layers, batch, hidden.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                        positions.data_ptr(), tables.data_ptr(), tables.shape[1], int(block_size))
 
     def step(self, hidden: torch.Tensor, position_embeddings, position: int, slot_offset: int = 0) -> None:
         mla = self.layers[0].kind == "mla"
