@@ -97,3 +97,27 @@ def test_channels_any_split_reads_the_same(pieces):
             assert "".join(p.answer for p in parts) == answer
             assert "".join(p.reasoning for p in parts) == reasoning
             assert [m for p in parts for m in p.sent] == sent
+
+
+def test_run_out_of_tokens_while_reasoning_says_so(harmony, capsys):
+    assert main(["run", "tiny:llama", "-p", "Weather in Paris?", "--max-new-tokens", "20", "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "\n" and "SECRET" not in err
+    assert "stopped at --max-new-tokens 20 while the model was still reasoning" in err
+
+
+def test_reasoning_is_dimmed_on_a_terminal():
+    from ktcore.cli.reply_output import DIM, RESET, ReplyPrinter
+    from ktcore.server.tiny import tiny_harmony_tokenizer
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out, err = io.StringIO(), Terminal()
+    printer = ReplyPrinter(tiny_harmony_tokenizer(), show_reasoning=True, out=out, err=err)
+    for cut in range(0, len(REPLY), 5):
+        printer.push(REPLY[cut:cut + 5], final=cut + 5 >= len(REPLY))
+    assert out.getvalue() == printer.answer == ANSWER
+    assert err.getvalue().replace(DIM, "").replace(RESET, "") == REASONING + "\n"
+    assert err.getvalue().startswith(DIM) and RESET in err.getvalue()

@@ -14,6 +14,7 @@ from .run import (
     context_limit_note,
     load_generator,
     run_guarded,
+    unanswered_note,
 )
 
 CHAT_HELP = """\
@@ -144,6 +145,8 @@ def _reply(gen, messages, params, args) -> str | None:
                 note = context_limit_note(delta, gen.max_context)
                 if note:
                     print(f"({note}; /reset starts a new conversation)", file=sys.stderr)
+                elif delta.finish_reason == "length" and printer.unanswered:
+                    print(f"({unanswered_note(args)})", file=sys.stderr)
     except KeyboardInterrupt:
         print("\n(reply interrupted)", file=sys.stderr)
         return printer.answer or None

@@ -32,10 +32,16 @@ class ReplyPrinter:
         self.dim = show_reasoning and self.err.isatty()
         self.parts: list[str] = []
         self.thinking = False  # reasoning was printed and no answer text since (it ends with a newline first)
+        self.reasoned = False  # some reasoning was read, shown or not
 
     @property
     def answer(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def unanswered(self) -> bool:
+        """The model reasoned but wrote no answer (e.g. it ran out of --max-new-tokens while reasoning)."""
+        return self.reasoned and not self.parts
 
     def params_for(self, params):
         return params if self.reader is None else dataclasses.replace(params, skip_special_tokens=False)
@@ -46,10 +52,13 @@ class ReplyPrinter:
         else:
             read = self.reader.push(text, final)
             answer = read.answer
+            self.reasoned = self.reasoned or bool(read.reasoning)
             if read.reasoning and self.show_reasoning:
                 self._think(read.reasoning)
-        if self.thinking and (answer or final):
-            self._think("\n")  # the reasoning's line ends before the answer (or the timing line)
+        if self.thinking and (answer or final):  # the reasoning's line ends before the answer (or the timing line)
+            self.err.write("\n")
+            self.err.flush()
+            self.thinking = False
         if answer:
             self.parts.append(answer)
             self.out.write(answer)
@@ -58,4 +67,4 @@ class ReplyPrinter:
     def _think(self, text: str) -> None:
         self.err.write(f"{DIM}{text}{RESET}" if self.dim else text)
         self.err.flush()
-        self.thinking = text != "\n"
+        self.thinking = True

@@ -196,4 +196,11 @@ def _run(args) -> int:
         note = context_limit_note(final, args.max_context)
         if note:
             warn(args, note)
+        elif final.finish_reason == "length" and printer.unanswered:
+            warn(args, unanswered_note(args))
     return 0
+
+
+def unanswered_note(args) -> str:
+    return (f"the reply stopped at --max-new-tokens {args.max_new_tokens} while the model was still reasoning, "
+            "before its answer (raise --max-new-tokens; --show-reasoning shows the reasoning)")
