@@ -16,7 +16,8 @@ from ktcore.server.tiny import scripted_harmony_model, tiny_chat_model
 
 REASONING = "SECRET: the user wants weather."
 ANSWER = "It is sunny."
-REPLY = f"<|channel|>analysis<|message|>{REASONING}<|end|><|start|>assistant<|channel|>final<|message|>{ANSWER}<|return|>"
+REPLY = (f"<|channel|>analysis<|message|>{REASONING}<|end|><|start|>assistant"
+         f"<|channel|>final<|message|>{ANSWER}<|return|>")
 FLAGS = ["--max-new-tokens", "200", "-q"]
 
 
@@ -24,7 +25,8 @@ FLAGS = ["--max-new-tokens", "200", "-q"]
 def harmony(monkeypatch):
     """``kt ... tiny:llama`` loads the scripted harmony model; returns its script (``prompts``: each prefill's text)."""
     script = {"reply": REPLY}
-    monkeypatch.setattr("ktcore.server.tiny.tiny_chat_model", lambda family="llama", seed=0: scripted_harmony_model(script))
+    monkeypatch.setattr("ktcore.server.tiny.tiny_chat_model",
+                        lambda family="llama", seed=0: scripted_harmony_model(script))
     return script
 
 
@@ -58,7 +60,8 @@ def test_chat_shows_the_answer_and_keeps_it_in_the_history(harmony, capsys, monk
     assert err.count(REASONING) == 2 and "<|" not in err
     # the second turn's prompt holds the first answer as the template renders a final message, no analysis
     second = harmony["prompts"][-1]
-    assert f"<|start|>assistant<|channel|>final<|message|>{ANSWER}<|end|><|start|>user<|message|>And tomorrow?" in second
+    assert (f"<|start|>assistant<|channel|>final<|message|>{ANSWER}<|end|>"
+            "<|start|>user<|message|>And tomorrow?") in second
     assert "SECRET" not in second and "analysis" not in second
 
 
@@ -88,7 +91,8 @@ def test_channels_any_split_reads_the_same(pieces):
     """Answer and reasoning come out whole however the reply is cut; two analysis messages are two lines."""
     reply = f"<|channel|>analysis<|message|>one<|end|><|start|>assistant<|channel|>analysis<|message|>two<|end|>" \
             f"<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json<|message|>{{}}<|call|>"
-    for text, answer, reasoning, sent in ((REPLY, ANSWER, REASONING, []), (reply, "", "one\ntwo", [("functions.f", "{}")])):
+    for text, answer, reasoning, sent in ((REPLY, ANSWER, REASONING, []),
+                                          (reply, "", "one\ntwo", [("functions.f", "{}")])):
         for start in range(len(text)):
             cuts = sorted({0, len(text), *range(start, len(text), pieces)})
             reader, parts = Channels(), []
