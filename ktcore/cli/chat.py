@@ -7,12 +7,14 @@ import sys
 
 from .model_options import MODEL_OPTIONS_HELP
 from .prefix_options import add_prefix_cache_args
+from .reply_output import ReplyPrinter
 from .run import (
     EXIT_INTERRUPTED,
     add_generation_args,
     context_limit_note,
     load_generator,
     run_guarded,
+    unanswered_note,
 )
 
 CHAT_HELP = """\
@@ -129,14 +131,12 @@ def _chat(args) -> int:
 def _reply(gen, messages, params, args) -> str | None:
     from ktcore.generate import ContextOverflowError
 
-    parts = []
+    # the history keeps the answer only: a harmony template renders an earlier turn's final message alone
+    printer = ReplyPrinter(gen.tokenizer, args.show_reasoning)
     timing = not (args.no_timing or args.quiet)
     try:
-        for delta in gen.generate(messages, params):
-            if delta.text:
-                parts.append(delta.text)
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
+        for delta in gen.generate(messages, printer.params_for(params)):
+            printer.push(delta.text, final=delta.finish_reason is not None)
             if delta.finish_reason:
                 sys.stdout.write("\n")
                 sys.stdout.flush()
@@ -145,10 +145,12 @@ def _reply(gen, messages, params, args) -> str | None:
                 note = context_limit_note(delta, gen.max_context)
                 if note:
                     print(f"({note}; /reset starts a new conversation)", file=sys.stderr)
+                elif delta.finish_reason == "length" and printer.unanswered:
+                    print(f"({unanswered_note(args)})", file=sys.stderr)
     except KeyboardInterrupt:
         print("\n(reply interrupted)", file=sys.stderr)
-        return "".join(parts) or None
+        return printer.answer or None
     except ContextOverflowError as exc:
         print(f"\n{exc}; /reset starts a new conversation", file=sys.stderr)
         return None
-    return "".join(parts)
+    return printer.answer

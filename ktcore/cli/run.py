@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from .model_options import MODEL_OPTIONS_HELP, CLIError, add_model_options, check_model_options, open_model, say
+from .reply_output import ReplyPrinter, add_reasoning_arg
 
 EXIT_ERROR = 2  # as the kt dispatcher uses for errors the user can fix
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -20,6 +21,7 @@ examples:
   kt run model.gguf -p "Write a haiku about the sea"
   kt run model.gguf -p "Once upon a time" --raw --max-new-tokens 64
   kt run model.gguf -p "2+2=" --temperature 0.7 --top-p 0.9 --seed 1
+  kt run gpt-oss-20b.gguf -p "Why is the sky blue?" --show-reasoning
   kt run DeepSeek-V2-Lite-Q4_K_M.gguf -p "Hi" --rules my-rules.yaml --threads 8
 """
 
@@ -31,6 +33,7 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     """The model options (``model_options.add_model_options``), the reply's length and sampling."""
     add_model_options(p)
     p.add_argument("--max-new-tokens", type=int, default=512, help="stop after this many tokens (default 512)")
+    add_reasoning_arg(p)
     add_sampling_args(p)
 
 
@@ -198,12 +201,11 @@ def _run(args) -> int:
     from ktcore.engine.step_profile import StepProfile
 
     profile = StepProfile() if args.profile else None
+    printer = ReplyPrinter(gen.tokenizer, args.show_reasoning, raw=not isinstance(request, list))
     final = None
     with profile.active() if profile else nullcontext():
-        for delta in gen.generate(request, params):
-            if delta.text:
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
+        for delta in gen.generate(request, printer.params_for(params)):
+            printer.push(delta.text, final=delta.finish_reason is not None)
             final = delta
     sys.stdout.write("\n")
     sys.stdout.flush()
@@ -216,4 +218,11 @@ def _run(args) -> int:
         note = context_limit_note(final, args.max_context)
         if note:
             warn(args, note)
+        elif final.finish_reason == "length" and printer.unanswered:
+            warn(args, unanswered_note(args))
     return 0
+
+
+def unanswered_note(args) -> str:
+    return (f"the reply stopped at --max-new-tokens {args.max_new_tokens} while the model was still reasoning, "
+            "before its answer (raise --max-new-tokens; --show-reasoning shows the reasoning)")

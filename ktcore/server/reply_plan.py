@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass, field
 
 from ktcore.constrained import Constraint, ConstraintError, json_constraint, lark_constraint
+from ktcore.reply_stream import speaks_harmony
 
 from .errors import APIError
-from .reply_stream import ReplyStream, speaks_harmony
+from .reply_stream import ReplyStream
 from .tool_calls import ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
 
 

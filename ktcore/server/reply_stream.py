@@ -3,10 +3,10 @@ reply parser of the chat routes, streamed or not (a whole reply is one ``push(te
 and Ollama alike.
 
 ``ReplyStream(fmt, tools, channels)``: ``fmt`` (a ``ToolFormat``, or ``None`` when no tools were offered)
-says how calls are written; ``channels`` is set for GPT-OSS's harmony format, whose reply is a series of
-messages ``<|channel|>NAME[ to=RECIPIENT]...<|message|>TEXT<|end|>``: only the ``final`` channel (and
-``commentary`` messages to no one, the preambles the user is meant to see) are answer text; ``analysis`` is
-the model's reasoning and never reaches the answer; a message to ``functions.NAME`` is a tool call.
+says how calls are written; ``channels`` is set for GPT-OSS's harmony format, read by channel with
+``ktcore.reply_stream.Channels`` (the reader ``kt run`` and ``kt chat`` use too): only the ``final`` channel
+(and ``commentary`` messages to no one) are answer text; ``analysis`` never reaches the answer; a message to
+``functions.NAME`` is a tool call.
 
 Answer text is passed on as it comes, except a tail that may still grow into a call (or channel) marker;
 around calls, whitespace is trimmed (a reply that makes no call comes out exactly as written).
@@ -14,9 +14,8 @@ around calls, whitespace is trimmed (a reply that makes no call comes out exactl
 
 from __future__ import annotations
 
-import re
-
 from ktcore.engine.sequence import held_back
+from ktcore.reply_stream import Channels
 
 from .tool_calls import ToolCall, ToolFormat, call_schema, make_call
 
@@ -26,7 +25,7 @@ class ReplyStream:
                  most_calls: int | None = None):
         self.most_calls = most_calls  # calls past this many are dropped (parallel_tool_calls false)
         channels = channels or (fmt is not None and fmt.find is None)  # harmony's calls are messages
-        self._parts = _Channels(calls=fmt is not None) if channels else _Calls(fmt, tools) if fmt else None
+        self._parts = _Harmony(calls=fmt is not None) if channels else _Calls(fmt, tools) if fmt else None
         self.calls: list[ToolCall] = []  # every call so far; a new call's index is its place here
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
@@ -114,88 +113,18 @@ class _Calls:
         return space + rest if rest else ""
 
 
-_START, _CHANNEL, _MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
-_ENDS = ("<|end|>", "<|call|>", "<|return|>")  # a message ends at one of these, or where the next one starts
-_MARKERS = (_START, _CHANNEL, _MESSAGE, *_ENDS)
-_RECIPIENT = re.compile(r"\bto=(\S+?)(?=\s|<\||$)")
-_CHANNEL_NAME = re.compile(re.escape(_CHANNEL) + r"\s*(\w+)")
-_ANSWER_CHANNELS = ("final", "commentary")
-
-
-def speaks_harmony(tokenizer) -> bool:
-    """Whether the vocabulary has harmony's ``<|channel|>`` token (the engine's end tokens ask the same)."""
-    token_id = tokenizer.convert_tokens_to_ids(_CHANNEL)
-    return token_id is not None and token_id != tokenizer.unk_token_id
-
-
-class _Channels:
-    """Harmony messages: the answer channels' text out as it comes, the analysis channel dropped, each
-    message to ``functions.NAME`` a call once it ends (``calls``: the tools were offered; else dropped)."""
+class _Harmony:
+    """Harmony messages (``ktcore.reply_stream.Channels``): the answer text, and each message to
+    ``functions.NAME`` a call once it ends (``calls``: the tools were offered; else dropped)."""
 
     def __init__(self, calls: bool):
         self.calls = calls
-        self.started = False  # a header was seen: this is a harmony reply
-        self.plain = False  # the reply does not start with a header: it is all answer text (a JSON answer)
-        self.header: str | None = ""  # text of the header being read; None: inside a message
-        self.shown = False  # the message being read is answer text
-        self.recipient = ""
-        self.body = ""  # the message's text not yet passed on (a call's: all of it)
+        self.reader = Channels()
 
     def push(self, text: str, final: bool) -> tuple[str, list[ToolCall]]:
-        content, calls = "", []
-        while text and not self.plain:
-            if self.header is not None:  # reading a header, up to <|message|>
-                self.header += text
-                text = ""
-                if not self.started:
-                    start = self.header.lstrip()
-                    if any(len(start) < len(m) and m.startswith(start) for m in (*_MARKERS, "to=")):
-                        break  # too short to tell
-                    if not start.startswith(("<|", "to=")):
-                        self.plain = True  # not harmony after all: the whole reply is answer text
-                        text, self.header = self.header, ""
-                        break
-                    self.started = True
-                at = self.header.find(_MESSAGE)
-                if at >= 0:
-                    text = self.header[at + len(_MESSAGE):]
-                    self._open(self.header[:at])
-                continue
-            self.body += text  # inside a message, up to its end (or the next message's start)
-            text = ""
-            ends = [(i, m) for m in (*_ENDS, _START, _CHANNEL) if (i := self.body.find(m)) >= 0]
-            if not ends:
-                keep = held_back(self.body, _MARKERS)  # may be the start of a marker
-                if self.shown:
-                    content += self.body[: len(self.body) - keep]
-                if self.shown or not self.recipient:
-                    self.body = self.body[len(self.body) - keep:]
-                break
-            at, marker = min(ends)
-            text = self.body[at + len(marker):] if marker in _ENDS else self.body[at:]
-            content, calls = self._close(self.body[:at], content, calls)
-        if self.plain:
-            return content + text, calls
-        if final:
-            if self.header is None:
-                content, calls = self._close(self.body, content, calls)
-            elif not self.started:  # a short reply that only looked like a marker's start
-                content += self.header
-            self.header = ""
-        return content, calls
-
-    def _open(self, header: str) -> None:
-        channel = _CHANNEL_NAME.search(header)
-        recipient = _RECIPIENT.search(header)
-        self.recipient = recipient[1] if recipient else ""
-        self.shown = not self.recipient and bool(channel) and channel[1] in _ANSWER_CHANNELS
-        self.header, self.body = None, ""
-
-    def _close(self, body: str, content: str, calls: list[ToolCall]) -> tuple[str, list[ToolCall]]:
-        if self.shown:
-            content += body
-        elif self.calls and self.recipient.startswith("functions."):
-            call = make_call(self.recipient.removeprefix("functions."), body.strip())
-            calls = calls + ([call] if call else [])
-        self.header, self.body, self.shown, self.recipient = "", "", False, ""
-        return content, calls
+        read = self.reader.push(text, final)
+        if not self.calls:
+            return read.answer, []
+        calls = [make_call(to.removeprefix("functions."), body.strip()) for to, body in read.sent
+                 if to.startswith("functions.")]
+        return read.answer, [c for c in calls if c]

@@ -19,21 +19,9 @@ from ktcore.server.app import create_app  # noqa: E402
 from ktcore.server.engine import Engine  # noqa: E402
 from ktcore.server.loading import load_for_serving  # noqa: E402
 from ktcore.server.runner import ServerThread  # noqa: E402
-from ktcore.server.tiny import tiny_chat_tokenizer  # noqa: E402
+from ktcore.server.tiny import scripted_harmony_model, tiny_chat_tokenizer, tiny_harmony_tokenizer  # noqa: E402
 from ktcore.testing import tiny_model  # noqa: E402
 
-HARMONY_TOKENS = ["<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>", "<|call|>", "<|constrain|>"]
-TEMPLATE = (
-    "{% if tools %}<|start|>developer<|message|>namespace functions {\n"
-    "{% for t in tools %}type {{ t.function.name }} = (_: {{ t.function.parameters | tojson }}) => any;{% endfor %}"
-    "}<|end|>{% endif %}"
-    "{% for m in messages %}{% if m.role == 'assistant' and m.tool_calls %}{% for c in m.tool_calls %}"
-    "<|start|>assistant<|channel|>commentary to=functions.{{ c.function.name }} <|constrain|>json<|message|>"
-    "{{ c.function.arguments | tojson }}<|call|>{% endfor %}"
-    "{% elif m.role == 'tool' %}<|start|>functions.{{ m.name }} to=assistant<|channel|>commentary<|message|>"
-    "{{ m.content }}<|end|>"
-    "{% else %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|start|>assistant{% endif %}")
 ANALYSIS = "<|channel|>analysis<|message|>SECRET: the user wants weather.<|end|><|start|>assistant"
 ANSWER = "It is sunny."
 REPLIES = {
@@ -47,32 +35,11 @@ WEATHER = {"type": "function", "function": {
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-def harmony_tokenizer(vocab_size: int):
-    tok = tiny_chat_tokenizer(vocab_size - len(HARMONY_TOKENS))
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", *HARMONY_TOKENS]})
-    tok.chat_template = TEMPLATE
-    assert len(tok) == vocab_size
-    return tok
-
-
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
-    """``(server, model name, script)``: every reply spells ``REPLIES[script["reply"]]``."""
-    model = tiny_model("llama", 0)
-    tokenizer = harmony_tokenizer(model.config.vocab_size)
-    script = {"reply": "answer"}
-    step = {"i": 0}
-
-    def spell(module, args, kwargs, out):
-        ids = tokenizer(REPLIES[script["reply"]], add_special_tokens=False)["input_ids"]
-        if kwargs["input_ids"].shape[1] > 1:  # a prefill starts a reply
-            step["i"] = 0
-        out.logits[:, -1] = -1e4
-        out.logits[:, -1, ids[min(step["i"], len(ids) - 1)]] = 0
-        step["i"] += 1
-        return out
-
-    model.register_forward_hook(spell, with_kwargs=True)
+    """``(server, model name, script, engine)``: every reply spells ``script["reply"]``."""
+    script = {"reply": REPLIES["answer"]}
+    model, tokenizer = scripted_harmony_model(script)
     _, _, info = load_for_serving("tiny:llama")
     engine = Engine(model, tokenizer, max_context=2048, max_concurrency=1)
     srv = ServerThread(create_app(engine, tokenizer, info, db_path=tmp_path_factory.mktemp("db") / "a.sqlite3")).start()
@@ -82,7 +49,7 @@ def scripted(tmp_path_factory):
 
 def test_end_of_message_is_no_end_token_in_a_harmony_vocabulary():
     model = tiny_model("llama", 0)
-    tok = harmony_tokenizer(model.config.vocab_size)
+    tok = tiny_harmony_tokenizer(model.config.vocab_size)
     ids = end_token_ids(model, tok)
     assert tok.convert_tokens_to_ids("<|end|>") not in ids
     assert {tok.convert_tokens_to_ids("<|return|>"), tok.convert_tokens_to_ids("<|call|>")} <= ids
@@ -93,7 +60,7 @@ def test_end_of_message_is_no_end_token_in_a_harmony_vocabulary():
 
 def test_openai_answer_is_the_final_channel_only(scripted):
     srv, name, script, engine = scripted
-    script["reply"] = "answer"
+    script["reply"] = REPLIES["answer"]
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     for tools in ([], [WEATHER]):
         extra = {"tools": tools} if tools else {}
@@ -111,7 +78,7 @@ def test_openai_answer_is_the_final_channel_only(scripted):
 
 def test_openai_tool_call_from_the_commentary_channel(scripted):
     srv, name, script, _ = scripted
-    script["reply"] = "call"
+    script["reply"] = REPLIES["call"]
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     r = client.chat.completions.create(model=name, messages=MESSAGES, tools=[WEATHER], max_tokens=200)
     assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
@@ -124,13 +91,13 @@ def test_openai_tool_call_from_the_commentary_channel(scripted):
     assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == [
         (0, "get_weather", {"city": "Paris"})]
     # the call and its result go back through the template and the model answers
-    script["reply"] = "answer"
+    script["reply"] = REPLIES["answer"]
     history = MESSAGES + [r.choices[0].message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
     assert client.chat.completions.create(model=name, messages=history, tools=[WEATHER],
                                           max_tokens=200).choices[0].message.content == ANSWER
     # no tools offered: a message to a function is still no answer text
-    script["reply"] = "call"
+    script["reply"] = REPLIES["call"]
     r = client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=200)
     assert r.choices[0].message.content == "" and not r.choices[0].message.tool_calls
 
@@ -138,7 +105,7 @@ def test_openai_tool_call_from_the_commentary_channel(scripted):
 def test_ollama_answer_and_tool_call(scripted):
     srv, name, script, _ = scripted
     oc = ollama.Client(host=srv.url)
-    script["reply"] = "answer"
+    script["reply"] = REPLIES["answer"]
     assert oc.chat(model=name, messages=MESSAGES).message.content == ANSWER
     chunks = list(oc.chat(model=name, messages=MESSAGES, stream=True))
     assert "".join(c.message.content for c in chunks) == ANSWER
@@ -146,7 +113,7 @@ def test_ollama_answer_and_tool_call(scripted):
     assert "".join(c.response for c in oc.generate(model=name, prompt="Weather?", stream=True)) == ANSWER
     raw = oc.generate(model=name, prompt="<|start|>user<|message|>hi<|end|><|start|>assistant", raw=True)
     assert raw.response == REPLIES["answer"].removesuffix("<|return|>")  # a raw prompt's reply is passed on whole
-    script["reply"] = "call"
+    script["reply"] = REPLIES["call"]
     for r in (oc.chat(model=name, messages=MESSAGES, tools=[WEATHER]),
               *oc.chat(model=name, messages=MESSAGES, tools=[WEATHER], stream=True)):
         assert "SECRET" not in r.message.content
@@ -167,7 +134,7 @@ def test_logprobs_are_refused_rather_than_showing_the_analysis(scripted):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # OpenAI deprecated the Assistants API
 def test_assistants_run_stores_the_answer_only(scripted):
     srv, name, script, _ = scripted
-    script["reply"] = "answer"
+    script["reply"] = REPLIES["answer"]
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     assistant = client.beta.assistants.create(model=name)
     thread = client.beta.threads.create(messages=MESSAGES)
