@@ -402,6 +402,9 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
     config.update(REAL_WIDTHS[family])
     if family in ("qwen2",):
         config.head_dim = config.hidden_size // config.num_attention_heads
+    if config.model_type in ("deepseek_v2", "deepseek_v3"):  # MLA: what the config class derives from the widths (update() does not)
+        config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        config.head_dim = config.qk_rope_head_dim
     if layers is not None:
         config.num_hidden_layers = int(layers)
         if hasattr(config, "first_k_dense_replace"):
