@@ -290,6 +290,12 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     fp32 as in a real load."""
     config = tiny_config(family)
     config.update(overrides)
+    return random_model(_rederive(config), seed, dtype)
+
+
+@torch.no_grad()
+def random_model(config: PreTrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model of ``config`` in eval mode with ``tiny_model``'s seeded random weights."""
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     zero_centered = config.model_type.startswith("gemma")
@@ -402,9 +408,6 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
     config.update(REAL_WIDTHS[family])
     if family in ("qwen2",):
         config.head_dim = config.hidden_size // config.num_attention_heads
-    if config.model_type in ("deepseek_v2", "deepseek_v3"):  # MLA: what the config class derives from the widths (update() does not)
-        config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
-        config.head_dim = config.qk_rope_head_dim
     if layers is not None:
         config.num_hidden_layers = int(layers)
         if hasattr(config, "first_k_dense_replace"):
@@ -420,4 +423,13 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
         config.moe_layers = list(range(config.interleave_moe_layer_step - 1, n, config.interleave_moe_layer_step))
     if family == "qwen3_next":  # every fourth layer full attention, the rest gated delta nets
         config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+    return _rederive(config)
+
+
+def _rederive(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The fields a config class derives from others in its constructor, which ``config.update`` leaves stale:
+    MLA's head_dim (its rope width, what the rotary embedding is built with) and qk_head_dim."""
+    if config.model_type in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
+        config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        config.head_dim = config.qk_rope_head_dim
     return config
