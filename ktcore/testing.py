@@ -391,6 +391,19 @@ REAL_WIDTHS = {
                        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
                        max_position_embeddings=262144,
                        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}),
+    "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, num_attention_heads=128, num_key_value_heads=128,  # DeepSeek-V3
+                        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8,
+                        n_shared_experts=1, first_k_dense_replace=3, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, num_hidden_layers=61, max_position_embeddings=163840,
+                        rope_parameters=dict(YARN_ROPE, rope_theta=10000.0, factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                                             mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=4096)),
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,  # DeepSeek-V2-Lite
+                        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6,
+                        n_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=27, max_position_embeddings=163840,
+                        rope_parameters=dict(YARN_ROPE, rope_theta=10000.0, factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                                             mscale=0.707, mscale_all_dim=0.707, original_max_position_embeddings=4096)),
     "kimi_k2": dict(vocab_size=163840, hidden_size=7168, num_attention_heads=64, num_key_value_heads=64,  # Kimi-K2
                     q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,

@@ -15,38 +15,57 @@ import torch
 from ktcore.inject import RULE_FILES_DIR, load_model
 from ktcore.registry import Registry
 from ktcore.rules import load_rules
-from ktcore.testing import random_model, real_width_config, tiny_config, tiny_model
+from ktcore.testing import random_model, real_width_config, tiny_model
 from ktcore.weights import open_source
 from ktcore.weights.gguf_config import EXTRAS_KEY, config_from_metadata
 from ktcore.weights.gguf_writer import write_gguf
 
 FP32_REL_TOL = 1e-4
-# Kimi-K2's attention and hidden widths, YaRN rope and dense first layer; few experts, a small vocabulary and
-# narrow MLPs keep the file and the two models small (the bug lives in the attention widths)
-SMALL = dict(n_routed_experts=8, num_experts_per_tok=2, vocab_size=512, intermediate_size=512, moe_intermediate_size=256)
+# The real models' attention and hidden widths, YaRN rope and dense first layer; few experts, a small vocabulary
+# and narrow MLPs keep the files and the models small (the bug lived in the attention widths). DeepSeek-V3 keeps
+# group-limited routing (8 groups of 2), DeepSeek-V2-Lite has no q_lora.
+SMALL = dict(vocab_size=512, intermediate_size=512, moe_intermediate_size=256, num_experts_per_tok=2)
+EXPERTS = {"kimi_k2": dict(n_routed_experts=8), "deepseek_v3": dict(n_routed_experts=16, n_group=8, topk_group=4),
+           "deepseek_v2": dict(n_routed_experts=8)}
+RULES = {"kimi_k2": "deepseek_v3", "deepseek_v3": "deepseek_v3", "deepseek_v2": "deepseek_v2"}
 
 
-def kimi_real_width_config():
-    config = real_width_config("kimi_k2", layers=2)
-    config.update(SMALL)
+def small_real_width_config(family: str):
+    config = real_width_config(family, layers=2)
+    config.update(SMALL | EXPERTS[family])
     return config
 
 
 @pytest.fixture(scope="module")
-def kimi_gguf(tmp_path_factory):
-    reference = random_model(kimi_real_width_config())
-    path = Path(write_gguf(reference, tmp_path_factory.mktemp("mla_real") / "kimi-real-width.gguf", "Q8_0"))
-    yield reference, path
-    path.unlink()  # a few hundred MB
+def real_width_gguf(tmp_path_factory):
+    """family -> (Transformers model, its Q8_0 GGUF), written once per module and removed after it."""
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            reference = random_model(small_real_width_config(family))
+            path = tmp_path_factory.mktemp("mla_real") / f"{family}-real-width.gguf"
+            made[family] = reference, Path(write_gguf(reference, path, "Q8_0"))
+        return made[family]
+
+    yield get
+    for _, path in made.values():
+        path.unlink()  # a few hundred MB each
 
 
-@pytest.mark.parametrize("family", ["kimi_k2", "deepseek_v3"])
+def reference_with_file_weights(reference, path):
+    """``reference`` with the file's dequantized weights, so that only the computation is compared."""
+    source = open_source(path)
+    reference.load_state_dict({name: source.get(name).dequantize() for name in reference.state_dict()})
+    return reference
+
+
+@pytest.mark.parametrize("family", ["kimi_k2", "deepseek_v3", "deepseek_v2"])
 def test_real_width_mla_config_derives_head_dim_from_its_widths(family):
     """The config equals one the config class builds from the same fields: head_dim is the rope width."""
-    config = real_width_config("kimi_k2", layers=2) if family == "kimi_k2" else tiny_config(family)
+    config = real_width_config(family, layers=2)
     fresh = type(config)(**{k: v for k, v in config.to_dict().items() if k not in ("head_dim", "qk_head_dim")})
-    assert (config.head_dim, config.qk_head_dim) == (fresh.head_dim, fresh.qk_head_dim)
-    assert config.head_dim == config.qk_rope_head_dim and config.qk_head_dim == config.qk_nope_head_dim + config.qk_rope_head_dim
+    assert (config.head_dim, config.qk_head_dim) == (fresh.head_dim, fresh.qk_head_dim) == (64, 192)
 
 
 def test_tiny_model_with_mla_width_overrides_runs():
@@ -57,10 +76,10 @@ def test_tiny_model_with_mla_width_overrides_runs():
         assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
 
 
-def test_stale_head_dim_in_extras_is_read_as_the_rope_width(kimi_gguf):
+def test_stale_head_dim_in_extras_is_read_as_the_rope_width(real_width_gguf):
     """A file whose ktcore extras carry another head_dim (what the writer stored before) reads with the rope
     width its keys state, as llama.cpp reads it; the writer no longer stores an MLA head_dim."""
-    _, path = kimi_gguf
+    _, path = real_width_gguf("kimi_k2")
     source = open_source(path)
     extras = json.loads(source.metadata[EXTRAS_KEY])
     assert "head_dim" not in extras
@@ -69,17 +88,16 @@ def test_stale_head_dim_in_extras_is_read_as_the_rope_width(kimi_gguf):
     assert config.head_dim == config.qk_rope_head_dim == 64 and config.qk_head_dim == 192
 
 
-@pytest.mark.parametrize("layout", ["cpu", "gpu-cpu"])
-def test_kimi_k2_real_width_gguf_equals_transformers_on_the_cpu(layout, kimi_gguf):
+@pytest.mark.parametrize("family,layout", [("kimi_k2", "cpu"), ("kimi_k2", "gpu-cpu"), ("deepseek_v3", "gpu-cpu"),
+                                           ("deepseek_v2", "gpu-cpu")])
+def test_real_width_mla_gguf_equals_transformers_on_the_cpu(family, layout, real_width_gguf):
     """The real-width file (Q8_0), loaded through the shipped rule file (gpu-cpu read with gpu=cpu), computes
-    Transformers' logits and greedy tokens; before the fix the load ran into the 32 vs 16 rope mismatch."""
-    reference, path = kimi_gguf
+    Transformers' logits and greedy tokens; before the fix Kimi-K2's load ran into the 32 vs 16 rope mismatch."""
+    reference, path = real_width_gguf(family)
+    reference = reference_with_file_weights(reference, path)
     registry = Registry(entrypoints=False)
-    rules = load_rules(RULE_FILES_DIR / f"deepseek_v3-{layout}.yaml", registry, gpu="cpu")
+    rules = load_rules(RULE_FILES_DIR / f"{RULES[family]}-{layout}.yaml", registry, gpu="cpu")
     model, _ = load_model(path, rules=rules, dtype=torch.float32, registry=registry, progress=False)
-    # the reference with the file's dequantized weights, so only the computation is compared
-    source = open_source(path)
-    reference.load_state_dict({name: source.get(name).dequantize() for name in reference.state_dict()})
     ids = torch.randint(3, 512, (1, 7), generator=torch.Generator().manual_seed(0))
     gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     with torch.no_grad():
@@ -89,14 +107,13 @@ def test_kimi_k2_real_width_gguf_equals_transformers_on_the_cpu(layout, kimi_ggu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the gpu-cpu layout puts MLA on the GPU")
-def test_kimi_k2_real_width_gguf_gpu_cpu_layout_on_the_gpu(kimi_gguf):
-    """The same file through the gpu-cpu rule file on the GPU (kt_cuda's MLA, the decode graphs)."""
-    reference, path = kimi_gguf
-    source = open_source(path)
-    reference.load_state_dict({name: source.get(name).dequantize() for name in reference.state_dict()})
-    registry = Registry()
-    model, _ = load_model(path, rules=RULE_FILES_DIR / "deepseek_v3-gpu-cpu.yaml", dtype=torch.float32,
-                          registry=registry, progress=False)
+@pytest.mark.parametrize("family", ["kimi_k2", "deepseek_v3"])
+def test_real_width_mla_gguf_gpu_cpu_layout_on_the_gpu(family, real_width_gguf):
+    """The same files through the gpu-cpu rule file on the GPU (kt_cuda's MLA, the decode graphs)."""
+    reference, path = real_width_gguf(family)
+    reference = reference_with_file_weights(reference, path)
+    model, _ = load_model(path, rules=RULE_FILES_DIR / f"{RULES[family]}-gpu-cpu.yaml", dtype=torch.float32,
+                          registry=Registry(), progress=False)
     ids = torch.randint(3, 512, (1, 7), generator=torch.Generator().manual_seed(0))
     gen = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
     with torch.no_grad():

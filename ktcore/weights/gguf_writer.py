@@ -589,7 +589,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts-used", type=int, default=6)
     parser.add_argument("--family", default=None,
                         help="write this family at its real widths instead (ktcore.testing.REAL_WIDTHS: "
-                             "glm4_moe, gpt_oss, minimax_m2, kimi_k2, qwen2, mistral, ...); --layers, --qtype and "
+                             "glm4_moe, gpt_oss, minimax_m2, kimi_k2, deepseek_v3, qwen2, mistral, ...); --layers, --qtype and "
                              "--dense-qtype apply, --experts/--experts-used do not")
     args = parser.parse_args(argv)
     if args.family:
