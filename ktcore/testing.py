@@ -290,6 +290,12 @@ def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, *
     fp32 as in a real load."""
     config = tiny_config(family)
     config.update(overrides)
+    return random_model(_rederive(config), seed, dtype)
+
+
+@torch.no_grad()
+def random_model(config: PreTrainedConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A model of ``config`` in eval mode with ``tiny_model``'s seeded random weights."""
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     zero_centered = config.model_type.startswith("gemma")
@@ -385,6 +391,19 @@ REAL_WIDTHS = {
                        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
                        max_position_embeddings=262144,
                        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25}),
+    "deepseek_v3": dict(vocab_size=129280, hidden_size=7168, num_attention_heads=128, num_key_value_heads=128,  # DeepSeek-V3
+                        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, num_experts_per_tok=8,
+                        n_shared_experts=1, first_k_dense_replace=3, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                        norm_topk_prob=True, num_hidden_layers=61, max_position_embeddings=163840,
+                        rope_parameters=dict(YARN_ROPE, rope_theta=10000.0, factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                                             mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=4096)),
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=2048, num_attention_heads=16, num_key_value_heads=16,  # DeepSeek-V2-Lite
+                        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, num_experts_per_tok=6,
+                        n_shared_experts=2, first_k_dense_replace=1, num_hidden_layers=27, max_position_embeddings=163840,
+                        rope_parameters=dict(YARN_ROPE, rope_theta=10000.0, factor=40.0, beta_fast=32.0, beta_slow=1.0,
+                                             mscale=0.707, mscale_all_dim=0.707, original_max_position_embeddings=4096)),
     "kimi_k2": dict(vocab_size=163840, hidden_size=7168, num_attention_heads=64, num_key_value_heads=64,  # Kimi-K2
                     q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                     intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,
@@ -417,4 +436,13 @@ def real_width_config(family: str, layers: int | None = None) -> PreTrainedConfi
         config.moe_layers = list(range(config.interleave_moe_layer_step - 1, n, config.interleave_moe_layer_step))
     if family == "qwen3_next":  # every fourth layer full attention, the rest gated delta nets
         config.layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n)]
+    return _rederive(config)
+
+
+def _rederive(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The fields a config class derives from others in its constructor, which ``config.update`` leaves stale:
+    MLA's head_dim (its rope width, what the rotary embedding is built with) and qk_head_dim."""
+    if config.model_type in ("deepseek_v2", "deepseek_v3", "deepseek_v32"):
+        config.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        config.head_dim = config.qk_rope_head_dim
     return config

@@ -169,6 +169,10 @@ def config_dict_from_metadata(meta: dict, tensor_names, path: str) -> dict:
     extras = meta.get(EXTRAS_KEY)
     if extras:
         cfg.update(json.loads(extras))
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        # MLA's head_dim is its rope width (Transformers derives it so), as the file's keys state it: files whose
+        # extras carry a stale one (the writer wrote real_width_config's before) load as llama.cpp reads them
+        cfg["head_dim"] = cfg.get("qk_rope_head_dim", 64)
     return cfg
 
 

@@ -179,7 +179,8 @@ def _write_metadata(writer, config, arch: str, name: str) -> None:
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
         local = (getattr(c, "rope_parameters", None) or {}).get("sliding_attention", {})
         writer.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
-    extras = {k: v for k, v in c.to_dict().items() if k in _EXTRA_FIELDS and v is not None}
+    fields = set(_EXTRA_FIELDS) - ({"head_dim"} if mt in ("deepseek_v2", "deepseek_v3") else set())  # MLA: derived
+    extras = {k: v for k, v in c.to_dict().items() if k in fields and v is not None}
     writer.add_string(EXTRAS_KEY, json.dumps(extras, sort_keys=True))
 
 
@@ -588,7 +589,7 @@ def main(argv=None) -> int:
     parser.add_argument("--experts-used", type=int, default=6)
     parser.add_argument("--family", default=None,
                         help="write this family at its real widths instead (ktcore.testing.REAL_WIDTHS: "
-                             "glm4_moe, gpt_oss, minimax_m2, kimi_k2, qwen2, mistral, ...); --layers, --qtype and "
+                             "glm4_moe, gpt_oss, minimax_m2, kimi_k2, deepseek_v3, qwen2, mistral, ...); --layers, --qtype and "
                              "--dense-qtype apply, --experts/--experts-used do not")
     args = parser.parse_args(argv)
     if args.family:
