@@ -1,0 +1,117 @@
+"""MXFP4 (GPT-OSS's routed experts), IQ4_NL and TQ2_0 kept as their GGUF blocks by the kernels, on the i-quants'
+path: the C++ block decoder bit-exact against gguf-py (MXFP4 over every e8m0 exponent, the subnormal scales of
+e < 2 and the infinities of e = 255 included), the matrices' memory equal to the GGUF bytes, and the expert op
+against torch on gguf-py's dequantized weights (tolerance as test_cpu_amx_iquants.py: 3e-2 relative)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cpu_amx_helpers import rel_err
+from kt_cpu_amx import repack
+from kt_cpu_amx.ops import KExpertsCPU, KLinearCPU
+from kt_cpu_amx.runtime import kernels
+from test_cpu_amx_experts import E, H, FakeExperts, I, int8_prefill, reference, routing  # noqa: F401 (fixture)
+from test_cpu_amx_iquants import TOL, bits, gguf_values, iq_tensor
+
+from ktcore.weights.quants import GGML_TYPES
+from ktcore.weights.tensor import QuantizedTensor
+
+TYPES = ("MXFP4", "IQ4_NL", "TQ2_0")
+
+
+def test_kernels_name_the_types():
+    assert tuple(kernels().iq_types())[-3:] == TYPES
+    for op in (KExpertsCPU, KLinearCPU):
+        for t in TYPES:
+            assert t in op.ggml_types and op.ggml_type_problem(t) is None
+
+
+def decode(type_name: str, raw: torch.Tensor) -> torch.Tensor:
+    block = GGML_TYPES[type_name].block_size
+    n = raw.numel() // GGML_TYPES[type_name].type_size
+    q = torch.empty(n, block, dtype=torch.int8)
+    s = torch.empty(n, block // 16)
+    kernels().iq_decode_blocks(type_name, raw.data_ptr(), n, q.data_ptr(), s.data_ptr())
+    return s.repeat_interleave(16, dim=1) * q.float()
+
+
+def test_mxfp4_decode_every_exponent_bit_for_bit():
+    """Every e8m0 byte (0 and 1: ggml's subnormal halves 2^-128, 2^-127; 255: 2^127, whose products from 2 up
+    overflow to inf in gguf-py's float32 as here) with random nibbles, and every nibble under a few exponents."""
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, size=(256 * 8, 17), dtype=np.uint8)
+    blocks[:, 0] = np.repeat(np.arange(256, dtype=np.uint8), 8)
+    every_nibble = np.zeros((4, 17), dtype=np.uint8)
+    every_nibble[:, 0] = (0, 1, 127, 254)
+    every_nibble[:, 1:] = (np.arange(16, dtype=np.uint8) * 17)  # bytes 0x00, 0x11, ..., 0xFF: each nibble both halves
+    raw = torch.from_numpy(np.concatenate([blocks, every_nibble]).reshape(-1).copy())
+    qt = QuantizedTensor("mxfp4", "MXFP4", (raw.numel() // 17 * 32,), raw, "test")
+    with np.errstate(over="ignore"):
+        want = gguf_values(qt).reshape(-1, 32)
+    ours = decode("MXFP4", raw)
+    assert torch.isinf(want).any() and (want[:8] != 0).any() and want[:8].abs().max() < 2.0**-124
+    assert torch.equal(bits(ours), bits(want))
+    q = torch.empty(raw.numel() // 17, 32, dtype=torch.int8)
+    s = torch.empty(raw.numel() // 17, 2)
+    kernels().iq_decode_blocks("MXFP4", raw.data_ptr(), q.shape[0], q.data_ptr(), s.data_ptr())
+    assert set(q.abs().unique().tolist()) == {0, 1, 2, 3, 4, 6, 8, 12}  # the doubled e2m1 values, as integers
+    assert torch.equal(s[:, 0], s[:, 1])
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_block_decode_is_gguf_py_bit_for_bit(type_name):
+    qt = iq_tensor(type_name, (4096 * 32,), seed=1, scale=0.3, signed=type_name != "MXFP4")
+    block = GGML_TYPES[type_name].block_size
+    assert torch.equal(bits(decode(type_name, qt.data)), bits(gguf_values(qt).reshape(-1, block)))
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("k", (512, 2880))  # 2880: GPT-OSS's hidden and expert widths, 90 MXFP4 blocks
+def test_matrix_keeps_the_gguf_bytes(type_name, k):
+    if k % GGML_TYPES[type_name].block_size:
+        pytest.skip(f"{type_name}'s block of {GGML_TYPES[type_name].block_size} does not divide {k}")
+    qt = iq_tensor(type_name, (3, 40, k), seed=2)
+    mats = repack.pack_matrices(qt)
+    assert len(mats) == 3
+    for e, pm in enumerate(mats):
+        assert pm.iq_type == type_name and pm.bits == 0
+        assert pm.nbytes == qt.data.numel() // 3  # the blocks, and nothing else
+        assert torch.equal(bits(repack.unpack(pm)), bits(gguf_values(qt)[e]))
+
+
+def expert_tensors(type_name: str, seed: int) -> dict:
+    return {"gate_proj": iq_tensor(type_name, (E, I, H), seed), "up_proj": iq_tensor(type_name, (E, I, H), seed + 1),
+            "down_proj": iq_tensor(type_name, (E, H, I), seed + 2)}
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("tokens", (1, 5, 64))
+def test_experts_match_torch_on_dequantized_weights(isa, type_name, tokens):
+    weights = expert_tensors(type_name, 10)
+    op = KExpertsCPU(FakeExperts())
+    op.load(weights)
+    assert op.ggml_types_loaded == {n: type_name for n in weights}
+    assert op.layer.expert_nbytes * E == sum(w.data.numel() for w in weights.values())  # the GGUF bytes
+    x, idx, w = routing(tokens, seed=tokens)
+    y = op(x, idx, w)
+    ref = reference({n: QuantizedTensor(n, "F32", q.shape, gguf_values(q).reshape(-1).view(torch.uint8), "deq")
+                     for n, q in weights.items()}, x, idx, w)
+    assert rel_err(y, ref) < TOL, rel_err(y, ref)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_int8_prefill_matches_integer_path(int8_prefill, type_name):
+    """The int8 prefill kernel (AMX-INT8 tiles or AVX512-VNNI) decodes the same blocks to the same integers: the
+    two paths differ only in float summation order."""
+    weights = expert_tensors(type_name, 20)
+    isa, amx_expert_rows = int8_prefill
+    op = KExpertsCPU(FakeExperts(), isa=isa)
+    op.load(weights)
+    x, idx, w = routing(40, seed=7)
+    amx_expert_rows(1)
+    y_tiles = op(x, idx, w)
+    amx_expert_rows(10**9)
+    y_dots = op(x, idx, w)
+    assert rel_err(y_tiles, y_dots) < 1e-5
