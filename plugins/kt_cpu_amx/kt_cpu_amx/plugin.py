@@ -13,6 +13,8 @@ def register_linear_ops(register):
 
 @hookimpl
 def register_experts_ops(register):
+    from .gpt_oss import KExpertsGptOssCPU
     from .ops import KExpertsCPU
 
     register(KExpertsCPU)
+    register(KExpertsGptOssCPU)

@@ -15,6 +15,7 @@ from kt_cpu_amx.runtime import kernels
 from test_cpu_amx_experts import E, H, FakeExperts, I, int8_prefill, reference, routing  # noqa: F401 (fixture)
 from test_cpu_amx_iquants import TOL, bits, gguf_values, iq_tensor
 
+from ktcore.rule_selection import RULE_FILES_DIR
 from ktcore.weights.quants import GGML_TYPES
 from ktcore.weights.tensor import QuantizedTensor
 
@@ -115,3 +116,84 @@ def test_int8_prefill_matches_integer_path(int8_prefill, type_name):
     amx_expert_rows(10**9)
     y_dots = op(x, idx, w)
     assert rel_err(y_tiles, y_dots) < 1e-5
+
+
+# GPT-OSS: its MXFP4 routed experts through KExpertsGptOssCPU (biases, clamped SwiGLU), the weights kept as blocks.
+# The op takes each activation's int8 residual too, so it meets the fp32 bound of test_families_new.py
+# (1e-4 of the largest reference logit; measured 2e-5) where the model's other ops are torch's.
+FP32_REL_TOL = 1e-4
+
+
+def _gpt_oss_gguf(tmp_path):
+    from ktcore.testing import tiny_model
+    from ktcore.weights.gguf_writer import write_dequantized_copy, write_gguf
+
+    path = write_gguf(tiny_model("gpt_oss"), tmp_path / "gpt_oss-mxfp4.gguf", qtypes={r"_exps\.weight": "MXFP4", "default": "Q8_0"})
+    return path, write_dequantized_copy(path, tmp_path / "gpt_oss-mxfp4-f32.gguf")
+
+
+@pytest.mark.parametrize("tokens", (1, 5, 64))
+def test_gpt_oss_experts_op_matches_torch_op(tokens, tmp_path):
+    from kt_cpu_amx.gpt_oss import KExpertsGptOssCPU
+
+    from ktcore.builtin.experts_gpt_oss import KExpertsGptOssTorch
+    from ktcore.testing import tiny_model
+    from ktcore.weights import open_source
+
+    path, _ = _gpt_oss_gguf(tmp_path)
+    source = open_source(path)
+    module = tiny_model("gpt_oss").model.layers[1].mlp.experts
+    prefix = "model.layers.1.mlp.experts."
+    weights = {n: source.get(prefix + n) for n in ("gate_proj", "up_proj", "down_proj", "down_proj_stored", "gate_proj_bias",
+                                                   "up_proj_bias", "down_proj_bias")}
+    assert weights["down_proj_stored"].ggml_type == "MXFP4" and weights["down_proj_stored"].shape == (8, 256, 256)
+    ours, theirs = KExpertsGptOssCPU(module), KExpertsGptOssTorch(module, dtype=torch.float32)
+    ours.load(weights)
+    theirs.load(weights)
+    assert ours.nbytes == sum(source.gguf_tensor(f"blk.1.ffn_{p}_exps.weight").data.nbytes for p in ("gate", "up", "down"))
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 256, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
+    w = torch.softmax(torch.randn(tokens, 2, generator=g), -1)
+    assert rel_err(ours(x, idx, w), theirs(x, idx, w)) < 1e-4
+
+
+def test_gpt_oss_mxfp4_gguf_matches_transformers(tmp_path):
+    """The tiny GPT-OSS GGUF with MXFP4 experts through the shipped cpu rule file, its linears on torch (so the
+    experts alone differ from Transformers: KLinearCPU's int8 activations are outside this bound): the experts
+    hold the file's MXFP4 bytes and the logits (prefill and greedy decode) equal Transformers' on the weights
+    gguf-py dequantizes."""
+    import yaml
+    from kt_cpu_amx.gpt_oss import KExpertsGptOssCPU
+
+    from ktcore.inject import load_model
+    from ktcore.registry import get_registry
+    from ktcore.testing import tiny_model
+    from ktcore.weights import open_source
+
+    path, f32_copy = _gpt_oss_gguf(tmp_path)
+    rules = yaml.safe_load((RULE_FILES_DIR / "gpt_oss-cpu.yaml").read_text())
+    for rule in rules:
+        if rule["replace"]["kwargs"]["op"] == "KLinearCPU":
+            rule["replace"]["kwargs"]["op"] = "KLinearTorch"
+    rule_file = tmp_path / "gpt_oss-cpu-torch-linears.yaml"
+    rule_file.write_text(yaml.safe_dump(rules))
+    reference = tiny_model("gpt_oss")
+    plain = open_source(f32_copy)
+    reference.load_state_dict({n: plain.get(n).dequantize() for n in reference.state_dict()})
+    model, _ = load_model(path, rules=rule_file, dtype=torch.float32, registry=get_registry(), progress=False)
+    ops = [m for m in model.modules() if isinstance(m, KExpertsGptOssCPU)]
+    assert len(ops) == 2
+    source = open_source(path)
+    for layer, op in enumerate(ops):
+        assert set(op.ggml_types_loaded.values()) == {"MXFP4"}
+        assert op.nbytes == sum(source.gguf_tensor(f"blk.{layer}.ffn_{p}_exps.weight").data.nbytes for p in ("gate", "up", "down"))
+    ids = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(5))
+    gen = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+        assert (got - want).abs().max() <= FP32_REL_TOL * want.abs().max()
+        want, got = reference.generate(ids, **gen), model.generate(ids, **gen)
+    assert torch.equal(got.sequences, want.sequences)
+    for g, e in zip(got.logits, want.logits):
+        assert (g - e).abs().max() <= FP32_REL_TOL * e.abs().max()
