@@ -1,4 +1,4 @@
-"""The ``ktcore`` entry point of kt-cpu-amx: its backends of ``KLinearCPU`` and ``KExpertsCPU``, which the
+"""The ``ktcore`` entry point of kt-cpu-amx: its backends of ``KLinearCPU``, ``KExpertsCPU`` and ``KExpertsGptOssCPU``, which the
 shipped rule files' ``cpu`` (and ``gpu-cpu``) layouts name, so installing it speeds up every model."""
 
 from ktcore.hookspecs import hookimpl
