@@ -234,11 +234,19 @@ def llama_cpp_times(path1: str, path2: str, threads: int, prefill: int, decode_s
 
 
 # ------------------------------------------------------------------------------------------------ i-quants
-IQ_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+IQ_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "MXFP4", "IQ4_NL", "TQ2_0")
+ONLINE_SUFFIX = "@int8"  # a row "MXFP4@int8": the type's weights dequantized, then online int8 (the path before the kernels kept the blocks)
 
 
 def random_layer(qtype: str, inter: int, seed: int) -> dict:
-    """gate/up/down of E experts as random valid ``qtype`` blocks (scales about 0.02)."""
+    """gate/up/down of E experts as random valid ``qtype`` blocks (scales about 0.02); ``<type>@int8``: those
+    weights dequantized to F32 (KExpertsCPU then quantizes them online to int8)."""
+    if qtype.endswith(ONLINE_SUFFIX):
+        from ktcore.weights.tensor import QuantizedTensor
+
+        blocks = random_layer(qtype[: -len(ONLINE_SUFFIX)], inter, seed)
+        return {n: QuantizedTensor(qt.name, "F32", qt.shape, qt.dequantize(torch.float32).reshape(-1).view(torch.uint8),
+                                   "dequantized") for n, qt in blocks.items()}
     import numpy as np
 
     from ktcore.weights.gguf_writer import random_valid_blocks
@@ -330,7 +338,8 @@ def main():
     ap.add_argument("--torch", action="store_true", help="also time KExpertsTorch")
     ap.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python) on the whole GGUF")
     ap.add_argument("--iq-types", nargs="?", const=",".join(IQ_TYPES), default=None,
-                    help="time the i-quants (comma list, default all) against Q4_K on one layer, then exit")
+                    help="time the block-decoded types (comma list, default all i-quants, MXFP4, IQ4_NL, TQ2_0; "
+                         f"'<type>{ONLINE_SUFFIX}': dequantized, then online int8) against Q4_K on one layer, then exit")
     ap.add_argument("--iq-prefill", type=int, default=128, help="prefill tokens of the --iq-types rows")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
