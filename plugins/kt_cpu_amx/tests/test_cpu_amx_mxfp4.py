@@ -102,6 +102,20 @@ def test_experts_match_torch_on_dequantized_weights(isa, type_name, tokens):
     assert rel_err(y, ref) < TOL, rel_err(y, ref)
 
 
+@pytest.mark.parametrize("tokens", (1, 5, 64))
+def test_linear_at_gpt_oss_width(isa, tokens):
+    """KLinearCPU on MXFP4 rows of 2880 (GPT-OSS's hidden size: 90 blocks of 32, not a multiple of 256), 48 rows."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    qt = iq_tensor("MXFP4", (48, 2880), seed=5)
+    op = KLinearCPU(nn.Linear(2880, 48, bias=False, device="meta"))
+    op.load({"weight": qt})
+    assert op.weight.iq_type == "MXFP4" and op.weight.nbytes == qt.data.numel()
+    x = torch.randn(tokens, 2880, generator=torch.Generator().manual_seed(tokens))
+    assert rel_err(op(x), F.linear(x, gguf_values(qt))) < TOL
+
+
 @pytest.mark.parametrize("type_name", TYPES)
 def test_int8_prefill_matches_integer_path(int8_prefill, type_name):
     """The int8 prefill kernel (AMX-INT8 tiles or AVX512-VNNI) decodes the same blocks to the same integers: the
