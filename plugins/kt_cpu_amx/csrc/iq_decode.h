@@ -212,5 +212,28 @@ static inline void decode(int type, const uint8_t* b, int8_t* q, float* s) {
     }
 }
 
+// nb consecutive blocks (a row's run): the type's decoder in one loop (a dispatch per block costs as much as
+// MXFP4's 32-weight decode itself).
+template <int Bytes, int B, void (*F)(const uint8_t*, int8_t*, float*)>
+static inline void run(const uint8_t* b, int nb, int8_t* q, float* s) {
+    for (int i = 0; i < nb; ++i) F(b + size_t(i) * Bytes, q + size_t(i) * B, s + size_t(i) * (B / 16));
+}
+static inline void decode_blocks(int type, const uint8_t* b, int nb, int8_t* q, float* s) {
+    switch (type) {
+        case IQ1_S: return run<50, 256, iq1_s>(b, nb, q, s);
+        case IQ1_M: return run<56, 256, iq1_m>(b, nb, q, s);
+        case IQ2_XXS: return run<66, 256, iq2_xxs>(b, nb, q, s);
+        case IQ2_XS: return run<74, 256, iq2_xs>(b, nb, q, s);
+        case IQ2_S: return run<82, 256, iq2_s>(b, nb, q, s);
+        case IQ3_XXS: return run<98, 256, iq3_xxs>(b, nb, q, s);
+        case IQ3_S: return run<110, 256, iq3_s>(b, nb, q, s);
+        case IQ4_XS: return run<136, 256, iq4_xs>(b, nb, q, s);
+        case MXFP4: return run<17, 32, mxfp4>(b, nb, q, s);
+        case IQ4_NL: return run<18, 32, iq4_nl>(b, nb, q, s);
+        case TQ2_0: return run<66, 256, tq2_0>(b, nb, q, s);
+        default: break;
+    }
+}
+
 }  // namespace iqdec
 }  // namespace kt

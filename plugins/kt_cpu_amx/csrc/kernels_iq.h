@@ -17,13 +17,8 @@ static inline __m256i dot_i8(__m256i w, __m256i a) {
 
 // R decoded rows of W from row n: q [R][k], s [R][k / 16].
 static inline void iq_decode_rows(const PackedMatrix& W, int n, int R, int8_t* q, float* s) {
-    const int B = W.iq_block, nb = W.k / B;
-    for (int r = 0; r < R; ++r) {
-        const uint8_t* row = W.row_q(n + r);
-        for (int b = 0; b < nb; ++b)
-            iqdec::decode(W.iq, row + size_t(b) * W.iq_block_bytes, q + size_t(r) * W.k + size_t(B) * b,
-                          s + size_t(r) * (W.k / 16) + (B / 16) * b);
-    }
+    for (int r = 0; r < R; ++r)
+        iqdec::decode_blocks(W.iq, W.row_q(n + r), W.k / W.iq_block, q + size_t(r) * W.k, s + size_t(r) * (W.k / 16));
 }
 
 template <int R, int T>
