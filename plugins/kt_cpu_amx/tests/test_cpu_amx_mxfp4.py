@@ -211,3 +211,25 @@ def test_gpt_oss_mxfp4_gguf_matches_transformers(tmp_path):
     assert torch.equal(got.sequences, want.sequences)
     for g, e in zip(got.logits, want.logits):
         assert (g - e).abs().max() <= FP32_REL_TOL * e.abs().max()
+
+
+def test_gpt_oss_from_transformers_weights():
+    """From an in-memory Transformers model (StateDictSource offers down_proj_stored as the transpose of
+    down_proj): float weights quantized online to int8, so the logits within test_cpu_amx_models.py's 2e-2
+    (measured 4e-3; a wrong layout would be O(1))."""
+    from ktcore.inject import load_model
+    from ktcore.registry import get_registry
+    from ktcore.testing import tiny_model
+    from ktcore.weights.state_dict import StateDictSource
+
+    reference = tiny_model("gpt_oss")
+    source = StateDictSource(reference)
+    stored = source.get("model.layers.0.mlp.experts.down_proj_stored").dequantize()
+    assert torch.equal(stored, reference.model.layers[0].mlp.experts.down_proj.detach().transpose(1, 2))
+    model, _ = load_model(source, rules=RULE_FILES_DIR / "gpt_oss-cpu.yaml", dtype=torch.float32, registry=get_registry(),
+                          progress=False)
+    assert sum(type(m.prefill_op).__name__ == "KExpertsGptOssCPU" for m in model.modules() if hasattr(m, "prefill_op")) == 2
+    ids = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+    assert float((got - want).norm() / want.norm()) < 2e-2
