@@ -42,9 +42,7 @@ def _load():
 def _install_iq_tables(mod) -> None:
     """The i-quants' lattice grids and sign table from ktcore's type table (gguf-py's own), and the IQ4_NL and
     MXFP4 (doubled e2m1) values, into the C++ decoders: one copy of each table, read from the format's reference."""
-    from ktcore.sdk import lookup_tables
-    from ktcore.weights.dequant import IQ4_NL_VALUES
-    from ktcore.weights.dequant_lowbit import MXFP4_VALUES
+    from ktcore.sdk import IQ4_NL_VALUES, MXFP4_VALUES, lookup_tables
 
     done = set()
     for name in mod.iq_types():
