@@ -192,6 +192,15 @@ def test_gpt_oss_mxfp4_gguf_matches_transformers(tmp_path):
             rule["replace"]["kwargs"]["op"] = "KLinearTorch"
     rule_file = tmp_path / "gpt_oss-cpu-torch-linears.yaml"
     rule_file.write_text(yaml.safe_dump(rules))
+    # what `kt rules check` asks before loading: the stored MXFP4 down_proj (not its F32 transpose) is checked
+    from ktcore.inject import build_meta_model, inject, weight_type_problems
+    from ktcore.rule_selection import layered
+
+    meta = build_meta_model(tiny_model("gpt_oss").config)
+    report = inject(meta, layered([rule_file], "gpt_oss", get_registry()), get_registry(), build_ops=False)
+    assert weight_type_problems(meta, open_source(path), report) == []
+    experts = meta.get_submodule("model.layers.0.mlp.experts")
+    assert "down_proj_stored" in experts.weight_names() and "down_proj" not in experts.weight_names()
     reference = tiny_model("gpt_oss")
     plain = open_source(f32_copy)
     reference.load_state_dict({n: plain.get(n).dequantize() for n in reference.state_dict()})
