@@ -43,8 +43,8 @@ struct Buffer {
 //   sub16_scales (Q5_K, Q6_K): int8 sub-scales (and sub-mins) [n, k / group] times one float per 16 groups
 //     (sup_scales (, sup_mins) [n, k / group / 16]): Q6_K (zero point 32) 1.078 bytes per weight, Q5_K 1.156,
 //     not 1.5.
-// iq > 0 (an IqType, iq.h): the i-quants' (MXFP4's, ...) GGUF blocks as they are, iq_block_bytes per iq_block weights, in qs
-//   alone (bits 0, no scales or mins): the kernels decode a super-block at a time into int8 values v and a float
+// iq > 0 (an IqType, iq.h): the i-quants' (MXFP4's, IQ4_NL's, TQ2_0's) GGUF blocks as they are, iq_block_bytes per
+//   iq_block weights, in qs alone (bits 0, no scales or mins): the kernels decode a row's blocks into int8 values v and a float
 //   scale per 16 (kernels_iq.h; the int8 prefill kernels as groups of 16 of q = v + 128, zero point 128).
 struct PackedMatrix {
     int n = 0, k = 0, bits = 0, group = 0, zero_point = 0, iq = 0, iq_block = 0, iq_block_bytes = 0;

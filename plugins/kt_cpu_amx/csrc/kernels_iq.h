@@ -1,5 +1,5 @@
 // The integer-dot GEMM on i-quant weights (PackedMatrix::iq): included inside each ISA's namespace by
-// kernels_impl.h (which has included <vector> and iq_decode.h). Per tile of R rows, their super-blocks are
+// kernels_impl.h (which has included <vector> and iq_decode.h). Per tile of R rows, their blocks (i-quant super-blocks, MXFP4, ...) are
 // decoded once into a per-thread buffer (R * k int8 values and R * k / 16 float scales: L1/L2-sized, never the
 // matrix), then every token tile of the call takes its dots from it: int8 weights x int8 activations, one int32
 // sum per 16 weights, scaled in float by the weights' sub-block scale times the activations' block scale.
