@@ -234,11 +234,19 @@ def llama_cpp_times(path1: str, path2: str, threads: int, prefill: int, decode_s
 
 
 # ------------------------------------------------------------------------------------------------ i-quants
-IQ_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+IQ_TYPES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS", "MXFP4", "IQ4_NL", "TQ2_0")
+ONLINE_SUFFIX = "@int8"  # a row "MXFP4@int8": the type's weights dequantized, then online int8 (the path before the kernels kept the blocks)
 
 
-def random_layer(qtype: str, inter: int, seed: int) -> dict:
-    """gate/up/down of E experts as random valid ``qtype`` blocks (scales about 0.02)."""
+def random_layer(qtype: str, inter: int, seed: int, experts: int = E, hidden: int = H) -> dict:
+    """gate/up/down of ``experts`` experts as random valid ``qtype`` blocks (scales about 0.02); ``<type>@int8``:
+    those weights dequantized to F32 (KExpertsCPU then quantizes them online to int8)."""
+    if qtype.endswith(ONLINE_SUFFIX):
+        from ktcore.weights.tensor import QuantizedTensor
+
+        blocks = random_layer(qtype[: -len(ONLINE_SUFFIX)], inter, seed, experts, hidden)
+        return {n: QuantizedTensor(qt.name, "F32", qt.shape, qt.dequantize(torch.float32).reshape(-1).view(torch.uint8),
+                                   "dequantized") for n, qt in blocks.items()}
     import numpy as np
 
     from ktcore.weights.gguf_writer import random_valid_blocks
@@ -247,8 +255,9 @@ def random_layer(qtype: str, inter: int, seed: int) -> dict:
 
     info, rng = GGML_TYPES[qtype], np.random.default_rng(seed)
     out = {}
-    for name, shape in (("gate_proj", (E, inter, H)), ("up_proj", (E, inter, H)), ("down_proj", (E, H, inter))):
-        n_blocks = E * shape[1] * shape[2] // info.block_size
+    for name, shape in (("gate_proj", (experts, inter, hidden)), ("up_proj", (experts, inter, hidden)),
+                        ("down_proj", (experts, hidden, inter))):
+        n_blocks = experts * shape[1] * shape[2] // info.block_size
         data = torch.from_numpy(random_valid_blocks(rng, qtype, n_blocks, 0.02).reshape(-1))
         out[name] = QuantizedTensor(f"bench.{name}", qtype, shape, data, "random blocks")
     return out
@@ -285,6 +294,57 @@ def iq_type_rows(args) -> dict:
     for qtype, r in rows.items():
         print(f"| {qtype} | {r['expert_bytes'] / 2**20:.2f} | {r['decode_ms']:.2f} | {r['decode_ms'] / base['decode_ms']:.2f}x "
               f"| {r['prefill_ms']:.1f} | {r['prefill_ms'] / base['prefill_ms']:.2f}x | {r['rel_err']:.3g} |")
+    return rows
+
+
+def gpt_oss_rows(args) -> dict:
+    """GPT-OSS's experts at its widths (hidden = intermediate = 2880, ``--gpt-oss-experts`` experts, top-4, random
+    MXFP4 blocks): KExpertsGptOssCPU (the blocks kept) against KExpertsGptOssTorch (float32 weights), decode and
+    ``--iq-prefill`` tokens, medians."""
+    from types import SimpleNamespace
+
+    from kt_cpu_amx.gpt_oss import KExpertsGptOssCPU
+
+    from ktcore.builtin.experts_gpt_oss import KExpertsGptOssTorch
+    from ktcore.weights.tensor import QuantizedTensor
+
+    n_exp, width, top = args.gpt_oss_experts, 2880, 4
+    module = SimpleNamespace(gate_up_proj_bias=True, down_proj_bias=True, alpha=1.702, limit=7.0, num_experts=n_exp,
+                             hidden_size=width, intermediate_size=width)
+    blocks = random_layer("MXFP4", width, seed=0, experts=n_exp, hidden=width)
+    g = torch.Generator().manual_seed(0)
+
+    def f32(t):
+        return QuantizedTensor("bias", "F32", tuple(t.shape), t.contiguous().view(torch.uint8).reshape(-1), "random")
+
+    weights = {"gate_proj": blocks["gate_proj"], "up_proj": blocks["up_proj"], "down_proj_stored": blocks["down_proj"],
+               "down_proj": f32(blocks["down_proj"].dequantize(torch.float32).transpose(1, 2)),
+               **{n: f32(0.01 * torch.randn(n_exp, width, generator=g)) for n in ("gate_proj_bias", "up_proj_bias", "down_proj_bias")}}
+    ours = KExpertsGptOssCPU(module, isa=args.isa, threads=args.threads)
+    ours.load(weights)
+    theirs = KExpertsGptOssTorch(module, dtype=torch.float32)
+    theirs.load(weights)
+
+    def timed(op, tokens, reps):
+        gen = torch.Generator().manual_seed(tokens)
+        times = []
+        for i in range(reps + 2):
+            x = torch.randn(tokens, width, generator=gen)
+            idx = torch.stack([torch.randperm(n_exp, generator=gen)[:top] for _ in range(tokens)])
+            w = torch.softmax(torch.randn(tokens, top, generator=gen), -1)
+            t0 = time.perf_counter()
+            op(x, idx, w)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        return 1e3 * statistics.median(times)
+
+    rows = {"kept_bytes": ours.nbytes, "torch_bytes": 4 * (theirs.gate_up.numel() + theirs.down.numel())}
+    for tokens, reps in ((1, args.decode_reps), (args.iq_prefill, args.prefill_reps)):
+        rows[tokens] = {"ours_ms": timed(ours, tokens, reps), "torch_ms": timed(theirs, tokens, reps)}
+        r = rows[tokens]
+        print(f"GPT-OSS experts, {tokens} tokens: KExpertsGptOssCPU {r['ours_ms']:.2f} ms, KExpertsGptOssTorch "
+              f"{r['torch_ms']:.2f} ms ({r['ours_ms'] / r['torch_ms']:.2f}x)", flush=True)
+    print(f"kept {rows['kept_bytes'] / 2**20:.0f} MiB (MXFP4 blocks) vs {rows['torch_bytes'] / 2**20:.0f} MiB float32")
     return rows
 
 
@@ -330,12 +390,21 @@ def main():
     ap.add_argument("--torch", action="store_true", help="also time KExpertsTorch")
     ap.add_argument("--llama-cpp", action="store_true", help="also time llama.cpp (llama-cpp-python) on the whole GGUF")
     ap.add_argument("--iq-types", nargs="?", const=",".join(IQ_TYPES), default=None,
-                    help="time the i-quants (comma list, default all) against Q4_K on one layer, then exit")
-    ap.add_argument("--iq-prefill", type=int, default=128, help="prefill tokens of the --iq-types rows")
+                    help="time the block-decoded types (comma list, default all i-quants, MXFP4, IQ4_NL, TQ2_0; "
+                         f"'<type>{ONLINE_SUFFIX}': dequantized, then online int8) against Q4_K on one layer, then exit")
+    ap.add_argument("--iq-prefill", type=int, default=128, help="prefill tokens of the --iq-types and --gpt-oss rows")
+    ap.add_argument("--gpt-oss", action="store_true", help="time GPT-OSS's experts (MXFP4 blocks) against the torch op, then exit")
+    ap.add_argument("--gpt-oss-experts", type=int, default=16, help="experts of the --gpt-oss layer (top-4 of them)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     args.kt_kernel_threads = args.kt_kernel_threads or str(args.threads)
+    if args.gpt_oss:
+        torch.set_num_threads(args.threads)
+        rows = gpt_oss_rows(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return
     if args.iq_types is not None:
         torch.set_num_threads(args.threads)
         args.iq_types = [t for t in args.iq_types.split(",") if t]

@@ -294,6 +294,11 @@ class KExperts(KModule):
         names = ["gate_proj", "up_proj", "down_proj"]
         if self.original._parameters.get("gate_up_proj_bias") is not None:  # GPT-OSS
             names += ["gate_proj_bias", "up_proj_bias", "down_proj_bias"]
+        stored = [getattr(cls, "stored_down_proj", False) for cls in (self.prefill_op_cls, self.generate_op_cls)]
+        if any(stored):  # [E, H, I] as the file stores it (WeightSource): the transposed down_proj only if an op reads it
+            names[names.index("down_proj")] = "down_proj_stored"
+            if not all(stored):
+                names.append("down_proj")
         return names
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

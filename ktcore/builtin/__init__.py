@@ -2,7 +2,7 @@
 ``pip install ktcore`` runs every supported family on any device torch has.
 
 Besides its own ops it registers the fallback backend of the ops whose fast backends come from plugins
-(``KLinearCPU``, ``KExpertsCPU``: kt-cpu-amx; ``KLinearGPU``, ``KExpertsGPU``: kt-cuda, kt-rocm, kt-xpu,
+(``KLinearCPU``, ``KExpertsCPU``, ``KExpertsGptOssCPU``: kt-cpu-amx; ``KLinearGPU``, ``KExpertsGPU``: kt-cuda, kt-rocm, kt-xpu,
 kt-ascend; ``KLinearFP8``: kt-cuda): the same torch code at the lowest preference, so a shipped rule file runs everywhere and
 installing a backend makes it faster without editing it. KTransformers' spellings of those ops
 (``KLinearMarlin``, ``KExpertsMarlin``) are declared here as well.
@@ -37,7 +37,8 @@ def register_experts_ops(register):
     register(KExpertsTorch, op="KExpertsCPU", devices=("cpu",), preference=FALLBACK)
     register(KExpertsTorch, op="KExpertsGPU", preference=FALLBACK, aliases=("KExpertsMarlin",))
     register(KExpertsFP8)  # native FP8 checkpoints' routed experts (keep: bf16 | fp8)
-    register(KExpertsGptOssTorch)  # GPT-OSS's experts (biases, clamped SwiGLU): no plugin has a backend yet
+    register(KExpertsGptOssTorch)  # GPT-OSS's experts (biases, clamped SwiGLU)
+    register(KExpertsGptOssTorch, op="KExpertsGptOssCPU", devices=("cpu",), preference=FALLBACK)  # kt-cpu-amx's
 
 
 @hookimpl

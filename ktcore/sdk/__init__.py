@@ -21,7 +21,8 @@ plugins. ``ktcore.sdk.testing`` checks a new op against the torch reference.
   weights are ``scale * code + bias`` per 32, as int8 codes and float32 scale/bias), ``AFFINE_TYPES``,
   ``INT4_TYPES``; the GGML type table ``ggml_type``, ``GGML_TYPES``, ``GGMLType``, ``QK_K``,
   ``DEQUANTIZABLE``; ``lookup_tables`` (the lattice grids and sign table a low-bit type's blocks index,
-  as tensors); ``dequantize`` (the torch reference dequantizer)
+  as tensors); ``IQ4_NL_VALUES``, ``MXFP4_VALUES`` (the 4-bit value tables of IQ4_NL/IQ4_XS and MXFP4, whose
+  e2m1 values are doubled to integers); ``dequantize`` (the torch reference dequantizer)
 """
 
 from ..builtin.attention import KAttentionMLA, KAttentionSDPA, apply_rope
@@ -42,15 +43,15 @@ from ..modules import KAttention, KExperts
 from ..ops import ANY_DEVICE, ROLES, Op, stream_capturing
 from ..tune_cache import TuneCache, cache_dir
 from ..weights.affine import AFFINE_TYPES, INT4_TYPES, AffineGroups, affine_groups, compute_dtype
-from ..weights.dequant import dequantize
-from ..weights.dequant_lowbit import lookup_tables
+from ..weights.dequant import IQ4_NL_VALUES, dequantize
+from ..weights.dequant_lowbit import MXFP4_VALUES, lookup_tables
 from ..weights.quants import DEQUANTIZABLE, GGML_TYPES, QK_K, GGMLType, ggml_type
 from ..weights.tensor import QuantizedTensor
 
 __all__ = [
-    "AFFINE_TYPES", "ANY_DEVICE", "AffineGroups", "DEQUANTIZABLE", "GGMLType", "GGML_TYPES", "INT4_TYPES",
+    "AFFINE_TYPES", "ANY_DEVICE", "AffineGroups", "DEQUANTIZABLE", "GGMLType", "GGML_TYPES", "INT4_TYPES", "IQ4_NL_VALUES",
     "KAttention", "KAttentionMLA", "KAttentionSDPA", "KExperts", "KExpertsByMatrix", "KExpertsTorch", "KLinearByMatrix", "KLinearTorch",
-    "KRoPETorch", "Op", "QK_K", "QuantizedTensor", "ROLES", "TuneCache", "affine_groups", "apply_rope",
+    "KRoPETorch", "MXFP4_VALUES", "Op", "QK_K", "QuantizedTensor", "ROLES", "TuneCache", "affine_groups", "apply_rope",
     "cache_dir", "check_expert_weights",
     "check_shape", "compute_dtype", "dequantize", "expert_slices", "gated_experts_dims", "ggml_type", "hookimpl",
     "lookup_tables", "module_dtype", "parse_dtype", "route_by_expert", "split_experts", "stream_capturing",

@@ -184,12 +184,16 @@ def qkvz_row_permutation(config) -> list[int]:
 
 def _transposed_expert_refs(hf_name: str, shape: tuple[int, ...], m: re.Match, interleaved: bool) -> dict[str, TensorRef]:
     """GPT-OSS (gate and up interleaved) and Llama 4 (halves) experts: llama.cpp stores gate, up and down as
-    ``[E, out, in]`` (biases ``[E, out]``); the split names ``<p>.gate_proj``/``up_proj`` (and ``*_bias``) read
-    them as stored."""
+    ``[E, out, in]`` (biases ``[E, out]``); the split names ``<p>.gate_proj``/``up_proj`` (and ``*_bias``) and
+    ``<p>.down_proj_stored`` read them as stored."""
     blk, prefix, suffix = f"blk.{m['bid']}", m["prefix"], ".bias" if m["bias"] else ".weight"
     bias = m["bias"] or ""
     if m["part"] == "down_proj":
-        return {hf_name: TensorRef(hf_name, (f"{blk}.ffn_down_exps{suffix}",), shape, "transpose" if not bias else "direct")}
+        refs = {hf_name: TensorRef(hf_name, (f"{blk}.ffn_down_exps{suffix}",), shape, "transpose" if not bias else "direct")}
+        if not bias:  # as stored, [E, H, I] (kept quantized): for experts ops that declare stored_down_proj
+            refs[f"{prefix}.down_proj_stored"] = TensorRef(f"{prefix}.down_proj_stored", (f"{blk}.ffn_down_exps.weight",),
+                                                           (shape[0], shape[2], shape[1]))
+        return refs
     gate, up = f"{blk}.ffn_gate_exps{suffix}", f"{blk}.ffn_up_exps{suffix}"
     half = (shape[0], shape[-1] // 2) if bias else (shape[0], shape[2] // 2, shape[1])
     return {

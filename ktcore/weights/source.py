@@ -16,7 +16,10 @@ class WeightSource(Protocol):
     module ``<p>.experts`` is also offered as ``<p>.experts.gate_proj``, ``<p>.experts.up_proj`` and
     ``<p>.experts.down_proj`` (each ``[num_experts, out, in]``), which is what experts ops load, so that
     quantized gate and up blocks are never copied into one ``gate_up_proj``. ``get("<p>.experts.gate_up_proj")``
-    still works (for plain Transformers modules) and concatenates.
+    still works (for plain Transformers modules) and concatenates. Where Transformers' ``down_proj`` is
+    ``[E, I, H]`` (GGUF sources: GPT-OSS and Llama 4; ``StateDictSource``: GPT-OSS), ``<p>.experts.down_proj_stored``
+    is also offered, ``[E, H, I]`` (llama.cpp's layout, kept quantized): ``KExperts`` loads it for ops that set
+    ``stored_down_proj``.
     """
 
     path: str

@@ -56,15 +56,20 @@ class StateDictSource:
 
     def _split_interleaved(self) -> None:
         """GPT-OSS: ``gate_up_proj [E, H, 2I]`` (gate, up interleaved on the last dim) and its bias ``[E, 2I]``
-        offered as ``gate_proj``/``up_proj`` ``[E, I, H]`` and ``gate_proj_bias``/``up_proj_bias`` ``[E, I]``."""
+        offered as ``gate_proj``/``up_proj`` ``[E, I, H]`` and ``gate_proj_bias``/``up_proj_bias`` ``[E, I]``;
+        ``down_proj [E, I, H]`` also as ``down_proj_stored [E, H, I]`` (llama.cpp's layout)."""
         for name in list(self._tensors):
             for fused, bias in ((".gate_up_proj", ""), (".gate_up_proj_bias", "_bias")):
                 if name.endswith(fused):
                     prefix = name[: -len(fused)]
                     for half, part in enumerate(("gate_proj", "up_proj")):
                         self._split[f"{prefix}.{part}{bias}"] = (name, half)
+            if name.endswith(".experts.down_proj") and self._tensors[name].dim() == 3:  # [E, I, H] -> as llama.cpp stores it
+                self._split[name + "_stored"] = (name, None)
 
-    def _part(self, fused: torch.Tensor, half: int) -> torch.Tensor:
+    def _part(self, fused: torch.Tensor, half: int | None) -> torch.Tensor:
+        if half is None:  # down_proj_stored
+            return fused.transpose(1, 2)
         model_type = getattr(self._config, "model_type", "")
         if model_type in INTERLEAVED_EXPERTS_MODEL_TYPES:
             part = fused[..., half::2]

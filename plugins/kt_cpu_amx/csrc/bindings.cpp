@@ -55,7 +55,7 @@ PYBIND11_MODULE(_kernels, m) {
         std::vector<std::string> out;
         for (int t = 1; t < IQ_COUNT; ++t) out.push_back(kIqInfo[t].name);
         return out;
-    }, "The i-quant GGML types kept as their GGUF blocks.");
+    }, "The GGML types kept as their GGUF blocks and decoded by the kernels (the i-quants, MXFP4, IQ4_NL, TQ2_0).");
     m.def("set_iq_table", [](const std::string& name, py::bytes data) {
         const std::string b = data;
         set_iq_table(name, reinterpret_cast<const int8_t*>(b.data()), b.size());
@@ -63,11 +63,13 @@ PYBIND11_MODULE(_kernels, m) {
     m.def("iq_decode_blocks", [](const std::string& type, uintptr_t raw, int nblocks, uintptr_t q, uintptr_t scales) {
         const int t = iq_type_for(type);
         if (!t) throw std::invalid_argument("kt_cpu_amx: " + type + " is not an i-quant type");
+        const int B = kIqInfo[t].block;
         for (int b = 0; b < nblocks; ++b)
-            iq_decode_block(t, ptr<const uint8_t>(raw) + size_t(b) * kIqInfo[t].type_size, ptr<int8_t>(q) + 256 * size_t(b),
-                            ptr<float>(scales) + 16 * size_t(b));
+            iq_decode_block(t, ptr<const uint8_t>(raw) + size_t(b) * kIqInfo[t].type_size, ptr<int8_t>(q) + size_t(B) * b,
+                            ptr<float>(scales) + size_t(B / 16) * b);
     }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("nblocks"), py::arg("q_ptr"), py::arg("scales_ptr"),
-       "Decode nblocks super-blocks into int8 q [nblocks, 256] and float scales [nblocks, 16] (weight = scale * q).");
+       "Decode nblocks blocks of B weights (256; MXFP4, IQ4_NL: 32) into int8 q [nblocks, B] and float scales\n"
+       "[nblocks, B / 16] (weight = scale * q).");
 #ifdef KT_HAVE_NUMA
     m.attr("numa") = true;
 #else

@@ -43,15 +43,15 @@ struct Buffer {
 //   sub16_scales (Q5_K, Q6_K): int8 sub-scales (and sub-mins) [n, k / group] times one float per 16 groups
 //     (sup_scales (, sup_mins) [n, k / group / 16]): Q6_K (zero point 32) 1.078 bytes per weight, Q5_K 1.156,
 //     not 1.5.
-// iq > 0 (an IqType, iq.h): the i-quants' GGUF super-blocks as they are, iq_block_bytes per 256 weights, in qs
-//   alone (bits 0, no scales or mins): the kernels decode a super-block at a time into int8 values v and a float
+// iq > 0 (an IqType, iq.h): the i-quants' (MXFP4's, IQ4_NL's, TQ2_0's) GGUF blocks as they are, iq_block_bytes per
+//   iq_block weights, in qs alone (bits 0, no scales or mins): the kernels decode a row's blocks into int8 values v and a float
 //   scale per 16 (kernels_iq.h; the int8 prefill kernels as groups of 16 of q = v + 128, zero point 128).
 struct PackedMatrix {
-    int n = 0, k = 0, bits = 0, group = 0, zero_point = 0, iq = 0, iq_block_bytes = 0;
+    int n = 0, k = 0, bits = 0, group = 0, zero_point = 0, iq = 0, iq_block = 0, iq_block_bytes = 0;
     bool half_scales = false, sub8_scales = false, sub16_scales = false;
     Buffer qs, scales, mins, sup_scales, sup_mins;
     KT_INLINE size_t row_bytes() const {
-        return iq ? size_t(k / 256) * iq_block_bytes : bits == 4 ? size_t(k) / 2 : size_t(k);
+        return iq ? size_t(k / iq_block) * iq_block_bytes : bits == 4 ? size_t(k) / 2 : size_t(k);
     }
     KT_INLINE int groups() const { return k / group; }
     KT_INLINE int sup_groups() const { return sub16_scales ? 16 : 8; }  // groups per sup_scales float

@@ -8,17 +8,19 @@
 namespace kt {
 
 const IqInfo kIqInfo[IQ_COUNT] = {
-    {"", 0},          {"IQ1_S", 50},   {"IQ1_M", 56},    {"IQ2_XXS", 66}, {"IQ2_XS", 74},
-    {"IQ2_S", 82},    {"IQ3_XXS", 98}, {"IQ3_S", 110},   {"IQ4_XS", 136},
+    {"", 0, 0},           {"IQ1_S", 50, 256},   {"IQ1_M", 56, 256},  {"IQ2_XXS", 66, 256}, {"IQ2_XS", 74, 256},
+    {"IQ2_S", 82, 256},   {"IQ3_XXS", 98, 256}, {"IQ3_S", 110, 256}, {"IQ4_XS", 136, 256}, {"MXFP4", 17, 32},
+    {"IQ4_NL", 18, 32},   {"TQ2_0", 66, 256},
 };
 
 IqTables iq_tables;
 
 // set_iq_table's names, in IqTables::ready order, with the lattice's point count and length (0: not a lattice)
 struct TableSpec { const char* name; int points, len; };
-static const TableSpec kTables[8] = {
-    {"IQ1_S", 2048, 8}, {"IQ2_XXS", 256, 8}, {"IQ2_XS", 512, 8}, {"IQ2_S", 1024, 8},
-    {"IQ3_XXS", 256, 4}, {"IQ3_S", 512, 4},  {"ksigns", 128, 1}, {"IQ4_NL", 16, 1},
+static constexpr int kNumTables = 9;
+static const TableSpec kTables[kNumTables] = {
+    {"IQ1_S", 2048, 8}, {"IQ2_XXS", 256, 8}, {"IQ2_XS", 512, 8}, {"IQ2_S", 1024, 8}, {"IQ3_XXS", 256, 4},
+    {"IQ3_S", 512, 4},  {"ksigns", 128, 1},  {"IQ4_NL", 16, 1},  {"MXFP4", 16, 1},
 };
 
 static uint64_t byte_mask(int bits) {
@@ -30,8 +32,8 @@ static uint64_t byte_mask(int bits) {
 
 void set_iq_table(const std::string& name, const int8_t* data, size_t count) {
     int t = 0;
-    while (t < 8 && name != kTables[t].name) ++t;
-    if (t == 8) throw std::invalid_argument("kt_cpu_amx: unknown i-quant table '" + name + "'");
+    while (t < kNumTables && name != kTables[t].name) ++t;
+    if (t == kNumTables) throw std::invalid_argument("kt_cpu_amx: unknown i-quant table '" + name + "'");
     const TableSpec& spec = kTables[t];
     if (count != size_t(spec.points) * spec.len)
         throw std::invalid_argument("kt_cpu_amx: i-quant table " + name + " has " + std::to_string(count) +
@@ -60,6 +62,7 @@ void set_iq_table(const std::string& name, const int8_t* data, size_t count) {
         case 5: points4(T.g3s); break;
         case 6: for (int i = 0; i < 128; ++i) T.ksign_mask[i] = byte_mask(uint8_t(data[i])); break;
         case 7: std::memcpy(T.k4nl, data, 16); break;
+        case 8: std::memcpy(T.kmxfp4, data, 16); break;
     }
     for (int b = 0; b < 256; ++b) T.sign_mask[b] = byte_mask(b);
     T.ready[t] = true;
@@ -74,7 +77,9 @@ std::string iq_tables_missing(int type) {
         case IQ2_S: return need(3);
         case IQ3_XXS: return need(4) + need(6);
         case IQ3_S: return need(5);
-        case IQ4_XS: return need(7);
+        case IQ4_XS: case IQ4_NL: return need(7);
+        case MXFP4: return need(8);
+        case TQ2_0: return "";
         default: return "(not an i-quant)";
     }
 }
@@ -100,14 +105,16 @@ void iq_decode_block(int type, const uint8_t* block, int8_t* q, float* scale) {
 
 void pack_iq(PackedMatrix& out, int type, const uint8_t* raw, int n, int k) {
     check_ready(type);
-    if (k % 256)
+    const int block = kIqInfo[type].block;
+    if (k % block || k % 32)
         throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
-                                    kIqInfo[type].name + "'s block of 256");
+                                    kIqInfo[type].name + "'s block of " + std::to_string(block));
     out = PackedMatrix();
     // group 16 and zero point 128: how the int8 prefill kernels see the decoded values (kernels_i8.h's unpack_a)
     out.n = n; out.k = k; out.bits = 0; out.group = 16; out.zero_point = 128;
     out.iq = type;
     out.iq_block_bytes = kIqInfo[type].type_size;
+    out.iq_block = block;
     out.qs = Buffer(size_t(n) * out.row_bytes(), true);
     std::memcpy(out.qs.ptr, raw, out.qs.bytes);
 }
@@ -115,11 +122,12 @@ void pack_iq(PackedMatrix& out, int type, const uint8_t* raw, int n, int k) {
 void unpack_iq(const PackedMatrix& m, float* out) {
     int8_t q[256];
     float s[16];
+    const int B = m.iq_block;
     for (int r = 0; r < m.n; ++r)
-        for (int b = 0; b < m.k / 256; ++b) {
+        for (int b = 0; b < m.k / B; ++b) {
             iq_decode_block(m.iq, m.row_q(r) + size_t(b) * m.iq_block_bytes, q, s);
-            float* y = out + size_t(r) * m.k + size_t(b) * 256;
-            for (int j = 0; j < 256; ++j) y[j] = s[j / 16] * float(q[j]);
+            float* y = out + size_t(r) * m.k + size_t(b) * B;
+            for (int j = 0; j < B; ++j) y[j] = s[j / 16] * float(q[j]);
         }
 }
 

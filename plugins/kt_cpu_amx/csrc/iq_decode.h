@@ -1,14 +1,19 @@
-// One i-quant super-block (256 weights) into int8 values q[256] and float scales s[16] (one per 16 weights):
-// weight j = s[j / 16] * q[j]. Each s is the float gguf-py computes for the sub-block (same operations, same
+// One block (an i-quant's super-block of 256 weights; MXFP4's or IQ4_NL's 32; TQ2_0's 256) into int8 values
+// q[block] and float scales s[block / 16] (one per 16 weights): weight j = s[j / 16] * q[j]. Each s is the float gguf-py computes for the sub-block (same operations, same
 // order), and q the lattice point times its sign, so the product is gguf-py's weight bit for bit: a sign flips
 // exactly; IQ1's point + delta (delta = +-1/8) is (8 * point +- 1) / 8 with the 1/8 moved into s, which is
 // exact (a power of two), so s * q rounds the same real number once, as gguf-py's dl * (point + delta) does.
+// MXFP4: q the doubled e2m1 value (ggml's kvalues_mxfp4, integers up to 12) and s ggml_e8m0_to_fp32_half(e) =
+// 2^(e - 128) (e < 2: the subnormals 2^-128, 2^-127), gguf-py's very d and table: d * q is its product.
 // Static functions, SSE2 (the x86-64 baseline; pshufb where the unit is built with SSSE3): every translation unit that includes this compiles its own
 // copy with its own -m flags. Block layouts: ggml-common.h's block_iq*.
 #pragma once
 #include <emmintrin.h>
 #ifdef __SSSE3__
 #include <tmmintrin.h>
+#endif
+#ifdef __F16C__
+#include <immintrin.h>
 #endif
 
 #include <cstring>
@@ -21,7 +26,11 @@ namespace iqdec {
 static inline float half_at(const uint8_t* p) {
     uint16_t h;
     std::memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);  // exact, as the portable conversion (a call per block: IQ4_NL's are 32 weights)
+#else
     return fp16_to_fp32(h);
+#endif
 }
 template <class U> static inline U word_at(const uint8_t* p) {
     U v;
@@ -140,29 +149,62 @@ static inline void iq1_m(const uint8_t* b, int8_t* q, float* s) {
     }
 }
 
+// 16 bytes of nibble indices into 32 values of a 16-entry table: the low nibbles first, then the high ones (the
+// layout of block_iq4_nl, block_iq4_xs's 32-weight groups and block_mxfp4).
+static inline void nibbles_lut(const uint8_t* qs, const int8_t* lut16, int8_t* q) {
+#ifdef __SSSE3__
+    const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(lut16)), m4 = _mm_set1_epi8(15);
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm_shuffle_epi8(lut, _mm_and_si128(x, m4)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m4)));
+#else
+    for (int j = 0; j < 16; ++j) {
+        q[j] = lut16[qs[j] & 15];
+        q[16 + j] = lut16[qs[j] >> 4];
+    }
+#endif
+}
+
 // block_iq4_xs: d, scales_h uint16 (2 high bits per 32), scales_l[4] (low nibbles), qs[128] (IQ4_NL indices:
 // 16 bytes per 32 weights, low nibbles first)
 static inline void iq4_xs(const uint8_t* b, int8_t* q, float* s) {
-    const IqTables& T = iq_tables;
     const float d = half_at(b);
     const uint16_t sh = word_at<uint16_t>(b + 2);
     for (int ib = 0; ib < 8; ++ib) {
         const int ls = ((b[4 + ib / 2] >> (4 * (ib & 1))) & 15) | (((sh >> (2 * ib)) & 3) << 4);
         s[2 * ib] = s[2 * ib + 1] = d * float(ls - 32);
-        const uint8_t* qs = b + 8 + 16 * ib;
-#ifdef __SSSE3__
-        const __m128i lut = _mm_loadu_si128(reinterpret_cast<const __m128i*>(T.k4nl)), m4 = _mm_set1_epi8(15);
-        const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * ib), _mm_shuffle_epi8(lut, _mm_and_si128(x, m4)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32 * ib + 16),
-                         _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(x, 4), m4)));
-#else
-        for (int j = 0; j < 16; ++j) {
-            q[32 * ib + j] = T.k4nl[qs[j] & 15];
-            q[32 * ib + 16 + j] = T.k4nl[qs[j] >> 4];
-        }
-#endif
+        nibbles_lut(b + 8 + 16 * ib, iq_tables.k4nl, q + 32 * ib);
     }
+}
+
+// block_iq4_nl (32 weights): d, qs[16]
+static inline void iq4_nl(const uint8_t* b, int8_t* q, float* s) {
+    s[0] = s[1] = half_at(b);
+    nibbles_lut(b + 2, iq_tables.k4nl, q);
+}
+
+// block_mxfp4 (32 weights): e (e8m0), qs[16] (e2m1 indices)
+static inline void mxfp4(const uint8_t* b, int8_t* q, float* s) {
+    const uint32_t e = b[0];
+    const uint32_t bits = e < 2 ? uint32_t(0x00200000) << e : (e - 1) << 23;  // ggml_e8m0_to_fp32_half
+    std::memcpy(&s[0], &bits, 4);
+    s[1] = s[0];
+    nibbles_lut(b + 1, iq_tables.kmxfp4, q);
+}
+
+// block_tq2_0: qs[64] (2-bit codes c, weight c - 1: byte j of half h holds weights 128 h + 32 l + j in bits 2l),
+// then d
+static inline void tq2_0(const uint8_t* b, int8_t* q, float* s) {
+    const float d = half_at(b + 64);
+    for (int g = 0; g < 16; ++g) s[g] = d;
+    const __m128i m3 = _mm_set1_epi8(3), one = _mm_set1_epi8(1);
+    for (int h = 0; h < 2; ++h)
+        for (int half = 0; half < 2; ++half) {
+            __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 32 * h + 16 * half));
+            for (int l = 0; l < 4; ++l, x = _mm_srli_epi16(x, 2))  // a byte's bits 2l..2l+1 stay within it
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 128 * h + 32 * l + 16 * half),
+                                 _mm_sub_epi8(_mm_and_si128(x, m3), one));
+        }
 }
 
 static inline void decode(int type, const uint8_t* b, int8_t* q, float* s) {
@@ -175,6 +217,32 @@ static inline void decode(int type, const uint8_t* b, int8_t* q, float* s) {
         case IQ3_XXS: return iq3_xxs(b, q, s);
         case IQ3_S: return iq3_s(b, q, s);
         case IQ4_XS: return iq4_xs(b, q, s);
+        case MXFP4: return mxfp4(b, q, s);
+        case IQ4_NL: return iq4_nl(b, q, s);
+        case TQ2_0: return tq2_0(b, q, s);
+        default: break;
+    }
+}
+
+// nb consecutive blocks (a row's run): the type's decoder in one loop (a dispatch per block costs as much as
+// MXFP4's 32-weight decode itself).
+template <int Bytes, int B, void (*F)(const uint8_t*, int8_t*, float*)>
+static inline void run(const uint8_t* b, int nb, int8_t* q, float* s) {
+    for (int i = 0; i < nb; ++i) F(b + size_t(i) * Bytes, q + size_t(i) * B, s + size_t(i) * (B / 16));
+}
+static inline void decode_blocks(int type, const uint8_t* b, int nb, int8_t* q, float* s) {
+    switch (type) {
+        case IQ1_S: return run<50, 256, iq1_s>(b, nb, q, s);
+        case IQ1_M: return run<56, 256, iq1_m>(b, nb, q, s);
+        case IQ2_XXS: return run<66, 256, iq2_xxs>(b, nb, q, s);
+        case IQ2_XS: return run<74, 256, iq2_xs>(b, nb, q, s);
+        case IQ2_S: return run<82, 256, iq2_s>(b, nb, q, s);
+        case IQ3_XXS: return run<98, 256, iq3_xxs>(b, nb, q, s);
+        case IQ3_S: return run<110, 256, iq3_s>(b, nb, q, s);
+        case IQ4_XS: return run<136, 256, iq4_xs>(b, nb, q, s);
+        case MXFP4: return run<17, 32, mxfp4>(b, nb, q, s);
+        case IQ4_NL: return run<18, 32, iq4_nl>(b, nb, q, s);
+        case TQ2_0: return run<66, 256, tq2_0>(b, nb, q, s);
         default: break;
     }
 }

@@ -98,8 +98,7 @@ static inline void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda
         uint8_t* o = a + r * lda;
         if (W.iq) {  // signed int8 values, zero point 128: q + 128 - z
             float* sr = s + size_t(r) * G;
-            for (int b = 0; b < k / 256; ++b)
-                iqdec::decode(W.iq, q + size_t(b) * W.iq_block_bytes, reinterpret_cast<int8_t*>(o) + 256 * b, sr + 16 * b);
+            iqdec::decode_blocks(W.iq, q, k / W.iq_block, reinterpret_cast<int8_t*>(o), sr);
             if (!minus_zp)
                 for (int j = 0; j < k; j += 64)
                     _mm512_storeu_si512(o + j, _mm512_xor_si512(_mm512_loadu_si512(o + j), _mm512_set1_epi8(char(0x80))));

@@ -1,5 +1,5 @@
 // The integer-dot GEMM on i-quant weights (PackedMatrix::iq): included inside each ISA's namespace by
-// kernels_impl.h (which has included <vector> and iq_decode.h). Per tile of R rows, their super-blocks are
+// kernels_impl.h (which has included <vector> and iq_decode.h). Per tile of R rows, their blocks (i-quant super-blocks, MXFP4, ...) are
 // decoded once into a per-thread buffer (R * k int8 values and R * k / 16 float scales: L1/L2-sized, never the
 // matrix), then every token tile of the call takes its dots from it: int8 weights x int8 activations, one int32
 // sum per 16 weights, scaled in float by the weights' sub-block scale times the activations' block scale.
@@ -17,13 +17,8 @@ static inline __m256i dot_i8(__m256i w, __m256i a) {
 
 // R decoded rows of W from row n: q [R][k], s [R][k / 16].
 static inline void iq_decode_rows(const PackedMatrix& W, int n, int R, int8_t* q, float* s) {
-    const int nb = W.k / 256;
-    for (int r = 0; r < R; ++r) {
-        const uint8_t* row = W.row_q(n + r);
-        for (int b = 0; b < nb; ++b)
-            iqdec::decode(W.iq, row + size_t(b) * W.iq_block_bytes, q + size_t(r) * W.k + 256 * b,
-                          s + size_t(r) * (W.k / 16) + 16 * b);
-    }
+    for (int r = 0; r < R; ++r)
+        iqdec::decode_blocks(W.iq, W.row_q(n + r), W.k / W.iq_block, q + size_t(r) * W.k, s + size_t(r) * (W.k / 16));
 }
 
 template <int R, int T>

@@ -34,7 +34,7 @@ class KLinearCPU(Op):
     name = "KLinearCPU"
     role = "linear"
     devices = ("cpu",)
-    ggml_types = repack.STORED_TYPES  # kept as stored (repacked exactly or as blocks); others dequantized, then quantized online
+    ggml_types = repack.STORED_TYPES  # kept as stored (repacked exactly, or as blocks the kernels decode: i-quants, MXFP4, IQ4_NL, TQ2_0); others dequantized, then quantized online
 
     def __init__(self, module: nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
         super().__init__(module, device, **kwargs)

@@ -4,7 +4,8 @@ Exact (no information lost): Q4_0, Q4_1, Q4_K -> 4-bit groups of 32; Q5_0, Q5_1,
 of 32; Q5_K, Q6_K -> 8-bit groups of 16. Each group is ``w = scale * q + min`` with the GGUF's own scale
 structure kept (fp16 scales, K-quants' two levels, no mins where min = -zero_point * scale: the table in
 the plugin's README). The i-quants (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ4_XS: Unsloth's
-dynamic quants' expert types) are kept as their GGUF blocks, the kernels decoding them as they compute. Float weights
+dynamic quants' expert types), MXFP4 (GPT-OSS's experts), IQ4_NL and TQ2_0 are kept as their GGUF blocks, the
+kernels decoding them (exactly, to int8 values and a float scale per 16 weights) as they compute. Float weights
 (F32/F16/BF16) are quantized online to int8 (symmetric, groups of 16) or int4 (asymmetric, groups of 32);
 any other GGML type is dequantized first and then quantized online the same way (lossy: say so).
 """
@@ -18,8 +19,9 @@ from .runtime import kernels
 EXACT_4BIT = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 EXACT_8BIT = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
 IQ_TYPES = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"})
+DECODED_TYPES = IQ_TYPES | frozenset({"MXFP4", "IQ4_NL", "TQ2_0"})  # kept as blocks, decoded by the kernels
 EXACT_TYPES = EXACT_4BIT | EXACT_8BIT
-BLOCK_TYPES = EXACT_TYPES | IQ_TYPES  # what from_gguf takes as raw blocks
+BLOCK_TYPES = EXACT_TYPES | DECODED_TYPES  # what from_gguf takes as raw blocks
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16"})
 STORED_TYPES = BLOCK_TYPES | FLOAT_TYPES  # the ops' ggml_types
 ONLINE_BITS = {"int8": 8, "int4": 4}

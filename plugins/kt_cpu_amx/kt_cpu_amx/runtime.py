@@ -40,10 +40,9 @@ def _load():
 
 
 def _install_iq_tables(mod) -> None:
-    """The i-quants' lattice grids and sign table from ktcore's type table (gguf-py's own), and the IQ4_NL values,
-    into the C++ decoders: one copy of each table, read from the format's reference."""
-    from ktcore.sdk import lookup_tables
-    from ktcore.weights.dequant import IQ4_NL_VALUES
+    """The i-quants' lattice grids and sign table from ktcore's type table (gguf-py's own), and the IQ4_NL and
+    MXFP4 (doubled e2m1) values, into the C++ decoders: one copy of each table, read from the format's reference."""
+    from ktcore.sdk import IQ4_NL_VALUES, MXFP4_VALUES, lookup_tables
 
     done = set()
     for name in mod.iq_types():
@@ -52,6 +51,7 @@ def _install_iq_tables(mod) -> None:
                 mod.set_iq_table(table_name, table.to(torch.int8).numpy().tobytes())
                 done.add(table_name)
     mod.set_iq_table("IQ4_NL", torch.tensor(IQ4_NL_VALUES, dtype=torch.int8).numpy().tobytes())
+    mod.set_iq_table("MXFP4", torch.tensor(MXFP4_VALUES, dtype=torch.int8).numpy().tobytes())
 
 
 def _table_names(type_name: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ HALF_FIELDS = {name: t.scale_fields for name, t in GGML_TYPES.items() if t.scale
 
 # the GGML types the kernels take without loss, and some they requantize to int8 after dequantizing
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
-REQUANTIZED_TYPES = ("Q2_K", "Q3_K", "TQ2_0")
+REQUANTIZED_TYPES = ("Q2_K", "Q3_K", "TQ1_0")  # TQ2_0 is kept as blocks (test_cpu_amx_mxfp4.py)
 
 
 def _set_half(blocks: np.ndarray, off: int, values: np.ndarray) -> None:
