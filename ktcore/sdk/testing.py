@@ -63,14 +63,13 @@ def config_for(model_type: str):
 
 def chosen_backends(path, registry, **load_options) -> dict[str, str]:
     """``{op name: plugin}`` of the backends a rule file's rules choose for their generate ops, after checking
-    that every rule matches a module of a meta model of the file's model type (``<model_type>-<layout>.yaml``).
+    that every rule matches a module of a meta model of the file's model type (``<model_type>[-<variant>]-<layout>.yaml``).
     ``load_options`` go to ``load_rules`` (``check_devices=False, gpu="xpu"``: as on another machine)."""
     from ..inject import build_meta_model, inject
-    from ..rule_selection import LAYOUTS
+    from ..rule_selection import parse_rule_file_name
     from ..rules import load_rules
 
     rules = load_rules(path, registry, **load_options)
-    model_type = next(path.name[: -len(f"-{lay}.yaml")] for lay in sorted(LAYOUTS, key=len, reverse=True)
-                      if path.name.endswith(f"-{lay}.yaml"))
+    model_type = parse_rule_file_name(path.name)[0]
     inject(build_meta_model(config_for(model_type)), rules, registry, build_ops=False)  # raises on a rule matching nothing
     return {r.op_names[1]: r.options["generate_op"].plugin for r in rules if r.op_names}
