@@ -12,7 +12,31 @@ from ._common import check_shape, module_dtype, parse_dtype
 from .experts import route_by_expert
 
 
-class KExpertsGptOssTorch(Op):
+class GptOssExpertsOp(Op):
+    """What every backend of GPT-OSS's experts shares: the module's facts (``num_experts``, ``hidden_dim``,
+    ``intermediate_dim``, the SwiGLU's ``alpha`` and ``limit``) and the check of the tensors ``load`` gets."""
+
+    def __init__(self, module: torch.nn.Module, device="cpu", **kwargs):
+        super().__init__(module, device, **kwargs)
+        for attr in ("gate_up_proj_bias", "down_proj_bias", "alpha", "limit"):
+            if getattr(module, attr, None) is None:
+                raise ValueError(f"{self.name}: {type(module).__name__} has no {attr}; it is not GPT-OSS's experts module")
+        self.num_experts, self.hidden_dim, self.intermediate_dim = module.num_experts, module.hidden_size, module.intermediate_size
+        self.alpha, self.limit = float(module.alpha), float(module.limit)
+
+    def check_weights(self, weights: Mapping[str, "QuantizedTensor"], down: str = "down_proj") -> None:  # noqa: F821
+        """``down``: ``down_proj`` (``[E, I, H]``, transposed as Transformers holds it) or ``down_proj_stored``
+        (``[E, H, I]``, as the file stores it)."""
+        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
+        shapes = {"gate_proj": (E, I, H), "up_proj": (E, I, H), down: (E, H, I) if down == "down_proj_stored" else (E, I, H),
+                  "gate_proj_bias": (E, I), "up_proj_bias": (E, I), "down_proj_bias": (E, H)}
+        for name, shape in shapes.items():
+            if name not in weights:
+                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
+            check_shape(self.name, weights[name], shape)
+
+
+class KExpertsGptOssTorch(GptOssExpertsOp):
     """``sum_k w_k * (down_k(((clamp(up) + 1) * glu(clamp(gate)))) + b_down)`` with ``glu(g) = g * sigmoid(1.702 g)``,
     ``gate``/``up`` each with their bias: GPT-OSS's ``GptOssExperts``.
 
@@ -27,24 +51,14 @@ class KExpertsGptOssTorch(Op):
 
     def __init__(self, module: torch.nn.Module, device="cpu", dtype=None, **kwargs):
         super().__init__(module, device, **kwargs)
-        for attr in ("gate_up_proj_bias", "down_proj_bias", "alpha", "limit"):
-            if getattr(module, attr, None) is None:
-                raise ValueError(f"{self.name}: {type(module).__name__} has no {attr}; it is not GPT-OSS's experts module")
-        self.num_experts, self.hidden_dim, self.intermediate_dim = module.num_experts, module.hidden_size, module.intermediate_size
-        self.alpha, self.limit = float(module.alpha), float(module.limit)
         self.dtype = parse_dtype(dtype, self.name) or module_dtype(module)
         for name in ("gate_up", "gate_up_bias", "down", "down_bias"):
             self.register_buffer(name, None, persistent=False)
 
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
-        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
-        shapes = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj": (E, I, H),
-                  "gate_proj_bias": (E, I), "up_proj_bias": (E, I), "down_proj_bias": (E, H)}
-        for name, shape in shapes.items():
-            if name not in weights:
-                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
-            check_shape(self.name, weights[name], shape)
-        value = {n: weights[n].dequantize(self.dtype, self.device) for n in shapes}
+        self.check_weights(weights)
+        names = ("gate_proj", "up_proj", "down_proj", "gate_proj_bias", "up_proj_bias", "down_proj_bias")
+        value = {n: weights[n].dequantize(self.dtype, self.device) for n in names}
         self.gate_up = torch.cat([value["gate_proj"], value["up_proj"]], dim=1)  # [E, 2I, H]: one matmul
         self.gate_up_bias = torch.cat([value["gate_proj_bias"], value["up_proj_bias"]], dim=1)
         self.down = value["down_proj"].transpose(1, 2).contiguous()  # [E, H, I]

@@ -35,6 +35,7 @@ from ..builtin.experts import (
     route_by_expert,
     split_experts,
 )
+from ..builtin.experts_gpt_oss import GptOssExpertsOp
 from ..builtin.linear import KLinearTorch
 from ..builtin.matrix_ops import KExpertsByMatrix, KLinearByMatrix
 from ..builtin.rope import KRoPETorch
@@ -49,7 +50,8 @@ from ..weights.quants import DEQUANTIZABLE, GGML_TYPES, QK_K, GGMLType, ggml_typ
 from ..weights.tensor import QuantizedTensor
 
 __all__ = [
-    "AFFINE_TYPES", "ANY_DEVICE", "AffineGroups", "DEQUANTIZABLE", "GGMLType", "GGML_TYPES", "INT4_TYPES", "IQ4_NL_VALUES",
+    "AFFINE_TYPES", "ANY_DEVICE", "AffineGroups", "DEQUANTIZABLE", "GGMLType", "GGML_TYPES", "GptOssExpertsOp", "INT4_TYPES",
+    "IQ4_NL_VALUES",
     "KAttention", "KAttentionMLA", "KAttentionSDPA", "KExperts", "KExpertsByMatrix", "KExpertsTorch", "KLinearByMatrix", "KLinearTorch",
     "KRoPETorch", "MXFP4_VALUES", "Op", "QK_K", "QuantizedTensor", "ROLES", "TuneCache", "affine_groups", "apply_rope",
     "cache_dir", "check_expert_weights",

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ktcore.sdk import Op, check_shape, route_by_expert
+from ktcore.sdk import GptOssExpertsOp, route_by_expert
 
 from . import repack
 from .runtime import get_runtime
 
 
-class KExpertsGptOssCPU(Op):
+class KExpertsGptOssCPU(GptOssExpertsOp):
     """``sum_k w_k * (down_k((clamp(up) + 1) * glu(clamp(gate))) + b_down)``, ``glu(g) = g * sigmoid(alpha g)``
     (GPT-OSS's ``GptOssExperts``, as ``KExpertsGptOssTorch``). Loads ``gate_proj``/``up_proj`` ``[E, I, H]``,
     ``down_proj_stored`` ``[E, H, I]`` (llama.cpp's layout, see ``WeightSource``) and the biases. Options as
@@ -32,11 +32,6 @@ class KExpertsGptOssCPU(Op):
 
     def __init__(self, module: torch.nn.Module, device="cpu", threads=None, isa=None, online_quant="int8", **kwargs):
         super().__init__(module, device, **kwargs)
-        for attr in ("gate_up_proj_bias", "down_proj_bias", "alpha", "limit"):
-            if getattr(module, attr, None) is None:
-                raise ValueError(f"{self.name}: {type(module).__name__} has no {attr}; it is not GPT-OSS's experts module")
-        self.num_experts, self.hidden_dim, self.intermediate_dim = module.num_experts, module.hidden_size, module.intermediate_size
-        self.alpha, self.limit = float(module.alpha), float(module.limit)
         self.threads, self.isa = threads, isa
         self.float_bits = repack.online_bits(online_quant)
         self.matrices = None  # name -> [PackedMatrix per expert]
@@ -49,13 +44,7 @@ class KExpertsGptOssCPU(Op):
         return _cpu_reason(cls.name, device)
 
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
-        E, H, I = self.num_experts, self.hidden_dim, self.intermediate_dim
-        shapes = {"gate_proj": (E, I, H), "up_proj": (E, I, H), "down_proj_stored": (E, H, I),
-                  "gate_proj_bias": (E, I), "up_proj_bias": (E, I), "down_proj_bias": (E, H)}
-        for name, shape in shapes.items():
-            if name not in weights:
-                raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
-            check_shape(self.name, weights[name], shape)
+        self.check_weights(weights, down="down_proj_stored")
         mats = ("gate_proj", "up_proj", "down_proj_stored")
         self.matrices = {n: repack.pack_matrices(weights[n], self.float_bits) for n in mats}
         self.biases = {n: repack.to_float32(weights[n + "_bias"] if n != "down_proj_stored" else weights["down_proj_bias"]).clone()
