@@ -50,12 +50,13 @@ from models import (  # noqa: E402
 )
 
 from ktcore.cli.bench import (  # noqa: E402  (the measuring code `kt bench` uses too)
+    LlamaCppProcess,
     bench_ktcore,
-    bench_llamacpp,
     copy_bandwidth,
     format_table,
     gguf_active_bytes,
     ktcore_active_bytes,
+    llamacpp_extra_bufts_work,
     llamacpp_overrides,
 )
 
@@ -89,11 +90,14 @@ def run_model(name, path, args, bandwidth):
     llm = load_llamacpp(path, threads=args.threads, n_ctx=n_ctx, kv_overrides=overrides)
     text = fixed_text()
     prompt_ids = llamacpp_tokens(llm, text * (1 + args.prompt_tokens // 200))[: args.prompt_tokens]
-    ref_cold = bench_llamacpp(llm, prompt_ids, args.gen_tokens, 1, warm_up=False)
+    del llm  # llama.cpp is timed in a process of its own (ktcore.cli.llamacpp_peer), as `kt bench` does
+    gc.collect()
+    extra = llamacpp_extra_bufts_work(str(path), tuple(sorted((overrides or {}).items())))
+    llm = LlamaCppProcess(path, args.threads, n_ctx, extra_bufts=extra, kv_overrides=overrides)
+    ref_cold = llm.bench(prompt_ids, args.gen_tokens, warm_up=False)
     if args.sequential:
-        ref_runs = [bench_llamacpp(llm, prompt_ids, args.gen_tokens, args.repeats)]
-        del llm
-        gc.collect()
+        ref_runs = [llm.bench(prompt_ids, args.gen_tokens) for _ in range(args.repeats)]
+        llm.close()
         gen, load_s = load_ktcore(path, rules=args.rules, threads=args.threads, max_context=n_ctx)
         our_cold = cold_ktcore(gen, prompt_ids, args.gen_tokens)
         our_runs = [bench_ktcore(gen, prompt_ids, args.gen_tokens, args.repeats)]
@@ -102,9 +106,9 @@ def run_model(name, path, args, bandwidth):
         our_cold = cold_ktcore(gen, prompt_ids, args.gen_tokens)
         ref_runs, our_runs = [], []
         for _ in range(args.repeats):  # alternate: one run of each engine per round
-            ref_runs.append(bench_llamacpp(llm, prompt_ids, args.gen_tokens, 1))
+            ref_runs.append(llm.bench(prompt_ids, args.gen_tokens))
             our_runs.append(bench_ktcore(gen, prompt_ids, args.gen_tokens, 1))
-        del llm
+        llm.close()
     row = {
         "model": name, "load_s": load_s, "ktcore": _medians(our_runs), "llama.cpp": _medians(ref_runs),
         "ktcore cold": our_cold, "llama.cpp cold": ref_cold, "fused": gen.fused_problem or "on",

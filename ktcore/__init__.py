@@ -6,8 +6,10 @@ from importlib.metadata import PackageNotFoundError, version
 # OpenMP worker threads spin after every parallel torch op (libgomp's default), and on a CPU whose cores the
 # CPU plugins' own thread pools share, that spinning takes their time slices: a few milliseconds per torch op
 # on a small machine. Passive waiting (sleep at once) is set here, before torch is imported and its OpenMP
-# runtime reads the variable, unless the user chose a policy. llama.cpp loaded into the same process
-# (`kt bench`) shares that runtime, so both engines run under the same policy.
+# runtime reads the variable, unless the user chose a policy. llama.cpp, whose OpenMP threads meet at a barrier
+# for every op, decodes several times slower under it: `kt bench` runs it in a child process of its own
+# (ktcore.cli.llamacpp_peer), which gets the user's policy back (OMP_POLICY_SET_HERE).
+OMP_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .hookspecs import hookimpl  # noqa: E402

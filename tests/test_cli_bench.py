@@ -1,9 +1,10 @@
 """``kt bench``'s pieces that need no model: the per-round ratio line, the options, and the process-wide OpenMP
-wait policy `import ktcore` sets (the same one for both engines the bench runs in one process)."""
+wait policy `import ktcore` sets (for ktcore; llama.cpp is timed in a process of its own with the user's policy)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -39,3 +40,39 @@ def test_import_sets_passive_omp_wait_unless_set(given, want):
     code = "import ktcore, os; print(os.environ['OMP_WAIT_POLICY'])"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == want
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("given, want", [(None, None), ("ACTIVE", "ACTIVE")])
+def test_llamacpp_peer_runs_in_its_own_process_with_the_users_policy(given, want, monkeypatch):
+    """llama.cpp is timed in a child process (ktcore.cli.llamacpp_peer) that gets the user's OpenMP wait policy
+    back, not the passive one ktcore sets for itself; its figures come back as (prefill, decode) tok/s."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from models import ModelUnavailable, smollm2_gguf
+
+    import ktcore
+    from ktcore.cli import llamacpp_peer
+
+    try:
+        path = smollm2_gguf()
+    except ModelUnavailable as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setattr(ktcore, "OMP_POLICY_SET_HERE", given is None)
+    seen = {}
+    popen = llamacpp_peer.subprocess.Popen
+
+    def spy(cmd, **kwargs):
+        seen["env"] = kwargs["env"]
+        return popen(cmd, **kwargs)
+
+    monkeypatch.setattr(llamacpp_peer.subprocess, "Popen", spy)
+    if given:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    with llamacpp_peer.LlamaCppProcess(path, threads=1, n_ctx=64, extra_bufts=False) as peer:
+        prefill, decode = peer.bench(list(range(100, 116)), 4, warm_up=True)
+        assert peer.proc.pid != os.getpid()
+    assert seen["env"].get("OMP_WAIT_POLICY") == want
+    assert prefill > 0 and decode > 0

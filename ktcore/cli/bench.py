@@ -21,6 +21,7 @@ from .model_options import (
     check_model_options,
     open_model,
 )
+from .llamacpp_peer import LlamaCppProcess, bench_llamacpp  # noqa: F401 (bench_llamacpp: the benches' in-process peer)
 from .run import run_guarded, warmed_generator
 
 PROMPT_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
@@ -125,36 +126,6 @@ def bench_ktcore(gen, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool =
             pass
         prefill.append(gen.last_timing.prefill_tok_s)
         decode.append(gen.last_timing.decode_tok_s)
-    return statistics.median(prefill), statistics.median(decode)
-
-
-def _llamacpp_next_token(llm) -> int:
-    """Greedy token from llama.cpp's last logits (``llm.scores`` is only filled with ``logits_all``)."""
-    import llama_cpp
-    import numpy as np
-
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
-    return int(np.argmax(logits))
-
-
-def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool = True) -> tuple[float, float]:
-    """Median (prefill tok/s, decode tok/s) of llama.cpp doing the same: prompt, then greedy steps."""
-
-    if warm_up:
-        llm.reset()
-        llm.eval(prompt_ids[:8])
-    prefill, decode = [], []
-    for _ in range(repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt_ids)
-        token = _llamacpp_next_token(llm)
-        prefill.append(len(prompt_ids) / (time.perf_counter() - t0))
-        t1 = time.perf_counter()
-        for _ in range(gen_tokens):
-            llm.eval([token])
-            token = _llamacpp_next_token(llm)
-        decode.append(gen_tokens / (time.perf_counter() - t1))
     return statistics.median(prefill), statistics.median(decode)
 
 
@@ -273,7 +244,6 @@ def _bench(args) -> int:
     name = loaded.model.config.model_type
     ours_bytes = ktcore_active_bytes(loaded.model, loaded.source)
     del loaded
-    llm = None
     if not args.no_llamacpp:
         try:
             import llama_cpp  # noqa: F401
@@ -287,17 +257,16 @@ def _bench(args) -> int:
             profile_ktcore(gen, ids, args.gen_tokens)
         del gen
         if not args.no_llamacpp:
-            llm = load_llamacpp(args.model, threads, args.max_context, kv_overrides=llamacpp_overrides(args.model))
-            ref_runs = [bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0) for i in range(args.repeats)]
+            with llamacpp_peer(args, threads) as peer:
+                ref_runs = [peer.bench(ids, args.gen_tokens, warm_up=i == 0) for i in range(args.repeats)]
     else:
-        llm = load_llamacpp(args.model, threads, args.max_context, kv_overrides=llamacpp_overrides(args.model))
-        for i in range(args.repeats):  # alternate: one run of each engine per round
-            ref_runs.append(bench_llamacpp(llm, ids, args.gen_tokens, 1, warm_up=i == 0))
-            ours_runs.append(bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0))
+        with llamacpp_peer(args, threads) as peer:
+            for i in range(args.repeats):  # alternate: one run of each engine per round
+                ref_runs.append(peer.bench(ids, args.gen_tokens, warm_up=i == 0))
+                ours_runs.append(bench_ktcore(gen, ids, args.gen_tokens, 1, warm_up=i == 0))
         if args.profile:
             profile_ktcore(gen, ids, args.gen_tokens)
         del gen
-    del llm
     ours = medians(ours_runs)
     rows, ref = [], None
     if ref_runs:
@@ -314,6 +283,14 @@ def _bench(args) -> int:
     if ref_runs:
         print(round_ratios(ours_runs, ref_runs))
     return 0
+
+
+def llamacpp_peer(args, threads: int) -> LlamaCppProcess:
+    """llama.cpp on ``args.model`` in a process of its own (``ktcore.cli.llamacpp_peer``), loaded as
+    ``load_llamacpp`` loads it."""
+    overrides = llamacpp_overrides(args.model)
+    extra = llamacpp_extra_bufts_work(str(args.model), tuple(sorted((overrides or {}).items())))
+    return LlamaCppProcess(args.model, threads, args.max_context, extra_bufts=extra, kv_overrides=overrides)
 
 
 def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:

@@ -1,0 +1,118 @@
+"""llama.cpp (llama-cpp-python) as the benchmarks' peer, timed in a process of its own.
+
+In ktcore's process llama.cpp would share torch's OpenMP runtime and the passive wait policy ktcore sets at
+import (``ktcore.OMP_POLICY_SET_HERE``): its threads meet at a barrier for every op, and SmolLM2 decoded at 32
+tok/s there against 149 alone on the same 2 threads. ``LlamaCppProcess`` runs this file as a script (so that
+the child imports llama_cpp and numpy, never ktcore or torch) with the user's own environment, and times
+prompt + greedy steps there exactly as ``bench_llamacpp`` does in-process.
+
+Protocol: ``python llamacpp_peer.py MODEL THREADS N_CTX EXTRA_BUFTS KV_OVERRIDES_JSON``; the child prints
+``ready``, then for each JSON request ``{"ids", "gen", "warm_up"}`` on stdin one JSON ``[prefill tok/s, decode
+tok/s]`` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+def next_token(llm) -> int:
+    """Greedy token from llama.cpp's last logits (``llm.scores`` is only filled with ``logits_all``)."""
+    import llama_cpp
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
+def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool = True) -> tuple[float, float]:
+    """Median (prefill tok/s, decode tok/s) of llama.cpp doing the same: prompt, then greedy steps."""
+    if warm_up:
+        llm.reset()
+        llm.eval(prompt_ids[:8])
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt_ids)
+        token = next_token(llm)
+        prefill.append(len(prompt_ids) / (time.perf_counter() - t0))
+        t1 = time.perf_counter()
+        for _ in range(gen_tokens):
+            llm.eval([token])
+            token = next_token(llm)
+        decode.append(gen_tokens / (time.perf_counter() - t1))
+    return statistics.median(prefill), statistics.median(decode)
+
+
+class LlamaCppProcess:
+    """llama.cpp on ``path`` in a child process; ``bench(ids, gen_tokens, warm_up)`` -> (prefill, decode) tok/s
+    of one run. ``extra_bufts``: whether llama.cpp's extra buffer types (repacking, AMX) may be used
+    (``ktcore.cli.bench.llamacpp_extra_bufts_work``)."""
+
+    def __init__(self, path, threads: int, n_ctx: int, extra_bufts: bool = True, kv_overrides: dict | None = None):
+        import ktcore
+
+        env = dict(os.environ)
+        if ktcore.OMP_POLICY_SET_HERE:
+            env.pop("OMP_WAIT_POLICY", None)
+        args = [str(path), str(threads), str(n_ctx), "1" if extra_bufts else "0", json.dumps(kv_overrides or {})]
+        self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            self.close()
+            raise RuntimeError(f"llama.cpp could not load {path} (exit {self.proc.returncode}): {line}")
+
+    def bench(self, prompt_ids, gen_tokens: int, warm_up: bool = False) -> tuple[float, float]:
+        self.proc.stdin.write(json.dumps({"ids": list(map(int, prompt_ids)), "gen": gen_tokens, "warm_up": warm_up}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp process ended (exit {self.proc.wait()})")
+        prefill, decode = json.loads(line)
+        return prefill, decode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def main(argv: list[str]) -> int:
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    path, threads, n_ctx, extra_bufts, kv_overrides = argv[0], int(argv[1]), int(argv[2]), argv[3] == "1", json.loads(argv[4])
+    if not extra_bufts:
+        defaults = llama_module.llama_cpp.llama_model_default_params
+
+        def without_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                          verbose=False, kv_overrides=kv_overrides or None)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        result = bench_llamacpp(llm, request["ids"], request["gen"], 1, warm_up=request["warm_up"])
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
