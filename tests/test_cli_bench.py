@@ -1,4 +1,4 @@
-"""``kt bench``'s pieces that need no model: the per-round ratio line, the options, and the process-wide OpenMP
+"""``kt bench``'s pieces: the per-round ratio line, the options, the process-wide OpenMP
 wait policy `import ktcore` sets (for ktcore; llama.cpp is timed in a process of its own with the user's policy)."""
 
 from __future__ import annotations
