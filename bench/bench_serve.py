@@ -50,6 +50,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import fixed_text, llamacpp_extra_bufts_work, smollm2_gguf  # noqa: E402
+from ktcore.cli.llamacpp_peer import peer_env, server_command  # noqa: E402
 
 QUESTION = "Write a long story about {topic}, with many details."
 TOPICS = ["the sea", "a lighthouse", "a mountain village", "a clockmaker", "the desert", "a river town", "a comet",
@@ -95,8 +96,8 @@ def free_port() -> int:
 class Server:
     """A server subprocess on a free loopback port; ``start()`` returns once ``ready_path`` answers 200."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, log: Path):
-        self.name, self.cmd, self.port, self.ready_path, self.log = name, cmd, port, ready_path, log
+    def __init__(self, name: str, cmd: list[str], port: int, ready_path: str, log: Path, env: dict | None = None):
+        self.name, self.cmd, self.port, self.ready_path, self.log, self.env = name, cmd, port, ready_path, log, env
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
         self.started_s = 0.0
@@ -104,7 +105,7 @@ class Server:
     def start(self, timeout: float = 900.0) -> Server:
         t0 = time.perf_counter()
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -141,33 +142,17 @@ def ktcore_server(model: str, args, log_dir: Path) -> Server:
     return Server("kt serve", cmd, port, "/health", log_dir / "kt-serve.log")
 
 
-# llama_cpp.server with llama.cpp's extra buffer types off (Llama() takes no such argument: its model defaults are
-# patched, as models.load_llamacpp does), for where they crash (models.llamacpp_extra_bufts_work)
-WITHOUT_EXTRA_BUFTS = """
-import runpy
-import llama_cpp.llama as llama_module
-defaults = llama_module.llama_cpp.llama_model_default_params
-def without_extra_bufts():
-    params = defaults()
-    params.use_extra_bufts = False
-    return params
-llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
-runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
-"""
-
-
 def llamacpp_server(model: str, args, log_dir: Path) -> Server:
     port = free_port()
     options = ["--model", model, "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
                "--n_ctx", str(args.max_context), "--port", str(port), "--host", "127.0.0.1",
                "--interrupt_requests", "False"]  # its default cancels the running reply when another request comes
-    name = "llama.cpp server"
-    if llamacpp_extra_bufts_work(model):
-        cmd = [sys.executable, "-m", "llama_cpp.server", *options]
-    else:
+    extra = llamacpp_extra_bufts_work(model)
+    if not extra:
         print("llama.cpp runs without its extra buffer types (its AMX/repack path crashed on this file here)")
-        cmd = [sys.executable, "-c", WITHOUT_EXTRA_BUFTS, *options]
-    return Server(name, cmd, port, "/v1/models", log_dir / "llama-cpp-server.log")
+    # the user's OpenMP wait policy, not the passive one ktcore set for this process (ktcore.cli.llamacpp_peer)
+    return Server("llama.cpp server", server_command(options, extra), port, "/v1/models",
+                  log_dir / "llama-cpp-server.log", env=peer_env())
 
 
 # ------------------------------------------------------------------------------------------------ clients

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 from .model_options import (
     MODEL_OPTIONS_HELP,
@@ -21,7 +22,7 @@ from .model_options import (
     check_model_options,
     open_model,
 )
-from .llamacpp_peer import LlamaCppProcess, bench_llamacpp  # noqa: F401 (bench_llamacpp: the benches' in-process peer)
+from .llamacpp_peer import LlamaCppProcess, bench_llamacpp, extra_bufts_off  # noqa: F401 (bench_llamacpp: the benches' in-process peer)
 from .run import run_guarded, warmed_generator
 
 PROMPT_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
@@ -164,22 +165,12 @@ def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = Fals
     instead of the default F16, so the reference only carries the approximations of its matmul kernels. Where its
     extra buffer types crash (``llamacpp_extra_bufts_work``) they are turned off."""
     import llama_cpp
-    import llama_cpp.llama as llama_module
 
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
-    defaults = llama_module.llama_cpp.llama_model_default_params
-    if not llamacpp_extra_bufts_work(str(path), tuple(sorted((kv_overrides or {}).items()))):
-        def without_extra_bufts():  # Llama() takes no such argument: its model defaults are patched meanwhile
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
-    try:
+    extra = llamacpp_extra_bufts_work(str(path), tuple(sorted((kv_overrides or {}).items())))
+    with nullcontext() if extra else extra_bufts_off():
         return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                                n_batch=512, logits_all=logits_all, verbose=False, kv_overrides=kv_overrides, **kv)
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def format_table(rows, bandwidth: float) -> str:

@@ -6,19 +6,22 @@ tok/s there against 149 alone on the same 2 threads. ``LlamaCppProcess`` runs th
 the child imports llama_cpp and numpy, never ktcore or torch) with the user's own environment, and times
 prompt + greedy steps there exactly as ``bench_llamacpp`` does in-process.
 
-Protocol: ``python llamacpp_peer.py MODEL THREADS N_CTX EXTRA_BUFTS KV_OVERRIDES_JSON``; the child prints
+Protocol: ``python llamacpp_peer.py bench MODEL THREADS N_CTX EXTRA_BUFTS KV_OVERRIDES_JSON``; the child prints
 ``ready``, then for each JSON request ``{"ids", "gen", "warm_up"}`` on stdin one JSON ``[prefill tok/s, decode
-tok/s]`` line.
+tok/s]`` line. ``python llamacpp_peer.py server EXTRA_BUFTS OPTIONS`` runs llama-cpp-python's server the same
+way (``server_command``; ``bench/bench_serve.py``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import runpy
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 
 def next_token(llm) -> int:
@@ -50,20 +53,51 @@ def bench_llamacpp(llm, prompt_ids, gen_tokens: int, repeats: int, warm_up: bool
     return statistics.median(prefill), statistics.median(decode)
 
 
+@contextmanager
+def extra_bufts_off():
+    """llama.cpp's extra buffer types (weight repacking, AMX) off for the models loaded meanwhile: ``Llama()``
+    takes no such argument, so llama-cpp-python's model defaults are patched and restored."""
+    import llama_cpp.llama as llama_module
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def without_extra_bufts():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
+    try:
+        yield
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def peer_env() -> dict:
+    """The environment for a llama.cpp child: the user's, without the OpenMP wait policy ktcore set for itself."""
+    import ktcore
+
+    env = dict(os.environ)
+    if ktcore.OMP_POLICY_SET_HERE:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env
+
+
+def server_command(options: list[str], extra_bufts: bool = True) -> list[str]:
+    """llama-cpp-python's OpenAI server (``python -m llama_cpp.server OPTIONS``) started through this script,
+    with the extra buffer types off unless ``extra_bufts``; run it with ``peer_env()``."""
+    return [sys.executable, __file__, "server", "1" if extra_bufts else "0", *options]
+
+
 class LlamaCppProcess:
     """llama.cpp on ``path`` in a child process; ``bench(ids, gen_tokens, warm_up)`` -> (prefill, decode) tok/s
     of one run. ``extra_bufts``: whether llama.cpp's extra buffer types (repacking, AMX) may be used
     (``ktcore.cli.bench.llamacpp_extra_bufts_work``)."""
 
     def __init__(self, path, threads: int, n_ctx: int, extra_bufts: bool = True, kv_overrides: dict | None = None):
-        import ktcore
-
-        env = dict(os.environ)
-        if ktcore.OMP_POLICY_SET_HERE:
-            env.pop("OMP_WAIT_POLICY", None)
-        args = [str(path), str(threads), str(n_ctx), "1" if extra_bufts else "0", json.dumps(kv_overrides or {})]
+        args = ["bench", str(path), str(threads), str(n_ctx), "1" if extra_bufts else "0", json.dumps(kv_overrides or {})]
         self.proc = subprocess.Popen([sys.executable, __file__, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=peer_env())
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             self.close()
@@ -91,21 +125,17 @@ class LlamaCppProcess:
 
 
 def main(argv: list[str]) -> int:
+    if argv[0] == "server":
+        with nullcontext() if argv[1] == "1" else extra_bufts_off():
+            sys.argv = ["llama_cpp.server", *argv[2:]]
+            runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+        return 0
     import llama_cpp
-    import llama_cpp.llama as llama_module
 
-    path, threads, n_ctx, extra_bufts, kv_overrides = argv[0], int(argv[1]), int(argv[2]), argv[3] == "1", json.loads(argv[4])
-    if not extra_bufts:
-        defaults = llama_module.llama_cpp.llama_model_default_params
-
-        def without_extra_bufts():
-            params = defaults()
-            params.use_extra_bufts = False
-            return params
-
-        llama_module.llama_cpp.llama_model_default_params = without_extra_bufts
-    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
-                          verbose=False, kv_overrides=kv_overrides or None)
+    path, threads, n_ctx, extra_bufts, kv_overrides = argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", json.loads(argv[5])
+    with nullcontext() if extra_bufts else extra_bufts_off():
+        llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
+                              verbose=False, kv_overrides=kv_overrides or None)
     print("ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
