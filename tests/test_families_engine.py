@@ -37,7 +37,7 @@ def _transformers_greedy(reference, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
-def _engine_greedy(model, prompts, lengths, **kwargs):
+def _engine_sequences(model, prompts, lengths, **kwargs):
     engine = EngineCore(model, None, **kwargs)
     seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=n, ignore_eos=True), text=False)
             for p, n in zip(prompts, lengths)]
@@ -45,6 +45,11 @@ def _engine_greedy(model, prompts, lengths, **kwargs):
         engine.add(s)
     while engine.has_work:
         engine.step()
+    return engine, seqs
+
+
+def _engine_greedy(model, prompts, lengths, **kwargs):
+    engine, seqs = _engine_sequences(model, prompts, lengths, **kwargs)
     return engine, [s.generated for s in seqs]
 
 
@@ -176,12 +181,7 @@ def test_preempted_sequences_recompute_their_extra_state(family):
     model = reference if family == "qwen3_next" else _injected(family, reference)
     prompts = _prompts(reference.config.vocab_size, (9, 12, 7), seed=3)
     lengths = [14, 10, 16]
-    engine = EngineCore(model, None, max_context=24, max_concurrency=3, prefill_chunk=8, kv_blocks=6, block_size=8)
-    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=n, ignore_eos=True), text=False)
-            for p, n in zip(prompts, lengths)]
-    for s in seqs:
-        engine.add(s)
-    while engine.has_work:
-        engine.step()
+    _, seqs = _engine_sequences(model, prompts, lengths, max_context=24, max_concurrency=3, prefill_chunk=8,
+                                kv_blocks=6, block_size=8)
     assert sum(s.preemptions for s in seqs) > 0
     assert [s.generated for s in seqs] == [_transformers_greedy(reference, p, n) for p, n in zip(prompts, lengths)]

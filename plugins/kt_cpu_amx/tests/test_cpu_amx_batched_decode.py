@@ -24,10 +24,12 @@ from ktcore.weights.gguf_writer import write_gguf
 STEPS = 6
 
 
-@pytest.mark.parametrize("family", ["llama", "deepseek_v2"])
-def test_batched_decode_within_rounding_of_solo(family, tmp_path):
+def started_batch(family: str, tmp_path, rules: str | None = None):
+    """A tiny ``family`` model as Q8_0 GGUF through a cpu rule file (``rules``, default the family's) on
+    kt-cpu-amx, and an engine holding four sequences of different lengths that have each taken their first
+    token: ``(engine, seqs)``."""
     path = write_gguf(tiny_model(family, seed=0), tmp_path / f"{family}.gguf", "Q8_0")
-    model, _ = load_model(open_source(str(path)), RULE_DIR / f"{family}-cpu.yaml", registry=get_registry(),
+    model, _ = load_model(open_source(str(path)), RULE_DIR / (rules or f"{family}-cpu.yaml"), registry=get_registry(),
                           progress=False)
     assert any(type(m).__name__ == "KLinearCPU" for m in model.modules())
     g = torch.Generator().manual_seed(5)
@@ -38,6 +40,12 @@ def test_batched_decode_within_rounding_of_solo(family, tmp_path):
         engine.add(s)
     while any(not s.generated for s in seqs):
         engine.step()
+    return engine, seqs
+
+
+@pytest.mark.parametrize("family", ["llama", "deepseek_v2"])
+def test_batched_decode_within_rounding_of_solo(family, tmp_path):
+    engine, seqs = started_batch(family, tmp_path)
     errors, same = [], 0
     for _ in range(STEPS):
         kvs = [s.kv for s in seqs]

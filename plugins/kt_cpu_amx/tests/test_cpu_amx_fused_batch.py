@@ -24,14 +24,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_cpu_amx_batched_decode import started_batch
+
 from ktcore.engine.core import EngineCore
 from ktcore.generate import SamplingParams
 from ktcore.inject import load_model
 from ktcore.registry import get_registry
 from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR
-from ktcore.testing import tiny_model
 from ktcore.weights import open_source
-from ktcore.weights.gguf_writer import write_gguf
 
 STEPS = 6
 MAX_TIE_GAP = 2e-2  # relative to the largest logit; the batched rows' own error bound above
@@ -42,18 +42,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 def _engine(family: str, tmp_path):
-    path = write_gguf(tiny_model(family, seed=0), tmp_path / f"{family}.gguf", "Q8_0")
-    model, _ = load_model(open_source(str(path)), RULE_DIR / "llama-cpu.yaml", registry=get_registry(),
-                          progress=False)
-    assert any(type(m).__name__ == "KLinearCPU" for m in model.modules())
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (13, 4, 30, 9)]
-    engine = EngineCore(model, None, max_context=64, max_concurrency=4)
-    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=32, ignore_eos=True), text=False) for p in prompts]
-    for s in seqs:
-        engine.add(s)
-    while any(not s.generated for s in seqs):
-        engine.step()
+    engine, seqs = started_batch(family, tmp_path, rules="llama-cpu.yaml")
     fused = engine.runner.fused_runner()
     assert fused is not None and fused.batch_problem is None, engine.runner.fused_problem
     return engine, seqs, fused

@@ -70,17 +70,6 @@ def test_block_decode_is_gguf_py_bit_for_bit(type_name):
     assert torch.equal(bits(ours), bits(gguf_values(qt).reshape(n, 256)))
 
 
-@pytest.mark.parametrize("type_name", IQ_TYPES)
-def test_matrix_keeps_the_gguf_bytes(type_name):
-    qt = iq_tensor(type_name, (3, 40, 512), seed=2)
-    mats = repack.pack_matrices(qt)
-    assert len(mats) == 3
-    for e, pm in enumerate(mats):
-        assert pm.iq_type == type_name and pm.bits == 0
-        assert pm.nbytes == qt.data.numel() // 3  # the blocks, and nothing else
-        assert torch.equal(bits(repack.unpack(pm)), bits(gguf_values(qt)[e]))
-
-
 def test_unknown_table_and_type_are_named():
     with pytest.raises(ValueError, match="IQ9"):
         kernels().set_iq_table("IQ9", b"\0")

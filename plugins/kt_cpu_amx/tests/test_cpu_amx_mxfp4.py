@@ -13,7 +13,7 @@ from kt_cpu_amx import repack
 from kt_cpu_amx.ops import KExpertsCPU, KLinearCPU
 from kt_cpu_amx.runtime import kernels
 from test_cpu_amx_experts import E, H, FakeExperts, I, int8_prefill, reference, routing  # noqa: F401 (fixture)
-from test_cpu_amx_iquants import TOL, bits, gguf_values, iq_tensor
+from test_cpu_amx_iquants import IQ_TYPES, TOL, bits, gguf_values, iq_tensor
 
 from ktcore.rule_selection import RULE_FILES_DIR
 from ktcore.weights.quants import GGML_TYPES
@@ -68,9 +68,10 @@ def test_block_decode_is_gguf_py_bit_for_bit(type_name):
     assert torch.equal(bits(decode(type_name, qt.data)), bits(gguf_values(qt).reshape(-1, block)))
 
 
-@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("type_name", IQ_TYPES + TYPES)
 @pytest.mark.parametrize("k", (512, 2880))  # 2880: GPT-OSS's hidden and expert widths, 90 MXFP4 blocks
 def test_matrix_keeps_the_gguf_bytes(type_name, k):
+    """Every block-decoded type (the i-quants' test file's types too) keeps exactly the GGUF blocks."""
     if k % GGML_TYPES[type_name].block_size:
         pytest.skip(f"{type_name}'s block of {GGML_TYPES[type_name].block_size} does not divide {k}")
     qt = iq_tensor(type_name, (3, 40, k), seed=2)
