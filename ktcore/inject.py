@@ -453,14 +453,14 @@ def load_model(path_or_source: Any, rules: Any = None, device: torch.device | st
     report = inject(model, ruleset, registry, transfer_map=transfer_map)
     from .placement import resolve_auto_streaming
 
-    decided = resolve_auto_streaming(model, source, dtype, device)
+    decided, usage = resolve_auto_streaming(model, source, dtype, device)
     if decided:
         report.notes.append(decided)
     if check_memory:
         from .placement import PlacementError, check_fit
 
         try:
-            check_fit(model, source, dtype, device)
+            check_fit(model, source, dtype, device, usage=usage)
         except PlacementError as exc:
             raise LoadError(str(exc)) from exc
     load_weights(model, source, dtype=dtype, device=device, progress=progress)

@@ -256,9 +256,10 @@ def shortfalls(usage: MemoryUsage, available: Mapping[str, int | None]) -> list[
 
 
 def check_fit(model: nn.Module, source, dtype: torch.dtype | None = None, device=None,
-              available: Mapping[str, int | None] | None = None) -> MemoryUsage:
-    """Raise ``PlacementError`` when the loaded model would not fit in the devices' free memory."""
-    usage = estimate_memory(model, source, dtype, device)
+              available: Mapping[str, int | None] | None = None, usage: MemoryUsage | None = None) -> MemoryUsage:
+    """Raise ``PlacementError`` when the loaded model would not fit in the devices' free memory (``usage``:
+    ``estimate_memory``'s answer when the caller has it already)."""
+    usage = usage or estimate_memory(model, source, dtype, device)
     if available is None:
         available = {d: free_memory(d) for d in usage.devices()}
     short = shortfalls(usage, available)
@@ -270,17 +271,19 @@ def check_fit(model: nn.Module, source, dtype: torch.dtype | None = None, device
 
 
 def resolve_auto_streaming(model: nn.Module, source, dtype: torch.dtype | None = None, device=None,
-                           available: Mapping[str, int | None] | None = None) -> str | None:
+                           available: Mapping[str, int | None] | None = None
+                           ) -> tuple[str | None, MemoryUsage | None]:
     """Decide ``gpu_prefill_threshold: auto`` for every KMoE block that asks for it: streamed GPU prefill at
     ``GPU_PREFILL_THRESHOLD`` when the whole placement, pinned copies and streaming buffers included, fits
     in what the devices have free and the pinned copies take at most half the free RAM (page-locked memory
-    cannot be swapped or reclaimed); else off. Returns a line saying what was decided (None: no block asked)."""
+    cannot be swapped or reclaimed); else off. Returns a line saying what was decided and the model's
+    ``estimate_memory`` as decided (``(None, None)`` when no block asked)."""
     from .inject import _iter_modules
     from .moe import AUTO, KMoE
 
     blocks = [m for _, m in _iter_modules(model) if isinstance(m, KMoE) and m.gpu_prefill_threshold == AUTO]
     if not blocks:
-        return None
+        return None, None
     for block in blocks:
         block.gpu_prefill_threshold = None
     without = estimate_memory(model, source, dtype, device)
@@ -297,9 +300,9 @@ def resolve_auto_streaming(model: nn.Module, source, dtype: torch.dtype | None =
     if short:
         for block in blocks:
             block.gpu_prefill_threshold = None
-        return f"streamed GPU prefill off (gpu_prefill_threshold: auto): {'; '.join(short)}"
+        return f"streamed GPU prefill off (gpu_prefill_threshold: auto): {'; '.join(short)}", without
     return (f"streamed GPU prefill on above {GPU_PREFILL_THRESHOLD} tokens (gpu_prefill_threshold: auto): "
-            f"{len(blocks)} MoE blocks, {gib(pinned)} pinned host copies")
+            f"{len(blocks)} MoE blocks, {gib(pinned)} pinned host copies"), usage
 
 
 # -- routing frequency -----------------------------------------------------------------------------------
