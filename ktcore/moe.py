@@ -132,11 +132,12 @@ class KMoE(KModule):
 
     def build_ops(self) -> None:
         """The op for hot and streamed experts (the block's other children run themselves)."""
-        if self.gpu_prefill_threshold == AUTO and not _device_present(self.gpu_device):
+        from .registry import device_missing_reason, get_registry
+
+        if self.gpu_prefill_threshold == AUTO and device_missing_reason(self.gpu_device):
             self.gpu_prefill_threshold = None  # nothing to stream to
         if not (self.hot or self.gpu_prefill_threshold):
             return
-        from .registry import get_registry
 
         self.gpu_op_cls = get_registry().resolve("experts", self.gpu_op_name, self.gpu_device)
         if self.hot:
@@ -325,11 +326,6 @@ class KMoE(KModule):
         op.load(weights)
         device = self.gpu_device
         return op(flat.to(device), top_k_index.to(device), top_k_weights.to(device))
-
-
-def _device_present(device: torch.device) -> bool:
-    backend = getattr(torch, device.type, None)
-    return device.type == "cpu" or bool(backend is not None and getattr(backend, "is_available", lambda: False)())
 
 
 def _positive_int(value: Any) -> bool:
