@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 from .model_options import (
     MODEL_OPTIONS_HELP,
@@ -22,7 +21,7 @@ from .model_options import (
     check_model_options,
     open_model,
 )
-from .llamacpp_peer import LlamaCppProcess, bench_llamacpp, extra_bufts_off  # noqa: F401 (bench_llamacpp: the benches' in-process peer)
+from .llamacpp_peer import LlamaCppProcess, bench_llamacpp, open_llama  # noqa: F401 (bench_llamacpp: the benches' in-process peer)
 from .run import run_guarded, warmed_generator
 
 PROMPT_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
@@ -168,9 +167,7 @@ def load_llamacpp(path, threads: int, n_ctx: int = 2048, logits_all: bool = Fals
 
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if exact_kv else {}
     extra = llamacpp_extra_bufts_work(str(path), tuple(sorted((kv_overrides or {}).items())))
-    with nullcontext() if extra else extra_bufts_off():
-        return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                               n_batch=512, logits_all=logits_all, verbose=False, kv_overrides=kv_overrides, **kv)
+    return open_llama(path, threads, n_ctx, extra, kv_overrides, logits_all=logits_all, **kv)
 
 
 def format_table(rows, bandwidth: float) -> str:

@@ -73,6 +73,15 @@ def extra_bufts_off():
         llama_module.llama_cpp.llama_model_default_params = defaults
 
 
+def open_llama(path, threads: int, n_ctx: int, extra_bufts: bool = True, kv_overrides: dict | None = None, **options):
+    """``llama_cpp.Llama`` on ``path`` as every benchmark loads it (``options``: more of its arguments)."""
+    import llama_cpp
+
+    with nullcontext() if extra_bufts else extra_bufts_off():
+        return llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                               n_batch=512, verbose=False, kv_overrides=kv_overrides or None, **options)
+
+
 def peer_env() -> dict:
     """The environment for a llama.cpp child: the user's, without the OpenMP wait policy ktcore set for itself."""
     import ktcore
@@ -130,12 +139,7 @@ def main(argv: list[str]) -> int:
             sys.argv = ["llama_cpp.server", *argv[2:]]
             runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
         return 0
-    import llama_cpp
-
-    path, threads, n_ctx, extra_bufts, kv_overrides = argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", json.loads(argv[5])
-    with nullcontext() if extra_bufts else extra_bufts_off():
-        llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=512,
-                              verbose=False, kv_overrides=kv_overrides or None)
+    llm = open_llama(argv[1], int(argv[2]), int(argv[3]), argv[4] == "1", json.loads(argv[5]))
     print("ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
