@@ -75,8 +75,10 @@ def warm_up_engine(engine, tokenizer, batch_sizes: Iterable[int] | None = None,
 
 async def _concurrent(engine, ids: Sequence[int], size: int, new_tokens: int) -> None:
     # the engine admits one prompt per step: requests run new_tokens + size tokens, so all size of them decode
-    # together for a while (the batch size warmed up) whatever the admission order
-    handles = [engine.submit(list(ids), _params(warm_up_tokens(size, new_tokens))) for _ in range(size)]
+    # together for a while (the batch size warmed up) whatever the admission order; submitted together, so that
+    # the engine thread cannot run the first ones ahead while the others are still being queued
+    with engine.together():
+        handles = [engine.submit(list(ids), _params(warm_up_tokens(size, new_tokens))) for _ in range(size)]
     for handle in handles:
         _, final = await handle.collect()
         if final.finish_reason == "error":

@@ -190,6 +190,11 @@ class Engine:
             self._wake.notify_all()
         return handle
 
+    def together(self):
+        """A context in which ``submit`` calls reach the engine thread as one inbox (it takes them in the same
+        step): ``with engine.together(): handles = [engine.submit(...) for ...]``."""
+        return self._wake  # a Condition over an RLock: submit takes it again inside
+
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
