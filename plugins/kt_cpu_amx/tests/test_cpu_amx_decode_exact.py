@@ -1,8 +1,10 @@
 """The integer-dot decode path (one token) for Q4_K's two-level scales, float for float: the kernel's outputs
-against a numpy emulation of its arithmetic (int8 activations per block of 32, 8 int32 lanes of 4 products
-each, one fused multiply-add per group and lane with the float product (d * sc) * d_x, the lane sums in the
-kernel's order, the min term sum_g (-dmin * m) * block_sum), so that a change to the kernels that changes any
-float of the decode path fails here. Also: a token's outputs do not depend on the token tile it is computed in."""
+against a numpy emulation of its arithmetic (int8 activations per block of 32, int32 lanes of products, one fused
+multiply-add per group and lane with the float product (d * sc) * d_x, the lane sums in the kernel's order, the
+min term sum_g (-dmin * m) * block_sum), so that a change to the kernels that changes any float of the decode path
+fails here. AVX2 (ymm): 8 lanes of 4 products per group. AVX512 (zmm, AMX's decode too): 4 lanes of 8 products per
+group (elements 4j..4j+3 and 16+4j..16+4j+3), group g in lanes 4 (g % 4)..; the min term in 16 lanes, group g in
+lane g % 16. Also: a token's outputs do not depend on the token tile it is computed in."""
 
 from __future__ import annotations
 
@@ -83,6 +85,28 @@ def emulate_decode(qt, x: np.ndarray) -> np.ndarray:
     return (hsum(acc) + hsum(macc)).astype(f32)
 
 
+def hsum16(v):
+    """The zmm kernel's horizontal sum: lanes l + (l + 8), then hsum."""
+    return hsum((v[..., 0:8] + v[..., 8:16]).astype(f32))
+
+
+def emulate_decode_zmm(qt, x: np.ndarray) -> np.ndarray:
+    q, sc, m, d, dmin = q4k_fields(qt)
+    n, G = sc.shape
+    xq, xd, s32 = quantize_act(x)
+    scale = (np.repeat(d, 8, axis=1) * sc.astype(f32)).astype(f32)
+    mins = (np.repeat(-dmin, 8, axis=1) * m.astype(f32)).astype(f32)
+    lanes = (q * xq[None]).reshape(n, G, 2, 4, 4).sum(axis=(2, 4)).astype(f32)  # [n, G, 4]
+    acc = np.zeros((n, 16), f32)
+    for g in range(G):
+        at = slice(4 * (g % 4), 4 * (g % 4) + 4)
+        acc[:, at] = fma(lanes[:, g], (scale[:, g] * xd[g]).astype(f32)[:, None], acc[:, at])
+    macc = np.zeros((n, 16), f32)
+    for g in range(G):
+        macc[:, g % 16] = fma(mins[:, g], s32[g], macc[:, g % 16])
+    return (hsum16(acc) + hsum16(macc)).astype(f32)
+
+
 @pytest.mark.parametrize("n,k", [(38, 512), (8, 2048)])
 def test_q4k_decode_matches_emulation_bit_for_bit(isa, n, k):
     qt = random_blocks("Q4_K", (n, k), seed=11, centered=False)
@@ -91,7 +115,7 @@ def test_q4k_decode_matches_emulation_bit_for_bit(isa, n, k):
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(12))
     for row in x:  # decode: one token per call
         y = op(row[None])[0].numpy()
-        ref = emulate_decode(qt, row.numpy())
+        ref = (emulate_decode if isa == "avx2" else emulate_decode_zmm)(qt, row.numpy())
         assert np.array_equal(y, ref), f"max abs diff {np.abs(y - ref).max():.3g}"
 
 
