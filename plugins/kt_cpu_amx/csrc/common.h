@@ -13,12 +13,15 @@ namespace kt {
 
 enum class Isa : int { Avx2 = 1, Avx512 = 2, Amx = 3 };
 
-// Owned, 64-byte aligned memory; interleaved over NUMA nodes when built with libnuma and the machine has
-// more than one node.
+struct Slab;  // pack.cpp: weight buffers below 4 MiB share 2 MiB pages
+
+// Owned, 64-byte aligned memory; weights (weights = true) on 2 MiB pages where the kernel allows, interleaved over
+// NUMA nodes when built with libnuma and the machine has more than one node.
 struct Buffer {
     void* ptr = nullptr;
     size_t bytes = 0;
     bool numa = false;
+    Slab* slab = nullptr;
     Buffer() = default;
     explicit Buffer(size_t n, bool weights = false);
     ~Buffer();

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string_view>
 
@@ -19,6 +20,61 @@ namespace kt {
 
 // ---------------------------------------------------------------------------------------------- memory
 
+// Weight buffers live on 2 MiB pages (MADV_HUGEPAGE; with the kernel's THP "madvise" defrag it compacts memory to
+// find them): decode streams every routed expert's matrices once per token, and on 4 KiB pages the page walks
+// held a 16-core Xeon at a third of its read bandwidth once another process had fragmented memory. Buffers of
+// at least 4 MiB get their own pages; smaller ones (an expert's matrices are 1-2 MiB, their scales a few KiB)
+// are cut from shared slabs of 64 MiB, in allocation order, so a layer's experts also sit together. A slab is
+// freed when its last buffer is.
+struct Slab {
+    char* base;
+    size_t size, used = 0;
+    int live = 0;
+};
+
+namespace {
+constexpr size_t kHuge = size_t(2) << 20, kSlabBytes = size_t(64) << 20;
+std::mutex slab_mu;
+Slab* open_slab = nullptr;  // where the next small weight buffer is cut from
+
+void* huge_pages(size_t n) {
+    void* p = std::aligned_alloc(kHuge, n);
+    if (p) madvise(p, n, MADV_HUGEPAGE);
+    return p;
+}
+
+void* slab_alloc(size_t n, Slab*& from) {
+    n = (n + 63) / 64 * 64;
+    std::lock_guard<std::mutex> lock(slab_mu);
+    if (!open_slab || open_slab->used + n > open_slab->size) {
+        if (open_slab && open_slab->live == 0) {
+            std::free(open_slab->base);
+            delete open_slab;
+        }
+        open_slab = nullptr;
+        void* base = huge_pages(kSlabBytes);
+        if (!base) return nullptr;
+        open_slab = new Slab{static_cast<char*>(base), kSlabBytes};
+    }
+    from = open_slab;
+    ++from->live;
+    void* p = from->base + from->used;
+    from->used += n;
+    return p;
+}
+
+void slab_free(Slab* from) {
+    std::lock_guard<std::mutex> lock(slab_mu);
+    if (--from->live) return;
+    if (from == open_slab) {  // empty: reuse it from the start
+        from->used = 0;
+        return;
+    }
+    std::free(from->base);
+    delete from;
+}
+}  // namespace
+
 Buffer::Buffer(size_t n, bool weights) : bytes(n) {
     if (n == 0) return;
 #ifdef KT_HAVE_NUMA
@@ -26,15 +82,8 @@ Buffer::Buffer(size_t n, bool weights) : bytes(n) {
         ptr = numa_alloc_interleaved(n);
         numa = ptr != nullptr;
     }
-#else
-    (void)weights;
 #endif
-    if (!ptr && weights && n >= (size_t(4) << 20)) {
-        // large weight buffers on 2 MiB pages where the kernel allows (fewer TLB misses while streaming)
-        constexpr size_t kHuge = size_t(2) << 20;
-        ptr = std::aligned_alloc(kHuge, (n + kHuge - 1) / kHuge * kHuge);
-        if (ptr) madvise(ptr, (n + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
-    }
+    if (!ptr && weights) ptr = n >= (size_t(4) << 20) ? huge_pages((n + kHuge - 1) / kHuge * kHuge) : slab_alloc(n, slab);
     if (!ptr) ptr = std::aligned_alloc(64, (n + 63) / 64 * 64);
     if (!ptr) throw std::bad_alloc();
 }
@@ -44,14 +93,15 @@ Buffer::~Buffer() {
 #ifdef KT_HAVE_NUMA
     if (numa) { numa_free(ptr, bytes); return; }
 #endif
+    if (slab) { slab_free(slab); return; }
     std::free(ptr);
 }
 
 Buffer& Buffer::operator=(Buffer&& o) noexcept {
     if (this != &o) {
         this->~Buffer();
-        ptr = o.ptr; bytes = o.bytes; numa = o.numa;
-        o.ptr = nullptr; o.bytes = 0;
+        ptr = o.ptr; bytes = o.bytes; numa = o.numa; slab = o.slab;
+        o.ptr = nullptr; o.bytes = 0; o.slab = nullptr;
     }
     return *this;
 }
