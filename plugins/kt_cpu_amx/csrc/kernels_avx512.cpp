@@ -2,7 +2,6 @@
 #define KT_NS avx512
 #include "kernels_impl.h"
 
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 

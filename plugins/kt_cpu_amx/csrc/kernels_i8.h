@@ -95,8 +95,7 @@ static inline void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda
     const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
     // the next block's rows are prefetched line by line as these are read (decode-sized calls stream the weights
     // once; the rows of a block are contiguous, 16 rows ahead is the next block, when this thread's chunk has one)
-    static const bool on = [] { const char* e = std::getenv("KT_CPU_PF_ROWS"); return !e || e[0] != '0'; }();  // A/B (temporary)
-    const size_t ahead = on && n + 32 <= W.n ? 16 * W.row_bytes() : 0;
+    const size_t ahead = n + 32 <= W.n ? 16 * W.row_bytes() : 0;
     for (int r = 0; r < 16; ++r) {
         const uint8_t* q = W.row_q(n + r);
         uint8_t* o = a + r * lda;

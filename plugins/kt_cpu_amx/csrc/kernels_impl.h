@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -27,7 +26,7 @@ constexpr int kTileRows = 4, kTileToks = 2;
 // Decode reads each weight row once, in register tiles of R rows: the kernels prefetch the rows kPfRows ahead
 // (the next tile) line by line as they go; the hardware prefetcher alone left a thread at about half of the read
 // bandwidth on rows of 1-2 KiB.
-static const int kPfRows = [] { const char* e = std::getenv("KT_CPU_PF_ROWS"); return e ? std::atoi(e) : kTileRows; }();
+constexpr int kPfRows = kTileRows;
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -160,7 +159,7 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
                 a1[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + (g + j) * 32 + 32));
             }
             for (int r = 0; r < R; ++r) {
-                if (kPfRows && !(j & 2)) _mm_prefetch(reinterpret_cast<const char*>(wq[r] + (g + j) * 16 + pf), _MM_HINT_T0);
+                if (!(j & 2)) _mm_prefetch(reinterpret_cast<const char*>(wq[r] + (g + j) * 16 + pf), _MM_HINT_T0);
                 __m256i w0, w1;
                 unpack_nibbles2(wq[r] + (g + j) * 16, w0, w1);
                 for (int t = 0; t < T; ++t)
@@ -194,7 +193,6 @@ static inline void tile_q4(const PackedMatrix& W, int n, const QAct& X, int m, f
 }
 
 #if KT_VNNI && defined(__AVX512F__)
-static const bool kQ4Zmm = [] { const char* e = std::getenv("KT_CPU_Q4_ZMM"); return !e || e[0] != '0'; }();  // A/B (temporary)
 // One token's 4-bit rows on zmm (decode): 64 weight bytes = 4 groups per load, and two vpdpbusd against the
 // activations permuted to the nibble order (low nibbles: elements 0-15 of each group, high: 16-31), so int32 lane
 // 4i + j holds 8 products of group i; one float multiply-add per 4 groups. Scales (and the min term) per 16 groups
@@ -263,7 +261,7 @@ static inline void tile_q4_zmm(const PackedMatrix& W, int n, const QAct& X, int 
             const __m512i x0 = _mm512_loadu_si512(aq + (g + i) * 32), x1 = _mm512_loadu_si512(aq + (g + i) * 32 + 64);
             const __m512i alo = _mm512_permutex2var_epi64(x0, lo_idx, x1), ahi = _mm512_permutex2var_epi64(x0, hi_idx, x1);
             for (int r = 0; r < R; ++r) {
-                if (kPfRows) _mm_prefetch(reinterpret_cast<const char*>(wq[r] + (g + i) * 16 + pf), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(wq[r] + (g + i) * 16 + pf), _MM_HINT_T0);
                 const __m512i w = _mm512_loadu_si512(wq[r] + (g + i) * 16);
                 const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
                 const __m512i c = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, alo), hi, ahi);
@@ -334,7 +332,7 @@ static inline void tile_q8(const PackedMatrix& W, int n, const QAct& X, int m, f
         __m256i a[T];
         for (int t = 0; t < T; ++t) a[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aq[t] + g * 32));
         for (int r = 0; r < R; ++r) {
-            if (kPfRows && !(g & 1)) _mm_prefetch(reinterpret_cast<const char*>(wq[r] + g * 32 + pf), _MM_HINT_T0);
+            if (!(g & 1)) _mm_prefetch(reinterpret_cast<const char*>(wq[r] + g * 32 + pf), _MM_HINT_T0);
             __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq[r] + g * 32));
             for (int t = 0; t < T; ++t) acc[r][t] = dot_u8_scaled(w, a[t], sx(r, t), acc[r][t]);
         }
@@ -394,7 +392,7 @@ static void tokens_in_tiles(const PackedMatrix& W, int n, const QAct& X, int M, 
     int m = 0;
 #if KT_Q4_ZMM
     if constexpr (GS == 0)  // one token at a time: its floats then never depend on the tile it is in
-        if (kQ4Zmm && W.k % 128 == 0) {
+        if (W.k % 128 == 0) {
             for (; m < M; ++m) tile_q4_zmm<R, S>(W, n, X, m, Y, ldy);
             return;
         }
