@@ -131,6 +131,15 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
+def _check(state: ServerState, req: _Sampling) -> None:
+    """The checks both routes make before any work: the model, refused fields, and ``stream_options`` only
+    with ``stream: true`` (OpenAI refuses it on a reply that is not streamed)."""
+    require_model(state, req.model)
+    check_fields(req)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
+
+
 def _params(state: ServerState, req: _Sampling, max_tokens: int | None, **extra) -> SamplingParams:
     return sampling_params(
         max_new_tokens=max_tokens if max_tokens is not None else state.engine.max_context,
@@ -248,8 +257,7 @@ def _reply_plan(state: ServerState, req: ChatCompletionRequest) -> ReplyPlan:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = state_of(request)
-    require_model(state, req.model)
-    check_fields(req)
+    _check(state, req)
     plan = await run_in_threadpool(_reply_plan, state, req)
     check_logprobs(plan, req.logprobs, req.top_logprobs)
     messages = template_messages(_messages(req), plan)
@@ -321,8 +329,7 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     state = state_of(request)
-    require_model(state, req.model)
-    check_fields(req)
+    _check(state, req)
     if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
         if len(req.prompt) >= state.engine.max_context:
             raise APIError(400, f"the prompt has {len(req.prompt)} tokens and this model's context holds "
