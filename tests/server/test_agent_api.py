@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -273,20 +274,37 @@ def smol():
     srv.stop()
 
 
+class Landmark(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=40)
+    built: int = pydantic.Field(ge=0, le=2100)
+
+
+class City(pydantic.BaseModel):
+    """Nested objects, a bounded list, an enum, a nullable field, integer bounds: what agents' schemas hold."""
+
+    name: str = pydantic.Field(max_length=40)
+    country: str = pydantic.Field(max_length=40)
+    population_millions: float
+    is_capital: bool
+    climate: Literal["oceanic", "continental", "mediterranean", "tropical"]
+    mayor: str | None = pydantic.Field(max_length=40)
+    landmarks: list[Landmark] = pydantic.Field(max_length=3)
+
+
 @pytest.mark.slow
 def test_parse_with_a_pydantic_model_always_validates(smol):
+    """Sampled at temperature 1, every choice of every seed, whole or streamed, parses into ``City``."""
     client, name, _ = smol
-
-    class City(pydantic.BaseModel):
-        name: str
-        country: str
-        population_millions: float
-        is_capital: bool
-
+    ask = {"model": name, "messages": [{"role": "user", "content": "Describe Paris."}], "response_format": City,
+           "temperature": 1.0, "max_tokens": 400}
     for seed in range(3):
-        r = client.chat.completions.parse(model=name, messages=[{"role": "user", "content": "Describe Paris."}],
-                                          response_format=City, temperature=0.8, seed=seed, max_tokens=200)
-        assert isinstance(r.choices[0].message.parsed, City), r.choices[0].message.content
+        r = client.chat.completions.parse(seed=seed, n=2, **ask)
+        assert len(r.choices) == 2
+        for choice in r.choices:
+            assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, City), choice.message.content
+    with client.chat.completions.stream(seed=7, **ask) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, City), final.choices[0].message.content
 
 
 @pytest.mark.slow
