@@ -14,7 +14,7 @@ from ktcore.reply_stream import speaks_harmony
 
 from .errors import APIError
 from .logprobs import AnswerLogprobs, TokenText
-from .reply_stream import ReplyStream
+from .reply_stream import ReplyStream, reads_channels
 from .tool_calls import ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
 
 
@@ -37,7 +37,7 @@ class ReplyPlan:
     @property
     def harmony(self) -> bool:
         """The reply is read by channel (a harmony vocabulary, or harmony's call format)."""
-        return not self.as_written and (self.channels or (self.fmt is not None and self.fmt.find is None))
+        return not self.as_written and reads_channels(self.fmt, self.channels)
 
     def stream(self) -> ReplyStream:
         """The parser of one reply (one per choice)."""
