@@ -81,23 +81,25 @@ def ttft_rows(gen, ids: list[int], salt: bytes, big: int, folder: str, repeats: 
         return PrefixStore(device=gen.device, block_size=block, salt=salt, **kw)
 
     out: dict[str, list[float]] = {"first": [], "ram": [], "disk": []}
-    shared = len(ids) // block * block
+    first_prompt, second_prompt = ids + questions[0], ids + questions[1]
+    common = next(i for i, (a, b) in enumerate(zip(first_prompt + [-1], second_prompt + [-2])) if a != b)
+    shared = min(common, len(second_prompt) - 1) // block * block  # what the second request can restore
     for r in range(repeats):
         gen.keep_prefixes(store(ram_bytes=big))
-        first, cached = ttft(ids + questions[0])
+        first, cached = ttft(first_prompt)
         assert cached == 0, "the first request found blocks in a fresh store"
-        second, cached = ttft(ids + questions[1])
+        second, cached = ttft(second_prompt)
         assert cached == shared, f"restored {cached} of the {shared} tokens shared from RAM"
         out["first"].append(first)
         out["ram"].append(second)
         disk = Path(folder) / f"ttft-{r}"
         writer = store(ram_bytes=0, disk_dir=disk, disk_bytes=big)
         gen.keep_prefixes(writer)
-        ttft(ids + questions[0])
+        ttft(first_prompt)
         writer.close()
         reader = store(ram_bytes=0, disk_dir=disk, disk_bytes=big)  # a restarted process: blocks only on disk
         gen.keep_prefixes(reader)
-        second, cached = ttft(ids + questions[1])
+        second, cached = ttft(second_prompt)
         assert cached == shared, f"restored {cached} of the {shared} tokens shared from disk"
         reader.close()
         out["disk"].append(second)

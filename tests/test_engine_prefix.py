@@ -1,7 +1,8 @@
 """Prefix reuse inside the engine (``ktcore.engine.prefix`` over ``ktcore.prefix_cache.PrefixStore``): a request
 that shares a long prefix with an earlier one prefills only its new tokens, restored blocks give bit-for-bit the
 logits of recomputing them (fp32, the same chunk boundaries), and ``kt chat``'s second turn (``Generator``, and
-``kt chat`` itself through ``kt``'s entry point) prefills only what the first turn did not leave in the store."""
+``kt chat`` itself through ``kt``'s entry point) prefills only what the first turn did not leave in the store; ``bench/bench_prefix_cache.py``'s engine rows restore
+every shared block from RAM and from disk."""
 
 from __future__ import annotations
 
@@ -140,3 +141,23 @@ def test_kt_chat_second_turn_prefills_only_the_new_tokens(monkeypatch, capsys, t
     assert len(prompt2) == n2 and n2 - c2 < n2 - (n1 + g1) + block  # only the new tokens and part of a block
     prefills = [ids for ids in calls if len(ids) > 1]
     assert prefills[-1] == prompt2[c2:]  # what went through the model in turn 2's prefill
+
+
+def test_bench_prefix_cache_restores_every_shared_block_from_ram_and_disk(tmp_path):
+    """``bench/bench_prefix_cache.py``'s engine rows on the tiny llama: the second request restores all the whole
+    blocks it shares from RAM, and from disk through a new store on the first one's folder (a restarted
+    process); ``ttft_rows`` checks the counts and times each request."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bench_prefix_cache import ttft_rows
+
+    model, tok = tiny_chat_model("llama")
+    gen = Generator(model, tok, max_context=256)
+    gen.complete("warm", _greedy(2))  # the KV pools exist before the first timed request, as after kt's warm-up
+    ids = tok("A shared prefix that both requests of this test start with, long enough for blocks.")["input_ids"]
+    rows = ttft_rows(gen, ids, b"test", 64 << 20, str(tmp_path), repeats=2)
+    assert {k: len(v) for k, v in rows.items()} == {"first": 2, "ram": 2, "disk": 2}
+    assert all(t > 0 for v in rows.values() for t in v)
+    assert gen.engine.prefix is None  # the bench leaves the Generator without a store
