@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ktcore  # noqa: F401  (before torch: the OpenMP wait policy both engines share, see ktcore/__init__.py)
 import torch
 from transformers import DynamicCache
 
