@@ -1,8 +1,8 @@
 """Prefix reuse inside the engine (``ktcore.engine.prefix`` over ``ktcore.prefix_cache.PrefixStore``): a request
 that shares a long prefix with an earlier one prefills only its new tokens, restored blocks give bit-for-bit the
 logits of recomputing them (fp32, the same chunk boundaries), and ``kt chat``'s second turn (``Generator``, and
-``kt chat`` itself through ``kt``'s entry point) prefills only what the first turn did not leave in the store; ``bench/bench_prefix_cache.py``'s engine rows restore
-every shared block from RAM and from disk."""
+``kt chat`` itself through ``kt``'s entry point) prefills only what the first turn did not leave in the store;
+``bench/bench_prefix_cache.py``'s engine rows restore every shared block from RAM and from disk."""
 
 from __future__ import annotations
 

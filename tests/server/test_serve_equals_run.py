@@ -63,8 +63,8 @@ def test_served_greedy_text_equals_kt_runs(family, capsys, monkeypatch, tmp_path
     assert all(expected), "the random model wrote nothing for a prompt: that comparison would be empty"
 
     port = free_port()
-    argv = ["serve", model, "--port", str(port), "--no-assistants", "-q", "--log-level", "warning", "--max-concurrency", str(len(PROMPTS)),
-            "--prefix-cache-dir", str(tmp_path)]
+    argv = ["serve", model, "--port", str(port), "--no-assistants", "-q", "--log-level", "warning",
+            "--max-concurrency", str(len(PROMPTS)), "--prefix-cache-dir", str(tmp_path)]
     with _Served(monkeypatch, argv):
         client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
                                     timeout=120)
