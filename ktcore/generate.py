@@ -282,6 +282,8 @@ class Generator:
     prompt that starts like an earlier one (the next turn of a chat) prefills only what is new (``None`` or
     ``False``: none, so repeated prompts are computed again, as benchmarks want; see ``keep_prefixes``).
 
+    ``block_size``: tokens per KV-cache block (default: the engine's); a prefix store's blocks must match it.
+
     ``cuda_graph``: decode steps replay CUDA graphs (``ktcore.decode_graphs``). ``None`` (default): on
     wherever the model runs on a CUDA device and every op of its decode path allows capture, else eager,
     with the reason logged once (``graph_problem`` holds it); ``False``: always eager. May be changed
@@ -289,7 +291,7 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, max_context: int = 4096, prefill_chunk: int = 512,
-                 cuda_graph: bool | None = None, prefix_store=None):
+                 cuda_graph: bool | None = None, prefix_store=None, block_size: int | None = None):
         from .engine.core import EngineCore
 
         self.model = model
@@ -299,7 +301,8 @@ class Generator:
         self.device = model_device(model)
         self.engine = EngineCore(model, tokenizer, max_context=self.max_context, max_concurrency=1,
                                  prefill_chunk=self.prefill_chunk, cuda_graph=cuda_graph,
-                                 prefix_store=prefix_store or None)
+                                 prefix_store=prefix_store or None,
+                                 **({"block_size": block_size} if block_size else {}))
         self.cache = self.engine.cache
         self.eos_token_ids = self.engine.eos_ids
         self.last_sequence = None  # the engine's record of the last request (restored / prefilled positions)

@@ -52,6 +52,12 @@ class Channels:
         self.recipient = ""
         self.body = ""  # the message's text not yet passed on (a recipient's: all of it)
         self.thought = False  # some reasoning was passed on (the next reasoning message starts on a new line)
+        self.opened = 0  # messages whose header was read
+
+    @property
+    def in_answer(self) -> bool:
+        """Inside an answer message's text (its header read, its end not yet)."""
+        return self.header is None and self.kind == "answer"
 
     def push(self, text: str, final: bool = False) -> Read:
         out = {"answer": "", "reasoning": ""}
@@ -108,6 +114,7 @@ class Channels:
             out["reasoning"] += "\n"
         self.thought = self.thought or self.kind == "reasoning"
         self.header, self.body = None, ""
+        self.opened += 1
 
     def _close(self, body: str, out: dict, sent: list[tuple[str, str]]) -> None:
         if self.kind:
@@ -115,3 +122,34 @@ class Channels:
         elif self.recipient:
             sent.append((self.recipient, body))
         self.header, self.body, self.kind, self.recipient = "", "", "", ""
+
+
+class AnswerTokens:
+    """Which tokens of a harmony reply carry answer text, for their log-probabilities: each token's text is read
+    by a ``Channels`` of its own, and a token is answer when the reader is inside the same answer message before
+    and after it (markers and headers are not; the analysis channel and messages to a recipient never are). In a
+    reply that is not harmony every token is. ``push(items, texts, final)`` -> the items of ``items`` (one per
+    token, ``texts`` their decoded text, special tokens by name) that are answer; the first tokens are held until
+    the reply shows whether it opens with a header."""
+
+    def __init__(self):
+        self.reader = Channels()
+        self.undecided: list = []  # items read before the reply showed whether it is harmony
+
+    def push(self, items: list, texts: list[str], final: bool = False) -> list:
+        kept, reader = [], self.reader
+        for item, text in zip(items, texts, strict=True):
+            inside, opened = reader.in_answer, reader.opened
+            reader.push(text)
+            if reader.plain:
+                kept += self.undecided + [item]
+                self.undecided = []
+            elif not reader.started:
+                self.undecided.append(item)
+            else:
+                self.undecided = []  # they were the first header's
+                if inside and reader.in_answer and reader.opened == opened:
+                    kept.append(item)
+        if final and not reader.started:  # a short reply that only looked like a marker's start: answer text
+            kept, self.undecided = self.undecided + kept, []
+        return kept

@@ -11,8 +11,8 @@ import io
 import pytest
 
 from ktcore.cli import main
-from ktcore.reply_stream import Channels
-from ktcore.server.tiny import scripted_harmony_model, tiny_chat_model
+from ktcore.reply_stream import AnswerTokens, Channels
+from ktcore.server.tiny import scripted_harmony_model, tiny_chat_model, tiny_harmony_tokenizer
 
 REASONING = "SECRET: the user wants weather."
 ANSWER = "It is sunny."
@@ -101,6 +101,27 @@ def test_channels_any_split_reads_the_same(pieces):
             assert "".join(p.answer for p in parts) == answer
             assert "".join(p.reasoning for p in parts) == reasoning
             assert [m for p in parts for m in p.sent] == sent
+
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 5])
+def test_answer_tokens_are_the_answer_messages_tokens(pieces):
+    """The tokens ``AnswerTokens`` keeps spell exactly the answer ``Channels`` reads, however the tokens come in
+    pieces: not the analysis, no marker or header, no call; all of a reply that is not harmony."""
+    tok = tiny_harmony_tokenizer()
+    preamble = "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>"
+    call = "<|start|>assistant<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>"
+    for reply, answer in ((REPLY, ANSWER), (REPLY.replace("<|return|>", "<|end|>") + preamble + call,
+                                            ANSWER + "Checking."),
+                          ('{"a": 1}', '{"a": 1}'), ("<|", "<|"), ("", "")):
+        ids = tok(reply, add_special_tokens=False)["input_ids"]
+        texts = tok.convert_ids_to_tokens(ids)
+        assert "".join(texts) == reply
+        reader, kept = AnswerTokens(), []
+        for at in range(0, max(len(ids), 1), pieces):
+            kept += reader.push(ids[at:at + pieces], texts[at:at + pieces], final=at + pieces >= len(ids))
+        assert tok.decode(kept) == answer, reply
+        assert Channels().push(reply, final=True).answer == answer  # what the reply's text reads
 
 
 def test_run_out_of_tokens_while_reasoning_says_so(harmony, capsys):

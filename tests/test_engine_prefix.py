@@ -1,7 +1,8 @@
 """Prefix reuse inside the engine (``ktcore.engine.prefix`` over ``ktcore.prefix_cache.PrefixStore``): a request
 that shares a long prefix with an earlier one prefills only its new tokens, restored blocks give bit-for-bit the
-logits of recomputing them (fp32, the same chunk boundaries), and ``kt chat``'s second turn (``Generator``)
-prefills only what the first turn did not leave in the store."""
+logits of recomputing them (fp32, the same chunk boundaries), and ``kt chat``'s second turn (``Generator``, and
+``kt chat`` itself through ``kt``'s entry point) prefills only what the first turn did not leave in the store;
+``bench/bench_prefix_cache.py``'s engine rows restore every shared block from RAM and from disk."""
 
 from __future__ import annotations
 
@@ -107,3 +108,56 @@ def test_server_engine_reuses_a_shared_prefix():
     assert texts == asyncio.run(run(None))
     shared = next(i for i, (x, y) in enumerate(zip(*prompts)) if x != y)
     assert store.stats()["hit_tokens"] == shared // BLOCK * BLOCK >= 128
+
+
+def test_kt_chat_second_turn_prefills_only_the_new_tokens(monkeypatch, capsys, tmp_path):
+    """Through ``kt chat``'s entry point: the second turn's timing line counts as cached every whole block the
+    first turn computed (its prompt and its reply but the last token), and the one prefill call of that turn
+    puts exactly the rest of the prompt through the model."""
+    import io
+    import re
+
+    from ktcore.cli import main
+
+    model, tok = tiny_chat_model("llama")
+    calls = []
+    model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    monkeypatch.setattr("ktcore.server.tiny.tiny_chat_model", lambda family="llama", seed=0: (model, tok))
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the colour of the sea on a clear day?\nAnd at night?\n"))
+    block, new = 4, 10
+    assert main(["chat", "tiny:llama", "--system", "You answer in one short line.", "--max-new-tokens", str(new),
+                 "--prefix-block", str(block), "--prefix-cache-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    timings = re.findall(r"\[prompt (\d+) tok(?: \((\d+) cached\))?, [^|]*\| generated (\d+) tok", err)
+    assert len(timings) == 2, err
+    (n1, c1, g1), (n2, c2, g2) = [(int(n), int(c or 0), int(g)) for n, c, g in timings]
+    assert c1 == 0 and g1 == new
+    assert c2 == (n1 + g1 - 1) // block * block  # all of turn 1's whole blocks
+    reply = out.split("\n")[0].removeprefix(">>> ")  # input() writes its prompt to stdout when not a terminal
+    chat = [{"role": "system", "content": "You answer in one short line."},
+            {"role": "user", "content": "What is the colour of the sea on a clear day?"},
+            {"role": "assistant", "content": reply}, {"role": "user", "content": "And at night?"}]
+    prompt2 = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert len(prompt2) == n2 and n2 - c2 < n2 - (n1 + g1) + block  # only the new tokens and part of a block
+    prefills = [ids for ids in calls if len(ids) > 1]
+    assert prefills[-1] == prompt2[c2:]  # what went through the model in turn 2's prefill
+
+
+def test_bench_prefix_cache_restores_every_shared_block_from_ram_and_disk(tmp_path):
+    """``bench/bench_prefix_cache.py``'s engine rows on the tiny llama: the second request restores all the whole
+    blocks it shares from RAM, and from disk through a new store on the first one's folder (a restarted
+    process); ``ttft_rows`` checks the counts and times each request."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from bench_prefix_cache import ttft_rows
+
+    model, tok = tiny_chat_model("llama")
+    gen = Generator(model, tok, max_context=256)
+    gen.complete("warm", _greedy(2))  # the KV pools exist before the first timed request, as after kt's warm-up
+    ids = tok("A shared prefix that both requests of this test start with, long enough for blocks.")["input_ids"]
+    rows = ttft_rows(gen, ids, b"test", 64 << 20, str(tmp_path), repeats=2)
+    assert {k: len(v) for k, v in rows.items()} == {"first": 2, "ram": 2, "disk": 2}
+    assert all(t > 0 for v in rows.values() for t in v)
+    assert gen.engine.prefix is None  # the bench leaves the Generator without a store

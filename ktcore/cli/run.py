@@ -115,7 +115,8 @@ def warmed_generator(loaded, args):
     from ktcore.warmup import warm_up_generator
 
     gen = Generator(loaded.model, loaded.tokenizer, max_context=loaded.max_context,
-                    cuda_graph=None if args.cuda_graph else False)
+                    cuda_graph=None if args.cuda_graph else False,
+                    block_size=getattr(args, "prefix_block", None))  # kt chat's --prefix-block: the KV cache's too
     gen.warm_up_s = warm_up_generator(gen)
     say(args, f"warmed up in {gen.warm_up_s:.1f} s")
     return gen

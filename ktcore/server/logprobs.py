@@ -2,11 +2,13 @@
 chat (``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``), OpenAI's legacy completions
 (``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``) and Ollama's
 (``[{"token", "logprob", "top_logprobs"}]``). A token's bytes come from llguidance's view of the tokenizer,
-which knows each token's exact bytes (a byte-level token may hold part of a UTF-8 character)."""
+which knows each token's exact bytes (a byte-level token may hold part of a UTF-8 character). Only the answer's
+tokens are shown: ``AnswerLogprobs`` leaves out a harmony reply's analysis channel and tool calls."""
 
 from __future__ import annotations
 
 from ktcore.constrained import ll_tokenizer
+from ktcore.reply_stream import AnswerTokens
 
 
 class TokenText:
@@ -45,3 +47,17 @@ class TokenText:
             offset += len(tokens[-1])
         return {"tokens": tokens, "token_logprobs": [i.logprob for i in items],
                 "top_logprobs": [{self.text(t): lp for t, lp in i.top} for i in items], "text_offset": offsets}
+
+
+class AnswerLogprobs:
+    """One reply's log-probability items, as they come (``push(items, final)``), cut to its answer's tokens: a
+    harmony reply (``harmony``) is read by channel with ``AnswerTokens``; any other reply's items all pass."""
+
+    def __init__(self, token_text: TokenText | None, harmony: bool):
+        self._token_text = token_text
+        self._tokens = AnswerTokens() if harmony and token_text is not None else None  # None: no logprobs asked
+
+    def push(self, items: list, final: bool = False) -> list:
+        if self._tokens is None:
+            return items
+        return self._tokens.push(items, [self._token_text.text(i.token_id) for i in items], final)

@@ -200,19 +200,21 @@ async def _reply(request: Request, handle, head: dict, piece, plan: ReplyPlan, f
 
     if request.state.ollama_stream:
         async def lines():
-            parts, reply = [], plan.stream()
+            parts, reply, answer = [], plan.stream(), plan.answer_logprobs(token_text)
             try:
                 async for event in handle:
                     parts.append(event.text)
-                    text, calls = reply.push(event.text, final=event.finish_reason is not None)
+                    final = event.finish_reason is not None
+                    text, calls = reply.push(event.text, final=final)
+                    items = answer.push(event.logprobs, final)
                     if event.finish_reason == "error":
                         yield json.dumps({"error": f"generation failed: {event.error}"}) + "\n"
                     elif event.finish_reason is not None:
-                        yield json.dumps(await final_body(event, text, calls, "".join(parts), event.logprobs),
+                        yield json.dumps(await final_body(event, text, calls, "".join(parts), items),
                                          ensure_ascii=False) + "\n"
-                    elif text or calls or event.logprobs:
+                    elif text or calls or items:
                         yield json.dumps(head | {"created_at": rfc3339_now()} | piece(text, calls)
-                                         | logprobs(event.logprobs) | {"done": False}, ensure_ascii=False) + "\n"
+                                         | logprobs(items) | {"done": False}, ensure_ascii=False) + "\n"
             finally:
                 handle.cancel()
 
@@ -224,7 +226,8 @@ async def _reply(request: Request, handle, head: dict, piece, plan: ReplyPlan, f
     text, final = result
     raise_for_engine_error(final)
     content, calls = plan.stream().push(text, final=True)
-    return await final_body(final, content, calls, text, final.logprobs)
+    items = plan.answer_logprobs(token_text).push(final.logprobs, final=True)
+    return await final_body(final, content, calls, text, items)
 
 
 @router.get("/api/version")
@@ -293,7 +296,7 @@ async def generate(req: GenerateRequest, request: Request):
     plan = await run_in_threadpool(_plan, state, req)
     if req.raw or getattr(state.tokenizer, "chat_template", None) is None:
         plan = replace(plan, as_written=True)  # the client's own template: its reply is passed on as it is
-    check_logprobs(plan, req.logprobs, req.top_logprobs)
+    check_logprobs(req.logprobs, req.top_logprobs)
     params, penalties = _params(state, req, plan)
     token_text = await _token_text(state, req)
     handle = submit(state, prompt, params, **penalties)
@@ -321,7 +324,7 @@ async def chat(req: ChatRequest, request: Request):
         return head | {"created_at": rfc3339_now(), "message": {"role": "assistant", "content": ""},
                        "done": True, "done_reason": "load"}
     plan = await run_in_threadpool(_plan, state, req, [t.spec() for t in req.tools or []])
-    check_logprobs(plan, req.logprobs, req.top_logprobs)
+    check_logprobs(req.logprobs, req.top_logprobs)
     messages = [{"role": m.role, "content": m.content, "name": m.tool_name,
                  "tool_calls": [ToolCall(c.function.name, json.dumps(c.function.arguments), c.id or f"call_{i}")
                                 for i, c in enumerate(m.tool_calls or [])]} for m in req.messages]

@@ -131,6 +131,15 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
+def _check(state: ServerState, req: _Sampling) -> None:
+    """The checks both routes make before any work: the model, refused fields, and ``stream_options`` only
+    with ``stream: true`` (OpenAI refuses it on a reply that is not streamed)."""
+    require_model(state, req.model)
+    check_fields(req)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options: only allowed with stream: true", param="stream_options")
+
+
 def _params(state: ServerState, req: _Sampling, max_tokens: int | None, **extra) -> SamplingParams:
     return sampling_params(
         max_new_tokens=max_tokens if max_tokens is not None else state.engine.max_context,
@@ -248,10 +257,9 @@ def _reply_plan(state: ServerState, req: ChatCompletionRequest) -> ReplyPlan:
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = state_of(request)
-    require_model(state, req.model)
-    check_fields(req)
+    _check(state, req)
     plan = await run_in_threadpool(_reply_plan, state, req)
-    check_logprobs(plan, req.logprobs, req.top_logprobs)
+    check_logprobs(req.logprobs, req.top_logprobs)
     messages = template_messages(_messages(req), plan)
     prompt = await chat_prompt(state, messages, tools=plan.template_tools)
     token_text = await run_in_threadpool(_token_text, state) if req.logprobs else None
@@ -267,7 +275,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _streaming(_chat_chunks(handles, head, plan, logprobs, len(prompt), include_usage), handles)
+        return _streaming(_chat_chunks(handles, head, plan, token_text, logprobs, len(prompt), include_usage),
+                          handles)
 
     results = await _collect_all(request, handles)
     if results is None:
@@ -275,19 +284,22 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     choices = []
     for index, (text, final) in enumerate(results):
         content, calls = plan.stream().push(text, final=True)
+        items = plan.answer_logprobs(token_text).push(final.logprobs, final=True)
         message = {"role": "assistant", "content": content if content or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = [c.openai() for c in calls]
-        choices.append({"index": index, "message": message, "logprobs": logprobs(final.logprobs),
+        choices.append({"index": index, "message": message, "logprobs": logprobs(items),
                         "finish_reason": "tool_calls" if calls else _finish_reason(final.finish_reason)})
     return {"id": ident, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
             "usage": _usage(len(prompt), [final for _, final in results])}
 
 
-async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_tokens: int, include_usage: bool):
+async def _chat_chunks(handles, head: dict, plan: ReplyPlan, token_text, logprobs, prompt_tokens: int,
+                       include_usage: bool):
     """Chunks of every choice as its events come: text (held back while a tool call may be starting),
     each tool call once complete, the finish reason; then the usage chunk when asked."""
     streams = [plan.stream() for _ in handles]
+    answers = [plan.answer_logprobs(token_text) for _ in handles]  # each choice's answer tokens
     pending = [[] for _ in handles]  # logprobs of tokens whose text is held back
     finals = []
 
@@ -301,9 +313,10 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
         if event.finish_reason == "error":
             yield _error_chunk(event)
             return
-        pending[index] += event.logprobs
+        final = event.finish_reason is not None
+        pending[index] += answers[index].push(event.logprobs, final)
         stream = streams[index]
-        content, calls = stream.push(event.text, final=event.finish_reason is not None)
+        content, calls = stream.push(event.text, final=final)
         delta = {"content": content} if content else {}
         if calls:  # stream.calls already holds them: the first new one is number len(stream.calls) - len(calls)
             delta["tool_calls"] = [c.openai(len(stream.calls) - len(calls) + k) for k, c in enumerate(calls)]
@@ -321,8 +334,7 @@ async def _chat_chunks(handles, head: dict, plan: ReplyPlan, logprobs, prompt_to
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
     state = state_of(request)
-    require_model(state, req.model)
-    check_fields(req)
+    _check(state, req)
     if isinstance(req.prompt, list) and req.prompt and isinstance(req.prompt[0], int):
         if len(req.prompt) >= state.engine.max_context:
             raise APIError(400, f"the prompt has {len(req.prompt)} tokens and this model's context holds "

@@ -13,7 +13,8 @@ from ktcore.constrained import Constraint, ConstraintError, json_constraint, lar
 from ktcore.reply_stream import speaks_harmony
 
 from .errors import APIError
-from .reply_stream import ReplyStream
+from .logprobs import AnswerLogprobs, TokenText
+from .reply_stream import ReplyStream, reads_channels
 from .tool_calls import ToolFormat, call_grammar, format_for, renders_tools, tool_system_prompt
 
 
@@ -33,11 +34,20 @@ class ReplyPlan:
     def skip_special_tokens(self) -> bool:
         return not (self.channels or (self.fmt and self.fmt.needs_special_tokens))
 
+    @property
+    def harmony(self) -> bool:
+        """The reply is read by channel (a harmony vocabulary, or harmony's call format)."""
+        return not self.as_written and reads_channels(self.fmt, self.channels)
+
     def stream(self) -> ReplyStream:
         """The parser of one reply (one per choice)."""
         if self.as_written:
             return ReplyStream(None, [])
         return ReplyStream(self.fmt, self.tools, self.channels, self.most_calls)
+
+    def answer_logprobs(self, token_text: TokenText | None) -> AnswerLogprobs:
+        """The filter of one reply's log-probabilities to its answer tokens (one per choice)."""
+        return AnswerLogprobs(token_text, self.harmony)
 
 
 def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None = None, tool_choice="auto",
@@ -86,15 +96,10 @@ def plan_reply(tokenizer, vocab_size: int, end_ids, *, tools: list[dict] | None 
     return plan
 
 
-def check_logprobs(plan: ReplyPlan, logprobs: bool, top_logprobs: int | None) -> None:
-    """``top_logprobs`` needs ``logprobs``. Log-probabilities are per token, and a harmony reply's tokens include
-    its analysis channel, which the answer must not show: refused rather than shown."""
+def check_logprobs(logprobs: bool, top_logprobs: int | None) -> None:
+    """``top_logprobs`` needs ``logprobs``."""
     if top_logprobs is not None and not logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-    if logprobs and plan.channels and not plan.as_written:
-        raise APIError(400, "logprobs: not available for this model: its replies hold a reasoning channel "
-                            "that is not part of the answer, and their tokens' log-probabilities would show it",
-                       param="logprobs")
 
 
 def template_messages(messages: list[dict], plan: ReplyPlan) -> list[dict]:

@@ -20,12 +20,18 @@ from ktcore.reply_stream import Channels
 from .tool_calls import ToolCall, ToolFormat, call_schema, make_call
 
 
+def reads_channels(fmt: ToolFormat | None, channels: bool) -> bool:
+    """A reply is read by harmony's channels: ``channels`` (a harmony vocabulary) or harmony's call format
+    (its calls are messages)."""
+    return channels or (fmt is not None and fmt.find is None)
+
+
 class ReplyStream:
     def __init__(self, fmt: ToolFormat | None, tools: list[dict], channels: bool = False,
                  most_calls: int | None = None):
         self.most_calls = most_calls  # calls past this many are dropped (parallel_tool_calls false)
-        channels = channels or (fmt is not None and fmt.find is None)  # harmony's calls are messages
-        self._parts = _Harmony(calls=fmt is not None) if channels else _Calls(fmt, tools) if fmt else None
+        harmony = reads_channels(fmt, channels)
+        self._parts = _Harmony(calls=fmt is not None) if harmony else _Calls(fmt, tools) if fmt else None
         self.calls: list[ToolCall] = []  # every call so far; a new call's index is its place here
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:

