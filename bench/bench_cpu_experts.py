@@ -41,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch
 from torch import nn
 

@@ -29,6 +29,7 @@ import time
 os.environ.setdefault("KT_CPU_PIN", "0")
 
 import numpy as np  # noqa: E402
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch  # noqa: E402
 
 from kt_cpu_amx import repack  # noqa: E402

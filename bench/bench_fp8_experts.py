@@ -16,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch
 from torch import nn
 

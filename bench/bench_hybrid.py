@@ -54,6 +54,7 @@ import sys
 import time
 from pathlib import Path
 
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -27,6 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch
 import torch.nn.functional as F
 

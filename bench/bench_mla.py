@@ -35,6 +35,7 @@ import sys
 import types
 from pathlib import Path
 
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch
 import torch.nn.functional as F
 

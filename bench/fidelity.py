@@ -38,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import ktcore  # noqa: F401,E402  (before torch: the OpenMP wait policy ktcore sets, see ktcore/__init__.py)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
