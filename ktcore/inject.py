@@ -312,6 +312,7 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
     total = len(plain) + sum(len(w.weight_names()) for _, w in wrappers)
     bar = tqdm(total=total, desc="loading", unit="tensor", disable=not progress, leave=False)
     loaded_bytes = 0
+    counted: set[str] = set()  # tensor names whose bytes are in loaded_bytes
     done: dict[int, torch.Tensor] = {}  # id(meta tensor) -> loaded tensor, so tied tensors stay tied
     try:
         for qualname, wrapper in wrappers:
@@ -321,7 +322,9 @@ def load_weights(model: nn.Module, source, *, dtype: torch.dtype | None = None, 
                 full = f"{qualname}.{local}"
                 weights[local] = src.get(full)
                 _check_shape(full, src, weights[local].shape, expected.get(local))
-                loaded_bytes += weights[local].data.numel()
+                if full not in counted:  # a KMoE block reads its experts' tensors too (streamed prefill)
+                    counted.add(full)
+                    loaded_bytes += weights[local].data.numel()
                 _advance(bar, full, loaded_bytes)
             wrapper.load_weights(weights)
             for local in weights:

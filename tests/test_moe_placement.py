@@ -121,6 +121,14 @@ def test_hot_experts_split_equals_one_op(family, registry, tmp_path):
     assert (got - reference).abs().max() <= REL_TOL * reference.abs().max()
 
 
+def test_loaded_bytes_count_each_tensor_once_when_kmoe_reads_the_experts_too(registry, tmp_path):
+    # the loading bar's MiB: hot experts make KMoE read its experts' tensors beside the experts child
+    hf = tiny_model("qwen3_moe", seed=0)
+    model = load(hf, rules_file(tmp_path, "{hot_experts: all, gpu_op: KExpertsTorch, gpu_device: cpu}"), registry)
+    assert all(b.hot for b in blocks(model))
+    assert model.ktcore_loaded_bytes == sum(t.numel() * t.element_size() for t in hf.state_dict().values())
+
+
 def test_hot_experts_with_the_cpu_kernel(tmp_path):
     """KExpertsCPU for the cold experts (hot ones masked with -1, which the kernel skips) and KExpertsTorch
     for the hot ones: the same as KExpertsCPU with the hot experts' share computed in torch."""
