@@ -76,3 +76,19 @@ def test_llamacpp_peer_runs_in_its_own_process_with_the_users_policy(given, want
         assert peer.proc.pid != os.getpid()
     assert seen["env"].get("OMP_WAIT_POLICY") == want
     assert prefill > 0 and decode > 0
+
+
+def test_bench_scripts_import_ktcore_before_torch():
+    # import ktcore sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP; a script importing torch first keeps
+    # spinning OpenMP workers that take kt-cpu-amx's cores (a 2000-token prefill 3.5x slower)
+    import re
+    from pathlib import Path
+
+    late = []
+    for script in sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py")):
+        lines = script.read_text().splitlines()
+        torch_at = next((i for i, line in enumerate(lines) if re.match(r"(import torch\b|from torch\b)", line)), None)
+        ktcore_at = next((i for i, line in enumerate(lines) if re.match(r"(import ktcore\b|from ktcore\b)", line)), None)
+        if torch_at is not None and (ktcore_at is None or ktcore_at > torch_at):
+            late.append(script.name)
+    assert not late, f"these bench scripts import torch before ktcore: {late}"
