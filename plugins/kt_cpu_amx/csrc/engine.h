@@ -87,7 +87,8 @@ public:
     // The same for B sequences together (B = 1 is decoder_step): x[B, hidden], cos/sin [B, head_dim], positions[B];
     // the linears as B-row GEMMs (weights read once per step), attention per sequence. blocks: null (one sequence
     // at slots 0.. of the layers' cache pointers) or a block table [B, width] of pool blocks of `block` slots:
-    // row b's position p at slot blocks[b][p / block] * block + p % block. Latent attention takes B = 1 only.
+    // row b's position p at slot blocks[b][p / block] * block + p % block (latent attention's latents and rotary
+    // keys too; its rotary tables cos = sin: rope_dim floats per row, (cos, sin) pairs).
     void decoder_step_batch(const std::vector<const DecoderLayer*>& layers, int B, float* x, const float* cos,
                             const float* sin, const int32_t* positions, const int32_t* blocks, int width, int block);
     // Int8-activation GEMMs of decode-sized calls (linear() of at most decode_rows tokens, its exact path's 2M rows
