@@ -341,6 +341,13 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
             tasks.clear();
         }
         float* ye = lat;  // the experts' output (lat is free after attention)
+        Act down_in;
+        if (L.gate) {  // the MLP's down: with experts, in their down projection's phase (its time then counts there)
+            Timed t(this, Phase::Dense);
+            chunks(L.down.get(), y, 0, B);
+            down_in = quantized(g, B, I, true);
+            if (!L.experts) run_tasks(down_in);
+        }
         if (L.experts) {
             std::vector<int64_t> idx(size_t(B) * K);
             std::vector<float> weights(size_t(B) * K);
@@ -361,13 +368,13 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
                 }
             }
             Timed t(this, Phase::Experts);
-            moe(*L.experts, B, K, xn, idx.data(), weights.data(), ye);
+            const std::function<void(int, int)> down = [&](int i, int th) {
+                const Task& d = tasks[i];
+                gemm(*d.w, d.n0, d.n1, down_in, d.tok, d.rows, d.y, th);
+            };
+            moe(*L.experts, B, K, xn, idx.data(), weights.data(), ye, MoeExtra{int(tasks.size()), &down});
+            tasks.clear();
             linger_after(B);
-        }
-        if (L.gate) {
-            Timed t(this, Phase::Dense);
-            chunks(L.down.get(), y, 0, B);
-            run_tasks(quantized(g, B, I, true));
         }
         if (L.experts)
             for (size_t i = 0; i < size_t(B) * H; ++i) x[i] += ye[i];
