@@ -103,14 +103,9 @@ void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, fl
                             float* scores, size_t ld_scores, float* att) {
     const int D = L.head_dim, group = L.heads / L.kv_heads, QN = L.q->n, KN = L.k->n;
     for (int b = 0; b < B; ++b) {
-        float *qb = q + size_t(b) * QN, *kb = k + size_t(b) * KN, *vb = v + size_t(b) * KN;
+        float *kb = k + size_t(b) * KN, *vb = v + size_t(b) * KN;
         const float *cb = cos + size_t(b) * D, *sb = sin + size_t(b) * D;
-        add(qb, L.bq), add(kb, L.bk), add(vb, L.bv);
-        for (int h = 0; h < L.heads; ++h) {
-            float* qh = qb + size_t(h) * D;
-            if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
-            rope_half(qh, cb, sb, D);
-        }
+        add(kb, L.bk), add(vb, L.bv);
         const int p = pos[b];
         const size_t slot = blocks ? size_t(blocks[size_t(b) * width + p / block]) * block + p % block : size_t(p);
         for (int h = 0; h < L.kv_heads; ++h) {
@@ -122,10 +117,15 @@ void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, fl
             std::memcpy(L.v_cache + at, vb + size_t(h) * D, sizeof(float) * D);
         }
     }
+    // each query head's bias, norm and rotary in its own task (the keys' above: every query head of a group reads them)
     pool_.parallel_for(B * L.heads, [&](int i, int) {
         const int b = i / L.heads, h = i % L.heads;
+        float* qh = q + size_t(b) * QN + size_t(h) * D;
+        if (!L.bq.empty()) for (int j = 0; j < D; ++j) qh[j] += L.bq[size_t(h) * D + j];
+        if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
+        rope_half(qh, cos + size_t(b) * D, sin + size_t(b) * D, D);
         const size_t base = size_t(h / group) * L.capacity * D;
-        attend_(q + size_t(b) * QN + size_t(h) * D, L.k_cache + base, L.v_cache + base,
+        attend_(qh, L.k_cache + base, L.v_cache + base,
                 blocks ? blocks + size_t(b) * width : nullptr, block, pos[b] + 1, D, D, L.scaling,
                 scores + size_t(i) * ld_scores, att + size_t(b) * QN + size_t(h) * D);
     });
