@@ -1,7 +1,9 @@
 """Batched fused decode (``Runtime.decoder_step_batch`` through ``FusedDecode.step_batch``, which the engine's
 ``ModelRunner.decode`` takes for a CPU batch): four sequences of different lengths, their blocks scattered in the
 pool, one engine decode step together against each sequence's fused step alone and against the module path's
-step of the same batch, from the same paged-cache state, on tiny Q8_0 GGUF models with every linear on KLinearCPU.
+step of the same batch, from the same paged-cache state, on tiny Q8_0 GGUF models with every linear on KLinearCPU
+(Llama, Qwen3, and DeepSeek-V2: latent attention over each sequence's blocks, MoE; the experts' int8 tile kernel
+is switched off with the linears' for the exact test).
 
 With the int8 tile kernel off (``i8_min_rows`` above the batch), a row's linears run the same integer-dot
 kernels on the same int8 rows as alone, and attention reads the same floats in the same order block by block:
