@@ -92,8 +92,14 @@ class Profiler:
             h.remove()
 
 
+def parallel_phases(runtimes) -> int:
+    """The kernel pools' parallel phases (barriers) so far."""
+    return sum(rt.parallel_phases for rt in runtimes)
+
+
 def profile(gen, prompt_ids, steps: int) -> tuple[float, dict[str, float]]:
-    """(wall ms per decode step, ms per category per step) over ``steps`` decode steps after a prefill."""
+    """(wall ms per decode step, ms per category per step) over ``steps`` decode steps after a prefill; the
+    categories' dict also holds ``barriers``: the kernel pools' parallel phases per step."""
     from kt_cpu_amx.runtime import _runtimes
     from ktcore.generate import SamplingParams
 
@@ -104,14 +110,16 @@ def profile(gen, prompt_ids, steps: int) -> tuple[float, dict[str, float]]:
         tokens = gen.generate_ids(prompt_ids, params)
         next(tokens)  # the prefill's token
         prof.reset()
+        phases0 = parallel_phases(prof.runtimes)
         t0 = time.perf_counter()
         for _ in tokens:
             pass
         wall = time.perf_counter() - t0
         parts = prof.finish()
+        barriers = (parallel_phases(prof.runtimes) - phases0) / steps
     finally:
         prof.remove()
-    return wall / steps * 1e3, {k: v / steps * 1e3 for k, v in parts.items()}
+    return wall / steps * 1e3, {**{k: v / steps * 1e3 for k, v in parts.items()}, "barriers": barriers}
 
 
 def model_path(spec: str) -> Path:
@@ -145,13 +153,13 @@ def main(argv=None) -> int:
         if mode == "fused" and gen.fused_problem is not None:
             mode, declined = "modules*", gen.fused_problem
         rows.append((mode, wall, parts))
-    head = f"{'path':<9} {'ms/step':>8} " + " ".join(f"{c:>18}" for c in COLUMNS)
+    head = f"{'path':<9} {'ms/step':>8} " + " ".join(f"{c:>18}" for c in COLUMNS) + f" {'barriers/step':>14}"
     print(f"{path.name}  threads={args.threads}  steps={args.steps}  prompt={len(prompt_ids)} tok")
     print(head)
     print("-" * len(head))
     for mode, wall, parts in rows:
         cells = " ".join(f"{parts[c]:>9.2f} ({parts[c] / wall:>4.0%})" for c in COLUMNS)
-        print(f"{mode:<9} {wall:>8.2f} {cells}")
+        print(f"{mode:<9} {wall:>8.2f} {cells} {parts['barriers']:>14.0f}")
     if declined:
         print(f"(* fused decode unavailable: {declined})")
     return 0

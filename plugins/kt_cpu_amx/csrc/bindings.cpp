@@ -237,6 +237,8 @@ PYBIND11_MODULE(_kernels, m) {
         }, "Seconds of blocking calls on the calling thread since reset_profile(): dense linears, routed experts, "
            "attention, small ops (norms, residuals, routing), and the pool's barrier waits (left out of the others).")
         .def("reset_profile", [](std::shared_ptr<Runtime> rt) { rt->reset_profile(); })
+        .def_property_readonly("parallel_phases", [](std::shared_ptr<Runtime> rt) { return rt->pool().phases(); },
+                               "Parallel phases (barriers) the pool has run since it started.")
         .def("sync", [](std::shared_ptr<Runtime> rt) {
             py::gil_scoped_release nogil;
             rt->pool().sync();

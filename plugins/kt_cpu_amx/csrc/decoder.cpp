@@ -68,7 +68,8 @@ static float dot(const float* a, const float* b, int n) {
 
 // Transformers' RMSNorm: w * (x * rsqrt(mean(x^2) + eps)).
 static void rms_norm(const float* x, const float* w, int n, float eps, float* out) {
-    float ss = 0.f;  // one running sum, in order: the module path's norm gives the same float (tests compare closely)
+    float ss = 0.f;  // one running sum, in order: the module path's norm gives the same float (tests compare closely;
+    // dot's partial sums moved a DeepSeek-V2 latent cache 2.7e-4 from the module path's, past its 1e-4 bound)
     for (int i = 0; i < n; ++i) ss += x[i] * x[i];
     const float r = 1.f / std::sqrt(ss / float(n) + eps);
     for (int i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
@@ -102,14 +103,9 @@ void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, fl
                             float* scores, size_t ld_scores, float* att) {
     const int D = L.head_dim, group = L.heads / L.kv_heads, QN = L.q->n, KN = L.k->n;
     for (int b = 0; b < B; ++b) {
-        float *qb = q + size_t(b) * QN, *kb = k + size_t(b) * KN, *vb = v + size_t(b) * KN;
+        float *kb = k + size_t(b) * KN, *vb = v + size_t(b) * KN;
         const float *cb = cos + size_t(b) * D, *sb = sin + size_t(b) * D;
-        add(qb, L.bq), add(kb, L.bk), add(vb, L.bv);
-        for (int h = 0; h < L.heads; ++h) {
-            float* qh = qb + size_t(h) * D;
-            if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
-            rope_half(qh, cb, sb, D);
-        }
+        add(kb, L.bk), add(vb, L.bv);
         const int p = pos[b];
         const size_t slot = blocks ? size_t(blocks[size_t(b) * width + p / block]) * block + p % block : size_t(p);
         for (int h = 0; h < L.kv_heads; ++h) {
@@ -121,10 +117,15 @@ void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, fl
             std::memcpy(L.v_cache + at, vb + size_t(h) * D, sizeof(float) * D);
         }
     }
+    // each query head's bias, norm and rotary in its own task (the keys' above: every query head of a group reads them)
     pool_.parallel_for(B * L.heads, [&](int i, int) {
         const int b = i / L.heads, h = i % L.heads;
+        float* qh = q + size_t(b) * QN + size_t(h) * D;
+        if (!L.bq.empty()) for (int j = 0; j < D; ++j) qh[j] += L.bq[size_t(h) * D + j];
+        if (!L.q_norm.empty()) rms_norm(qh, L.q_norm.data(), D, L.qk_eps, qh);
+        rope_half(qh, cos + size_t(b) * D, sin + size_t(b) * D, D);
         const size_t base = size_t(h / group) * L.capacity * D;
-        attend_(q + size_t(b) * QN + size_t(h) * D, L.k_cache + base, L.v_cache + base,
+        attend_(qh, L.k_cache + base, L.v_cache + base,
                 blocks ? blocks + size_t(b) * width : nullptr, block, pos[b] + 1, D, D, L.scaling,
                 scores + size_t(i) * ld_scores, att + size_t(b) * QN + size_t(h) * D);
     });
@@ -158,8 +159,6 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
     size_t wide = H;
     int most_inter = 0, most_heads = 0, most_route = 0;
     for (const DecoderLayer* L : layers) {
-        if (L->kind == AttentionKind::Mla && B > 1)
-            throw std::invalid_argument("kt_cpu_amx: latent attention decodes one sequence per step");
         most_inter = std::max(most_inter, L->inter());
         most_heads = std::max(most_heads, L->heads);
         if (L->experts) most_route = std::max(most_route, L->top_k + L->experts->experts());
@@ -224,51 +223,70 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
             { Timed t(this, Phase::Dense); run_tasks(quantized(xn, B, H, true)); }
             Timed t(this, Phase::Attention);
             gqa_attention(L, B, q, kv_k, kv_v, cos, sin, positions, blocks, width, block, scores, T, att);
-        } else {  // one sequence (checked above)
-            const int pos = positions[0];
-            const int R = L.rank, P = L.rope_dim, N = L.nope, V = L.v_dim, QD = N + P;
-            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, 1, H, true)); }
+        } else {
+            const int R = L.rank, P = L.rope_dim, N = L.nope, V = L.v_dim, QD = N + P, NH = L.heads;
+            const size_t QN = L.q->n, KN = L.k->n;
+            { Timed t(this, Phase::Dense); run_tasks(quantized(xn, B, H, true)); }
             Timed t(this, Phase::Attention);
-            // the latent (normalized) and the rotary key, written at pos; the queries' rotary parts
-            float* latent = L.k_cache + size_t(pos) * R;
-            float* kpe = L.v_cache + size_t(pos) * P;
-            rms_norm(kv_k, L.kv_norm.data(), R, L.kv_eps, latent);
-            std::memcpy(kpe, kv_k + R, sizeof(float) * P);
-            rope_pairs(kpe, cos, P);
-            for (int h = 0; h < L.heads; ++h) {
-                rope_pairs(q + size_t(h) * QD + N, cos, P);
-                std::memcpy(kv_v + size_t(h) * N, q + size_t(h) * QD, sizeof(float) * N);  // q_nope rows
+            // each row's latent (normalized) and rotary key, written at its position's slot
+            for (int b = 0; b < B; ++b) {
+                const int p = positions[b];
+                const size_t slot = blocks ? size_t(blocks[size_t(b) * width + p / block]) * block + p % block : size_t(p);
+                const float* kvb = kv_k + size_t(b) * KN;
+                float* kpe = L.v_cache + slot * P;
+                rms_norm(kvb, L.kv_norm.data(), R, L.kv_eps, L.k_cache + slot * R);
+                std::memcpy(kpe, kvb + R, sizeof(float) * P);
+                rope_pairs(kpe, cos + size_t(b) * P, P);
             }
-            // q_nope[h] to latent space: lat[h] = sum_n q_nope[h][n] * W_k[h][n] (kv_b's key rows of head h)
+            // row b, head h: its query at q + b * QN + h * QD (nope, then rotary part); its latent-space query in
+            // lat and its attention-weighted latent in ctx (kv_v: the latent attention has no v projection)
+            float* ctx = kv_v;
+            auto attend_head = [&](int b, int h, const float* lq, float* out) {
+                attend_latent_(lq, L.k_cache, R, R, q + size_t(b) * QN + size_t(h) * QD + N, L.v_cache, P, P,
+                               blocks ? blocks + size_t(b) * width : nullptr, block, positions[b] + 1, L.scaling,
+                               scores + size_t(b * NH + h) * T, out);
+            };
             if (L.wkt.empty()) {
-                pool_.parallel_for(L.heads, [&](int h, int) {
-                    float* out = lat + size_t(h) * R;
-                    std::fill(out, out + R, 0.f);
-                    axpy_rows_(*L.v, h * (N + V), N, kv_v + size_t(h) * N, out);
+                // kv_b's rows read in float as they stream; one task per head does its rows of every sequence, so
+                // a head's key and value rows are read once per step: rotary, q_nope to latent space (lat =
+                // sum_n q_nope[n] * W_k[h][n]), attention, and back through its value rows, all in one phase
+                pool_.parallel_for(NH, [&](int h, int) {
+                    for (int b = 0; b < B; ++b) {
+                        const int i = b * NH + h;
+                        float* qh = q + size_t(b) * QN + size_t(h) * QD;
+                        rope_pairs(qh + N, cos + size_t(b) * P, P);
+                        float* lq = lat + size_t(i) * R;
+                        std::fill(lq, lq + R, 0.f);
+                        axpy_rows_(*L.v, h * (N + V), N, qh, lq);
+                        attend_head(b, h, lq, ctx + size_t(i) * R);
+                        dot_rows_(*L.v, h * (N + V) + N, V, ctx + size_t(i) * R, att + size_t(i) * V);
+                    }
                 });
             } else {
-                for (int h = 0; h < L.heads; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * R, h, 1);
-                run_tasks(quantized(kv_v, L.heads, N, false));
-            }
-            pool_.parallel_for(L.heads, [&](int h, int) {
-                attend_latent_(lat + size_t(h) * R, L.k_cache, R, R, q + size_t(h) * QD + N, L.v_cache, P, P, pos + 1,
-                               L.scaling, scores + size_t(h) * T, kv_v + size_t(h) * R);
-            });
-            // back through kv_b's value rows of each head: rows h * (N + V) + N .. + V
-            if (L.wkt.empty()) {  // float, as the rows stream
-                pool_.parallel_for(L.heads, [&](int h, int) {
-                    dot_rows_(*L.v, h * (N + V) + N, V, kv_v + size_t(h) * R, att + size_t(h) * V);
+                // int8 products through W_k[h] transposed (wkt[h]) and kv_b's value rows: per head, its B rows
+                // as consecutive tokens (head-major order, j = h * B + b)
+                for (int b = 0; b < B; ++b)
+                    for (int h = 0; h < NH; ++h) {
+                        float* qh = q + size_t(b) * QN + size_t(h) * QD;
+                        rope_pairs(qh + N, cos + size_t(b) * P, P);
+                        std::memcpy(kv_v + size_t(h * B + b) * N, qh, sizeof(float) * N);
+                    }
+                for (int h = 0; h < NH; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * B * R, h * B, B);
+                run_tasks(quantized(kv_v, NH * B, N, false));  // copied out: ctx may take kv_v now
+                pool_.parallel_for(NH * B, [&](int j, int) {
+                    attend_head(j % B, j / B, lat + size_t(j) * R, ctx + size_t(j) * R);
                 });
-            } else {  // int8 activations, token h for head h
-                const Act a = quantized(kv_v, L.heads, R, false);
-                for (int h = 0; h < L.heads; ++h) {
+                const Act a = quantized(ctx, NH * B, R, false);
+                for (int h = 0; h < NH; ++h) {
                     const int r0 = h * (N + V) + N, chunk = chunk_rows(V, threads());
                     for (int n0 = r0; n0 < r0 + V; n0 += chunk)
-                        tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h, 1});
+                        tasks.push_back({L.v.get(), y, n0, std::min(r0 + V, n0 + chunk), h * B, B});
                 }
                 run_tasks(a);
-                for (int h = 0; h < L.heads; ++h)
-                    std::memcpy(att + size_t(h) * V, y + size_t(h) * (N + V) + N, sizeof(float) * V);
+                for (int h = 0; h < NH; ++h)  // head h's tokens land in rows 0..B of its own columns
+                    for (int b = 0; b < B; ++b)
+                        std::memcpy(att + size_t(b * NH + h) * V, y + size_t(b) * L.v->n + size_t(h) * (N + V) + N,
+                                    sizeof(float) * V);
             }
         }
         {
@@ -284,20 +302,58 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
             rms_norm(xb, L.mlp_norm.data(), H, L.eps, xn + size_t(b) * H);
         }
 
-        // MLP: routed experts (DeepSeek-V2 greedy routing) and / or a gated MLP (the shared experts)
+        // MLP: routed experts (DeepSeek-V2 greedy routing) and / or a gated MLP (the shared experts). The router's
+        // rows and the MLP's gate/up chunks read the same xn: one parallel phase (a router phase of its own cost a
+        // barrier for a product smaller than the MLP's chunks); the experts next, then the MLP's down, and the two
+        // outputs added to x in that order.
+        const int I = L.inter(), E = L.experts ? L.experts->experts() : 0, K = L.top_k;
+        constexpr int kRouterRows = 4;  // router rows per task, for every row of the batch
+        const int router_tasks = (E + kRouterRows - 1) / kRouterRows;
+        auto prob_of = [&](int b) { return route + size_t(b) * most_route + K; };
+        Act mlp_in;
+        if (L.gate) {
+            Timed t(this, Phase::Dense);
+            mlp_in = quantized(xn, B, H, true);
+            const int chunk = chunk_rows(I, threads());
+            for (int n0 = 0; n0 < I; n0 += chunk) tasks.push_back({nullptr, nullptr, n0, std::min(I, n0 + chunk), 0, B});
+        }
+        {
+            Timed t(this, L.gate ? Phase::Dense : Phase::Small);  // the router's share is small beside the MLP's
+            const int mlp_tasks = int(tasks.size());
+            pool_.parallel_for(mlp_tasks + router_tasks, [&](int i, int th) {
+                if (i >= mlp_tasks) {
+                    const int e0 = (i - mlp_tasks) * kRouterRows, e1 = std::min(E, e0 + kRouterRows);
+                    for (int b = 0; b < B; ++b)
+                        for (int e = e0; e < e1; ++e)
+                            prob_of(b)[e] = dot(L.router.data() + size_t(e) * H, xn + size_t(b) * H, H);
+                    return;
+                }
+                const int n0 = tasks[i].n0, n1 = tasks[i].n1;
+                gemm(*L.gate, n0, n1, mlp_in, 0, B, g, th);
+                gemm(*L.up, n0, n1, mlp_in, 0, B, u, th);
+                for (int b = 0; b < B; ++b) {
+                    float *gb = g + size_t(b) * I, *ub = u + size_t(b) * I;
+                    if (!L.bgate.empty()) for (int j = n0; j < n1; ++j) gb[j] += L.bgate[j];
+                    if (!L.bup.empty()) for (int j = n0; j < n1; ++j) ub[j] += L.bup[j];
+                    act_mul_(int(L.act), gb + n0, ub + n0, n1 - n0);  // the vectorized exp, as the experts use
+                }
+            });
+            tasks.clear();
+        }
+        float* ye = lat;  // the experts' output (lat is free after attention)
+        Act down_in;
+        if (L.gate) {  // the MLP's down: with experts, in their down projection's phase (its time then counts there)
+            Timed t(this, Phase::Dense);
+            chunks(L.down.get(), y, 0, B);
+            down_in = quantized(g, B, I, true);
+            if (!L.experts) run_tasks(down_in);
+        }
         if (L.experts) {
-            const int E = L.experts->experts(), K = L.top_k;
             std::vector<int64_t> idx(size_t(B) * K);
             std::vector<float> weights(size_t(B) * K);
             std::vector<int> order(E);
             for (int b = 0; b < B; ++b) {
-                const float* xb = xn + size_t(b) * H;
-                float* prob = route + size_t(b) * most_route + K;
-                constexpr int kRouterRows = 4;  // router rows per task: the E x H product spread over the pool
-                pool_.parallel_for((E + kRouterRows - 1) / kRouterRows, [&](int t, int) {
-                    for (int e = t * kRouterRows; e < std::min(E, (t + 1) * kRouterRows); ++e)
-                        prob[e] = dot(L.router.data() + size_t(e) * H, xb, H);
-                });
+                float* prob = prob_of(b);
                 float mx = -INFINITY;
                 for (int e = 0; e < E; ++e) mx = std::max(mx, prob[e]);
                 float sum = 0.f;
@@ -311,39 +367,23 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
                     weights[size_t(b) * K + s] = prob[order[s]] * L.routed_scale;
                 }
             }
-            {
-                Timed t(this, Phase::Experts);
-                moe(*L.experts, B, K, xn, idx.data(), weights.data(), y);
-                linger_after(B);
-            }
-            for (size_t i = 0; i < size_t(B) * H; ++i) x[i] += y[i];
-        }
-        if (L.gate) {
-            Timed t(this, Phase::Dense);
-            const int I = L.inter();
-            const Act a = quantized(xn, B, H, true);
-            const int chunk = chunk_rows(I, threads());
-            for (int n0 = 0; n0 < I; n0 += chunk) tasks.push_back({nullptr, nullptr, n0, std::min(I, n0 + chunk), 0, B});
-            pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
-                const int n0 = tasks[i].n0, n1 = tasks[i].n1;
-                gemm(*L.gate, n0, n1, a, 0, B, g, th);
-                gemm(*L.up, n0, n1, a, 0, B, u, th);
-                for (int b = 0; b < B; ++b) {
-                    float *gb = g + size_t(b) * I, *ub = u + size_t(b) * I;
-                    if (!L.bgate.empty()) for (int j = n0; j < n1; ++j) gb[j] += L.bgate[j];
-                    if (!L.bup.empty()) for (int j = n0; j < n1; ++j) ub[j] += L.bup[j];
-                    act_mul_(int(L.act), gb + n0, ub + n0, n1 - n0);  // the vectorized exp, as the experts use
-                }
-            });
+            Timed t(this, Phase::Experts);
+            const std::function<void(int, int)> down = [&](int i, int th) {
+                const Task& d = tasks[i];
+                gemm(*d.w, d.n0, d.n1, down_in, d.tok, d.rows, d.y, th);
+            };
+            moe(*L.experts, B, K, xn, idx.data(), weights.data(), ye, MoeExtra{int(tasks.size()), &down});
             tasks.clear();
-            chunks(L.down.get(), y, 0, B);
-            run_tasks(quantized(g, B, I, true));
+            linger_after(B);
+        }
+        if (L.experts)
+            for (size_t i = 0; i < size_t(B) * H; ++i) x[i] += ye[i];
+        if (L.gate)
             for (int b = 0; b < B; ++b) {
                 float *yb = y + size_t(b) * H, *xb = x + size_t(b) * H;
                 add(yb, L.bdown);
                 for (int i = 0; i < H; ++i) xb[i] += yb[i];
             }
-        }
     }
 }
 

@@ -1,5 +1,5 @@
 // A whole pre-norm decoder layer (RMSNorm, grouped-query attention over a float32 KV cache, RMSNorm, gated
-// MLP, two residual adds) for one decode step of one sequence, run as one job on the pool: a decode step of a
+// MLP, two residual adds) for one decode step of one or B sequences, run as one job on the pool: a decode step of a
 // small model on few cores otherwise spends more time in the Python of its ~10 module calls per layer than in
 // the layer's kernels. The matrices are the same PackedMatrix objects the layer's KLinearCPU ops hold.
 #pragma once
@@ -40,8 +40,9 @@ struct DecoderLayer {
     float eps = 1e-6f, qk_eps = 1e-6f, scaling = 1.f;
     int heads = 0, kv_heads = 0, head_dim = 0;
     Activation act = Activation::Silu;
-    // The layer's cache, float32, batch 1, set before stepping: GQA keys and values [kv_heads, capacity, head_dim];
-    // MLA latents [capacity, rank] and rotary keys [capacity, rope_dim].
+    // The layer's cache, float32, set before stepping: GQA keys and values [kv_heads, capacity, head_dim]; MLA
+    // latents [capacity, rank] and rotary keys [capacity, rope_dim]; slots of one sequence from 0, or of a block
+    // pool that decoder_step_batch's block tables index.
     float* k_cache = nullptr;
     float* v_cache = nullptr;
     int capacity = 0;

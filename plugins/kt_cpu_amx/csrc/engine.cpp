@@ -202,7 +202,17 @@ void Runtime::linear_multi(const std::vector<const PackedMatrix*>& W, int M, con
 
 
 
-void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out) {
+// A decode step's few rows (the experts' 6 x 1408 of a DeepSeek-V2-Lite token: about 2 us) on the calling thread:
+// a parallel phase for them cost more in its barrier than the work.
+constexpr size_t kSerialQuantFloats = 32768;
+
+void Runtime::quantize_each(const float* x, int rows, int k, const QActBuf& buf) {
+    if (size_t(rows) * k <= kSerialQuantFloats) quant_(x, 0, rows, k, k, buf);
+    else pool_.parallel_for(rows, [&](int i, int) { quant_(x, i, i + 1, k, k, buf); });
+}
+
+void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out,
+                  MoeExtra extra) {
     linger_after(T);
     const int E = L.experts(), H = L.hidden(), I = L.inter(), TK = T * K;
     // Group the (token, slot) pairs by expert: rows of expert e are [off[e], off[e+1]) in expert order.
@@ -260,7 +270,7 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
 
     // Phase 0: int8 activations per token, then the AMX experts' blocks gathered from them.
     act_.ensure(T, H);
-    pool_.parallel_for(T, [&](int i, int) { quant_(x, i, i + 1, H, H, act_); });
+    quantize_each(x, T, H, act_);
     QAct xa = act_.view(tok.data());
     IAct xi;
     if (nblocks) {
@@ -302,7 +312,7 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
     // Phase 2: the intermediate as int8 rows, then the AMX experts' blocks.
     act2_.ensure(TK, I);
     const int NR = off[E];  // rows routed to a valid expert
-    pool_.parallel_for(NR, [&](int i, int) { quant_(G, i, i + 1, I, I, act2_); });
+    quantize_each(G, NR, I, act2_);
     QAct ha = act2_.view();
     IAct hi;
     if (nblocks) {
@@ -311,11 +321,16 @@ void Runtime::moe(const MoeLayer& L, int T, int K, const float* x, const int64_t
         pack_blocks(ha, hi);
     }
 
-    // Phase 3: down per (expert, row chunk) into ybuf.
+    // Phase 3: down per (expert, row chunk) into ybuf; the extra tasks first (guided claims: the small expert
+    // chunks last, to even out the threads' ends).
     float* Y = ybuf_.get<float>(size_t(TK) * H);
     make_tasks(H);
-    pool_.parallel_for(int(tasks.size()), [&](int i, int th) {
-        const Task& t = tasks[i];
+    pool_.parallel_for(extra.tasks + int(tasks.size()), [&](int i, int th) {
+        if (i < extra.tasks) {
+            (*extra.fn)(i, th);
+            return;
+        }
+        const Task& t = tasks[i - extra.tasks];
         const int ne = off[t.e + 1] - off[t.e];
         float* y = Y + size_t(off[t.e]) * H;
         if (i8[t.e]) {

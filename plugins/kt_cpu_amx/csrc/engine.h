@@ -2,6 +2,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -52,6 +53,12 @@ struct MoeLayer {
     int inter() const { return gate[0]->n; }
 };
 
+// Runtime::moe's extra tasks: fn(task, thread) for task < tasks.
+struct MoeExtra {
+    int tasks = 0;
+    const std::function<void(int, int)>* fn = nullptr;
+};
+
 class Runtime {
 public:
     Runtime(int nthreads, const std::string& isa, bool pin);
@@ -79,7 +86,10 @@ public:
     // y[i] = x @ W[i].T for matrices with the same input size: the input quantized once and the row chunks
     // of all of them in one parallel phase (a decode step's q/k/v or gate/up: one dispatch instead of 3/2).
     void linear_multi(const std::vector<const PackedMatrix*>& W, int M, const float* x, const std::vector<float*>& y);
-    void moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out);
+    // extra: tasks of other work that is ready and independent of the experts, run in the parallel phase of their
+    // down projection (the fused decoder's shared experts' down: one barrier fewer per layer).
+    void moe(const MoeLayer& L, int T, int K, const float* x, const int64_t* idx, const float* w, float* out,
+             MoeExtra extra = MoeExtra());
     // One decode step of one sequence through the layers (decoder.cpp): x[hidden] is the residual stream, updated
     // in place; cos/sin [head_dim] the rotary tables at position pos, where each layer writes its keys and values.
     void decoder_step(const std::vector<const DecoderLayer*>& layers, float* x, const float* cos, const float* sin,
@@ -87,7 +97,8 @@ public:
     // The same for B sequences together (B = 1 is decoder_step): x[B, hidden], cos/sin [B, head_dim], positions[B];
     // the linears as B-row GEMMs (weights read once per step), attention per sequence. blocks: null (one sequence
     // at slots 0.. of the layers' cache pointers) or a block table [B, width] of pool blocks of `block` slots:
-    // row b's position p at slot blocks[b][p / block] * block + p % block. Latent attention takes B = 1 only.
+    // row b's position p at slot blocks[b][p / block] * block + p % block (latent attention's latents and rotary
+    // keys too; its rotary tables cos = sin: rope_dim floats per row, (cos, sin) pairs).
     void decoder_step_batch(const std::vector<const DecoderLayer*>& layers, int B, float* x, const float* cos,
                             const float* sin, const int32_t* positions, const int32_t* blocks, int width, int block);
     // Int8-activation GEMMs of decode-sized calls (linear() of at most decode_rows tokens, its exact path's 2M rows
@@ -125,6 +136,8 @@ private:
     QAct quantize_with_residual(const float* x, int M, int K);
     static void fold_pairs(const float* y2, int M, int N, int n0, int n1, float* y, int ldy);
     uint16_t* amx_scratch(int thread, int k);
+    // rows of x[rows, k] into buf (ensured), by the pool unless they are few
+    void quantize_each(const float* x, int rows, int k, const QActBuf& buf);
 
     Pool pool_;
     Isa isa_;

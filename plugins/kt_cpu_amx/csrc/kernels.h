@@ -15,7 +15,8 @@ using QuantActFn = void (*)(const float* x, int r0, int r1, int k, size_t ldx, c
 using AttendFn = void (*)(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T,
                           int d, size_t ld, float scale, float* scores, float* out);
 // Multi-head latent attention of one head over T positions: scores from two parts (q . K[t] over d floats and
-// qr . R[t] over dr floats; rows at strides ld and ldr), values the K rows themselves: out[d].
+// qr . R[t] over dr floats; rows at strides ld and ldr), values the K rows themselves: out[d]. Position t at row t,
+// or when blocks is set at row blocks[t / block] * block + t % block of both K and R, as AttendFn.
 // out[0..k) += sum_i coef[i] * W[r0 + i] (rows dequantized in float): 8-bit rows in groups of 32 (axpy_rows_fits).
 using AxpyRowsFn = void (*)(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
 // out[i] = W[r0 + i] . x (rows dequantized in float), i < nrows; the same formats.
@@ -26,7 +27,8 @@ inline bool axpy_rows_fits(const PackedMatrix& W) {
 // g[j] = act(g[j]) * u[j] for j < n; act 0: SiLU, 1: GELU (tanh form) (engine.h's Activation), vectorized exp.
 using ActMulFn = void (*)(int act, float* g, const float* u, int n);
 using AttendLatentFn = void (*)(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R,
-                                int dr, size_t ldr, int T, float scale, float* scores, float* out);
+                                int dr, size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores,
+                                float* out);
 
 // The int8 prefill kernels (amx::gemm_i8, avx512::gemm_i8) take W when gemm_i8_fits (4-bit or 8-bit, groups of 16 or
 // 32, or an i-quant, rows in blocks of 16).
@@ -41,7 +43,7 @@ void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActB
 void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
             float scale, float* scores, float* out);
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
-                   size_t ldr, int T, float scale, float* scores, float* out);
+                   size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);
 void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
 void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }
@@ -56,7 +58,7 @@ void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActB
 void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
             float scale, float* scores, float* out);
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
-                   size_t ldr, int T, float scale, float* scores, float* out);
+                   size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);
 void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
 void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }

@@ -577,11 +577,18 @@ void attend(const float* q, const float* K, const float* V, const int32_t* block
 }
 
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
-                   size_t ldr, int T, float scale, float* scores, float* out) {
-    for (int t = 0; t < T; ++t)
-        scores[t] = (dot_f32(q, K + size_t(t) * ld, d) + dot_f32(qr, R + size_t(t) * ldr, dr)) * scale;
+                   size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out) {
+    if (!blocks) block = T;  // one run; block by block otherwise, the same float operations in the same order
+    auto row0 = [&](int b) { return blocks ? size_t(blocks[b]) * block : size_t(0); };
+    for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b) {
+        const float *Kb = K + row0(b) * ld, *Rb = R + row0(b) * ldr;
+        for (int t = t0; t < std::min(T, t0 + block); ++t)
+            scores[t] = (dot_f32(q, Kb + size_t(t - t0) * ld, d) + dot_f32(qr, Rb + size_t(t - t0) * ldr, dr)) * scale;
+    }
     softmax_inplace(scores, T);
-    weighted_rows(scores, K, T, d, ld, out);
+    for (int i = 0; i < d; ++i) out[i] = 0.f;
+    for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b)
+        accumulate_rows(scores + t0, K + row0(b) * ld, std::min(block, T - t0), d, ld, out);
 }
 
 template <class S>

@@ -113,6 +113,7 @@ void Pool::parallel_for(int ntasks, const std::function<void(int, int)>& fn) {
         return;
     }
     if (uint64_t(ntasks) > kIdxMask) throw std::length_error("kt_cpu_amx: too many tasks in one parallel phase");
+    phases_.fetch_add(1, std::memory_order_relaxed);
     const uint64_t gen = generation_.load(std::memory_order_relaxed) + 1;
     fn_ = &fn;
     done_.store(0, std::memory_order_relaxed);

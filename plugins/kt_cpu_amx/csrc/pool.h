@@ -40,6 +40,9 @@ public:
     // Nanoseconds the thread calling parallel_for spent waiting for the other threads' tasks (after finishing what it
     // could claim), summed over all calls: the barrier cost a decode profile reports as waiting.
     uint64_t wait_ns() const { return wait_ns_.load(std::memory_order_relaxed); }
+    // Parallel phases dispatched to the workers (calls of parallel_for with more than one task), summed: the
+    // barriers a decode profile counts per step.
+    uint64_t phases() const { return phases_.load(std::memory_order_relaxed); }
 
 private:
     void worker_loop(int id);
@@ -67,7 +70,7 @@ private:
     const std::function<void(int, int)>* fn_ = nullptr;
     std::atomic<bool> stop_{false};
     int spin_us_ = 50;
-    std::atomic<uint64_t> wait_ns_{0};
+    std::atomic<uint64_t> wait_ns_{0}, phases_{0};
     std::atomic<int> linger_us_{-1};  // < 0: spin_us_
     int idle_spin_us() const { int l = linger_us_.load(std::memory_order_relaxed); return l < 0 ? spin_us_ : l; }
 

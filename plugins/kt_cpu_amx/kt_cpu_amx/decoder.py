@@ -13,7 +13,7 @@ with every linear on ``KLinearCPU`` (one runtime) and its norms RMSNorms (checke
   on ``KExpertsCPU``, shared experts on ``KLinearCPU``).
 The layer then runs as ``Runtime.decoder_step`` (csrc/decoder.cpp) on the same packed weights, or for several
 sequences at once as ``Runtime.decoder_step_batch`` (``FusedLayers.step_batch``: the linears as one B-row GEMM,
-on the int8 tile kernel from 4 rows, each sequence's attention over its own blocks; GQA only): the same
+on the int8 tile kernel from 4 rows, each sequence's attention over its own blocks, latent attention's too): the same
 quantized GEMMs as the ops, with norms, rotary, attention, routing and residuals in C++, so outputs match the
 module path to float rounding (GQA) or to the absorbed key's int8 rounding (MLA), not bit for bit.
 ``KT_CPU_FUSE=0`` turns it off.
@@ -239,22 +239,36 @@ class FusedLayers:
     @property
     def batch_problem(self) -> str | None:
         """Why ``step_batch`` cannot run these layers, or ``None``."""
-        if self.layers[0].kind == "mla":
-            return "kt_cpu_amx's fused latent attention decodes one sequence per step"
         return None
+
+    def _rotary(self, position_embeddings, rows: int):
+        """``(cos, sin)`` float32 tables of ``rows`` rows for the native call: GQA's two ``[rows, 1, head_dim]``
+        tensors, or latent attention's complex factors ``[rows, 1, rope_dim / 2]`` as adjacent (cos, sin) pairs
+        (then both the same tensor)."""
+        mla = self.layers[0].kind == "mla"
+        if mla:
+            if not (torch.is_tensor(position_embeddings) and position_embeddings.is_complex()):
+                raise ValueError("kt_cpu_amx fused decode: latent attention takes complex rotary factors")
+            cos = sin = torch.view_as_real(position_embeddings.to(torch.complex64)).contiguous()
+            width = 2 * cos.shape[-2]
+        else:
+            cos, sin = (t.to(torch.float32).contiguous() for t in position_embeddings)
+            width = cos.shape[-1]
+        expected = self.layers[0].rope_dim if mla else self.layers[0].head_dim
+        if width != expected or cos.numel() != rows * width:
+            raise ValueError(f"kt_cpu_amx fused decode: the rotary tables must be {rows} rows of {expected}; got "
+                             f"{tuple(cos.shape)}")
+        return cos, sin
 
     def step_batch(self, hidden: torch.Tensor, position_embeddings, positions: torch.Tensor, tables: torch.Tensor,
                    block_size: int) -> None:
-        """One step of B sequences: ``hidden`` ``[B, 1, H]`` (updated in place), rotary tables ``[B, 1, D]``,
-        ``positions`` int32 ``[B]``, ``tables`` int32 ``[B, width]`` (each row's blocks of its layers' pools)."""
-        if self.batch_problem:
-            raise ValueError(self.batch_problem)
-        cos, sin = (t.to(torch.float32).contiguous() for t in position_embeddings)
+        """One step of B sequences: ``hidden`` ``[B, 1, H]`` (updated in place), the rotary module's output for
+        their positions, ``positions`` int32 ``[B]``, ``tables`` int32 ``[B, width]`` (each row's blocks of its
+        layers' pools)."""
         batch = hidden.shape[0]
-        if hidden.dtype is not torch.float32 or not hidden.is_contiguous() or cos.shape[-1] != self.layers[0].head_dim \
-                or cos.numel() != batch * cos.shape[-1]:
-            raise ValueError(f"kt_cpu_amx fused decode: hidden must be contiguous float32 [B, 1, H] and the rotary "
-                             f"tables [B, 1, {self.layers[0].head_dim}]; got {hidden.dtype}, {tuple(cos.shape)}")
+        if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
+            raise ValueError(f"kt_cpu_amx fused decode: hidden must be contiguous float32 [B, 1, H]; got {hidden.dtype}")
+        cos, sin = self._rotary(position_embeddings, batch)
         for t, what in ((positions, "positions"), (tables, "tables")):
             if t.dtype is not torch.int32 or not t.is_contiguous() or t.shape[0] != batch:
                 raise ValueError(f"kt_cpu_amx fused decode: {what} must be contiguous int32 with {batch} rows")
@@ -265,19 +279,9 @@ class FusedLayers:
                                         positions.data_ptr(), tables.data_ptr(), tables.shape[1], int(block_size))
 
     def step(self, hidden: torch.Tensor, position_embeddings, position: int, slot_offset: int = 0) -> None:
-        mla = self.layers[0].kind == "mla"
-        if mla:  # complex rotary factors, one per pair: (cos, sin) adjacent
-            if not (torch.is_tensor(position_embeddings) and position_embeddings.is_complex()):
-                raise ValueError("kt_cpu_amx fused decode: latent attention takes complex rotary factors")
-            cos = sin = torch.view_as_real(position_embeddings.to(torch.complex64)).contiguous()
-            width = 2 * cos.shape[-2]
-        else:
-            cos, sin = (t.to(torch.float32).contiguous() for t in position_embeddings)
-            width = cos.shape[-1]
-        expected = self.layers[0].rope_dim if mla else self.layers[0].head_dim
-        if hidden.dtype is not torch.float32 or not hidden.is_contiguous() or width != expected:
-            raise ValueError(f"kt_cpu_amx fused decode: hidden must be contiguous float32 and the rotary tables "
-                             f"{expected} wide; got {hidden.dtype}, {width}")
+        if hidden.dtype is not torch.float32 or not hidden.is_contiguous():
+            raise ValueError(f"kt_cpu_amx fused decode: hidden must be contiguous float32; got {hidden.dtype}")
+        cos, sin = self._rotary(position_embeddings, 1)
         if slot_offset != self._slot_offset:
             self._point_at(slot_offset)
         share_cores(1, self.torch_threads)

@@ -1,7 +1,9 @@
 """Batched fused decode (``Runtime.decoder_step_batch`` through ``FusedDecode.step_batch``, which the engine's
 ``ModelRunner.decode`` takes for a CPU batch): four sequences of different lengths, their blocks scattered in the
 pool, one engine decode step together against each sequence's fused step alone and against the module path's
-step of the same batch, from the same paged-cache state, on tiny Q8_0 GGUF models with every linear on KLinearCPU.
+step of the same batch, from the same paged-cache state, on tiny Q8_0 GGUF models with every linear on KLinearCPU
+(Llama, Qwen3, and DeepSeek-V2: latent attention over each sequence's blocks, MoE; the experts' int8 tile kernel
+is switched off with the linears' for the exact test).
 
 With the int8 tile kernel off (``i8_min_rows`` above the batch), a row's linears run the same integer-dot
 kernels on the same int8 rows as alone, and attention reads the same floats in the same order block by block:
@@ -31,7 +33,9 @@ from ktcore.generate import SamplingParams
 from ktcore.inject import load_model
 from ktcore.registry import get_registry
 from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR
+from ktcore.testing import tiny_model
 from ktcore.weights import open_source
+from ktcore.weights.state_dict import StateDictSource
 
 STEPS = 6
 MAX_TIE_GAP = 2e-2  # relative to the largest logit; the batched rows' own error bound above
@@ -41,8 +45,12 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return ((a - b).norm(dim=-1) / b.norm(dim=-1)).tolist()
 
 
+RULES = {"llama": "llama-cpu.yaml", "qwen3": "llama-cpu.yaml", "deepseek_v2": "deepseek_v2-cpu.yaml"}
+FAMILIES = list(RULES)
+
+
 def _engine(family: str, tmp_path):
-    engine, seqs = started_batch(family, tmp_path, rules="llama-cpu.yaml")
+    engine, seqs = started_batch(family, tmp_path, rules=RULES[family])
     fused = engine.runner.fused_runner()
     assert fused is not None and fused.batch_problem is None, engine.runner.fused_problem
     return engine, seqs, fused
@@ -78,20 +86,20 @@ def _steps(engine, seqs, fused):
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fused_batch_exact_without_int8_tiles(family, tmp_path, isa):
     engine, seqs, fused = _engine(family, tmp_path)
     runtime = fused.fused.runtime
-    runtime.i8_min_rows = 1 << 20
+    runtime.i8_min_rows = runtime.amx_min_expert_rows = 1 << 20  # the experts' tile kernel too
     try:
         out = _steps(engine, seqs, fused)
     finally:
-        runtime.i8_min_rows = 4
+        runtime.i8_min_rows, runtime.amx_min_expert_rows = 4, 4
     for batched, solo in zip(out["batched"], out["solo"]):
         assert torch.equal(batched, solo)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_fused_batch_within_rounding_of_solo_and_module(family, tmp_path, isa):
     engine, seqs, fused = _engine(family, tmp_path)
     assert fused.fused.runtime.i8_min_rows <= len(seqs)
@@ -100,8 +108,56 @@ def test_fused_batch_within_rounding_of_solo_and_module(family, tmp_path, isa):
         errors = [e for b, r in zip(out["batched"], out[ref]) for e in _rel(b, r)]
         same = sum(int((b.argmax(-1) == r.argmax(-1)).sum()) for b, r in zip(out["batched"], out[ref]))
         assert max(errors) <= 2e-2, (ref, errors)
-        assert sorted(errors)[len(errors) // 2] <= 1e-5, (ref, errors)
+        # DeepSeek-V2 against the module path: the fused router's sums in another order than torch's matmul
+        # (test_cpu_amx_fused_decode.py's bound for one sequence, 1e-2) move its median
+        median = 1e-2 if family == "deepseek_v2" and ref == "module" else 1e-5
+        assert sorted(errors)[len(errors) // 2] <= median, (ref, errors)
         assert same >= 0.9 * len(errors), (ref, errors)
+
+
+def test_fused_batch_deepseek_v2_float_weights_against_transformers(isa):
+    """Float weights (online int8, groups of 16): the absorbed products through W_k transposed (``wkt``) and int8
+    activations, B rows per head. Four sequences decoded together by the engine, each step's logits against
+    plain Transformers teacher-forced on that sequence, held to the bound of the one-sequence test
+    (test_cpu_amx_fused_decode.py): mean relative error <= 1.25x the module path's + 1e-2, greedy tokens equal
+    to the module path's in >= 7 of 8."""
+    hf = tiny_model("deepseek_v2", seed=0)
+    model, _ = load_model(StateDictSource(hf), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
+                          progress=False)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (13, 4, 30, 9)]
+    engine = EngineCore(model, None, max_context=64, max_concurrency=4)
+    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=32, ignore_eos=True), text=False) for p in prompts]
+    for s in seqs:
+        engine.add(s)
+    while any(not s.generated for s in seqs):
+        engine.step()
+    fused = engine.runner.fused_runner()
+    assert fused is not None and fused.batch_problem is None, engine.runner.fused_problem
+    assert all(len(layer.wkt) > 0 for layer in fused.fused.layers)
+    runner, fused_err, module_err, same, rows = engine.runner, [], [], 0, 0
+    for _ in range(2):
+        kvs = [s.kv for s in seqs]
+        for kv in kvs:
+            engine.cache.reserve(kv, kv.length + 1)
+        lengths = [kv.length for kv in kvs]
+        tokens = [s.tokens[-1] for s in seqs]
+        batched = runner.decode(tokens, kvs)
+        for kv, length in zip(kvs, lengths):
+            kv.length = length
+        module = runner.forward([[t] for t in tokens], kvs)
+        with torch.inference_mode():
+            ref = torch.cat([hf(torch.tensor([s.tokens])).logits[:, -1] for s in seqs]).float()
+        fused_err += _rel(batched, ref)
+        module_err += _rel(module, ref)
+        same += int((batched.argmax(-1) == module.argmax(-1)).sum())
+        rows += len(seqs)
+        for s, row in zip(seqs, module):
+            s.tokens.append(int(row.argmax()))
+    fused_mean, module_mean = sum(fused_err) / rows, sum(module_err) / rows
+    print("fused, module mean errors:", fused_mean, module_mean)
+    assert fused_mean <= 1.25 * module_mean + 1e-2, (fused_err, module_err)
+    assert same >= 7, (same, rows)
 
 
 def test_fused_batch_refuses_bad_tables(tmp_path):
