@@ -49,6 +49,27 @@ def test_repack_is_exact(type_name):
     torch.testing.assert_close(repack.unpack(pm), ref, rtol=1e-6, atol=0)
 
 
+def _packing(pm) -> tuple:
+    return (pm.n, pm.k, pm.bits, pm.group, pm.zero_point, pm.half_scales, pm.sub8_scales, pm.sub16_scales,
+            pm.iq_type, pm.buffers())
+
+
+@pytest.mark.parametrize("type_name", EXACT_TYPES + ("IQ4_XS", "F32-int8", "F32-int4"))
+def test_repack_threads_give_the_same_bytes(type_name):
+    """Rows are shared among the threads at load: any thread count packs the bytes one thread packs (a matrix big
+    enough to be split, 437 rows so that the slices differ in size)."""
+    shape = (437, 1024)
+    if type_name.startswith("F32"):
+        qt, bits = float_tensor(torch.randn(shape, generator=torch.Generator().manual_seed(3))), int(type_name[-1])
+    else:
+        qt, bits = random_blocks(type_name, shape, seed=3), 8
+    (one,) = repack.pack_matrices(qt, bits, threads=1)
+    for threads in (2, 3, 8):
+        (many,) = repack.pack_matrices(qt, bits, threads=threads)
+        assert _packing(many) == _packing(one), threads
+    assert sum(map(len, one.buffers().values())) == one.nbytes
+
+
 def test_repack_splits_experts():
     qt = random_blocks("Q4_K", (3, 32, 256), seed=2)
     mats = repack.pack_matrices(qt)
