@@ -6,8 +6,8 @@ releases the GIL while the disk works). Where ``sendfile`` fails it falls back t
 per 128 KiB. Few calls matter: a thread that takes the GIL back after every chunk waits for the busy main thread
 to hand it over (Python's 5 ms switch interval) and interrupts it each time; with 1,900 WILLNEED chunks (Gemma 3
 270M's 241 MiB) it slowed a CPU-bound main thread by half and itself finished only when the main thread did.
-The CLI calls it with MODEL as soon as the path is checked, before torch is imported; ``GGUFSource`` calls it with the
-files it opened (a file already asked for is not asked for again). Files that together take more than half of
+The CLI calls it with MODEL as soon as the path is checked, before torch is imported; ``GGUFSource`` calls it
+with the files it opened (a file already asked for is not asked for again). Files that together take more than half of
 the memory available are left alone: reading them ahead would only push out pages that loading needs.
 
 Needs no torch, so that it can run before the heavy imports.
