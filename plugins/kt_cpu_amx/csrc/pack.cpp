@@ -3,10 +3,12 @@
 #include "iq.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string_view>
 #include <thread>
@@ -195,29 +197,34 @@ static inline float rd_half(const uint8_t* p) {
     return fp16_to_fp32(h);
 }
 
-// fn(r0, r1) over `threads` contiguous slices of rows [0, n) at once (the calling thread takes the first). Rows
-// are packed independently, so the bytes do not depend on the split. A thread gets at least kPerThread elements
-// (starting one costs tens of microseconds).
+// fn(r0, r1) over slices of rows [0, n) of about kSlice elements, claimed by `threads` threads (the calling thread
+// among them) until none is left: a thread the scheduler holds back (a busy machine) leaves its share to the others
+// instead of holding up the call. Rows are packed independently, so the bytes do not depend on the split. Matrices
+// of fewer than two slices stay on the calling thread (starting a thread costs tens of microseconds).
 template <class F>
 static void parallel_rows(int n, size_t row_elems, int threads, const F& fn) {
-    constexpr size_t kPerThread = size_t(1) << 17;
-    const int t = int(std::min<size_t>({size_t(std::max(threads, 1)), size_t(std::max(n, 1)),
-                                        size_t(n) * row_elems / kPerThread}));
+    constexpr size_t kSlice = size_t(1) << 16;
+    const int rows = int(std::max<size_t>(1, kSlice / std::max<size_t>(row_elems, 1)));
+    const int slices = (n + rows - 1) / rows;
+    const int t = std::min(std::max(threads, 1), slices);
     if (t <= 1) return fn(0, n);
-    std::vector<std::thread> workers;
-    std::vector<std::exception_ptr> errors(t);
-    auto slice = [&](int i) {
+    std::atomic<int> next{0};
+    std::mutex mu;
+    std::exception_ptr error;
+    auto work = [&] {
         try {
-            fn(int(int64_t(n) * i / t), int(int64_t(n) * (i + 1) / t));
+            for (int s; (s = next.fetch_add(1)) < slices;) fn(s * rows, std::min(n, (s + 1) * rows));
         } catch (...) {
-            errors[i] = std::current_exception();
+            std::lock_guard<std::mutex> lock(mu);
+            if (!error) error = std::current_exception();
+            next = slices;
         }
     };
-    for (int i = 1; i < t; ++i) workers.emplace_back(slice, i);
-    slice(0);
+    std::vector<std::thread> workers;
+    for (int i = 1; i < t; ++i) workers.emplace_back(work);
+    work();
     for (auto& w : workers) w.join();
-    for (auto& e : errors)
-        if (e) std::rethrow_exception(e);
+    if (error) std::rethrow_exception(error);
 }
 
 // ---------------------------------------------------------------------------------------------- GGUF
