@@ -77,19 +77,19 @@ PYBIND11_MODULE(_kernels, m) {
 #endif
 
     py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedMatrix")
-        .def_static("from_gguf", [](const std::string& type, uintptr_t raw, int n, int k, int threads) {
+        .def_static("from_gguf", [](const std::string& type, uintptr_t raw, int n, int k, std::shared_ptr<Runtime> rt) {
             auto p = std::make_shared<PackedMatrix>();
             py::gil_scoped_release nogil;
-            pack_gguf(*p, type, ptr<const uint8_t>(raw), n, k, threads);
+            pack_gguf(*p, type, ptr<const uint8_t>(raw), n, k, rt ? &rt->pool() : nullptr);
             return p;
-        }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("n"), py::arg("k"), py::arg("threads") = 1,
-           "Repack n rows of k weights of GGUF blocks; `threads` threads share the rows (same bytes for any count).")
-        .def_static("from_float", [](uintptr_t w, int n, int k, int bits, int threads) {
+        }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("n"), py::arg("k"), py::arg("runtime") = py::none(),
+           "Repack n rows of k weights of GGUF blocks, on the runtime's threads if given (the same bytes either way).")
+        .def_static("from_float", [](uintptr_t w, int n, int k, int bits, std::shared_ptr<Runtime> rt) {
             auto p = std::make_shared<PackedMatrix>();
             py::gil_scoped_release nogil;
-            pack_float(*p, ptr<const float>(w), n, k, bits, threads);
+            pack_float(*p, ptr<const float>(w), n, k, bits, rt ? &rt->pool() : nullptr);
             return p;
-        }, py::arg("w_ptr"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("threads") = 1)
+        }, py::arg("w_ptr"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("runtime") = py::none())
         .def("unpack", [](const PackedMatrix& p, uintptr_t out) {
             py::gil_scoped_release nogil;
             unpack_to_float(p, ptr<float>(out));

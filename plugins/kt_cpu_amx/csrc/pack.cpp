@@ -1,9 +1,9 @@
 #include "pack.h"
 
 #include "iq.h"
+#include "pool.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -11,7 +11,6 @@
 #include <mutex>
 #include <stdexcept>
 #include <string_view>
-#include <thread>
 #include <vector>
 
 #include <sys/mman.h>
@@ -197,33 +196,28 @@ static inline float rd_half(const uint8_t* p) {
     return fp16_to_fp32(h);
 }
 
-// fn(r0, r1) over slices of rows [0, n) of about kSlice elements, claimed by `threads` threads (the calling thread
-// among them) until none is left: a thread the scheduler holds back (a busy machine) leaves its share to the others
-// instead of holding up the call. Rows are packed independently, so the bytes do not depend on the split. Matrices
-// of fewer than two slices stay on the calling thread (starting a thread costs tens of microseconds).
+// fn(r0, r1) over slices of rows [0, n) of about kSlice elements, spread over `pool` (a runtime's: its workers claim
+// slices until none is left, and one the scheduler holds back on a busy machine does not hold up the call, as
+// threads started per matrix did). Rows are packed independently, so the bytes do not depend on the split. No
+// pool, or a matrix of one slice: the calling thread alone.
 template <class F>
-static void parallel_rows(int n, size_t row_elems, int threads, const F& fn) {
+static void parallel_rows(int n, size_t row_elems, Pool* pool, const F& fn) {
     constexpr size_t kSlice = size_t(1) << 16;
     const int rows = int(std::max<size_t>(1, kSlice / std::max<size_t>(row_elems, 1)));
     const int slices = (n + rows - 1) / rows;
-    const int t = std::min(std::max(threads, 1), slices);
-    if (t <= 1) return fn(0, n);
-    std::atomic<int> next{0};
+    if (!pool || pool->size() <= 1 || slices < 2) return fn(0, n);
     std::mutex mu;
     std::exception_ptr error;
-    auto work = [&] {
-        try {
-            for (int s; (s = next.fetch_add(1)) < slices;) fn(s * rows, std::min(n, (s + 1) * rows));
-        } catch (...) {
-            std::lock_guard<std::mutex> lock(mu);
-            if (!error) error = std::current_exception();
-            next = slices;
-        }
-    };
-    std::vector<std::thread> workers;
-    for (int i = 1; i < t; ++i) workers.emplace_back(work);
-    work();
-    for (auto& w : workers) w.join();
+    pool->run([&] {
+        pool->parallel_for(slices, [&](int s, int) {
+            try {
+                fn(s * rows, std::min(n, (s + 1) * rows));
+            } catch (...) {  // a worker must not throw: the first error is rethrown on the caller's thread
+                std::lock_guard<std::mutex> lock(mu);
+                if (!error) error = std::current_exception();
+            }
+        });
+    });
     if (error) std::rethrow_exception(error);
 }
 
@@ -390,7 +384,7 @@ static void store_group(PackedMatrix& out, int r, int gi, const Group& g) {
 
 // Q4_K with its sub-scales kept: the nibbles as decode_block lays them out, sc / m as uint8 and, per super-block,
 // d and -dmin as floats (the decoded scale d * sc and min -(dmin * m) are the same float products).
-static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k, int threads) {
+static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k, Pool* pool) {
     alloc_matrix(out, n, k, 4);
     const int G = out.groups(), nb = k / ti.block;
     out.scales = Buffer(size_t(n) * G, true);
@@ -398,7 +392,7 @@ static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
     out.sup_scales = Buffer(size_t(n) * nb * sizeof(float), true);
     out.sup_mins = Buffer(size_t(n) * nb * sizeof(float), true);
     out.sub8_scales = true;
-    parallel_rows(n, size_t(k), threads, [&](int r0, int r1) {
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
         Group g[16];
         for (int r = r0; r < r1; ++r) {
             const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
@@ -426,7 +420,7 @@ static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
 // sub-scales (Q5_K: 6-bit sc and m, one per two groups; Q6_K: int8 sc) as int8 and, per super-block, d (and
 // Q5_K's -dmin) as floats: the decoded scale d * sc (and min -(dmin * m)) are the same float products. Q6_K's
 // min is -32 * scale: zero point 32, no mins.
-static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k, int threads) {
+static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k, Pool* pool) {
     const bool q6 = std::string(ti.name) == "Q6_K";
     alloc_matrix(out, n, k, 8);
     const int G = out.groups(), nb = k / ti.block;
@@ -436,7 +430,7 @@ static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
     out.sup_mins = Buffer(q6 ? 0 : size_t(n) * nb * sizeof(float), true);
     out.sub16_scales = true;
     out.zero_point = q6 ? 32 : 0;
-    parallel_rows(n, size_t(k), threads, [&](int r0, int r1) {
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
         Group g[16];
         for (int r = r0; r < r1; ++r) {
             const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
@@ -467,18 +461,18 @@ static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
     });
 }
 
-void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k, int threads) {
+void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k, Pool* pool) {
     if (const int iq = iq_type_for(type)) return pack_iq(out, iq, raw, n, k);
     const TypeInfo* ti = find_type(type);
     if (!ti) throw std::invalid_argument("kt_cpu_amx: GGML type " + type + " has no exact repacking");
     if (k % ti->block)
         throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
                                     type + "'s block of " + std::to_string(ti->block));
-    if (type == "Q4_K") return pack_q4k_sub8(out, *ti, raw, n, k, threads);
-    if (type == "Q5_K" || type == "Q6_K") return pack_k8_sub16(out, *ti, raw, n, k, threads);
+    if (type == "Q4_K") return pack_q4k_sub8(out, *ti, raw, n, k, pool);
+    if (type == "Q5_K" || type == "Q6_K") return pack_k8_sub16(out, *ti, raw, n, k, pool);
     alloc_matrix(out, n, k, ti->bits);
     const int nb = k / ti->block;
-    parallel_rows(n, size_t(k), threads, [&](int r0, int r1) {
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
         Group g[16];
         for (int r = r0; r < r1; ++r) {
             const uint8_t* row = raw + size_t(r) * nb * ti->type_size;
@@ -494,11 +488,11 @@ void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, i
     maybe_halve(out);
 }
 
-void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits, int threads) {
+void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits, Pool* pool) {
     if (bits != 4 && bits != 8) throw std::invalid_argument("kt_cpu_amx: online quantization takes 4 or 8 bits");
     alloc_matrix(out, n, k, bits);
     const int gs = out.group;
-    parallel_rows(n, size_t(k), threads, [&](int r0, int r1) {
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
         Group g;
         for (int r = r0; r < r1; ++r) {
             const float* x = w + size_t(r) * k;

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import default_threads, kernels
+from .runtime import kernels
 
 EXACT_4BIT = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 EXACT_8BIT = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
@@ -52,12 +52,10 @@ def _raw_bytes(qt) -> torch.Tensor:
     return data.contiguous()
 
 
-def pack_matrices(qt, bits_for_float: int = 8, threads: int | None = None) -> list:
+def pack_matrices(qt, bits_for_float: int = 8, runtime=None) -> list:
     """``PackedMatrix`` per 2-D matrix of ``qt`` (one for ``[n, k]``, one per expert for ``[E, n, k]``), each
-    repacked by ``threads`` threads (default: the runtime's, ``runtime.default_threads``; the bytes are the same
-    for any count)."""
+    repacked on ``runtime``'s threads when given (``runtime.get_runtime``; the bytes are the same either way)."""
     k_mod = kernels()
-    threads = int(threads) if threads else default_threads()
     shape = tuple(qt.shape)
     if len(shape) not in (2, 3):
         raise ValueError(f"kt_cpu_amx: tensor '{qt.name}' has shape {shape}; expected [n, k] or [experts, n, k]")
@@ -69,11 +67,11 @@ def pack_matrices(qt, bits_for_float: int = 8, threads: int | None = None) -> li
         if per * count != raw.numel():
             raise ValueError(f"kt_cpu_amx: tensor '{qt.name}' holds {raw.numel()} bytes, not {count} equal matrices")
         base = raw.data_ptr()
-        out = [k_mod.PackedMatrix.from_gguf(qt.ggml_type, base + i * per, n, k, threads) for i in range(count)]
+        out = [k_mod.PackedMatrix.from_gguf(qt.ggml_type, base + i * per, n, k, runtime) for i in range(count)]
         del raw  # the packed copies own their memory
         return out
     w = to_float32(qt).reshape(count, n, k).contiguous()
-    return [k_mod.PackedMatrix.from_float(w[i].data_ptr(), n, k, bits_for_float, threads) for i in range(count)]
+    return [k_mod.PackedMatrix.from_float(w[i].data_ptr(), n, k, bits_for_float, runtime) for i in range(count)]
 
 
 def unpack(pm) -> torch.Tensor:
