@@ -65,6 +65,32 @@ def test_read_ahead_starts_when_the_file_fits(model_file, monkeypatch):
     assert readahead.read_ahead([model_file]) is None  # asked for once
 
 
+def test_read_ahead_takes_the_gil_back_a_few_times_per_file(model_file, monkeypatch):
+    """The file is read by sendfile in chunks of 64 MiB (a thread that takes the GIL back per 128 KiB slows the main
+    thread); where sendfile fails, the rest is asked for with WILLNEED from where it stopped."""
+    monkeypatch.setattr(readahead, "available_memory", lambda: 64 << 20)
+    monkeypatch.setattr(readahead, "SEND_CHUNK", 256 << 10)
+    sent, advised = [], []
+    real_sendfile = os.sendfile
+
+    def sendfile(out, fd, offset, count):
+        sent.append((offset, count))
+        if len(sent) == 3 and fail:
+            raise OSError("sendfile refused")
+        return real_sendfile(out, fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(offset))
+    size = model_file.stat().st_size  # 1 MiB + 4 bytes
+    for fail in (False, True):
+        sent.clear(), advised.clear(), readahead.forget()
+        readahead.read_ahead([model_file]).join(10)
+        assert [o for o, _ in sent] == ([0, 256 << 10, 512 << 10, 768 << 10, 1 << 20] if not fail else
+                                        [0, 256 << 10, 512 << 10])
+        assert sum(c for _, c in sent) == size or fail
+        assert advised == ([] if not fail else list(range(512 << 10, size, readahead.CHUNK)))
+
+
 @pytest.mark.parametrize("available", [None, 1 << 20, 3 << 19])
 def test_read_ahead_skips_a_file_larger_than_half_the_memory(model_file, monkeypatch, available):
     monkeypatch.setattr(readahead, "available_memory", lambda: available)
@@ -81,9 +107,11 @@ def test_placement_reads_the_same_available_memory(monkeypatch):
 
 
 def test_read_ahead_asks_for_every_chunk_of_the_file(model_file, monkeypatch):
-    # Linux honours at most one readahead window per call, so one call for the whole file would read its start
+    # where sendfile fails: Linux honours at most one readahead window per WILLNEED call, so one call for the whole
+    # file would read its start
     asked = []
     monkeypatch.setattr(readahead, "available_memory", lambda: 64 << 20)
+    monkeypatch.setattr(readahead.os, "sendfile", lambda *a: (_ for _ in ()).throw(OSError("no sendfile")))
     monkeypatch.setattr(readahead.os, "posix_fadvise", lambda fd, offset, length, advice: asked.append(
         (offset, length, advice)))
     readahead.read_ahead([model_file]).join(10)

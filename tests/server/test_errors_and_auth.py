@@ -81,6 +81,27 @@ def test_oversized_prompt(http, model_name, server):
     _still_serving(http, model_name)
 
 
+def test_the_vocabulary_is_walked_only_for_a_prompt_that_could_overflow():
+    from types import SimpleNamespace
+
+    from ktcore.server.common import APIError, ServerState, check_prompt_chars
+
+    class Tokenizer:
+        calls = 0
+
+        def get_vocab(self):
+            Tokenizer.calls += 1
+            return {"a": 0, "abc": 1, "<|end|>": 2}
+
+    state = ServerState(engine=SimpleNamespace(max_context=10), tokenizer=Tokenizer(), model=None)
+    check_prompt_chars(state, 10, "prompt")
+    assert Tokenizer.calls == 0 and state.max_token_chars == 0
+    check_prompt_chars(state, 70, "prompt")  # 10 tokens of 7 characters could hold it
+    with pytest.raises(APIError, match="71 characters.*at most 7 characters"):
+        check_prompt_chars(state, 71, "prompt")
+    assert Tokenizer.calls == 1 and state.max_token_chars == 7
+
+
 def test_unknown_endpoint_is_an_openai_404(http):
     err = _openai_error(http.get("/v1/nothing-here"), 404)
     assert "/v1/nothing-here" in err["message"]

@@ -77,22 +77,31 @@ PYBIND11_MODULE(_kernels, m) {
 #endif
 
     py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedMatrix")
-        .def_static("from_gguf", [](const std::string& type, uintptr_t raw, int n, int k) {
+        .def_static("from_gguf", [](const std::string& type, uintptr_t raw, int n, int k, std::shared_ptr<Runtime> rt) {
             auto p = std::make_shared<PackedMatrix>();
             py::gil_scoped_release nogil;
-            pack_gguf(*p, type, ptr<const uint8_t>(raw), n, k);
+            pack_gguf(*p, type, ptr<const uint8_t>(raw), n, k, rt ? &rt->pool() : nullptr);
             return p;
-        }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("n"), py::arg("k"))
-        .def_static("from_float", [](uintptr_t w, int n, int k, int bits) {
+        }, py::arg("ggml_type"), py::arg("raw_ptr"), py::arg("n"), py::arg("k"), py::arg("runtime") = py::none(),
+           "Repack n rows of k weights of GGUF blocks, on the runtime's threads if given (the same bytes either way).")
+        .def_static("from_float", [](uintptr_t w, int n, int k, int bits, std::shared_ptr<Runtime> rt) {
             auto p = std::make_shared<PackedMatrix>();
             py::gil_scoped_release nogil;
-            pack_float(*p, ptr<const float>(w), n, k, bits);
+            pack_float(*p, ptr<const float>(w), n, k, bits, rt ? &rt->pool() : nullptr);
             return p;
-        }, py::arg("w_ptr"), py::arg("n"), py::arg("k"), py::arg("bits"))
+        }, py::arg("w_ptr"), py::arg("n"), py::arg("k"), py::arg("bits"), py::arg("runtime") = py::none())
         .def("unpack", [](const PackedMatrix& p, uintptr_t out) {
             py::gil_scoped_release nogil;
             unpack_to_float(p, ptr<float>(out));
         }, py::arg("out_ptr"), "Expand to float32 [n, k] at out_ptr.")
+        .def("buffers", [](const PackedMatrix& p) {
+            py::dict d;
+            const std::pair<const char*, const Buffer*> bufs[] = {
+                {"qs", &p.qs}, {"scales", &p.scales}, {"mins", &p.mins}, {"sup_scales", &p.sup_scales},
+                {"sup_mins", &p.sup_mins}};
+            for (const auto& [name, b] : bufs) d[name] = py::bytes(static_cast<const char*>(b->ptr), b->bytes);
+            return d;
+        }, "The packed bytes by buffer (qs, scales, mins, sup_scales, sup_mins), for tests that compare packings.")
         .def_readonly("n", &PackedMatrix::n)
         .def_readonly("k", &PackedMatrix::k)
         .def_readonly("bits", &PackedMatrix::bits)

@@ -1,14 +1,17 @@
 #include "pack.h"
 
 #include "iq.h"
+#include "pool.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <mutex>
 #include <stdexcept>
 #include <string_view>
+#include <vector>
 
 #include <sys/mman.h>
 
@@ -242,6 +245,31 @@ static inline float rd_half(const uint8_t* p) {
     return fp16_to_fp32(h);
 }
 
+// fn(r0, r1) over slices of rows [0, n) of about kSlice elements, spread over `pool` (a runtime's: its workers claim
+// slices until none is left, and one the scheduler holds back on a busy machine does not hold up the call, as
+// threads started per matrix did). Rows are packed independently, so the bytes do not depend on the split. No
+// pool, or a matrix of one slice: the calling thread alone.
+template <class F>
+static void parallel_rows(int n, size_t row_elems, Pool* pool, const F& fn) {
+    constexpr size_t kSlice = size_t(1) << 16;
+    const int rows = int(std::max<size_t>(1, kSlice / std::max<size_t>(row_elems, 1)));
+    const int slices = (n + rows - 1) / rows;
+    if (!pool || pool->size() <= 1 || slices < 2) return fn(0, n);
+    std::mutex mu;
+    std::exception_ptr error;
+    pool->run([&] {
+        pool->parallel_for(slices, [&](int s, int) {
+            try {
+                fn(s * rows, std::min(n, (s + 1) * rows));
+            } catch (...) {  // a worker must not throw: the first error is rethrown on the caller's thread
+                std::lock_guard<std::mutex> lock(mu);
+                if (!error) error = std::current_exception();
+            }
+        });
+    });
+    if (error) std::rethrow_exception(error);
+}
+
 // ---------------------------------------------------------------------------------------------- GGUF
 
 // One decoded group: unsigned values and the affine map w = scale * q + min.
@@ -405,7 +433,7 @@ static void store_group(PackedMatrix& out, int r, int gi, const Group& g) {
 
 // Q4_K with its sub-scales kept: the nibbles as decode_block lays them out, sc / m as uint8 and, per super-block,
 // d and -dmin as floats (the decoded scale d * sc and min -(dmin * m) are the same float products).
-static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k) {
+static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k, Pool* pool) {
     alloc_matrix(out, n, k, 4);
     const int G = out.groups(), nb = k / ti.block;
     out.scales = Buffer(size_t(n) * G, true);
@@ -413,33 +441,35 @@ static void pack_q4k_sub8(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
     out.sup_scales = Buffer(size_t(n) * nb * sizeof(float), true);
     out.sup_mins = Buffer(size_t(n) * nb * sizeof(float), true);
     out.sub8_scales = true;
-    Group g[16];
-    for (int r = 0; r < n; ++r) {
-        const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
-        uint8_t* sc = out.scales.as<uint8_t>() + size_t(r) * G;
-        uint8_t* mn = out.mins.as<uint8_t>() + size_t(r) * G;
-        float* ss = out.sup_scales.as<float>() + size_t(r) * nb;
-        float* sm = out.sup_mins.as<float>() + size_t(r) * nb;
-        uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
-        for (int b = 0; b < nb; ++b) {
-            const uint8_t* blk = row + size_t(b) * ti.type_size;
-            decode_block(ti, blk, g);
-            ss[b] = rd_half(blk);
-            sm[b] = -rd_half(blk + 2);
-            scales_mins_k4(blk + 4, sc + 8 * b, mn + 8 * b);
-            for (int j = 0; j < 8; ++j) {
-                uint8_t* qg = q + size_t(8 * b + j) * 16;
-                for (int l = 0; l < 16; ++l) qg[l] = uint8_t(g[j].q[l] | (g[j].q[l + 16] << 4));
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
+        Group g[16];
+        for (int r = r0; r < r1; ++r) {
+            const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
+            uint8_t* sc = out.scales.as<uint8_t>() + size_t(r) * G;
+            uint8_t* mn = out.mins.as<uint8_t>() + size_t(r) * G;
+            float* ss = out.sup_scales.as<float>() + size_t(r) * nb;
+            float* sm = out.sup_mins.as<float>() + size_t(r) * nb;
+            uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
+            for (int b = 0; b < nb; ++b) {
+                const uint8_t* blk = row + size_t(b) * ti.type_size;
+                decode_block(ti, blk, g);
+                ss[b] = rd_half(blk);
+                sm[b] = -rd_half(blk + 2);
+                scales_mins_k4(blk + 4, sc + 8 * b, mn + 8 * b);
+                for (int j = 0; j < 8; ++j) {
+                    uint8_t* qg = q + size_t(8 * b + j) * 16;
+                    for (int l = 0; l < 16; ++l) qg[l] = uint8_t(g[j].q[l] | (g[j].q[l + 16] << 4));
+                }
             }
         }
-    }
+    });
 }
 
 // Q5_K and Q6_K with their sub-scales kept: the quants as decode_block lays them out (groups of 16), the
 // sub-scales (Q5_K: 6-bit sc and m, one per two groups; Q6_K: int8 sc) as int8 and, per super-block, d (and
 // Q5_K's -dmin) as floats: the decoded scale d * sc (and min -(dmin * m)) are the same float products. Q6_K's
 // min is -32 * scale: zero point 32, no mins.
-static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k) {
+static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* raw, int n, int k, Pool* pool) {
     const bool q6 = std::string(ti.name) == "Q6_K";
     alloc_matrix(out, n, k, 8);
     const int G = out.groups(), nb = k / ti.block;
@@ -449,86 +479,92 @@ static void pack_k8_sub16(PackedMatrix& out, const TypeInfo& ti, const uint8_t* 
     out.sup_mins = Buffer(q6 ? 0 : size_t(n) * nb * sizeof(float), true);
     out.sub16_scales = true;
     out.zero_point = q6 ? 32 : 0;
-    Group g[16];
-    for (int r = 0; r < n; ++r) {
-        const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
-        int8_t* sc = out.scales.as<int8_t>() + size_t(r) * G;
-        int8_t* mn = q6 ? nullptr : out.mins.as<int8_t>() + size_t(r) * G;
-        float* ss = out.sup_scales.as<float>() + size_t(r) * nb;
-        float* sm = q6 ? nullptr : out.sup_mins.as<float>() + size_t(r) * nb;
-        uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
-        for (int b = 0; b < nb; ++b) {
-            const uint8_t* blk = row + size_t(b) * ti.type_size;
-            decode_block(ti, blk, g);
-            if (q6) {
-                ss[b] = rd_half(blk + 208);
-                std::memcpy(sc + 16 * b, blk + 192, 16);
-            } else {
-                ss[b] = rd_half(blk);
-                sm[b] = -rd_half(blk + 2);
-                uint8_t s6[8], m6[8];
-                scales_mins_k4(blk + 4, s6, m6);
-                for (int j = 0; j < 8; ++j) {  // one 6-bit pair per two groups of 16
-                    sc[16 * b + 2 * j] = sc[16 * b + 2 * j + 1] = int8_t(s6[j]);
-                    mn[16 * b + 2 * j] = mn[16 * b + 2 * j + 1] = int8_t(m6[j]);
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
+        Group g[16];
+        for (int r = r0; r < r1; ++r) {
+            const uint8_t* row = raw + size_t(r) * nb * ti.type_size;
+            int8_t* sc = out.scales.as<int8_t>() + size_t(r) * G;
+            int8_t* mn = q6 ? nullptr : out.mins.as<int8_t>() + size_t(r) * G;
+            float* ss = out.sup_scales.as<float>() + size_t(r) * nb;
+            float* sm = q6 ? nullptr : out.sup_mins.as<float>() + size_t(r) * nb;
+            uint8_t* q = out.qs.as<uint8_t>() + size_t(r) * out.row_bytes();
+            for (int b = 0; b < nb; ++b) {
+                const uint8_t* blk = row + size_t(b) * ti.type_size;
+                decode_block(ti, blk, g);
+                if (q6) {
+                    ss[b] = rd_half(blk + 208);
+                    std::memcpy(sc + 16 * b, blk + 192, 16);
+                } else {
+                    ss[b] = rd_half(blk);
+                    sm[b] = -rd_half(blk + 2);
+                    uint8_t s6[8], m6[8];
+                    scales_mins_k4(blk + 4, s6, m6);
+                    for (int j = 0; j < 8; ++j) {  // one 6-bit pair per two groups of 16
+                        sc[16 * b + 2 * j] = sc[16 * b + 2 * j + 1] = int8_t(s6[j]);
+                        mn[16 * b + 2 * j] = mn[16 * b + 2 * j + 1] = int8_t(m6[j]);
+                    }
                 }
+                for (int j = 0; j < 16; ++j) std::memcpy(q + size_t(16 * b + j) * 16, g[j].q, 16);
             }
-            for (int j = 0; j < 16; ++j) std::memcpy(q + size_t(16 * b + j) * 16, g[j].q, 16);
         }
-    }
+    });
 }
 
-void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k) {
+void pack_gguf(PackedMatrix& out, const std::string& type, const uint8_t* raw, int n, int k, Pool* pool) {
     if (const int iq = iq_type_for(type)) return pack_iq(out, iq, raw, n, k);
     const TypeInfo* ti = find_type(type);
     if (!ti) throw std::invalid_argument("kt_cpu_amx: GGML type " + type + " has no exact repacking");
     if (k % ti->block)
         throw std::invalid_argument("kt_cpu_amx: row length " + std::to_string(k) + " is not a multiple of " +
                                     type + "'s block of " + std::to_string(ti->block));
-    if (type == "Q4_K") return pack_q4k_sub8(out, *ti, raw, n, k);
-    if (type == "Q5_K" || type == "Q6_K") return pack_k8_sub16(out, *ti, raw, n, k);
+    if (type == "Q4_K") return pack_q4k_sub8(out, *ti, raw, n, k, pool);
+    if (type == "Q5_K" || type == "Q6_K") return pack_k8_sub16(out, *ti, raw, n, k, pool);
     alloc_matrix(out, n, k, ti->bits);
     const int nb = k / ti->block;
-    Group g[16];
-    for (int r = 0; r < n; ++r) {
-        const uint8_t* row = raw + size_t(r) * nb * ti->type_size;
-        int gi = 0;
-        for (int b = 0; b < nb; ++b) {
-            int ng = decode_block(*ti, row + size_t(b) * ti->type_size, g);
-            for (int i = 0; i < ng; ++i) store_group(out, r, gi++, g[i]);
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
+        Group g[16];
+        for (int r = r0; r < r1; ++r) {
+            const uint8_t* row = raw + size_t(r) * nb * ti->type_size;
+            int gi = 0;
+            for (int b = 0; b < nb; ++b) {
+                int ng = decode_block(*ti, row + size_t(b) * ti->type_size, g);
+                for (int i = 0; i < ng; ++i) store_group(out, r, gi++, g[i]);
+            }
         }
-    }
+    });
     maybe_pair_groups(out);
     maybe_zero_point(out);
     maybe_halve(out);
 }
 
-void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits) {
+void pack_float(PackedMatrix& out, const float* w, int n, int k, int bits, Pool* pool) {
     if (bits != 4 && bits != 8) throw std::invalid_argument("kt_cpu_amx: online quantization takes 4 or 8 bits");
     alloc_matrix(out, n, k, bits);
     const int gs = out.group;
-    Group g;
-    for (int r = 0; r < n; ++r) {
-        const float* x = w + size_t(r) * k;
-        for (int gi = 0; gi < k / gs; ++gi) {
-            const float* v = x + gi * gs;
-            if (bits == 8) {            // symmetric int8, stored with +128
-                float amax = 0.f;
-                for (int j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(v[j]));
-                float d = amax / 127.f, id = d > 0 ? 1.f / d : 0.f;
-                for (int j = 0; j < gs; ++j) g.q[j] = uint8_t(int(std::nearbyint(v[j] * id)) + 128);
-                g.scale = d; g.min = -128.f * d;
-            } else {                    // asymmetric int4
-                float lo = v[0], hi = v[0];
-                for (int j = 1; j < gs; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
-                float d = (hi - lo) / 15.f, id = d > 0 ? 1.f / d : 0.f;
-                for (int j = 0; j < gs; ++j)
-                    g.q[j] = uint8_t(std::clamp(int(std::nearbyint((v[j] - lo) * id)), 0, 15));
-                g.scale = d; g.min = lo;
+    parallel_rows(n, size_t(k), pool, [&](int r0, int r1) {
+        Group g;
+        for (int r = r0; r < r1; ++r) {
+            const float* x = w + size_t(r) * k;
+            for (int gi = 0; gi < k / gs; ++gi) {
+                const float* v = x + gi * gs;
+                if (bits == 8) {            // symmetric int8, stored with +128
+                    float amax = 0.f;
+                    for (int j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(v[j]));
+                    float d = amax / 127.f, id = d > 0 ? 1.f / d : 0.f;
+                    for (int j = 0; j < gs; ++j) g.q[j] = uint8_t(int(std::nearbyint(v[j] * id)) + 128);
+                    g.scale = d; g.min = -128.f * d;
+                } else {                    // asymmetric int4
+                    float lo = v[0], hi = v[0];
+                    for (int j = 1; j < gs; ++j) { lo = std::min(lo, v[j]); hi = std::max(hi, v[j]); }
+                    float d = (hi - lo) / 15.f, id = d > 0 ? 1.f / d : 0.f;
+                    for (int j = 0; j < gs; ++j)
+                        g.q[j] = uint8_t(std::clamp(int(std::nearbyint((v[j] - lo) * id)), 0, 15));
+                    g.scale = d; g.min = lo;
+                }
+                store_group(out, r, gi, g);
             }
-            store_group(out, r, gi, g);
         }
-    }
+    });
     maybe_zero_point(out);
 }
 

@@ -46,7 +46,8 @@ class KExpertsGptOssCPU(GptOssExpertsOp):
     def load(self, weights: Mapping[str, "QuantizedTensor"]) -> None:  # noqa: F821
         self.check_weights(weights, down="down_proj_stored")
         mats = ("gate_proj", "up_proj", "down_proj_stored")
-        self.matrices = {n: repack.pack_matrices(weights[n], self.float_bits) for n in mats}
+        runtime = get_runtime(self.threads, self.isa)
+        self.matrices = {n: repack.pack_matrices(weights[n], self.float_bits, runtime) for n in mats}
         self.biases = {n: repack.to_float32(weights[n + "_bias"] if n != "down_proj_stored" else weights["down_proj_bias"]).clone()
                        for n in mats}
         self.ggml_types_loaded = {n: weights[n].ggml_type for n in mats}

@@ -62,7 +62,7 @@ class KLinearCPU(Op):
         if self.in_features % 32:
             raise ValueError(f"{self.name}: tensor '{qt.name}' has {self.in_features} inputs, not a multiple of 32")
         self.ggml_type = qt.ggml_type
-        (self.weight,) = repack.pack_matrices(qt, self.float_bits)
+        (self.weight,) = repack.pack_matrices(qt, self.float_bits, get_runtime(self.threads, self.isa))
         if weights.get("bias") is not None:
             self.bias = repack.to_float32(weights["bias"]).reshape(self.out_features).clone()
         self._bias = self._buffers["bias"]
@@ -190,7 +190,7 @@ class KExpertsCPU(Op):
             if name not in weights:
                 raise KeyError(f"{self.name}: no '{name}' tensor given (got {sorted(weights)})")
             check_shape(self.name, weights[name], shape)
-            packed[name] = repack.pack_matrices(weights[name], self.float_bits)
+            packed[name] = repack.pack_matrices(weights[name], self.float_bits, get_runtime(self.threads, self.isa))
         self.ggml_types_loaded = {n: weights[n].ggml_type for n in packed}
         self.layer = repack.kernels().MoeLayer(packed["gate_proj"], packed["up_proj"], packed["down_proj"],
                                                self.activation)

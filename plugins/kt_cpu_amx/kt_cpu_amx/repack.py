@@ -52,8 +52,9 @@ def _raw_bytes(qt) -> torch.Tensor:
     return data.contiguous()
 
 
-def pack_matrices(qt, bits_for_float: int = 8) -> list:
-    """``PackedMatrix`` per 2-D matrix of ``qt`` (one for ``[n, k]``, one per expert for ``[E, n, k]``)."""
+def pack_matrices(qt, bits_for_float: int = 8, runtime=None) -> list:
+    """``PackedMatrix`` per 2-D matrix of ``qt`` (one for ``[n, k]``, one per expert for ``[E, n, k]``), each
+    repacked on ``runtime``'s threads when given (``runtime.get_runtime``; the bytes are the same either way)."""
     k_mod = kernels()
     shape = tuple(qt.shape)
     if len(shape) not in (2, 3):
@@ -66,11 +67,11 @@ def pack_matrices(qt, bits_for_float: int = 8) -> list:
         if per * count != raw.numel():
             raise ValueError(f"kt_cpu_amx: tensor '{qt.name}' holds {raw.numel()} bytes, not {count} equal matrices")
         base = raw.data_ptr()
-        out = [k_mod.PackedMatrix.from_gguf(qt.ggml_type, base + i * per, n, k) for i in range(count)]
+        out = [k_mod.PackedMatrix.from_gguf(qt.ggml_type, base + i * per, n, k, runtime) for i in range(count)]
         del raw  # the packed copies own their memory
         return out
     w = to_float32(qt).reshape(count, n, k).contiguous()
-    return [k_mod.PackedMatrix.from_float(w[i].data_ptr(), n, k, bits_for_float) for i in range(count)]
+    return [k_mod.PackedMatrix.from_float(w[i].data_ptr(), n, k, bits_for_float, runtime) for i in range(count)]
 
 
 def unpack(pm) -> torch.Tensor:

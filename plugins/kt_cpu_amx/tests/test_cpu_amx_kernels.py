@@ -15,6 +15,7 @@ from torch import nn
 
 from kt_cpu_amx import repack
 from kt_cpu_amx.ops import KLinearCPU
+from kt_cpu_amx.runtime import get_runtime
 from ktcore.builtin.linear import KLinearTorch
 from ktcore.weights.tensor import QuantizedTensor
 
@@ -47,6 +48,48 @@ def test_repack_is_exact(type_name):
     assert pm.nbytes == 40 * 512 * PACKED_BYTES_PER_256[type_name] // 256
     ref = gguf_dequantize(qt)
     torch.testing.assert_close(repack.unpack(pm), ref, rtol=1e-6, atol=0)
+
+
+def _packing(pm) -> tuple:
+    return (pm.n, pm.k, pm.bits, pm.group, pm.zero_point, pm.half_scales, pm.sub8_scales, pm.sub16_scales,
+            pm.iq_type, pm.buffers())
+
+
+@pytest.mark.parametrize("type_name", EXACT_TYPES + ("IQ4_XS", "F32-int8", "F32-int4"))
+def test_repack_threads_give_the_same_bytes(type_name):
+    """Rows are shared among a runtime's threads at load: any thread count packs the bytes one thread packs (a
+    matrix big enough to be split, 437 rows so that the last slice is shorter)."""
+    shape = (437, 1024)
+    if type_name.startswith("F32"):
+        qt, bits = float_tensor(torch.randn(shape, generator=torch.Generator().manual_seed(3))), int(type_name[-1])
+    else:
+        qt, bits = random_blocks(type_name, shape, seed=3), 8
+    (one,) = repack.pack_matrices(qt, bits)
+    for threads in (1, 2, 3, 8):
+        (many,) = repack.pack_matrices(qt, bits, runtime=get_runtime(threads))
+        assert _packing(many) == _packing(one), threads
+    assert sum(map(len, one.buffers().values())) == one.nbytes
+
+
+def test_q8_0_is_packed_as_its_blocks_say():
+    """Q8_0's layout, byte for byte, on one thread and on a runtime's: q = int8 + 128, each block's fp16 d as its
+    group's scale, zero point 128, no mins; scales that are all zero keep the mins, an inf one keeps float scales."""
+    qt = random_blocks("Q8_0", (437, 1024), seed=4)
+    blocks = qt.data.numpy().reshape(-1, 34)
+    for runtime in (None, get_runtime(2)):
+        (pm,) = repack.pack_matrices(qt, runtime=runtime)
+        buffers = pm.buffers()
+        assert (pm.group, pm.zero_point, pm.half_scales, buffers["mins"]) == (32, 128, True, b"")
+        assert buffers["qs"] == (blocks[:, 2:] ^ 0x80).tobytes()
+        assert buffers["scales"] == blocks[:, :2].tobytes()
+    zero = blocks.copy()
+    zero[:, :2] = 0
+    (pm,) = repack.pack_matrices(QuantizedTensor("zero", "Q8_0", qt.shape, torch.from_numpy(zero.reshape(-1)), "test"))
+    assert pm.zero_point == 0 and torch.equal(repack.unpack(pm), torch.zeros(qt.shape))
+    inf = blocks.copy()
+    inf[5, :2] = np.array([np.inf], dtype=np.float16).view(np.uint8)
+    (pm,) = repack.pack_matrices(QuantizedTensor("inf", "Q8_0", qt.shape, torch.from_numpy(inf.reshape(-1)), "test"))
+    assert not pm.half_scales
 
 
 def test_repack_splits_experts():
