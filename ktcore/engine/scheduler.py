@@ -4,8 +4,9 @@ Each step runs one forward of prefill chunks and one decode step of every sequen
 so a long prompt is fed between decode steps of the others. The prefill rows are the running sequences with more
 than one pending token, in admission order, each at most ``prefill_chunk`` of them, while the rows times the
 longest chunk (the padded positions the forward computes) stay within ``prefill_budget`` and there are at most
-``max_prefill_rows``; the first row is always taken (one per step for models that cannot batch prefill). Sequences are admitted in arrival order while fewer than
-``max_concurrency`` run and the KV blocks for their first chunk are free. When a running sequence needs a block
+``max_prefill_rows``; the first row is always taken (one per step for models that cannot batch prefill).
+Sequences are admitted in arrival order while fewer than ``max_concurrency`` run and the KV blocks for their first
+chunk are free. When a running sequence needs a block
 and none is free, the most recently admitted sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed from its tokens (prompt and reply so far) when it is admitted again.
 """
