@@ -44,6 +44,8 @@ class Scheduler:
         self.max_concurrency = int(max_concurrency)
         self.prefill_chunk = int(prefill_chunk)
         self.prefill_budget = int(prefill_budget) if prefill_budget is not None else self.prefill_chunk
+        if self.prefill_budget < 1:
+            raise ValueError(f"prefill_budget must be >= 1, got {prefill_budget}")
         self.max_prefill_rows = int(max_prefill_rows) if max_prefill_rows is not None else self.max_concurrency
         self.on_admit = on_admit  # called with a sequence before its first chunk is reserved (prefix restore)
         self.on_preempt = on_preempt  # called with a sequence before its blocks are freed (prefix put)
