@@ -174,8 +174,9 @@ def test_concurrent_requests_prefill_together_and_equal_each_alone(family, ops):
 
 @pytest.mark.parametrize("family", ["llama", "deepseek_v2", "qwen3_moe"])
 def test_padded_prefill_with_cpu_amx_ops_within_rounding(family):
-    """kt-cpu-amx's ops quantize activations to int8, so a row's logits depend on its batch at rounding level
-    (plugins/kt_cpu_amx/tests/test_cpu_amx_batched_decode.py bounds the same for decode): five fresh prompts of
+    """kt-cpu-amx's linears pick their kernel by row count (fewer than 16 rows or more; int8 activations), so a
+    row's logits depend on its batch at rounding level (plugins/kt_cpu_amx/tests/test_cpu_amx_batched_decode.py
+    bounds the same for decode; greedy tokens can part at a near tie, so none are compared): five fresh prompts of
     different lengths in one padded forward against each alone through the same ops, every row within 2e-2 of
     the logits' scale and the same greedy token."""
     model = _model(family, "amx")
