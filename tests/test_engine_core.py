@@ -106,7 +106,7 @@ def test_scheduler_admits_up_to_max_concurrency_and_free_blocks(llama):
     batch = engine.scheduler.schedule()
     # two run (max_concurrency); the first prefills one chunk of 8, the second waits for its turn
     assert engine.running == seqs[:2] and list(engine.waiting) == seqs[2:]
-    assert batch.prefill == (seqs[0], 8) and batch.decode == []
+    assert batch.prefill == [(seqs[0], 8)] and batch.decode == []
     assert seqs[0].kv.blocks == [0]
 
 
@@ -118,7 +118,7 @@ def test_admission_waits_for_blocks(llama):
     sched.add(long)
     sched.add(short)
     batch = sched.schedule()
-    assert batch.prefill == (long, 8) and sched.running == [long]  # short needs 2 blocks, 1 is free
+    assert batch.prefill == [(long, 8)] and sched.running == [long]  # short needs 2 blocks, 1 is free
     assert list(sched.waiting) == [short]
 
 
@@ -154,7 +154,7 @@ def test_chunked_prefill_equals_unchunked(llama):
         while seq.pending > 1:
             batch = engine.scheduler.schedule()
             start = seq.kv.length
-            logits = engine.runner.forward([seq.tokens[start : start + batch.prefill[1]]], [seq.kv])
+            logits = engine.runner.forward([seq.tokens[start : start + batch.prefill[0][1]]], [seq.kv])
         rows[chunk] = logits[0]
         seq.accept(int(logits[0].argmax()))
         while engine.has_work:

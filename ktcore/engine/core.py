@@ -1,7 +1,7 @@
 """The engine: sequences in, tokens out, one ``step()`` at a time (synchronous; the server runs it on a thread,
 ``Generator`` drives it from the caller's thread).
 
-A step asks the scheduler for work (admission, preemption, one prefill chunk, the decode batch), runs the model
+A step asks the scheduler for work (admission, preemption, the prefill chunks of one forward, the decode batch), runs the model
 over the paged KV cache and samples the next token of every sequence whose pending tokens are all cached.
 Sequences that end are taken out; their full blocks go to the prefix store when there is one.
 """
@@ -59,11 +59,12 @@ class EngineCore:
     ``kv_blocks``: blocks in the paged cache (default: ``max_concurrency`` full contexts, at most
     ``DEFAULT_KV_TOKENS`` positions unless one context needs more; sequences beyond are preempted and
     recomputed); ``prefix_store``: a ``ktcore.prefix_cache.PrefixStore`` that finished sequences' full blocks go
-    to and admissions restore from."""
+    to and admissions restore from; ``prefill_budget``: most padded positions of one step's prefill forward
+    (several sequences' chunks of at most ``prefill_chunk`` each; default ``prefill_chunk``)."""
 
     def __init__(self, model, tokenizer, *, max_context: int, max_concurrency: int = 8, prefill_chunk: int = 512,
                  block_size: int = DEFAULT_BLOCK_SIZE, kv_blocks: int | None = None, cuda_graph: bool | None = None,
-                 prefix_store=None):
+                 prefix_store=None, prefill_budget: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_context = int(max_context)
         self.max_concurrency = int(max_concurrency)
@@ -84,10 +85,16 @@ class EngineCore:
                             type(model).__name__)
                 self.max_concurrency = 1
             prefix_store = None
-        self.scheduler = Scheduler(self.cache, self.max_concurrency, prefill_chunk)
+        self.scheduler = Scheduler(self.cache, self.max_concurrency, prefill_chunk, prefill_budget=prefill_budget)
         self.prefix: PrefixReuse | None = None
         self.set_prefix_store(prefix_store)
         self.runner = ModelRunner(model, self.cache, self.device, self.max_context, self.max_concurrency, cuda_graph)
+        problem = self.runner.prefill_batch_problem
+        if problem is not None and self.max_concurrency > 1:
+            from ..decode_graphs import log_once
+
+            log_once(f"batched prefill off (one sequence's chunk per step): {problem}")
+            self.scheduler.max_prefill_rows = 1
         self.eos_ids = end_token_ids(model, tokenizer)
         self.steps = 0
         self.max_batch_seen = 0
@@ -158,15 +165,15 @@ class EngineCore:
         if not batch:
             return []
         sampled = []
-        if batch.prefill is not None:
-            seq, n = batch.prefill
-            start = seq.kv.length
-            if start == 0 and self.cache.state_layers:
-                self.cache.reset_state()
-            logits = self.runner.forward([seq.tokens[start : start + n]], [seq.kv])
-            seq.prefilled += n
-            if seq.pending == 0:
-                sampled.append((seq, logits[0]))
+        if batch.prefill:
+            if self.cache.state_layers and batch.prefill[0][0].kv.length == 0:
+                self.cache.reset_state()  # such models prefill one sequence per step
+            logits = self.runner.forward([s.tokens[s.kv.length : s.kv.length + n] for s, n in batch.prefill],
+                                         [s.kv for s, _ in batch.prefill])
+            for (seq, n), row in zip(batch.prefill, logits):
+                seq.prefilled += n
+                if seq.pending == 0:
+                    sampled.append((seq, row))
         if batch.decode:
             seqs = batch.decode
             logits = self.runner.decode([s.tokens[-1] for s in seqs], [s.kv for s in seqs])

@@ -1,4 +1,5 @@
-"""Model calls over the paged cache: a prefill chunk of one sequence, and a decode step of a batch, the latter
+"""Model calls over the paged cache: prefill chunks of one or several sequences (one forward, rows padded to the
+longest), and a decode step of a batch, the latter
 through a captured CUDA graph per batch bucket (``ktcore.decode_graphs``), or on the CPU through fused decoder
 layers (``ktcore.fused_decode``: one sequence in a contiguous run of blocks by ``step``, a batch or a scattered
 sequence by ``step_batch``), where they apply; else an eager forward."""
@@ -63,11 +64,27 @@ class ModelRunner:
 
     # -- calls
 
+    @property
+    def prefill_batch_problem(self) -> str | None:
+        """Why prefill chunks of several sequences cannot share one forward; ``None`` when they can."""
+        if self.cache.state_layers:
+            return (f"{type(self.model).__name__} keeps recurrent state (linear attention) that pad tokens would "
+                    "advance")
+        return None
+
     @torch.inference_mode()
     def forward(self, token_ids: list[list[int]], kvs: list[SeqKV]) -> torch.Tensor:
-        """Eager forward of ``token_ids`` (one list per row, all as long) after what each ``kv`` holds (blocks
-        reserved); float32 logits ``[B, V]`` of each row's last token; the lengths advance."""
+        """Eager forward of ``token_ids`` (one list per row; rows of different lengths are padded, see
+        ``PagedCache.plan_step``) after what each ``kv`` holds (blocks reserved); float32 logits ``[B, V]`` of each
+        row's last token; the lengths advance."""
         rows = [(kv, len(ids)) for kv, ids in zip(kvs, token_ids)]
+        new = max(n for _, n in rows)
+        keep = 1
+        if any(n != new for _, n in rows):
+            if self.prefill_batch_problem is not None:
+                raise ValueError(f"rows of different lengths in one forward: {self.prefill_batch_problem}")
+            token_ids = [ids + [ids[-1]] * (new - len(ids)) for ids in token_ids]
+            keep = torch.tensor([[n - 1] for _, n in rows], dtype=torch.long, device=self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         mask, positions = self.cache.plan_step(rows, self.device)
         try:
@@ -75,12 +92,12 @@ class ModelRunner:
             if mask is not None:
                 kwargs.update(attention_mask=mask, position_ids=positions)
             with phase("model forward"):
-                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **kwargs)
         except BaseException:
             self.cache.abort_step()
             raise
         self.cache.end_step(rows)
-        self.tokens_fed += ids.numel()
+        self.tokens_fed += sum(n for _, n in rows)
         return out.logits[:, -1].float()
 
     def decode(self, tokens: list[int], kvs: list[SeqKV]) -> torch.Tensor:

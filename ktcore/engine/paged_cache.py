@@ -5,10 +5,11 @@ Each layer holds one pool of ``num_blocks + 1`` fixed-size blocks, laid out as s
 The last block is scratch: padding reads it and padded rows of a captured step write it. A sequence owns a
 ``SeqKV``: its block table and how many of its positions are cached.
 
-A forward is planned by ``plan_step(rows)`` (one ``SeqKV`` and its new-token count per batch row): new keys go
-to their slots (``index_copy_``) and attention gets each row's cached keys gathered into ``[B, heads, L, dim]``,
-left-padded to the longest row (the 2-D mask ``plan_step`` returns hides the padding; Transformers builds the
-causal and sliding-window masks from it, since left padding keeps each row's distances). A single row whose
+A forward is planned by ``plan_step(rows)`` (one ``SeqKV`` and its new-token count per batch row; rows with
+fewer new tokens than the most are right-padded with tokens that write the scratch slot): new keys go to their
+slots (``index_copy_``) and attention gets each row's cached keys gathered into ``[B, heads, L, dim]``,
+left-padded to the longest row (the 2-D mask ``plan_step`` returns hides the padding and the pad tokens;
+Transformers builds the causal and sliding-window masks from it, since left padding keeps each row's distances). A single row whose
 blocks are one contiguous run is read in place (a view, no gather). ``end_step`` advances the lengths.
 
 DeepSeek-V3.2's layers (``PagedIndexedLayer``) keep a third pool, the indexer's one key per position, in the same
@@ -311,29 +312,40 @@ class PagedCache(Cache):
     # -- one forward
 
     def plan_step(self, rows: list[tuple[SeqKV, int]], device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Plan a forward of ``rows`` (``(kv, new tokens)``, blocks reserved; every row the same count of new
-        tokens). Returns ``(attention mask [B, L], position ids [B, T])``, both ``None`` for a single row (its
-        positions follow from the cache length, as the model derives them)."""
-        new = rows[0][1]
+        """Plan a forward of ``rows`` (``(kv, new tokens)``, blocks reserved). Returns ``(attention mask [B, L],
+        position ids [B, T])``, both ``None`` for a single row (its positions follow from the cache length, as the
+        model derives them).
+
+        Several rows: ``T`` is the most new tokens of a row; a row with fewer is right-padded (its pad tokens come
+        after its real ones, positions repeating its last). Pad tokens write the scratch slot and are masked out
+        of every row's keys; each row's cached keys are left-padded so its real new tokens sit at the last ``T``
+        key indices' start (``seen .. seen + n - 1``), which keeps every distance the causal and sliding masks
+        look at. Right, not left: a left pad token of a fresh row would see no key at all, and an op filling
+        masked scores with -inf would give it NaN, which its keys would carry into the scratch slot."""
         if self.state_layers and self.states_per_sequence:
             self._load_states([kv for kv, _ in rows])
         if len(rows) == 1:
-            kv = rows[0][0]
+            kv, new = rows[0]
             start = self.contiguous_start(kv)
             self.plan = StepPlan(seen=kv.length, view=(start, kv.length)) if start is not None else StepPlan(
                 seen=kv.length, write=self.slots(kv, kv.length, kv.length + new).to(device),
                 gather=self.slots(kv, 0, kv.length + new)[None].to(device))
             return None, None
-        positions = torch.stack([torch.arange(kv.length, kv.length + new) for kv, _ in rows])
-        length = max(kv.length for kv, _ in rows) + new
-        write, gather, mask = [], [], torch.zeros((len(rows), length), dtype=torch.bool)
-        for i, (kv, _) in enumerate(rows):
-            write.append(self.slots(kv, kv.length, kv.length + new))
-            pad = length - kv.length - new
-            gather.append(torch.cat([torch.full((pad,), self.scratch_slot), self.slots(kv, 0, kv.length + new)]))
-            mask[i, pad:] = True
-        self.plan = StepPlan(seen=length - new, write=torch.cat(write).to(device), gather=torch.stack(gather).to(device))
-        return mask.to(device), positions.to(device)
+        new = max(n for _, n in rows)
+        seen = max(kv.length for kv, _ in rows)
+        write, gather, positions = [], [], []
+        mask = torch.zeros((len(rows), seen + new), dtype=torch.bool)
+        for i, (kv, n) in enumerate(rows):
+            pad = new - n
+            scratch = torch.full((pad,), self.scratch_slot)
+            write.append(torch.cat([self.slots(kv, kv.length, kv.length + n), scratch]))
+            left = seen - kv.length
+            gather.append(torch.cat([torch.full((left,), self.scratch_slot), self.slots(kv, 0, kv.length + n), scratch]))
+            mask[i, left : seen + n] = True
+            last = kv.length + n - 1
+            positions.append(torch.cat([torch.arange(kv.length, kv.length + n), torch.full((pad,), last)]))
+        self.plan = StepPlan(seen=seen, write=torch.cat(write).to(device), gather=torch.stack(gather).to(device))
+        return mask.to(device), torch.stack(positions).to(device)
 
     def graph_plan(self, positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Plan a decode step from device tensors alone (what a CUDA graph captures): row ``b`` writes its new
