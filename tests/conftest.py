@@ -201,6 +201,63 @@ def seeded_model(config, seed: int = 0):
     return model
 
 
+def amx_plugin_registry() -> Registry:
+    """A registry of ktcore's built-ins and kt-cpu-amx (the test skips where the plugin is absent or cannot run)."""
+    try:
+        import kt_cpu_amx.plugin as amx_plugin
+        from kt_cpu_amx.runtime import unavailable_reason
+    except ImportError as exc:
+        pytest.skip(f"kt-cpu-amx is not installed: {exc}")
+    why = unavailable_reason()
+    if why:
+        pytest.skip(why)
+    registry = Registry(entrypoints=False)
+    registry.add_plugin(amx_plugin, "cpu_amx")
+    return registry
+
+
+@pytest.fixture(scope="module")
+def amx_registry() -> Registry:
+    return amx_plugin_registry()
+
+
+# -- engine tests: greedy requests and their one-sequence reference
+
+
+def greedy_params(n):
+    from ktcore.generate import SamplingParams
+
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def random_prompts(vocab, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def solo_greedy(model, prompt, n):
+    """Plain one-sequence decoding: the whole prompt in one call, then one token per call."""
+    from ktcore.generate import forward_step, model_device, new_cache
+
+    device = model_device(model)  # with an accelerator, the shipped rules put an injected model there
+    cache, ids, out = new_cache(model, len(prompt) + n + 1), torch.tensor([prompt], device=device), []
+    with torch.inference_mode():
+        for _ in range(n):
+            out.append(int(forward_step(model, ids, cache)[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]], device=device)
+    return out
+
+
+def run_engine(engine, prompts, lengths):
+    """Greedy requests of ``lengths`` new tokens added at once and stepped to the end: their sequences."""
+    seqs = [engine.new_sequence(p, greedy_params(n), text=False) for p, n in zip(prompts, lengths)]
+    for s in seqs:
+        engine.add(s)
+    while engine.has_work:
+        engine.step()
+    return seqs
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _few_threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -10,30 +10,19 @@ import pytest
 import torch
 
 from ktcore.engine.core import EngineCore
-from ktcore.generate import SamplingParams, forward_step, model_device, new_cache
+from ktcore.generate import forward_step, new_cache
 from ktcore.inject import load_model
 from ktcore.registry import Registry
 from ktcore.testing import tiny_model
 from ktcore.weights.state_dict import StateDictSource
+from core_test_helpers import amx_plugin_registry, random_prompts
+from core_test_helpers import greedy_params as _greedy
+from core_test_helpers import run_engine as _run
+from core_test_helpers import solo_greedy as _solo_greedy
 
 
-def _greedy(n):
-    return SamplingParams(max_new_tokens=n, ignore_eos=True)
-
-
-def _prompts(vocab, lengths, seed=7):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def _solo_greedy(model, prompt, n):
-    device = model_device(model)
-    cache, ids, out = new_cache(model, len(prompt) + n + 1), torch.tensor([prompt], device=device), []
-    with torch.inference_mode():
-        for _ in range(n):
-            out.append(int(forward_step(model, ids, cache)[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]], device=device)
-    return out
+def _prompts(vocab, lengths):
+    return random_prompts(vocab, lengths, seed=7)
 
 
 def _record_prefills(engine):
@@ -49,34 +38,11 @@ def _record_prefills(engine):
     return calls
 
 
-def _run(engine, prompts, lengths):
-    seqs = [engine.new_sequence(p, _greedy(n), text=False) for p, n in zip(prompts, lengths)]
-    for s in seqs:
-        engine.add(s)
-    while engine.has_work:
-        engine.step()
-    return seqs
-
-
-def _amx_registry():
-    try:
-        import kt_cpu_amx.plugin as amx_plugin
-        from kt_cpu_amx.runtime import unavailable_reason
-    except ImportError as exc:
-        pytest.skip(f"kt-cpu-amx is not installed: {exc}")
-    why = unavailable_reason()
-    if why:
-        pytest.skip(why)
-    registry = Registry(entrypoints=False)
-    registry.add_plugin(amx_plugin, "cpu_amx")
-    return registry
-
-
 def _model(family, ops):
     hf = tiny_model(family)
     if ops == "hf":
         return hf
-    registry = Registry(entrypoints=False) if ops == "torch" else _amx_registry()
+    registry = Registry(entrypoints=False) if ops == "torch" else amx_plugin_registry()
     model, _ = load_model(StateDictSource(hf), device="cpu", registry=registry, progress=False)
     return model
 

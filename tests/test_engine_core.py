@@ -12,37 +12,16 @@ from ktcore.engine.blocks import BlockAllocator, OutOfBlocks
 from ktcore.engine.core import EngineCore
 from ktcore.engine.paged_cache import PagedCache, SeqKV
 from ktcore.engine.scheduler import Scheduler
-from ktcore.generate import SamplingParams, forward_step, model_device, new_cache
+from ktcore.generate import forward_step, new_cache
 from ktcore.testing import tiny_model
+from core_test_helpers import greedy_params as _greedy
+from core_test_helpers import random_prompts
+from core_test_helpers import run_engine as _run
+from core_test_helpers import solo_greedy as _solo_greedy
 
 
-def _greedy(n):
-    return SamplingParams(max_new_tokens=n, ignore_eos=True)
-
-
-def _prompts(vocab, lengths, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-def _solo_greedy(model, prompt, n):
-    """Plain one-sequence decoding: the whole prompt in one call, then one token per call."""
-    device = model_device(model)  # with an accelerator, the shipped rules put an injected model there
-    cache, ids, out = new_cache(model, len(prompt) + n + 1), torch.tensor([prompt], device=device), []
-    with torch.inference_mode():
-        for _ in range(n):
-            out.append(int(forward_step(model, ids, cache)[0, -1].argmax()))
-            ids = torch.tensor([[out[-1]]], device=device)
-    return out
-
-
-def _run(engine, prompts, lengths):
-    seqs = [engine.new_sequence(p, _greedy(n), text=False) for p, n in zip(prompts, lengths)]
-    for s in seqs:
-        engine.add(s)
-    while engine.has_work:
-        engine.step()
-    return seqs
+def _prompts(vocab, lengths):
+    return random_prompts(vocab, lengths, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -74,21 +74,6 @@ def torch_registry():
     return Registry(entrypoints=False)
 
 
-@pytest.fixture(scope="module")
-def amx_registry():
-    try:
-        import kt_cpu_amx.plugin as amx_plugin
-        from kt_cpu_amx.runtime import unavailable_reason
-    except ImportError as exc:
-        pytest.skip(f"kt-cpu-amx is not installed: {exc}")
-    why = unavailable_reason()
-    if why:
-        pytest.skip(why)
-    registry = Registry(entrypoints=False)
-    registry.add_plugin(amx_plugin, "cpu_amx")
-    return registry
-
-
 def prompt(config, length=16, seed=1):
     return torch.randint(3, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(seed))
 

@@ -70,3 +70,20 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm())
 
 
+
+
+def started_four(model):
+    """An engine holding four greedy sequences of different lengths (13, 4, 30, 9 random tokens) that have each
+    taken their first token: ``(engine, seqs)``."""
+    from ktcore.engine.core import EngineCore
+    from ktcore.generate import SamplingParams
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (13, 4, 30, 9)]
+    engine = EngineCore(model, None, max_context=64, max_concurrency=4)
+    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=32, ignore_eos=True), text=False) for p in prompts]
+    for s in seqs:
+        engine.add(s)
+    while any(not s.generated for s in seqs):
+        engine.step()
+    return engine, seqs

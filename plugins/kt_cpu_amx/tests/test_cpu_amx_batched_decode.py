@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpu_amx_helpers import started_four
 
-from ktcore.engine.core import EngineCore
-from ktcore.generate import SamplingParams
 from ktcore.inject import load_model
 from ktcore.registry import get_registry
 from ktcore.rule_selection import RULE_FILES_DIR as RULE_DIR
@@ -32,14 +31,7 @@ def started_batch(family: str, tmp_path, rules: str | None = None):
     model, _ = load_model(open_source(str(path)), RULE_DIR / (rules or f"{family}-cpu.yaml"), registry=get_registry(),
                           progress=False)
     assert any(type(m).__name__ == "KLinearCPU" for m in model.modules())
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (13, 4, 30, 9)]
-    engine = EngineCore(model, None, max_context=64, max_concurrency=4)
-    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=32, ignore_eos=True), text=False) for p in prompts]
-    for s in seqs:
-        engine.add(s)
-    while any(not s.generated for s in seqs):
-        engine.step()
+    engine, seqs = started_four(model)
     return engine, seqs
 
 

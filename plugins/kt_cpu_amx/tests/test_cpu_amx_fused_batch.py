@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from test_cpu_amx_batched_decode import started_batch
+from cpu_amx_helpers import started_four
 
 from ktcore.engine.core import EngineCore
 from ktcore.generate import SamplingParams
@@ -124,14 +125,7 @@ def test_fused_batch_deepseek_v2_float_weights_against_transformers(isa):
     hf = tiny_model("deepseek_v2", seed=0)
     model, _ = load_model(StateDictSource(hf), RULE_DIR / "deepseek_v2-cpu.yaml", registry=get_registry(),
                           progress=False)
-    g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (13, 4, 30, 9)]
-    engine = EngineCore(model, None, max_context=64, max_concurrency=4)
-    seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=32, ignore_eos=True), text=False) for p in prompts]
-    for s in seqs:
-        engine.add(s)
-    while any(not s.generated for s in seqs):
-        engine.step()
+    engine, seqs = started_four(model)
     fused = engine.runner.fused_runner()
     assert fused is not None and fused.batch_problem is None, engine.runner.fused_problem
     assert all(len(layer.wkt) > 0 for layer in fused.fused.layers)
