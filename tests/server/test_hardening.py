@@ -8,6 +8,7 @@ defects stalled streams for 28 s and more; the bound is a generous multiple of t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -72,6 +73,8 @@ class StreamWatch:
         self.times: list[float] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
+        self._hold = threading.Event()  # set: start no new request (the one streaming goes on)
+        self.state = "starting"  # then "requesting", "streaming" (status 200 received) or "held"
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
@@ -79,10 +82,15 @@ class StreamWatch:
                 "messages": [{"role": "user", "content": "tell me a long story"}]}
         with httpx.Client(base_url=self.url, timeout=120) as c:
             while not self._stop.is_set():
+                while self._hold.is_set() and not self._stop.is_set():
+                    self.state = "held"
+                    time.sleep(0.01)
+                self.state = "requesting"
                 with c.stream("POST", "/v1/chat/completions", json=body) as r:
                     if r.status_code != 200:
                         self.errors.append(f"HTTP {r.status_code}")
                         return
+                    self.state = "streaming"
                     for line in r.iter_lines():
                         if line.startswith("data: {"):
                             if "error" in json.loads(line[6:]):
@@ -99,6 +107,19 @@ class StreamWatch:
         target, deadline = len(self.times) + chunks, time.monotonic() + timeout
         while len(self.times) < target and time.monotonic() < deadline and not self.errors:
             time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def held(self):
+        """No new request starts inside (one arriving while the connection limit is full is refused: right for
+        it, but that is not the running stream being affected); the stream already running goes on."""
+        self._hold.set()
+        deadline = time.monotonic() + 60
+        while self.state not in ("streaming", "held") and time.monotonic() < deadline and not self.errors:
+            time.sleep(0.01)
+        try:
+            yield
+        finally:
+            self._hold.clear()
 
     def __exit__(self, *exc):
         self.ended = time.monotonic()
@@ -342,14 +363,15 @@ def test_7_slow_clients_time_out_and_connections_are_limited(slow, http, model_n
                               b"Content-Length: 100\r\n\r\n{")
             assert _read_until_closed(slow_body).startswith(b"HTTP/1.1 408")
         # open connections up to the limit (the stream holds one): the next request is refused, 503
-        idle = [socket.create_connection(("127.0.0.1", slow.port)) for _ in range(LIMITS.max_connections)]
-        try:
-            with httpx.Client(base_url=slow.url, timeout=10) as fresh:
-                assert fresh.get("/health").status_code == 503
-        finally:
-            for s in idle:
-                s.close()
-        time.sleep(0.2)
+        with watch.held():
+            idle = [socket.create_connection(("127.0.0.1", slow.port)) for _ in range(LIMITS.max_connections)]
+            try:
+                with httpx.Client(base_url=slow.url, timeout=10) as fresh:
+                    assert fresh.get("/health").status_code == 503
+            finally:
+                for s in idle:
+                    s.close()
+            time.sleep(0.2)
         assert http.get("/health").status_code == 200
     watch.assert_unaffected()
 
