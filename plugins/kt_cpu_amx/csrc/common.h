@@ -15,6 +15,12 @@ enum class Isa : int { Avx2 = 1, Avx512 = 2, Amx = 3 };
 
 struct Slab;  // pack.cpp: weight buffers below 4 MiB share 2 MiB pages
 
+// Ask for n bytes from p to be brought into the caches, line by line (prefetch hints: they never fault, so a span
+// past the end of a buffer is harmless).
+KT_INLINE void prefetch_bytes(const void* p, size_t n) {
+    for (size_t j = 0; j < n; j += 64) __builtin_prefetch(static_cast<const char*>(p) + j);
+}
+
 // Owned, 64-byte aligned memory; weights (weights = true) on 2 MiB pages where the kernel allows, interleaved over
 // NUMA nodes when built with libnuma and the machine has more than one node.
 struct Buffer {

@@ -93,14 +93,13 @@ static inline void unpack_a(const PackedMatrix& W, int n, uint8_t* a, size_t lda
     const __m512i m4 = _mm512_set1_epi8(0x0F), zp = _mm512_set1_epi8(z);
     // 4 groups of 16 packed bytes (byte j: element j low, j + 16 high) -> [g0 lo, g0 hi, g1 lo, g1 hi], [g2.., g3..]
     const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
-    // the next block's rows are prefetched line by line as these are read (decode-sized calls stream the weights
-    // once; the rows of a block are contiguous, 16 rows ahead is the next block, when this thread's chunk has one)
+    // the next block's rows are prefetched as these are read (decode-sized calls stream the weights once; the rows
+    // of a block are contiguous, 16 rows ahead is the next block, when the matrix has one)
     const size_t ahead = n + 32 <= W.n ? 16 * W.row_bytes() : 0;
     for (int r = 0; r < 16; ++r) {
         const uint8_t* q = W.row_q(n + r);
         uint8_t* o = a + r * lda;
-        if (ahead && !W.iq)
-            for (size_t j = 0; j < W.row_bytes(); j += 64) _mm_prefetch(reinterpret_cast<const char*>(q + ahead + j), _MM_HINT_T0);
+        if (ahead && !W.iq) prefetch_bytes(q + ahead, W.row_bytes());
         if (W.iq) {  // signed int8 values, zero point 128: q + 128 - z
             float* sr = s + size_t(r) * G;
             iqdec::decode_blocks(W.iq, q, k / W.iq_block, reinterpret_cast<int8_t*>(o), sr);

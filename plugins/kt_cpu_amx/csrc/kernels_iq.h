@@ -59,8 +59,7 @@ static inline void iq_rows(const PackedMatrix& W, int n, const QAct& X, int M, f
     const int k = W.k;
     if (qbuf.size() < size_t(R) * k) qbuf.resize(size_t(R) * k);
     if (sbuf.size() < size_t(R) * (k / 16)) sbuf.resize(size_t(R) * (k / 16));
-    const uint8_t* next = W.row_q(n) + size_t(R) * W.row_bytes();  // the next tile's rows (kernels_impl.h: kPfRows)
-    for (size_t j = 0; j < size_t(R) * W.row_bytes(); j += 64) _mm_prefetch(reinterpret_cast<const char*>(next + j), _MM_HINT_T0);
+    prefetch_bytes(W.row_q(n) + size_t(R) * W.row_bytes(), size_t(R) * W.row_bytes());  // the next tile's rows
     iq_decode_rows(W, n, R, qbuf.data(), sbuf.data());
     int m = 0;
     for (; m + kTileToks <= M; m += kTileToks) tile_iq<R, kTileToks>(qbuf.data(), sbuf.data(), k, n, X, m, Y, ldy);
