@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import pytest
 
 pytest.importorskip("fastapi", reason="the server needs fastapi (pip install 'ktcore[server]')")
@@ -17,6 +20,30 @@ from ktcore.server.loading import load_for_serving  # noqa: E402
 from ktcore.server.runner import ServerThread  # noqa: E402
 
 API_KEY = "sk-test-secret"
+
+
+@contextlib.contextmanager
+def _slowed(engine: Engine, seconds: float):
+    """Every engine step takes at least ``seconds`` longer, whichever path it runs (eager forward, fused CPU
+    decode, CUDA graph): tests that act mid-reply need a reply still running when they act."""
+    core = engine.core
+    step = core.step
+
+    def slow_step():
+        time.sleep(seconds)
+        return step()
+
+    core.step = slow_step
+    try:
+        yield
+    finally:
+        del core.step
+
+
+@pytest.fixture
+def slowed():
+    """``with slowed(engine, seconds):`` makes every engine step take ``seconds`` longer."""
+    return _slowed
 
 
 @pytest.fixture(scope="session")

@@ -107,14 +107,13 @@ def test_concurrent_requests_batch_and_match_solo_replies(server, model_name):
     assert engine.max_batch_seen >= 2
 
 
-def test_client_disconnect_frees_its_slot(server, model_name):
+def test_client_disconnect_frees_its_slot(server, model_name, slowed):
     """A streaming client that goes away mid-reply has its sequence cancelled and its slot freed."""
     state = server.server.config.app.state.kt
     engine = state.engine
-    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))  # ~50 tok/s
     cancelled_before = engine.finish_counts["cancelled"]
     body = {"model": model_name, "messages": MESSAGES, "max_tokens": 400, "stream": True, "temperature": 0}
-    try:
+    with slowed(engine, 0.02):  # ~50 tok/s
         with httpx.Client(timeout=30) as http:
             with http.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
                 assert resp.status_code == 200
@@ -125,25 +124,20 @@ def test_client_disconnect_frees_its_slot(server, model_name):
         deadline = time.monotonic() + 15
         while engine.active_count and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        slow.remove()
     assert engine.active_count == 0
     assert engine.finish_counts["cancelled"] == cancelled_before + 1, dict(engine.finish_counts)
     assert httpx.get(server.url + "/health").json()["active"] == 0
 
 
-def test_non_streaming_client_that_gives_up_frees_its_slot(server, model_name):
+def test_non_streaming_client_that_gives_up_frees_its_slot(server, model_name, slowed):
     engine = server.server.config.app.state.kt.engine
-    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
     cancelled_before = engine.finish_counts["cancelled"]
     body = {"model": model_name, "messages": MESSAGES, "max_tokens": 400, "temperature": 0}
-    try:
+    with slowed(engine, 0.02):
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
         deadline = time.monotonic() + 15
         while engine.active_count and time.monotonic() < deadline:
             time.sleep(0.05)
-    finally:
-        slow.remove()
     assert engine.active_count == 0
     assert engine.finish_counts["cancelled"] == cancelled_before + 1, dict(engine.finish_counts)

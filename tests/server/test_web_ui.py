@@ -63,10 +63,9 @@ def test_send_a_message_and_see_a_streamed_reply(page, server):
     assert stored[1]["content"][0]["text"]["value"] == text
 
 
-def test_stop_button_cancels_the_run(page, server):
+def test_stop_button_cancels_the_run(page, server, slowed):
     engine = server.server.config.app.state.kt.engine
-    slow = engine.model.register_forward_pre_hook(lambda module, args: time.sleep(0.03))
-    try:
+    with slowed(engine, 0.03):
         page.fill("#prompt", "Please write a long answer")
         page.click("#send")
         reply = page.locator(".msg.assistant").last
@@ -75,8 +74,6 @@ def test_stop_button_cancels_the_run(page, server):
         page.click("#stop")
         sync_api.expect(reply).to_have_attribute("data-done", "1", timeout=30_000)
         sync_api.expect(page.locator("#stop")).to_be_hidden()
-    finally:
-        slow.remove()
     thread_id = page.locator("#threads li.active").get_attribute("data-id")
     run = httpx.get(f"{server.url}/v1/threads/{thread_id}/runs").json()["data"][0]
     deadline = time.monotonic() + 10
