@@ -6,6 +6,12 @@ disk by Triton), int4 kernel tiles timed (``tuned_config`` in kt-cuda, cached on
 plans built. ``kt run`` and ``kt chat`` warm their ``Generator`` and ``kt serve`` its engine here, so that
 none of it lands in the first reply or in a timing line. A model held wholly on the CPU decodes fewer warm-up
 tokens: it has no graph to replay, and its first decode step already builds what later ones reuse.
+
+A model with parts off the CPU is also warmed at the shapes it will meet later: a prompt of a whole prefill chunk
+(kt-cuda tunes its int4 tiles per rows bucket, the largest from 256 rows; calls past the streamed-prefill
+threshold copy the CPU experts to the GPU), and an engine at every decode graph's batch bucket up to its
+concurrency (``ktcore.decode_graphs.batch_bucket``). Left to the first requests, these cost seconds: on the
+H200 host, a 16-client burst's first batched prefill ran kt-cuda's tuning inside its time to first token.
 """
 
 from __future__ import annotations
@@ -34,42 +40,78 @@ def _params(new_tokens: int):
     return SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
 
 
+def on_cpu(model) -> bool:
+    """Whether every parameter and buffer of ``model`` is on the CPU."""
+    return all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers()))
+
+
 def warm_up_new_tokens(model) -> int:
-    """Tokens a warm-up generates: ``CPU_WARM_UP_NEW_TOKENS`` when every parameter and buffer of ``model`` is on
-    the CPU, else ``WARM_UP_NEW_TOKENS``."""
-    on_cpu = all(t.device.type == "cpu" for t in itertools.chain(model.parameters(), model.buffers()))
-    return CPU_WARM_UP_NEW_TOKENS if on_cpu else WARM_UP_NEW_TOKENS
+    """Tokens a warm-up generates: ``CPU_WARM_UP_NEW_TOKENS`` when ``model`` is wholly on the CPU, else
+    ``WARM_UP_NEW_TOKENS``."""
+    return CPU_WARM_UP_NEW_TOKENS if on_cpu(model) else WARM_UP_NEW_TOKENS
+
+
+def long_prompt_tokens(model, prefill_chunk: int, max_context: int) -> int | None:
+    """Tokens of the long warm-up prompt (a whole prefill chunk, within the context), or ``None`` for a model
+    wholly on the CPU, whose kernels take every shape without tuning."""
+    if on_cpu(model):
+        return None
+    return max(1, min(int(prefill_chunk), int(max_context) - 1))
 
 
 def warm_up_generator(gen, new_tokens: int | None = None) -> float:
     """Prefill a short prompt and decode ``new_tokens`` (default: ``warm_up_new_tokens``) greedily through
-    ``gen`` (a ``Generator``); returns the seconds it took. The generator's cache is reset by its next request."""
+    ``gen`` (a ``Generator``), then prefill the long prompt (``long_prompt_tokens``) where there is one; returns
+    the seconds it took. The generator's cache is reset by its next request."""
     new_tokens = new_tokens if new_tokens is not None else warm_up_new_tokens(gen.model)
     t0 = time.perf_counter()
-    ids = warm_up_ids(gen.tokenizer, _vocab_size(gen.model))
-    for _ in gen.generate_ids(ids, _params(new_tokens)):
+    vocab = _vocab_size(gen.model)
+    for _ in gen.generate_ids(warm_up_ids(gen.tokenizer, vocab), _params(new_tokens)):
         pass
+    long = long_prompt_tokens(gen.model, gen.prefill_chunk, gen.max_context)
+    if long is not None:
+        for _ in gen.generate_ids(warm_up_ids(gen.tokenizer, vocab, long), _params(1)):
+            pass
     return time.perf_counter() - t0
 
 
-def engine_batch_sizes(max_concurrency: int) -> list[int]:
-    """Batch sizes to warm an engine at: one sequence and a full batch."""
-    return sorted({1, max(1, int(max_concurrency))})
+def engine_batch_sizes(max_concurrency: int, graphs: bool = False) -> list[int]:
+    """Batch sizes to warm an engine at: one sequence and a full batch; with ``graphs`` (decode steps replay
+    CUDA graphs), every graph batch bucket in between too."""
+    top = max(1, int(max_concurrency))
+    sizes = {1, top}
+    if graphs:
+        from .decode_graphs import batch_bucket
+
+        sizes |= {batch_bucket(n, top) for n in range(1, top + 1)}
+    return sorted(sizes)
+
+
+def engine_warm_up_sizes(engine) -> list[int]:
+    """``engine_batch_sizes`` of ``engine`` (a server ``Engine``): every graph bucket where it decodes through
+    CUDA graphs."""
+    return engine_batch_sizes(engine.max_concurrency, graphs=engine.core.runner.graph_runner() is not None)
 
 
 def warm_up_engine(engine, tokenizer, batch_sizes: Iterable[int] | None = None,
-                   new_tokens: int | None = None) -> float:
+                   new_tokens: int | None = None, long_prompt: int | None = None) -> float:
     """Start ``engine`` and run, for each batch size, that many concurrent requests of a short prompt and
     ``new_tokens`` tokens (default: ``warm_up_new_tokens``) through it (``engine.submit``, as the server does),
-    waiting for all of them; returns the seconds it took. Raises ``RuntimeError`` when a warm-up request fails
-    (the model cannot serve)."""
-    sizes = list(batch_sizes) if batch_sizes is not None else engine_batch_sizes(engine.max_concurrency)
-    new_tokens = new_tokens if new_tokens is not None else warm_up_new_tokens(engine.model)
-    ids = warm_up_ids(tokenizer, _vocab_size(engine.model))
+    waiting for all of them, then one request of ``long_prompt`` prompt tokens (default: ``long_prompt_tokens``;
+    ``0``: none); returns the seconds it took. Raises ``RuntimeError`` when a warm-up request fails (the model
+    cannot serve)."""
+    model = engine.model
+    sizes = list(batch_sizes) if batch_sizes is not None else engine_warm_up_sizes(engine)
+    new_tokens = new_tokens if new_tokens is not None else warm_up_new_tokens(model)
+    if long_prompt is None:
+        long_prompt = long_prompt_tokens(model, engine.core.scheduler.prefill_chunk, engine.max_context) or 0
+    ids = warm_up_ids(tokenizer, _vocab_size(model))
     t0 = time.perf_counter()
     engine.start()
     for size in sizes:
         asyncio.run(_concurrent(engine, ids, size, new_tokens))
+    if long_prompt:
+        asyncio.run(_concurrent(engine, warm_up_ids(tokenizer, _vocab_size(model), long_prompt), 1, 1))
     return time.perf_counter() - t0
 
 

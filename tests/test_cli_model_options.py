@@ -129,6 +129,8 @@ def test_engine_warm_up_runs_each_batch_size_through_the_engine(tiny):
     from ktcore.warmup import engine_batch_sizes, warm_up_engine, warm_up_new_tokens, warm_up_tokens
 
     assert engine_batch_sizes(8) == [1, 8] and engine_batch_sizes(1) == [1]
+    assert engine_batch_sizes(16, graphs=True) == [1, 2, 4, 8, 16]  # each decode graph bucket
+    assert engine_batch_sizes(12, graphs=True) == [1, 2, 4, 8, 12]
     engine = Engine(tiny.model, tiny.tokenizer, max_context=tiny.max_context, max_concurrency=3)
     try:
         assert warm_up_engine(engine, tiny.tokenizer, engine_batch_sizes(3)) > 0
@@ -147,3 +149,38 @@ def test_engine_warm_up_runs_each_batch_size_through_the_engine(tiny):
         assert text == tiny.tokenizer.decode(_greedy(expected, ids), skip_special_tokens=True)
     finally:
         engine.shutdown()
+
+
+def test_long_warm_up_prompt_only_for_a_model_off_the_cpu(tiny):
+    from ktcore.warmup import long_prompt_tokens
+
+    assert long_prompt_tokens(tiny.model, 512, 256) is None  # CPU kernels take every shape untuned
+    off_cpu = torch.nn.Linear(2, 2, device="meta")
+    assert long_prompt_tokens(off_cpu, 512, 4096) == 512  # a whole prefill chunk
+    assert long_prompt_tokens(off_cpu, 512, 256) == 255  # within the context
+
+
+def test_warm_ups_prefill_the_long_prompt(tiny, monkeypatch):
+    """Off the CPU, the warm-ups also prefill a whole chunk (kt-cuda tunes per rows bucket): forced here on the
+    CPU model, both the generator's and the engine's warm-up run it, and replies stay as they were."""
+    import ktcore.warmup as warmup
+    from ktcore.generate import Generator
+    from ktcore.server.engine import Engine
+
+    monkeypatch.setattr(warmup, "on_cpu", lambda model: False)
+    ids = [5, 17, 33, 8, 90, 41]
+    cold = _greedy(Generator(tiny.model, tiny.tokenizer, max_context=tiny.max_context), ids)
+    gen = Generator(tiny.model, tiny.tokenizer, max_context=tiny.max_context, prefill_chunk=64)
+    warmup.warm_up_generator(gen, new_tokens=2)
+    assert len(gen.last_sequence.prompt_ids) == 64 and len(gen.last_sequence.generated) == 1
+    assert _greedy(gen, ids) == cold
+
+    engine = Engine(tiny.model, tiny.tokenizer, max_context=tiny.max_context, max_concurrency=2, prefill_chunk=64)
+    rows = []
+    forward = engine.core.runner.forward
+    engine.core.runner.forward = lambda token_ids, kvs: rows.extend(map(len, token_ids)) or forward(token_ids, kvs)
+    try:
+        warmup.warm_up_engine(engine, tiny.tokenizer, [1], new_tokens=2)
+    finally:
+        engine.shutdown()
+    assert [n for n in rows if n > 1] == [warmup.WARM_UP_PROMPT_TOKENS, 64]  # an eager decode step has rows of 1

@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     from ktcore.server.guard import AccessPolicy
     from ktcore.server.loading import model_info
     from ktcore.server.runner import ConnectionLimits, uvicorn_config
-    from ktcore.warmup import engine_batch_sizes, warm_up_engine
+    from ktcore.warmup import engine_warm_up_sizes, warm_up_engine
 
     info = model_info(loaded, args.model_name)
     store = PrefixStore.from_options(args, model_device(loaded.model),
@@ -103,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = Engine(loaded.model, loaded.tokenizer, max_context=loaded.max_context,
                     max_concurrency=args.max_concurrency, block_size=args.prefix_block, cuda_graph=args.cuda_graph,
                     prefix_store=store)
-    sizes = engine_batch_sizes(args.max_concurrency)
+    sizes = engine_warm_up_sizes(engine)
     seconds = warm_up_engine(engine, loaded.tokenizer, sizes)
     say(args, f"warmed up in {seconds:.1f} s (batch sizes {', '.join(map(str, sizes))})")
     db = None if args.no_assistants else (args.db or default_db_path())
