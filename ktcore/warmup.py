@@ -10,8 +10,8 @@ tokens: it has no graph to replay, and its first decode step already builds what
 A model with parts off the CPU is also warmed at the shapes it will meet later: a prompt of a whole prefill chunk
 (kt-cuda tunes its int4 tiles per rows bucket, the largest from 256 rows; calls past the streamed-prefill
 threshold copy the CPU experts to the GPU), and an engine at every decode graph's batch bucket up to its
-concurrency (``ktcore.decode_graphs.batch_bucket``). Left to the first requests, these cost seconds: on the
-H200 host, a 16-client burst's first batched prefill ran kt-cuda's tuning inside its time to first token.
+concurrency (``ktcore.decode_graphs.batch_bucket``). Left to the first requests, tuning costs seconds of
+their time to first token.
 """
 
 from __future__ import annotations
