@@ -234,6 +234,9 @@ PYBIND11_MODULE(_kernels, m) {
            "One decode step of `batch` sequences: x[batch, hidden] updated in place; cos/sin [batch, head_dim]; "
            "positions int32 [batch]; blocks int32 [batch, width] of pool blocks of `block` slots (0: the layers' "
            "cache pointers hold one sequence from slot 0); blocks.")
+        .def_readwrite("latent_split_from", &Runtime::latent_split_from,
+                       "The fused decoder's latent attention over at least this many positions is split by positions "
+                       "and latent columns instead of by head (engine.h); the same floats.")
         .def_property("i8_min_rows", [](std::shared_ptr<Runtime> rt) { return rt->i8_min_rows; },
                       [](std::shared_ptr<Runtime> rt, int v) { rt->i8_min_rows = v; },
                       "Int8-activation GEMMs of at least this many rows run on the int8 tile kernel (engine.h).")

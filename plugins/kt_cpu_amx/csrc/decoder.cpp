@@ -98,6 +98,33 @@ static void add(float* y, const std::vector<float>& b) {
     for (size_t i = 0; i < b.size(); ++i) y[i] += b[i];
 }
 
+void Runtime::latent_attention(const DecoderLayer& L, int B, const float* q, const float* lat, size_t ldb,
+                               size_t ldh, const int32_t* positions, const int32_t* blocks, int width, int block,
+                               float* scores, size_t T, float* ctx) {
+    const int R = L.rank, P = L.rope_dim, N = L.nope, QD = N + P, NH = L.heads;
+    const size_t QN = L.q->n;
+    constexpr int kCols = 32;  // latent columns per weighted-sum task
+    struct Span { int b, t0, t1; };
+    std::vector<Span> spans;  // positions per scores task: each row's split among the threads, at least 16 a task
+    for (int b = 0; b < B; ++b) {
+        const int n = positions[b] + 1, span = std::max(16, (n + threads() - 1) / threads());
+        for (int t0 = 0; t0 < n; t0 += span) spans.push_back({b, t0, std::min(n, t0 + span)});
+    }
+    auto table = [&](int b) { return blocks ? blocks + size_t(b) * width : nullptr; };
+    pool_.parallel_for(int(spans.size()), [&](int i, int) {
+        const Span& s = spans[i];
+        latent_scores_(lat + s.b * ldb, ldh, q + size_t(s.b) * QN + N, QD, NH, L.k_cache, R, R, L.v_cache, P, P,
+                       table(s.b), block, s.t0, s.t1, L.scaling, scores + size_t(s.b) * NH * T, T);
+    });
+    pool_.parallel_for(B * NH, [&](int i, int) { softmax_(scores + size_t(i) * T, positions[i / NH] + 1); });
+    const int slices = R / kCols;
+    pool_.parallel_for(B * slices, [&](int i, int) {
+        const int b = i / slices, c0 = (i % slices) * kCols;
+        latent_weighted_(scores + size_t(b) * NH * T, T, NH, L.k_cache, R, table(b), block, positions[b] + 1, c0,
+                         c0 + kCols, ctx + b * ldb, ldh);
+    });
+}
+
 void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, float* v, const float* cos,
                             const float* sin, const int32_t* pos, const int32_t* blocks, int width, int block,
                             float* scores, size_t ld_scores, float* att) {
@@ -246,22 +273,36 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
                                blocks ? blocks + size_t(b) * width : nullptr, block, positions[b] + 1, L.scaling,
                                scores + size_t(b * NH + h) * T, out);
             };
+            const bool split = T >= latent_split_from;
             if (L.wkt.empty()) {
                 // kv_b's rows read in float as they stream; one task per head does its rows of every sequence, so
                 // a head's key and value rows are read once per step: rotary, q_nope to latent space (lat =
                 // sum_n q_nope[n] * W_k[h][n]), attention, and back through its value rows, all in one phase
-                pool_.parallel_for(NH, [&](int h, int) {
-                    for (int b = 0; b < B; ++b) {
-                        const int i = b * NH + h;
-                        float* qh = q + size_t(b) * QN + size_t(h) * QD;
-                        rope_pairs(qh + N, cos + size_t(b) * P, P);
-                        float* lq = lat + size_t(i) * R;
-                        std::fill(lq, lq + R, 0.f);
-                        axpy_rows_(*L.v, h * (N + V), N, qh, lq);
-                        attend_head(b, h, lq, ctx + size_t(i) * R);
-                        dot_rows_(*L.v, h * (N + V) + N, V, ctx + size_t(i) * R, att + size_t(i) * V);
-                    }
-                });
+                // (three, with the attention split between them)
+                auto to_latent = [&](int b, int h) {
+                    float* qh = q + size_t(b) * QN + size_t(h) * QD;
+                    rope_pairs(qh + N, cos + size_t(b) * P, P);
+                    float* lq = lat + size_t(b * NH + h) * R;
+                    std::fill(lq, lq + R, 0.f);
+                    axpy_rows_(*L.v, h * (N + V), N, qh, lq);
+                };
+                auto from_latent = [&](int b, int h) {
+                    const size_t i = size_t(b * NH + h);
+                    dot_rows_(*L.v, h * (N + V) + N, V, ctx + i * R, att + i * V);
+                };
+                if (!split) {
+                    pool_.parallel_for(NH, [&](int h, int) {
+                        for (int b = 0; b < B; ++b) {
+                            to_latent(b, h);
+                            attend_head(b, h, lat + size_t(b * NH + h) * R, ctx + size_t(b * NH + h) * R);
+                            from_latent(b, h);
+                        }
+                    });
+                } else {
+                    pool_.parallel_for(NH, [&](int h, int) { for (int b = 0; b < B; ++b) to_latent(b, h); });
+                    latent_attention(L, B, q, lat, size_t(NH) * R, R, positions, blocks, width, block, scores, T, ctx);
+                    pool_.parallel_for(NH, [&](int h, int) { for (int b = 0; b < B; ++b) from_latent(b, h); });
+                }
             } else {
                 // int8 products through W_k[h] transposed (wkt[h]) and kv_b's value rows: per head, its B rows
                 // as consecutive tokens (head-major order, j = h * B + b)
@@ -273,9 +314,12 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
                     }
                 for (int h = 0; h < NH; ++h) chunks(L.wkt[h].get(), lat + size_t(h) * B * R, h * B, B);
                 run_tasks(quantized(kv_v, NH * B, N, false));  // copied out: ctx may take kv_v now
-                pool_.parallel_for(NH * B, [&](int j, int) {
-                    attend_head(j % B, j / B, lat + size_t(j) * R, ctx + size_t(j) * R);
-                });
+                if (split)
+                    latent_attention(L, B, q, lat, R, size_t(B) * R, positions, blocks, width, block, scores, T, ctx);
+                else
+                    pool_.parallel_for(NH * B, [&](int j, int) {
+                        attend_head(j % B, j / B, lat + size_t(j) * R, ctx + size_t(j) * R);
+                    });
                 const Act a = quantized(ctx, NH * B, R, false);
                 for (int h = 0; h < NH; ++h) {
                     const int r0 = h * (N + V) + N, chunk = chunk_rows(V, threads());

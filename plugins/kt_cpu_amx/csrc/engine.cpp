@@ -20,8 +20,8 @@ static Isa parse_isa(const std::string& s) {
 Runtime::Runtime(int nthreads, const std::string& isa, bool pin) : pool_(nthreads, pin), isa_(parse_isa(isa)) {
     std::string why = isa_unavailable_reason(isa);
     if (!why.empty()) throw std::runtime_error("kt_cpu_amx: cannot use " + isa + ": " + why);
-    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; act_mul_ = avx2::act_mul; attend_latent_ = avx2::attend_latent; axpy_rows_ = avx2::axpy_rows; dot_rows_ = avx2::dot_rows; }
-    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; act_mul_ = avx512::act_mul; i8_gemm_ = avx512::gemm_i8; i8_pack_ = avx512::pack_i8_block; i8_scratch_bytes_ = avx512::gemm_i8_scratch_bytes; attend_latent_ = avx512::attend_latent; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
+    if (isa_ == Isa::Avx2) { gemm_ = avx2::gemm_q8; quant_ = avx2::quantize_act; attend_ = avx2::attend; act_mul_ = avx2::act_mul; attend_latent_ = avx2::attend_latent; softmax_ = avx2::softmax; latent_scores_ = avx2::latent_scores; latent_weighted_ = avx2::latent_weighted; axpy_rows_ = avx2::axpy_rows; dot_rows_ = avx2::dot_rows; }
+    else { gemm_ = avx512::gemm_q8; quant_ = avx512::quantize_act; attend_ = avx512::attend; act_mul_ = avx512::act_mul; i8_gemm_ = avx512::gemm_i8; i8_pack_ = avx512::pack_i8_block; i8_scratch_bytes_ = avx512::gemm_i8_scratch_bytes; attend_latent_ = avx512::attend_latent; softmax_ = avx512::softmax; latent_scores_ = avx512::latent_scores; latent_weighted_ = avx512::latent_weighted; axpy_rows_ = avx512::axpy_rows; dot_rows_ = avx512::dot_rows; }
     if (isa_ == Isa::Amx) { i8_gemm_ = amx::gemm_i8; i8_pack_ = amx::pack_i8_block; i8_scratch_bytes_ = amx::gemm_i8_scratch_bytes; }
     amx_scratch_.resize(pool_.size());
     if (const char* env = std::getenv("KT_CPU_DECODE_SPIN_US")) decode_spin_us = std::atoi(env);

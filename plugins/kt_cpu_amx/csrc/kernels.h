@@ -26,6 +26,17 @@ inline bool axpy_rows_fits(const PackedMatrix& W) {
 }
 // g[j] = act(g[j]) * u[j] for j < n; act 0: SiLU, 1: GELU (tanh form) (engine.h's Activation), vectorized exp.
 using ActMulFn = void (*)(int act, float* g, const float* u, int n);
+// scores[0..T) -> softmax weights in place, as attend and attend_latent take them.
+using SoftmaxFn = void (*)(float* scores, int T);
+// Scores of heads h < nh (queries q + h * ldq and qr + h * ldqr) against positions t0..t1 of one sequence's latents
+// and rotary keys (slots as attend_latent's), into scores[h * lds + t]: attend_latent's floats, several heads a row.
+using LatentScoresFn = void (*)(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d,
+                                size_t ld, const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0,
+                                int t1, float scale, float* scores, size_t lds);
+// Columns c0..c1 (multiples of 32) of out[h * ldo + c] = sum_t p[h * ldp + t] * K_t[c], t < T in order, for h < nh:
+// attend_latent's floats.
+using LatentWeightedFn = void (*)(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks,
+                                  int block, int T, int c0, int c1, float* out, size_t ldo);
 using AttendLatentFn = void (*)(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R,
                                 int dr, size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores,
                                 float* out);
@@ -44,6 +55,12 @@ void attend(const float* q, const float* K, const float* V, const int32_t* block
             float scale, float* scores, float* out);
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
                    size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);
+void softmax(float* scores, int T);
+void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d, size_t ld,
+                   const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0, int t1, float scale,
+                   float* scores, size_t lds);
+void latent_weighted(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks, int block,
+                     int T, int c0, int c1, float* out, size_t ldo);
 void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
 void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }
@@ -59,6 +76,12 @@ void attend(const float* q, const float* K, const float* V, const int32_t* block
             float scale, float* scores, float* out);
 void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
                    size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);
+void softmax(float* scores, int T);
+void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d, size_t ld,
+                   const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0, int t1, float scale,
+                   float* scores, size_t lds);
+void latent_weighted(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks, int block,
+                     int T, int c0, int c1, float* out, size_t ldo);
 void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
 void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }

@@ -541,18 +541,53 @@ static inline void softmax_inplace(float* scores, int T) {
     for (int t = 0; t < T; ++t) scores[t] *= inv;
 }
 
-// out[d] = sum_t p[t] * V[t]
-// out[i] += sum_t p[t] * V[t][i], in t order.
+// out[i] += sum_t p[t] * V[t][i], in t order: one multiply-add per element and row, up to 64 columns' sums held in
+// registers across the rows (through memory, each row's multiply-add would wait for the last one's store).
 static inline void accumulate_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
     const int d8 = d & ~7;
-    for (int t = 0; t < T; ++t) {
+    for (int c = 0; c < d8; c += 64) {
+        const int w = std::min(64, d8 - c) / 8;
+        __m256 acc[8];
+        for (int j = 0; j < w; ++j) acc[j] = _mm256_loadu_ps(out + c + 8 * j);
+        for (int t = 0; t < T; ++t) {
+            const float* v = V + size_t(t) * ld + c;
+            const __m256 vp = _mm256_set1_ps(p[t]);
+            for (int j = 0; j < w; ++j) acc[j] = _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < w; ++j) _mm256_storeu_ps(out + c + 8 * j, acc[j]);
+    }
+    for (int t = 0; t < T && d8 < d; ++t) {
         const float* v = V + size_t(t) * ld;
-        const __m256 vp = _mm256_set1_ps(p[t]);
-        for (int i = 0; i < d8; i += 8)
-            _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
         for (int i = d8; i < d; ++i) out[i] += p[t] * v[i];
     }
 }
+
+// out[i] = dot_f32(q, K + i * ld, d) for i < n: four rows at a time, four independent chains of multiply-adds, each
+// row's sum in dot_f32's order.
+static inline void dot_f32_rows(const float* q, const float* K, int n, int d, size_t ld, float* out) {
+    const int d8 = d & ~7;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float *k0 = K + size_t(i) * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int j = 0; j < d8; j += 8) {
+            const __m256 x = _mm256_loadu_ps(q + j);
+            a0 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k0 + j), a0);
+            a1 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k1 + j), a1);
+            a2 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k2 + j), a2);
+            a3 = _mm256_fmadd_ps(x, _mm256_loadu_ps(k3 + j), a3);
+        }
+        const __m256 acc[4] = {a0, a1, a2, a3};
+        const float* rows[4] = {k0, k1, k2, k3};
+        for (int r = 0; r < 4; ++r) {
+            float s = hsum(acc[r]);
+            for (int j = d8; j < d; ++j) s += q[j] * rows[r][j];
+            out[i + r] = s;
+        }
+    }
+    for (; i < n; ++i) out[i] = dot_f32(q, K + size_t(i) * ld, d);
+}
+
 static inline void weighted_rows(const float* p, const float* V, int T, int d, size_t ld, float* out) {
     for (int i = 0; i < d; ++i) out[i] = 0.f;
     accumulate_rows(p, V, T, d, ld, out);
@@ -561,16 +596,16 @@ static inline void weighted_rows(const float* p, const float* V, int T, int d, s
 void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
             float scale, float* scores, float* out) {
     if (!blocks) {
-        for (int t = 0; t < T; ++t) scores[t] = dot_f32(q, K + size_t(t) * ld, d) * scale;
+        dot_f32_rows(q, K, T, d, ld, scores);
+        for (int t = 0; t < T; ++t) scores[t] *= scale;
         softmax_inplace(scores, T);
         weighted_rows(scores, V, T, d, ld, out);
         return;
     }
     // block by block, the same float operations in the same order as one run
-    for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b) {
-        const float* Kb = K + size_t(blocks[b]) * block * ld;
-        for (int t = t0; t < std::min(T, t0 + block); ++t) scores[t] = dot_f32(q, Kb + size_t(t - t0) * ld, d) * scale;
-    }
+    for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b)
+        dot_f32_rows(q, K + size_t(blocks[b]) * block * ld, std::min(block, T - t0), d, ld, scores + t0);
+    for (int t = 0; t < T; ++t) scores[t] *= scale;
     softmax_inplace(scores, T);
     for (int i = 0; i < d; ++i) out[i] = 0.f;
     for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b)
@@ -582,14 +617,105 @@ void attend_latent(const float* q, const float* K, int d, size_t ld, const float
     if (!blocks) block = T;  // one run; block by block otherwise, the same float operations in the same order
     auto row0 = [&](int b) { return blocks ? size_t(blocks[b]) * block : size_t(0); };
     for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b) {
-        const float *Kb = K + row0(b) * ld, *Rb = R + row0(b) * ldr;
-        for (int t = t0; t < std::min(T, t0 + block); ++t)
-            scores[t] = (dot_f32(q, Kb + size_t(t - t0) * ld, d) + dot_f32(qr, Rb + size_t(t - t0) * ldr, dr)) * scale;
+        const int n = std::min(block, T - t0);
+        dot_f32_rows(q, K + row0(b) * ld, n, d, ld, scores + t0);
+        float rope[64];  // the rotary keys' dot products, a piece of the block at a time
+        for (int i0 = 0; i0 < n; i0 += 64) {
+            const int m = std::min(64, n - i0);
+            dot_f32_rows(qr, R + (row0(b) + i0) * ldr, m, dr, ldr, rope);
+            for (int i = 0; i < m; ++i) scores[t0 + i0 + i] = (scores[t0 + i0 + i] + rope[i]) * scale;
+        }
     }
     softmax_inplace(scores, T);
     for (int i = 0; i < d; ++i) out[i] = 0.f;
     for (int t0 = 0, b = 0; t0 < T; t0 += block, ++b)
         accumulate_rows(scores + t0, K + row0(b) * ld, std::min(block, T - t0), d, ld, out);
+}
+
+// Latent attention of several heads of one sequence, split by positions (latent_scores) and by latent columns
+// (latent_weighted) instead of by head: each latent row is read once per phase for all heads. Each float is the
+// one attend_latent computes (the same dot products; the same multiply-adds per column in position order).
+static inline size_t latent_slot(const int32_t* blocks, int block, int t) {
+    return blocks ? size_t(blocks[t / block]) * block + size_t(t % block) : size_t(t);
+}
+
+void softmax(float* scores, int T) { softmax_inplace(scores, T); }
+
+// dot_f32(q + h * ldq, k, d) for kHeads heads h at once: each head's sum in dot_f32's order, independent chains of
+// multiply-adds instead of one (a single chain waits out each FMA's latency)
+constexpr int kHeads = 8;
+static inline void dot_f32_heads(const float* q, size_t ldq, const float* k, int d, float* out) {
+    const int d8 = d & ~7;
+    __m256 acc[kHeads];
+    for (int h = 0; h < kHeads; ++h) acc[h] = _mm256_setzero_ps();
+    for (int i = 0; i < d8; i += 8) {
+        const __m256 v = _mm256_loadu_ps(k + i);
+        for (int h = 0; h < kHeads; ++h) acc[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + h * ldq + i), v, acc[h]);
+    }
+    for (int h = 0; h < kHeads; ++h) {
+        float s = hsum(acc[h]);
+        for (int i = d8; i < d; ++i) s += q[h * ldq + i] * k[i];
+        out[h] = s;
+    }
+}
+
+void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d, size_t ld,
+                   const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0, int t1, float scale,
+                   float* scores, size_t lds) {
+    for (int t = t0; t < t1; ++t) {
+        const size_t slot = latent_slot(blocks, block, t);
+        const float *k = K + slot * ld, *r = R + slot * ldr;
+        int h = 0;
+        for (; h + kHeads <= nh; h += kHeads) {
+            float dk[kHeads], dq[kHeads];
+            dot_f32_heads(q + size_t(h) * ldq, ldq, k, d, dk);
+            dot_f32_heads(qr + size_t(h) * ldqr, ldqr, r, dr, dq);
+            for (int j = 0; j < kHeads; ++j) scores[size_t(h + j) * lds + t] = (dk[j] + dq[j]) * scale;
+        }
+        for (; h < nh; ++h)
+            scores[size_t(h) * lds + t] = (dot_f32(q + size_t(h) * ldq, k, d) + dot_f32(qr + size_t(h) * ldqr, r, dr)) * scale;
+    }
+}
+
+// 32 columns (c, multiple of 8) of `heads` (1 or 2) heads' weighted sums over positions t0..t1, added to out: the
+// accumulators stay in registers across the positions, one multiply-add per column and position in order
+template <int heads>
+static inline void weighted_cols(const float* p, size_t ldp, const float* K, size_t ld, const int32_t* blocks,
+                                 int block, int t0, int t1, int c, float* out, size_t ldo) {
+    __m256 acc[heads][4];
+    for (int h = 0; h < heads; ++h)
+        for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_loadu_ps(out + h * ldo + c + 8 * j);
+    for (int t = t0; t < t1; ++t) {
+        const float* v = K + latent_slot(blocks, block, t) * ld + c;
+        const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
+                     v3 = _mm256_loadu_ps(v + 24);
+        for (int h = 0; h < heads; ++h) {
+            const __m256 vp = _mm256_set1_ps(p[h * ldp + t]);
+            acc[h][0] = _mm256_fmadd_ps(vp, v0, acc[h][0]);
+            acc[h][1] = _mm256_fmadd_ps(vp, v1, acc[h][1]);
+            acc[h][2] = _mm256_fmadd_ps(vp, v2, acc[h][2]);
+            acc[h][3] = _mm256_fmadd_ps(vp, v3, acc[h][3]);
+        }
+    }
+    for (int h = 0; h < heads; ++h)
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + h * ldo + c + 8 * j, acc[h][j]);
+}
+
+void latent_weighted(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks, int block,
+                     int T, int c0, int c1, float* out, size_t ldo) {
+    for (int h = 0; h < nh; ++h)
+        for (int c = c0; c < c1; ++c) out[size_t(h) * ldo + c] = 0.f;
+    constexpr int kTile = 256;  // positions whose 32-column slice (32 KiB) stays in L1 while every head takes it
+    for (int t0 = 0; t0 < T; t0 += kTile) {
+        const int t1 = std::min(T, t0 + kTile);
+        for (int c = c0; c < c1; c += 32) {
+            int h = 0;
+            for (; h + 2 <= nh; h += 2)
+                weighted_cols<2>(p + size_t(h) * ldp, ldp, K, ld, blocks, block, t0, t1, c, out + size_t(h) * ldo, ldo);
+            for (; h < nh; ++h)
+                weighted_cols<1>(p + size_t(h) * ldp, ldp, K, ld, blocks, block, t0, t1, c, out + size_t(h) * ldo, ldo);
+        }
+    }
 }
 
 template <class S>

@@ -72,15 +72,15 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 
-def started_four(model):
-    """An engine holding four greedy sequences of different lengths (13, 4, 30, 9 random tokens) that have each
+def started_four(model, lengths=(13, 4, 30, 9), max_context: int = 64):
+    """An engine holding four greedy sequences of different lengths (``lengths`` random tokens) that have each
     taken their first token: ``(engine, seqs)``."""
     from ktcore.engine.core import EngineCore
     from ktcore.generate import SamplingParams
 
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (13, 4, 30, 9)]
-    engine = EngineCore(model, None, max_context=64, max_concurrency=4)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    engine = EngineCore(model, None, max_context=max_context, max_concurrency=len(prompts))
     seqs = [engine.new_sequence(p, SamplingParams(max_new_tokens=32, ignore_eos=True), text=False) for p in prompts]
     for s in seqs:
         engine.add(s)

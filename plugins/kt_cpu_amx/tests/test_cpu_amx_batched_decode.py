@@ -23,15 +23,15 @@ from ktcore.weights.gguf_writer import write_gguf
 STEPS = 6
 
 
-def started_batch(family: str, tmp_path, rules: str | None = None):
-    """A tiny ``family`` model as Q8_0 GGUF through a cpu rule file (``rules``, default the family's) on
+def started_batch(family: str, tmp_path, rules: str | None = None, quant: str = "Q8_0", **four):
+    """A tiny ``family`` model as ``quant`` GGUF through a cpu rule file (``rules``, default the family's) on
     kt-cpu-amx, and an engine holding four sequences of different lengths that have each taken their first
-    token: ``(engine, seqs)``."""
-    path = write_gguf(tiny_model(family, seed=0), tmp_path / f"{family}.gguf", "Q8_0")
+    token (``started_four``, with ``four``): ``(engine, seqs)``."""
+    path = write_gguf(tiny_model(family, seed=0), tmp_path / f"{family}.gguf", quant)
     model, _ = load_model(open_source(str(path)), RULE_DIR / (rules or f"{family}-cpu.yaml"), registry=get_registry(),
                           progress=False)
     assert any(type(m).__name__ == "KLinearCPU" for m in model.modules())
-    engine, seqs = started_four(model)
+    engine, seqs = started_four(model, **four)
     return engine, seqs
 
 

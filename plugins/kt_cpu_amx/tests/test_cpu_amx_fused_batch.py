@@ -216,3 +216,49 @@ def test_engine_batch_greedy_text_equals_solo(tiles):
         gaps.append(float(logits[y[k]] - logits[x[k]]) / float(logits.abs().max()))
     print("relative logit gaps at the first differences:", gaps)
     assert all(abs(g) <= MAX_TIE_GAP for g in gaps), (gaps, together, alone)
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K"])
+def test_latent_attention_split_by_positions_equals_split_by_head(quant, tmp_path, isa):
+    """``Runtime.latent_split_from``: the fused decoder's latent attention split by positions and latent columns
+    (each latent read once per phase for all heads) gives the per-head path's floats, batched and solo, over
+    several position spans and scattered blocks. Q8_0's kv_b is read row by row in float, Q4_K's through per-head
+    int8 matrices (``DecoderLayer.wkt``): both paths of the decoder."""
+    engine, seqs = started_batch("deepseek_v2", tmp_path, rules=RULES["deepseek_v2"], quant=quant,
+                                 lengths=(157, 4, 78, 13), max_context=192)
+    fused = engine.runner.fused_runner()
+    assert fused is not None and fused.batch_problem is None, engine.runner.fused_problem
+    runtime = fused.fused.runtime
+    default = runtime.latent_split_from
+    assert default > 1
+
+    def step(tokens, kvs, lengths, split_from):
+        """Batched logits of all four and solo logits of the first two, the cache lengths left as they were."""
+        runtime.latent_split_from = split_from
+        try:
+            batched = engine.runner.decode(tokens, kvs).clone()
+            for kv, length in zip(kvs, lengths):
+                kv.length = length  # the next call writes the same slots again
+            solo = [fused.step_batch([t], [kv.length], [kv.blocks]).clone() for t, kv in zip(tokens[:2], kvs[:2])]
+            for kv, length in zip(kvs, lengths):
+                kv.length = length
+        finally:
+            runtime.latent_split_from = default
+        return batched, solo
+
+    for _ in range(3):
+        kvs = [s.kv for s in seqs]
+        for kv in kvs:
+            engine.cache.reserve(kv, kv.length + 1)
+        lengths = [kv.length for kv in kvs]
+        tokens = [s.tokens[-1] for s in seqs]
+        by_head, by_head_solo = step(tokens, kvs, lengths, 1 << 20)
+        split, split_solo = step(tokens, kvs, lengths, 1)
+        assert torch.equal(by_head, split)
+        for a, b in zip(by_head_solo, split_solo):
+            assert torch.equal(a, b)
+        for kv in kvs:
+            kv.length += 1
+        for s, row in zip(seqs, split):
+            s.tokens.append(int(row.argmax()))
+    assert any(engine.cache.contiguous_start(s.kv) is None for s in seqs), "no sequence's blocks are scattered"
