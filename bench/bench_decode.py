@@ -16,6 +16,11 @@ llama.cpp run, one ktcore run, per round), so a load that comes and goes on a sh
 alike; the ratio line gives the median of the per-round ratios (--sequential: all llama.cpp runs first, then
 ktcore's, one engine loaded at a time, for models too large to hold twice).
 
+``--llama-bench PATH`` adds a third engine on the same file and threads: a ``llama-bench`` binary, e.g.
+ik_llama.cpp's (the CPU peer beside llama.cpp; ``--llama-bench-args "-fmoe 1 -rtr 1"``), run before the others with
+``-p`` the prompt tokens, ``-n`` the decode tokens, ``-r`` the repeats; its line gives ktcore's ratios to it.
+ik_llama.cpp takes a DeepSeek-V2 file without q LoRA only at V2-Lite's 27 layers.
+
 Decode's bound is bytes of the weights one token reads (embedding rows excluded; routed experts counted
 for the active ones only) divided by the memory copy bandwidth measured here with a large torch copy.
 Two byte counts: the GGUF's (what llama.cpp streams) and ktcore's resident tensors (what its ops keep,
@@ -24,12 +29,15 @@ pools).
 
     python bench/bench_decode.py --threads 2 --moe-layers 4
     python bench/bench_decode.py --models moe --rules my-rules.yaml --threads 8 --repeats 5
+    python bench/bench_decode.py --models moe --moe-layers 27 --threads 16 --sequential \
+        --llama-bench /tmp/ik/llama-bench --llama-bench-name ik_llama.cpp --llama-bench-args "-fmoe 1 -rtr 1"
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -42,6 +50,7 @@ from models import (  # noqa: E402
     CACHE_DIR,
     ModelUnavailable,
     fixed_text,
+    llama_bench,
     llamacpp_note,
     llamacpp_tokens,
     load_ktcore,
@@ -92,6 +101,13 @@ def run_model(name, path, args, bandwidth):
     prompt_ids = llamacpp_tokens(llm, text * (1 + args.prompt_tokens // 200))[: args.prompt_tokens]
     del llm  # llama.cpp is timed in a process of its own (ktcore.cli.llamacpp_peer), as `kt bench` does
     gc.collect()
+    peer = None
+    if args.llama_bench:  # first, while this process holds no model (ik_llama.cpp's -rtr copies the weights)
+        try:
+            peer = llama_bench(args.llama_bench, path, args.threads, [args.prompt_tokens], args.gen_tokens,
+                               args.repeats, shlex.split(args.llama_bench_args))
+        except RuntimeError as exc:
+            peer = str(exc).splitlines()[0]
     extra = llamacpp_extra_bufts_work(str(path), tuple(sorted((overrides or {}).items())))
     llm = LlamaCppProcess(path, args.threads, n_ctx, extra_bufts=extra, kv_overrides=overrides)
     ref_cold = llm.bench(prompt_ids, args.gen_tokens, warm_up=False)
@@ -120,6 +136,7 @@ def run_model(name, path, args, bandwidth):
     }
     del gen
     gc.collect()
+    row["peer"] = peer
     return row
 
 
@@ -141,6 +158,16 @@ def table(rows, bandwidth, args) -> str:
              f"rules={args.rules or 'shipped default'}")
     ratios = [f"{r['model']}: ktcore/llama.cpp decode, median of {r['rounds']} per-round ratios: "
               f"{r['decode_ratio']:.2f}" for r in rows if r["rounds"] > 1]
+    for r in rows:
+        peer = r.get("peer")
+        if isinstance(peer, str):
+            ratios.append(f"{r['model']}: {args.llama_bench_name}: {peer}")
+        elif peer is not None:
+            prefill, decode = peer[0][args.prompt_tokens], peer[1]
+            ours = r["ktcore"]
+            ratios.append(f"{r['model']}: {args.llama_bench_name} (llama-bench {args.llama_bench_args}): prefill "
+                          f"{prefill:.1f}, decode {decode:.2f} tok/s; ktcore / {args.llama_bench_name}: prefill "
+                          f"{ours[0] / prefill:.2f}x, decode {ours[1] / decode:.2f}x")
     notes = [f"{r['model']}: ktcore loaded in {r['load_s']:.1f} s + warm-up {r['warm_up_s']:.1f} s; fused decode "
              f"{r['fused']}" + (f"; {r['note']}" if r["note"] else "") for r in rows]
     return "\n".join([title, format_table(flat, bandwidth), *ratios, *notes])
@@ -159,6 +186,10 @@ def main(argv=None) -> int:
                          "27,4: full DeepSeek-V2-Lite depth, then a shallow variant)")
     ap.add_argument("--sequential", action="store_true",
                     help="all llama.cpp runs, then all ktcore runs, one engine loaded at a time (large models)")
+    ap.add_argument("--llama-bench", default=None,
+                    help="a llama-bench binary (e.g. ik_llama.cpp's) timed on the same file and threads as a third engine")
+    ap.add_argument("--llama-bench-args", default="", help='its extra arguments, e.g. "-fmoe 1 -rtr 1"')
+    ap.add_argument("--llama-bench-name", default="llama-bench", help="its name in the table (e.g. ik_llama.cpp)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sources = {"smollm2": smollm2_gguf}

@@ -45,11 +45,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,7 +57,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import synthetic_moe_gguf  # noqa: E402  (one cached file for both benchmarks)
-from models import CACHE_DIR  # noqa: E402
+from models import CACHE_DIR, llama_bench  # noqa: E402
 
 from ktcore.cli.bench import bench_ktcore, bench_llamacpp  # noqa: E402
 
@@ -128,26 +126,13 @@ def cpu_experts_override(cpu_layers: list[int] | None) -> str | None:
 def run_llama_bench(path: Path, prompts: list[int], args, cpu_layers: list[int] | None) -> tuple[dict, float]:
     """``({prompt tokens: prefill tok/s}, decode tok/s)`` of llama.cpp's CUDA build, all layers offloaded
     (``-ngl 999 -fa 1``) but the routed experts of ``cpu_layers`` (``None``: every layer's)."""
-    binary = Path(args.llama_bench).resolve()
-    if args.peer_runner:
-        cmd = ["bash", str(Path(args.peer_runner).resolve()), str(binary.parent), binary.name]
-        env = os.environ
-    else:
-        cmd = [str(binary)]
-        env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(binary.parent),
-                                                                             os.environ.get("LD_LIBRARY_PATH")]))}
-    cmd += ["-m", str(path), "-ngl", "999", "-fa", "1", "-t", str(args.threads), "-p", ",".join(map(str, prompts)),
-            "-n", str(args.gen_tokens), "-r", str(args.repeats), "-o", "json"]
     override = cpu_experts_override(cpu_layers)
-    if override:
-        cmd += ["-ot", override]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise SystemExit(f"llama-bench failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
-    rows = json.loads(done.stdout)
-    prefill = {int(r["n_prompt"]): float(r["avg_ts"]) for r in rows if r["n_prompt"] and not r["n_gen"]}
-    decode = next(float(r["avg_ts"]) for r in rows if r["n_gen"] and not r["n_prompt"])
-    return prefill, decode
+    extra = ["-ngl", "999", "-fa", "1", *(["-ot", override] if override else [])]
+    try:
+        return llama_bench(args.llama_bench, path, args.threads, prompts, args.gen_tokens, args.repeats, extra,
+                           args.peer_runner)
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 # -- ktcore with the planner's rule files ----------------------------------------------------------------

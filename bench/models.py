@@ -112,3 +112,33 @@ def llamacpp_tokens(llm, text: str) -> list[int]:
 
 def fixed_text() -> str:
     return TEXT_PATH.read_text(encoding="utf-8")
+
+
+def llama_bench(binary, path, threads: int, prompts: list[int], gen_tokens: int, repeats: int,
+                extra: list[str] = (), peer_runner=None) -> tuple[dict, float]:
+    """``({prompt tokens: prefill tok/s}, decode tok/s)`` of a ``llama-bench`` binary (llama.cpp's or a fork's,
+    e.g. ik_llama.cpp's) on ``path``: ``-t threads -p prompts -n gen_tokens -r repeats -o json`` and ``extra``.
+    ``peer_runner``: run it through that script (``run-peer.sh DIR llama-bench ARGS``, which finds the host's CUDA
+    libraries); else with its own folder on ``LD_LIBRARY_PATH``. Raises ``RuntimeError`` when it fails."""
+    import json
+    import subprocess
+
+    from ktcore.cli.llamacpp_peer import peer_env
+
+    binary = Path(binary).resolve()
+    env = peer_env()  # not the passive OpenMP wait policy ktcore set for this process: ggml's threads would sleep
+    if peer_runner:
+        cmd = ["bash", str(Path(peer_runner).resolve()), str(binary.parent), binary.name]
+    else:
+        cmd = [str(binary)]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(binary.parent), env.get("LD_LIBRARY_PATH")]))
+    cmd += ["-m", str(path), "-t", str(threads), "-p", ",".join(map(str, prompts)), "-n", str(gen_tokens),
+            "-r", str(repeats), "-o", "json", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"llama-bench failed ({' '.join(cmd)}):\n{done.stderr[-3000:]}")
+    # ik_llama.cpp prints its load-time notes to stdout too, between the JSON's lines
+    rows = json.loads("\n".join(line for line in done.stdout.splitlines() if line.lstrip()[:1] in tuple('[]{}"')))
+    prefill = {int(r["n_prompt"]): float(r["avg_ts"]) for r in rows if r["n_prompt"] and not r["n_gen"]}
+    decode = next(float(r["avg_ts"]) for r in rows if r["n_gen"] and not r["n_prompt"])
+    return prefill, decode

@@ -92,3 +92,32 @@ def test_bench_scripts_import_ktcore_before_torch():
         if torch_at is not None and (ktcore_at is None or ktcore_at > torch_at):
             late.append(script.name)
     assert not late, f"these bench scripts import torch before ktcore: {late}"
+
+
+@pytest.mark.parametrize("given, want", [(None, None), ("ACTIVE", "ACTIVE")])
+def test_llama_bench_peer_gets_the_users_policy_and_its_json(given, want, tmp_path, monkeypatch):
+    """bench/models.py's ``llama_bench`` (bench_hybrid's llama.cpp CUDA peer, bench_decode's ik_llama.cpp): the
+    binary runs with the user's OpenMP wait policy, not the passive one ktcore set for itself (under it,
+    ik_llama.cpp decoded the 27-layer MoE at 9.2 tok/s on 2 threads instead of 12.4), and its JSON is read past
+    the notes ik_llama.cpp prints to stdout between the JSON's lines."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from models import llama_bench
+
+    import ktcore
+
+    monkeypatch.setattr(ktcore, "OMP_POLICY_SET_HERE", given is None)
+    monkeypatch.setenv("OMP_WAIT_POLICY", given or "PASSIVE")
+    seen = tmp_path / "policy"
+    fake = tmp_path / "llama-bench"
+    fake.write_text(f"""#!/bin/sh
+echo "${{OMP_WAIT_POLICY:-unset}}" > {seen}
+echo '['
+echo '  {{"n_prompt": 128, "n_gen": 0, "avg_ts": 80.5}},'
+echo 'Computed blk.0.attn_k_b.weight as 128 x 512 x 16 of type q8_0 and stored in buffer CPU'
+echo '  {{"n_prompt": 0, "n_gen": 16, "avg_ts": 12.25}}'
+echo ']'
+""")
+    fake.chmod(0o755)
+    prefill, decode = llama_bench(fake, tmp_path / "model.gguf", 2, [128], 16, 1, ["-fmoe", "1"])
+    assert prefill == {128: 80.5} and decode == 12.25
+    assert seen.read_text().strip() == (want or "unset")
