@@ -47,43 +47,32 @@ inline bool gemm_i8_fits(const PackedMatrix& W) {
     return W.n % 16 == 0 && W.k % 32 == 0 && (W.bits == 4 || W.bits == 8 || W.iq) && (W.group == 16 || W.group == 32) &&
            W.k / W.group <= 2048;  // kernels_amx.cpp: kMaxGroups
 }
+// What kernels_impl.h defines, once per ISA namespace (kernels_avx2.cpp, kernels_avx512.cpp).
+#define KT_ISA_KERNELS                                                                                                \
+    void act_mul(int act, float* g, const float* u, int n);                                                           \
+    void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);                      \
+    void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);                         \
+    void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d,       \
+                size_t ld, float scale, float* scores, float* out);                                                   \
+    void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,     \
+                       size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);  \
+    void softmax(float* scores, int T);                                                                               \
+    void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d,       \
+                       size_t ld, const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0,       \
+                       int t1, float scale, float* scores, size_t lds);                                               \
+    void latent_weighted(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks,         \
+                         int block, int T, int c0, int c1, float* out, size_t ldo);                                   \
+    void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);                          \
+    void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 namespace avx2 {
-void act_mul(int act, float* g, const float* u, int n);
-void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
-void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
-void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
-            float scale, float* scores, float* out);
-void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
-                   size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);
-void softmax(float* scores, int T);
-void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d, size_t ld,
-                   const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0, int t1, float scale,
-                   float* scores, size_t lds);
-void latent_weighted(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks, int block,
-                     int T, int c0, int c1, float* out, size_t ldo);
-void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
-void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
+KT_ISA_KERNELS
 }
 namespace avx512 {
-void act_mul(int act, float* g, const float* u, int n);
+KT_ISA_KERNELS
 // As amx::pack_i8_block, amx::gemm_i8_scratch_bytes and amx::gemm_i8, with vpdpbusd instead of tiles (kernels_i8.h).
 void pack_i8_block(const QAct& X, int m, int tb, const IAct& out);
 size_t gemm_i8_scratch_bytes(int k);
 void gemm_i8(const PackedMatrix& W, int n0, int n1, const IAct& X, float* Y, int ldy, uint8_t* scratch);
-void gemm_q8(const PackedMatrix& W, int n0, int n1, const QAct& X, int m, float* Y, int ldy);
-void quantize_act(const float* x, int r0, int r1, int k, size_t ldx, const QActBuf& buf);
-void attend(const float* q, const float* K, const float* V, const int32_t* blocks, int block, int T, int d, size_t ld,
-            float scale, float* scores, float* out);
-void attend_latent(const float* q, const float* K, int d, size_t ld, const float* qr, const float* R, int dr,
-                   size_t ldr, const int32_t* blocks, int block, int T, float scale, float* scores, float* out);
-void softmax(float* scores, int T);
-void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int nh, const float* K, int d, size_t ld,
-                   const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0, int t1, float scale,
-                   float* scores, size_t lds);
-void latent_weighted(const float* p, size_t ldp, int nh, const float* K, size_t ld, const int32_t* blocks, int block,
-                     int T, int c0, int c1, float* out, size_t ldo);
-void axpy_rows(const PackedMatrix& W, int r0, int nrows, const float* coef, float* out);
-void dot_rows(const PackedMatrix& W, int r0, int nrows, const float* x, float* out);
 }
 namespace amx {
 // Per thread, before the first tile instruction; false when the kernel refuses AMX state.

@@ -57,17 +57,21 @@ def _engine(family: str, tmp_path):
     return engine, seqs, fused
 
 
+def _next_step(engine, seqs):
+    """Each sequence's block for its next token reserved: ``(kvs, lengths, last tokens)``."""
+    kvs = [s.kv for s in seqs]
+    for kv in kvs:
+        engine.cache.reserve(kv, kv.length + 1)
+    return kvs, [kv.length for kv in kvs], [s.tokens[-1] for s in seqs]
+
+
 def _steps(engine, seqs, fused):
     """STEPS decode steps; per step the batched fused logits, then each sequence's solo fused and the module
     path's batch, all from the same cache state. Returns the three lists of [4, V] logits."""
     runner = engine.runner
     out = {"batched": [], "solo": [], "module": []}
     for _ in range(STEPS):
-        kvs = [s.kv for s in seqs]
-        for kv in kvs:
-            engine.cache.reserve(kv, kv.length + 1)
-        lengths = [kv.length for kv in kvs]
-        tokens = [s.tokens[-1] for s in seqs]
+        kvs, lengths, tokens = _next_step(engine, seqs)
 
         def rewind():
             for kv, length in zip(kvs, lengths):
@@ -131,11 +135,7 @@ def test_fused_batch_deepseek_v2_float_weights_against_transformers(isa):
     assert all(len(layer.wkt) > 0 for layer in fused.fused.layers)
     runner, fused_err, module_err, same, rows = engine.runner, [], [], 0, 0
     for _ in range(2):
-        kvs = [s.kv for s in seqs]
-        for kv in kvs:
-            engine.cache.reserve(kv, kv.length + 1)
-        lengths = [kv.length for kv in kvs]
-        tokens = [s.tokens[-1] for s in seqs]
+        kvs, lengths, tokens = _next_step(engine, seqs)
         batched = runner.decode(tokens, kvs)
         for kv, length in zip(kvs, lengths):
             kv.length = length
@@ -247,11 +247,7 @@ def test_latent_attention_split_by_positions_equals_split_by_head(quant, tmp_pat
         return batched, solo
 
     for _ in range(3):
-        kvs = [s.kv for s in seqs]
-        for kv in kvs:
-            engine.cache.reserve(kv, kv.length + 1)
-        lengths = [kv.length for kv in kvs]
-        tokens = [s.tokens[-1] for s in seqs]
+        kvs, lengths, tokens = _next_step(engine, seqs)
         by_head, by_head_solo = step(tokens, kvs, lengths, 1 << 20)
         split, split_solo = step(tokens, kvs, lengths, 1)
         assert torch.equal(by_head, split)
