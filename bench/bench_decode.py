@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sequential", action="store_true",
                     help="all llama.cpp runs, then all ktcore runs, one engine loaded at a time (large models)")
     ap.add_argument("--llama-bench", default=None,
-                    help="a llama-bench binary (e.g. ik_llama.cpp's) timed on the same file and threads as a third engine")
+                    help="a llama-bench binary (e.g. ik_llama.cpp's) timed on the same file and threads as a "
+                         "third engine")
     ap.add_argument("--llama-bench-args", default="", help='its extra arguments, e.g. "-fmoe 1 -rtr 1"')
     ap.add_argument("--llama-bench-name", default="llama-bench", help="its name in the table (e.g. ik_llama.cpp)")
     args = ap.parse_args(argv)

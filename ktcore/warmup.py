@@ -105,13 +105,14 @@ def warm_up_engine(engine, tokenizer, batch_sizes: Iterable[int] | None = None,
     new_tokens = new_tokens if new_tokens is not None else warm_up_new_tokens(model)
     if long_prompt is None:
         long_prompt = long_prompt_tokens(model, engine.core.scheduler.prefill_chunk, engine.max_context) or 0
-    ids = warm_up_ids(tokenizer, _vocab_size(model))
+    vocab = _vocab_size(model)
+    ids = warm_up_ids(tokenizer, vocab)
     t0 = time.perf_counter()
     engine.start()
     for size in sizes:
         asyncio.run(_concurrent(engine, ids, size, new_tokens))
     if long_prompt:
-        asyncio.run(_concurrent(engine, warm_up_ids(tokenizer, _vocab_size(model), long_prompt), 1, 1))
+        asyncio.run(_concurrent(engine, warm_up_ids(tokenizer, vocab, long_prompt), 1, 1))
     return time.perf_counter() - t0
 
 

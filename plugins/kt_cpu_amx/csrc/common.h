@@ -145,6 +145,12 @@ template <class Q> KT_INLINE float two_level_scale(const Q* sub, const float* su
     return sup[g / per] * float(sub[g]);
 }
 
+// The cache slot of position t of a sequence: t itself in a contiguous cache (table null), else through its block
+// table of `block`-slot blocks.
+KT_INLINE size_t table_slot(const int32_t* table, int block, int t) {
+    return table ? size_t(table[t / block]) * block + size_t(t % block) : size_t(t);
+}
+
 uint32_t fp16_to_fp32_bits(uint16_t h);
 float fp16_to_fp32(uint16_t h);
 // h = f exactly, or false when f is no fp16.

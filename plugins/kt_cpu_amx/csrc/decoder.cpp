@@ -94,6 +94,11 @@ static void rope_pairs(float* x, const float* cs, int d) {
     }
 }
 
+// Row b's block table in blocks [B, width], or null (one contiguous sequence).
+static const int32_t* row_table(const int32_t* blocks, int width, int b) {
+    return blocks ? blocks + size_t(b) * width : nullptr;
+}
+
 static void add(float* y, const std::vector<float>& b) {
     for (size_t i = 0; i < b.size(); ++i) y[i] += b[i];
 }
@@ -110,18 +115,18 @@ void Runtime::latent_attention(const DecoderLayer& L, int B, const float* q, con
         const int n = positions[b] + 1, span = std::max(16, (n + threads() - 1) / threads());
         for (int t0 = 0; t0 < n; t0 += span) spans.push_back({b, t0, std::min(n, t0 + span)});
     }
-    auto table = [&](int b) { return blocks ? blocks + size_t(b) * width : nullptr; };
     pool_.parallel_for(int(spans.size()), [&](int i, int) {
         const Span& s = spans[i];
         latent_scores_(lat + s.b * ldb, ldh, q + size_t(s.b) * QN + N, QD, NH, L.k_cache, R, R, L.v_cache, P, P,
-                       table(s.b), block, s.t0, s.t1, L.scaling, scores + size_t(s.b) * NH * T, T);
+                       row_table(blocks, width, s.b), block, s.t0, s.t1, L.scaling, scores + size_t(s.b) * NH * T,
+                       T);
     });
     pool_.parallel_for(B * NH, [&](int i, int) { softmax_(scores + size_t(i) * T, positions[i / NH] + 1); });
     const int slices = R / kCols;
     pool_.parallel_for(B * slices, [&](int i, int) {
         const int b = i / slices, c0 = (i % slices) * kCols;
-        latent_weighted_(scores + size_t(b) * NH * T, T, NH, L.k_cache, R, table(b), block, positions[b] + 1, c0,
-                         c0 + kCols, ctx + b * ldb, ldh);
+        latent_weighted_(scores + size_t(b) * NH * T, T, NH, L.k_cache, R, row_table(blocks, width, b), block,
+                         positions[b] + 1, c0, c0 + kCols, ctx + b * ldb, ldh);
     });
 }
 
@@ -133,8 +138,7 @@ void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, fl
         float *kb = k + size_t(b) * KN, *vb = v + size_t(b) * KN;
         const float *cb = cos + size_t(b) * D, *sb = sin + size_t(b) * D;
         add(kb, L.bk), add(vb, L.bv);
-        const int p = pos[b];
-        const size_t slot = blocks ? size_t(blocks[size_t(b) * width + p / block]) * block + p % block : size_t(p);
+        const size_t slot = table_slot(row_table(blocks, width, b), block, pos[b]);
         for (int h = 0; h < L.kv_heads; ++h) {
             float* kh = kb + size_t(h) * D;
             if (!L.k_norm.empty()) rms_norm(kh, L.k_norm.data(), D, L.qk_eps, kh);
@@ -153,7 +157,7 @@ void Runtime::gqa_attention(const DecoderLayer& L, int B, float* q, float* k, fl
         rope_half(qh, cos + size_t(b) * D, sin + size_t(b) * D, D);
         const size_t base = size_t(h / group) * L.capacity * D;
         attend_(qh, L.k_cache + base, L.v_cache + base,
-                blocks ? blocks + size_t(b) * width : nullptr, block, pos[b] + 1, D, D, L.scaling,
+                row_table(blocks, width, b), block, pos[b] + 1, D, D, L.scaling,
                 scores + size_t(i) * ld_scores, att + size_t(b) * QN + size_t(h) * D);
     });
 }
@@ -257,8 +261,7 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
             Timed t(this, Phase::Attention);
             // each row's latent (normalized) and rotary key, written at its position's slot
             for (int b = 0; b < B; ++b) {
-                const int p = positions[b];
-                const size_t slot = blocks ? size_t(blocks[size_t(b) * width + p / block]) * block + p % block : size_t(p);
+                const size_t slot = table_slot(row_table(blocks, width, b), block, positions[b]);
                 const float* kvb = kv_k + size_t(b) * KN;
                 float* kpe = L.v_cache + slot * P;
                 rms_norm(kvb, L.kv_norm.data(), R, L.kv_eps, L.k_cache + slot * R);
@@ -270,7 +273,7 @@ void Runtime::decoder_step_batch(const std::vector<const DecoderLayer*>& layers,
             float* ctx = kv_v;
             auto attend_head = [&](int b, int h, const float* lq, float* out) {
                 attend_latent_(lq, L.k_cache, R, R, q + size_t(b) * QN + size_t(h) * QD + N, L.v_cache, P, P,
-                               blocks ? blocks + size_t(b) * width : nullptr, block, positions[b] + 1, L.scaling,
+                               row_table(blocks, width, b), block, positions[b] + 1, L.scaling,
                                scores + size_t(b * NH + h) * T, out);
             };
             const bool split = T >= latent_split_from;

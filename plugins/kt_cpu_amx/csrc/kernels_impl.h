@@ -632,14 +632,11 @@ void attend_latent(const float* q, const float* K, int d, size_t ld, const float
         accumulate_rows(scores + t0, K + row0(b) * ld, std::min(block, T - t0), d, ld, out);
 }
 
+void softmax(float* scores, int T) { softmax_inplace(scores, T); }
+
 // Latent attention of several heads of one sequence, split by positions (latent_scores) and by latent columns
 // (latent_weighted) instead of by head: each latent row is read once per phase for all heads. Each float is the
 // one attend_latent computes (the same dot products; the same multiply-adds per column in position order).
-static inline size_t latent_slot(const int32_t* blocks, int block, int t) {
-    return blocks ? size_t(blocks[t / block]) * block + size_t(t % block) : size_t(t);
-}
-
-void softmax(float* scores, int T) { softmax_inplace(scores, T); }
 
 // dot_f32(q + h * ldq, k, d) for kHeads heads h at once: each head's sum in dot_f32's order, independent chains of
 // multiply-adds instead of one (a single chain waits out each FMA's latency)
@@ -663,7 +660,7 @@ void latent_scores(const float* q, size_t ldq, const float* qr, size_t ldqr, int
                    const float* R, int dr, size_t ldr, const int32_t* blocks, int block, int t0, int t1, float scale,
                    float* scores, size_t lds) {
     for (int t = t0; t < t1; ++t) {
-        const size_t slot = latent_slot(blocks, block, t);
+        const size_t slot = table_slot(blocks, block, t);
         const float *k = K + slot * ld, *r = R + slot * ldr;
         int h = 0;
         for (; h + kHeads <= nh; h += kHeads) {
@@ -686,7 +683,7 @@ static inline void weighted_cols(const float* p, size_t ldp, const float* K, siz
     for (int h = 0; h < heads; ++h)
         for (int j = 0; j < 4; ++j) acc[h][j] = _mm256_loadu_ps(out + h * ldo + c + 8 * j);
     for (int t = t0; t < t1; ++t) {
-        const float* v = K + latent_slot(blocks, block, t) * ld + c;
+        const float* v = K + table_slot(blocks, block, t) * ld + c;
         const __m256 v0 = _mm256_loadu_ps(v), v1 = _mm256_loadu_ps(v + 8), v2 = _mm256_loadu_ps(v + 16),
                      v3 = _mm256_loadu_ps(v + 24);
         for (int h = 0; h < heads; ++h) {

@@ -236,11 +236,6 @@ class FusedLayers:
                         keys.shape[2])
         self._slot_offset = slot_offset
 
-    @property
-    def batch_problem(self) -> str | None:
-        """Why ``step_batch`` cannot run these layers, or ``None``."""
-        return None
-
     def _rotary(self, position_embeddings, rows: int):
         """``(cos, sin)`` float32 tables of ``rows`` rows for the native call: GQA's two ``[rows, 1, head_dim]``
         tensors, or latent attention's complex factors ``[rows, 1, rope_dim / 2]`` as adjacent (cos, sin) pairs
